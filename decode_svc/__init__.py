@@ -1,0 +1,1 @@
+"""The decode stage (see ARCHITECTURE.md); its service lands with its issue."""

@@ -1,0 +1,1 @@
+"""The kvstore stage (see ARCHITECTURE.md); its service lands with its issue."""

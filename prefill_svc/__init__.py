@@ -1,0 +1,1 @@
+"""The prefill stage (see ARCHITECTURE.md); its service lands with its issue."""

@@ -1,0 +1,1 @@
+"""The router stage (see ARCHITECTURE.md); its service lands with its issue."""

@@ -1,0 +1,172 @@
+"""Configuration shared by every stage: one dataclass, filled from flags and environment.
+
+Each stage declares its settings as a dataclass that extends :class:`StageConfig`.
+:func:`parse_config` turns the fields into command-line flags (``--lease-ttl``) that
+fall back to ``STAGEMESH_*`` environment variables (``STAGEMESH_LEASE_TTL``) and then to
+the field default. The config object is built once at the entry point and passed down:
+nothing deeper in the code reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+ENV_PREFIX = "STAGEMESH_"
+
+C = TypeVar("C", bound="StageConfig")
+
+DEFAULT_HOME = str(Path.home() / ".cache" / "stagemesh")
+
+
+def setting(default: Any, help: str, *, flag: str | None = None) -> Any:
+    """A config field with its help text (and an optional flag name other than the field's)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(
+            default_factory=lambda: type(value)(value), metadata={"help": help, "flag": flag}
+        )
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """Settings every stage has: where it listens, how it joins the mesh, how it stops."""
+
+    host: str = setting("0.0.0.0", "address the gRPC server binds to")
+    port: int = setting(0, "gRPC port (0 picks a free one)")
+    advertise_host: str = setting(
+        "127.0.0.1",
+        "host other stages use to reach this one; set it to a routable address on multi-host setups",
+    )
+    metrics_port: int = setting(-1, "Prometheus /metrics port (0 picks a free one, -1 disables)")
+    etcd: str = setting("127.0.0.1:2379", "comma-separated etcd endpoints (host:port)")
+    lease_ttl: int = setting(5, "seconds the stage's etcd lease lives without a keep-alive")
+    drain_seconds: float = setting(
+        1.0, "on SIGTERM, seconds spent NOT_SERVING and deregistered before refusing new calls"
+    )
+    grace_seconds: float = setting(
+        30.0, "on SIGTERM, seconds in-flight calls get to finish before they are cancelled"
+    )
+    instance_id: str = setting("", "unique member id (default: <role>-<random>)")
+    home: str = setting(DEFAULT_HOME, "where prepared models and state live")
+    labels: dict[str, str] = setting({}, "member labels as key=value,key=value")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = setting("text", "text or json")
+
+    #: Role name used in etcd keys and logs; set by each stage's subclass.
+    ROLE: typing.ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if not self.instance_id:
+            self.instance_id = f"{self.ROLE or 'stage'}-{uuid.uuid4().hex[:12]}"
+
+    @property
+    def etcd_endpoints(self) -> list[tuple[str, int]]:
+        """The etcd endpoints as (host, port) pairs, in the order given."""
+        return parse_endpoints(self.etcd)
+
+
+def parse_endpoints(spec: str) -> list[tuple[str, int]]:
+    """Parse ``host:port,host:port`` into pairs; a missing port means 2379."""
+    endpoints = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        item = item.removeprefix("http://")
+        host, _, port = item.rpartition(":")
+        if not host:
+            host, port = port, "2379"
+        endpoints.append((host.strip("[]"), int(port)))
+    if not endpoints:
+        raise ValueError(f"no etcd endpoint in {spec!r}")
+    return endpoints
+
+
+def _convert(text: str, annotation: Any) -> Any:
+    """Turn a flag or environment string into the field's declared type."""
+    if annotation is bool:
+        lowered = text.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off", ""}:
+            return False
+        raise ValueError(f"not a boolean: {text!r}")
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if origin is dict:
+        pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"expected key=value pairs, got {text!r}")
+        return {key.strip(): value.strip() for key, value in pairs}
+    if isinstance(annotation, types.UnionType):  # e.g. int | None
+        inner = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return _convert(text, inner[0])
+    return annotation(text)
+
+
+def _flag_name(field: dataclasses.Field[Any]) -> str:
+    return field.metadata.get("flag") or field.name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_cls: type[StageConfig]) -> None:
+    """Add one flag per config field; values stay strings until :func:`build_config`."""
+    for field in dataclasses.fields(config_cls):
+        env = ENV_PREFIX + field.name.upper()
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        parser.add_argument(
+            f"--{_flag_name(field)}",
+            dest=field.name,
+            default=None,
+            metavar=field.name.upper(),
+            help=f"{field.metadata.get('help', '')} [env {env}; default {default!r}]",
+        )
+
+
+def build_config(
+    config_cls: type[C],
+    namespace: argparse.Namespace | Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> C:
+    """Resolve each field: flag value, else ``STAGEMESH_<FIELD>``, else the default."""
+    environ = os.environ if environ is None else environ
+    given = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace or {})
+    hints = typing.get_type_hints(config_cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(config_cls):
+        raw = given.get(field.name)
+        source = f"--{_flag_name(field)}"
+        if raw is None:
+            raw = environ.get(ENV_PREFIX + field.name.upper())
+            source = ENV_PREFIX + field.name.upper()
+        if raw is None:
+            continue
+        if not isinstance(raw, str):
+            values[field.name] = raw
+            continue
+        try:
+            values[field.name] = _convert(raw, hints[field.name])
+        except ValueError as exc:
+            raise SystemExit(f"invalid value for {source}: {exc}") from None
+    return config_cls(**values)
+
+
+def parse_config(
+    config_cls: type[C], argv: Sequence[str] | None = None, *, prog: str | None = None
+) -> C:
+    """Build a stage's config from ``argv`` (default ``sys.argv[1:]``) and the environment."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=(config_cls.__doc__ or "").strip().splitlines()[0]
+    )
+    add_arguments(parser, config_cls)
+    return build_config(config_cls, parser.parse_args(argv))
+

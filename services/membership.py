@@ -1,0 +1,234 @@
+"""Membership in etcd: a stage keeps its Member record alive under a lease; other
+stages watch the member prefix to know who is in the mesh.
+
+Layout: ``/stagemesh/v1/members/<role>/<instance_id>`` holds a serialized
+:class:`~services.pb.common_pb2.Member`, attached to a lease of a few seconds that the
+stage keeps alive. A crashed stage's key vanishes when its lease expires. When etcd
+loses the lease (an etcd restart with lost data, or a partition longer than the TTL),
+:class:`Registration` notices on its next keep-alive and registers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from services.etcd import EtcdSession
+from services.pb import common_pb2
+
+log = logging.getLogger(__name__)
+
+ROOT = "/stagemesh/v1/"
+MEMBERS_PREFIX = ROOT + "members/"
+
+
+def role_name(role: int) -> str:
+    """``ROLE_TOKENIZER`` -> ``tokenizer``: the form used in keys, flags and logs."""
+    return common_pb2.Role.Name(role).removeprefix("ROLE_").lower()
+
+
+def role_from_name(name: str) -> int:
+    """``tokenizer`` -> ``ROLE_TOKENIZER``."""
+    return common_pb2.Role.Value("ROLE_" + name.upper())
+
+
+def member_key(member: common_pb2.Member) -> str:
+    return f"{MEMBERS_PREFIX}{role_name(member.role)}/{member.instance_id}"
+
+
+def role_prefix(role: int | None = None) -> str:
+    """The key prefix of one role's members, or of all members."""
+    return MEMBERS_PREFIX if role is None else f"{MEMBERS_PREFIX}{role_name(role)}/"
+
+
+class Registration:
+    """Keeps one Member record registered in etcd for the life of a stage.
+
+    :meth:`start` waits until the first registration succeeds (retrying while etcd is
+    unreachable); a background task then refreshes the lease every ``ttl / 3`` seconds
+    and re-registers whenever etcd no longer knows the lease.
+    """
+
+    def __init__(
+        self, session: EtcdSession, member: common_pb2.Member, ttl: int, retry_seconds: float = 0.5
+    ) -> None:
+        self._session = session
+        self._member = member
+        self._ttl = ttl
+        self._retry = retry_seconds
+        self._lease_id: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.registered = asyncio.Event()
+
+    @property
+    def key(self) -> str:
+        return member_key(self._member)
+
+    async def start(self) -> None:
+        """Register, retrying until etcd answers, then keep the lease alive in the background."""
+        attempt = 0
+        while True:
+            try:
+                await self._register()
+                break
+            except Exception as exc:
+                # Say it once, then every ~10 s: a stage waiting for etcd is normal at start.
+                if attempt % 20 == 0:
+                    log.warning("etcd registration failed (%s); retrying", _describe(exc))
+                attempt += 1
+                await self._session.reset()
+                await asyncio.sleep(self._retry)
+        self._task = asyncio.create_task(self._keep_alive(), name="etcd-keepalive")
+
+    async def update(self, member: common_pb2.Member) -> None:
+        """Replace the registered record (same key), e.g. when a load figure or epoch changes."""
+        self._member = member
+        if self._lease_id is not None:
+            client = await self._session.client()
+            await client.put(self.key.encode(), member.SerializeToString(), lease=self._lease_id)
+
+    async def close(self) -> None:
+        """Stop keeping alive and revoke the lease, so the member disappears at once."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._lease_id is not None:
+            try:
+                client = await self._session.client()
+                await asyncio.wait_for(client.revoke_lease(self._lease_id), timeout=2.0)
+                log.info("deregistered %s", self.key)
+            except Exception as exc:  # etcd down: the lease expires on its own
+                log.warning("could not revoke lease (%s); key expires in %ss", _describe(exc), self._ttl)
+            self._lease_id = None
+        self.registered.clear()
+
+    async def _register(self) -> None:
+        client = await self._session.client()
+        lease = await client.lease(self._ttl)
+        await client.put(self.key.encode(), self._member.SerializeToString(), lease=lease.id)
+        self._lease_id = lease.id
+        self.registered.set()
+        log.info("registered %s (lease %x, ttl %ss)", self.key, lease.id, self._ttl)
+
+    async def _keep_alive(self) -> None:
+        interval = max(self._ttl / 3, 0.2)
+        while True:
+            await asyncio.sleep(interval if self.registered.is_set() else self._retry)
+            try:
+                client = await self._session.client()
+                reply = None
+                if self._lease_id is not None:
+                    reply = await asyncio.wait_for(client.refresh_lease(self._lease_id), interval)
+                if reply is None or reply.TTL <= 0:
+                    # etcd forgot the lease (restart without data, or it expired while
+                    # we could not reach etcd): the key is gone too. Register anew.
+                    if self.registered.is_set():
+                        log.warning("lease %s lost; registering again", self._lease_id)
+                    self.registered.clear()
+                    await self._register()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.registered.is_set():
+                    log.warning("etcd keep-alive failed (%s); retrying", _describe(exc))
+                self.registered.clear()
+                await self._session.reset()
+
+
+class MemberWatcher:
+    """A live mirror of the members under a prefix, kept current by an etcd watch.
+
+    It lists the prefix, then watches from the next revision. On any error (etcd
+    restarted, endpoint died, revision compacted) it reconnects and lists again, so
+    the mirror converges to etcd's state whatever happened in between. ``on_change`` is
+    called with (key, member-or-None) for every addition, update and removal.
+    """
+
+    def __init__(
+        self,
+        session: EtcdSession,
+        prefix: str = MEMBERS_PREFIX,
+        on_change: Callable[[str, common_pb2.Member | None], None] | None = None,
+        retry_seconds: float = 0.5,
+    ) -> None:
+        self._session = session
+        self._prefix = prefix
+        self._on_change = on_change
+        self._retry = retry_seconds
+        self.members: dict[str, common_pb2.Member] = {}
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"watch {self._prefix}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, common_pb2.Member]], bool], timeout: float
+    ) -> None:
+        """Wait until ``predicate(members)`` holds; raises TimeoutError after ``timeout``."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: predicate(self.members)), timeout)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._sync_and_watch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watch of %s interrupted (%s); resyncing", self._prefix, _describe(exc))
+                await self._session.reset()
+                await asyncio.sleep(self._retry)
+
+    async def _sync_and_watch(self) -> None:
+        client = await self._session.client()
+        listing = await client.get_prefix(self._prefix.encode())
+        current = {kv.key.decode(): _parse(kv.value) for kv in listing}
+        for key in set(self.members) - set(current):
+            await self._apply(key, None)
+        for key, member in current.items():
+            if self.members.get(key) != member:
+                await self._apply(key, member)
+        watch = await client.watch_prefix(
+            self._prefix.encode(), start_revision=listing.header.revision + 1
+        )
+        try:
+            async for event in watch:
+                key = event.kv.key.decode()
+                await self._apply(key, _parse(event.kv.value) if event.kind == "PUT" else None)
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.cancel()
+        raise ConnectionError("watch stream ended")
+
+    async def _apply(self, key: str, member: common_pb2.Member | None) -> None:
+        async with self._changed:
+            if member is None:
+                if self.members.pop(key, None) is None:
+                    return
+            else:
+                self.members[key] = member
+            self._changed.notify_all()
+        if self._on_change is not None:
+            self._on_change(key, member)
+
+
+def _parse(value: bytes) -> common_pb2.Member:
+    member = common_pb2.Member()
+    member.ParseFromString(value)
+    return member
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

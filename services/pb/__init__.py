@@ -1,0 +1,1 @@
+"""Generated from protos/ by services.protogen; do not edit."""

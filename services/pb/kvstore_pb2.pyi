@@ -1,0 +1,138 @@
+from services.pb import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class BlockSlot(_message.Message):
+    __slots__ = ("chain_hash", "slot")
+    CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    chain_hash: int
+    slot: int
+    def __init__(self, chain_hash: _Optional[int] = ..., slot: _Optional[int] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("model", "chain_hashes", "pin_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    chain_hashes: _containers.RepeatedScalarFieldContainer[int]
+    pin_seconds: float
+    def __init__(self, model: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., pin_seconds: _Optional[float] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("hits", "pin_id", "target")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[BlockSlot]
+    pin_id: str
+    target: NixlTarget
+    def __init__(self, hits: _Optional[_Iterable[_Union[BlockSlot, _Mapping]]] = ..., pin_id: _Optional[str] = ..., target: _Optional[_Union[NixlTarget, _Mapping]] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("pin_id",)
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    pin_id: str
+    def __init__(self, pin_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("model", "chain_hashes", "block_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    chain_hashes: _containers.RepeatedScalarFieldContainer[int]
+    block_bytes: int
+    def __init__(self, model: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("granted", "reservation_id", "target")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    granted: _containers.RepeatedCompositeFieldContainer[BlockSlot]
+    reservation_id: str
+    target: NixlTarget
+    def __init__(self, granted: _Optional[_Iterable[_Union[BlockSlot, _Mapping]]] = ..., reservation_id: _Optional[str] = ..., target: _Optional[_Union[NixlTarget, _Mapping]] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("reservation_id", "chain_hashes", "abort")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    chain_hashes: _containers.RepeatedScalarFieldContainer[int]
+    abort: bool
+    def __init__(self, reservation_id: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., abort: _Optional[bool] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("committed",)
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    committed: int
+    def __init__(self, committed: _Optional[int] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("chain_hashes", "all")
+    CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    chain_hashes: _containers.RepeatedScalarFieldContainer[int]
+    all: bool
+    def __init__(self, chain_hashes: _Optional[_Iterable[int]] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class EvictResponse(_message.Message):
+    __slots__ = ("evicted",)
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    evicted: int
+    def __init__(self, evicted: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Stats(_message.Message):
+    __slots__ = ("capacity_blocks", "used_blocks", "pinned_blocks", "lookups", "hit_blocks", "miss_blocks", "evictions", "disk_blocks", "block_bytes")
+    CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MISS_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    DISK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    capacity_blocks: int
+    used_blocks: int
+    pinned_blocks: int
+    lookups: int
+    hit_blocks: int
+    miss_blocks: int
+    evictions: int
+    disk_blocks: int
+    block_bytes: int
+    def __init__(self, capacity_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., lookups: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+
+class NixlTarget(_message.Message):
+    __slots__ = ("agent_name", "agent_metadata", "base_address", "region_bytes", "slot_bytes", "device_id")
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REGION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_name: str
+    agent_metadata: bytes
+    base_address: int
+    region_bytes: int
+    slot_bytes: int
+    device_id: int
+    def __init__(self, agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., base_address: _Optional[int] = ..., region_bytes: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., device_id: _Optional[int] = ...) -> None: ...

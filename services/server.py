@@ -1,0 +1,187 @@
+"""The life of a stage process: serve, join the mesh, drain, leave.
+
+Every stage runs through :func:`run_stage`:
+
+1. the gRPC server starts with the standard health service (NOT_SERVING) and
+   reflection, so probes and ``grpcurl`` work from the first second;
+2. the Prometheus endpoint starts;
+3. the stage loads what it needs (:meth:`Stage.start`: a tokenizer, an engine);
+4. it registers its Member record in etcd (retrying until etcd answers);
+5. health turns SERVING.
+
+On SIGTERM or SIGINT it drains: health turns NOT_SERVING and the member is
+deregistered at once (routers stop picking it), new calls are still accepted for
+``drain_seconds`` (callers that picked it a moment ago), then the server refuses new
+calls and gives in-flight ones ``grace_seconds`` to finish before cancelling them.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import ClassVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor
+from prometheus_client import Info, start_http_server
+
+from services import __version__
+from services.config import StageConfig
+from services.etcd import EtcdSession
+from services.log import configure_logging
+from services.membership import Registration
+from services.pb import common_pb2
+from services.rpc import register_service
+
+log = logging.getLogger(__name__)
+
+STAGE_INFO = Info("stagemesh_stage", "The stage this process runs")
+
+
+class Stage(abc.ABC):
+    """What a stage plugs into the shared runtime: its services and how it starts and stops."""
+
+    #: The stage's role (a ``common_pb2.Role`` value).
+    role: ClassVar[int]
+
+    @abc.abstractmethod
+    def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
+        """The gRPC services this stage serves, each with its servicer object."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load what the stage needs before it may serve (runs while health is NOT_SERVING)."""
+
+    async def stop(self) -> None:
+        """Release resources after the server stopped; the default has nothing to release."""
+
+    def describe(self, member: common_pb2.Member) -> None:
+        """Fill the stage-specific Member fields (models, KV block size, NIXL address)."""
+
+
+class StageServer:
+    """Runs one :class:`Stage` behind a grpc.aio server, with health, metrics and membership."""
+
+    def __init__(self, config: StageConfig, stage: Stage) -> None:
+        self.config = config
+        self.stage = stage
+        self.port = 0
+        self.metrics_port = 0
+        self.registration: Registration | None = None
+        self._service_names: list[str] = []
+
+    def _build(self) -> None:
+        """Create the loop-bound objects; runs inside the event loop that serves."""
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self.health = health.aio.HealthServicer()
+        self._session = EtcdSession(self.config.etcd_endpoints)
+        self._stopping = asyncio.Event()
+
+    @property
+    def grpc_address(self) -> str:
+        """The address other stages dial: the advertised host with the bound port."""
+        return f"{self.config.advertise_host}:{self.port}"
+
+    async def serve(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, drain and stop."""
+        self._build()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stopping.set)
+        await self._start_server()
+        try:
+            start_task = asyncio.create_task(self._start_stage())
+            stop_task = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait({start_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if start_task in done:
+                start_task.result()  # a failed start ends the process with its error
+                await self._stopping.wait()
+            else:
+                start_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await start_task
+        finally:
+            await self._drain()
+
+    async def _start_server(self) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for service, servicer in self.stage.services():
+            methods = register_service(self.server, service, servicer)
+            self._service_names.append(service.full_name)
+            log.debug("serving %s: %s", service.full_name, ", ".join(methods))
+        reflection.enable_server_reflection(
+            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            self.server,
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise SystemExit(f"cannot bind gRPC on {self.config.host}:{self.config.port}")
+        await self.server.start()
+        if self.config.metrics_port >= 0:
+            httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
+            self.metrics_port = int(httpd.server_port)
+        role = common_pb2.Role.Name(self.stage.role)
+        STAGE_INFO.info({"role": role, "instance": self.config.instance_id, "version": __version__})
+        log.info(
+            "gRPC on %s:%d (advertised %s), metrics on %s",
+            self.config.host, self.port, self.grpc_address,
+            f":{self.metrics_port}" if self.metrics_port else "off",
+        )
+
+    async def _start_stage(self) -> None:
+        started = time.monotonic()
+        await self.stage.start()
+        log.info("%s ready in %.1fs", common_pb2.Role.Name(self.stage.role), time.monotonic() - started)
+        member = common_pb2.Member(
+            instance_id=self.config.instance_id,
+            role=self.stage.role,
+            grpc_address=self.grpc_address,
+            metrics_address=(
+                f"{self.config.advertise_host}:{self.metrics_port}" if self.metrics_port else ""
+            ),
+            version=__version__,
+            started_at=time.time(),
+            labels=self.config.labels,
+        )
+        self.stage.describe(member)
+        self.registration = Registration(self._session, member, self.config.lease_ttl)
+        await self.registration.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving as %s", self.registration.key)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *self._service_names):
+            await self.health.set(name, status)
+
+    async def _drain(self) -> None:
+        log.info("draining")
+        await self.health.enter_graceful_shutdown()
+        if self.registration is not None:
+            await self.registration.close()
+        await asyncio.sleep(self.config.drain_seconds)
+        await self.server.stop(self.config.grace_seconds)
+        await self.stage.stop()
+        await self._session.close()
+        log.info("stopped")
+
+
+def run_stage(config: StageConfig, stage: Stage) -> None:
+    """Entry point shared by every stage's ``__main__``: logging, uvloop, serve."""
+    import uvloop
+
+    configure_logging(config.log_level, config.log_format, config.ROLE, config.instance_id)
+    uvloop.run(StageServer(config, stage).serve())

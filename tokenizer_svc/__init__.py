@@ -1,0 +1,1 @@
+"""The tokenizer stage: text <-> token ids, chat templates, streaming detokenization."""

@@ -1,0 +1,118 @@
+"""Streaming detokenization: token ids in, text that is final out.
+
+Two things make streaming text harder than decoding once at the end:
+
+- A character can span several tokens (byte-level BPE splits an emoji or a CJK
+  character into byte tokens). Decoding a prefix then ends in U+FFFD; that text is
+  held back until a later token completes the character.
+- A stop string can span tokens. Text that could be the start of a stop string is
+  held back until it is known not to be one, so a client never sees part of a stop
+  string that then disappears.
+
+Decoding uses a small window (vLLM's prefix/read offsets): each step decodes the
+tokens since the last emitted boundary, with the previously emitted token as context,
+so a step costs O(window) rather than O(sequence), and tokenizers that render a token
+differently at the start of a text (leading spaces) decode it as they would mid-text.
+The concatenated output equals decoding the whole sequence at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+REPLACEMENT_CHAR = "\ufffd"
+
+Decode = Callable[[Sequence[int]], str]
+
+
+class IncrementalDetokenizer:
+    """Detokenizes one generated sequence, emitting only final text, watching stop strings.
+
+    ``context_ids`` are prompt ids that precede the sequence: they inform decoding and
+    are never emitted. After a stop string matched, :attr:`stopped` is set and further
+    ids are ignored.
+    """
+
+    def __init__(
+        self,
+        decode: Decode,
+        context_ids: Sequence[int] = (),
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        self._decode = decode
+        self._tokens: list[int] = list(context_ids)
+        # Text of tokens[prefix:read] was emitted already (it is the window's context);
+        # tokens[read:] are not yet emitted.
+        self._prefix = len(self._tokens) - 1 if self._tokens else 0
+        self._read = len(self._tokens)
+        self._stop = [s for s in stop if s]
+        self._include_stop = include_stop_str_in_output
+        self._text = ""  # all final text produced by decoding so far
+        self._released = 0  # how much of _text was returned to the caller
+        self.num_tokens = 0
+        self.stopped = False
+        self.stop_reason = ""
+
+    def push(self, ids: Sequence[int]) -> str:
+        """Add generated ids; return the text that became final (possibly empty)."""
+        if self.stopped or not ids:
+            return ""
+        self._tokens.extend(ids)
+        self.num_tokens += len(ids)
+        self._text += self._decode_step(final=False)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """No more ids: return everything still held back (a cut character as U+FFFD)."""
+        if self.stopped:
+            return ""
+        self._text += self._decode_step(final=True)
+        return self._release(final=True)
+
+    def _decode_step(self, final: bool) -> str:
+        if self._read >= len(self._tokens):
+            return ""
+        emitted = self._decode(self._tokens[self._prefix : self._read])
+        window = self._decode(self._tokens[self._prefix :])
+        if len(window) <= len(emitted) or (window.endswith(REPLACEMENT_CHAR) and not final):
+            return ""  # nothing new, or a character is still incomplete
+        # Keep the last emitted token as context for the next window: enough for
+        # tokenizers that strip a leading space at the start of a decoded text.
+        self._prefix = self._read
+        self._read = len(self._tokens)
+        return window[len(emitted) :]
+
+    def _release(self, final: bool) -> str:
+        start = self._released
+        match = self._find_stop(start)
+        if match is not None:
+            index, stop = match
+            end = index + len(stop) if self._include_stop else index
+            self.stopped = True
+            self.stop_reason = stop
+        elif final:
+            end = len(self._text)
+        else:
+            end = len(self._text) - self._stop_prefix_length()
+        self._released = max(end, start)
+        return self._text[start:self._released]
+
+    def _find_stop(self, start: int) -> tuple[int, str] | None:
+        """Earliest stop-string match at or after ``start`` (earlier text was checked before)."""
+        best: tuple[int, str] | None = None
+        for stop in self._stop:
+            index = self._text.find(stop, start)
+            if index >= 0 and (best is None or index < best[0]):
+                best = (index, stop)
+        return best
+
+    def _stop_prefix_length(self) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self._stop:
+            for length in range(min(len(stop) - 1, len(self._text) - self._released), longest, -1):
+                if stop.startswith(self._text[len(self._text) - length :]):
+                    longest = length
+                    break
+        return longest

@@ -1,0 +1,128 @@
+"""One served model's tokenizer: encoding, chat templates, decoding, and its facts.
+
+Built on transformers' tokenizer classes (which need no torch for tokenizers): they
+carry the chat template and special-token settings exactly as the model ships them.
+Decoding goes straight to the Rust ``tokenizers`` backend, the hot path of streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from services.errors import InvalidRequest
+from services.model import ModelSpec
+from services.pb import tokenizer_pb2
+
+log = logging.getLogger(__name__)
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+class ModelTokenizer:
+    """The tokenizer of one model, with input validation that names the problem."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from transformers import AutoTokenizer
+
+        self.name = spec.name
+        self._hf = AutoTokenizer.from_pretrained(spec.path)
+        self._backend = self._hf.backend_tokenizer
+        self.vocab_size = len(self._hf)
+        config = _read_json(spec.path / "config.json")
+        generation = _read_json(spec.path / "generation_config.json")
+        self.max_model_len = next(
+            (int(config[key]) for key in _CONTEXT_KEYS if isinstance(config.get(key), int)),
+            min(int(self._hf.model_max_length), 1 << 31),
+        )
+        eos: set[int] = set()
+        for source in (generation.get("eos_token_id"), config.get("eos_token_id"), self._hf.eos_token_id):
+            if isinstance(source, int):
+                eos.add(source)
+            elif isinstance(source, list):
+                eos.update(int(i) for i in source)
+        self.eos_token_ids = sorted(eos)
+        self.has_chat_template = bool(getattr(self._hf, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def render_chat(self, chat: tokenizer_pb2.ChatInput) -> str:
+        """The prompt text the model's chat template makes of ``chat``."""
+        if not self.has_chat_template:
+            raise InvalidRequest(f"model {self.name!r} has no chat template; send plain text")
+        if not chat.messages:
+            raise InvalidRequest("chat input needs at least one message")
+        messages: list[dict[str, Any]] = []
+        for position, message in enumerate(chat.messages):
+            if message.role not in CHAT_ROLES:
+                raise InvalidRequest(
+                    f"message {position} has invalid role {message.role!r}; "
+                    f"expected one of {', '.join(sorted(CHAT_ROLES))}"
+                )
+            entry: dict[str, Any] = {"role": message.role, "content": message.content}
+            if message.name:
+                entry["name"] = message.name
+            messages.append(entry)
+        add_generation_prompt = (
+            chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        )
+        if chat.continue_final_message:
+            if messages[-1]["role"] != "assistant":
+                raise InvalidRequest("continue_final_message needs a final assistant message")
+            add_generation_prompt = False
+        from jinja2 import TemplateError
+
+        try:
+            return str(
+                self._hf.apply_chat_template(
+                    messages,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=chat.continue_final_message,
+                )
+            )
+        except TemplateError as exc:  # the template itself rejects the conversation
+            raise InvalidRequest(f"chat template rejected the messages: {exc}") from None
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """Reject ids outside the vocabulary, naming the first offender."""
+        for position, token_id in enumerate(ids):
+            if token_id >= self.vocab_size:
+                raise InvalidRequest(
+                    f"token id {token_id} at position {position} is outside the vocabulary "
+                    f"of {self.name!r} (size {self.vocab_size})"
+                )
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return [str(token) for token in self._hf.convert_ids_to_tokens(list(ids))]
+
+    def info(self, served: Sequence[str]) -> tokenizer_pb2.ModelInfo:
+        info = tokenizer_pb2.ModelInfo(
+            model=self.name,
+            vocab_size=self.vocab_size,
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
+            has_chat_template=self.has_chat_template,
+            special_tokens=list(self._hf.all_special_tokens),
+            served_models=list(served),
+        )
+        if self._hf.bos_token_id is not None:
+            info.bos_token_id = int(self._hf.bos_token_id)
+        if self._hf.pad_token_id is not None:
+            info.pad_token_id = int(self._hf.pad_token_id)
+        return info
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,157 @@
+"""The tokenizer stage's gRPC service: Tokenize, Decode, streaming Detokenize, GetModelInfo."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import ClassVar
+
+import grpc
+from google.protobuf import descriptor
+
+from services.errors import InvalidRequest, Unavailable
+from services.model import resolve_model
+from services.pb import common_pb2, tokenizer_pb2
+from services.server import Stage
+from tokenizer_svc.config import TokenizerConfig
+from tokenizer_svc.detokenizer import IncrementalDetokenizer
+from tokenizer_svc.models import ModelTokenizer
+
+#: Texts longer than this are encoded on a worker thread so a huge prompt does not
+#: stall every other call on the event loop; short ones are cheaper inline.
+_INLINE_ENCODE_CHARS = 8192
+
+
+class TokenizerServicer:
+    """Serves every configured model's tokenizer; the first model is the default.
+
+    It exists before the tokenizers load (the server is up, NOT_SERVING, while they
+    do); calls in that window get UNAVAILABLE.
+    """
+
+    def __init__(self) -> None:
+        self._tokenizers: dict[str, ModelTokenizer] = {}
+        self._default = ""
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self._tokenizers)
+
+    def load(self, tokenizers: list[ModelTokenizer]) -> None:
+        self._tokenizers = {t.name: t for t in tokenizers}
+        self._default = tokenizers[0].name
+
+    def model(self, name: str) -> ModelTokenizer:
+        """The tokenizer for ``name`` (empty: the default); INVALID_ARGUMENT if unknown."""
+        if not self._tokenizers:
+            raise Unavailable("the tokenizer stage is still loading its models")
+        tokenizer = self._tokenizers.get(name or self._default)
+        if tokenizer is None:
+            raise InvalidRequest(
+                f"unknown model {name!r}; this stage serves {', '.join(self._tokenizers)}"
+            )
+        return tokenizer
+
+    async def Tokenize(
+        self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> tokenizer_pb2.TokenizeResponse:
+        """Encode plain text, or render chat messages through the chat template and encode."""
+        tokenizer = self.model(request.model)
+        kind = request.WhichOneof("input")
+        if kind == "chat":
+            prompt = tokenizer.render_chat(request.chat)
+            add_special = False  # the template already placed the special tokens
+        elif kind == "text":
+            prompt = request.text
+            add_special = (
+                request.add_special_tokens if request.HasField("add_special_tokens") else True
+            )
+        else:
+            raise InvalidRequest("set either text or chat")
+        if len(prompt) > _INLINE_ENCODE_CHARS:
+            ids = await asyncio.to_thread(tokenizer.encode, prompt, add_special)
+        else:
+            ids = tokenizer.encode(prompt, add_special)
+        response = tokenizer_pb2.TokenizeResponse(token_ids=ids, model=tokenizer.name)
+        if kind == "chat":
+            response.prompt_text = prompt
+        if request.return_token_strings:
+            response.token_strings.extend(tokenizer.token_strings(ids))
+        return response
+
+    async def Decode(
+        self, request: tokenizer_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> tokenizer_pb2.DecodeResponse:
+        """Decode ids to text in one call."""
+        tokenizer = self.model(request.model)
+        tokenizer.check_ids(request.token_ids)
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        return tokenizer_pb2.DecodeResponse(text=tokenizer.decode(request.token_ids, skip))
+
+    async def Detokenize(
+        self,
+        requests: AsyncIterator[tokenizer_pb2.DetokenizeRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[tokenizer_pb2.DetokenizeResponse]:
+        """Stream final text for a stream of generated ids (see the proto for the protocol)."""
+        detokenizer: IncrementalDetokenizer | None = None
+        tokenizer: ModelTokenizer | None = None
+        async for request in requests:
+            if detokenizer is None:
+                if not request.HasField("start"):
+                    raise InvalidRequest("the first Detokenize message must carry `start`")
+                start = request.start
+                tokenizer = self.model(start.model)
+                tokenizer.check_ids(start.context_token_ids)
+                skip = start.skip_special_tokens if start.HasField("skip_special_tokens") else True
+                detokenizer = IncrementalDetokenizer(
+                    lambda ids, t=tokenizer, s=skip: t.decode(ids, s),
+                    context_ids=start.context_token_ids,
+                    stop=start.stop,
+                    include_stop_str_in_output=start.include_stop_str_in_output,
+                )
+            elif request.HasField("start"):
+                raise InvalidRequest("`start` may only appear in the first Detokenize message")
+            assert tokenizer is not None
+            tokenizer.check_ids(request.token_ids)
+            text = detokenizer.push(request.token_ids)
+            if request.finish and not detokenizer.stopped:
+                text += detokenizer.finish()
+            if text or detokenizer.stopped or request.finish:
+                yield tokenizer_pb2.DetokenizeResponse(
+                    text=text,
+                    num_tokens=detokenizer.num_tokens,
+                    stopped=detokenizer.stopped,
+                    stop_reason=detokenizer.stop_reason,
+                )
+            if detokenizer.stopped or request.finish:
+                return
+
+    async def GetModelInfo(
+        self, request: tokenizer_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> tokenizer_pb2.ModelInfo:
+        """Vocabulary size, EOS ids, context length and template facts of a model."""
+        return self.model(request.model).info(list(self._tokenizers))
+
+
+class TokenizerStage(Stage):
+    """The tokenizer stage: loads each configured model's tokenizer, then serves them."""
+
+    role: ClassVar[int] = common_pb2.ROLE_TOKENIZER
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        self._config = config
+        self._servicer = TokenizerServicer()
+
+    def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
+        return [(tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"], self._servicer)]
+
+    async def start(self) -> None:
+        home = Path(self._config.home)
+        specs = [resolve_model(spec, home) for spec in (self._config.model or [""])]
+        tokenizers = await asyncio.to_thread(lambda: [ModelTokenizer(spec) for spec in specs])
+        self._servicer.load(tokenizers)
+
+    def describe(self, member: common_pb2.Member) -> None:
+        member.models.extend(self._servicer.model_names)
