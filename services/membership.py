@@ -181,13 +181,16 @@ class MemberWatcher:
             await asyncio.wait_for(self._changed.wait_for(lambda: predicate(self.members)), timeout)
 
     async def _run(self) -> None:
+        failures = 0
         while True:
             try:
                 await self._sync_and_watch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("watch of %s interrupted (%s); resyncing", self._prefix, _describe(exc))
+                if failures % 20 == 0:  # once, then about every 10 s while etcd stays away
+                    log.warning("watch of %s interrupted (%s); resyncing", self._prefix, _describe(exc))
+                failures += 1
                 await self._session.reset()
                 await asyncio.sleep(self._retry)
 

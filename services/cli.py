@@ -1,0 +1,203 @@
+"""The ``stagemesh`` command: run the embedded mesh, prepare models, run single stages.
+
+    stagemesh up                 etcd + every stage on this host, with the bundled model
+    stagemesh model prepare      turn the bundled GGUF into a float32 HF model directory
+    stagemesh status             members registered in etcd, with their health
+    stagemesh etcd               the embedded etcd server alone (foreground)
+    stagemesh tokenizer [...]    one tokenizer stage (flags: stagemesh tokenizer --help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from services.config import DEFAULT_HOME, ENV_PREFIX, StageConfig, build_config, parse_endpoints
+
+log = logging.getLogger("stagemesh")
+
+#: Stage subcommands and the module each runs; the stage parses its own flags.
+STAGE_MODULES = {"tokenizer": "tokenizer_svc"}
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(build_config(StageConfig, {"home": args.home}).home)
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    from services.model import prepare_bundled_model
+
+    path = prepare_bundled_model(_home(args), force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_etcd(args: argparse.Namespace) -> int:
+    from services.etcd import EmbeddedEtcd
+
+    etcd = EmbeddedEtcd(
+        client_port=args.port, data_dir=Path(args.data_dir) if args.data_dir else None, host=args.host
+    )
+    etcd.start()
+    print(f"etcd on {etcd.endpoint} (data in {etcd.data_dir}); Ctrl-C stops it", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        etcd.stop()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from services.clients import health_status
+    from services.etcd import EtcdSession
+    from services.membership import MEMBERS_PREFIX, role_name
+    from services.pb import common_pb2
+
+    async def collect() -> list[tuple[str, str, str, str, str]]:
+        session = EtcdSession(parse_endpoints(args.etcd))
+        try:
+            client = await session.client()
+            listing = await client.get_prefix(MEMBERS_PREFIX.encode())
+        finally:
+            await session.close()
+        members = [common_pb2.Member.FromString(kv.value) for kv in listing]
+        health = await asyncio.gather(*(health_status(m.grpc_address) for m in members))
+        return [
+            (role_name(m.role), m.instance_id, m.grpc_address, status, ",".join(m.models))
+            for m, status in zip(members, health)
+        ]
+
+    rows = asyncio.run(collect())
+    header = ("ROLE", "INSTANCE", "ADDRESS", "HEALTH", "MODELS")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.etcd import EmbeddedEtcd
+    from services.launcher import ProcessGroup, StageProcess
+    from services.model import prepare_bundled_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    home = _home(args)
+    if not args.model:
+        prepare_bundled_model(home)
+    run_dir = Path(tempfile.mkdtemp(prefix="stagemesh-up-"))
+    etcd = EmbeddedEtcd(client_port=args.etcd_port, data_dir=run_dir / "etcd")
+    etcd.start()
+    group = ProcessGroup()
+    common = ["--etcd", etcd.endpoint, "--home", str(home)]
+    model = ["--model", args.model] if args.model else []
+    tokenizer_address = f"127.0.0.1:{args.tokenizer_port}"
+    try:
+        stages = [
+            group.add(
+                StageProcess(
+                    "tokenizer",
+                    "tokenizer_svc",
+                    [*common, *model, "--port", str(args.tokenizer_port), "--metrics-port", "0"],
+                    tokenizer_address,
+                    run_dir,
+                )
+            )
+        ]
+        started = time.monotonic()
+        asyncio.run(_wait_all_healthy(stages, timeout=args.start_timeout))
+        print(
+            f"\nstagemesh is up in {time.monotonic() - started:.1f}s (logs in {run_dir})\n"
+            f"  etcd              {etcd.endpoint}\n"
+            f"  tokenizer gRPC    {tokenizer_address}\n\n"
+            "try it:\n"
+            f"  grpcurl -plaintext -d '{{\"text\": \"Hello, mesh!\"}}' {tokenizer_address} "
+            "stagemesh.v1.TokenizerService/Tokenize\n"
+            f"  stagemesh status --etcd {etcd.endpoint}\n\n"
+            "Ctrl-C stops everything.",
+            flush=True,
+        )
+        _wait_for_signal(watch=stages)
+        return 0
+    finally:
+        print("stopping...", flush=True)
+        group.stop_all()
+        etcd.stop(wipe=True)
+        print("stopped.", flush=True)
+
+
+async def _wait_all_healthy(stages: list, timeout: float) -> None:  # type: ignore[type-arg]
+    await asyncio.gather(*(stage.wait_healthy(timeout) for stage in stages))
+
+
+def _wait_for_signal(watch: list | None = None) -> None:  # type: ignore[type-arg]
+    """Block until SIGINT/SIGTERM, or until a watched stage process exits on its own."""
+    stop = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    while not stop:
+        for stage in watch or []:
+            if not stage.alive():
+                print(f"{stage.name} exited unexpectedly:\n{stage.log_tail()}", file=sys.stderr)
+                return
+        time.sleep(0.5)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stagemesh", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--home", default=None, help=f"state directory [env {ENV_PREFIX}HOME; default {DEFAULT_HOME}]"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run etcd and every stage on this host")
+    up.add_argument("--model", default="", help="NAME=PATH or PATH of a HF model directory (default: bundled)")
+    up.add_argument("--etcd-port", type=int, default=2379)
+    up.add_argument("--tokenizer-port", type=int, default=50052)
+    up.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for all stages")
+    up.set_defaults(func=cmd_up)
+
+    model = sub.add_parser("model", help="manage models").add_subparsers(dest="action", required=True)
+    prepare = model.add_parser("prepare", help="prepare the bundled model (float32 HF directory)")
+    prepare.add_argument("--force", action="store_true", help="prepare again even if present")
+    prepare.set_defaults(func=cmd_model_prepare)
+
+    status = sub.add_parser("status", help="members registered in etcd, with health")
+    status.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints")
+    status.set_defaults(func=cmd_status)
+
+    etcd = sub.add_parser("etcd", help="run the embedded etcd server in the foreground")
+    etcd.add_argument("--port", type=int, default=2379)
+    etcd.add_argument("--host", default="127.0.0.1")
+    etcd.add_argument("--data-dir", default="", help="keep data here (default: a temporary dir)")
+    etcd.set_defaults(func=cmd_etcd)
+
+    for name in STAGE_MODULES:
+        sub.add_parser(name, help=f"run one {name} stage (see: stagemesh {name} --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in STAGE_MODULES:
+        import runpy
+
+        sys.argv = [f"stagemesh {argv[0]}", *argv[1:]]
+        runpy.run_module(STAGE_MODULES[argv[0]], run_name="__main__")
+        return 0
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Typed clients for the stages. Every caller (router, CLI, tests) uses these instead of
+building raw stubs, so deadlines and message shapes are decided in one place."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.pb import tokenizer_pb2, tokenizer_pb2_grpc
+
+#: Deadline for short control calls (seconds).
+DEFAULT_TIMEOUT = 10.0
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    """An insecure channel to a stage, with the mesh's message-size limits."""
+    return grpc.aio.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ],
+    )
+
+
+async def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
+    """The stage's grpc.health.v1 status name, or ``UNREACHABLE`` when it does not answer."""
+    async with channel(address) as chan:
+        try:
+            reply = await health_pb2_grpc.HealthStub(chan).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError:
+            return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class TokenizerClient:
+    """Client of the tokenizer stage (TokenizerService)."""
+
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = address
+        self._channel = channel(address)
+        self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel)
+        self._timeout = timeout
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> TokenizerClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def tokenize(
+        self,
+        text: str,
+        model: str = "",
+        add_special_tokens: bool | None = None,
+        return_token_strings: bool = False,
+    ) -> tokenizer_pb2.TokenizeResponse:
+        """Token ids of plain text."""
+        request = tokenizer_pb2.TokenizeRequest(
+            model=model, text=text, return_token_strings=return_token_strings
+        )
+        if add_special_tokens is not None:
+            request.add_special_tokens = add_special_tokens
+        return await self._stub.Tokenize(request, timeout=self._timeout)
+
+    async def tokenize_chat(
+        self,
+        messages: Iterable[Mapping[str, str]],
+        model: str = "",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> tokenizer_pb2.TokenizeResponse:
+        """Token ids of a conversation rendered through the model's chat template."""
+        chat = tokenizer_pb2.ChatInput(
+            messages=[tokenizer_pb2.ChatMessage(**dict(m)) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+        return await self._stub.Tokenize(
+            tokenizer_pb2.TokenizeRequest(model=model, chat=chat), timeout=self._timeout
+        )
+
+    async def decode(
+        self, token_ids: Sequence[int], model: str = "", skip_special_tokens: bool = True
+    ) -> str:
+        reply = await self._stub.Decode(
+            tokenizer_pb2.DecodeRequest(
+                model=model, token_ids=token_ids, skip_special_tokens=skip_special_tokens
+            ),
+            timeout=self._timeout,
+        )
+        return reply.text
+
+    def detokenize(
+        self, requests: AsyncIterator[tokenizer_pb2.DetokenizeRequest], timeout: float | None = None
+    ) -> grpc.aio.StreamStreamCall:
+        """Open a Detokenize stream; the first request must carry ``start``.
+
+        Streams live as long as a generation, so there is no default deadline.
+        """
+        return self._stub.Detokenize(requests, timeout=timeout)
+
+    async def model_info(self, model: str = "") -> tokenizer_pb2.ModelInfo:
+        return await self._stub.GetModelInfo(
+            tokenizer_pb2.ModelInfoRequest(model=model), timeout=self._timeout
+        )

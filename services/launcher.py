@@ -1,0 +1,115 @@
+"""Starting and stopping stage processes on this host: used by ``stagemesh up`` and by
+the test suite, so both run the mesh the same way an operator would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from services.clients import health_status
+
+
+class StageProcess:
+    """One stage as a child process (``python -m <module> <args>``), its output in a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        module: str,
+        args: Sequence[str],
+        grpc_address: str,
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.args = list(args)
+        self.grpc_address = grpc_address
+        self.log_path = log_dir / f"{name}.log"
+        self.env = dict(os.environ if env is None else env)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module, *self.args],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,  # Ctrl-C in a terminal reaches only the launcher
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def wait_healthy(self, timeout: float) -> None:
+        """Wait until health is SERVING; raise with the log's tail if it dies or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited during start:\n{self.log_tail()}")
+            if await health_status(self.grpc_address, timeout=1.0) == "SERVING":
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"{self.name} not SERVING after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (graceful drain), then SIGKILL after ``timeout``; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case (no drain, no deregistration)."""
+        if self.alive():
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait()
+
+
+class ProcessGroup:
+    """Stage processes started together and stopped together, last started first."""
+
+    def __init__(self) -> None:
+        self.stages: list[StageProcess] = []
+
+    def add(self, stage: StageProcess) -> StageProcess:
+        stage.start()
+        self.stages.append(stage)
+        return stage
+
+    def stop_all(self, timeout: float = 30.0) -> None:
+        """SIGTERM every stage at once (they drain in parallel), then wait for each."""
+        for stage in self.stages:
+            if stage.alive():
+                assert stage.process is not None
+                stage.process.send_signal(signal.SIGTERM)
+        for stage in reversed(self.stages):
+            with contextlib.suppress(Exception):
+                stage.stop(timeout)
+        self.stages.clear()

@@ -1,0 +1,98 @@
+"""Fixtures that start real processes: etcd, stage processes, the prepared model.
+
+Expensive things start once per test session (etcd, the shared tokenizer stage, the
+prepared model). Tests that must kill or restart something start their own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from services.clients import TokenizerClient
+from services.config import DEFAULT_HOME
+from services.etcd import EmbeddedEtcd, EtcdSession, free_port
+from services.launcher import StageProcess
+from services.model import prepare_bundled_model
+
+#: Seconds a stage process may take to become SERVING (imports + tokenizer load).
+STAGE_START_TIMEOUT = 120.0
+
+
+@pytest.fixture(scope="session")
+def home() -> Path:
+    """The stagemesh home used by the tests (the user's, so the model is prepared once)."""
+    return Path(os.environ.get("STAGEMESH_HOME", DEFAULT_HOME))
+
+
+@pytest.fixture(scope="session")
+def model_dir(home: Path) -> Path:
+    return prepare_bundled_model(home)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
+    """transformers' own tokenizer for the model: the reference the stage must match."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[EmbeddedEtcd]:
+    server = EmbeddedEtcd(client_port=0)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def tokenizer_process(
+    name: str, etcd_endpoint: str, home: Path, log_dir: Path, *extra: str
+) -> StageProcess:
+    """A tokenizer stage process on a free port (not started)."""
+    port = free_port()
+    return StageProcess(
+        name,
+        "tokenizer_svc",
+        ["--port", str(port), "--etcd", etcd_endpoint, "--home", str(home), "--log-level", "DEBUG", *extra],
+        f"127.0.0.1:{port}",
+        log_dir,
+    )
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def tokenizer_stage(
+    etcd: EmbeddedEtcd, home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[StageProcess]:
+    """The session's shared tokenizer stage."""
+    stage = tokenizer_process(
+        "tokenizer", etcd.endpoint, home, tmp_path_factory.mktemp("logs"), "--metrics-port", "0"
+    )
+    stage.start()
+    try:
+        await stage.wait_healthy(STAGE_START_TIMEOUT)
+        yield stage
+    finally:
+        stage.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def tokenizer(tokenizer_stage: StageProcess) -> AsyncIterator[TokenizerClient]:
+    async with TokenizerClient(tokenizer_stage.grpc_address) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def etcd_session(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdSession]:
+    session = EtcdSession([("127.0.0.1", etcd.client_port)])
+    yield session
+    await session.close()

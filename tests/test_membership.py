@@ -1,0 +1,199 @@
+"""Membership and lifecycle of a stage with a real etcd: registration, crash, etcd
+restart, and health during start and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.clients import TokenizerClient, health_status
+from services.etcd import EmbeddedEtcd, EtcdSession, free_port
+from services.launcher import StageProcess
+from services.membership import MEMBERS_PREFIX, MemberWatcher, role_prefix
+from services.pb import common_pb2, tokenizer_pb2
+from tests.conftest import STAGE_START_TIMEOUT, tokenizer_process
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+TTL = 2
+
+
+def keys_of(members: dict[str, common_pb2.Member], instance: str) -> bool:
+    return any(key.endswith("/" + instance) for key in members)
+
+
+async def watch(session: EtcdSession, prefix: str = MEMBERS_PREFIX) -> MemberWatcher:
+    watcher = MemberWatcher(session, prefix, retry_seconds=0.2)
+    watcher.start()
+    return watcher
+
+
+async def instance_id(stage: StageProcess) -> str:
+    """The instance id the stage registered with (read from its --instance-id flag)."""
+    return stage.args[stage.args.index("--instance-id") + 1]
+
+
+async def registered_instances(session: EtcdSession) -> set[str]:
+    """Instance ids registered in etcd now, read directly (no watcher)."""
+    try:
+        listing = await (await session.client()).get_prefix(MEMBERS_PREFIX.encode())
+    except Exception:  # etcd still coming back
+        await session.reset()
+        return set()
+    return {kv.key.decode().rsplit("/", 1)[1] for kv in listing}
+
+
+def own_stage(name: str, etcd: EmbeddedEtcd, home: Path, log_dir: Path, *extra: str) -> StageProcess:
+    return tokenizer_process(
+        name, etcd.endpoint, home, log_dir, "--instance-id", f"{name}-{time.monotonic_ns()}", *extra
+    )
+
+
+async def test_registered_member_appears_under_the_prefix(
+    tokenizer_stage: StageProcess, etcd_session: EtcdSession
+) -> None:
+    watcher = await watch(etcd_session, role_prefix(common_pb2.ROLE_TOKENIZER))
+    try:
+        await watcher.wait_for(lambda m: len(m) >= 1, timeout=10)
+        members = [m for m in watcher.members.values() if m.grpc_address == tokenizer_stage.grpc_address]
+        assert len(members) == 1
+        member = members[0]
+        assert member.role == common_pb2.ROLE_TOKENIZER
+        assert list(member.models) == ["SmolLM2-135M-Instruct"]
+        assert member.metrics_address.startswith("127.0.0.1:")
+        assert member.version and member.started_at > 0
+        key = next(k for k, v in watcher.members.items() if v == member)
+        assert key == f"/stagemesh/v1/members/tokenizer/{member.instance_id}"
+    finally:
+        await watcher.close()
+
+
+async def test_killed_stage_disappears_within_the_lease_ttl(
+    etcd: EmbeddedEtcd, home: Path, model_dir: Path, run_dir: Path, etcd_session: EtcdSession
+) -> None:
+    stage = own_stage("crash", etcd, home, run_dir, "--lease-ttl", str(TTL))
+    stage.start()
+    watcher = await watch(etcd_session)
+    try:
+        await stage.wait_healthy(STAGE_START_TIMEOUT)
+        instance = await instance_id(stage)
+        await watcher.wait_for(lambda m: keys_of(m, instance), timeout=10)
+        stage.process.send_signal(signal.SIGKILL)  # no drain, no deregistration
+        killed_at = time.monotonic()
+        await watcher.wait_for(lambda m: not keys_of(m, instance), timeout=TTL + 5)
+        gone_after = time.monotonic() - killed_at
+        # etcd expires leases on its own clock with up to ~1s of slack beyond the TTL.
+        assert gone_after <= TTL + 1.5, f"member lingered {gone_after:.1f}s after kill -9"
+    finally:
+        stage.kill()
+        await watcher.close()
+
+
+@pytest.mark.parametrize("keep_data", [False, True], ids=["etcd-data-lost", "etcd-data-kept"])
+async def test_stage_registers_again_after_etcd_restart(
+    home: Path, model_dir: Path, run_dir: Path, keep_data: bool
+) -> None:
+    etcd = EmbeddedEtcd(client_port=free_port(), data_dir=run_dir / "etcd")
+    etcd.start()
+    stage = own_stage("survivor", etcd, home, run_dir, "--lease-ttl", str(TTL))
+    stage.start()
+    session = EtcdSession([("127.0.0.1", etcd.client_port)])
+    watcher = await watch(session)
+    try:
+        await stage.wait_healthy(STAGE_START_TIMEOUT)
+        instance = await instance_id(stage)
+        await watcher.wait_for(lambda m: keys_of(m, instance), timeout=10)
+
+        etcd.stop(wipe=not keep_data)
+        await asyncio.sleep(TTL + 1)  # down longer than the lease lives
+        etcd.start()
+
+        # The stage re-registers on its next keep-alive, well within a few TTLs...
+        deadline = time.monotonic() + 4 * TTL + 5
+        while instance not in await registered_instances(session):
+            assert time.monotonic() < deadline, stage.log_tail()
+            await asyncio.sleep(0.2)
+        # ...and stays registered (the lease is kept alive, not a one-off put).
+        await asyncio.sleep(TTL * 2)
+        assert instance in await registered_instances(session)
+        assert await health_status(stage.grpc_address) == "SERVING"
+        # The watcher resynced after the outage and mirrors etcd again.
+        expected = await registered_instances(session)
+        await watcher.wait_for(
+            lambda m: {key.rsplit("/", 1)[1] for key in m} == expected, timeout=5
+        )
+    finally:
+        await watcher.close()
+        await session.close()
+        stage.stop()
+        etcd.stop(wipe=True)
+
+
+async def test_health_is_not_serving_until_registered(
+    home: Path, model_dir: Path, run_dir: Path
+) -> None:
+    # etcd is not running yet: the stage starts, loads its model, but cannot join the
+    # mesh, so it must report NOT_SERVING (and keep trying) rather than SERVING.
+    etcd = EmbeddedEtcd(client_port=free_port(), data_dir=run_dir / "etcd")
+    stage = own_stage("early", etcd, home, run_dir, "--lease-ttl", str(TTL))
+    stage.start()
+    try:
+        deadline = time.monotonic() + STAGE_START_TIMEOUT
+        while await health_status(stage.grpc_address) == "UNREACHABLE":
+            assert stage.alive() and time.monotonic() < deadline, stage.log_tail()
+            await asyncio.sleep(0.2)
+        for _ in range(10):  # model loaded or not, without etcd it never serves
+            assert await health_status(stage.grpc_address) == "NOT_SERVING"
+            await asyncio.sleep(0.5)
+        etcd.start()
+        await stage.wait_healthy(30)
+    finally:
+        stage.stop()
+        etcd.stop(wipe=True)
+
+
+async def test_drain_on_sigterm(
+    etcd: EmbeddedEtcd, home: Path, model_dir: Path, run_dir: Path, etcd_session: EtcdSession
+) -> None:
+    stage = own_stage("drainer", etcd, home, run_dir, "--drain-seconds", "3", "--lease-ttl", "10")
+    stage.start()
+    watcher = await watch(etcd_session)
+    try:
+        await stage.wait_healthy(STAGE_START_TIMEOUT)
+        instance = await instance_id(stage)
+        await watcher.wait_for(lambda m: keys_of(m, instance), timeout=10)
+        async with TokenizerClient(stage.grpc_address) as client:
+            ids = list((await client.tokenize("in flight across the drain")).token_ids)
+            # Open a stream before SIGTERM and keep using it after: in-flight work finishes.
+            outbox: asyncio.Queue[tokenizer_pb2.DetokenizeRequest | None] = asyncio.Queue()
+
+            async def requests() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
+                while (item := await outbox.get()) is not None:
+                    yield item
+
+            call = client.detokenize(requests())
+            await outbox.put(tokenizer_pb2.DetokenizeRequest(start=tokenizer_pb2.DetokenizeStart()))
+            await outbox.put(tokenizer_pb2.DetokenizeRequest(token_ids=ids[:2]))
+            first = await call.read()
+
+            stage.process.send_signal(signal.SIGTERM)
+            # Deregistered at once (lease revoked), long before the 10 s TTL would expire.
+            await watcher.wait_for(lambda m: not keys_of(m, instance), timeout=2)
+            assert await health_status(stage.grpc_address) == "NOT_SERVING"
+
+            await outbox.put(tokenizer_pb2.DetokenizeRequest(token_ids=ids[2:], finish=True))
+            await outbox.put(None)
+            text = first.text
+            while (reply := await call.read()) is not grpc.aio.EOF:
+                text += reply.text
+            assert text == "in flight across the drain"
+        assert stage.process.wait(timeout=20) == 0
+    finally:
+        stage.kill()
+        await watcher.close()

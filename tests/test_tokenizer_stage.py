@@ -1,0 +1,143 @@
+"""The tokenizer stage over real gRPC: it must agree with transformers' tokenizer, stream
+text exactly, and answer bad input with INVALID_ARGUMENT while staying up."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import pytest
+
+from services.clients import TokenizerClient, channel, health_status
+from services.launcher import StageProcess
+from services.pb import tokenizer_pb2
+from tests.corpus import CORPUS
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def detokenize(
+    client: TokenizerClient, ids: Sequence[int], chunk: int = 1, **start: object
+) -> list[tokenizer_pb2.DetokenizeResponse]:
+    async def requests() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
+        yield tokenizer_pb2.DetokenizeRequest(start=tokenizer_pb2.DetokenizeStart(**start))
+        for i in range(0, len(ids), chunk):
+            yield tokenizer_pb2.DetokenizeRequest(token_ids=ids[i : i + chunk])
+        yield tokenizer_pb2.DetokenizeRequest(finish=True)
+
+    return [reply async for reply in client.detokenize(requests())]
+
+
+@pytest.mark.parametrize("text", CORPUS)
+async def test_tokenize_and_decode_match_transformers(tokenizer, hf_tokenizer, text: str) -> None:
+    reply = await tokenizer.tokenize(text)
+    assert list(reply.token_ids) == hf_tokenizer.encode(text)
+    for skip in (True, False):
+        expected = hf_tokenizer.decode(reply.token_ids, skip_special_tokens=skip)
+        assert await tokenizer.decode(reply.token_ids, skip_special_tokens=skip) == expected
+    assert await tokenizer.decode(reply.token_ids, skip_special_tokens=False) == text
+
+
+@pytest.mark.parametrize("text", CORPUS)
+async def test_streamed_text_equals_one_shot_decoding(tokenizer, hf_tokenizer, text: str) -> None:
+    ids = list((await tokenizer.tokenize(text)).token_ids)
+    replies = await detokenize(tokenizer, ids, skip_special_tokens=False)
+    assert "".join(r.text for r in replies) == hf_tokenizer.decode(ids, skip_special_tokens=False)
+    assert replies[-1].num_tokens == len(ids)
+    assert not any(r.stopped for r in replies)
+
+
+async def test_chat_template_matches_transformers(tokenizer, hf_tokenizer) -> None:
+    messages = [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Capital of France? 🇫🇷"},
+    ]
+    reply = await tokenizer.tokenize_chat(messages)
+    expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert reply.prompt_text == expected
+    assert list(reply.token_ids) == hf_tokenizer.encode(expected, add_special_tokens=False)
+    assert reply.prompt_text.endswith("<|im_start|>assistant\n")
+
+
+async def test_stop_string_split_across_tokens_over_grpc(tokenizer) -> None:
+    ids = list((await tokenizer.tokenize("Sure! Here it is: <<DONE>> trailing")).token_ids)
+    replies = await detokenize(tokenizer, ids, stop=["<<DONE>>"])
+    assert "".join(r.text for r in replies) == "Sure! Here it is: "
+    assert replies[-1].stopped and replies[-1].stop_reason == "<<DONE>>"
+
+
+async def test_special_tokens_are_skipped_by_default(tokenizer) -> None:
+    ids = list((await tokenizer.tokenize("<|im_start|>assistant\nHi<|im_end|>")).token_ids)
+    assert "".join(r.text for r in await detokenize(tokenizer, ids)) == "assistant\nHi"
+    kept = await detokenize(tokenizer, ids, skip_special_tokens=False)
+    assert "".join(r.text for r in kept) == "<|im_start|>assistant\nHi<|im_end|>"
+
+
+async def test_model_info(tokenizer) -> None:
+    info = await tokenizer.model_info()
+    assert info.model == "SmolLM2-135M-Instruct"
+    assert info.vocab_size == 49152
+    assert 2 in info.eos_token_ids
+    assert info.max_model_len == 8192
+    assert info.has_chat_template
+    assert "<|im_end|>" in info.special_tokens
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda t: t.tokenize("hi", model="no-such-model"), "unknown model 'no-such-model'"),
+        (lambda t: t.tokenize_chat([]), "at least one message"),
+        (lambda t: t.tokenize_chat([{"role": "wizard", "content": "x"}]), "invalid role 'wizard'"),
+        (lambda t: t.decode([1, 2, 49152]), "token id 49152 at position 2 is outside the vocabulary"),
+        (lambda t: t.model_info("gpt-9"), "unknown model 'gpt-9'"),
+    ],
+    ids=["unknown-model", "empty-messages", "bad-role", "id-out-of-vocab", "info-unknown-model"],
+)
+async def test_bad_input_is_invalid_argument(tokenizer, call, message: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(tokenizer)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+
+
+async def test_detokenize_protocol_errors(tokenizer) -> None:
+    async def no_start() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
+        yield tokenizer_pb2.DetokenizeRequest(token_ids=[1])
+
+    async def out_of_vocab() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
+        yield tokenizer_pb2.DetokenizeRequest(start=tokenizer_pb2.DetokenizeStart())
+        yield tokenizer_pb2.DetokenizeRequest(token_ids=[10, 10**6])
+
+    for requests, message in ((no_start, "must carry `start`"), (out_of_vocab, "outside the vocabulary")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in tokenizer.detokenize(requests()):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in caught.value.details()
+
+
+async def test_invalid_utf8_is_invalid_argument(tokenizer_stage: StageProcess) -> None:
+    # A TokenizeRequest whose `text` (field 2) holds bytes that are not UTF-8: no
+    # protobuf library would build it, but a buggy client can send it.
+    async with channel(tokenizer_stage.grpc_address) as chan:
+        raw = chan.unary_unary("/stagemesh.v1.TokenizerService/Tokenize")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw(bytes([0x12, 0x03, 0x61, 0xFF, 0xFE]), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bad UTF-8" in caught.value.details()
+
+
+async def test_stage_survives_bad_input(tokenizer, tokenizer_stage: StageProcess) -> None:
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await tokenizer.decode([10**9])
+    assert tokenizer_stage.alive()
+    assert await health_status(tokenizer_stage.grpc_address) == "SERVING"
+    assert list((await tokenizer.tokenize("still fine")).token_ids)
+
+
+async def test_large_prompt(tokenizer, hf_tokenizer) -> None:
+    text = "All work and no play makes Jack a dull boy. " * 20_000  # ~900 KB
+    reply = await tokenizer.tokenize(text)
+    assert len(reply.token_ids) == len(hf_tokenizer.encode(text))
