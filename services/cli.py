@@ -18,7 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from services.config import DEFAULT_HOME, ENV_PREFIX, StageConfig, build_config, parse_endpoints
+
+if TYPE_CHECKING:
+    from services.launcher import StageProcess
 
 log = logging.getLogger("stagemesh")
 
@@ -122,8 +127,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "Ctrl-C stops everything.",
             flush=True,
         )
-        _wait_for_signal(watch=stages)
-        return 0
+        return 0 if _wait_for_signal(watch=stages) else 1
     finally:
         print("stopping...", flush=True)
         group.stop_all()
@@ -131,12 +135,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stopped.", flush=True)
 
 
-async def _wait_all_healthy(stages: list, timeout: float) -> None:  # type: ignore[type-arg]
+async def _wait_all_healthy(stages: list[StageProcess], timeout: float) -> None:
     await asyncio.gather(*(stage.wait_healthy(timeout) for stage in stages))
 
 
-def _wait_for_signal(watch: list | None = None) -> None:  # type: ignore[type-arg]
-    """Block until SIGINT/SIGTERM, or until a watched stage process exits on its own."""
+def _wait_for_signal(watch: list[StageProcess] | None = None) -> bool:
+    """Block until SIGINT/SIGTERM (True) or until a watched stage exits on its own (False)."""
     stop = False
 
     def handler(signum: int, frame: object) -> None:
@@ -149,8 +153,9 @@ def _wait_for_signal(watch: list | None = None) -> None:  # type: ignore[type-ar
         for stage in watch or []:
             if not stage.alive():
                 print(f"{stage.name} exited unexpectedly:\n{stage.log_tail()}", file=sys.stderr)
-                return
+                return False
         time.sleep(0.5)
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

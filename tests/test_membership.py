@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -70,6 +71,12 @@ async def test_registered_member_appears_under_the_prefix(
         assert member.version and member.started_at > 0
         key = next(k for k, v in watcher.members.items() if v == member)
         assert key == f"/stagemesh/v1/members/tokenizer/{member.instance_id}"
+        # The advertised metrics endpoint serves the stage's Prometheus figures.
+        metrics = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://{member.metrics_address}/metrics", timeout=5).read()
+        )
+        assert b'stagemesh_stage_info{instance="' + member.instance_id.encode() in metrics
+        assert b"stagemesh_grpc_calls_total" in metrics
     finally:
         await watcher.close()
 

@@ -3,6 +3,7 @@ text exactly, and answer bad input with INVALID_ARGUMENT while staying up."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -141,3 +142,17 @@ async def test_large_prompt(tokenizer, hf_tokenizer) -> None:
     text = "All work and no play makes Jack a dull boy. " * 20_000  # ~900 KB
     reply = await tokenizer.tokenize(text)
     assert len(reply.token_ids) == len(hf_tokenizer.encode(text))
+
+
+async def test_reflection_lists_the_services(tokenizer_stage: StageProcess) -> None:
+    # What grpcurl does: discover services and message types without .proto files.
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(tokenizer_stage.grpc_address) as chan:
+        database = ProtoReflectionDescriptorDatabase(chan)
+        services = set(await asyncio.to_thread(database.get_services))
+        assert {"stagemesh.v1.TokenizerService", "grpc.health.v1.Health"} <= services
+        described = database.FindFileContainingSymbol("stagemesh.v1.TokenizeRequest")
+        assert described.name == "stagemesh/v1/tokenizer.proto"

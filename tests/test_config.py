@@ -1,0 +1,42 @@
+"""Config resolution: flag, then STAGEMESH_* environment, then default (no I/O)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.config import StageConfig, build_config, parse_config, parse_endpoints
+from tokenizer_svc.config import TokenizerConfig
+
+
+def test_flag_beats_environment_beats_default() -> None:
+    env = {"STAGEMESH_LEASE_TTL": "7", "STAGEMESH_PORT": "6000"}
+    config = build_config(StageConfig, {"port": "7000"}, environ=env)
+    assert config.port == 7000  # flag
+    assert config.lease_ttl == 7  # environment
+    assert config.drain_seconds == 1.0  # default
+
+
+def test_types_lists_maps_and_booleans() -> None:
+    config = parse_config(
+        TokenizerConfig,
+        ["--model", "a=/m/a, /m/b", "--labels", "zone=z1,host=h2", "--drain-seconds", "2.5"],
+    )
+    assert config.model == ["a=/m/a", "/m/b"]
+    assert config.labels == {"zone": "z1", "host": "h2"}
+    assert config.drain_seconds == 2.5
+    assert config.instance_id.startswith("tokenizer-")
+
+
+def test_bad_value_names_its_source() -> None:
+    with pytest.raises(SystemExit, match="STAGEMESH_LEASE_TTL"):
+        build_config(StageConfig, {}, environ={"STAGEMESH_LEASE_TTL": "soon"})
+    with pytest.raises(SystemExit, match="--labels"):
+        build_config(StageConfig, {"labels": "novalue"}, environ={})
+
+
+def test_etcd_endpoints() -> None:
+    assert parse_endpoints("10.0.0.1:2379, http://etcd-b:2380,etcd-c") == [
+        ("10.0.0.1", 2379), ("etcd-b", 2380), ("etcd-c", 2379),
+    ]
+    with pytest.raises(ValueError):
+        parse_endpoints(" , ")
