@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from services.etcd import EtcdSession
 from services.pb import common_pb2
@@ -68,18 +68,7 @@ class Registration:
 
     async def start(self) -> None:
         """Register, retrying until etcd answers, then keep the lease alive in the background."""
-        attempt = 0
-        while True:
-            try:
-                await self._register()
-                break
-            except Exception as exc:
-                # Say it once, then every ~10 s: a stage waiting for etcd is normal at start.
-                if attempt % 20 == 0:
-                    log.warning("etcd registration failed (%s); retrying", _describe(exc))
-                attempt += 1
-                await self._session.reset()
-                await asyncio.sleep(self._retry)
+        await _retrying(self._register, self._session, self._retry, "etcd registration")
         self._task = asyncio.create_task(self._keep_alive(), name="etcd-keepalive")
 
     async def update(self, member: common_pb2.Member) -> None:
@@ -181,18 +170,8 @@ class MemberWatcher:
             await asyncio.wait_for(self._changed.wait_for(lambda: predicate(self.members)), timeout)
 
     async def _run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self._sync_and_watch()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if failures % 20 == 0:  # once, then about every 10 s while etcd stays away
-                    log.warning("watch of %s interrupted (%s); resyncing", self._prefix, _describe(exc))
-                failures += 1
-                await self._session.reset()
-                await asyncio.sleep(self._retry)
+        # _sync_and_watch only ever ends by raising, so this retries for the watcher's life.
+        await _retrying(self._sync_and_watch, self._session, self._retry, f"watch of {self._prefix}")
 
     async def _sync_and_watch(self) -> None:
         client = await self._session.client()
@@ -225,6 +204,29 @@ class MemberWatcher:
             self._changed.notify_all()
         if self._on_change is not None:
             self._on_change(key, member)
+
+
+async def _retrying(
+    action: Callable[[], Awaitable[None]], session: EtcdSession, pause: float, what: str
+) -> None:
+    """Run ``action`` until it returns, on a fresh etcd connection after each failure.
+
+    The failure is logged once, then about every 20 attempts: waiting for etcd is
+    normal while it starts or restarts, and should not flood the log.
+    """
+    failures = 0
+    while True:
+        try:
+            await action()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if failures % 20 == 0:
+                log.warning("%s failed (%s); retrying", what, _describe(exc))
+            failures += 1
+            await session.reset()
+            await asyncio.sleep(pause)
 
 
 def _parse(value: bytes) -> common_pb2.Member:

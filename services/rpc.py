@@ -15,6 +15,7 @@ UNIMPLEMENTED, as grpc does for unknown methods.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -81,37 +82,35 @@ def _code_of(context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "OK"
 
 
+@contextlib.asynccontextmanager
+async def _guarded(method_name: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Map the handler's exceptions to statuses and record the call's metrics."""
+    start = time.perf_counter()
+    try:
+        yield
+    except (grpc.aio.AbortError, GeneratorExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped to a status by _fail
+        await _fail(context, method_name, exc)
+    finally:
+        RPC_CALLS.labels(method_name, _code_of(context)).inc()
+        RPC_SECONDS.labels(method_name).observe(time.perf_counter() - start)
+
+
 def _wrap_unary(method_name: str, impl: Callable[..., Any], streaming_request: bool) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        start = time.perf_counter()
-        try:
-            arg = _checked_stream(request) if streaming_request else _check(request)
-            return await impl(arg, context)
-        except (grpc.aio.AbortError, GeneratorExit):
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status below
-            await _fail(context, method_name, exc)
-        finally:
-            RPC_CALLS.labels(method_name, _code_of(context)).inc()
-            RPC_SECONDS.labels(method_name).observe(time.perf_counter() - start)
+        async with _guarded(method_name, context):
+            return await impl(_checked_stream(request) if streaming_request else _check(request), context)
 
     return handler
 
 
 def _wrap_stream(method_name: str, impl: Callable[..., Any], streaming_request: bool) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        start = time.perf_counter()
-        try:
+        async with _guarded(method_name, context):
             arg = _checked_stream(request) if streaming_request else _check(request)
             async for item in impl(arg, context):
                 yield item
-        except (grpc.aio.AbortError, GeneratorExit):
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status below
-            await _fail(context, method_name, exc)
-        finally:
-            RPC_CALLS.labels(method_name, _code_of(context)).inc()
-            RPC_SECONDS.labels(method_name).observe(time.perf_counter() - start)
 
     return handler
 

@@ -1,0 +1,73 @@
+"""The shared handler registry maps errors to statuses the same way for every stage.
+
+A small servicer on a real grpc.aio server over loopback stands in for a stage whose
+handlers fail in each way the taxonomy names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from services.clients import TokenizerClient
+from services.errors import InvalidRequest, Unavailable
+from services.pb import tokenizer_pb2
+from services.rpc import register_service
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+class Failing:
+    async def Tokenize(self, request, context):  # type: ignore[no-untyped-def]
+        raise RuntimeError("secret internal detail")
+
+    async def Decode(self, request, context):  # type: ignore[no-untyped-def]
+        raise Unavailable("engine warming up")
+
+    async def Detokenize(self, requests, context) -> AsyncIterator[tokenizer_pb2.DetokenizeResponse]:  # type: ignore[no-untyped-def]
+        async for request in requests:
+            yield tokenizer_pb2.DetokenizeResponse(text="ok")
+            if request.finish:
+                raise InvalidRequest("bad after one reply")
+
+    def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
+        """Not async: left unregistered, so the call is UNIMPLEMENTED."""
+
+
+async def test_errors_map_to_their_status() -> None:
+    server = grpc.aio.server()
+    registered = register_service(
+        server, tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"], Failing()
+    )
+    assert registered == ["Decode", "Detokenize", "Tokenize"]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with TokenizerClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.tokenize("x")
+            assert caught.value.code() == grpc.StatusCode.INTERNAL
+            assert "secret" not in caught.value.details()
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.decode([1])
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert caught.value.details() == "engine warming up"
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.model_info()
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+            async def requests() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
+                yield tokenizer_pb2.DetokenizeRequest(finish=True)
+
+            replies = []
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for reply in client.detokenize(requests()):
+                    replies.append(reply.text)
+            assert replies == ["ok"]
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await server.stop(0)
