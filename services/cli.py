@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from services.config import DEFAULT_HOME, ENV_PREFIX, StageConfig, build_config, parse_endpoints

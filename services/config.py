@@ -114,6 +114,12 @@ def _convert(text: str, annotation: Any) -> Any:
     return annotation(text)
 
 
+def _default_of(field: dataclasses.Field[Any]) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
 def _flag_name(field: dataclasses.Field[Any]) -> str:
     return field.metadata.get("flag") or field.name.replace("_", "-")
 
@@ -122,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type[StageConfig]
     """Add one flag per config field; values stay strings until :func:`build_config`."""
     for field in dataclasses.fields(config_cls):
         env = ENV_PREFIX + field.name.upper()
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        default = _default_of(field)
         parser.add_argument(
             f"--{_flag_name(field)}",
             dest=field.name,

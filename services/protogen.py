@@ -35,8 +35,8 @@ def generate(proto_root: Path, out_dir: Path) -> list[Path]:
 
     Returns the written files. Raises RuntimeError with protoc's message on failure.
     """
-    from grpc_tools import protoc  # build-time tool; not needed at run time
     import grpc_tools
+    from grpc_tools import protoc  # build-time tool; not needed at run time
 
     protos = sorted((proto_root / PROTO_PACKAGE_DIR).glob("*.proto"))
     if not protos:

@@ -26,9 +26,9 @@ import time
 from typing import ClassVar
 
 import grpc
+from google.protobuf import descriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from google.protobuf import descriptor
 from prometheus_client import Info, start_http_server
 
 from services import __version__
@@ -48,7 +48,7 @@ class Stage(abc.ABC):
     """What a stage plugs into the shared runtime: its services and how it starts and stops."""
 
     #: The stage's role (a ``common_pb2.Role`` value).
-    role: ClassVar[int]
+    role: ClassVar[common_pb2.Role]
 
     @abc.abstractmethod
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:

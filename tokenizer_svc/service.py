@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
@@ -106,7 +107,7 @@ class TokenizerServicer:
                 tokenizer.check_ids(start.context_token_ids)
                 skip = start.skip_special_tokens if start.HasField("skip_special_tokens") else True
                 detokenizer = IncrementalDetokenizer(
-                    lambda ids, t=tokenizer, s=skip: t.decode(ids, s),
+                    functools.partial(tokenizer.decode, skip_special_tokens=skip),
                     context_ids=start.context_token_ids,
                     stop=start.stop,
                     include_stop_str_in_output=start.include_stop_str_in_output,
@@ -138,7 +139,7 @@ class TokenizerServicer:
 class TokenizerStage(Stage):
     """The tokenizer stage: loads each configured model's tokenizer, then serves them."""
 
-    role: ClassVar[int] = common_pb2.ROLE_TOKENIZER
+    role: ClassVar[common_pb2.Role] = common_pb2.ROLE_TOKENIZER
 
     def __init__(self, config: TokenizerConfig) -> None:
         self._config = config
