@@ -1,1 +1,1 @@
-"""The decode stage (see ARCHITECTURE.md); its service lands with its issue."""
+"""The decode stage: a vLLM engine behind EngineService (see services/engine)."""

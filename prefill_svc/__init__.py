@@ -1,1 +1,1 @@
-"""The prefill stage (see ARCHITECTURE.md); its service lands with its issue."""
+"""The prefill stage: a vLLM engine behind EngineService (see services/engine)."""

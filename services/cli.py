@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("stagemesh")
 
 #: Stage subcommands and the module each runs; the stage parses its own flags.
-STAGE_MODULES = {"tokenizer": "tokenizer_svc"}
+STAGE_MODULES = {"tokenizer": "tokenizer_svc", "prefill": "prefill_svc", "decode": "decode_svc"}
 
 
 def _home(args: argparse.Namespace) -> Path:

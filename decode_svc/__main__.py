@@ -1,0 +1,14 @@
+"""``python -m decode_svc``: run the decode stage."""
+
+from decode_svc.stage import DecodeConfig, DecodeStage
+from services.config import parse_config
+from services.server import run_stage
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(DecodeConfig, argv, prog="stagemesh decode")
+    run_stage(config, DecodeStage(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""The in-process vLLM engine of an engine stage, token-in/token-out.
+
+:class:`EngineRunner` owns one ``AsyncLLM`` with vLLM's NixlConnector (producer on
+prefill, consumer on decode) and the KV-event publisher turned on. It adds what the
+stage needs around it:
+
+- every request runs in a pump task that feeds a queue, so a caller that goes away
+  does not cancel vLLM's generator mid-step. That is how an abort is *deferred* while
+  a decode request is still pulling its prompt's KV over NIXL (aborting during the
+  read can crash vLLM's engine core): the abort is sent once the first output shows
+  the transfer finished;
+- load figures from vLLM's scheduler stats;
+- vLLM's KV events, read from its ZMQ publisher and re-published through a
+  :class:`~services.kv_events.KvEventLog` with the mesh's sequence numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.outputs import RequestOutput
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from services.engine.config import EngineConfig
+from services.engine.kv_events import ZmqKvEventBridge
+from services.errors import InvalidRequest, StageDead
+from services.etcd import free_port
+from services.kv_events import KvEventLog
+from services.model import ModelSpec
+from services.pb import engine_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Request:
+    """One request in flight: its output queue, pump task and KV-load state."""
+
+    request_id: str
+    outputs: asyncio.Queue[RequestOutput | BaseException | None]
+    loading_kv: bool
+    abort_requested: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class _StatsSink(StatLoggerBase):
+    """Receives vLLM's scheduler stats (in the API process) for the load figures."""
+
+    def __init__(self, runner: EngineRunner) -> None:
+        self._runner = runner
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            self._runner._record_stats(scheduler_stats)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+class EngineRunner:
+    """An AsyncLLM with NIXL, KV events and load figures, for one engine stage."""
+
+    def __init__(self, config: EngineConfig, model: ModelSpec, kv_role: str) -> None:
+        self.config = config
+        self.model = model
+        self.kv_role = kv_role
+        self.nixl_port = config.nixl_port or free_port(config.nixl_host)
+        self.engine: AsyncLLM | None = None
+        self.events: KvEventLog | None = None
+        self.block_size = 0
+        self.total_blocks = 0
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self._requests: dict[str, _Request] = {}
+        self._stats = {"running": 0, "waiting": 0, "kv_usage": 0.0}
+        self._prefix_queries = 0
+        self._prefix_hits = 0
+        self._event_dir = tempfile.mkdtemp(prefix="stagemesh-kvev-")
+        self._bridge: ZmqKvEventBridge | None = None
+
+    @property
+    def nixl_address(self) -> str:
+        return f"{self.config.nixl_host}:{self.nixl_port}"
+
+    async def start(self) -> None:
+        """Start the engine (tens of seconds on CPU) and the KV-event bridge."""
+        self._export_vllm_environment()
+        endpoint = f"ipc://{Path(self._event_dir) / 'events.sock'}"
+        args = AsyncEngineArgs(
+            model=str(self.model.path),
+            served_model_name=self.model.name,
+            skip_tokenizer_init=True,
+            dtype=self.config.dtype,
+            max_model_len=self.config.max_model_len or None,
+            max_num_seqs=self.config.max_num_seqs,
+            block_size=self.config.block_size or None,
+            enable_prefix_caching=True,
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
+            kv_transfer_config={
+                "kv_connector": "NixlConnector",
+                "kv_role": self.kv_role,
+                "kv_buffer_device": "cpu" if self.config.device == "cpu" else "cuda",
+                "kv_connector_extra_config": {"kv_lease_duration": self.config.kv_lease_seconds},
+            },
+            kv_events_config={
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "endpoint": endpoint,
+                "topic": "kv",
+            },
+        )
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index: _StatsSink(self)])
+        vllm_config = self.engine.vllm_config
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.total_blocks = int(vllm_config.cache_config.num_gpu_blocks or 0)
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+        self.vocab_size = int(vllm_config.model_config.get_vocab_size())
+        self.events = KvEventLog(self.block_size, replay_window=self.config.kv_event_window)
+        self._bridge = ZmqKvEventBridge(endpoint, "kv", self.events)
+        self._bridge.start()
+        log.info(
+            "engine ready: %s, block size %d, %d KV blocks, context %d, NIXL side channel %s",
+            self.model.name, self.block_size, self.total_blocks, self.max_model_len, self.nixl_address,
+        )
+
+    def _export_vllm_environment(self) -> None:
+        """vLLM reads these from the environment, in this process and its engine core."""
+        settings = {
+            "VLLM_NIXL_SIDE_CHANNEL_HOST": self.config.nixl_host,
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(self.nixl_port),
+        }
+        if self.config.device == "cpu":
+            settings["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.kv_cache_gib)
+            if self.config.cpu_cores:
+                settings["VLLM_CPU_OMP_THREADS_BIND"] = self.config.cpu_cores
+        os.environ.update(settings)
+
+    async def shutdown(self) -> None:
+        if self._bridge is not None:
+            await self._bridge.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+        with contextlib.suppress(OSError):
+            for path in Path(self._event_dir).iterdir():
+                path.unlink()
+            os.rmdir(self._event_dir)
+
+    def check_prompt(self, prompt_token_ids: Sequence[int]) -> None:
+        """Reject an empty prompt or ids outside the vocabulary before vLLM sees them."""
+        if not prompt_token_ids:
+            raise InvalidRequest("the prompt is empty; send at least one token id")
+        for position, token_id in enumerate(prompt_token_ids):
+            if token_id >= self.vocab_size:
+                raise InvalidRequest(
+                    f"token id {token_id} at position {position} is outside the vocabulary "
+                    f"(size {self.vocab_size})"
+                )
+
+    async def stream(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingParams,
+        loading_kv: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        """Run one request, yielding vLLM's delta outputs; leaving early aborts it."""
+        engine = self._engine()
+        if request_id in self._requests:
+            raise InvalidRequest(f"request id {request_id!r} is already running")
+        request = _Request(request_id, asyncio.Queue(), loading_kv)
+        self._requests[request_id] = request
+        request.task = asyncio.create_task(
+            self._pump(engine, request, list(prompt_token_ids), sampling), name=f"req {request_id}"
+        )
+        finished = False
+        try:
+            while (item := await request.outputs.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a running request; deferred while its KV is still arriving over NIXL."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        if request.loading_kv:
+            request.abort_requested = True
+            log.debug("abort of %s deferred until its KV transfer completes", request_id)
+        else:
+            await self._engine().abort(request_id)
+        return True
+
+    async def _pump(
+        self, engine: AsyncLLM, request: _Request, prompt: list[int], sampling: SamplingParams
+    ) -> None:
+        try:
+            async for output in engine.generate(
+                {"prompt_token_ids": prompt}, sampling, request.request_id
+            ):
+                if request.loading_kv:
+                    request.loading_kv = False  # KV is in: aborting is safe from here
+                    if request.abort_requested:
+                        await engine.abort(request.request_id)
+                await request.outputs.put(output)
+        except EngineDeadError as exc:
+            await request.outputs.put(StageDead(f"the vLLM engine died: {exc}"))
+        except ValueError as exc:  # vLLM's own input validation
+            await request.outputs.put(InvalidRequest(str(exc)))
+        except Exception as exc:
+            await request.outputs.put(exc)
+        finally:
+            self._requests.pop(request.request_id, None)
+            await request.outputs.put(None)
+
+    def _engine(self) -> AsyncLLM:
+        if self.engine is None:
+            raise StageDead("the engine is not started")
+        if self.engine.errored:
+            raise StageDead(f"the vLLM engine died: {self.engine.dead_error}")
+        return self.engine
+
+    def _record_stats(self, stats: Any) -> None:
+        self._stats["running"] = int(stats.num_running_reqs)
+        self._stats["waiting"] = int(stats.num_waiting_reqs)
+        self._stats["kv_usage"] = float(stats.kv_cache_usage)
+        prefix = getattr(stats, "prefix_cache_stats", None)
+        if prefix is not None:
+            self._prefix_queries += int(prefix.queries)
+            self._prefix_hits += int(prefix.hits)
+
+    def load(self, pending_transfers: int) -> engine_pb2.Load:
+        """Load figures for routing. With nothing in flight the scheduler is idle, whatever
+        its last (possibly older) stats report said."""
+        busy = bool(self._requests)
+        return engine_pb2.Load(
+            running_requests=self._stats["running"] if busy else 0,
+            waiting_requests=self._stats["waiting"] if busy else 0,
+            kv_cache_usage=float(self._stats["kv_usage"]),
+            prefix_cache_hit_rate=(
+                self._prefix_hits / self._prefix_queries if self._prefix_queries else 0.0
+            ),
+            kv_block_size=self.block_size,
+            kv_total_blocks=self.total_blocks,
+            pending_transfers=pending_transfers,
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._requests)

@@ -1,0 +1,58 @@
+"""Translate the mesh's SamplingParams into vLLM's, validating what vLLM would reject
+later (or crash on) with an error that names the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
+
+from services.errors import InvalidRequest
+from services.pb import common_pb2
+
+
+def to_vllm(
+    params: common_pb2.SamplingParams,
+    prompt_tokens: int,
+    max_model_len: int,
+    kv_transfer_params: dict[str, Any] | None = None,
+    max_tokens: int | None = None,
+) -> SamplingParams:
+    """Build vLLM sampling params for one sequence, streaming deltas.
+
+    ``max_tokens`` overrides the request's (prefill runs with 1). An unset max_tokens
+    means "up to the context limit"; one that would pass the limit is capped there and
+    the sequence ends with finish reason LENGTH.
+    """
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise InvalidRequest(
+            f"prompt has {prompt_tokens} tokens; the model allows at most {max_model_len - 1} "
+            f"(context length {max_model_len}, leaving room for one generated token)"
+        )
+    if max_tokens is None:
+        if params.HasField("max_tokens") and params.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {params.max_tokens}")
+        max_tokens = params.max_tokens if params.HasField("max_tokens") else room
+    kwargs: dict[str, Any] = {
+        "max_tokens": min(max_tokens, room),
+        "min_tokens": min(params.min_tokens, max_tokens),
+        "stop_token_ids": list(params.stop_token_ids),
+        "ignore_eos": params.ignore_eos,
+        "output_kind": RequestOutputKind.DELTA,
+        # Text is the tokenizer stage's job; the engine runs token-in/token-out.
+        "detokenize": False,
+    }
+    for field in ("temperature", "top_p", "top_k", "min_p", "seed",
+                  "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if params.HasField(field):
+            kwargs[field] = getattr(params, field)
+    if params.HasField("logprobs"):
+        kwargs["logprobs"] = params.logprobs
+    if kv_transfer_params is not None:
+        kwargs["extra_args"] = {"kv_transfer_params": kv_transfer_params}
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as exc:  # vLLM's own range checks
+        raise InvalidRequest(f"invalid sampling parameters: {exc}") from None

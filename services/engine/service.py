@@ -1,0 +1,261 @@
+"""The EngineService servicer and the Stage both engine roles run.
+
+Prefill and decode differ only in their role, their NIXL ``kv_role`` and which calls
+they accept: a prefill member answers ``Prefill``; a decode member answers ``Generate``
+with or without a KV handle. The rest (abort, load, KV events) is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import grpc
+from google.protobuf import descriptor
+
+from services.engine.config import EngineConfig
+from services.engine.engine import EngineRunner
+from services.engine.sampling import to_vllm
+from services.errors import InvalidRequest, NotFound, Unavailable
+from services.model import resolve_model
+from services.pb import common_pb2, engine_pb2
+from services.server import Stage
+
+_FINISH_REASONS = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+    "error": common_pb2.FINISH_REASON_ERROR,
+}
+# kv_transfer_params keys with a typed home in KvTransferHandle; others travel in extra_json.
+_TYPED_KEYS = {
+    "remote_engine_id", "remote_block_ids", "remote_host", "remote_port",
+    "remote_request_id", "tp_size", "do_remote_prefill", "do_remote_decode",
+}
+
+
+def handle_from_params(
+    params: dict[str, Any], num_tokens: int, instance_id: str, expires_at: float
+) -> common_pb2.KvTransferHandle:
+    """vLLM's kv_transfer_params from a prefill, as the mesh's typed handle."""
+    block_ids = params.get("remote_block_ids") or []
+    if block_ids and isinstance(block_ids[0], list):  # one list per KV-cache group
+        if len(block_ids) != 1:
+            extra_groups = block_ids
+            block_ids = []
+        else:
+            extra_groups, block_ids = None, block_ids[0]
+    else:
+        extra_groups = None
+    extra = {k: v for k, v in params.items() if k not in _TYPED_KEYS}
+    if extra_groups is not None:
+        extra["remote_block_ids"] = extra_groups
+    return common_pb2.KvTransferHandle(
+        remote_engine_id=str(params.get("remote_engine_id", "")),
+        remote_block_ids=[int(b) for b in block_ids],
+        remote_host=str(params.get("remote_host", "")),
+        remote_port=int(params.get("remote_port") or 0),
+        remote_request_id=str(params.get("remote_request_id", "")),
+        num_tokens=num_tokens,
+        tp_size=int(params.get("tp_size") or 1),
+        prefill_instance_id=instance_id,
+        expires_at=expires_at,
+        extra_json=json.dumps(extra, separators=(",", ":")),
+    )
+
+
+def params_from_handle(handle: common_pb2.KvTransferHandle) -> dict[str, Any]:
+    """The kv_transfer_params a decode request needs to pull the handle's KV."""
+    if not handle.remote_engine_id or not handle.remote_host or not handle.remote_port:
+        raise InvalidRequest("the KV transfer handle lacks the prefill engine's id or address")
+    params: dict[str, Any] = json.loads(handle.extra_json) if handle.extra_json else {}
+    params.setdefault("remote_block_ids", [list(handle.remote_block_ids)])
+    params.update(
+        do_remote_prefill=True,
+        do_remote_decode=False,
+        remote_engine_id=handle.remote_engine_id,
+        remote_host=handle.remote_host,
+        remote_port=handle.remote_port,
+        remote_request_id=handle.remote_request_id,
+        tp_size=handle.tp_size or 1,
+    )
+    return params
+
+
+class EngineServicer:
+    """EngineService over an :class:`EngineRunner`."""
+
+    def __init__(self, runner: EngineRunner, role: int, instance_id: str) -> None:
+        self._runner = runner
+        self._role = role
+        self._instance_id = instance_id
+        self._handles: dict[str, float] = {}  # prefill request id -> expiry time
+
+    def _ready(self) -> EngineRunner:
+        if self._runner.events is None:
+            raise Unavailable("the engine is still starting")
+        return self._runner
+
+    async def Prefill(
+        self, request: engine_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.PrefillResponse:
+        """Compute the prompt's KV and keep it for a decode engine to pull over NIXL."""
+        runner = self._ready()
+        if self._role != common_pb2.ROLE_PREFILL:
+            raise InvalidRequest("Prefill goes to a prefill member; this is a decode member")
+        runner.check_prompt(request.prompt_token_ids)
+        request_id = request.request_id or f"prefill-{uuid.uuid4().hex}"
+        sampling = to_vllm(
+            request.sampling, len(request.prompt_token_ids), runner.max_model_len,
+            kv_transfer_params={"do_remote_decode": True}, max_tokens=1,
+        )
+        final = None
+        async for output in runner.stream(request_id, request.prompt_token_ids, sampling):
+            final = output
+        if final is None or not final.kv_transfer_params:
+            raise Unavailable("the prefill finished without a KV transfer handle")
+        lease = request.handle_ttl_seconds or runner.config.kv_lease_seconds
+        expires_at = time.time() + lease
+        self._forget_expired()
+        self._handles[request_id] = expires_at
+        return engine_pb2.PrefillResponse(
+            handle=handle_from_params(
+                final.kv_transfer_params, len(request.prompt_token_ids), self._instance_id, expires_at
+            ),
+            cached_tokens=int(final.num_cached_tokens or 0),
+            prompt_tokens=len(request.prompt_token_ids),
+        )
+
+    async def Generate(
+        self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[engine_pb2.GenerateResponse]:
+        """Stream generated ids; with a handle the prompt's KV comes from the prefill engine."""
+        runner = self._ready()
+        runner.check_prompt(request.prompt_token_ids)
+        kv_params = None
+        if request.HasField("kv_handle"):
+            if self._role != common_pb2.ROLE_DECODE:
+                raise InvalidRequest("a KV handle can only be collected by a decode member")
+            handle = request.kv_handle
+            if handle.expires_at and handle.expires_at < time.time():
+                raise NotFound(
+                    f"KV transfer handle {handle.remote_request_id!r} expired "
+                    f"{time.time() - handle.expires_at:.1f}s ago; prefill again"
+                )
+            if handle.num_tokens and handle.num_tokens != len(request.prompt_token_ids):
+                raise InvalidRequest(
+                    f"the KV handle covers {handle.num_tokens} prompt tokens, "
+                    f"the request has {len(request.prompt_token_ids)}"
+                )
+            kv_params = params_from_handle(handle)
+        sampling = to_vllm(
+            request.sampling, len(request.prompt_token_ids), runner.max_model_len, kv_params
+        )
+        request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
+        completion_tokens = 0
+        async for output in runner.stream(
+            request_id, request.prompt_token_ids, sampling, loading_kv=kv_params is not None
+        ):
+            sequence = output.outputs[0]
+            completion_tokens += len(sequence.token_ids)
+            reply = engine_pb2.GenerateResponse(token_ids=list(sequence.token_ids))
+            if sequence.logprobs:
+                reply.logprobs.extend(
+                    _position_logprobs(token_id, entry)
+                    for token_id, entry in zip(sequence.token_ids, sequence.logprobs)
+                )
+            if output.finished:
+                reply.finish_reason = _FINISH_REASONS.get(
+                    sequence.finish_reason or "", common_pb2.FINISH_REASON_STOP
+                )
+                if isinstance(sequence.stop_reason, int):
+                    reply.stop_token_id = sequence.stop_reason
+                reply.usage.CopyFrom(
+                    common_pb2.Usage(
+                        prompt_tokens=len(request.prompt_token_ids),
+                        completion_tokens=completion_tokens,
+                        cached_tokens=int(output.num_cached_tokens or 0),
+                    )
+                )
+            yield reply
+
+    async def Abort(
+        self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.AbortResponse:
+        """Abort requests by id; unknown ids are skipped (they may have finished)."""
+        runner = self._ready()
+        aborted = [rid for rid in request.request_ids if await runner.abort(rid)]
+        return engine_pb2.AbortResponse(aborted=aborted)
+
+    async def GetLoad(
+        self, request: engine_pb2.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.Load:
+        """Running and waiting requests, KV use, prefix-cache hit rate, block size."""
+        self._forget_expired()
+        return self._ready().load(pending_transfers=len(self._handles))
+
+    async def StreamKvEvents(
+        self, request: common_pb2.KvEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.KvEventsResponse]:
+        """The engine's KV events after ``(epoch, after_sequence)``, then live."""
+        events = self._ready().events
+        assert events is not None
+        async for reply in events.subscribe(request.epoch, request.after_sequence):
+            yield reply
+
+    async def GetKvSnapshot(
+        self, request: common_pb2.KvSnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.KvSnapshot:
+        """Every block the engine holds now, with the stream position it matches."""
+        events = self._ready().events
+        assert events is not None
+        return events.snapshot()
+
+    def _forget_expired(self) -> None:
+        now = time.time()
+        for request_id in [r for r, expiry in self._handles.items() if expiry < now]:
+            del self._handles[request_id]
+
+
+def _position_logprobs(token_id: int, entry: dict[int, Any]) -> common_pb2.PositionLogprobs:
+    """vLLM's {token id: Logprob} at one position, as the chosen token plus the top ones."""
+    def item(tid: int) -> common_pb2.TokenLogprob:
+        value = entry[tid]
+        return common_pb2.TokenLogprob(token_id=tid, logprob=float(value.logprob), rank=int(value.rank or 0))
+
+    top = sorted((tid for tid in entry), key=lambda tid: entry[tid].rank or 0)
+    chosen = item(token_id) if token_id in entry else common_pb2.TokenLogprob(token_id=token_id)
+    return common_pb2.PositionLogprobs(chosen=chosen, top=[item(tid) for tid in top if tid != token_id or entry[tid].rank == 1])
+
+
+class EngineStage(Stage):
+    """An engine stage; subclasses set the role and NIXL kv_role."""
+
+    kv_role: ClassVar[str]
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        self._runner = EngineRunner(config, resolve_model(config.model, Path(config.home)), self.kv_role)
+        self._servicer = EngineServicer(self._runner, self.role, config.instance_id)
+
+    def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
+        return [(engine_pb2.DESCRIPTOR.services_by_name["EngineService"], self._servicer)]
+
+    async def start(self) -> None:
+        await self._runner.start()
+
+    async def stop(self) -> None:
+        await self._runner.shutdown()
+
+    def describe(self, member: common_pb2.Member) -> None:
+        member.models.append(self._runner.model.name)
+        member.kv_block_size = self._runner.block_size
+        member.kv_capacity_blocks = self._runner.total_blocks
+        member.max_concurrency = self._config.max_num_seqs
+        member.nixl_address = self._runner.nixl_address
+        assert self._runner.events is not None
+        member.kv_event_epoch = self._runner.events.epoch
