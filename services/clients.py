@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.pb import tokenizer_pb2, tokenizer_pb2_grpc
+from services.pb import common_pb2, engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 #: Deadline for short control calls (seconds).
 DEFAULT_TIMEOUT = 10.0
@@ -111,3 +111,71 @@ class TokenizerClient:
         return await self._stub.GetModelInfo(
             tokenizer_pb2.ModelInfoRequest(model=model), timeout=self._timeout
         )
+
+
+class EngineClient:
+    """Client of an engine stage (EngineService): prefill or decode member."""
+
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = address
+        self._channel = channel(address)
+        self._stub = engine_pb2_grpc.EngineServiceStub(self._channel)
+        self._timeout = timeout
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> EngineClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def prefill(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling: common_pb2.SamplingParams | None = None,
+        request_id: str = "",
+        timeout: float | None = 120.0,
+    ) -> engine_pb2.PrefillResponse:
+        """Compute the prompt's KV on this (prefill) member; returns the transfer handle."""
+        return await self._stub.Prefill(
+            engine_pb2.PrefillRequest(
+                request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling
+            ),
+            timeout=timeout,
+        )
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling: common_pb2.SamplingParams | None = None,
+        kv_handle: common_pb2.KvTransferHandle | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> grpc.aio.UnaryStreamCall:
+        """Stream generated ids (iterate the call; cancel it to abort the request)."""
+        request = engine_pb2.GenerateRequest(
+            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling
+        )
+        if kv_handle is not None:
+            request.kv_handle.CopyFrom(kv_handle)
+        return self._stub.Generate(request, timeout=timeout)
+
+    async def abort(self, *request_ids: str) -> list[str]:
+        reply = await self._stub.Abort(
+            engine_pb2.AbortRequest(request_ids=request_ids), timeout=self._timeout
+        )
+        return list(reply.aborted)
+
+    async def load(self) -> engine_pb2.Load:
+        return await self._stub.GetLoad(engine_pb2.LoadRequest(), timeout=self._timeout)
+
+    def kv_events(self, epoch: int = 0, after_sequence: int = 0) -> grpc.aio.UnaryStreamCall:
+        """The member's KV-event stream after ``(epoch, after_sequence)``."""
+        return self._stub.StreamKvEvents(
+            common_pb2.KvEventsRequest(epoch=epoch, after_sequence=after_sequence)
+        )
+
+    async def kv_snapshot(self) -> common_pb2.KvSnapshot:
+        return await self._stub.GetKvSnapshot(common_pb2.KvSnapshotRequest(), timeout=self._timeout)

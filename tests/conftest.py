@@ -6,6 +6,7 @@ prepared model). Tests that must kill or restart something start their own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from services.clients import TokenizerClient
+from services.clients import EngineClient, TokenizerClient
 from services.config import DEFAULT_HOME
 from services.etcd import EmbeddedEtcd, EtcdSession, free_port
 from services.launcher import StageProcess
@@ -96,3 +97,57 @@ async def etcd_session(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdSession]:
     session = EtcdSession([("127.0.0.1", etcd.client_port)])
     yield session
     await session.close()
+
+
+#: Engines start in tens of seconds on CPU; two at once on two cores take longer.
+ENGINE_START_TIMEOUT = 420.0
+#: The session prefill engine keeps uncollected KV this long (short, to test the lease).
+PREFILL_LEASE_SECONDS = 8
+
+
+def engine_process(role: str, etcd_endpoint: str, home: Path, log_dir: Path, *extra: str) -> StageProcess:
+    """An engine stage process (prefill_svc or decode_svc) on free ports (not started)."""
+    port = free_port()
+    return StageProcess(
+        role,
+        f"{role}_svc",
+        ["--port", str(port), "--etcd", etcd_endpoint, "--home", str(home),
+         "--kv-cache-gib", "1", "--max-model-len", "4096", "--metrics-port", "0", *extra],
+        f"127.0.0.1:{port}",
+        log_dir,
+    )
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def engine_stages(
+    etcd: EmbeddedEtcd, home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[StageProcess, StageProcess]]:
+    """One prefill and one decode stage for the session, each pinned to its own core."""
+    log_dir = tmp_path_factory.mktemp("engine-logs")
+    prefill = engine_process(
+        "prefill", etcd.endpoint, home, log_dir,
+        "--cpu-cores", "0", "--kv-lease-seconds", str(PREFILL_LEASE_SECONDS),
+    )
+    decode = engine_process("decode", etcd.endpoint, home, log_dir, "--cpu-cores", "1")
+    prefill.start()
+    decode.start()
+    try:
+        await asyncio.gather(
+            prefill.wait_healthy(ENGINE_START_TIMEOUT), decode.wait_healthy(ENGINE_START_TIMEOUT)
+        )
+        yield prefill, decode
+    finally:
+        prefill.stop()
+        decode.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def prefill(engine_stages: tuple[StageProcess, StageProcess]) -> AsyncIterator[EngineClient]:
+    async with EngineClient(engine_stages[0].grpc_address) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def decode(engine_stages: tuple[StageProcess, StageProcess]) -> AsyncIterator[EngineClient]:
+    async with EngineClient(engine_stages[1].grpc_address) as client:
+        yield client

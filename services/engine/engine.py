@@ -28,6 +28,7 @@ from typing import Any
 
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
@@ -113,6 +114,9 @@ class EngineRunner:
                 "kv_role": self.kv_role,
                 "kv_buffer_device": "cpu" if self.config.device == "cpu" else "cuda",
                 "kv_connector_extra_config": {"kv_lease_duration": self.config.kv_lease_seconds},
+                # A decode that cannot pull the KV fails the request (the router then
+                # runs it aggregated) rather than silently recomputing the prompt.
+                "kv_load_failure_policy": "fail",
             },
             kv_events_config={
                 "enable_kv_cache_events": True,
@@ -221,7 +225,7 @@ class EngineRunner:
                 await request.outputs.put(output)
         except EngineDeadError as exc:
             await request.outputs.put(StageDead(f"the vLLM engine died: {exc}"))
-        except ValueError as exc:  # vLLM's own input validation
+        except (ValueError, VLLMClientError) as exc:  # vLLM's own input validation
             await request.outputs.put(InvalidRequest(str(exc)))
         except Exception as exc:
             await request.outputs.put(exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind
 
 from services.errors import InvalidRequest
@@ -54,5 +55,5 @@ def to_vllm(
         kwargs["extra_args"] = {"kv_transfer_params": kv_transfer_params}
     try:
         return SamplingParams(**kwargs)
-    except (ValueError, TypeError) as exc:  # vLLM's own range checks
+    except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own range checks
         raise InvalidRequest(f"invalid sampling parameters: {exc}") from None

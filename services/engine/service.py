@@ -118,8 +118,7 @@ class EngineServicer:
             final = output
         if final is None or not final.kv_transfer_params:
             raise Unavailable("the prefill finished without a KV transfer handle")
-        lease = request.handle_ttl_seconds or runner.config.kv_lease_seconds
-        expires_at = time.time() + lease
+        expires_at = time.time() + runner.config.kv_lease_seconds
         self._forget_expired()
         self._handles[request_id] = expires_at
         return engine_pb2.PrefillResponse(
@@ -161,11 +160,18 @@ class EngineServicer:
             request_id, request.prompt_token_ids, sampling, loading_kv=kv_params is not None
         ):
             sequence = output.outputs[0]
+            if sequence.finish_reason == "error" and kv_params is not None and not completion_tokens:
+                # vLLM's kv_load_failure_policy "fail": the KV could not be pulled.
+                raise NotFound(
+                    f"could not collect KV transfer handle {request.kv_handle.remote_request_id!r} "
+                    f"from {request.kv_handle.remote_host}:{request.kv_handle.remote_port}: it is "
+                    "unknown or expired, or the prefill worker is gone; prefill again or run aggregated"
+                )
             completion_tokens += len(sequence.token_ids)
             reply = engine_pb2.GenerateResponse(token_ids=list(sequence.token_ids))
             if sequence.logprobs:
                 reply.logprobs.extend(
-                    _position_logprobs(token_id, entry)
+                    _position_logprobs(token_id, entry, request.sampling.logprobs)
                     for token_id, entry in zip(sequence.token_ids, sequence.logprobs)
                 )
             if output.finished:
@@ -221,15 +227,19 @@ class EngineServicer:
             del self._handles[request_id]
 
 
-def _position_logprobs(token_id: int, entry: dict[int, Any]) -> common_pb2.PositionLogprobs:
-    """vLLM's {token id: Logprob} at one position, as the chosen token plus the top ones."""
+def _position_logprobs(token_id: int, entry: dict[int, Any], top_k: int) -> common_pb2.PositionLogprobs:
+    """vLLM's {token id: Logprob} at one position: the chosen token, plus the ``top_k``
+    most likely (vLLM adds the chosen token to the top ones when it ranks lower)."""
+
     def item(tid: int) -> common_pb2.TokenLogprob:
         value = entry[tid]
         return common_pb2.TokenLogprob(token_id=tid, logprob=float(value.logprob), rank=int(value.rank or 0))
 
-    top = sorted((tid for tid in entry), key=lambda tid: entry[tid].rank or 0)
-    chosen = item(token_id) if token_id in entry else common_pb2.TokenLogprob(token_id=token_id)
-    return common_pb2.PositionLogprobs(chosen=chosen, top=[item(tid) for tid in top if tid != token_id or entry[tid].rank == 1])
+    ranked = sorted(entry, key=lambda tid: entry[tid].rank or 0)
+    return common_pb2.PositionLogprobs(
+        chosen=item(token_id) if token_id in entry else common_pb2.TokenLogprob(token_id=token_id),
+        top=[item(tid) for tid in ranked[:top_k]],
+    )
 
 
 class EngineStage(Stage):
