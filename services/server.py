@@ -64,6 +64,14 @@ class Stage(abc.ABC):
     def describe(self, member: common_pb2.Member) -> None:
         """Fill the stage-specific Member fields (models, KV block size, NIXL address)."""
 
+    def failure(self) -> str | None:
+        """Why the stage can no longer serve (e.g. its engine died), or None while it can.
+
+        Polled once a second after start; a failure drains the stage and ends the
+        process with exit code 1, so its supervisor replaces it.
+        """
+        return None
+
 
 class StageServer:
     """Runs one :class:`Stage` behind a grpc.aio server, with health, metrics and membership."""
@@ -74,6 +82,7 @@ class StageServer:
         self.port = 0
         self.metrics_port = 0
         self.registration: Registration | None = None
+        self.exit_code = 0
         self._service_names: list[str] = []
 
     def _build(self) -> None:
@@ -107,7 +116,9 @@ class StageServer:
             done, _ = await asyncio.wait({start_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if start_task in done:
                 start_task.result()  # a failed start ends the process with its error
+                watchdog = asyncio.create_task(self._watch_failure())
                 await self._stopping.wait()
+                watchdog.cancel()
             else:
                 start_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -163,6 +174,13 @@ class StageServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving as %s", self.registration.key)
 
+    async def _watch_failure(self) -> None:
+        while (reason := self.stage.failure()) is None:
+            await asyncio.sleep(1.0)
+        log.error("stage failed: %s; leaving the mesh", reason)
+        self.exit_code = 1
+        self._stopping.set()
+
     async def _set_health(self, status: int) -> None:
         for name in ("", *self._service_names):
             await self.health.set(name, status)
@@ -184,4 +202,7 @@ def run_stage(config: StageConfig, stage: Stage) -> None:
     import uvloop
 
     configure_logging(config.log_level, config.log_format, config.ROLE, config.instance_id)
-    uvloop.run(StageServer(config, stage).serve())
+    server = StageServer(config, stage)
+    uvloop.run(server.serve())
+    if server.exit_code:
+        raise SystemExit(server.exit_code)

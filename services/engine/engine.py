@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm import SamplingParams
+from vllm.config import KVEventsConfig, KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.outputs import RequestOutput
@@ -85,7 +86,9 @@ class EngineRunner:
         self.max_model_len = 0
         self.vocab_size = 0
         self._requests: dict[str, _Request] = {}
-        self._stats = {"running": 0, "waiting": 0, "kv_usage": 0.0}
+        self._running_reqs = 0
+        self._waiting_reqs = 0
+        self._kv_usage = 0.0
         self._prefix_queries = 0
         self._prefix_hits = 0
         self._event_dir = tempfile.mkdtemp(prefix="stagemesh-kvev-")
@@ -99,31 +102,32 @@ class EngineRunner:
         """Start the engine (tens of seconds on CPU) and the KV-event bridge."""
         self._export_vllm_environment()
         endpoint = f"ipc://{Path(self._event_dir) / 'events.sock'}"
+        optional: dict[str, Any] = {}
+        if self.config.max_model_len:
+            optional["max_model_len"] = self.config.max_model_len
+        if self.config.block_size:
+            optional["block_size"] = self.config.block_size
         args = AsyncEngineArgs(
             model=str(self.model.path),
             served_model_name=self.model.name,
             skip_tokenizer_init=True,
-            dtype=self.config.dtype,
-            max_model_len=self.config.max_model_len or None,
+            dtype=self.config.dtype,  # type: ignore[arg-type]  # vLLM validates the name
             max_num_seqs=self.config.max_num_seqs,
-            block_size=self.config.block_size or None,
             enable_prefix_caching=True,
             gpu_memory_utilization=self.config.gpu_memory_utilization,
-            kv_transfer_config={
-                "kv_connector": "NixlConnector",
-                "kv_role": self.kv_role,
-                "kv_buffer_device": "cpu" if self.config.device == "cpu" else "cuda",
-                "kv_connector_extra_config": {"kv_lease_duration": self.config.kv_lease_seconds},
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="NixlConnector",
+                kv_role=self.kv_role,  # type: ignore[arg-type]
+                kv_buffer_device="cpu" if self.config.device == "cpu" else "cuda",
+                kv_connector_extra_config={"kv_lease_duration": self.config.kv_lease_seconds},
                 # A decode that cannot pull the KV fails the request (the router then
                 # runs it aggregated) rather than silently recomputing the prompt.
-                "kv_load_failure_policy": "fail",
-            },
-            kv_events_config={
-                "enable_kv_cache_events": True,
-                "publisher": "zmq",
-                "endpoint": endpoint,
-                "topic": "kv",
-            },
+                kv_load_failure_policy="fail",
+            ),
+            kv_events_config=KVEventsConfig(
+                enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint, topic="kv"
+            ),
+            **optional,
         )
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index: _StatsSink(self)])
         vllm_config = self.engine.vllm_config
@@ -241,9 +245,9 @@ class EngineRunner:
         return self.engine
 
     def _record_stats(self, stats: Any) -> None:
-        self._stats["running"] = int(stats.num_running_reqs)
-        self._stats["waiting"] = int(stats.num_waiting_reqs)
-        self._stats["kv_usage"] = float(stats.kv_cache_usage)
+        self._running_reqs = int(stats.num_running_reqs)
+        self._waiting_reqs = int(stats.num_waiting_reqs)
+        self._kv_usage = float(stats.kv_cache_usage)
         prefix = getattr(stats, "prefix_cache_stats", None)
         if prefix is not None:
             self._prefix_queries += int(prefix.queries)
@@ -254,9 +258,9 @@ class EngineRunner:
         its last (possibly older) stats report said."""
         busy = bool(self._requests)
         return engine_pb2.Load(
-            running_requests=self._stats["running"] if busy else 0,
-            waiting_requests=self._stats["waiting"] if busy else 0,
-            kv_cache_usage=float(self._stats["kv_usage"]),
+            running_requests=self._running_reqs if busy else 0,
+            waiting_requests=self._waiting_reqs if busy else 0,
+            kv_cache_usage=self._kv_usage,
             prefix_cache_hit_rate=(
                 self._prefix_hits / self._prefix_queries if self._prefix_queries else 0.0
             ),
@@ -264,7 +268,3 @@ class EngineRunner:
             kv_total_blocks=self.total_blocks,
             pending_transfers=pending_transfers,
         )
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._requests)

@@ -173,6 +173,7 @@ class EngineServicer:
                 reply.logprobs.extend(
                     _position_logprobs(token_id, entry, request.sampling.logprobs)
                     for token_id, entry in zip(sequence.token_ids, sequence.logprobs)
+                    if entry is not None
                 )
             if output.finished:
                 reply.finish_reason = _FINISH_REASONS.get(
@@ -260,6 +261,12 @@ class EngineStage(Stage):
 
     async def stop(self) -> None:
         await self._runner.shutdown()
+
+    def failure(self) -> str | None:
+        engine = self._runner.engine
+        if engine is not None and engine.errored:
+            return f"the vLLM engine died: {engine.dead_error}"
+        return None
 
     def describe(self, member: common_pb2.Member) -> None:
         member.models.append(self._runner.model.name)

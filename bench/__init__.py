@@ -1,0 +1,1 @@
+"""Benchmarks: programs that start real stages, measure, and print numbers (not tests)."""
