@@ -48,7 +48,9 @@ class StageConfig:
     )
     metrics_port: int = setting(-1, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     etcd: str = setting("127.0.0.1:2379", "comma-separated etcd endpoints (host:port)")
-    lease_ttl: int = setting(5, "seconds the stage's etcd lease lives without a keep-alive")
+    lease_ttl: int = setting(
+        10, "seconds the stage's etcd lease lives without a keep-alive (a crashed stage leaves the mesh after it)"
+    )
     drain_seconds: float = setting(
         1.0, "on SIGTERM, seconds spent NOT_SERVING and deregistered before refusing new calls"
     )

@@ -104,26 +104,43 @@ class Registration:
         log.info("registered %s (lease %x, ttl %ss)", self.key, lease.id, self._ttl)
 
     async def _keep_alive(self) -> None:
+        """Refresh the lease every ttl/3; register again only when etcd lost it.
+
+        A slow answer is not a broken connection: on a busy host (engines saturating
+        every core) a keep-alive can take seconds. It gets the whole TTL to answer and
+        the channel is kept; only connection errors replace it. If the lease did run
+        out meanwhile, the next answer says so (TTL 0) and the stage registers again.
+        """
         interval = max(self._ttl / 3, 0.2)
+        slow = 0
         while True:
-            await asyncio.sleep(interval if self.registered.is_set() else self._retry)
+            await asyncio.sleep(interval)
             try:
                 client = await self._session.client()
                 reply = None
                 if self._lease_id is not None:
-                    reply = await asyncio.wait_for(client.refresh_lease(self._lease_id), interval)
+                    reply = await asyncio.wait_for(
+                        client.refresh_lease(self._lease_id), timeout=max(self._ttl, 1)
+                    )
                 if reply is None or reply.TTL <= 0:
                     # etcd forgot the lease (restart without data, or it expired while
                     # we could not reach etcd): the key is gone too. Register anew.
-                    if self.registered.is_set():
-                        log.warning("lease %s lost; registering again", self._lease_id)
+                    log.warning("lease %s lost; registering again", self._lease_id)
                     self.registered.clear()
                     await self._register()
+                elif not self.registered.is_set():
+                    log.info("etcd keep-alive recovered; lease %x still valid", self._lease_id)
+                    self.registered.set()
+                slow = 0
             except asyncio.CancelledError:
                 raise
+            except asyncio.TimeoutError:
+                if slow % 10 == 0:
+                    log.warning("etcd did not answer a keep-alive within %ss; retrying", self._ttl)
+                slow += 1
             except Exception as exc:
                 if self.registered.is_set():
-                    log.warning("etcd keep-alive failed (%s); retrying", _describe(exc))
+                    log.warning("etcd keep-alive failed (%s); reconnecting", _describe(exc))
                 self.registered.clear()
                 await self._session.reset()
 

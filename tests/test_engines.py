@@ -267,9 +267,15 @@ async def test_bad_handles_are_not_found(decode: EngineClient, prefill: EngineCl
 async def test_engines_register_their_kv_facts(
     engine_stages, etcd_session: EtcdSession  # type: ignore[no-untyped-def]
 ) -> None:
-    client = await etcd_session.client()
-    listing = await client.get_prefix(MEMBERS_PREFIX.encode())
-    members = {common_pb2.Member.FromString(kv.value).grpc_address: common_pb2.Member.FromString(kv.value) for kv in listing}
+    addresses = {stage.grpc_address for stage in engine_stages}
+    deadline = time.monotonic() + 10  # one lease TTL, should a keep-alive have been late
+    while True:
+        listing = await (await etcd_session.client()).get_prefix(MEMBERS_PREFIX.encode())
+        parsed = [common_pb2.Member.FromString(kv.value) for kv in listing]
+        members = {member.grpc_address: member for member in parsed}
+        if addresses <= set(members) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
     for stage, role in zip(engine_stages, (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE)):
         member = members[stage.grpc_address]
         assert member.role == role
