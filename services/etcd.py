@@ -21,6 +21,8 @@ from pathlib import Path
 
 import aetcd
 
+from services.launcher import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -96,7 +98,8 @@ class EmbeddedEtcd:
         ]
         log_handle = open(self._log_file, "ab")
         self.process = subprocess.Popen(
-            args, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True
+            args, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log_handle.close()
         deadline = time.monotonic() + timeout

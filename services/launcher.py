@@ -15,6 +15,21 @@ from pathlib import Path
 
 from services.clients import health_status
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the launcher dies, however it dies.
+
+    Children run in their own session (so a terminal's Ctrl-C reaches only the
+    launcher, which then stops them in order); without this, a launcher killed with
+    SIGKILL would leave every stage running. SIGTERM makes the stage drain as usual.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
 
 class StageProcess:
     """One stage as a child process (``python -m <module> <args>``), its output in a log file."""
@@ -45,6 +60,7 @@ class StageProcess:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,  # Ctrl-C in a terminal reaches only the launcher
+                preexec_fn=die_with_parent,
             )
 
     @property

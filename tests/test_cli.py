@@ -70,3 +70,19 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_stages_do_not_outlive_a_killed_launcher() -> None:
+    # A launcher that dies hard (SIGKILL, OOM) must not leave its children running.
+    code = (
+        "from services.etcd import EmbeddedEtcd; e = EmbeddedEtcd(client_port=0); e.start(); "
+        "print(e.process.pid, flush=True); import time; time.sleep(120)"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(launcher.stdout.readline())  # type: ignore[union-attr]
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] not in "ZX":
+        assert time.monotonic() < deadline, "etcd outlived its launcher"
+        time.sleep(0.1)
