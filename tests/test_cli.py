@@ -18,14 +18,12 @@ from services.clients import EngineClient, TokenizerClient
 from services.etcd import free_port
 from services.pb import common_pb2
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path, tmp_path: Path) -> None:
     etcd_port, tokenizer_port, prefill_port, decode_port = (free_port() for _ in range(4))
     up = subprocess.Popen(
