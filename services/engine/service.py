@@ -41,19 +41,19 @@ _TYPED_KEYS = {
 def handle_from_params(
     params: dict[str, Any], num_tokens: int, instance_id: str, expires_at: float
 ) -> common_pb2.KvTransferHandle:
-    """vLLM's kv_transfer_params from a prefill, as the mesh's typed handle."""
-    block_ids = params.get("remote_block_ids") or []
-    if block_ids and isinstance(block_ids[0], list):  # one list per KV-cache group
-        if len(block_ids) != 1:
-            extra_groups = block_ids
-            block_ids = []
-        else:
-            extra_groups, block_ids = None, block_ids[0]
-    else:
-        extra_groups = None
+    """vLLM's kv_transfer_params from a prefill, as the mesh's typed handle.
+
+    vLLM lists block ids per KV-cache group. With one group (every model without
+    hybrid attention) they become the typed ``remote_block_ids``; several groups
+    travel whole in ``extra_json``, which :func:`params_from_handle` prefers.
+    """
+    groups = params.get("remote_block_ids") or []
+    if groups and not isinstance(groups[0], list):
+        groups = [groups]  # older vLLM: one flat list
     extra = {k: v for k, v in params.items() if k not in _TYPED_KEYS}
-    if extra_groups is not None:
-        extra["remote_block_ids"] = extra_groups
+    if len(groups) > 1:
+        extra["remote_block_ids"] = groups
+    block_ids = groups[0] if len(groups) == 1 else []
     return common_pb2.KvTransferHandle(
         remote_engine_id=str(params.get("remote_engine_id", "")),
         remote_block_ids=[int(b) for b in block_ids],
