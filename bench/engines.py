@@ -73,7 +73,7 @@ async def measure(args: argparse.Namespace, prefill: EngineClient, decode: Engin
     for length in args.lengths:
         prompt = fresh_prompt(length, rng)
         start = time.perf_counter()
-        prefilled = await prefill.prefill(prompt, params)
+        prefilled = await prefill.prefill(prompt, params, timeout=None)
         prefill_s = time.perf_counter() - start
         ttft, itl, _ = await timed_generate(decode, prompt, params, prefilled.handle)
         split_e2e = time.perf_counter() - start

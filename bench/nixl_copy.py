@@ -11,8 +11,7 @@ def raw_copy_gbps(nbytes: int, repeats: int = 5) -> float:
     import torch
     from nixl._api import nixl_agent, nixl_agent_config
 
-    # No progress thread: it would keep spinning on a core after the measurement.
-    config = nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
+    config = nixl_agent_config(backends=["UCX"])
     source = nixl_agent("bench-source", config)
     target = nixl_agent("bench-target", config)
     src = torch.ones(nbytes, dtype=torch.uint8)
