@@ -4,6 +4,7 @@ building raw stubs, so deadlines and message shapes are decided in one place."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,23 +38,30 @@ async def health_status(address: str, service: str = "", timeout: float = 2.0) -
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-class TokenizerClient:
-    """Client of the tokenizer stage (TokenizerService)."""
+class _StageClient:
+    """A channel to one stage member, closed with the client (use ``async with``)."""
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.address = address
         self._channel = channel(address)
-        self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel)
         self._timeout = timeout
 
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> TokenizerClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class TokenizerClient(_StageClient):
+    """Client of the tokenizer stage (TokenizerService)."""
+
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        super().__init__(address, timeout)
+        self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel)
 
     async def tokenize(
         self,
@@ -113,23 +121,12 @@ class TokenizerClient:
         )
 
 
-class EngineClient:
+class EngineClient(_StageClient):
     """Client of an engine stage (EngineService): prefill or decode member."""
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.address = address
-        self._channel = channel(address)
+        super().__init__(address, timeout)
         self._stub = engine_pb2_grpc.EngineServiceStub(self._channel)
-        self._timeout = timeout
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def __aenter__(self) -> EngineClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
     async def prefill(
         self,

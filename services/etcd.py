@@ -140,7 +140,7 @@ class EtcdSession:
     fresh channel on the next endpoint (an etcd member that restarted or died).
     """
 
-    def __init__(self, endpoints: list[tuple[str, int]], timeout: float = 3.0) -> None:
+    def __init__(self, endpoints: list[tuple[str, int]], timeout: float = 5.0) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
         self._endpoints = endpoints

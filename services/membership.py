@@ -15,6 +15,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+import aetcd.exceptions
+
+from services.aio import cancel_and_wait
 from services.etcd import EtcdSession
 from services.pb import common_pb2
 
@@ -80,11 +83,8 @@ class Registration:
 
     async def close(self) -> None:
         """Stop keeping alive and revoke the lease, so the member disappears at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._lease_id is not None:
             try:
                 client = await self._session.client()
@@ -134,7 +134,7 @@ class Registration:
                 slow = 0
             except asyncio.CancelledError:
                 raise
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, aetcd.exceptions.ConnectionTimeoutError):
                 if slow % 10 == 0:
                     log.warning("etcd did not answer a keep-alive within %ss; retrying", self._ttl)
                 slow += 1
@@ -173,11 +173,8 @@ class MemberWatcher:
         self._task = asyncio.create_task(self._run(), name=f"watch {self._prefix}")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def wait_for(
         self, predicate: Callable[[dict[str, common_pb2.Member]], bool], timeout: float

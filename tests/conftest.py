@@ -11,6 +11,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import pytest_asyncio
 
@@ -19,6 +20,7 @@ from services.config import DEFAULT_HOME
 from services.etcd import EmbeddedEtcd, EtcdSession, free_port
 from services.launcher import StageProcess
 from services.model import prepare_bundled_model
+from services.pb import common_pb2
 
 #: Seconds a stage process may take to become SERVING (imports + tokenizer load).
 STAGE_START_TIMEOUT = 120.0
@@ -151,3 +153,24 @@ async def prefill(engine_stages: tuple[StageProcess, StageProcess]) -> AsyncIter
 async def decode(engine_stages: tuple[StageProcess, StageProcess]) -> AsyncIterator[EngineClient]:
     async with EngineClient(engine_stages[1].grpc_address) as client:
         yield client
+
+
+async def disaggregated(
+    prefill: EngineClient, decode: EngineClient, prompt: list[int], params: common_pb2.SamplingParams
+) -> tuple[list[int], common_pb2.PrefillResponse]:
+    """Prefill on one engine, decode on the other with the handle; the generated ids.
+
+    vLLM's NIXL handshake waits a fixed 5 s for the prefill side channel; on a CI host
+    whose two cores are saturated by both engines the very first handshake can miss
+    it, and the decode answers NOT_FOUND ("could not collect"). The router falls back
+    to aggregated decode then; here we prefill again for a fresh handle, once.
+    """
+    for attempt in range(2):
+        prefilled = await prefill.prefill(prompt, params)
+        try:
+            ids = [t async for reply in decode.generate(prompt, params, kv_handle=prefilled.handle) for t in reply.token_ids]
+            return ids, prefilled
+        except grpc.aio.AioRpcError as error:
+            if attempt or error.code() != grpc.StatusCode.NOT_FOUND or "could not collect" not in error.details():
+                raise
+    raise AssertionError("unreachable")

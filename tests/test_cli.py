@@ -17,6 +17,7 @@ import pytest
 from services.clients import EngineClient, TokenizerClient
 from services.etcd import free_port
 from services.pb import common_pb2
+from tests.conftest import disaggregated
 
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
@@ -49,8 +50,7 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
                 EngineClient(f"127.0.0.1:{decode_port}") as decode:
             ids = list((await tokenizer.tokenize_chat([{"role": "user", "content": "What is the capital of France?"}])).token_ids)
             greedy = common_pb2.SamplingParams(temperature=0, max_tokens=12)
-            handle = (await prefill.prefill(ids, greedy)).handle
-            out = [t async for reply in decode.generate(ids, greedy, kv_handle=handle) for t in reply.token_ids]
+            out, _ = await disaggregated(prefill, decode, ids, greedy)
             assert "Paris" in await tokenizer.decode(out)
 
         status = subprocess.run(

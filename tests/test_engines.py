@@ -18,7 +18,7 @@ from services.clients import EngineClient
 from services.etcd import EtcdSession
 from services.membership import MEMBERS_PREFIX
 from services.pb import common_pb2
-from tests.conftest import PREFILL_LEASE_SECONDS
+from tests.conftest import PREFILL_LEASE_SECONDS, disaggregated
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -85,18 +85,17 @@ async def test_disaggregated_equals_one_engine_and_transformers(
     lengths = sorted(len(ids) for ids in prompts.values())
     assert lengths[0] == 1 and lengths[-1] > 4 * 128, lengths
     for name, ids in prompts.items():
-        prefilled = await prefill.prefill(ids, GREEDY)
+        split, prefilled = await disaggregated(prefill, decode, ids, GREEDY)
         assert prefilled.prompt_tokens == len(ids)
         assert prefilled.handle.num_tokens == len(ids)
-        split, split_last = await collect(decode.generate(ids, GREEDY, kv_handle=prefilled.handle))
-        alone, _ = await collect(decode.generate(ids, GREEDY))
+        alone, alone_last = await collect(decode.generate(ids, GREEDY))
         reference = hf_greedy(ids)
         assert split == alone, f"{name}: disaggregated {split} != one engine {alone}"
         assert alone == reference, (
             f"{name}: engine {hf_tokenizer.decode(alone)!r} != transformers {hf_tokenizer.decode(reference)!r}"
         )
-        assert split_last.usage.prompt_tokens == len(ids)  # type: ignore[attr-defined]
-        assert split_last.usage.completion_tokens == len(split)  # type: ignore[attr-defined]
+        assert alone_last.usage.prompt_tokens == len(ids)  # type: ignore[attr-defined]
+        assert alone_last.usage.completion_tokens == len(alone)  # type: ignore[attr-defined]
 
 
 async def test_answer_is_right_text(decode: EngineClient, hf_tokenizer) -> None:

@@ -11,7 +11,6 @@ fields we need by name or by position and ignore whatever newer versions append.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -19,6 +18,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from services.aio import cancel_and_wait
 from services.kv_events import KvEventLog
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,7 @@ class ZmqKvEventBridge:
         self._task = asyncio.create_task(self._run(), name="kv-event-bridge")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         self._context.destroy(linger=0)
 
     async def _run(self) -> None:
