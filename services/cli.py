@@ -5,6 +5,8 @@
     stagemesh status             members registered in etcd, with their health
     stagemesh etcd               the embedded etcd server alone (foreground)
     stagemesh tokenizer [...]    one tokenizer stage (flags: stagemesh tokenizer --help)
+    stagemesh prefill [...]      one prefill engine stage
+    stagemesh decode [...]       one decode engine stage
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from services.config import DEFAULT_HOME, ENV_PREFIX, StageConfig, build_config,
 
 if TYPE_CHECKING:
     from services.launcher import StageProcess
-
-log = logging.getLogger("stagemesh")
 
 #: Stage subcommands and the module each runs; the stage parses its own flags.
 STAGE_MODULES = {"tokenizer": "tokenizer_svc", "prefill": "prefill_svc", "decode": "decode_svc"}

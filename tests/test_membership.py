@@ -35,9 +35,13 @@ async def watch(session: EtcdSession, prefix: str = MEMBERS_PREFIX) -> MemberWat
     return watcher
 
 
-async def instance_id(stage: StageProcess) -> str:
-    """The instance id the stage registered with (read from its --instance-id flag)."""
-    return stage.args[stage.args.index("--instance-id") + 1]
+async def registered(stage: StageProcess, watcher: MemberWatcher) -> str:
+    """Wait until the stage serves and its member shows in ``watcher``; its instance id
+    (read from the --instance-id flag the test gave it)."""
+    await stage.wait_healthy(STAGE_START_TIMEOUT)
+    instance = stage.args[stage.args.index("--instance-id") + 1]
+    await watcher.wait_for(lambda m: keys_of(m, instance), timeout=10)
+    return instance
 
 
 async def registered_instances(session: EtcdSession) -> set[str]:
@@ -88,9 +92,7 @@ async def test_killed_stage_disappears_within_the_lease_ttl(
     stage.start()
     watcher = await watch(etcd_session)
     try:
-        await stage.wait_healthy(STAGE_START_TIMEOUT)
-        instance = await instance_id(stage)
-        await watcher.wait_for(lambda m: keys_of(m, instance), timeout=10)
+        instance = await registered(stage, watcher)
         stage.process.send_signal(signal.SIGKILL)  # no drain, no deregistration
         killed_at = time.monotonic()
         await watcher.wait_for(lambda m: not keys_of(m, instance), timeout=TTL + 5)
@@ -113,9 +115,7 @@ async def test_stage_registers_again_after_etcd_restart(
     session = EtcdSession([("127.0.0.1", etcd.client_port)])
     watcher = await watch(session)
     try:
-        await stage.wait_healthy(STAGE_START_TIMEOUT)
-        instance = await instance_id(stage)
-        await watcher.wait_for(lambda m: keys_of(m, instance), timeout=10)
+        instance = await registered(stage, watcher)
 
         etcd.stop(wipe=not keep_data)
         await asyncio.sleep(TTL + 1)  # down longer than the lease lives
@@ -172,9 +172,7 @@ async def test_drain_on_sigterm(
     stage.start()
     watcher = await watch(etcd_session)
     try:
-        await stage.wait_healthy(STAGE_START_TIMEOUT)
-        instance = await instance_id(stage)
-        await watcher.wait_for(lambda m: keys_of(m, instance), timeout=10)
+        instance = await registered(stage, watcher)
         async with TokenizerClient(stage.grpc_address) as client:
             ids = list((await client.tokenize("in flight across the drain")).token_ids)
             # Open a stream before SIGTERM and keep using it after: in-flight work finishes.
