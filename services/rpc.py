@@ -97,9 +97,36 @@ async def _guarded(method_name: str, context: grpc.aio.ServicerContext) -> Async
         RPC_SECONDS.labels(method_name).observe(time.perf_counter() - start)
 
 
+async def _drain(requests: AsyncIterator[Any]) -> None:
+    async for _ in requests:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def _ending_after_half_close(requests: AsyncIterator[Any]) -> AsyncIterator[None]:
+    """Hold the end of a client-streaming call, answer or error, until the client half-closes.
+
+    A server that ends such a call first races the client's next write, and grpc's
+    asyncio client then reports INTERNAL ("Failed execute_batch") in place of the
+    status the server sent (grpc/grpc#36066). So what is left of the client's stream
+    is read and dropped first; the protos tell clients to half-close once the call's
+    outcome is known. A cancelled call ends at once.
+    """
+    try:
+        yield
+    except Exception:
+        await _drain(requests)
+        raise
+    await _drain(requests)
+
+
+def _ending(request: Any, streaming_request: bool) -> contextlib.AbstractAsyncContextManager[Any]:
+    return _ending_after_half_close(request) if streaming_request else contextlib.nullcontext()
+
+
 def _wrap_unary(method_name: str, impl: Callable[..., Any], streaming_request: bool) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _guarded(method_name, context):
+        async with _guarded(method_name, context), _ending(request, streaming_request):
             return await impl(_checked_stream(request) if streaming_request else _check(request), context)
 
     return handler
@@ -107,9 +134,8 @@ def _wrap_unary(method_name: str, impl: Callable[..., Any], streaming_request: b
 
 def _wrap_stream(method_name: str, impl: Callable[..., Any], streaming_request: bool) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with _guarded(method_name, context):
-            arg = _checked_stream(request) if streaming_request else _check(request)
-            async for item in impl(arg, context):
+        async with _guarded(method_name, context), _ending(request, streaming_request):
+            async for item in impl(_checked_stream(request) if streaming_request else _check(request), context):
                 yield item
 
     return handler

@@ -160,17 +160,19 @@ async def disaggregated(
 ) -> tuple[list[int], common_pb2.PrefillResponse]:
     """Prefill on one engine, decode on the other with the handle; the generated ids.
 
-    vLLM's NIXL handshake waits a fixed 5 s for the prefill side channel; on a CI host
-    whose two cores are saturated by both engines the very first handshake can miss
-    it, and the decode answers NOT_FOUND ("could not collect"). The router falls back
-    to aggregated decode then; here we prefill again for a fresh handle, once.
+    On a CI host whose two cores are saturated by both engines a handle can miss its
+    collection: vLLM's NIXL handshake waits a fixed 5 s for the prefill side channel,
+    and a starved decode process can reach the handle after its lease ran out. Either
+    way the decode answers NOT_FOUND, and the caller is to prefill again (the router
+    does the same, then falls back to aggregated decode); here we prefill again, twice
+    at most.
     """
-    for attempt in range(2):
+    for attempt in range(3):
         prefilled = await prefill.prefill(prompt, params)
         try:
             ids = [t async for reply in decode.generate(prompt, params, kv_handle=prefilled.handle) for t in reply.token_ids]
             return ids, prefilled
         except grpc.aio.AioRpcError as error:
-            if attempt or error.code() != grpc.StatusCode.NOT_FOUND or "could not collect" not in error.details():
+            if attempt == 2 or error.code() != grpc.StatusCode.NOT_FOUND:
                 raise
     raise AssertionError("unreachable")

@@ -67,6 +67,29 @@ async def test_stop_string_split_across_tokens_over_grpc(tokenizer) -> None:
     assert replies[-1].stopped and replies[-1].stop_reason == "<<DONE>>"
 
 
+async def test_stream_keeps_its_status_while_the_client_writes_on(tokenizer) -> None:
+    # The stop matches at once and the client goes on writing: the stage must hold the
+    # stream's end until the half-close, or grpc's client reports INTERNAL in place of
+    # the answer (grpc/grpc#36066). The same holds for an error.
+    ids = list((await tokenizer.tokenize("<<DONE>>")).token_ids)
+    filler = list((await tokenizer.tokenize(" and more text")).token_ids)
+    for _ in range(5):
+        replies = await detokenize(tokenizer, ids + filler * 300, stop=["<<DONE>>"])
+        assert replies[-1].stopped and "".join(r.text for r in replies) == ""
+
+    async def bad_then_more() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
+        yield tokenizer_pb2.DetokenizeRequest(start=tokenizer_pb2.DetokenizeStart())
+        yield tokenizer_pb2.DetokenizeRequest(token_ids=[10**6])
+        for _ in range(300):
+            yield tokenizer_pb2.DetokenizeRequest(token_ids=filler)
+
+    for _ in range(5):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in tokenizer.detokenize(bad_then_more()):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_special_tokens_are_skipped_by_default(tokenizer) -> None:
     ids = list((await tokenizer.tokenize("<|im_start|>assistant\nHi<|im_end|>")).token_ids)
     assert "".join(r.text for r in await detokenize(tokenizer, ids)) == "assistant\nHi"

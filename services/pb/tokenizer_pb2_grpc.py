@@ -80,6 +80,9 @@ class TokenizerServiceServicer:
         one sets `finish`. Each response holds the text that became final: multi-byte
         characters split across tokens are held back until complete, and text that may be
         the beginning of a stop string is held back until it is known not to be.
+        Half-close the stream once you sent `finish` or got `stopped` (or an error is
+        due): the stage sends the status only after the half-close, because ending a
+        stream the client still writes to loses the status in some gRPC clients.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
