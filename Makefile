@@ -27,14 +27,18 @@ $(VENV)/.engine-installed: $(VENV)/.installed
 	$(PY) -c "import vllm, nixl, transformers; from transformers import LlamaConfig; print('engine stack ok')"
 	touch $@
 
+# The Node.js gRPC client the tests drive (a client in another language).
+tests/node/node_modules/.package-lock.json: tests/node/package-lock.json
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+
 install: $(VENV)/.installed
 install-engine: $(VENV)/.engine-installed
 
-# The embedded mesh: etcd + every stage that exists so far, with the bundled model.
+# The embedded mesh: etcd + every stage, with the bundled model.
 up: install-engine
 	$(VENV)/bin/stagemesh up
 
-test: install-engine
+test: install-engine tests/node/node_modules/.package-lock.json
 	$(PY) -m pytest
 
 protos: $(VENV)/bin/python
@@ -44,4 +48,4 @@ check-protos:
 	$(PY) -m services.protogen --check
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache tests/node/node_modules

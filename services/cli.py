@@ -2,11 +2,12 @@
 
     stagemesh up                 etcd + every stage on this host, with the bundled model
     stagemesh model prepare      turn the bundled GGUF into a float32 HF model directory
-    stagemesh status             members registered in etcd, with their health
+    stagemesh status             members registered in etcd, with their health and load
     stagemesh etcd               the embedded etcd server alone (foreground)
     stagemesh tokenizer [...]    one tokenizer stage (flags: stagemesh tokenizer --help)
     stagemesh prefill [...]      one prefill engine stage
     stagemesh decode [...]       one decode engine stage
+    stagemesh router [...]       one router stage (gRPC API and OpenAI HTTP bridge)
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ if TYPE_CHECKING:
     from services.launcher import StageProcess
 
 #: Stage subcommands and the module each runs; the stage parses its own flags.
-STAGE_MODULES = {"tokenizer": "tokenizer_svc", "prefill": "prefill_svc", "decode": "decode_svc"}
+STAGE_MODULES = {
+    "tokenizer": "tokenizer_svc",
+    "prefill": "prefill_svc",
+    "decode": "decode_svc",
+    "router": "router_svc",
+}
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -59,27 +65,43 @@ def cmd_etcd(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from services.clients import health_status
+    from services.clients import EngineClient, health_status
     from services.etcd import EtcdSession
     from services.membership import MEMBERS_PREFIX, role_name
     from services.pb import common_pb2
 
-    async def collect() -> list[tuple[str, str, str, str, str]]:
+    async def load_of(member: common_pb2.Member) -> str:
+        if member.role not in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE):
+            return ""
+        try:
+            async with EngineClient(member.grpc_address) as client:
+                load = await client.load(timeout=2.0)
+        except Exception:  # noqa: BLE001 - shown as unknown, the health column says why
+            return "?"
+        return (
+            f"run {load.running_requests} wait {load.waiting_requests} "
+            f"kv {load.kv_cache_usage:.0%} hit {load.prefix_cache_hit_rate:.0%}"
+        )
+
+    async def collect() -> list[tuple[str, ...]]:
         session = EtcdSession(parse_endpoints(args.etcd))
         try:
             client = await session.client()
             listing = await client.get_prefix(MEMBERS_PREFIX.encode())
         finally:
             await session.close()
-        members = [common_pb2.Member.FromString(kv.value) for kv in listing]
+        members = sorted(
+            (common_pb2.Member.FromString(kv.value) for kv in listing), key=lambda m: (m.role, m.grpc_address)
+        )
         health = await asyncio.gather(*(health_status(m.grpc_address) for m in members))
+        loads = await asyncio.gather(*(load_of(m) for m in members))
         return [
-            (role_name(m.role), m.instance_id, m.grpc_address, status, ",".join(m.models))
-            for m, status in zip(members, health)
+            (role_name(m.role), m.instance_id, m.grpc_address, status, ",".join(m.models), load)
+            for m, status, load in zip(members, health, loads)
         ]
 
     rows = asyncio.run(collect())
-    header = ("ROLE", "INSTANCE", "ADDRESS", "HEALTH", "MODELS")
+    header = ("ROLE", "INSTANCE", "ADDRESS", "HEALTH", "MODELS", "LOAD")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -91,6 +113,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from services.launcher import ProcessGroup, StageProcess
     from services.model import prepare_bundled_model
 
+    if args.prefill < 0 or args.decode < 1:
+        raise SystemExit("stagemesh up needs --decode 1 or more and --prefill 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     home = _home(args)
     if not args.model:
@@ -99,23 +123,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     etcd = EmbeddedEtcd(client_port=args.etcd_port, data_dir=run_dir / "etcd")
     etcd.start()
     group = ProcessGroup()
-    common = ["--etcd", etcd.endpoint, "--home", str(home)]
+    common = ["--etcd", etcd.endpoint, "--home", str(home), "--metrics-port", "0"]
     model = ["--model", args.model] if args.model else []
-    prefill_cores, decode_cores = split_cores(sorted(os.sched_getaffinity(0)))
-    # (name, module, gRPC port, extra flags): every stage of the mesh, engines pinned
-    # to their own cores so they do not fight over them.
-    plan = [
-        ("tokenizer", "tokenizer_svc", args.tokenizer_port, []),
-        ("prefill", "prefill_svc", args.prefill_port, ["--cpu-cores", prefill_cores]),
-        ("decode", "decode_svc", args.decode_port, ["--cpu-cores", decode_cores]),
+    engines = [("prefill", i) for i in range(args.prefill)] + [("decode", i) for i in range(args.decode)]
+    cores = split_cores(sorted(os.sched_getaffinity(0)), len(engines))
+    # (name, module, gRPC port, extra flags). Engines are pinned to their own cores so
+    # they do not fight over them; the n-th prefill/decode takes the base port + 2n.
+    plan: list[tuple[str, str, int, list[str]]] = [
+        ("tokenizer", "tokenizer_svc", args.tokenizer_port, model),
+        ("router", "router_svc", args.router_port, ["--http-port", str(args.http_port)]),
     ]
+    for (role, i), core_list in zip(engines, cores):
+        base = args.prefill_port if role == "prefill" else args.decode_port
+        name = role if i == 0 else f"{role}-{i}"
+        plan.append((name, f"{role}_svc", base + 2 * i, [*model, "--cpu-cores", core_list]))
     try:
         stages = [
             group.add(
                 StageProcess(
-                    name, module,
-                    [*common, *model, "--port", str(port), "--metrics-port", "0", *extra],
-                    f"127.0.0.1:{port}", run_dir,
+                    name, module, [*common, "--port", str(port), *extra], f"127.0.0.1:{port}", run_dir
                 )
             )
             for name, module, port, extra in plan
@@ -124,13 +150,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"starting {', '.join(name for name, *_ in plan)} (engines take a minute on CPU)...", flush=True)
         asyncio.run(_wait_all_healthy(stages, timeout=args.start_timeout))
         endpoints = "".join(f"  {stage.name + ' gRPC':<18}{stage.grpc_address}\n" for stage in stages)
-        tokenizer_address = stages[0].grpc_address
+        http = f"http://127.0.0.1:{args.http_port}"
         print(
             f"\nstagemesh is up in {time.monotonic() - started:.1f}s (logs in {run_dir})\n"
+            f"  {'OpenAI HTTP':<18}{http}/v1\n"
             f"  {'etcd':<18}{etcd.endpoint}\n{endpoints}\n"
             "try it:\n"
-            f"  grpcurl -plaintext -d '{{\"text\": \"Hello, mesh!\"}}' {tokenizer_address} "
-            "stagemesh.v1.TokenizerService/Tokenize\n"
+            f"  curl {http}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            "    -d '{\"model\": \"\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'\n"
+            f"  grpcurl -plaintext -d '{{\"text\": \"Once upon a time\"}}' 127.0.0.1:{args.router_port} "
+            "stagemesh.v1.RouterService/Generate\n"
             f"  stagemesh status --etcd {etcd.endpoint}\n\n"
             "Ctrl-C stops everything.",
             flush=True,
@@ -143,15 +172,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stopped.", flush=True)
 
 
-def split_cores(cores: list[int]) -> tuple[str, str]:
-    """Split this process's CPU cores between the prefill and decode engines.
+def split_cores(cores: list[int], count: int) -> list[str]:
+    """Give each of ``count`` engines its own share of this process's CPU cores.
 
-    With one core both share it; otherwise prefill takes the first half and decode
-    the rest. Returned in vLLM's VLLM_CPU_OMP_THREADS_BIND form ("0-3" or "0,2,5").
+    With at least as many cores as engines each engine gets a contiguous slice (the
+    last ones take the remainder); with fewer, engines share cores round-robin.
+    Returned in vLLM's VLLM_CPU_OMP_THREADS_BIND form ("0-3" or "0,2,5").
     """
-    half = max(len(cores) // 2, 1)
-    first, second = cores[:half], cores[half:] or cores[:half]
-    return _core_list(first), _core_list(second)
+    if count <= 0:
+        return []
+    if count > len(cores):
+        return [str(cores[i % len(cores)]) for i in range(count)]
+    size, extra = divmod(len(cores), count)
+    shares, start = [], 0
+    for i in range(count):
+        width = size + (1 if i >= count - extra else 0)
+        shares.append(_core_list(cores[start : start + width]))
+        start += width
+    return shares
 
 
 def _core_list(cores: list[int]) -> str:
@@ -192,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run etcd and every stage on this host")
     up.add_argument("--model", default="", help="NAME=PATH or PATH of a HF model directory (default: bundled)")
+    up.add_argument("--prefill", type=int, default=1, help="prefill engines to run (0: aggregated only)")
+    up.add_argument("--decode", type=int, default=1, help="decode engines to run")
+    up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port")
+    up.add_argument("--router-port", type=int, default=50051, help="router gRPC port")
     up.add_argument("--etcd-port", type=int, default=2379)
     up.add_argument("--tokenizer-port", type=int, default=50052)
     up.add_argument("--prefill-port", type=int, default=50053)

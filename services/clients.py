@@ -9,7 +9,15 @@ from typing import Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.pb import common_pb2, engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from services.pb import (
+    common_pb2,
+    engine_pb2,
+    engine_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
 
 #: Deadline for short control calls (seconds).
 DEFAULT_TIMEOUT = 10.0
@@ -106,6 +114,14 @@ class TokenizerClient(_StageClient):
         )
         return reply.text
 
+    async def token_texts(self, token_ids: Sequence[int], model: str = "") -> list[str]:
+        """Each id's text on its own (for log-probability display)."""
+        reply = await self._stub.Decode(
+            tokenizer_pb2.DecodeRequest(model=model, token_ids=token_ids, return_token_texts=True),
+            timeout=self._timeout,
+        )
+        return list(reply.token_texts)
+
     def detokenize(
         self, requests: AsyncIterator[tokenizer_pb2.DetokenizeRequest], timeout: float | None = None
     ) -> grpc.aio.StreamStreamCall:
@@ -165,8 +181,8 @@ class EngineClient(_StageClient):
         )
         return list(reply.aborted)
 
-    async def load(self) -> engine_pb2.Load:
-        return await self._stub.GetLoad(engine_pb2.LoadRequest(), timeout=self._timeout)
+    async def load(self, timeout: float | None = None) -> engine_pb2.Load:
+        return await self._stub.GetLoad(engine_pb2.LoadRequest(), timeout=timeout or self._timeout)
 
     def kv_events(self, epoch: int = 0, after_sequence: int = 0) -> grpc.aio.UnaryStreamCall:
         """The member's KV-event stream after ``(epoch, after_sequence)``."""
@@ -176,3 +192,32 @@ class EngineClient(_StageClient):
 
     async def kv_snapshot(self) -> common_pb2.KvSnapshot:
         return await self._stub.GetKvSnapshot(common_pb2.KvSnapshotRequest(), timeout=self._timeout)
+
+
+class RouterClient(_StageClient):
+    """Client of the router's public API (RouterService)."""
+
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        super().__init__(address, timeout)
+        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+
+    def generate(
+        self, request: router_pb2.RouterGenerateRequest, timeout: float | None = None
+    ) -> grpc.aio.UnaryStreamCall:
+        """Stream text deltas (iterate the call; cancel it to stop the generation)."""
+        return self._stub.Generate(request, timeout=timeout)
+
+    async def generate_unary(
+        self, request: router_pb2.RouterGenerateRequest, timeout: float | None = None
+    ) -> router_pb2.RouterGenerateResult:
+        return await self._stub.GenerateUnary(request, timeout=timeout)
+
+    async def list_models(self) -> list[router_pb2.ModelCard]:
+        reply = await self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self._timeout)
+        return list(reply.models)
+
+    async def list_members(self, role: int = common_pb2.ROLE_UNSPECIFIED) -> list[router_pb2.MemberStatus]:
+        reply = await self._stub.ListMembers(
+            router_pb2.ListMembersRequest(role=role), timeout=self._timeout
+        )
+        return list(reply.members)

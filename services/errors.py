@@ -59,3 +59,24 @@ class StageDead(StageError):
 
 #: Status codes after which trying the same call on another member may succeed.
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+_BY_CODE: dict[grpc.StatusCode, type[StageError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError, where: str) -> StageError:
+    """A downstream stage's failure as the error this stage passes on to its caller.
+
+    The kind survives (a bad request stays a bad request); ``where`` names the stage
+    so the message says who refused. Codes without a meaning for the caller
+    (INTERNAL, UNKNOWN, ...) become :class:`Unavailable`: another member may do better.
+    """
+    kind = _BY_CODE.get(error.code(), Unavailable)
+    return kind(f"{where}: {error.details() or error.code().name}")

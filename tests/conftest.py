@@ -15,7 +15,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from services.clients import EngineClient, TokenizerClient
+from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.config import DEFAULT_HOME
 from services.etcd import EmbeddedEtcd, EtcdSession, free_port
 from services.launcher import StageProcess
@@ -176,3 +176,50 @@ async def disaggregated(
             if attempt == 2 or error.code() != grpc.StatusCode.NOT_FOUND:
                 raise
     raise AssertionError("unreachable")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``disruptive`` kill session stages: run them after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
+class Mesh:
+    """The session's router stage in front of the session tokenizer and engines."""
+
+    def __init__(self, router: StageProcess, http_port: int, prefill: StageProcess, decode: StageProcess) -> None:
+        self.router = router
+        self.http_url = f"http://127.0.0.1:{http_port}"
+        self.prefill = prefill
+        self.decode = decode
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def mesh(
+    etcd: EmbeddedEtcd,
+    home: Path,
+    tokenizer_stage: StageProcess,
+    engine_stages: tuple[StageProcess, StageProcess],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Mesh]:
+    """A router over the session's stages: the whole mesh, started once."""
+    port, http_port = free_port(), free_port()
+    router = StageProcess(
+        "router",
+        "router_svc",
+        ["--port", str(port), "--http-port", str(http_port), "--etcd", etcd.endpoint,
+         "--home", str(home), "--metrics-port", "0", "--worker-wait", "3", "--log-level", "DEBUG"],
+        f"127.0.0.1:{port}",
+        tmp_path_factory.mktemp("router-logs"),
+    )
+    router.start()
+    try:
+        await router.wait_healthy(STAGE_START_TIMEOUT)
+        yield Mesh(router, http_port, *engine_stages)
+    finally:
+        router.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def router(mesh: Mesh) -> AsyncIterator[RouterClient]:
+    async with RouterClient(mesh.router.grpc_address) as client:
+        yield client

@@ -101,6 +101,10 @@ class ModelTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id decoded on its own, special tokens kept (a split character shows as U+FFFD)."""
+        return [self.decode([token_id], skip_special_tokens=False) for token_id in ids]
+
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [str(token) for token in self._hf.convert_ids_to_tokens(list(ids))]
 

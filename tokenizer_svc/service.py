@@ -88,7 +88,10 @@ class TokenizerServicer:
         tokenizer = self.model(request.model)
         tokenizer.check_ids(request.token_ids)
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        return tokenizer_pb2.DecodeResponse(text=tokenizer.decode(request.token_ids, skip))
+        return tokenizer_pb2.DecodeResponse(
+            text=tokenizer.decode(request.token_ids, skip),
+            token_texts=tokenizer.token_texts(request.token_ids) if request.return_token_texts else (),
+        )
 
     async def Detokenize(
         self,
@@ -125,6 +128,7 @@ class TokenizerServicer:
                     num_tokens=detokenizer.num_tokens,
                     stopped=detokenizer.stopped,
                     stop_reason=detokenizer.stop_reason,
+                    finished=request.finish,
                 )
             if detokenizer.stopped or request.finish:
                 return

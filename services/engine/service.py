@@ -273,6 +273,7 @@ class EngineStage(Stage):
         member.kv_block_size = self._runner.block_size
         member.kv_capacity_blocks = self._runner.total_blocks
         member.max_concurrency = self._config.max_num_seqs
+        member.max_model_len = self._runner.max_model_len
         member.nixl_address = self._runner.nixl_address
         assert self._runner.events is not None
         member.kv_event_epoch = self._runner.events.epoch

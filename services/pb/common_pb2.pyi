@@ -36,7 +36,7 @@ FINISH_REASON_ABORT: FinishReason
 FINISH_REASON_ERROR: FinishReason
 
 class Member(_message.Message):
-    __slots__ = ("instance_id", "role", "grpc_address", "metrics_address", "models", "kv_block_size", "nixl_address", "max_concurrency", "kv_capacity_blocks", "version", "started_at", "kv_event_epoch", "labels")
+    __slots__ = ("instance_id", "role", "grpc_address", "metrics_address", "models", "kv_block_size", "nixl_address", "max_concurrency", "kv_capacity_blocks", "version", "started_at", "kv_event_epoch", "labels", "max_model_len")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class Member(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     KV_EVENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: Role
     grpc_address: str
@@ -70,7 +71,8 @@ class Member(_message.Message):
     started_at: float
     kv_event_epoch: int
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., grpc_address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., kv_block_size: _Optional[int] = ..., nixl_address: _Optional[str] = ..., max_concurrency: _Optional[int] = ..., kv_capacity_blocks: _Optional[int] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., kv_event_epoch: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    max_model_len: int
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., grpc_address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., kv_block_size: _Optional[int] = ..., nixl_address: _Optional[str] = ..., max_concurrency: _Optional[int] = ..., kv_capacity_blocks: _Optional[int] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., kv_event_epoch: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "stop_token_ids", "ignore_eos", "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "include_stop_str_in_output", "skip_special_tokens")
@@ -143,14 +145,16 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
-    __slots__ = ("token_id", "logprob", "rank")
+    __slots__ = ("token_id", "logprob", "rank", "token")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     logprob: float
     rank: int
-    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
+    token: str
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., rank: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
 
 class PositionLogprobs(_message.Message):
     __slots__ = ("chosen", "top")

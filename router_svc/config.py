@@ -1,0 +1,35 @@
+"""Settings of the router stage."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from services.config import StageConfig, setting
+
+
+@dataclasses.dataclass
+class RouterConfig(StageConfig):
+    """stagemesh router stage: the mesh's gRPC API and OpenAI-compatible HTTP bridge."""
+
+    port: int = setting(50051, "gRPC port of the public API (0 picks a free one)")
+    http_port: int = setting(8000, "OpenAI-compatible HTTP port (0 picks a free one, -1 disables)")
+    http_host: str = setting("", "address the HTTP bridge binds (default: --host)")
+    max_body_mib: int = setting(8, "largest HTTP request body accepted, MiB (larger: 413)")
+    request_timeout: float = setting(
+        600.0, "seconds a whole generation may take unless the client sets a shorter deadline"
+    )
+    control_timeout: float = setting(10.0, "deadline of short internal calls (tokenize, load)")
+    prefill_timeout: float = setting(
+        120.0, "deadline of a remote prefill; past it the request is decoded aggregated"
+    )
+    worker_wait: float = setting(
+        5.0, "seconds a request waits for a member of a role it needs before 503"
+    )
+    disagg_min_tokens: int = setting(
+        0, "prompts shorter than this are prefilled by the decode worker itself (0: always remote)"
+    )
+    load_interval: float = setting(1.0, "seconds between polls of each engine's load")
+    max_n: int = setting(16, "most sequences one request may ask for (n)")
+
+    ROLE: ClassVar[str] = "router"

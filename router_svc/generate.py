@@ -1,0 +1,530 @@
+"""How the router runs a request through the stages.
+
+One request becomes: tokenize (or check the given ids) → for each of its ``n``
+sequences, pick a decode worker and, when disaggregating, a prefill worker → Prefill
+for a KV handle → decode Generate with the handle → the generated ids through the
+tokenizer's Detokenize stream → text deltas to the caller.
+
+Failure policy, in the order things can go wrong:
+
+- no tokenizer or decode member: wait up to ``worker_wait``, then UNAVAILABLE (503);
+- a member refuses the connection: set it aside, try the next one;
+- the prefill fails or times out: decode the whole request on the decode worker
+  (aggregated), as llm-d's routing sidecar does; a disaggregated request never fails
+  for want of a prefill worker;
+- the decode worker cannot collect the handle (NOT_FOUND: expired, or the prefill
+  worker died): run the same request aggregated;
+- anything after the first token: the error goes to the caller (the text so far has
+  been sent; replaying it elsewhere would duplicate or diverge).
+
+Cancelling the caller's request cancels every internal call it has open, and each
+stage aborts its part (the engines abort the vLLM request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from router_svc.config import RouterConfig
+from router_svc.workers import Peer, Workers
+from services.aio import cancel_and_wait
+from services.clients import EngineClient, TokenizerClient
+from services.membership import role_name
+from services.errors import DeadlineExceeded, InvalidRequest, NotFound, Unavailable, from_rpc_error
+from services.pb import common_pb2, engine_pb2, router_pb2, tokenizer_pb2
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SEQUENCES = Counter(
+    "stagemesh_router_sequences_total",
+    "Sequences started, by how their prompt was prefilled",
+    ["mode"],  # disaggregated | aggregated
+)
+PREFILL_FALLBACKS = Counter(
+    "stagemesh_router_prefill_fallbacks_total",
+    "Sequences decoded aggregated after their remote prefill or KV pull failed",
+    ["reason"],
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "stagemesh_router_time_to_first_token_seconds",
+    "From the request's arrival to its first generated token",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+)
+
+#: Prompt ids passed to Detokenize as context (tokenizers render a token
+#: differently at the start of a text, e.g. a leading space).
+_CONTEXT_IDS = 6
+#: Attempts on other members after a connection failure.
+_ATTEMPTS = 3
+
+
+@dataclass
+class Prompt:
+    """A tokenized, checked prompt and the facts of its model."""
+
+    model: str
+    token_ids: list[int]
+    info: tokenizer_pb2.ModelInfo
+    arrived: float
+
+
+@dataclass
+class _Decoding:
+    """An open decode stream whose first message has arrived."""
+
+    peer: Peer
+    call: grpc.aio.UnaryStreamCall
+    first: engine_pb2.GenerateResponse
+    #: Prompt tokens the remote prefill found cached (disaggregated only).
+    prefill_cached: int
+    disaggregated: bool
+
+
+@dataclass
+class _Sequence:
+    """What one sequence has produced so far."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[common_pb2.PositionLogprobs] = field(default_factory=list)
+    final: engine_pb2.GenerateResponse | None = None
+    error: BaseException | None = None
+
+
+class Orchestrator:
+    """Runs requests through the mesh's stages; shared by the gRPC API and the HTTP bridge."""
+
+    def __init__(self, config: RouterConfig, workers: Workers) -> None:
+        self.config = config
+        self.workers = workers
+        self._infos: dict[str, tokenizer_pb2.ModelInfo] = {}
+
+    def deadline(self, client_remaining: float | None = None) -> float:
+        """Monotonic deadline of a request: the configured limit or the client's, if shorter."""
+        limit = self.config.request_timeout
+        if client_remaining is not None:
+            limit = min(limit, client_remaining)
+        return time.monotonic() + limit
+
+    # -- models -------------------------------------------------------------
+
+    async def resolve_model(self, name: str) -> str:
+        """The model a request names (empty: the mesh's default); NOT_FOUND when none serves it."""
+        tokenizer = await self.workers.pick(
+            common_pb2.ROLE_TOKENIZER, "", self.config.worker_wait
+        )
+        if not name:
+            if not tokenizer.member.models:
+                raise Unavailable("the tokenizer member lists no models")
+            return tokenizer.member.models[0]
+        served = {m for p in self.workers.candidates(common_pb2.ROLE_TOKENIZER) for m in p.member.models}
+        if name not in served:
+            raise NotFound(f"model {name!r} is not served here; models: {', '.join(sorted(served)) or 'none'}")
+        return name
+
+    async def model_info(self, model: str) -> tokenizer_pb2.ModelInfo:
+        if model not in self._infos:
+            self._infos[model] = await self._with_tokenizer(model, lambda c: c.model_info(model))
+        return self._infos[model]
+
+    def max_model_len(self, model: str, info: tokenizer_pb2.ModelInfo) -> int:
+        """The shortest context any engine serving ``model`` accepts (the tokenizer's if none say)."""
+        lengths = [
+            p.member.max_model_len for p in self.workers.peers.values()
+            if p.member.max_model_len and p.serves(model)
+        ]
+        return min(lengths, default=info.max_model_len)
+
+    async def model_cards(self) -> list[router_pb2.ModelCard]:
+        """Every model a tokenizer serves, with its context length and engine members."""
+        names = dict.fromkeys(
+            m for p in self.workers.candidates(common_pb2.ROLE_TOKENIZER) for m in p.member.models
+        )
+        cards = []
+        for name in names:
+            card = router_pb2.ModelCard(name=name)
+            card.max_model_len = self.max_model_len(name, await self.model_info(name))
+            for peer in self.workers.peers.values():
+                if peer.role != common_pb2.ROLE_TOKENIZER and name in peer.member.models:
+                    role = role_name(peer.role)
+                    card.members_by_role[role] = card.members_by_role.get(role, 0) + 1
+            cards.append(card)
+        return cards
+
+    # -- a request ------------------------------------------------------------
+
+    async def prepare(self, request: router_pb2.RouterGenerateRequest) -> Prompt:
+        """Resolve the model, tokenize (or check the ids) and check the length."""
+        arrived = time.monotonic()
+        model = await self.resolve_model(request.model)
+        info = await self.model_info(model)
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            if not request.text:
+                raise InvalidRequest("the prompt is empty")
+            reply = await self._with_tokenizer(model, lambda c: c.tokenize(request.text, model))
+            ids = list(reply.token_ids)
+        elif kind == "chat":
+            messages = [
+                {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+                for m in request.chat.messages
+            ]
+            add = request.chat.add_generation_prompt if request.chat.HasField("add_generation_prompt") else True
+            reply = await self._with_tokenizer(
+                model,
+                lambda c: c.tokenize_chat(messages, model, add, request.chat.continue_final_message),
+            )
+            ids = list(reply.token_ids)
+        elif kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            for position, token_id in enumerate(ids):
+                if token_id >= info.vocab_size:
+                    raise InvalidRequest(
+                        f"token id {token_id} at position {position} is outside the vocabulary "
+                        f"(size {info.vocab_size})"
+                    )
+        else:
+            raise InvalidRequest("the request has no input: set text, chat or token_ids")
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        limit = self.max_model_len(model, info)
+        if len(ids) >= limit:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens; {model!r} accepts at most {limit - 1} "
+                f"(context length {limit}, with room for one generated token)"
+            )
+        return Prompt(model, ids, info, arrived)
+
+    async def generate(
+        self, request: router_pb2.RouterGenerateRequest, deadline: float, prompt: Prompt | None = None
+    ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        """Stream the request's deltas; the last message carries the usage totals."""
+        n = request.n or 1
+        if n > self.config.max_n:
+            raise InvalidRequest(f"n must be between 1 and {self.config.max_n}, got {n}")
+        request_id = request.request_id or uuid.uuid4().hex
+        if prompt is None:
+            prompt = await self.prepare(request)
+        usage = common_pb2.Usage(prompt_tokens=len(prompt.token_ids))
+        streams = [
+            self._sequence(prompt, request, index, request_id, deadline, usage) for index in range(n)
+        ]
+        async with contextlib.aclosing(merge(streams)) as deltas:
+            async for delta in deltas:
+                delta.request_id = request_id
+                yield delta
+        yield router_pb2.RouterGenerateResponse(usage=usage, request_id=request_id)
+
+    async def complete(
+        self, request: router_pb2.RouterGenerateRequest, deadline: float, prompt: Prompt | None = None
+    ) -> router_pb2.RouterGenerateResult:
+        """The whole result at once: each sequence's deltas joined."""
+        if prompt is None:
+            prompt = await self.prepare(request)
+        result = router_pb2.RouterGenerateResult(model=prompt.model)
+        completions = [router_pb2.Completion(index=i) for i in range(request.n or 1)]
+        async with contextlib.aclosing(self.generate(request, deadline, prompt)) as deltas:
+            async for delta in deltas:
+                result.request_id = delta.request_id
+                if delta.HasField("usage"):
+                    result.usage.CopyFrom(delta.usage)
+                    continue
+                completion = completions[delta.index]
+                completion.text += delta.text
+                completion.token_ids.extend(delta.token_ids)
+                completion.logprobs.extend(delta.logprobs)
+                if delta.finish_reason:
+                    completion.finish_reason = delta.finish_reason
+                    completion.stop_reason = delta.stop_reason
+        result.completions.extend(completions)
+        return result
+
+    # -- one sequence ---------------------------------------------------------
+
+    def _sampling(
+        self, request: router_pb2.RouterGenerateRequest, prompt: Prompt, index: int
+    ) -> common_pb2.SamplingParams:
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        if not sampling.ignore_eos:
+            # Engines skip their tokenizer, so they know only the generation config's
+            # EOS; the tokenizer's may differ (chat models end turns on their own token).
+            known = set(sampling.stop_token_ids)
+            sampling.stop_token_ids.extend(i for i in prompt.info.eos_token_ids if i not in known)
+        if index and sampling.HasField("seed"):
+            sampling.seed += index  # n samples with one seed must still differ
+        return sampling
+
+    async def _sequence(
+        self,
+        prompt: Prompt,
+        request: router_pb2.RouterGenerateRequest,
+        index: int,
+        request_id: str,
+        deadline: float,
+        usage: common_pb2.Usage,
+    ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        sampling = self._sampling(request, prompt, index)
+        sequence_id = f"{request_id}-{index}"
+        decoding = await self._open_decode(prompt, sampling, sequence_id, deadline)
+        TIME_TO_FIRST_TOKEN.observe(time.monotonic() - prompt.arrived)
+        state = _Sequence()
+        pending: asyncio.Queue[tokenizer_pb2.DetokenizeRequest | None] = asyncio.Queue()
+        tokenizer = await self.workers.pick(common_pb2.ROLE_TOKENIZER, prompt.model, self.config.worker_wait)
+        assert isinstance(tokenizer.client, TokenizerClient)
+        start = tokenizer_pb2.DetokenizeStart(
+            model=prompt.model,
+            stop=sampling.stop,
+            include_stop_str_in_output=sampling.include_stop_str_in_output,
+            context_token_ids=prompt.token_ids[-_CONTEXT_IDS:],
+        )
+        if sampling.HasField("skip_special_tokens"):
+            start.skip_special_tokens = sampling.skip_special_tokens
+
+        async def detokenize_requests() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
+            yield tokenizer_pb2.DetokenizeRequest(start=start)
+            while (item := await pending.get()) is not None:
+                yield item
+
+        detokenizing = tokenizer.client.detokenize(detokenize_requests(), timeout=_remaining(deadline))
+        pump = asyncio.create_task(self._pump(decoding, state, pending), name=f"pump {sequence_id}")
+        emitted = 0
+        try:
+            async with self.workers.using(tokenizer):
+                async for reply in detokenizing:
+                    final = reply.stopped or reply.finished
+                    if not (reply.text or final or reply.num_tokens > emitted):
+                        continue
+                    delta = router_pb2.RouterGenerateResponse(index=index, text=reply.text)
+                    upto = reply.num_tokens
+                    if request.return_token_ids:
+                        delta.token_ids.extend(state.token_ids[emitted:upto])
+                    if state.logprobs:
+                        delta.logprobs.extend(state.logprobs[emitted:upto])
+                        await self._name_tokens(tokenizer.client, prompt.model, delta.logprobs)
+                    emitted = upto
+                    if reply.stopped:
+                        decoding.call.cancel()  # the engine aborts the rest
+                        pending.put_nowait(None)
+                        delta.finish_reason = common_pb2.FINISH_REASON_STOP
+                        delta.stop_reason = reply.stop_reason
+                    elif reply.finished and state.final is not None:
+                        delta.finish_reason = state.final.finish_reason or common_pb2.FINISH_REASON_STOP
+                        if state.final.HasField("stop_token_id") and (
+                            state.final.stop_token_id not in prompt.info.eos_token_ids
+                        ):
+                            delta.stop_reason = str(state.final.stop_token_id)
+                    if final:
+                        self._account(usage, index, reply.num_tokens, decoding, state)
+                    if delta.text or delta.token_ids or delta.logprobs or final:
+                        yield delta
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "tokenizer") from None
+        finally:
+            await cancel_and_wait(pump)
+            decoding.call.cancel()
+            detokenizing.cancel()
+            decoding.peer.in_flight -= 1
+        if state.error is not None:
+            raise state.error
+        if state.final is None and emitted == 0:
+            raise Unavailable("the sequence ended without output")
+
+    async def _pump(
+        self,
+        decoding: _Decoding,
+        state: _Sequence,
+        pending: asyncio.Queue[tokenizer_pb2.DetokenizeRequest | None],
+    ) -> None:
+        """Move the engine's ids into the Detokenize stream; half-close it at the end."""
+        reply: engine_pb2.GenerateResponse | object = decoding.first
+        try:
+            while True:
+                if reply is grpc.aio.EOF:
+                    raise Unavailable("the decode stream ended without a finish reason")
+                assert isinstance(reply, engine_pb2.GenerateResponse)
+                state.token_ids.extend(reply.token_ids)
+                state.logprobs.extend(reply.logprobs)
+                if reply.finish_reason:
+                    state.final = reply
+                    pending.put_nowait(tokenizer_pb2.DetokenizeRequest(token_ids=reply.token_ids, finish=True))
+                    return
+                pending.put_nowait(tokenizer_pb2.DetokenizeRequest(token_ids=reply.token_ids))
+                reply = await decoding.call.read()
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                state.error = from_rpc_error(error, f"decode {decoding.peer.member.instance_id}")
+        except Unavailable as error:
+            state.error = error
+        finally:
+            pending.put_nowait(None)
+
+    async def _name_tokens(
+        self, client: TokenizerClient, model: str, logprobs: list[common_pb2.PositionLogprobs]
+    ) -> None:
+        """Fill each log-probability's token text, one Decode call per delta."""
+        entries = [entry for position in logprobs for entry in (position.chosen, *position.top)]
+        ids = sorted({entry.token_id for entry in entries})
+        try:
+            texts = dict(zip(ids, await client.token_texts(ids, model)))
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "tokenizer") from None
+        for entry in entries:
+            entry.token = texts[entry.token_id]
+
+    @staticmethod
+    def _account(
+        usage: common_pb2.Usage, index: int, completion: int, decoding: _Decoding, state: _Sequence
+    ) -> None:
+        usage.completion_tokens += completion
+        if index == 0:  # the prompt is counted once, as OpenAI does for n > 1
+            if decoding.disaggregated:
+                usage.cached_tokens = decoding.prefill_cached
+            elif state.final is not None:
+                usage.cached_tokens = state.final.usage.cached_tokens
+
+    async def _open_decode(
+        self, prompt: Prompt, sampling: common_pb2.SamplingParams, sequence_id: str, deadline: float
+    ) -> _Decoding:
+        """A decode stream with its first message in hand, after prefill and fallbacks."""
+        handle, cached = await self._prefill(prompt, sampling, sequence_id, deadline)
+        tried: frozenset[str] = frozenset()
+        while True:
+            peer = await self.workers.pick(
+                common_pb2.ROLE_DECODE, prompt.model, self.config.worker_wait, tried
+            )
+            assert isinstance(peer.client, EngineClient)
+            peer.in_flight += 1
+            call = peer.client.generate(
+                prompt.token_ids, sampling, handle, request_id=sequence_id, timeout=_remaining(deadline)
+            )
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as error:
+                call.cancel()
+                peer.in_flight -= 1
+                code = error.code()
+                if code == grpc.StatusCode.UNAVAILABLE and len(tried) + 1 < _ATTEMPTS:
+                    self.workers.mark_down(peer)
+                    tried |= {peer.key}
+                    continue
+                if code == grpc.StatusCode.NOT_FOUND and handle is not None:
+                    log.warning("%s: decode could not collect the KV (%s); decoding aggregated",
+                                sequence_id, error.details())
+                    PREFILL_FALLBACKS.labels("kv_not_collected").inc()
+                    handle, cached = None, 0
+                    continue
+                raise from_rpc_error(error, f"decode {peer.member.instance_id}") from None
+            except BaseException:
+                call.cancel()
+                peer.in_flight -= 1
+                raise
+            if first is grpc.aio.EOF:
+                call.cancel()
+                peer.in_flight -= 1
+                raise Unavailable(f"decode {peer.member.instance_id} ended the stream without output")
+            SEQUENCES.labels("disaggregated" if handle is not None else "aggregated").inc()
+            return _Decoding(peer, call, first, cached, handle is not None)
+
+    async def _prefill(
+        self, prompt: Prompt, sampling: common_pb2.SamplingParams, sequence_id: str, deadline: float
+    ) -> tuple[common_pb2.KvTransferHandle | None, int]:
+        """A KV handle from the least-loaded prefill worker, or (None, 0) to run aggregated."""
+        if len(prompt.token_ids) < self.config.disagg_min_tokens:
+            return None, 0
+        candidates = self.workers.candidates(common_pb2.ROLE_PREFILL, prompt.model)
+        if not candidates:
+            return None, 0
+        peer = candidates[0]
+        assert isinstance(peer.client, EngineClient)
+        timeout = min(self.config.prefill_timeout, _remaining(deadline))
+        async with self.workers.using(peer):
+            try:
+                reply = await peer.client.prefill(
+                    prompt.token_ids, sampling, request_id=f"{sequence_id}-prefill", timeout=timeout
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise from_rpc_error(error, "prefill") from None
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.workers.mark_down(peer)
+                log.warning("%s: prefill on %s failed (%s: %s); decoding aggregated",
+                            sequence_id, peer.member.instance_id, error.code().name, error.details())
+                PREFILL_FALLBACKS.labels(error.code().name.lower()).inc()
+                return None, 0
+        return reply.handle, reply.cached_tokens
+
+    async def _with_tokenizer(
+        self, model: str, call: Callable[[TokenizerClient], Awaitable[T]]
+    ) -> T:
+        """Run a unary tokenizer call on the least-loaded member, moving on if it is down."""
+        tried: frozenset[str] = frozenset()
+        while True:
+            peer = await self.workers.pick(
+                common_pb2.ROLE_TOKENIZER, model, self.config.worker_wait, tried
+            )
+            assert isinstance(peer.client, TokenizerClient)
+            async with self.workers.using(peer):
+                try:
+                    return await call(peer.client)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.UNAVAILABLE or len(tried) + 1 >= _ATTEMPTS:
+                        raise from_rpc_error(error, "tokenizer") from None
+                    self.workers.mark_down(peer)
+                    tried |= {peer.key}
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("the request ran out of time")
+    return left
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """Interleave several async iterators as their items come; the first error ends all.
+
+    Closing the merged iterator (or cancelling its consumer) cancels every source,
+    which closes each and runs its cleanup.
+    """
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:  # type: ignore[type-var]
+            async for item in only:
+                yield item
+        return
+    queue: asyncio.Queue[tuple[bool, object]] = asyncio.Queue()
+
+    async def drain(stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((True, item))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((False, exc))
+            return
+        await queue.put((False, None))
+
+    tasks = [asyncio.create_task(drain(stream)) for stream in streams]
+    try:
+        running = len(tasks)
+        while running:
+            ok, value = await queue.get()
+            if ok:
+                yield value  # type: ignore[misc]
+            elif value is None:
+                running -= 1
+            else:
+                raise value  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            await cancel_and_wait(task)

@@ -1,0 +1,411 @@
+"""The OpenAI-compatible HTTP bridge, served by the router process beside its gRPC API.
+
+It translates each HTTP call into the same :class:`Orchestrator` call the gRPC API
+makes; nothing about generation lives here. aiohttp rather than an ASGI stack: it
+runs inside the stage's own event loop without taking over signals, and with
+``handler_cancellation`` a client that disconnects cancels its handler, which
+cancels every internal call of the request (the engines abort their work).
+
+Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``. A
+streamed response reports an error that happens after the first chunk as an
+``error`` event before ``[DONE]``; errors before it get their HTTP status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+import grpc
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from router_svc.generate import Orchestrator, Prompt, merge
+from router_svc.openai_api import ChatCompletionRequest, CompletionRequest
+from services.errors import StageError
+from services.pb import common_pb2, router_pb2
+
+log = logging.getLogger(__name__)
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: HTTPStatus.BAD_REQUEST,
+    grpc.StatusCode.NOT_FOUND: HTTPStatus.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: HTTPStatus.GATEWAY_TIMEOUT,
+}
+_FINISH = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: HTTPStatus, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.param = param
+
+    @classmethod
+    def from_stage(cls, error: StageError) -> ApiError:
+        status = _HTTP_STATUS.get(error.code, HTTPStatus.INTERNAL_SERVER_ERROR)
+        message = str(error)
+        code = "model_not_found" if status == HTTPStatus.NOT_FOUND and "model" in message else None
+        if status == HTTPStatus.BAD_REQUEST and "context length" in message:
+            code = "context_length_exceeded"
+        return cls(status, message, code)
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        if self.status == HTTPStatus.NOT_FOUND:
+            kind = "not_found_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=int(self.status))
+
+
+def _parse(model: type[BaseModel], raw: bytes) -> Any:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "json_invalid":
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, f"{where}: {message}" if where else message, param=where or None
+        ) from None
+
+
+def _usage(usage: common_pb2.Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def _token_entry(entry: common_pb2.TokenLogprob) -> dict[str, Any]:
+    return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token.encode())}
+
+
+def _chat_logprobs(positions: list[common_pb2.PositionLogprobs]) -> dict[str, Any]:
+    return {
+        "content": [
+            {**_token_entry(p.chosen), "top_logprobs": [_token_entry(t) for t in p.top]} for p in positions
+        ]
+    }
+
+
+class _CompletionLogprobs:
+    """The legacy completions ``logprobs`` object; text offsets run across deltas."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def render(self, positions: list[common_pb2.PositionLogprobs]) -> dict[str, Any]:
+        tokens, offsets = [], []
+        for p in positions:
+            tokens.append(p.chosen.token)
+            offsets.append(self.offset)
+            self.offset += len(p.chosen.token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [p.chosen.logprob for p in positions],
+            "top_logprobs": [{t.token: t.logprob for t in p.top} for p in positions],
+            "text_offset": offsets,
+        }
+
+
+class HttpBridge:
+    """aiohttp application and runner for the OpenAI-compatible API."""
+
+    def __init__(self, orchestrator: Orchestrator, max_body_mib: int) -> None:
+        self._orchestrator = orchestrator
+        self._max_body = max_body_mib * 1024 * 1024
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body, middlewares=[self._errors])
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model}", self._model)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        sockets = site._server.sockets if site._server is not None else []  # noqa: SLF001 - bound port
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        log.info("OpenAI-compatible HTTP on %s:%d", host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Every failure as OpenAI's error body with the right status."""
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except StageError as exc:
+            return ApiError.from_stage(exc).response()
+        except web.HTTPRequestEntityTooLarge:
+            return ApiError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request body is larger than {self._max_body} bytes"
+            ).response()
+        except web.HTTPException as exc:
+            return ApiError(HTTPStatus(exc.status), exc.reason).response()
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the router log").response()
+
+    async def _body(self, request: web.Request, model: type[BaseModel]) -> Any:
+        raw = await request.read()
+        try:
+            raw.decode()
+        except UnicodeDecodeError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid UTF-8: {exc}") from None
+        return _parse(model, raw)
+
+    # -- endpoints ------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        """200 when a tokenizer and a decode member are reachable, else 503 saying what is missing."""
+        workers = self._orchestrator.workers
+        missing = [
+            name for role, name in ((common_pb2.ROLE_TOKENIZER, "tokenizer"), (common_pb2.ROLE_DECODE, "decode"))
+            if not workers.candidates(role)
+        ]
+        if missing:
+            return ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"no {' or '.join(missing)} member").response()
+        return web.json_response({"status": "ok"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        cards = await self._orchestrator.model_cards()
+        return web.json_response({"object": "list", "data": [self._card(c) for c in cards]})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        for card in await self._orchestrator.model_cards():
+            if card.name == name:
+                return web.json_response(self._card(card))
+        raise ApiError(HTTPStatus.NOT_FOUND, f"model {name!r} is not served here", "model_not_found")
+
+    @staticmethod
+    def _card(card: router_pb2.ModelCard) -> dict[str, Any]:
+        return {
+            "id": card.name, "object": "model", "created": 0, "owned_by": "stagemesh",
+            "max_model_len": card.max_model_len,
+        }
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
+        call = _to_grpc(body.to_grpc)
+        return await self._serve(request, body, [call], chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body: CompletionRequest = await self._body(request, CompletionRequest)
+        calls = [_to_grpc(lambda p=prompt: body.to_grpc(p)) for prompt in body.prompts()]
+        return await self._serve(request, body, calls, chat=False)
+
+    # -- generation -----------------------------------------------------------
+
+    async def _serve(
+        self,
+        request: web.Request,
+        body: ChatCompletionRequest | CompletionRequest,
+        calls: list[router_pb2.RouterGenerateRequest],
+        chat: bool,
+    ) -> web.StreamResponse:
+        """Run every prompt of the body (completions may batch several) and answer."""
+        orchestrator = self._orchestrator
+        deadline = orchestrator.deadline()
+        request_id = uuid.uuid4().hex
+        for i, call in enumerate(calls):
+            call.request_id = f"{request_id}-{i}"
+        prompts = [await orchestrator.prepare(call) for call in calls]
+        model = prompts[0].model
+        response_id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        created = int(time.time())
+        n = body.n
+        deltas = self._deltas(calls, prompts, deadline, n)
+        if body.stream:
+            return await self._stream(request, deltas, response_id, created, model, chat, body.include_usage)
+        return await self._whole(deltas, response_id, created, model, chat, len(calls) * n)
+
+    async def _deltas(
+        self, calls: list[router_pb2.RouterGenerateRequest], prompts: list[Prompt], deadline: float, n: int
+    ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        """All prompts' deltas, re-indexed prompt-major; one usage message at the end."""
+        usage = common_pb2.Usage()
+
+        async def one(batch_index: int) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+            async with contextlib.aclosing(
+                self._orchestrator.generate(calls[batch_index], deadline, prompts[batch_index])
+            ) as deltas:
+                async for delta in deltas:
+                    if delta.HasField("usage"):
+                        usage.prompt_tokens += delta.usage.prompt_tokens
+                        usage.completion_tokens += delta.usage.completion_tokens
+                        usage.cached_tokens += delta.usage.cached_tokens
+                        continue
+                    delta.index += batch_index * n
+                    yield delta
+
+        async with contextlib.aclosing(merge([one(i) for i in range(len(calls))])) as merged:
+            async for delta in merged:
+                yield delta
+        yield router_pb2.RouterGenerateResponse(usage=usage)
+
+    async def _whole(
+        self,
+        deltas: AsyncIterator[router_pb2.RouterGenerateResponse],
+        response_id: str,
+        created: int,
+        model: str,
+        chat: bool,
+        choices: int,
+    ) -> web.Response:
+        texts = [""] * choices
+        positions: list[list[common_pb2.PositionLogprobs]] = [[] for _ in range(choices)]
+        token_ids: list[list[int]] = [[] for _ in range(choices)]
+        finish: list[str | None] = [None] * choices
+        stop_reason: list[str | None] = [None] * choices
+        usage = common_pb2.Usage()
+        async with contextlib.aclosing(deltas) as stream:
+            async for delta in stream:
+                if delta.HasField("usage"):
+                    usage = delta.usage
+                    continue
+                texts[delta.index] += delta.text
+                positions[delta.index].extend(delta.logprobs)
+                token_ids[delta.index].extend(delta.token_ids)
+                if delta.finish_reason:
+                    finish[delta.index] = _FINISH.get(delta.finish_reason)
+                    stop_reason[delta.index] = delta.stop_reason or None
+        wants_logprobs = any(positions)
+        out = []
+        for i in range(choices):
+            choice: dict[str, Any] = {"index": i, "finish_reason": finish[i], "stop_reason": stop_reason[i]}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": texts[i]}
+                choice["logprobs"] = _chat_logprobs(positions[i]) if wants_logprobs else None
+            else:
+                choice["text"] = texts[i]
+                choice["logprobs"] = _CompletionLogprobs().render(positions[i]) if wants_logprobs else None
+            if token_ids[i]:
+                choice["token_ids"] = token_ids[i]
+            out.append(choice)
+        return web.json_response({
+            "id": response_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "choices": out,
+            "usage": _usage(usage),
+        })
+
+    async def _stream(
+        self,
+        request: web.Request,
+        deltas: AsyncIterator[router_pb2.RouterGenerateResponse],
+        response_id: str,
+        created: int,
+        model: str,
+        chat: bool,
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        """Server-sent events; the first delta is awaited before the headers, so errors
+        that stop a request from starting (no worker, bad sampling) keep their status."""
+        envelope = {
+            "id": response_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model,
+        }
+        offsets: dict[int, _CompletionLogprobs] = {}
+        started: set[int] = set()
+
+        def chunk(choices: list[dict[str, Any]], usage: common_pb2.Usage | None = None) -> bytes:
+            event: dict[str, Any] = {**envelope, "choices": choices}
+            if include_usage:
+                event["usage"] = _usage(usage) if usage is not None else None
+            return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+
+        def render(delta: router_pb2.RouterGenerateResponse) -> bytes:
+            choice: dict[str, Any] = {"index": delta.index}
+            if chat:
+                choice["delta"] = {"content": delta.text}
+                if delta.index not in started:
+                    started.add(delta.index)
+                    choice["delta"]["role"] = "assistant"
+                choice["logprobs"] = _chat_logprobs(list(delta.logprobs)) if delta.logprobs else None
+            else:
+                choice["text"] = delta.text
+                renderer = offsets.setdefault(delta.index, _CompletionLogprobs())
+                choice["logprobs"] = renderer.render(list(delta.logprobs)) if delta.logprobs else None
+            if delta.token_ids:
+                choice["token_ids"] = list(delta.token_ids)
+            choice["finish_reason"] = _FINISH.get(delta.finish_reason)
+            if delta.finish_reason:
+                choice["stop_reason"] = delta.stop_reason or None
+            return chunk([choice])
+
+        async with contextlib.aclosing(deltas) as stream:
+            first = await anext(stream)
+            response = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
+            await response.prepare(request)
+            try:
+                delta: router_pb2.RouterGenerateResponse | None = first
+                while delta is not None:
+                    if delta.HasField("usage"):
+                        if include_usage:
+                            await response.write(chunk([], delta.usage))
+                    else:
+                        await response.write(render(delta))
+                    delta = await anext(stream, None)
+            except StageError as exc:
+                error = ApiError.from_stage(exc)
+                log.warning("stream %s failed after it started: %s", response_id, error)
+                await response.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        return response
+
+
+def _to_grpc(build: Callable[[], router_pb2.RouterGenerateRequest]) -> router_pb2.RouterGenerateRequest:
+    """Build the gRPC request; values protobuf refuses (negative ids, out-of-range ints) are 400s."""
+    try:
+        return build()
+    except (ValueError, TypeError) as exc:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"invalid value: {exc}") from None

@@ -1,0 +1,92 @@
+"""The router stage: RouterService over gRPC, the OpenAI-compatible HTTP bridge beside it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import ClassVar
+
+import grpc
+from google.protobuf import descriptor
+
+from router_svc.config import RouterConfig
+from router_svc.generate import Orchestrator
+from router_svc.openai_bridge import HttpBridge
+from router_svc.workers import ENGINE_ROLES, Workers
+from services.clients import health_status
+from services.etcd import EtcdSession
+from services.pb import common_pb2, router_pb2
+from services.server import Stage
+
+
+class RouterServicer:
+    """The mesh's public gRPC API."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self._orchestrator = orchestrator
+
+    async def Generate(
+        self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        """Stream text deltas; the last message carries the usage totals."""
+        deadline = self._orchestrator.deadline(context.time_remaining())
+        async for delta in self._orchestrator.generate(request, deadline):
+            yield delta
+
+    async def GenerateUnary(
+        self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouterGenerateResult:
+        """The whole result in one reply."""
+        return await self._orchestrator.complete(request, self._orchestrator.deadline(context.time_remaining()))
+
+    async def ListModels(
+        self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListModelsResponse:
+        return router_pb2.ListModelsResponse(models=await self._orchestrator.model_cards())
+
+    async def ListMembers(
+        self, request: router_pb2.ListMembersRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListMembersResponse:
+        """Members as etcd lists them, each with a fresh health check and its last load."""
+        workers = self._orchestrator.workers
+        members = sorted(workers.members(request.role), key=lambda m: (m.role, m.grpc_address))
+        health = await asyncio.gather(*(health_status(m.grpc_address, timeout=1.0) for m in members))
+        reply = router_pb2.ListMembersResponse()
+        for member, status in zip(members, health):
+            entry = reply.members.add(member=member, health=status)
+            if member.role in ENGINE_ROLES and (load := workers.load_of(member.instance_id)) is not None:
+                entry.load.CopyFrom(load)
+        return reply
+
+
+class RouterStage(Stage):
+    """Watches the mesh's members and serves the public APIs."""
+
+    role: ClassVar[common_pb2.Role] = common_pb2.ROLE_ROUTER
+
+    def __init__(self, config: RouterConfig) -> None:
+        self._config = config
+        self._session = EtcdSession(config.etcd_endpoints)
+        self._workers = Workers(self._session, config.control_timeout, config.load_interval)
+        self._orchestrator = Orchestrator(config, self._workers)
+        self._servicer = RouterServicer(self._orchestrator)
+        self._bridge = HttpBridge(self._orchestrator, config.max_body_mib) if config.http_port >= 0 else None
+
+    def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
+        return [(router_pb2.DESCRIPTOR.services_by_name["RouterService"], self._servicer)]
+
+    async def start(self) -> None:
+        await self._workers.start()
+        if self._bridge is not None:
+            await self._bridge.start(self._config.http_host or self._config.host, self._config.http_port)
+
+    async def stop(self) -> None:
+        if self._bridge is not None:
+            await self._bridge.stop()
+        await self._workers.close()
+        await self._session.close()
+
+    def describe(self, member: common_pb2.Member) -> None:
+        # Operators and `stagemesh status` find the HTTP bridge here.
+        if self._bridge is not None:
+            member.labels["http_address"] = f"{self._config.advertise_host}:{self._bridge.port}"

@@ -1,0 +1,178 @@
+"""The router's live view of the mesh: every member from etcd, a client for each, and
+the load figures it routes by.
+
+Membership comes only from the etcd watch, never from static addresses. Engines are
+polled for their load once per ``load_interval``; between polls the router adds the
+requests it has itself sent there, so a burst does not pile onto one worker before
+the next poll shows it busy. A member that refuses connections is set aside for a
+few seconds (its lease may outlive it by up to a TTL after a crash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from services.aio import cancel_and_wait
+from services.clients import EngineClient, TokenizerClient
+from services.errors import Unavailable
+from services.etcd import EtcdSession
+from services.membership import MemberWatcher, role_name
+from services.pb import common_pb2, engine_pb2
+
+log = logging.getLogger(__name__)
+
+#: Seconds a member that refused a connection is skipped.
+DOWN_SECONDS = 3.0
+#: Roles whose members run an engine (and report load).
+ENGINE_ROLES = frozenset({common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE})
+
+
+@dataclass
+class Peer:
+    """One member as the router uses it."""
+
+    key: str
+    member: common_pb2.Member
+    client: TokenizerClient | EngineClient
+    #: Latest load report (engines), None until the first poll answers.
+    load: engine_pb2.Load | None = None
+    #: Calls this router has open on the member.
+    in_flight: int = 0
+    #: time.monotonic() until which the member is skipped.
+    down_until: float = 0.0
+    _rank_salt: float = field(default_factory=random.random)
+
+    @property
+    def role(self) -> int:
+        return int(self.member.role)
+
+    def serves(self, model: str) -> bool:
+        return not model or model in self.member.models
+
+    def rank(self) -> tuple[int, float, int, float]:
+        """Sort key, least loaded first: queued work, KV-cache use, then a random tie-break."""
+        running = waiting = 0
+        usage = 0.0
+        if self.load is not None:
+            running, waiting = self.load.running_requests, self.load.waiting_requests
+            usage = self.load.kv_cache_usage
+        return (max(self.in_flight, running + waiting) + waiting, usage, self.in_flight, self._rank_salt)
+
+
+class Workers:
+    """Members by etcd key, with clients, load polling and least-loaded picking."""
+
+    def __init__(self, session: EtcdSession, control_timeout: float, load_interval: float) -> None:
+        self._watcher = MemberWatcher(session, on_change=self._on_change)
+        self._control_timeout = control_timeout
+        self._load_interval = load_interval
+        self.peers: dict[str, Peer] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._watcher.start()
+        self._poller = asyncio.create_task(self._poll_loads(), name="load poller")
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._poller)
+        await self._watcher.close()
+        for peer in self.peers.values():
+            await peer.client.close()
+        self.peers.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _on_change(self, key: str, member: common_pb2.Member | None) -> None:
+        old = self.peers.get(key)
+        if old is not None and (member is None or member.grpc_address != old.member.grpc_address):
+            del self.peers[key]
+            task = asyncio.get_running_loop().create_task(old.client.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            old = None
+        if member is None:
+            log.info("member left: %s", key)
+            return
+        if old is not None:
+            old.member = member
+            return
+        if member.role == common_pb2.ROLE_TOKENIZER:
+            client: TokenizerClient | EngineClient = TokenizerClient(member.grpc_address, self._control_timeout)
+        elif member.role in ENGINE_ROLES:
+            client = EngineClient(member.grpc_address, self._control_timeout)
+        else:
+            return  # routers and KV stores are listed, not called (yet)
+        self.peers[key] = Peer(key, member, client)
+        log.info("member joined: %s at %s", key, member.grpc_address)
+
+    def members(self, role: int = common_pb2.ROLE_UNSPECIFIED) -> list[common_pb2.Member]:
+        """Every registered member (all roles, including those the router does not call)."""
+        return [
+            m for m in self._watcher.members.values()
+            if role == common_pb2.ROLE_UNSPECIFIED or m.role == role
+        ]
+
+    def load_of(self, instance_id: str) -> engine_pb2.Load | None:
+        for peer in self.peers.values():
+            if peer.member.instance_id == instance_id:
+                return peer.load
+        return None
+
+    def candidates(self, role: int, model: str = "", exclude: frozenset[str] = frozenset()) -> list[Peer]:
+        """Usable members of ``role`` serving ``model``, least loaded first."""
+        now = time.monotonic()
+        usable = [
+            p for p in self.peers.values()
+            if p.role == role and p.serves(model) and p.key not in exclude and p.down_until <= now
+        ]
+        return sorted(usable, key=Peer.rank)
+
+    async def pick(
+        self, role: int, model: str, wait: float, exclude: frozenset[str] = frozenset()
+    ) -> Peer:
+        """The least-loaded usable member; waits up to ``wait`` s for one, then UNAVAILABLE."""
+        deadline = time.monotonic() + wait
+        while not (found := self.candidates(role, model, exclude)):
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"no {role_name(role)} member serving {model or 'the model'!r} is available"
+                )
+            await asyncio.sleep(0.1)
+        return found[0]
+
+    def mark_down(self, peer: Peer) -> None:
+        """Skip a member that refused a connection for a few seconds."""
+        peer.down_until = time.monotonic() + DOWN_SECONDS
+        log.warning("%s at %s is unreachable; skipping it for %.0fs", peer.key, peer.member.grpc_address, DOWN_SECONDS)
+
+    @contextlib.asynccontextmanager
+    async def using(self, peer: Peer) -> AsyncIterator[Peer]:
+        """Count a call as in flight on ``peer`` while it runs."""
+        peer.in_flight += 1
+        try:
+            yield peer
+        finally:
+            peer.in_flight -= 1
+
+    async def _poll_loads(self) -> None:
+        while True:
+            engines = [p for p in self.peers.values() if p.role in ENGINE_ROLES]
+            await asyncio.gather(*(self._poll(peer) for peer in engines))
+            await asyncio.sleep(self._load_interval)
+
+    async def _poll(self, peer: Peer) -> None:
+        assert isinstance(peer.client, EngineClient)
+        try:
+            peer.load = await peer.client.load(timeout=max(self._load_interval * 2, 1.0))
+        except grpc.aio.AioRpcError as error:
+            peer.load = None
+            if error.code() == grpc.StatusCode.UNAVAILABLE and peer.down_until <= time.monotonic():
+                self.mark_down(peer)

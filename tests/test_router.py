@@ -1,0 +1,259 @@
+"""The whole mesh behind the router: the official OpenAI SDK and the gRPC API get the
+engines' own greedy text, exact usage, exact stop strings; cancellation frees the
+engines; bad input gets clear 4xx errors while good requests go on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+
+from services.clients import EngineClient, RouterClient, TokenizerClient
+from services.pb import common_pb2, router_pb2, tokenizer_pb2
+from tests.conftest import Mesh
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = "Once upon a time, in a small village by the sea,"
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def client(mesh: Mesh) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{mesh.http_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+async def engine_alone(
+    decode: EngineClient, tokenizer: TokenizerClient, ids: list[int], max_tokens: int
+) -> tuple[list[int], str]:
+    """What the decode engine generates on its own, greedy, stopping at the tokenizer's EOS."""
+    eos = list((await tokenizer.model_info()).eos_token_ids)
+    params = common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, stop_token_ids=eos)
+    out = [t async for reply in decode.generate(ids, params) for t in reply.token_ids]
+    if out and out[-1] in eos:
+        out = out[:-1]
+    return out, await tokenizer.decode(out)
+
+
+async def test_chat_matches_the_engine_alone(client, decode, tokenizer, mesh: Mesh) -> None:
+    ids = list((await tokenizer.tokenize_chat(QUESTION)).token_ids)
+    expected_ids, expected = await engine_alone(decode, tokenizer, ids, 24)
+    assert "Paris" in expected
+
+    reply = await client.chat.completions.create(model="", messages=QUESTION, temperature=0, max_tokens=24)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens == len(ids)
+    eos_stop = reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == len(expected_ids) + (1 if eos_stop else 0)
+    assert reply.model == (await tokenizer.model_info()).model
+
+    chunks = [c async for c in await client.chat.completions.create(
+        model=reply.model, messages=QUESTION, temperature=0, max_tokens=24,
+        stream=True, stream_options={"include_usage": True},
+    )]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+async def test_completions_match_the_engine_alone(client, decode, tokenizer) -> None:
+    ids = list((await tokenizer.tokenize(STORY)).token_ids)
+    _, expected = await engine_alone(decode, tokenizer, ids, 20)
+    reply = await client.completions.create(model="", prompt=STORY, temperature=0, max_tokens=20)
+    assert reply.choices[0].text == expected
+    assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 20
+    assert reply.choices[0].finish_reason == "length"
+    streamed = [c async for c in await client.completions.create(
+        model="", prompt=STORY, temperature=0, max_tokens=20, stream=True
+    )]
+    assert "".join(c.choices[0].text for c in streamed) == expected
+    # Token ids in, several prompts in one call: choices come prompt-major.
+    batch = await client.completions.create(model="", prompt=[ids, ids[:5]], temperature=0, max_tokens=20)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == expected
+
+
+async def test_stop_string_cuts_exactly(client, decode, tokenizer) -> None:
+    ids = list((await tokenizer.tokenize(STORY)).token_ids)
+    _, full = await engine_alone(decode, tokenizer, ids, 30)
+    words = full.split()
+    stop = " " + words[len(words) // 2]
+    expected = full[: full.index(stop)]
+    for stream in (False, True):
+        reply = await client.completions.create(
+            model="", prompt=STORY, temperature=0, max_tokens=30, stop=[stop], stream=stream
+        )
+        if stream:
+            chunks = [c async for c in reply]
+            text = "".join(c.choices[0].text for c in chunks)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            text, finish = reply.choices[0].text, reply.choices[0].finish_reason
+        assert text == expected and finish == "stop"
+
+
+async def test_n_with_seed_is_reproducible(client) -> None:
+    async def sample() -> list[str]:
+        reply = await client.chat.completions.create(
+            model="", messages=[{"role": "user", "content": "Invent a name for a new planet."}],
+            n=2, seed=1234, temperature=1.5, max_tokens=24,
+        )
+        assert [c.index for c in reply.choices] == [0, 1]
+        assert reply.usage.completion_tokens == 48 or all(c.finish_reason for c in reply.choices)
+        return [c.message.content for c in reply.choices]
+
+    first = await sample()
+    assert first == await sample()
+    assert first[0] != first[1]
+
+
+async def test_logprobs_name_each_token(client) -> None:
+    reply = await client.chat.completions.create(
+        model="", messages=QUESTION, temperature=0, max_tokens=8, logprobs=True, top_logprobs=2
+    )
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 2 for entry in content)
+    assert all(entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob for entry in content)
+    if reply.choices[0].finish_reason == "length":
+        assert "".join(entry.token for entry in content) == reply.choices[0].message.content
+
+
+async def test_models_health_and_metrics(client, mesh: Mesh) -> None:
+    models = await client.models.list()
+    assert len(models.data) == 1 and models.data[0].max_model_len == 4096
+    async with httpx.AsyncClient(base_url=mesh.http_url) as http:
+        assert (await http.get("/health")).json() == {"status": "ok"}
+        metrics = (await http.get("/metrics")).text
+    assert "stagemesh_router_sequences_total" in metrics
+
+
+async def test_grpc_generate_text_chat_and_token_ids(router: RouterClient, decode, tokenizer) -> None:
+    ids = list((await tokenizer.tokenize(STORY)).token_ids)
+    expected_ids, expected = await engine_alone(decode, tokenizer, ids, 16)
+    greedy = common_pb2.SamplingParams(temperature=0, max_tokens=16)
+    for request in (
+        router_pb2.RouterGenerateRequest(text=STORY, sampling=greedy, return_token_ids=True),
+        router_pb2.RouterGenerateRequest(
+            token_ids=router_pb2.TokenIds(ids=ids), sampling=greedy, return_token_ids=True
+        ),
+    ):
+        deltas = [d async for d in router.generate(request)]
+        assert "".join(d.text for d in deltas) == expected
+        assert [t for d in deltas for t in d.token_ids] == expected_ids
+        assert deltas[-1].usage.prompt_tokens == len(ids) and deltas[-1].usage.completion_tokens == 16
+        assert deltas[-2].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    chat = router_pb2.RouterGenerateRequest(
+        chat=tokenizer_pb2.ChatInput(messages=[tokenizer_pb2.ChatMessage(role="user", content=QUESTION[0]["content"])]),
+        sampling=greedy,
+    )
+    result = await router.generate_unary(chat)
+    assert "Paris" in result.completions[0].text and result.usage.prompt_tokens > 0
+
+
+async def test_grpc_lists_models_and_members(router: RouterClient) -> None:
+    (card,) = await router.list_models()
+    assert card.max_model_len == 4096
+    assert card.members_by_role["prefill"] >= 1 and card.members_by_role["decode"] >= 1
+    members = await router.list_members(common_pb2.ROLE_DECODE)
+    assert members and all(m.member.role == common_pb2.ROLE_DECODE for m in members)
+    assert any(m.health == "SERVING" and m.HasField("load") and m.load.kv_block_size for m in members)
+
+
+async def engines_idle(*engines: EngineClient, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        loads = await asyncio.gather(*(e.load() for e in engines))
+        if all(load.running_requests == 0 and load.waiting_requests == 0 for load in loads):
+            return
+        assert time.monotonic() < deadline, f"engines still busy: {loads}"
+        await asyncio.sleep(0.2)
+
+
+async def test_cancelling_a_stream_frees_every_engine(client, router: RouterClient, prefill, decode) -> None:
+    long = {"temperature": 0, "max_tokens": 2000, "extra_body": {"ignore_eos": True}}
+    stream = await client.completions.create(model="", prompt=STORY, stream=True, **long)
+    received = 0
+    async for _ in stream:
+        received += 1
+        if received == 3:
+            break
+    await stream.close()
+    loads = await decode.load()
+    assert loads.running_requests <= 1  # it was running; now it must stop
+    await engines_idle(prefill, decode)
+
+    call = router.generate(router_pb2.RouterGenerateRequest(
+        text=STORY, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+    ))
+    async for delta in call:
+        if delta.text:
+            break
+    call.cancel()
+    await engines_idle(prefill, decode)
+
+
+async def post(mesh: Mesh, path: str, body: bytes | dict) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=120) as http:
+        return await http.post(path, content=content, headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b'{"model": "", "messages": [', 400, "not valid JSON"),
+        (b'{"model": "", "prompt": "\xff\xfe"}', 400, "UTF-8"),
+        ({"model": "", "messages": "hello"}, 400, "messages"),
+        ({"model": "", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": "", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+        ({"model": "", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ({"model": "no-such-model", "prompt": "hi"}, 404, "no-such-model"),
+        ({"model": "", "prompt": "word " * 250_000}, 400, "context length"),
+        ({"model": "", "prompt": [10**9]}, 400, "vocabulary"),
+        ({"model": "", "prompt": [-5]}, 400, "invalid value"),
+        ({"model": "", "prompt": "hi", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+        ({"model": "", "prompt": "hi", "n": 1000}, 400, "n must be"),
+    ],
+)
+async def test_bad_requests_get_clear_errors(mesh: Mesh, body, status: int, fragment: str) -> None:
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    reply = await post(mesh, path, body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert fragment in error["message"] and error["type"]
+
+
+async def test_bad_requests_do_not_disturb_good_ones(client, mesh: Mesh) -> None:
+    good = asyncio.create_task(
+        client.completions.create(model="", prompt=STORY, temperature=0, max_tokens=20)
+    )
+    bad = [post(mesh, "/v1/completions", b"{") for _ in range(10)]
+    bad += [post(mesh, "/v1/completions", {"model": "", "prompt": "x" * 1_000_000}) for _ in range(2)]
+    replies = await asyncio.gather(*bad)
+    assert all(r.status_code == 400 for r in replies)
+    assert (await good).usage.completion_tokens == 20
+    too_big = await post(mesh, "/v1/completions", {"model": "", "prompt": "x" * (9 * 1024 * 1024)})
+    assert too_big.status_code == 413 and "larger than" in too_big.json()["error"]["message"]
+    assert mesh.router.alive()
+
+
+async def test_grpc_errors_keep_their_codes(router: RouterClient) -> None:
+    cases = [
+        (router_pb2.RouterGenerateRequest(model="nope", text="hi"), grpc.StatusCode.NOT_FOUND),
+        (router_pb2.RouterGenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+        (router_pb2.RouterGenerateRequest(text="hi", sampling=common_pb2.SamplingParams(top_p=5)),
+         grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for request, code in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await router.generate_unary(request, timeout=60)
+        assert caught.value.code() == code, caught.value.details()
