@@ -96,16 +96,23 @@ class StageProcess:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.kill()
         return self.process.returncode
 
     def kill(self) -> None:
-        """SIGKILL: the crash case (no drain, no deregistration)."""
-        if self.alive():
-            assert self.process is not None
-            self.process.kill()
-            self.process.wait()
+        """SIGKILL to the stage's whole process group: the crash case (no drain, no
+        deregistration).
+
+        The group, not the pid: an engine stage's vLLM engine-core and worker processes
+        outlive a killed parent and keep a core busy (and, on a GPU, its memory). A
+        crashed stage takes its group with it, as systemd (KillMode=control-group) and
+        a container runtime do.
+        """
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 class ProcessGroup:

@@ -223,3 +223,11 @@ async def mesh(
 async def router(mesh: Mesh) -> AsyncIterator[RouterClient]:
     async with RouterClient(mesh.router.grpc_address) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def client(mesh: Mesh) -> "openai.AsyncOpenAI":
+    """The official OpenAI SDK pointed at the mesh's HTTP bridge."""
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{mesh.http_url}/v1", api_key="unused", max_retries=0, timeout=300)

@@ -12,12 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
-from services.clients import EngineClient, TokenizerClient
+from services.cli import split_cores
 from services.etcd import free_port
-from services.pb import common_pb2
-from tests.conftest import disaggregated
+
 
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
@@ -26,11 +27,10 @@ def port_open(port: int) -> bool:
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path, tmp_path: Path) -> None:
-    etcd_port, tokenizer_port, prefill_port, decode_port = (free_port() for _ in range(4))
+    ports = {name: free_port() for name in ("etcd", "tokenizer", "prefill", "decode", "router", "http")}
     up = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "--home", str(home), "up",
-         "--etcd-port", str(etcd_port), "--tokenizer-port", str(tokenizer_port),
-         "--prefill-port", str(prefill_port), "--decode-port", str(decode_port)],
+         *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port)))],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -41,33 +41,45 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
             assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
             lines.append(await asyncio.to_thread(up.stdout.readline))  # type: ignore[union-attr]
         banner = "".join(lines)
-        for port in (etcd_port, tokenizer_port, prefill_port, decode_port):
+        for port in ports.values():
             assert f"127.0.0.1:{port}" in banner
 
-        # The stages work together: tokenize, prefill, decode with the handle, detokenize.
-        async with TokenizerClient(f"127.0.0.1:{tokenizer_port}") as tokenizer, \
-                EngineClient(f"127.0.0.1:{prefill_port}") as prefill, \
-                EngineClient(f"127.0.0.1:{decode_port}") as decode:
-            ids = list((await tokenizer.tokenize_chat([{"role": "user", "content": "What is the capital of France?"}])).token_ids)
-            greedy = common_pb2.SamplingParams(temperature=0, max_tokens=12)
-            out, _ = await disaggregated(prefill, decode, ids, greedy)
-            assert "Paris" in await tokenizer.decode(out)
+        # The whole mesh answers through the router, prefill then decode over NIXL.
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{ports['http']}/v1", api_key="unused")
+        reply = await client.chat.completions.create(
+            model="", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0, max_tokens=12,
+        )
+        assert "Paris" in (reply.choices[0].message.content or "")
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"http://127.0.0.1:{ports['http']}/metrics")).text
+        assert 'stagemesh_router_sequences_total{mode="disaggregated"} 1.0' in metrics
 
         status = subprocess.run(
-            [sys.executable, "-m", "services.cli", "status", "--etcd", f"127.0.0.1:{etcd_port}"],
+            [sys.executable, "-m", "services.cli", "status", "--etcd", f"127.0.0.1:{ports['etcd']}"],
             capture_output=True, text=True, timeout=60,
         )
         assert status.returncode == 0, status.stderr
-        for role in ("tokenizer", "prefill", "decode"):
-            assert any(line.startswith(role) and "SERVING" in line for line in status.stdout.splitlines())
+        rows = status.stdout.splitlines()
+        for role in ("tokenizer", "prefill", "decode", "router"):
+            assert any(line.startswith(role) and "SERVING" in line for line in rows), status.stdout
+        assert any(line.startswith("decode") and "run 0 wait 0" in line for line in rows), status.stdout
 
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=120) == 0
-        for port in (etcd_port, tokenizer_port, prefill_port, decode_port):
-            assert not port_open(port), f"port {port} still open after Ctrl-C"
+        for name, port in ports.items():
+            assert not port_open(port), f"{name} port {port} still open after Ctrl-C"
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_split_cores_gives_each_engine_its_own() -> None:
+    assert split_cores([0, 1], 2) == ["0", "1"]
+    assert split_cores([0, 1, 2, 3, 4], 2) == ["0-1", "2-4"]
+    assert split_cores([0, 2, 5, 7], 2) == ["0,2", "5,7"]
+    assert split_cores([0, 1], 3) == ["0", "1", "0"]  # more engines than cores: shared
+    assert split_cores([3], 1) == ["3"]
 
 
 def test_stages_do_not_outlive_a_killed_launcher() -> None:

@@ -12,7 +12,6 @@ import grpc
 import httpx
 import openai
 import pytest
-import pytest_asyncio
 
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = "Once upon a time, in a small village by the sea,"
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def client(mesh: Mesh) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{mesh.http_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 async def engine_alone(
