@@ -169,7 +169,15 @@ class Orchestrator:
         arrived = time.monotonic()
         model = await self.resolve_model(request.model)
         info = await self.model_info(model)
+        limit = self.max_model_len(model, info)
         kind = request.WhichOneof("input")
+        chars = len(request.text) if kind == "text" else sum(len(m.content) for m in request.chat.messages)
+        if info.max_token_chars and chars > limit * info.max_token_chars:
+            # Certainly too long: refuse before the tokenizer spends seconds on it.
+            raise InvalidRequest(
+                f"the prompt has {chars} characters, more than {model!r} can fit in its "
+                f"context length of {limit} tokens"
+            )
         if kind == "text":
             if not request.text:
                 raise InvalidRequest("the prompt is empty")
@@ -198,7 +206,6 @@ class Orchestrator:
             raise InvalidRequest("the request has no input: set text, chat or token_ids")
         if not ids:
             raise InvalidRequest("the prompt is empty")
-        limit = self.max_model_len(model, info)
         if len(ids) >= limit:
             raise InvalidRequest(
                 f"the prompt has {len(ids)} tokens; {model!r} accepts at most {limit - 1} "

@@ -148,6 +148,8 @@ class EtcdSession:
         self._next = 0
         self._client: aetcd.Client | None = None
         self._lock = asyncio.Lock()
+        #: Clients dropped by reset(), each with the task that will close it.
+        self._dropped: dict[aetcd.Client, asyncio.Task[None]] = {}
 
     async def client(self) -> aetcd.Client:
         """The connected client, connecting to the next endpoint when there is none."""
@@ -161,14 +163,33 @@ class EtcdSession:
             return self._client
 
     async def reset(self) -> None:
-        """Drop the current client after an error; the next :meth:`client` reconnects."""
+        """Drop the current client after an error; the next :meth:`client` reconnects.
+
+        The dropped client is closed only after the session's call timeout: several
+        users share a session (a watcher, a keep-alive, one-off reads), and closing a
+        channel at once would cancel the others' calls in flight on it, which then
+        surface as a bare CancelledError. By the time it closes, those calls have
+        finished or timed out on their own.
+        """
         async with self._lock:
             client, self._client = self._client, None
         if client is not None:
-            try:
-                await client.close()
-            except Exception:  # closing a broken channel can fail in many ways
-                log.debug("closing etcd client failed", exc_info=True)
+            self._dropped[client] = asyncio.create_task(self._close(client, self._timeout))
+
+    async def _close(self, client: aetcd.Client, delay: float = 0.0) -> None:
+        await asyncio.sleep(delay)
+        self._dropped.pop(client, None)
+        try:
+            await client.close()
+        except Exception:  # closing a broken channel can fail in many ways
+            log.debug("closing etcd client failed", exc_info=True)
 
     async def close(self) -> None:
-        await self.reset()
+        """Close the client and every dropped one still waiting to close, now."""
+        async with self._lock:
+            client, self._client = self._client, None
+        for dropped, task in list(self._dropped.items()):
+            task.cancel()
+            await self._close(dropped)
+        if client is not None:
+            await self._close(client)

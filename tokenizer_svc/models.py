@@ -33,6 +33,12 @@ class ModelTokenizer:
         self._hf = AutoTokenizer.from_pretrained(spec.path)
         self._backend = self._hf.backend_tokenizer
         self.vocab_size = len(self._hf)
+        # Vocabulary entries are in the tokenizer's own alphabet (byte-level BPE spells
+        # each byte as one character), so an entry is never shorter than the text its
+        # token decodes to: the longest entry bounds the characters per token.
+        self.max_token_chars = max(
+            len(entry) for entry in self._hf.convert_ids_to_tokens(list(range(self.vocab_size))) if entry
+        )
         config = _read_json(spec.path / "config.json")
         generation = _read_json(spec.path / "generation_config.json")
         self.max_model_len = next(
@@ -117,6 +123,7 @@ class ModelTokenizer:
             has_chat_template=self.has_chat_template,
             special_tokens=list(self._hf.all_special_tokens),
             served_models=list(served),
+            max_token_chars=self.max_token_chars,
         )
         if self._hf.bos_token_id is not None:
             info.bos_token_id = int(self._hf.bos_token_id)

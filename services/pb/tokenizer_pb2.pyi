@@ -117,7 +117,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "eos_token_ids", "bos_token_id", "pad_token_id", "max_model_len", "has_chat_template", "special_tokens", "served_models")
+    __slots__ = ("model", "vocab_size", "eos_token_ids", "bos_token_id", "pad_token_id", "max_model_len", "has_chat_template", "special_tokens", "served_models", "max_token_chars")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class ModelInfo(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKEN_CHARS_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -136,4 +137,5 @@ class ModelInfo(_message.Message):
     has_chat_template: bool
     special_tokens: _containers.RepeatedScalarFieldContainer[str]
     served_models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., max_model_len: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., special_tokens: _Optional[_Iterable[str]] = ..., served_models: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_token_chars: int
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., max_model_len: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., special_tokens: _Optional[_Iterable[str]] = ..., served_models: _Optional[_Iterable[str]] = ..., max_token_chars: _Optional[int] = ...) -> None: ...

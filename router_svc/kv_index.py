@@ -1,0 +1,165 @@
+"""The router's index of which worker holds which KV blocks.
+
+Blocks are named by the router's own chained hash: a block's hash covers its parent's
+hash and its own token ids, so equal hashes mean equal prefixes, on every worker,
+whatever hash seed each engine uses internally. Engines report blocks with their own
+hashes and the blocks' token ids; the index maps each worker's engine hashes to chain
+hashes so that removals (which carry engine hashes only) find their blocks.
+
+Pure data structure, no I/O: whatever follows the engines' KV-event streams feeds it.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import sys
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from services.pb import common_pb2
+
+#: The chain hash of "no parent" (the first block of a sequence).
+ROOT = 0
+
+
+def _le_uint32(token_ids: Sequence[int]) -> bytes:
+    ids = array.array("I", token_ids)
+    if sys.byteorder == "big":
+        ids.byteswap()
+    return ids.tobytes()
+
+
+def block_hash(parent: int, token_ids: Sequence[int]) -> int:
+    """The chained hash of one block.
+
+    The first 8 bytes (little-endian) of SHA-256 over the parent's hash (8 bytes,
+    little-endian) followed by the block's ids (uint32, little-endian): specified in
+    bytes, so a KV store or client in any language computes the same names.
+    """
+    data = parent.to_bytes(8, "little") + _le_uint32(token_ids)
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+
+
+def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT) -> list[int]:
+    """Chained hashes of every full block of ``token_ids`` (a partial last block has none)."""
+    raw = _le_uint32(token_ids[: len(token_ids) - len(token_ids) % block_size])
+    step = block_size * 4
+    previous = parent.to_bytes(8, "little")
+    hashes = []
+    for start in range(0, len(raw), step):
+        previous = hashlib.sha256(previous + raw[start : start + step]).digest()[:8]
+        hashes.append(int.from_bytes(previous, "little"))
+    return hashes
+
+
+class KvIndex:
+    """Per-worker block sets, a global holder map, and a memory cap with LRU eviction.
+
+    ``max_blocks`` bounds the number of (block, worker) entries. Past it the least
+    recently stored or matched blocks are forgotten (for every worker): the index is a
+    routing hint, so forgetting a block costs at worst a less informed choice.
+    """
+
+    def __init__(self, max_blocks: int = 1_000_000) -> None:
+        self.max_blocks = max_blocks
+        #: chain hash -> workers holding it, in least-recently-used order.
+        self._holders: OrderedDict[int, set[str]] = OrderedDict()
+        #: worker -> its engine hash -> chain hash, and the reverse.
+        self._engine_hashes: dict[str, dict[bytes, int]] = {}
+        self._chains: dict[str, dict[int, bytes]] = {}
+        self._entries = 0
+
+    def __len__(self) -> int:
+        """(block, worker) entries held."""
+        return self._entries
+
+    def workers(self) -> list[str]:
+        return list(self._engine_hashes)
+
+    def blocks_of(self, worker: str) -> int:
+        return len(self._engine_hashes.get(worker, {}))
+
+    def stored(self, worker: str, event: common_pb2.BlockStored) -> None:
+        """Record full blocks stored by ``worker``, chained to their parent."""
+        known = self._engine_hashes.setdefault(worker, {})
+        chains = self._chains.setdefault(worker, {})
+        parent = known.get(bytes(event.parent_block_hash), ROOT) if event.parent_block_hash else ROOT
+        size = event.block_size
+        added: list[int] = []
+        for i, engine_hash in enumerate(event.block_hashes):
+            block = event.token_ids[i * size : (i + 1) * size]
+            if size == 0 or len(block) < size:
+                break  # a malformed record: never index a partial block
+            parent = event.chain_hashes[i] if i < len(event.chain_hashes) else block_hash(parent, block)
+            holders = self._holders.setdefault(parent, set())
+            if worker not in holders:
+                holders.add(worker)
+                self._entries += 1
+            known[bytes(engine_hash)] = parent
+            chains[parent] = bytes(engine_hash)
+            added.append(parent)
+        self._touch(added)
+        self._evict()
+
+    def removed(self, worker: str, engine_hashes: Iterable[bytes]) -> None:
+        known = self._engine_hashes.get(worker)
+        if not known:
+            return
+        for engine_hash in engine_hashes:
+            chain = known.pop(bytes(engine_hash), None)
+            if chain is not None:
+                self._chains[worker].pop(chain, None)
+                self._drop(chain, worker)
+
+    def cleared(self, worker: str) -> None:
+        """Forget every block of ``worker`` (cache reset, resync, or the worker left)."""
+        self._engine_hashes.pop(worker, None)
+        for chain in self._chains.pop(worker, {}):
+            self._drop(chain, worker)
+
+    def match(self, hashes: Sequence[int], candidates: Iterable[str]) -> dict[str, int]:
+        """For each candidate, how many leading blocks of ``hashes`` it holds.
+
+        Walks the prompt's blocks once, narrowing the set of workers still matching,
+        so the cost is the matched prefix length times the workers that share it.
+        """
+        matched = dict.fromkeys(candidates, 0)
+        active = set(matched)
+        depth = 0
+        for chain in hashes:
+            holders = self._holders.get(chain)
+            if not holders:
+                break
+            active &= holders
+            if not active:
+                break
+            depth += 1
+            for worker in active:
+                matched[worker] = depth
+        self._touch(hashes[:depth])
+        return matched
+
+    def _touch(self, chain: Sequence[int]) -> None:
+        """Mark a chain of blocks used, its first block most recent: eviction then
+        takes the deepest blocks of cold chains first, never a root under live children."""
+        for block in reversed(chain):
+            self._holders.move_to_end(block)
+
+    def _drop(self, chain: int, worker: str) -> None:
+        holders = self._holders.get(chain)
+        if holders is None or worker not in holders:
+            return
+        holders.discard(worker)
+        self._entries -= 1
+        if not holders:
+            del self._holders[chain]
+
+    def _evict(self) -> None:
+        while self._entries > self.max_blocks and self._holders:
+            chain, holders = self._holders.popitem(last=False)
+            self._entries -= len(holders)
+            for worker in holders:
+                engine_hash = self._chains[worker].pop(chain, None)
+                if engine_hash is not None:
+                    self._engine_hashes[worker].pop(engine_hash, None)

@@ -1,0 +1,72 @@
+"""The router's KV index (pure logic): chained hashes name equal prefixes equally,
+events from each worker land in its own block set, matching finds the longest held
+prefix per worker, and the memory cap evicts the least recently used blocks."""
+
+from __future__ import annotations
+
+from router_svc.kv_index import KvIndex, chain_hashes
+from services.pb import common_pb2
+
+BLOCK = 4
+
+
+def stored(ids: list[int], engine_hashes: list[bytes], parent: bytes = b"") -> common_pb2.BlockStored:
+    return common_pb2.BlockStored(
+        block_hashes=engine_hashes, parent_block_hash=parent, token_ids=ids, block_size=BLOCK
+    )
+
+
+def test_chain_hashes_name_prefixes() -> None:
+    a = chain_hashes(list(range(12)), BLOCK)
+    b = chain_hashes(list(range(8)) + [99, 9, 10, 11], BLOCK)
+    assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
+    assert chain_hashes(list(range(7)), BLOCK) == a[:1]  # a partial block has no hash
+    # The same block after a different prefix is a different block.
+    assert chain_hashes(list(range(4, 8)), BLOCK)[0] != a[1]
+
+
+def test_match_finds_the_longest_held_prefix_per_worker() -> None:
+    prompt = list(range(16))
+    index = KvIndex()
+    index.stored("a", stored(prompt[:8], [b"a1", b"a2"]))
+    index.stored("a", stored(prompt[8:12], [b"a3"], parent=b"a2"))  # chained by engine hash
+    index.stored("b", stored(prompt[:4], [b"b1"]))
+    index.stored("b", stored([7, 7, 7, 7], [b"bx"], parent=b"b1"))  # diverges after block 1
+    hashes = chain_hashes(prompt, BLOCK)
+    assert index.match(hashes, ["a", "b", "c"]) == {"a": 3, "b": 1, "c": 0}
+    assert index.blocks_of("a") == 3 and len(index) == 5
+
+    index.removed("a", [b"a2"])  # a hole: the prefix past it no longer counts
+    assert index.match(hashes, ["a", "b"]) == {"a": 1, "b": 1}
+    index.cleared("b")
+    assert index.match(hashes, ["a", "b"]) == {"a": 1, "b": 0}
+    assert index.workers() == ["a"]
+
+
+def test_router_hashes_from_the_publisher_are_trusted() -> None:
+    index = KvIndex()
+    index.stored("kv", common_pb2.BlockStored(
+        block_hashes=[b"k1"], token_ids=[1, 2, 3, 4], block_size=BLOCK, chain_hashes=[42]
+    ))
+    assert index.match([42], ["kv"]) == {"kv": 1}
+
+
+def test_partial_or_malformed_records_are_not_indexed() -> None:
+    index = KvIndex()
+    index.stored("a", stored([1, 2, 3], [b"a1"]))
+    index.stored("a", common_pb2.BlockStored(block_hashes=[b"a1"], token_ids=[1, 2, 3, 4]))
+    assert len(index) == 0
+
+
+def test_memory_cap_evicts_deepest_least_recently_used_blocks() -> None:
+    index = KvIndex(max_blocks=4)
+    first = list(range(8))
+    index.stored("a", stored(first, [b"f1", b"f2"]))
+    index.stored("b", stored(first, [b"g1", b"g2"]))
+    assert len(index) == 4
+    index.stored("a", stored(list(range(100, 104)), [b"n1"]))
+    # The cold chain loses its deepest block (on both workers), not its root.
+    assert len(index) == 3
+    assert index.match(chain_hashes(first, BLOCK), ["a", "b"]) == {"a": 1, "b": 1}
+    assert index.match(chain_hashes(list(range(100, 104)), BLOCK), ["a"]) == {"a": 1}
+    assert index.blocks_of("a") == 2 and index.blocks_of("b") == 1
