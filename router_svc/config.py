@@ -27,9 +27,23 @@ class RouterConfig(StageConfig):
         5.0, "seconds a request waits for a member of a role it needs before 503"
     )
     disagg_min_tokens: int = setting(
-        0, "prompts shorter than this are prefilled by the decode worker itself (0: always remote)"
+        0,
+        "prompts whose uncached part (tokens not already on the chosen prefill worker) is "
+        "shorter than this are prefilled by the decode worker itself (0: always remote)",
     )
     load_interval: float = setting(1.0, "seconds between polls of each engine's load")
+    router_policy: str = setting(
+        "kv_aware", "how workers are picked: round_robin, least_load or kv_aware"
+    )
+    kv_load_weight: float = setting(
+        4.0, "kv_aware: prompt blocks one queued request on a worker weighs as much as"
+    )
+    kv_max_queue: int = setting(
+        8,
+        "a worker with this many requests queued loses its prefix preference (kv_aware); "
+        "a prefill pool where all have it is saturated, and prompts are prefilled locally",
+    )
+    kv_index_max_blocks: int = setting(1_000_000, "cap on (block, worker) entries in the KV index")
     max_n: int = setting(16, "most sequences one request may ask for (n)")
 
     ROLE: ClassVar[str] = "router"

@@ -36,6 +36,8 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from router_svc.config import RouterConfig
+from router_svc.kv_index import chain_hashes
+from router_svc.policy import DECISIONS, Choice, Policy
 from router_svc.workers import Peer, Workers
 from services.aio import cancel_and_wait
 from services.clients import EngineClient, TokenizerClient
@@ -57,10 +59,26 @@ PREFILL_FALLBACKS = Counter(
     "Sequences decoded aggregated after their remote prefill or KV pull failed",
     ["reason"],
 )
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 TIME_TO_FIRST_TOKEN = Histogram(
-    "stagemesh_router_time_to_first_token_seconds",
-    "From the request's arrival to its first generated token",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+    "stagemesh_request_ttft_seconds",
+    "From a sequence's request arriving to its first generated token",
+    buckets=_LATENCY_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "stagemesh_request_itl_seconds",
+    "Time between generated tokens of a sequence, as streamed to the caller",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
+)
+END_TO_END = Histogram(
+    "stagemesh_request_e2e_seconds",
+    "From a sequence's request arriving to its last token",
+    buckets=_LATENCY_BUCKETS,
+)
+PROMPT_TOKENS = Counter("stagemesh_router_prompt_tokens_total", "Prompt tokens of routed sequences")
+PREFIX_HIT_TOKENS = Counter(
+    "stagemesh_router_prefix_hit_tokens_total",
+    "Prompt tokens the chosen prefilling worker already held, per the router's KV index",
 )
 
 #: Prompt ids passed to Detokenize as context (tokenizers render a token
@@ -78,6 +96,15 @@ class Prompt:
     token_ids: list[int]
     info: tokenizer_pb2.ModelInfo
     arrived: float
+    _hashes: dict[int, list[int]] = field(default_factory=dict)
+
+    def hashes(self, block_size: int) -> list[int]:
+        """The prompt's chained block hashes for a KV block size (computed once per size)."""
+        if block_size <= 0:
+            return []
+        if block_size not in self._hashes:
+            self._hashes[block_size] = chain_hashes(self.token_ids, block_size)
+        return self._hashes[block_size]
 
 
 @dataclass
@@ -105,9 +132,10 @@ class _Sequence:
 class Orchestrator:
     """Runs requests through the mesh's stages; shared by the gRPC API and the HTTP bridge."""
 
-    def __init__(self, config: RouterConfig, workers: Workers) -> None:
+    def __init__(self, config: RouterConfig, workers: Workers, policy: Policy) -> None:
         self.config = config
         self.workers = workers
+        self.policy = policy
         self._infos: dict[str, tokenizer_pb2.ModelInfo] = {}
 
     def deadline(self, client_remaining: float | None = None) -> float:
@@ -285,7 +313,8 @@ class Orchestrator:
         sampling = self._sampling(request, prompt, index)
         sequence_id = f"{request_id}-{index}"
         decoding = await self._open_decode(prompt, sampling, sequence_id, deadline)
-        TIME_TO_FIRST_TOKEN.observe(time.monotonic() - prompt.arrived)
+        last_token_at = time.monotonic()
+        TIME_TO_FIRST_TOKEN.observe(last_token_at - prompt.arrived)
         state = _Sequence()
         pending: asyncio.Queue[tokenizer_pb2.DetokenizeRequest | None] = asyncio.Queue()
         tokenizer = await self.workers.pick(common_pb2.ROLE_TOKENIZER, prompt.model, self.config.worker_wait)
@@ -314,7 +343,7 @@ class Orchestrator:
                     if not (reply.text or final or reply.num_tokens > emitted):
                         continue
                     delta = router_pb2.RouterGenerateResponse(index=index, text=reply.text)
-                    upto = reply.num_tokens
+                    upto, emitted_before = reply.num_tokens, emitted
                     if request.return_token_ids:
                         delta.token_ids.extend(state.token_ids[emitted:upto])
                     if state.logprobs:
@@ -332,7 +361,14 @@ class Orchestrator:
                             state.final.stop_token_id not in prompt.info.eos_token_ids
                         ):
                             delta.stop_reason = str(state.final.stop_token_id)
+                    if upto > emitted_before and emitted_before > 0:
+                        now = time.monotonic()
+                        gap = (now - last_token_at) / (upto - emitted_before)
+                        for _ in range(upto - emitted_before):
+                            INTER_TOKEN_LATENCY.observe(gap)
+                        last_token_at = now
                     if final:
+                        END_TO_END.observe(time.monotonic() - prompt.arrived)
                         self._account(usage, index, reply.num_tokens, decoding, state)
                     if delta.text or delta.token_ids or delta.logprobs or final:
                         yield delta
@@ -408,9 +444,13 @@ class Orchestrator:
         handle, cached = await self._prefill(prompt, sampling, sequence_id, deadline)
         tried: frozenset[str] = frozenset()
         while True:
-            peer = await self.workers.pick(
+            candidates = await self.workers.wait_candidates(
                 common_pb2.ROLE_DECODE, prompt.model, self.config.worker_wait, tried
             )
+            choice = self._choose(common_pb2.ROLE_DECODE, candidates, prompt, sequence_id)
+            if handle is None:  # the decode worker computes the prompt itself
+                PREFIX_HIT_TOKENS.inc(choice.matched_blocks * candidates[0].member.kv_block_size)
+            peer = choice.peer
             assert isinstance(peer.client, EngineClient)
             peer.in_flight += 1
             call = peer.client.generate(
@@ -447,13 +487,27 @@ class Orchestrator:
     async def _prefill(
         self, prompt: Prompt, sampling: common_pb2.SamplingParams, sequence_id: str, deadline: float
     ) -> tuple[common_pb2.KvTransferHandle | None, int]:
-        """A KV handle from the least-loaded prefill worker, or (None, 0) to run aggregated."""
-        if len(prompt.token_ids) < self.config.disagg_min_tokens:
-            return None, 0
+        """A KV handle from the chosen prefill worker, or (None, 0) to run aggregated.
+
+        Conditional disaggregation: the prompt goes to a prefill worker only when the
+        part of it that worker does not hold is at least ``--disagg-min-tokens``, and
+        the prefill pool is not saturated; otherwise the decode worker computes it.
+        """
+        PROMPT_TOKENS.inc(len(prompt.token_ids))
         candidates = self.workers.candidates(common_pb2.ROLE_PREFILL, prompt.model)
         if not candidates:
             return None, 0
-        peer = candidates[0]
+        if all(p.queued() >= self.config.kv_max_queue for p in candidates):
+            DECISIONS.labels(self.policy.name, "disaggregation", "local_prefill_saturated").inc()
+            return None, 0
+        choice = self._choose(common_pb2.ROLE_PREFILL, candidates, prompt, sequence_id)
+        uncached = len(prompt.token_ids) - choice.matched_blocks * choice.peer.member.kv_block_size
+        if uncached < self.config.disagg_min_tokens:
+            DECISIONS.labels(self.policy.name, "disaggregation", "local_short_uncached").inc()
+            return None, 0
+        DECISIONS.labels(self.policy.name, "disaggregation", "remote").inc()
+        PREFIX_HIT_TOKENS.inc(len(prompt.token_ids) - uncached)
+        peer = choice.peer
         assert isinstance(peer.client, EngineClient)
         timeout = min(self.config.prefill_timeout, _remaining(deadline))
         async with self.workers.using(peer):
@@ -471,6 +525,16 @@ class Orchestrator:
                 PREFILL_FALLBACKS.labels(error.code().name.lower()).inc()
                 return None, 0
         return reply.handle, reply.cached_tokens
+
+    def _choose(self, role: int, candidates: list[Peer], prompt: Prompt, sequence_id: str) -> Choice:
+        """Apply the routing policy; count and log the decision."""
+        choice = self.policy.choose(candidates, prompt.hashes(candidates[0].member.kv_block_size))
+        DECISIONS.labels(self.policy.name, role_name(role), choice.reason).inc()
+        log.debug(
+            "%s: %s -> %s (%s, %d prefix blocks, %d queued)", sequence_id, role_name(role),
+            choice.peer.member.instance_id, choice.reason, choice.matched_blocks, choice.peer.queued(),
+        )
+        return choice
 
     async def _with_tokenizer(
         self, model: str, call: Callable[[TokenizerClient], Awaitable[T]]

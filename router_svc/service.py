@@ -8,22 +8,33 @@ from typing import ClassVar
 
 import grpc
 from google.protobuf import descriptor
+from prometheus_client import Gauge
 
 from router_svc.config import RouterConfig
 from router_svc.generate import Orchestrator
+from router_svc.kv_index import KvIndex
+from router_svc.kv_subscriber import KvSubscriber
 from router_svc.openai_bridge import HttpBridge
+from router_svc.policy import make_policy
 from router_svc.workers import ENGINE_ROLES, Workers
 from services.clients import health_status
 from services.etcd import EtcdSession
+from services.membership import member_key
 from services.pb import common_pb2, router_pb2
 from services.server import Stage
+
+
+INDEX_ENTRIES = Gauge(
+    "stagemesh_router_kv_index_entries", "(block, worker) entries in the router's KV index"
+)
 
 
 class RouterServicer:
     """The mesh's public gRPC API."""
 
-    def __init__(self, orchestrator: Orchestrator) -> None:
+    def __init__(self, orchestrator: Orchestrator, index: KvIndex) -> None:
         self._orchestrator = orchestrator
+        self._index = index
 
     async def Generate(
         self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
@@ -54,8 +65,10 @@ class RouterServicer:
         reply = router_pb2.ListMembersResponse()
         for member, status in zip(members, health):
             entry = reply.members.add(member=member, health=status)
-            if member.role in ENGINE_ROLES and (load := workers.load_of(member.instance_id)) is not None:
-                entry.load.CopyFrom(load)
+            if member.role in ENGINE_ROLES:
+                entry.kv_blocks_indexed = self._index.blocks_of(member_key(member))
+                if (load := workers.load_of(member.instance_id)) is not None:
+                    entry.load.CopyFrom(load)
         return reply
 
 
@@ -67,9 +80,17 @@ class RouterStage(Stage):
     def __init__(self, config: RouterConfig) -> None:
         self._config = config
         self._session = EtcdSession(config.etcd_endpoints)
-        self._workers = Workers(self._session, config.control_timeout, config.load_interval)
-        self._orchestrator = Orchestrator(config, self._workers)
-        self._servicer = RouterServicer(self._orchestrator)
+        index = KvIndex(config.kv_index_max_blocks)
+        INDEX_ENTRIES.set_function(lambda: len(index))
+        try:
+            policy = make_policy(config.router_policy, index, config.kv_load_weight, config.kv_max_queue)
+        except ValueError as exc:
+            raise SystemExit(f"--router-policy: {exc}") from None
+        self._workers = Workers(
+            self._session, config.control_timeout, config.load_interval, KvSubscriber(index)
+        )
+        self._orchestrator = Orchestrator(config, self._workers, policy)
+        self._servicer = RouterServicer(self._orchestrator, index)
         self._bridge = HttpBridge(self._orchestrator, config.max_body_mib) if config.http_port >= 0 else None
 
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:

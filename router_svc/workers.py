@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from router_svc.kv_subscriber import KvSubscriber
 from services.aio import cancel_and_wait
 from services.clients import EngineClient, TokenizerClient
 from services.errors import Unavailable
@@ -57,21 +58,33 @@ class Peer:
     def serves(self, model: str) -> bool:
         return not model or model in self.member.models
 
+    def queued(self) -> int:
+        """Requests running or waiting there: the engine's last report, or the calls this
+        router has open on it if that is more (the report lags a burst)."""
+        if self.load is None:
+            return self.in_flight
+        return max(self.in_flight, self.load.running_requests + self.load.waiting_requests)
+
     def rank(self) -> tuple[int, float, int, float]:
-        """Sort key, least loaded first: queued work, KV-cache use, then a random tie-break."""
-        running = waiting = 0
-        usage = 0.0
-        if self.load is not None:
-            running, waiting = self.load.running_requests, self.load.waiting_requests
-            usage = self.load.kv_cache_usage
-        return (max(self.in_flight, running + waiting) + waiting, usage, self.in_flight, self._rank_salt)
+        """Sort key, least loaded first: queued work (waiting counts twice), KV-cache use,
+        then a random tie-break."""
+        waiting = self.load.waiting_requests if self.load is not None else 0
+        usage = self.load.kv_cache_usage if self.load is not None else 0.0
+        return (self.queued() + waiting, usage, self.in_flight, self._rank_salt)
 
 
 class Workers:
     """Members by etcd key, with clients, load polling and least-loaded picking."""
 
-    def __init__(self, session: EtcdSession, control_timeout: float, load_interval: float) -> None:
+    def __init__(
+        self,
+        session: EtcdSession,
+        control_timeout: float,
+        load_interval: float,
+        kv_events: KvSubscriber | None = None,
+    ) -> None:
         self._watcher = MemberWatcher(session, on_change=self._on_change)
+        self._kv_events = kv_events
         self._control_timeout = control_timeout
         self._load_interval = load_interval
         self.peers: dict[str, Peer] = {}
@@ -85,6 +98,8 @@ class Workers:
     async def close(self) -> None:
         await cancel_and_wait(self._poller)
         await self._watcher.close()
+        if self._kv_events is not None:
+            await self._kv_events.close()
         for peer in self.peers.values():
             await peer.client.close()
         self.peers.clear()
@@ -94,7 +109,7 @@ class Workers:
         old = self.peers.get(key)
         if old is not None and (member is None or member.grpc_address != old.member.grpc_address):
             del self.peers[key]
-            task = asyncio.get_running_loop().create_task(old.client.close())
+            task = asyncio.get_running_loop().create_task(self._release(old))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
             old = None
@@ -111,7 +126,15 @@ class Workers:
         else:
             return  # routers and KV stores are listed, not called (yet)
         self.peers[key] = Peer(key, member, client)
+        if self._kv_events is not None and isinstance(client, EngineClient):
+            self._kv_events.follow(key, client)
         log.info("member joined: %s at %s", key, member.grpc_address)
+
+    async def _release(self, peer: Peer) -> None:
+        """A member left: its blocks leave the KV index, its channel closes."""
+        if self._kv_events is not None:
+            await self._kv_events.forget(peer.key)
+        await peer.client.close()
 
     def members(self, role: int = common_pb2.ROLE_UNSPECIFIED) -> list[common_pb2.Member]:
         """Every registered member (all roles, including those the router does not call)."""
@@ -135,10 +158,10 @@ class Workers:
         ]
         return sorted(usable, key=Peer.rank)
 
-    async def pick(
+    async def wait_candidates(
         self, role: int, model: str, wait: float, exclude: frozenset[str] = frozenset()
-    ) -> Peer:
-        """The least-loaded usable member; waits up to ``wait`` s for one, then UNAVAILABLE."""
+    ) -> list[Peer]:
+        """Usable members, least loaded first; waits up to ``wait`` s for one, then UNAVAILABLE."""
         deadline = time.monotonic() + wait
         while not (found := self.candidates(role, model, exclude)):
             if time.monotonic() >= deadline:
@@ -146,7 +169,13 @@ class Workers:
                     f"no {role_name(role)} member serving {model or 'the model'!r} is available"
                 )
             await asyncio.sleep(0.1)
-        return found[0]
+        return found
+
+    async def pick(
+        self, role: int, model: str, wait: float, exclude: frozenset[str] = frozenset()
+    ) -> Peer:
+        """The least-loaded usable member (see :meth:`wait_candidates`)."""
+        return (await self.wait_candidates(role, model, wait, exclude))[0]
 
     def mark_down(self, peer: Peer) -> None:
         """Skip a member that refused a connection for a few seconds."""

@@ -113,6 +113,23 @@ class StageProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
+        # SIGKILL is delivered but not yet acted on by every member: an engine process
+        # releasing gigabytes of registered KV memory takes seconds to exit.
+        deadline = time.monotonic() + 60
+        while live_processes_in_group(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Pids in process group ``pgid`` that have not exited (zombies do not count: a
+    container's init may never reap them)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                live.append(int(stat.parent.name))
+    return live
 
 
 class ProcessGroup:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 import pytest_asyncio
 
@@ -226,8 +227,6 @@ async def router(mesh: Mesh) -> AsyncIterator[RouterClient]:
 
 
 @pytest.fixture(scope="session")
-def client(mesh: Mesh) -> "openai.AsyncOpenAI":
+def client(mesh: Mesh) -> openai.AsyncOpenAI:
     """The official OpenAI SDK pointed at the mesh's HTTP bridge."""
-    import openai
-
     return openai.AsyncOpenAI(base_url=f"{mesh.http_url}/v1", api_key="unused", max_retries=0, timeout=300)

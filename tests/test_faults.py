@@ -7,37 +7,23 @@ These kill the session's engines, so they run after every other test (``disrupti
 
 from __future__ import annotations
 
-import contextlib
-import re
+import asyncio
 import time
-from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
+from services.clients import RouterClient
+from services.launcher import live_processes_in_group
+from services.pb import common_pb2
 from tests.conftest import ENGINE_START_TIMEOUT, Mesh
-from tests.test_router import QUESTION
+from tests.test_router import QUESTION, metric
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.disruptive]
 
 
-def live_processes_in_group(pgid: int) -> list[int]:
-    """Pids in process group ``pgid`` that are not zombies (this host's init may not reap)."""
-    live = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                live.append(int(stat.parent.name))
-    return live
-
-
 async def sequences(mesh: Mesh, mode: str) -> float:
-    async with httpx.AsyncClient(base_url=mesh.http_url) as http:
-        metrics = (await http.get("/metrics")).text
-    found = re.search(rf'^stagemesh_router_sequences_total{{mode="{mode}"}} (\S+)$', metrics, re.M)
-    return float(found.group(1)) if found else 0.0
+    return await metric(mesh, f'stagemesh_router_sequences_total{{mode="{mode}"}}')
 
 
 async def ask(client: openai.AsyncOpenAI) -> str:
@@ -45,7 +31,7 @@ async def ask(client: openai.AsyncOpenAI) -> str:
     return reply.choices[0].message.content or ""
 
 
-async def test_dead_prefill_falls_back_to_aggregated(client, mesh: Mesh) -> None:
+async def test_dead_prefill_falls_back_to_aggregated(client, router: RouterClient, mesh: Mesh) -> None:
     assert "Paris" in await ask(client)
     assert await sequences(mesh, "disaggregated") > 0
     mesh.prefill.kill()  # its etcd lease outlives it by up to a TTL: the router must cope
@@ -54,6 +40,13 @@ async def test_dead_prefill_falls_back_to_aggregated(client, mesh: Mesh) -> None
     for _ in range(2):
         assert "Paris" in await ask(client)
     assert await sequences(mesh, "aggregated") == aggregated + 2
+    # Once its lease expires the member leaves, and its blocks leave the router's index.
+    deadline = time.monotonic() + 30
+    while await router.list_members(common_pb2.ROLE_PREFILL):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.5)
+    decode_blocks = sum(m.kv_blocks_indexed for m in await router.list_members(common_pb2.ROLE_DECODE))
+    assert await metric(mesh, "stagemesh_router_kv_index_entries") == decode_blocks
 
 
 async def test_dead_decode_is_503_then_recovers(client, mesh: Mesh) -> None:

@@ -10,7 +10,6 @@ import time
 
 import grpc
 import httpx
-import openai
 import pytest
 
 from services.clients import EngineClient, RouterClient, TokenizerClient
@@ -251,3 +250,30 @@ async def test_grpc_errors_keep_their_codes(router: RouterClient) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await router.generate_unary(request, timeout=60)
         assert caught.value.code() == code, caught.value.details()
+
+
+async def metric(mesh: Mesh, name: str) -> float:
+    """Sum of a router metric's samples whose line starts with ``name``."""
+    async with httpx.AsyncClient(base_url=mesh.http_url) as http:
+        text = (await http.get("/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def test_kv_index_follows_the_engines_and_routes_by_prefix(client, router: RouterClient, mesh: Mesh) -> None:
+    prompt = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60))
+    await client.completions.create(model="", prompt=prompt, temperature=0, max_tokens=2)
+    deadline = time.monotonic() + 15
+    while True:  # the prefill engine's BlockStored events reach the router's index
+        members = await router.list_members(common_pb2.ROLE_PREFILL)
+        if any(m.kv_blocks_indexed >= 4 for m in members):
+            break
+        assert time.monotonic() < deadline, members
+        await asyncio.sleep(0.2)
+    hits = await metric(mesh, 'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="prefill"}')
+    hit_tokens = await metric(mesh, "stagemesh_router_prefix_hit_tokens_total")
+    await client.completions.create(model="", prompt=prompt + " One more.", temperature=0, max_tokens=2)
+    assert await metric(
+        mesh, 'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="prefill"}'
+    ) == hits + 1
+    assert await metric(mesh, "stagemesh_router_prefix_hit_tokens_total") >= hit_tokens + 4 * 128
+    assert await metric(mesh, "stagemesh_router_kv_index_entries") >= 4

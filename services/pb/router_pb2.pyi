@@ -125,11 +125,13 @@ class ListMembersResponse(_message.Message):
     def __init__(self, members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ...) -> None: ...
 
 class MemberStatus(_message.Message):
-    __slots__ = ("member", "health", "load")
+    __slots__ = ("member", "health", "load", "kv_blocks_indexed")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_INDEXED_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.Member
     health: str
     load: _engine_pb2.Load
-    def __init__(self, member: _Optional[_Union[_common_pb2.Member, _Mapping]] = ..., health: _Optional[str] = ..., load: _Optional[_Union[_engine_pb2.Load, _Mapping]] = ...) -> None: ...
+    kv_blocks_indexed: int
+    def __init__(self, member: _Optional[_Union[_common_pb2.Member, _Mapping]] = ..., health: _Optional[str] = ..., load: _Optional[_Union[_engine_pb2.Load, _Mapping]] = ..., kv_blocks_indexed: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,273 @@
+"""Routing policies on a shared-prefix workload, through the HTTP bridge, and what the
+router itself costs.
+
+    python -m bench.policies [--rate 1.0] [--users 8] [--turns 3] [--json F] [--png F]
+
+Starts etcd, the tokenizer and two decode engines (one per core, aggregated: every
+prompt is computed where it is routed), then for each policy in turn a router, and
+drives the same workload through its OpenAI-compatible HTTP bridge: several long
+system prompts, each shared by several users, each user holding a multi-turn
+conversation, requests started at a fixed rate. Every policy gets system prompts of
+its own, so caches warmed by an earlier policy do not help a later one. Reports TTFT
+p50/p90/p99, ITL p50, output throughput and the prefix-cache hit rate the engines
+themselves report (cached over prompt tokens, from each response's usage).
+
+Then, at concurrency 1, the router's own cost: TTFT and ITL of the same prompts
+through the router's gRPC API and straight to the decode engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.report import print_table, write_json
+from services.clients import EngineClient, RouterClient, TokenizerClient
+from services.config import DEFAULT_HOME
+from services.etcd import EmbeddedEtcd, free_port
+from services.launcher import ProcessGroup, StageProcess
+from services.model import prepare_bundled_model
+from services.pb import common_pb2, router_pb2
+
+POLICIES = ("round_robin", "least_load", "kv_aware")
+TOPICS = ("astronomy", "cooking", "law", "chemistry", "music", "geography", "poetry", "finance")
+
+
+def system_prompt(seed: int, rules: int) -> str:
+    rng = random.Random(seed)
+    topic = rng.choice(TOPICS)
+    return f"You are assistant #{seed}, an expert in {topic}. " + " ".join(
+        f"Rule {i}: when asked about item {rng.randrange(10_000)}, answer with code {rng.randrange(10_000)}."
+        for i in range(rules)
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def chat(http: httpx.AsyncClient, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    """One streamed chat completion: TTFT, inter-token gaps, text and usage."""
+    body = {"model": "", "messages": messages, "temperature": 0, "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first: float | None = None
+    last = start
+    gaps: list[float] = []
+    text, usage = "", {}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices", []):
+                if choice["delta"].get("content"):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now - start
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                    text += choice["delta"]["content"]
+    return {"ttft": first if first is not None else last - start, "gaps": gaps, "text": text, "usage": usage}
+
+
+async def workload(http_url: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    systems = [system_prompt(seed * 100 + s, args.rules) for s in range(args.systems)]
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    async def user(u: int) -> None:
+        messages = [{"role": "system", "content": systems[u % len(systems)]}]
+        async with httpx.AsyncClient(base_url=http_url, timeout=600) as http:
+            for turn in range(args.turns):
+                slot = started + (turn * args.users + u) / args.rate
+                await asyncio.sleep(max(0.0, slot - time.perf_counter()))
+                messages.append({"role": "user", "content": f"User {u}, turn {turn}: what is item {u * 10 + turn}?"})
+                result = await chat(http, messages, args.output)
+                messages.append({"role": "assistant", "content": result["text"]})
+                results.append(result)
+
+    await asyncio.gather(*(user(u) for u in range(args.users)))
+    wall = time.perf_counter() - started
+    ttfts = [r["ttft"] for r in results]
+    gaps = [g for r in results for g in r["gaps"]]
+    prompt = sum(r["usage"].get("prompt_tokens", 0) for r in results)
+    cached = sum(r["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0) for r in results)
+    output = sum(r["usage"].get("completion_tokens", 0) for r in results)
+    return {
+        "requests": len(results),
+        "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p90_s": percentile(ttfts, 0.9),
+        "ttft_p99_s": percentile(ttfts, 0.99), "itl_p50_ms": percentile(gaps, 0.5) * 1000,
+        "output_tok_s": output / wall, "hit_rate": cached / prompt if prompt else 0.0,
+    }
+
+
+async def overhead(router: RouterClient, decode: EngineClient, tokenizer: TokenizerClient, samples: int, output: int) -> dict[str, Any]:
+    """TTFT and ITL at concurrency 1: through the router's gRPC API vs the engine directly."""
+    rng = random.Random(5)
+
+    async def timed(stream: Any) -> tuple[float, list[float]]:
+        start = last = time.perf_counter()
+        first: float | None = None
+        gaps: list[float] = []
+        async for reply in stream:
+            if reply.token_ids:
+                now = time.perf_counter()
+                if first is None:
+                    first = now - start
+                else:
+                    gaps.extend([(now - last) / len(reply.token_ids)] * len(reply.token_ids))
+                last = now
+        return first or 0.0, gaps
+
+    params = common_pb2.SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)
+    direct_ttft, routed_ttft, direct_gaps, routed_gaps = [], [], [], []
+    for i in range(samples):
+        text = f"Sample {i} {rng.random()}: tell me a long story about a lighthouse keeper."
+        ids = list((await tokenizer.tokenize(text)).token_ids)
+        await timed(decode.generate(ids, params))  # warm: both timed runs then hit the prefix cache
+        await asyncio.sleep(0.5)  # its KV events reach the router's index
+        ttft, gaps = await timed(decode.generate(ids, params))
+        direct_ttft.append(ttft)
+        direct_gaps += gaps
+        request = router_pb2.RouterGenerateRequest(
+            token_ids=router_pb2.TokenIds(ids=ids), sampling=params, return_token_ids=True
+        )
+        ttft, gaps = await timed(router.generate(request))  # kv_aware sends it to the warm engine
+        routed_ttft.append(ttft)
+        routed_gaps += gaps
+    return {
+        "direct_ttft_ms": statistics.median(direct_ttft) * 1000,
+        "router_ttft_ms": statistics.median(routed_ttft) * 1000,
+        "direct_itl_ms": statistics.median(direct_gaps) * 1000,
+        "router_itl_ms": statistics.median(routed_gaps) * 1000,
+    }
+
+
+async def run(args: argparse.Namespace) -> None:
+    home = Path(args.home)
+    prepare_bundled_model(home)
+    log_dir = Path(tempfile.mkdtemp(prefix="stagemesh-bench-"))
+    etcd = EmbeddedEtcd(client_port=0)
+    etcd.start()
+    group = ProcessGroup()
+
+    def stage(name: str, module: str, *extra: str) -> StageProcess:
+        port = free_port()
+        return group.add(StageProcess(
+            name, module, ["--port", str(port), "--etcd", etcd.endpoint, "--home", str(home), *extra],
+            f"127.0.0.1:{port}", log_dir,
+        ))
+
+    rows = []
+    try:
+        tokenizer = stage("tokenizer", "tokenizer_svc")
+        decodes = [stage(f"decode-{core}", "decode_svc", "--cpu-cores", str(core), "--kv-cache-gib", "2")
+                   for core in (0, 1)]
+        for process in (tokenizer, *decodes):
+            process.start()
+        print(f"starting tokenizer and two decode engines (logs in {log_dir})...", flush=True)
+        await asyncio.gather(*(p.wait_healthy(900) for p in (tokenizer, *decodes)))
+        for number, policy in enumerate(args.policies):
+            http_port = free_port()
+            router = stage(f"router-{policy}", "router_svc", "--http-port", str(http_port), "--router-policy", policy)
+            router.start()
+            await router.wait_healthy(120)
+            await asyncio.sleep(2)  # the router's first load polls and KV snapshots
+            print(f"{policy}: {args.users} users x {args.turns} turns at {args.rate} req/s...", flush=True)
+            row = {"policy": policy, **await workload(f"http://127.0.0.1:{http_port}", args, seed=number + 1)}
+            rows.append(row)
+            if policy == args.policies[-1]:
+                async with RouterClient(router.grpc_address) as client, \
+                        EngineClient(decodes[0].grpc_address) as decode, \
+                        TokenizerClient(tokenizer.grpc_address) as tok:
+                    cost = await overhead(client, decode, tok, args.overhead_samples, args.output)
+            router.stop()
+    finally:
+        group.stop_all()
+        etcd.stop()
+
+    print(f"\nShared-prefix workload: {args.systems} system prompts, {args.users} users, {args.turns} turns, "
+          f"{args.rate} req/s, {args.output} output tokens, two decode workers")
+    print_table(rows, [
+        ("policy", "policy", "s"), ("requests", "requests", "d"), ("hit_rate", "hit rate", ".1%"),
+        ("ttft_p50_s", "TTFT p50 s", ".3f"), ("ttft_p90_s", "TTFT p90 s", ".3f"),
+        ("ttft_p99_s", "TTFT p99 s", ".3f"), ("itl_p50_ms", "ITL p50 ms", ".1f"),
+        ("output_tok_s", "output tok/s", ".1f"),
+    ])
+    print("\nRouter cost at concurrency 1 (median; same prompts, gRPC API vs the decode engine directly)")
+    added = {"ttft_added_ms": cost["router_ttft_ms"] - cost["direct_ttft_ms"],
+             "itl_added_ms": cost["router_itl_ms"] - cost["direct_itl_ms"], **cost}
+    print_table([added], [
+        ("direct_ttft_ms", "direct TTFT ms", ".1f"), ("router_ttft_ms", "router TTFT ms", ".1f"),
+        ("ttft_added_ms", "added ms/request", ".2f"), ("direct_itl_ms", "direct ITL ms", ".2f"),
+        ("router_itl_ms", "router ITL ms", ".2f"), ("itl_added_ms", "added ms/token", ".3f"),
+    ])
+    if args.json:
+        write_json(Path(args.json), {"benchmark": "policies", "settings": {k: v for k, v in vars(args).items()
+                                                                           if k not in ("json", "png")},
+                                     "policies": rows, "router_cost": added})
+    if args.png:
+        plot(Path(args.png), rows)
+
+
+def plot(path: Path, rows: list[dict[str, Any]]) -> None:
+    """TTFT percentiles and throughput per policy, side by side (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed; skipping {path} (pip install -e '.[bench]')")
+        return
+    names = [r["policy"] for r in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    width = 0.25
+    for offset, key in enumerate(("ttft_p50_s", "ttft_p90_s", "ttft_p99_s")):
+        left.bar([i + (offset - 1) * width for i in range(len(rows))], [r[key] for r in rows], width, label=key[5:8])
+    left.set_xticks(range(len(rows)), names)
+    left.set_ylabel("TTFT (s)")
+    left.legend()
+    right.bar(names, [r["output_tok_s"] for r in rows])
+    right.set_ylabel("output tokens/s")
+    figure.suptitle("Routing policies on a shared-prefix workload")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
+    parser.add_argument("--systems", type=int, default=4, help="distinct system prompts")
+    parser.add_argument("--rules", type=int, default=40, help="length of each system prompt (rules)")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=1.0, help="requests started per second")
+    parser.add_argument("--output", type=int, default=16, help="tokens generated per request")
+    parser.add_argument("--overhead-samples", type=int, default=10)
+    parser.add_argument("--home", default=DEFAULT_HOME)
+    parser.add_argument("--json", default="")
+    parser.add_argument("--png", default="")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Routing policies (pure logic over a KV index and load figures): kv_aware follows
+the longest held prefix unless the holder is much busier or overloaded; the
+baselines ignore the cache."""
+
+from __future__ import annotations
+
+from router_svc.kv_index import KvIndex, chain_hashes
+from router_svc.policy import KvAware, LeastLoad, RoundRobin
+from router_svc.workers import Peer
+from services.pb import common_pb2, engine_pb2
+
+BLOCK = 4
+PROMPT = list(range(40))  # 10 blocks
+
+
+def peer(key: str, queued: int) -> Peer:
+    member = common_pb2.Member(instance_id=key, role=common_pb2.ROLE_DECODE, kv_block_size=BLOCK)
+    return Peer(key, member, client=None, load=engine_pb2.Load(running_requests=queued))  # type: ignore[arg-type]
+
+
+def index_with(holdings: dict[str, int]) -> KvIndex:
+    """An index where each worker holds the prompt's first N blocks."""
+    index = KvIndex()
+    for key, blocks in holdings.items():
+        ids = PROMPT[: blocks * BLOCK]
+        index.stored(key, common_pb2.BlockStored(
+            block_hashes=[f"{key}{i}".encode() for i in range(blocks)], token_ids=ids, block_size=BLOCK
+        ))
+    return index
+
+
+def test_kv_aware_prefers_the_prefix_holder() -> None:
+    hashes = chain_hashes(PROMPT, BLOCK)
+    a, b = peer("a", 0), peer("b", 1)
+    choice = KvAware(index_with({"b": 8}), load_weight=4.0, max_queue=8).choose([a, b], hashes)
+    assert (choice.peer.key, choice.matched_blocks, choice.reason) == ("b", 8, "prefix_hit")
+
+
+def test_kv_aware_weighs_load_against_prefix() -> None:
+    hashes = chain_hashes(PROMPT, BLOCK)
+    a, b = peer("a", 0), peer("b", 3)  # b saves 2 blocks but has 3 more requests (12 blocks' worth)
+    choice = KvAware(index_with({"b": 2}), load_weight=4.0, max_queue=8).choose([a, b], hashes)
+    assert (choice.peer.key, choice.reason) == ("a", "load_over_prefix")
+
+
+def test_kv_aware_falls_back_when_the_holder_is_overloaded() -> None:
+    hashes = chain_hashes(PROMPT, BLOCK)
+    a, b = peer("a", 2), peer("b", 8)
+    choice = KvAware(index_with({"b": 10}), load_weight=0.0, max_queue=8).choose([a, b], hashes)
+    assert (choice.peer.key, choice.reason) == ("a", "overloaded_fallback")
+    everyone_busy = KvAware(index_with({"b": 10}), load_weight=0.0, max_queue=1).choose([a, b], hashes)
+    assert everyone_busy.reason == "all_overloaded"
+
+
+def test_kv_aware_without_any_prefix_is_least_load() -> None:
+    a, b = peer("a", 0), peer("b", 0)
+    choice = KvAware(KvIndex(), 4.0, 8).choose([a, b], chain_hashes(PROMPT, BLOCK))
+    assert (choice.peer.key, choice.reason) == ("a", "least_load_no_prefix")
+
+
+def test_baselines_ignore_the_cache() -> None:
+    a, b = peer("a", 0), peer("b", 5)
+    hashes = chain_hashes(PROMPT, BLOCK)
+    assert LeastLoad().choose([a, b], hashes).peer.key == "a"
+    turns = RoundRobin()
+    assert [turns.choose([b, a], hashes).peer.key for _ in range(4)] == ["a", "b", "a", "b"]

@@ -1,0 +1,81 @@
+"""KV-aware routing with two decode workers (aggregated): requests that share a long
+prefix land on the worker that holds it, and a dead worker's blocks leave the index.
+
+It starts a second decode engine where the session's prefill engine was (the prefill
+is killed first: a disaggregated mesh would send the prompt to the prefill pool), so
+it runs after the other tests (``disruptive``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from services.clients import RouterClient
+from services.etcd import EmbeddedEtcd
+from services.pb import common_pb2
+from tests.conftest import ENGINE_START_TIMEOUT, Mesh, engine_process
+from tests.test_router import metric
+
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.disruptive]
+
+SYSTEM = " ".join(f"Rule {i}: always answer question {i} with the number {i * 7}." for i in range(45))
+PREFIX_HITS = 'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="decode"}'
+
+
+async def decode_blocks(router: RouterClient) -> dict[str, int]:
+    return {m.member.instance_id: m.kv_blocks_indexed for m in await router.list_members(common_pb2.ROLE_DECODE)}
+
+
+async def until(check, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.3)
+
+
+async def test_shared_prefix_follows_its_holder(
+    client, router: RouterClient, mesh: Mesh, etcd: EmbeddedEtcd, home: Path, tmp_path: Path
+) -> None:
+    mesh.prefill.kill()
+    second = engine_process("decode", etcd.endpoint, home, tmp_path, "--cpu-cores", "0")
+    second.start()
+    try:
+        await second.wait_healthy(ENGINE_START_TIMEOUT)
+        await until(lambda: _has(router, decode=2, prefill=0))
+
+        start = await decode_blocks(router)
+        await client.completions.create(model="", prompt=SYSTEM + " Question 1?", temperature=0, max_tokens=2)
+        await until(lambda: _holder(router, start))
+        holder = await _holder(router, start)
+        before = await decode_blocks(router)
+        hits = await metric(mesh, PREFIX_HITS)
+        for question in range(2, 6):
+            await client.completions.create(
+                model="", prompt=f"{SYSTEM} Question {question}?", temperature=0, max_tokens=2
+            )
+        assert await metric(mesh, PREFIX_HITS) == hits + 4
+        after = await decode_blocks(router)
+        others = [worker for worker in after if worker != holder]
+        assert all(after[w] - before.get(w, 0) < 4 for w in others), (holder, before, after)
+    finally:
+        second.kill()
+    # Its lease expires, the member leaves, and its blocks leave the index with it.
+    await until(lambda: _has(router, decode=1, prefill=0))
+    remaining = sum((await decode_blocks(router)).values())
+    assert await metric(mesh, "stagemesh_router_kv_index_entries") == remaining
+
+
+async def _has(router: RouterClient, decode: int, prefill: int) -> bool:
+    members = await router.list_members()
+    roles = [m.member.role for m in members]
+    return roles.count(common_pb2.ROLE_DECODE) == decode and roles.count(common_pb2.ROLE_PREFILL) == prefill
+
+
+async def _holder(router: RouterClient, start: dict[str, int]) -> str | None:
+    """The decode worker that took the system prompt's blocks (4 or more since ``start``)."""
+    blocks = await decode_blocks(router)
+    return next((w for w, count in blocks.items() if count - start.get(w, 0) >= 4), None)
