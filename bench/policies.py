@@ -180,7 +180,7 @@ async def run(args: argparse.Namespace) -> None:
         print(f"starting tokenizer and two decode engines (logs in {log_dir})...", flush=True)
         tokenizer = stage("tokenizer", "tokenizer_svc")  # the group starts what it adds
         decodes = [stage(f"decode-{core}", "decode_svc", "--cpu-cores", str(core),
-                         "--kv-cache-gib", str(args.kv_cache_gib)) for core in (0, 1)]
+                         "--kv-cache-blocks", str(args.kv_cache_blocks)) for core in (0, 1)]
         await asyncio.gather(*(p.wait_healthy(900) for p in (tokenizer, *decodes)))
         for number, policy in enumerate(args.policies):
             http_port = free_port()
@@ -253,16 +253,17 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
-    # The defaults make the system prompts (13 x ~2,000 tokens) overflow one engine's
-    # 1 GiB KV cache (~23k tokens) but fit in two: a policy that spreads each prompt over
-    # both workers thrashes, one that partitions them does not. 39 users (odd) keep
-    # round_robin from pairing a user's turns on one worker by accident.
+    # The defaults make the system prompts (13 x ~520 tokens, 4 full 128-token blocks
+    # each) overflow one engine's KV cache (40 blocks) but fit in two: a policy that
+    # spreads each prompt over both workers thrashes, one that partitions them does not.
+    # Prompts stay short enough for single-core CPU engines to keep up at 0.3 req/s.
+    # 39 users (odd) keep round_robin from pairing a user's turns on one worker by accident.
     parser.add_argument("--systems", type=int, default=13, help="distinct system prompts")
-    parser.add_argument("--rules", type=int, default=100, help="length of each system prompt (rules)")
+    parser.add_argument("--rules", type=int, default=25, help="length of each system prompt (rules)")
     parser.add_argument("--users", type=int, default=39)
     parser.add_argument("--turns", type=int, default=2)
-    parser.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache per engine")
-    parser.add_argument("--rate", type=float, default=1.0, help="requests started per second")
+    parser.add_argument("--kv-cache-blocks", type=int, default=40, help="KV cache per engine, in blocks")
+    parser.add_argument("--rate", type=float, default=0.3, help="requests started per second")
     parser.add_argument("--output", type=int, default=16, help="tokens generated per request")
     parser.add_argument("--overhead-samples", type=int, default=10)
     parser.add_argument("--home", default=DEFAULT_HOME)

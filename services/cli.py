@@ -3,6 +3,7 @@
     stagemesh up                 etcd + every stage on this host, with the bundled model
     stagemesh model prepare      turn the bundled GGUF into a float32 HF model directory
     stagemesh status             members registered in etcd, with their health and load
+    stagemesh health ADDRESS     exit 0 if the stage at ADDRESS is SERVING (container probes)
     stagemesh etcd               the embedded etcd server alone (foreground)
     stagemesh tokenizer [...]    one tokenizer stage (flags: stagemesh tokenizer --help)
     stagemesh prefill [...]      one prefill engine stage
@@ -106,6 +107,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """One grpc.health.v1 check: a probe for container runtimes that ship no grpc_health_probe."""
+    from services.clients import health_status
+
+    status = asyncio.run(health_status(args.address, args.service, timeout=args.timeout))
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -249,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="members registered in etcd, with health")
     status.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints")
     status.set_defaults(func=cmd_status)
+
+    probe = sub.add_parser("health", help="check one stage's gRPC health (exit 0 when SERVING)")
+    probe.add_argument("address", nargs="?", default="127.0.0.1:50051", help="host:port of the stage")
+    probe.add_argument("--service", default="", help="health service name ('' is the whole stage)")
+    probe.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
+    probe.set_defaults(func=cmd_health)
 
     etcd = sub.add_parser("etcd", help="run the embedded etcd server in the foreground")
     etcd.add_argument("--port", type=int, default=2379)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import types
 import typing
 import uuid
@@ -24,6 +25,9 @@ ENV_PREFIX = "STAGEMESH_"
 C = TypeVar("C", bound="StageConfig")
 
 DEFAULT_HOME = str(Path.home() / ".cache" / "stagemesh")
+
+#: An address setting that resolves, at start, to the local address on the route to etcd.
+AUTO_HOST = "auto"
 
 
 def setting(default: Any, help: str, *, flag: str | None = None) -> Any:
@@ -43,8 +47,8 @@ class StageConfig:
     host: str = setting("0.0.0.0", "address the gRPC server binds to")
     port: int = setting(0, "gRPC port (0 picks a free one)")
     advertise_host: str = setting(
-        "127.0.0.1",
-        "host other stages use to reach this one; set it to a routable address on multi-host setups",
+        AUTO_HOST,
+        "host other stages use to reach this one; 'auto': this host's address on the route to etcd",
     )
     metrics_port: int = setting(-1, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     etcd: str = setting("127.0.0.1:2379", "comma-separated etcd endpoints (host:port)")
@@ -75,6 +79,18 @@ class StageConfig:
         """The etcd endpoints as (host, port) pairs, in the order given."""
         return parse_endpoints(self.etcd)
 
+    def resolve_hosts(self) -> None:
+        """Replace ``auto`` addresses with this host's address on the route to etcd.
+
+        A stage is told only where etcd is; the address it advertises must be one its
+        peers can dial. The interface that reaches etcd is that address on a single
+        host (etcd on 127.0.0.1 gives 127.0.0.1), on a LAN and in a container network
+        (where a service name would resolve to every replica). Engine stages extend
+        this to their NIXL side channel.
+        """
+        if self.advertise_host == AUTO_HOST:
+            self.advertise_host = route_source(self.etcd_endpoints)
+
 
 def parse_endpoints(spec: str) -> list[tuple[str, int]]:
     """Parse ``host:port,host:port`` into pairs; a missing port means 2379."""
@@ -91,6 +107,27 @@ def parse_endpoints(spec: str) -> list[tuple[str, int]]:
     if not endpoints:
         raise ValueError(f"no etcd endpoint in {spec!r}")
     return endpoints
+
+
+def route_source(endpoints: Sequence[tuple[str, int]]) -> str:
+    """The local address the kernel would use to reach the first resolvable endpoint.
+
+    Connecting a UDP socket sends nothing: it only selects the route and source address.
+    """
+    problems = []
+    for host, port in endpoints:
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.connect(address)
+                return str(probe.getsockname()[0])
+        except OSError as exc:
+            problems.append(f"{host}:{port}: {exc}")
+    raise SystemExit(
+        "cannot find this host's address on the route to etcd ("
+        + "; ".join(problems)
+        + "); set --advertise-host (STAGEMESH_ADVERTISE_HOST) to an address peers can reach"
+    )
 
 
 def _convert(text: str, annotation: Any) -> Any:
@@ -176,5 +213,7 @@ def parse_config(
         prog=prog, description=(config_cls.__doc__ or "").strip().splitlines()[0]
     )
     add_arguments(parser, config_cls)
-    return build_config(config_cls, parser.parse_args(argv))
+    config = build_config(config_cls, parser.parse_args(argv))
+    config.resolve_hosts()
+    return config
 

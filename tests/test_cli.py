@@ -25,6 +25,15 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def probe(port: int) -> tuple[int, str]:
+    """``stagemesh health``: its exit code and what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "health", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    return done.returncode, done.stdout.strip()
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path, tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("etcd", "tokenizer", "prefill", "decode", "router", "http")}
@@ -64,11 +73,13 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
         for role in ("tokenizer", "prefill", "decode", "router"):
             assert any(line.startswith(role) and "SERVING" in line for line in rows), status.stdout
         assert any(line.startswith("decode") and "run 0 wait 0" in line for line in rows), status.stdout
+        assert probe(ports["router"]) == (0, "SERVING")  # the containers' health check
 
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=120) == 0
         for name, port in ports.items():
             assert not port_open(port), f"{name} port {port} still open after Ctrl-C"
+        assert probe(ports["router"]) == (1, "UNREACHABLE")
     finally:
         if up.poll() is None:
             up.kill()

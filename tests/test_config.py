@@ -40,3 +40,14 @@ def test_etcd_endpoints() -> None:
     ]
     with pytest.raises(ValueError):
         parse_endpoints(" , ")
+
+
+def test_auto_addresses_follow_the_route_to_etcd() -> None:
+    """Told only where etcd is, a stage advertises the address it reaches etcd from."""
+    from services.engine.config import EngineConfig
+
+    config = parse_config(EngineConfig, ["--etcd", "127.0.0.1:2379"])
+    assert (config.advertise_host, config.nixl_host) == ("127.0.0.1", "127.0.0.1")
+    pinned = parse_config(EngineConfig, ["--etcd", "127.0.0.1:2379", "--advertise-host", "10.1.2.3"])
+    assert pinned.advertise_host == "10.1.2.3"
+    assert build_config(StageConfig, {}, environ={}).advertise_host == "auto"  # resolved at the entry point

