@@ -180,7 +180,8 @@ async def run(args: argparse.Namespace) -> None:
         print(f"starting tokenizer and two decode engines (logs in {log_dir})...", flush=True)
         tokenizer = stage("tokenizer", "tokenizer_svc")  # the group starts what it adds
         decodes = [stage(f"decode-{core}", "decode_svc", "--cpu-cores", str(core),
-                         "--kv-cache-blocks", str(args.kv_cache_blocks)) for core in (0, 1)]
+                         "--kv-cache-blocks", str(args.kv_cache_blocks), "--max-model-len", "4096")
+                   for core in (0, 1)]
         await asyncio.gather(*(p.wait_healthy(900) for p in (tokenizer, *decodes)))
         for number, policy in enumerate(args.policies):
             http_port = free_port()

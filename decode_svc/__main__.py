@@ -1,12 +1,14 @@
 """``python -m decode_svc``: run the decode stage."""
 
-from decode_svc.stage import DecodeConfig, DecodeStage
+from decode_svc.config import DecodeConfig
 from services.config import parse_config
 from services.server import run_stage
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(DecodeConfig, argv, prog="stagemesh decode")
+    from decode_svc.stage import DecodeStage  # the engine stack (vLLM, torch): seconds to import
+
     run_stage(config, DecodeStage(config))
 
 

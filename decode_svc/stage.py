@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import ClassVar
 
-from services.config import setting
-from services.engine.config import EngineConfig
 from services.engine.service import EngineStage
 from services.pb import common_pb2
-
-
-@dataclasses.dataclass
-class DecodeConfig(EngineConfig):
-    """stagemesh decode stage: a vLLM engine behind gRPC, KV handed over NIXL."""
-
-    port: int = setting(50054, "gRPC port (0 picks a free one)")
-
-    ROLE: ClassVar[str] = "decode"
 
 
 class DecodeStage(EngineStage):

@@ -1,12 +1,14 @@
 """``python -m prefill_svc``: run the prefill stage."""
 
-from prefill_svc.stage import PrefillConfig, PrefillStage
+from prefill_svc.config import PrefillConfig
 from services.config import parse_config
 from services.server import run_stage
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(PrefillConfig, argv, prog="stagemesh prefill")
+    from prefill_svc.stage import PrefillStage  # the engine stack (vLLM, torch): seconds to import
+
     run_stage(config, PrefillStage(config))
 
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aetcd
@@ -63,8 +64,10 @@ class EmbeddedEtcd:
         data_dir: Path | None = None,
         host: str = "127.0.0.1",
         name: str = "stagemesh-etcd",
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.host = host
+        self.wrapper = list(wrapper)  # e.g. ``ip netns exec NS``: etcd on another "host"
         self.client_port = client_port or free_port(host)
         self.peer_port = peer_port or free_port(host)
         self.name = name
@@ -86,6 +89,7 @@ class EmbeddedEtcd:
         client_url = f"http://{self.host}:{self.client_port}"
         peer_url = f"http://{self.host}:{self.peer_port}"
         args = [
+            *self.wrapper,
             str(etcd_binary()),
             "--name", self.name,
             "--data-dir", str(self.data_dir),

@@ -42,6 +42,7 @@ class StageProcess:
         grpc_address: str,
         log_dir: Path,
         env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.module = module
@@ -49,13 +50,15 @@ class StageProcess:
         self.grpc_address = grpc_address
         self.log_path = log_dir / f"{name}.log"
         self.env = dict(os.environ if env is None else env)
+        #: A command that execs the stage in another context, e.g. ``ip netns exec NS``.
+        self.wrapper = list(wrapper)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", self.module, *self.args],
+                [*self.wrapper, sys.executable, "-m", self.module, *self.args],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=self.env,
