@@ -1,7 +1,7 @@
 """Routing policies on a shared-prefix workload, through the HTTP bridge, and what the
 router itself costs.
 
-    python -m bench.policies [--rate 1.0] [--users 8] [--turns 3] [--json F] [--png F]
+    python -m bench.policies [--rate 0.3] [--users 39] [--turns 2] [--json F] [--png F]
 
 Starts etcd, the tokenizer and two decode engines (one per core, aggregated: every
 prompt is computed where it is routed), then for each policy in turn a router, and
