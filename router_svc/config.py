@@ -43,6 +43,12 @@ class RouterConfig(StageConfig):
         "a worker with this many requests queued loses its prefix preference (kv_aware); "
         "a prefill pool where all have it is saturated, and prompts are prefilled locally",
     )
+    session_ttl: float = setting(
+        600.0,
+        "seconds a session key (session_id, x-session-id) keeps sending its requests to the "
+        "worker that served it last (0 disables affinity)",
+    )
+    max_sessions: int = setting(100_000, "cap on remembered sessions (least recently used go first)")
     kv_index_max_blocks: int = setting(1_000_000, "cap on (block, worker) entries in the KV index")
     max_n: int = setting(16, "most sequences one request may ask for (n)")
 

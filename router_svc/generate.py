@@ -29,13 +29,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import grpc
 from prometheus_client import Counter, Histogram
 
 from router_svc.config import RouterConfig
+from router_svc.affinity import SessionAffinity
 from router_svc.kv_index import chain_hashes
 from router_svc.policy import DECISIONS, Choice, Policy
 from router_svc.workers import Peer, Workers
@@ -96,6 +97,8 @@ class Prompt:
     token_ids: list[int]
     info: tokenizer_pb2.ModelInfo
     arrived: float
+    #: The client's sticky-routing key ("" when none).
+    session_id: str = ""
     _hashes: dict[int, list[int]] = field(default_factory=dict)
 
     def hashes(self, block_size: int) -> list[int]:
@@ -136,6 +139,7 @@ class Orchestrator:
         self.config = config
         self.workers = workers
         self.policy = policy
+        self.affinity = SessionAffinity(config.session_ttl, config.max_sessions)
         self._infos: dict[str, tokenizer_pb2.ModelInfo] = {}
 
     def deadline(self, client_remaining: float | None = None) -> float:
@@ -239,7 +243,7 @@ class Orchestrator:
                 f"the prompt has {len(ids)} tokens; {model!r} accepts at most {limit - 1} "
                 f"(context length {limit}, with room for one generated token)"
             )
-        return Prompt(model, ids, info, arrived)
+        return Prompt(model, ids, info, arrived, request.session_id)
 
     async def generate(
         self, request: router_pb2.RouterGenerateRequest, deadline: float, prompt: Prompt | None = None
@@ -527,8 +531,18 @@ class Orchestrator:
         return reply.handle, reply.cached_tokens
 
     def _choose(self, role: int, candidates: list[Peer], prompt: Prompt, sequence_id: str) -> Choice:
-        """Apply the routing policy; count and log the decision."""
-        choice = self.policy.choose(candidates, prompt.hashes(candidates[0].member.kv_block_size))
+        """Apply session affinity, then the routing policy; count and log the decision.
+
+        A session goes back to its last worker while that worker is a candidate and its
+        queue is below ``--kv-max-queue``; the policy still scores it, so the prefix it
+        holds is counted as for any other choice.
+        """
+        pinned = self.affinity.get(prompt.session_id, role)
+        sticky = [p for p in candidates if p.key == pinned and p.queued() < self.config.kv_max_queue]
+        choice = self.policy.choose(sticky or candidates, prompt.hashes(candidates[0].member.kv_block_size))
+        if sticky:
+            choice = replace(choice, reason="session_affinity")
+        self.affinity.remember(prompt.session_id, role, choice.peer.key)
         DECISIONS.labels(self.policy.name, role_name(role), choice.reason).inc()
         log.debug(
             "%s: %s -> %s (%s, %d prefix blocks, %d queued)", sequence_id, role_name(role),

@@ -27,6 +27,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
+from router_svc.affinity import SESSION_HEADER
 from router_svc.generate import Orchestrator, Prompt, merge
 from router_svc.openai_api import ChatCompletionRequest, CompletionRequest
 from services.errors import StageError
@@ -251,6 +252,7 @@ class HttpBridge:
         request_id = uuid.uuid4().hex
         for i, call in enumerate(calls):
             call.request_id = f"{request_id}-{i}"
+            call.session_id = request.headers.get(SESSION_HEADER, "")
         prompts = [await orchestrator.prepare(call) for call in calls]
         model = prompts[0].model
         response_id = ("chatcmpl-" if chat else "cmpl-") + request_id

@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import descriptor
 from prometheus_client import Gauge
 
+from router_svc.affinity import SESSION_HEADER
 from router_svc.config import RouterConfig
 from router_svc.generate import Orchestrator
 from router_svc.kv_index import KvIndex
@@ -41,14 +42,16 @@ class RouterServicer:
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         """Stream text deltas; the last message carries the usage totals."""
         deadline = self._orchestrator.deadline(context.time_remaining())
-        async for delta in self._orchestrator.generate(request, deadline):
+        async for delta in self._orchestrator.generate(_with_session(request, context), deadline):
             yield delta
 
     async def GenerateUnary(
         self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouterGenerateResult:
         """The whole result in one reply."""
-        return await self._orchestrator.complete(request, self._orchestrator.deadline(context.time_remaining()))
+        return await self._orchestrator.complete(
+            _with_session(request, context), self._orchestrator.deadline(context.time_remaining())
+        )
 
     async def ListModels(
         self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -111,3 +114,15 @@ class RouterStage(Stage):
         # Operators and `stagemesh status` find the HTTP bridge here.
         if self._bridge is not None:
             member.labels["http_address"] = f"{self._config.advertise_host}:{self._bridge.port}"
+
+
+def _with_session(
+    request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
+) -> router_pb2.RouterGenerateRequest:
+    """Take the session key from ``x-session-id`` metadata when the message has none."""
+    if not request.session_id:
+        for key, value in context.invocation_metadata() or ():
+            if key == SESSION_HEADER and isinstance(value, str):
+                request.session_id = value
+                break
+    return request

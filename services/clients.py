@@ -202,15 +202,21 @@ class RouterClient(_StageClient):
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
 
     def generate(
-        self, request: router_pb2.RouterGenerateRequest, timeout: float | None = None
+        self,
+        request: router_pb2.RouterGenerateRequest,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> grpc.aio.UnaryStreamCall:
         """Stream text deltas (iterate the call; cancel it to stop the generation)."""
-        return self._stub.Generate(request, timeout=timeout)
+        return self._stub.Generate(request, timeout=timeout, metadata=tuple(metadata))
 
     async def generate_unary(
-        self, request: router_pb2.RouterGenerateRequest, timeout: float | None = None
+        self,
+        request: router_pb2.RouterGenerateRequest,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> router_pb2.RouterGenerateResult:
-        return await self._stub.GenerateUnary(request, timeout=timeout)
+        return await self._stub.GenerateUnary(request, timeout=timeout, metadata=tuple(metadata))
 
     async def list_models(self) -> list[router_pb2.ModelCard]:
         reply = await self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self._timeout)

@@ -4,6 +4,7 @@ baselines ignore the cache."""
 
 from __future__ import annotations
 
+from router_svc.affinity import SessionAffinity
 from router_svc.kv_index import KvIndex, chain_hashes
 from router_svc.policy import KvAware, LeastLoad, RoundRobin
 from router_svc.workers import Peer
@@ -64,3 +65,22 @@ def test_baselines_ignore_the_cache() -> None:
     assert LeastLoad().choose([a, b], hashes).peer.key == "a"
     turns = RoundRobin()
     assert [turns.choose([b, a], hashes).peer.key for _ in range(4)] == ["a", "b", "a", "b"]
+
+
+def test_session_affinity_expires_and_is_capped() -> None:
+    now = [0.0]
+    affinity = SessionAffinity(ttl=10, capacity=2, clock=lambda: now[0])
+    affinity.remember("alice", common_pb2.ROLE_DECODE, "w1")
+    affinity.remember("alice", common_pb2.ROLE_PREFILL, "p1")
+    assert affinity.get("alice", common_pb2.ROLE_DECODE) == "w1"
+    assert affinity.get("alice", common_pb2.ROLE_PREFILL) == "p1"  # roles pin apart
+    assert affinity.get("", common_pb2.ROLE_DECODE) is None  # no key, no affinity
+    now[0] = 11
+    assert affinity.get("alice", common_pb2.ROLE_DECODE) is None  # expired
+    affinity.remember("bob", common_pb2.ROLE_DECODE, "w2")
+    affinity.remember("carol", common_pb2.ROLE_DECODE, "w1")
+    assert len(affinity) == 2 and affinity.get("bob", common_pb2.ROLE_DECODE) == "w2"
+    affinity.remember("dave", common_pb2.ROLE_DECODE, "w2")  # over capacity: bob, least recent, goes
+    assert affinity.get("bob", common_pb2.ROLE_DECODE) is None
+    assert affinity.get("carol", common_pb2.ROLE_DECODE) == "w1"
+    assert SessionAffinity(ttl=0, capacity=9).get("bob", common_pb2.ROLE_DECODE) is None

@@ -1,5 +1,6 @@
 """KV-aware routing with two decode workers (aggregated): requests that share a long
-prefix land on the worker that holds it, and a dead worker's blocks leave the index.
+prefix land on the worker that holds it, requests with one session key stay on one
+worker, and a dead worker's blocks leave the index.
 
 It starts a second decode engine where the session's prefill engine was (the prefill
 is killed first: a disaggregated mesh would send the prompt to the prefill pool), so
@@ -16,7 +17,7 @@ import pytest
 
 from services.clients import RouterClient
 from services.etcd import EmbeddedEtcd
-from services.pb import common_pb2
+from services.pb import common_pb2, router_pb2
 from tests.conftest import ENGINE_START_TIMEOUT, Mesh, engine_process
 from tests.test_router import metric
 
@@ -24,6 +25,7 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.disruptive]
 
 SYSTEM = " ".join(f"Rule {i}: always answer question {i} with the number {i * 7}." for i in range(45))
 PREFIX_HITS = 'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="decode"}'
+SESSION_PINS = 'stagemesh_router_decisions_total{policy="kv_aware",reason="session_affinity",role="decode"}'
 
 
 async def decode_blocks(router: RouterClient) -> dict[str, int]:
@@ -61,6 +63,20 @@ async def test_shared_prefix_follows_its_holder(
         after = await decode_blocks(router)
         others = [worker for worker in after if worker != holder]
         assert all(after[w] - before.get(w, 0) < 4 for w in others), (holder, before, after)
+
+        # Session affinity: prompts too short to share a block still stay together when
+        # they carry one session key, as an HTTP header or as gRPC metadata.
+        sticky = await metric(mesh, SESSION_PINS)
+        for turn in range(3):
+            await client.completions.create(
+                model="", prompt=f"Tell me fact {turn}.", temperature=0, max_tokens=2,
+                extra_headers={"X-Session-Id": "alice"},
+            )
+        request = router_pb2.RouterGenerateRequest(
+            text="One more fact.", sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2)
+        )
+        await router.generate_unary(request, metadata=[("x-session-id", "alice")])
+        assert await metric(mesh, SESSION_PINS) == sticky + 3  # every request after the first
     finally:
         second.kill()
     # Its lease expires, the member leaves, and its blocks leave the index with it.
