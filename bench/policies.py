@@ -1,7 +1,7 @@
 """Routing policies on a shared-prefix workload, through the HTTP bridge, and what the
 router itself costs.
 
-    python -m bench.policies [--rate 0.3] [--users 39] [--turns 2] [--json F] [--png F]
+    python -m bench.policies [--rate 0.25] [--users 25] [--turns 2] [--json F] [--png F]
 
 Starts etcd, the tokenizer and two decode engines (one per core, aggregated: every
 prompt is computed where it is routed), then for each policy in turn a router, and
@@ -13,16 +13,24 @@ p50/p90/p99, ITL p50, output throughput and the prefix-cache hit rate the engine
 themselves report (cached over prompt tokens, from each response's usage).
 
 Then, at concurrency 1, the router's own cost: TTFT and ITL of the same prompts
-through the router's gRPC API and straight to the decode engine.
+through the router's gRPC API and straight to the decode engine, and TTFT and time per
+token through the router's HTTP bridge next to a plain vLLM OpenAI server
+(``vllm.entrypoints.openai.api_server``) with the same model and engine settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
+import os
 import random
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -160,9 +168,80 @@ async def overhead(router: RouterClient, decode: EngineClient, tokenizer: Tokeni
     }
 
 
+def story_prompts(samples: int) -> list[str]:
+    return [f"Sample {i}: tell me a long story about a lighthouse keeper named {name}."
+            for i, name in zip(range(samples), itertools.cycle(("Ada", "Bo", "Cy", "Di", "Ed")))]
+
+
+async def http_timing(base_url: str, model: str, prompts: list[str], output: int) -> dict[str, float]:
+    """Median TTFT and time per output token of streamed /v1/completions at concurrency 1.
+
+    Each prompt runs twice and the second run is timed, so both servers answer from
+    their prefix cache. Time per token is (last event - first event) / (tokens - 1), which
+    does not depend on how a server groups tokens into events.
+    """
+    ttfts, per_token = [], []
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
+        for prompt in prompts:
+            body = {"model": model, "prompt": prompt, "max_tokens": output, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            for attempt in range(2):
+                start = time.perf_counter()
+                first = last = 0.0
+                tokens = 0
+                async with http.stream("POST", "/v1/completions", json=body) as reply:
+                    reply.raise_for_status()
+                    async for line in reply.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[6:])
+                        if event.get("usage"):
+                            tokens = event["usage"]["completion_tokens"]
+                        if any(choice.get("text") for choice in event.get("choices", [])):
+                            last = time.perf_counter() - start
+                            first = first or last
+            ttfts.append(first)
+            per_token.append((last - first) / max(1, tokens - 1))
+    return {"ttft_ms": statistics.median(ttfts) * 1000, "tpot_ms": statistics.median(per_token) * 1000}
+
+
+def _spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a server in its own process group, its output in ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+async def vllm_server_timing(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> dict[str, float]:
+    """The same HTTP timing against a plain vLLM OpenAI server with the engines' settings."""
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", "plain", "--dtype", "float32", "--port", str(port),
+               "--max-model-len", str(args.max_model_len), "--block-size", str(args.block_size),
+               "--num-gpu-blocks-override", str(args.kv_cache_blocks), "--enable-prefix-caching"]
+    server = _spawn(command, env, log_dir / "vllm-serve.log")
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            deadline = time.monotonic() + 900
+            while True:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"vllm serve did not start; see {log_dir / 'vllm-serve.log'}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get("/health")).status_code == 200:
+                        break
+                await asyncio.sleep(1)
+        return await http_timing(f"http://127.0.0.1:{port}", "plain", story_prompts(args.overhead_samples), args.output)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
 async def run(args: argparse.Namespace) -> None:
     home = Path(args.home)
-    prepare_bundled_model(home)
+    model_dir = prepare_bundled_model(home)
     log_dir = Path(tempfile.mkdtemp(prefix="stagemesh-bench-"))
     etcd = EmbeddedEtcd(client_port=0)
     etcd.start()
@@ -180,7 +259,8 @@ async def run(args: argparse.Namespace) -> None:
         print(f"starting tokenizer and two decode engines (logs in {log_dir})...", flush=True)
         tokenizer = stage("tokenizer", "tokenizer_svc")  # the group starts what it adds
         decodes = [stage(f"decode-{core}", "decode_svc", "--cpu-cores", str(core),
-                         "--kv-cache-blocks", str(args.kv_cache_blocks), "--max-model-len", "4096")
+                         "--kv-cache-blocks", str(args.kv_cache_blocks), "--block-size", str(args.block_size),
+                         "--max-model-len", str(args.max_model_len))
                    for core in (0, 1)]
         await asyncio.gather(*(p.wait_healthy(900) for p in (tokenizer, *decodes)))
         for number, policy in enumerate(args.policies):
@@ -196,10 +276,17 @@ async def run(args: argparse.Namespace) -> None:
                         EngineClient(decodes[0].grpc_address) as decode, \
                         TokenizerClient(tokenizer.grpc_address) as tok:
                     cost = await overhead(client, decode, tok, args.overhead_samples, args.output)
+                routed_http = await http_timing(
+                    f"http://127.0.0.1:{http_port}", "", story_prompts(args.overhead_samples), args.output
+                )
             router.stop()
     finally:
         group.stop_all()
         etcd.stop()
+    plain_http: dict[str, float] = {}
+    if args.vllm_serve:
+        print("plain vLLM OpenAI server, same model and settings, concurrency 1...", flush=True)
+        plain_http = await vllm_server_timing(args, model_dir, log_dir)
 
     print(f"\nShared-prefix workload: {args.systems} system prompts, {args.users} users, {args.turns} turns, "
           f"{args.rate} req/s, {args.output} output tokens, two decode workers")
@@ -217,10 +304,15 @@ async def run(args: argparse.Namespace) -> None:
         ("ttft_added_ms", "added ms/request", ".2f"), ("direct_itl_ms", "direct ITL ms", ".2f"),
         ("router_itl_ms", "router ITL ms", ".2f"), ("itl_added_ms", "added ms/token", ".3f"),
     ])
+    http_rows = [{"server": "stagemesh router (HTTP bridge)", **routed_http}]
+    if plain_http:
+        http_rows.append({"server": "plain vLLM OpenAI server", **plain_http})
+    print("\nOpenAI HTTP at concurrency 1 (median TTFT, time per output token)")
+    print_table(http_rows, [("server", "server", "s"), ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "ms/token", ".2f")])
     if args.json:
         write_json(Path(args.json), {"benchmark": "policies", "settings": {k: v for k, v in vars(args).items()
                                                                            if k not in ("json", "png")},
-                                     "policies": rows, "router_cost": added})
+                                     "policies": rows, "router_cost": added, "http": http_rows})
     if args.png:
         plot(Path(args.png), rows)
 
@@ -254,19 +346,23 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
-    # The defaults make the system prompts (13 x ~520 tokens, 4 full 128-token blocks
-    # each) overflow one engine's KV cache (40 blocks) but fit in two: a policy that
-    # spreads each prompt over both workers thrashes, one that partitions them does not.
-    # Prompts stay short enough for single-core CPU engines to keep up at 0.3 req/s.
-    # 39 users (odd) keep round_robin from pairing a user's turns on one worker by accident.
-    parser.add_argument("--systems", type=int, default=13, help="distinct system prompts")
-    parser.add_argument("--rules", type=int, default=25, help="length of each system prompt (rules)")
-    parser.add_argument("--users", type=int, default=39)
+    # Sized for single-core CPU engines, which prefill ~130 tokens/s (a cold 600-token
+    # prompt: 4.5 s to the first token). The 8 system prompts (~230 tokens, 7 blocks of
+    # 32 each) overflow one engine's KV cache (48 blocks) but fit in two: a policy that
+    # spreads every prompt over both workers thrashes, one that partitions them does not.
+    # 25 users (odd) keep round_robin from pairing a user's turns on one worker by accident.
+    parser.add_argument("--systems", type=int, default=8, help="distinct system prompts")
+    parser.add_argument("--rules", type=int, default=10, help="length of each system prompt (rules)")
+    parser.add_argument("--users", type=int, default=25)
     parser.add_argument("--turns", type=int, default=2)
-    parser.add_argument("--kv-cache-blocks", type=int, default=40, help="KV cache per engine, in blocks")
-    parser.add_argument("--rate", type=float, default=0.3, help="requests started per second")
-    parser.add_argument("--output", type=int, default=16, help="tokens generated per request")
+    parser.add_argument("--block-size", type=int, default=32, help="KV block size (tokens; CPU: a multiple of 32)")
+    parser.add_argument("--kv-cache-blocks", type=int, default=48, help="KV cache per engine, in blocks")
+    parser.add_argument("--max-model-len", type=int, default=1024, help="engine context (at most the cache)")
+    parser.add_argument("--rate", type=float, default=0.25, help="requests started per second")
+    parser.add_argument("--output", type=int, default=8, help="tokens generated per request")
     parser.add_argument("--overhead-samples", type=int, default=10)
+    parser.add_argument("--vllm-serve", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time a plain vLLM OpenAI server (one more engine start)")
     parser.add_argument("--home", default=DEFAULT_HOME)
     parser.add_argument("--json", default="")
     parser.add_argument("--png", default="")

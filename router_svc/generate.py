@@ -445,15 +445,13 @@ class Orchestrator:
         self, prompt: Prompt, sampling: common_pb2.SamplingParams, sequence_id: str, deadline: float
     ) -> _Decoding:
         """A decode stream with its first message in hand, after prefill and fallbacks."""
-        handle, cached = await self._prefill(prompt, sampling, sequence_id, deadline)
+        handle, cached, prefill_hit = await self._prefill(prompt, sampling, sequence_id, deadline)
         tried: frozenset[str] = frozenset()
         while True:
             candidates = await self.workers.wait_candidates(
                 common_pb2.ROLE_DECODE, prompt.model, self.config.worker_wait, tried
             )
             choice = self._choose(common_pb2.ROLE_DECODE, candidates, prompt, sequence_id)
-            if handle is None:  # the decode worker computes the prompt itself
-                PREFIX_HIT_TOKENS.inc(choice.matched_blocks * candidates[0].member.kv_block_size)
             peer = choice.peer
             assert isinstance(peer.client, EngineClient)
             peer.in_flight += 1
@@ -486,12 +484,17 @@ class Orchestrator:
                 peer.in_flight -= 1
                 raise Unavailable(f"decode {peer.member.instance_id} ended the stream without output")
             SEQUENCES.labels("disaggregated" if handle is not None else "aggregated").inc()
+            # Counted once, for the worker that computed the prompt.
+            PREFIX_HIT_TOKENS.inc(
+                prefill_hit if handle is not None else choice.matched_blocks * peer.member.kv_block_size
+            )
             return _Decoding(peer, call, first, cached, handle is not None)
 
     async def _prefill(
         self, prompt: Prompt, sampling: common_pb2.SamplingParams, sequence_id: str, deadline: float
-    ) -> tuple[common_pb2.KvTransferHandle | None, int]:
-        """A KV handle from the chosen prefill worker, or (None, 0) to run aggregated.
+    ) -> tuple[common_pb2.KvTransferHandle | None, int, int]:
+        """A KV handle from the chosen prefill worker, the tokens it found cached and the
+        tokens the index predicted it holds; or (None, 0, 0) to run aggregated.
 
         Conditional disaggregation: the prompt goes to a prefill worker only when the
         part of it that worker does not hold is at least ``--disagg-min-tokens``, and
@@ -500,17 +503,16 @@ class Orchestrator:
         PROMPT_TOKENS.inc(len(prompt.token_ids))
         candidates = self.workers.candidates(common_pb2.ROLE_PREFILL, prompt.model)
         if not candidates:
-            return None, 0
+            return None, 0, 0
         if all(p.queued() >= self.config.kv_max_queue for p in candidates):
             DECISIONS.labels(self.policy.name, "disaggregation", "local_prefill_saturated").inc()
-            return None, 0
+            return None, 0, 0
         choice = self._choose(common_pb2.ROLE_PREFILL, candidates, prompt, sequence_id)
         uncached = len(prompt.token_ids) - choice.matched_blocks * choice.peer.member.kv_block_size
         if uncached < self.config.disagg_min_tokens:
             DECISIONS.labels(self.policy.name, "disaggregation", "local_short_uncached").inc()
-            return None, 0
+            return None, 0, 0
         DECISIONS.labels(self.policy.name, "disaggregation", "remote").inc()
-        PREFIX_HIT_TOKENS.inc(len(prompt.token_ids) - uncached)
         peer = choice.peer
         assert isinstance(peer.client, EngineClient)
         timeout = min(self.config.prefill_timeout, _remaining(deadline))
@@ -527,8 +529,8 @@ class Orchestrator:
                 log.warning("%s: prefill on %s failed (%s: %s); decoding aggregated",
                             sequence_id, peer.member.instance_id, error.code().name, error.details())
                 PREFILL_FALLBACKS.labels(error.code().name.lower()).inc()
-                return None, 0
-        return reply.handle, reply.cached_tokens
+                return None, 0, 0
+        return reply.handle, reply.cached_tokens, len(prompt.token_ids) - uncached
 
     def _choose(self, role: int, candidates: list[Peer], prompt: Prompt, sequence_id: str) -> Choice:
         """Apply session affinity, then the routing policy; count and log the decision.

@@ -25,10 +25,10 @@ def unavailable() -> str | None:
     if os.geteuid() != 0:
         return "creating network namespaces needs root"
     probe = f"sm-probe-{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
     if made.returncode != 0:
         return f"`ip netns add` failed: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return None
 
 
@@ -69,9 +69,9 @@ class Hosts:
 
     def destroy(self) -> None:
         """Remove every namespace (their veths go with them) and the test's leg."""
-        subprocess.run(["ip", "link", "del", self._uplink], capture_output=True)
+        subprocess.run(["ip", "link", "del", self._uplink], capture_output=True, check=False)
         for namespace in [*self.namespace.values(), self.switch]:
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
 
     def _plug(self, device: str) -> None:
         """Move one veth end into the switch namespace and onto its bridge."""

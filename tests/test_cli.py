@@ -29,7 +29,7 @@ def probe(port: int) -> tuple[int, str]:
     """``stagemesh health``: its exit code and what it printed."""
     done = subprocess.run(
         [sys.executable, "-m", "services.cli", "health", f"127.0.0.1:{port}"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )
     return done.returncode, done.stdout.strip()
 
@@ -66,7 +66,7 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
 
         status = subprocess.run(
             [sys.executable, "-m", "services.cli", "status", "--etcd", f"127.0.0.1:{ports['etcd']}"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, timeout=60, check=False,
         )
         assert status.returncode == 0, status.stderr
         rows = status.stdout.splitlines()
