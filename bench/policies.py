@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def sse_events(http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of one streamed OpenAI response (server-sent events up to [DONE])."""
+    async with http.stream("POST", path, json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
 async def chat(http: httpx.AsyncClient, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
     """One streamed chat completion: TTFT, inter-token gaps, text and usage."""
     body = {"model": "", "messages": messages, "temperature": 0, "max_tokens": max_tokens,
@@ -75,23 +85,18 @@ async def chat(http: httpx.AsyncClient, messages: list[dict[str, str]], max_toke
     last = start
     gaps: list[float] = []
     text, usage = "", {}
-    async with http.stream("POST", "/v1/chat/completions", json=body) as reply:
-        reply.raise_for_status()
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                usage = event["usage"]
-            for choice in event.get("choices", []):
-                if choice["delta"].get("content"):
-                    now = time.perf_counter()
-                    if first is None:
-                        first = now - start
-                    else:
-                        gaps.append(now - last)
-                    last = now
-                    text += choice["delta"]["content"]
+    async for event in sse_events(http, "/v1/chat/completions", body):
+        if event.get("usage"):
+            usage = event["usage"]
+        for choice in event.get("choices", []):
+            if choice["delta"].get("content"):
+                now = time.perf_counter()
+                if first is None:
+                    first = now - start
+                else:
+                    gaps.append(now - last)
+                last = now
+                text += choice["delta"]["content"]
     return {"ttft": first if first is not None else last - start, "gaps": gaps, "text": text, "usage": usage}
 
 
@@ -185,21 +190,16 @@ async def http_timing(base_url: str, model: str, prompts: list[str], output: int
         for prompt in prompts:
             body = {"model": model, "prompt": prompt, "max_tokens": output, "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-            for attempt in range(2):
+            for _ in range(2):  # the second run is timed
                 start = time.perf_counter()
                 first = last = 0.0
                 tokens = 0
-                async with http.stream("POST", "/v1/completions", json=body) as reply:
-                    reply.raise_for_status()
-                    async for line in reply.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        event = json.loads(line[6:])
-                        if event.get("usage"):
-                            tokens = event["usage"]["completion_tokens"]
-                        if any(choice.get("text") for choice in event.get("choices", [])):
-                            last = time.perf_counter() - start
-                            first = first or last
+                async for event in sse_events(http, "/v1/completions", body):
+                    if event.get("usage"):
+                        tokens = event["usage"]["completion_tokens"]
+                    if any(choice.get("text") for choice in event.get("choices", [])):
+                        last = time.perf_counter() - start
+                        first = first or last
             ttfts.append(first)
             per_token.append((last - first) / max(1, tokens - 1))
     return {"ttft_ms": statistics.median(ttfts) * 1000, "tpot_ms": statistics.median(per_token) * 1000}
