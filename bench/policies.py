@@ -1,7 +1,7 @@
 """Routing policies on a shared-prefix workload, through the HTTP bridge, and what the
 router itself costs.
 
-    python -m bench.policies [--rate 0.25] [--users 25] [--turns 2] [--json F] [--png F]
+    python -m bench.policies [--rate 0.25] [--users 27] [--turns 2] [--json F] [--png F]
 
 Starts etcd, the tokenizer and two decode engines (one per core, aggregated: every
 prompt is computed where it is routed), then for each policy in turn a router, and
@@ -132,44 +132,36 @@ async def workload(http_url: str, args: argparse.Namespace, seed: int) -> dict[s
 
 
 async def overhead(router: RouterClient, decode: EngineClient, tokenizer: TokenizerClient, samples: int, output: int) -> dict[str, Any]:
-    """TTFT and ITL at concurrency 1: through the router's gRPC API vs the engine directly."""
-    rng = random.Random(5)
+    """TTFT and time per output token at concurrency 1: through the router's gRPC API vs
+    the decode engine directly (the only engine left running), on the same warm prompts."""
 
-    async def timed(stream: Any) -> tuple[float, list[float]]:
-        start = last = time.perf_counter()
-        first: float | None = None
-        gaps: list[float] = []
+    async def timed(stream: Any) -> tuple[float, float]:
+        start = time.perf_counter()
+        first = last = 0.0
+        tokens = 0
         async for reply in stream:
             if reply.token_ids:
-                now = time.perf_counter()
-                if first is None:
-                    first = now - start
-                else:
-                    gaps.extend([(now - last) / len(reply.token_ids)] * len(reply.token_ids))
-                last = now
-        return first or 0.0, gaps
+                tokens += len(reply.token_ids)
+                last = time.perf_counter() - start
+                first = first or last
+        return first, (last - first) / max(1, tokens - 1)
 
     params = common_pb2.SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)
-    direct_ttft, routed_ttft, direct_gaps, routed_gaps = [], [], [], []
-    for i in range(samples):
-        text = f"Sample {i} {rng.random()}: tell me a long story about a lighthouse keeper."
+    direct: list[tuple[float, float]] = []
+    routed: list[tuple[float, float]] = []
+    for text in story_prompts(samples):
         ids = list((await tokenizer.tokenize(text)).token_ids)
         await timed(decode.generate(ids, params))  # warm: both timed runs then hit the prefix cache
-        await asyncio.sleep(0.5)  # its KV events reach the router's index
-        ttft, gaps = await timed(decode.generate(ids, params))
-        direct_ttft.append(ttft)
-        direct_gaps += gaps
+        direct.append(await timed(decode.generate(ids, params)))
         request = router_pb2.RouterGenerateRequest(
             token_ids=router_pb2.TokenIds(ids=ids), sampling=params, return_token_ids=True
         )
-        ttft, gaps = await timed(router.generate(request))  # kv_aware sends it to the warm engine
-        routed_ttft.append(ttft)
-        routed_gaps += gaps
+        routed.append(await timed(router.generate(request)))
     return {
-        "direct_ttft_ms": statistics.median(direct_ttft) * 1000,
-        "router_ttft_ms": statistics.median(routed_ttft) * 1000,
-        "direct_itl_ms": statistics.median(direct_gaps) * 1000,
-        "router_itl_ms": statistics.median(routed_gaps) * 1000,
+        "direct_ttft_ms": statistics.median(t for t, _ in direct) * 1000,
+        "router_ttft_ms": statistics.median(t for t, _ in routed) * 1000,
+        "direct_itl_ms": statistics.median(p for _, p in direct) * 1000,
+        "router_itl_ms": statistics.median(p for _, p in routed) * 1000,
     }
 
 
@@ -272,6 +264,9 @@ async def run(args: argparse.Namespace) -> None:
             row = {"policy": policy, **await workload(f"http://127.0.0.1:{http_port}", args, seed=number + 1)}
             rows.append(row)
             if policy == args.policies[-1]:
+                # The cost figures at concurrency 1 come from one engine alone: on a small
+                # host a second, idle engine's polling threads slow the first several-fold.
+                decodes[1].stop()
                 async with RouterClient(router.grpc_address) as client, \
                         EngineClient(decodes[0].grpc_address) as decode, \
                         TokenizerClient(tokenizer.grpc_address) as tok:
@@ -296,13 +291,13 @@ async def run(args: argparse.Namespace) -> None:
         ("ttft_p99_s", "TTFT p99 s", ".3f"), ("itl_p50_ms", "ITL p50 ms", ".1f"),
         ("output_tok_s", "output tok/s", ".1f"),
     ])
-    print("\nRouter cost at concurrency 1 (median; same prompts, gRPC API vs the decode engine directly)")
+    print("\nRouter cost at concurrency 1 (median; same warm prompts, one engine; gRPC API vs the engine directly)")
     added = {"ttft_added_ms": cost["router_ttft_ms"] - cost["direct_ttft_ms"],
              "itl_added_ms": cost["router_itl_ms"] - cost["direct_itl_ms"], **cost}
     print_table([added], [
         ("direct_ttft_ms", "direct TTFT ms", ".1f"), ("router_ttft_ms", "router TTFT ms", ".1f"),
         ("ttft_added_ms", "added ms/request", ".2f"), ("direct_itl_ms", "direct ITL ms", ".2f"),
-        ("router_itl_ms", "router ITL ms", ".2f"), ("itl_added_ms", "added ms/token", ".3f"),
+        ("router_itl_ms", "router ITL ms", ".2f"), ("itl_added_ms", "added ms/token", ".2f"),
     ])
     http_rows = [{"server": "stagemesh router (HTTP bridge)", **routed_http}]
     if plain_http:
@@ -347,13 +342,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
     # Sized for single-core CPU engines, which prefill ~130 tokens/s (a cold 600-token
-    # prompt: 4.5 s to the first token). The 8 system prompts (~230 tokens, 7 blocks of
+    # prompt: 4.5 s to the first token). The 9 system prompts (~250 tokens, 7 blocks of
     # 32 each) overflow one engine's KV cache (48 blocks) but fit in two: a policy that
     # spreads every prompt over both workers thrashes, one that partitions them does not.
-    # 25 users (odd) keep round_robin from pairing a user's turns on one worker by accident.
-    parser.add_argument("--systems", type=int, default=8, help="distinct system prompts")
+    # Odd counts (9 systems, 27 users) keep round_robin's alternation from lining up with
+    # the users of one system, or with a user's turns, by accident.
+    parser.add_argument("--systems", type=int, default=9, help="distinct system prompts")
     parser.add_argument("--rules", type=int, default=10, help="length of each system prompt (rules)")
-    parser.add_argument("--users", type=int, default=25)
+    parser.add_argument("--users", type=int, default=27)
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=32, help="KV block size (tokens; CPU: a multiple of 32)")
     parser.add_argument("--kv-cache-blocks", type=int, default=48, help="KV cache per engine, in blocks")

@@ -36,7 +36,7 @@ class RouterConfig(StageConfig):
         "kv_aware", "how workers are picked: round_robin, least_load or kv_aware"
     )
     kv_load_weight: float = setting(
-        4.0, "kv_aware: prompt blocks one queued request on a worker weighs as much as"
+        512.0, "kv_aware: prompt tokens to compute that one queued request on a worker weighs as much as"
     )
     kv_max_queue: int = setting(
         8,

@@ -4,10 +4,11 @@ Three policies, chosen with ``--router-policy``:
 
 - ``round_robin``: in turn, blind to load and cache (the baseline);
 - ``least_load``: least queued work, then KV-cache use;
-- ``kv_aware`` (default): the lowest cost, where cost is the prompt blocks the worker
-  would have to compute (those it does not already hold, per the KV index) plus
-  ``--kv-load-weight`` blocks for every request queued or running there. So a worker
-  holding a long prefix wins unless it is that much busier. A worker whose queue
+- ``kv_aware`` (default): the lowest cost, where cost is the prompt tokens the worker
+  would have to compute (those in blocks it does not already hold, per the KV index)
+  plus ``--kv-load-weight`` tokens for every request queued or running there. So a
+  worker holding a long prefix wins unless it is that much busier. Both terms are in
+  tokens, so the balance does not shift with the engines' KV block size. A worker whose queue
   reaches ``--kv-max-queue`` is passed over for the least-loaded one while any is
   below it, so a hot prefix cannot pile everything onto one worker.
 
@@ -85,7 +86,8 @@ class KvAware:
             return Choice(candidates[0], matched[candidates[0].key], "all_overloaded")
 
         def cost(peer: Peer) -> float:
-            return len(hashes) - matched[peer.key] + self.load_weight * peer.queued()
+            uncached = (len(hashes) - matched[peer.key]) * peer.member.kv_block_size
+            return uncached + self.load_weight * peer.queued()
 
         chosen = min(roomy, key=cost)  # candidates come least loaded first: ties go to the idler
         reason = "prefix_hit" if matched[chosen.key] == best_match else "load_over_prefix"

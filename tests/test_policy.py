@@ -33,14 +33,14 @@ def index_with(holdings: dict[str, int]) -> KvIndex:
 def test_kv_aware_prefers_the_prefix_holder() -> None:
     hashes = chain_hashes(PROMPT, BLOCK)
     a, b = peer("a", 0), peer("b", 1)
-    choice = KvAware(index_with({"b": 8}), load_weight=4.0, max_queue=8).choose([a, b], hashes)
+    choice = KvAware(index_with({"b": 8}), load_weight=4.0 * BLOCK, max_queue=8).choose([a, b], hashes)
     assert (choice.peer.key, choice.matched_blocks, choice.reason) == ("b", 8, "prefix_hit")
 
 
 def test_kv_aware_weighs_load_against_prefix() -> None:
     hashes = chain_hashes(PROMPT, BLOCK)
-    a, b = peer("a", 0), peer("b", 3)  # b saves 2 blocks but has 3 more requests (12 blocks' worth)
-    choice = KvAware(index_with({"b": 2}), load_weight=4.0, max_queue=8).choose([a, b], hashes)
+    a, b = peer("a", 0), peer("b", 3)  # b saves 2 blocks but has 3 more requests (12 blocks' worth of tokens)
+    choice = KvAware(index_with({"b": 2}), load_weight=4.0 * BLOCK, max_queue=8).choose([a, b], hashes)
     assert (choice.peer.key, choice.reason) == ("a", "load_over_prefix")
 
 
@@ -55,7 +55,7 @@ def test_kv_aware_falls_back_when_the_holder_is_overloaded() -> None:
 
 def test_kv_aware_without_any_prefix_is_least_load() -> None:
     a, b = peer("a", 0), peer("b", 0)
-    choice = KvAware(KvIndex(), 4.0, 8).choose([a, b], chain_hashes(PROMPT, BLOCK))
+    choice = KvAware(KvIndex(), 4.0 * BLOCK, 8).choose([a, b], chain_hashes(PROMPT, BLOCK))
     assert (choice.peer.key, choice.reason) == ("a", "least_load_no_prefix")
 
 
