@@ -24,7 +24,6 @@ from services.membership import member_key
 from services.pb import common_pb2, router_pb2
 from services.server import Stage
 
-
 INDEX_ENTRIES = Gauge(
     "stagemesh_router_kv_index_entries", "(block, worker) entries in the router's KV index"
 )
