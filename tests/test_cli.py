@@ -34,6 +34,7 @@ def probe(port: int) -> tuple[int, str]:
     return done.returncode, done.stdout.strip()
 
 
+@pytest.mark.isolated
 @pytest.mark.asyncio(loop_scope="session")
 async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path, tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("etcd", "tokenizer", "prefill", "decode", "router", "http")}

@@ -21,8 +21,13 @@ from services.etcd import EmbeddedEtcd, EtcdSession
 from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX
 from services.pb import common_pb2
-from tests.conftest import ENGINE_START_TIMEOUT, STAGE_START_TIMEOUT
+from tests.conftest import STAGE_START_TIMEOUT
 from tests.netns import Hosts, unavailable
+
+pytestmark = pytest.mark.isolated
+
+#: Two engines starting at once on a fresh two-core host (cold compile caches): minutes.
+ENGINE_START_TIMEOUT = 600.0
 
 #: Each stage listens on its default port; on its own host there is nothing to clash with.
 DEFAULT_PORTS = {"tokenizer": 50052, "prefill": 50053, "decode": 50054, "router": 50051}
