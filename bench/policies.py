@@ -27,10 +27,7 @@ import itertools
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -197,38 +194,30 @@ async def http_timing(base_url: str, model: str, prompts: list[str], output: int
     return {"ttft_ms": statistics.median(ttfts) * 1000, "tpot_ms": statistics.median(per_token) * 1000}
 
 
-def _spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start a server in its own process group, its output in ``log_path``."""
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
 async def vllm_server_timing(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> dict[str, float]:
     """The same HTTP timing against a plain vLLM OpenAI server with the engines' settings."""
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", "plain", "--dtype", "float32", "--port", str(port),
-               "--max-model-len", str(args.max_model_len), "--block-size", str(args.block_size),
-               "--num-gpu-blocks-override", str(args.kv_cache_blocks), "--enable-prefix-caching"]
-    server = _spawn(command, env, log_dir / "vllm-serve.log")
+    server = StageProcess(
+        "vllm-serve", "vllm.entrypoints.openai.api_server",
+        ["--model", str(model_dir), "--served-model-name", "plain", "--dtype", "float32", "--port", str(port),
+         "--max-model-len", str(args.max_model_len), "--block-size", str(args.block_size),
+         "--num-gpu-blocks-override", str(args.kv_cache_blocks), "--enable-prefix-caching"],
+        "", log_dir, env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    server.start()
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
             deadline = time.monotonic() + 900
             while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"vllm serve did not start; see {log_dir / 'vllm-serve.log'}")
+                if not server.alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"vllm serve did not start:\n{server.log_tail()}")
                 with contextlib.suppress(httpx.HTTPError):
                     if (await http.get("/health")).status_code == 200:
                         break
                 await asyncio.sleep(1)
         return await http_timing(f"http://127.0.0.1:{port}", "plain", story_prompts(args.overhead_samples), args.output)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        server.stop(60)  # SIGTERM, then its whole process group
 
 
 async def run(args: argparse.Namespace) -> None:
