@@ -2,6 +2,7 @@
 router itself costs.
 
     python -m bench.policies [--rate 0.25] [--users 27] [--turns 2] [--json F] [--png F]
+    python -m bench.policies --policies ''     # only the router's cost, in minutes
 
 Starts etcd, the tokenizer and two decode engines (one per core, aggregated: every
 prompt is computed where it is routed), then for each policy in turn a router, and
@@ -237,33 +238,39 @@ async def run(args: argparse.Namespace) -> None:
 
     rows = []
     try:
-        print(f"starting tokenizer and two decode engines (logs in {log_dir})...", flush=True)
+        # Two engines for the policies, one per core; the cost alone needs one.
+        cores = (0, 1) if args.policies else (0,)
+        print(f"starting tokenizer and {len(cores)} decode engine(s) (logs in {log_dir})...", flush=True)
         tokenizer = stage("tokenizer", "tokenizer_svc")  # the group starts what it adds
         decodes = [stage(f"decode-{core}", "decode_svc", "--cpu-cores", str(core),
                          "--kv-cache-blocks", str(args.kv_cache_blocks), "--block-size", str(args.block_size),
                          "--max-model-len", str(args.max_model_len))
-                   for core in (0, 1)]
+                   for core in cores]
         await asyncio.gather(*(p.wait_healthy(900) for p in (tokenizer, *decodes)))
-        for number, policy in enumerate(args.policies):
+
+        async def start_router(policy: str) -> tuple[StageProcess, str]:
             http_port = free_port()
             router = stage(f"router-{policy}", "router_svc", "--http-port", str(http_port), "--router-policy", policy)
             await router.wait_healthy(120)
             await asyncio.sleep(2)  # the router's first load polls and KV snapshots
+            return router, f"http://127.0.0.1:{http_port}"
+
+        for number, policy in enumerate(args.policies):
+            router, http_url = await start_router(policy)
             print(f"{policy}: {args.users} users x {args.turns} turns at {args.rate} req/s...", flush=True)
-            row = {"policy": policy, **await workload(f"http://127.0.0.1:{http_port}", args, seed=number + 1)}
-            rows.append(row)
-            if policy == args.policies[-1]:
-                # The cost figures at concurrency 1 come from one engine alone: on a small
-                # host a second, idle engine's polling threads slow the first several-fold.
-                decodes[1].stop()
-                async with RouterClient(router.grpc_address) as client, \
-                        EngineClient(decodes[0].grpc_address) as decode, \
-                        TokenizerClient(tokenizer.grpc_address) as tok:
-                    cost = await overhead(client, decode, tok, args.overhead_samples, args.output)
-                routed_http = await http_timing(
-                    f"http://127.0.0.1:{http_port}", "", story_prompts(args.overhead_samples), args.output
-                )
+            rows.append({"policy": policy, **await workload(http_url, args, seed=number + 1)})
             router.stop()
+        # The cost figures at concurrency 1 come from one engine alone: a second engine
+        # competes for the host's memory bandwidth and, on two cores, for the CPU.
+        for extra in decodes[1:]:
+            extra.stop()
+        print("router cost at concurrency 1...", flush=True)
+        router, http_url = await start_router("kv_aware")
+        async with RouterClient(router.grpc_address) as client, \
+                EngineClient(decodes[0].grpc_address) as decode, \
+                TokenizerClient(tokenizer.grpc_address) as tok:
+            cost = await overhead(client, decode, tok, args.overhead_samples, args.output)
+        routed_http = await http_timing(http_url, "", story_prompts(args.overhead_samples), args.output)
     finally:
         group.stop_all()
         etcd.stop()
@@ -272,14 +279,15 @@ async def run(args: argparse.Namespace) -> None:
         print("plain vLLM OpenAI server, same model and settings, concurrency 1...", flush=True)
         plain_http = await vllm_server_timing(args, model_dir, log_dir)
 
-    print(f"\nShared-prefix workload: {args.systems} system prompts, {args.users} users, {args.turns} turns, "
-          f"{args.rate} req/s, {args.output} output tokens, two decode workers")
-    print_table(rows, [
-        ("policy", "policy", "s"), ("requests", "requests", "d"), ("hit_rate", "hit rate", ".1%"),
-        ("ttft_p50_s", "TTFT p50 s", ".3f"), ("ttft_p90_s", "TTFT p90 s", ".3f"),
-        ("ttft_p99_s", "TTFT p99 s", ".3f"), ("itl_p50_ms", "ITL p50 ms", ".1f"),
-        ("output_tok_s", "output tok/s", ".1f"),
-    ])
+    if rows:
+        print(f"\nShared-prefix workload: {args.systems} system prompts, {args.users} users, {args.turns} turns, "
+              f"{args.rate} req/s, {args.output} output tokens, two decode workers")
+        print_table(rows, [
+            ("policy", "policy", "s"), ("requests", "requests", "d"), ("hit_rate", "hit rate", ".1%"),
+            ("ttft_p50_s", "TTFT p50 s", ".3f"), ("ttft_p90_s", "TTFT p90 s", ".3f"),
+            ("ttft_p99_s", "TTFT p99 s", ".3f"), ("itl_p50_ms", "ITL p50 ms", ".1f"),
+            ("output_tok_s", "output tok/s", ".1f"),
+        ])
     print("\nRouter cost at concurrency 1 (median; same warm prompts, one engine; gRPC API vs the engine directly)")
     added = {"ttft_added_ms": cost["router_ttft_ms"] - cost["direct_ttft_ms"],
              "itl_added_ms": cost["router_itl_ms"] - cost["direct_itl_ms"], **cost}
@@ -297,7 +305,7 @@ async def run(args: argparse.Namespace) -> None:
         write_json(Path(args.json), {"benchmark": "policies", "settings": {k: v for k, v in vars(args).items()
                                                                            if k not in ("json", "png")},
                                      "policies": rows, "router_cost": added, "http": http_rows})
-    if args.png:
+    if args.png and rows:
         plot(Path(args.png), rows)
 
 
@@ -329,7 +337,8 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
+    parser.add_argument("--policies", type=lambda s: [p for p in s.split(",") if p], default=list(POLICIES),
+                        help="comma-separated; '' measures only the router's cost (one engine, minutes)")
     # Sized for single-core CPU engines, which prefill ~130 tokens/s (a cold 600-token
     # prompt: 4.5 s to the first token). The 9 system prompts (~250 tokens, 7 blocks of
     # 32 each) overflow one engine's KV cache (48 blocks) but fit in two: a policy that

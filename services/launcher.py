@@ -117,10 +117,31 @@ class StageProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
         # SIGKILL is delivered but not yet acted on by every member: an engine process
-        # releasing gigabytes of registered KV memory takes seconds to exit.
+        # releasing gigabytes of registered KV memory takes seconds to exit. The signal is
+        # repeated in case a member was being spawned while the first went out.
         deadline = time.monotonic() + 60
-        while live_processes_in_group(self.process.pid) and time.monotonic() < deadline:
+        while survivors := live_processes_in_group(self.process.pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{self.name}: processes survived SIGKILL for 60 s: "
+                    + "; ".join(describe_process(pid) for pid in survivors)
+                )
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             time.sleep(0.1)
+
+
+def describe_process(pid: int) -> str:
+    """``pid (name) state=S wchan=...``: what a process that will not die is doing."""
+    proc = Path("/proc") / str(pid)
+    try:
+        stat = (proc / "stat").read_text()
+        wchan = (proc / "wchan").read_text() or "-"
+    except OSError:
+        return f"{pid} (gone)"
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return f"{pid} ({name}) state={state} wchan={wchan}"
 
 
 def live_processes_in_group(pgid: int) -> list[int]:

@@ -52,3 +52,6 @@ def configure_logging(level: str, fmt: str, stage: str, instance_id: str) -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # grpc's asyncio layer logs a debug line per channel and call ("Loaded running
+    # loop"), which buries the stage's own debug lines (router decisions, retries).
+    logging.getLogger("grpc").setLevel(max(root.level, logging.INFO))

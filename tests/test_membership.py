@@ -159,7 +159,7 @@ async def test_health_is_not_serving_until_registered(
             assert await health_status(stage.grpc_address) == "NOT_SERVING"
             await asyncio.sleep(0.5)
         etcd.start()
-        await stage.wait_healthy(30)
+        await stage.wait_healthy(60)
     finally:
         stage.stop()
         etcd.stop(wipe=True)

@@ -161,9 +161,12 @@ async def test_stage_survives_bad_input(tokenizer, tokenizer_stage: StageProcess
     assert list((await tokenizer.tokenize("still fine")).token_ids)
 
 
-async def test_large_prompt(tokenizer, hf_tokenizer) -> None:
+async def test_large_prompt(tokenizer_stage: StageProcess, hf_tokenizer) -> None:
     text = "All work and no play makes Jack a dull boy. " * 20_000  # ~900 KB
-    reply = await tokenizer.tokenize(text)
+    # 220k tokens: under a second here, but a starved CI core once took over the
+    # default 10 s deadline, so this one request gets a minute.
+    async with TokenizerClient(tokenizer_stage.grpc_address, timeout=60) as tokenizer:
+        reply = await tokenizer.tokenize(text)
     assert len(reply.token_ids) == len(hf_tokenizer.encode(text))
 
 

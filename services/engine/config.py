@@ -30,6 +30,11 @@ class EngineConfig(StageConfig):
         "local address of the NIXL side channel, advertised to peers ('auto': the route to etcd)",
     )
     nixl_port: int = setting(0, "port of the NIXL side channel (0 picks a free one)")
+    nixl_poll_ms: int = setting(
+        1,
+        "longest sleep of NIXL's UCX progress thread when idle, in ms (0: NIXL's own busy "
+        "poll, a whole core per engine)",
+    )
     kv_lease_seconds: int = setting(
         30,
         "prefill: seconds the engine keeps a prompt's KV for a decode that never collects it",

@@ -37,6 +37,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from services.engine.config import EngineConfig
 from services.engine.kv_events import ZmqKvEventBridge
+from services.engine.vllm_plugin import POLL_MS_ENV
 from services.errors import InvalidRequest, StageDead
 from services.etcd import free_port
 from services.kv_events import KvEventLog
@@ -150,6 +151,7 @@ class EngineRunner:
         settings = {
             "VLLM_NIXL_SIDE_CHANNEL_HOST": self.config.nixl_host,
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(self.nixl_port),
+            POLL_MS_ENV: str(self.config.nixl_poll_ms),
         }
         if self.config.device == "cpu":
             settings["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.kv_cache_gib)
