@@ -8,6 +8,8 @@ equals one engine alone, token for token, and both equal Hugging Face transforme
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 
 from services.clients import EngineClient
 from services.etcd import EtcdSession
+from services.launcher import live_processes_in_group
 from services.membership import MEMBERS_PREFIX
 from services.pb import common_pb2
 from tests.conftest import PREFILL_LEASE_SECONDS, disaggregated
@@ -283,3 +286,25 @@ async def test_engines_register_their_kv_facts(
         assert member.nixl_address.startswith("127.0.0.1:")
         assert member.kv_event_epoch > 0
         assert list(member.models) == ["SmolLM2-135M-Instruct"]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def test_idle_engines_leave_their_cores_free(engine_stages) -> None:  # type: ignore[no-untyped-def]
+    # NIXL's progress thread used to poll with a zero timeout: a whole core per idle
+    # engine, on the core its model runs on (services/engine/vllm_plugin.py).
+    await asyncio.sleep(3)  # vLLM's own queues spin for a second after each message
+    groups = [live_processes_in_group(stage.pid) for stage in engine_stages]
+    before = [cpu_seconds(pids) for pids in groups]
+    window = 4.0
+    await asyncio.sleep(window)
+    used = [cpu_seconds(pids) - start for pids, start in zip(groups, before)]
+    assert all(seconds < 0.25 * window for seconds in used), f"CPU seconds in {window} s idle: {used}"

@@ -47,11 +47,11 @@ def register() -> None:
         stagemesh_min_delay_us = min_delay_us
 
         @property
-        def pthrDelay(self) -> int:  # noqa: N802 (the bindings' name)
+        def pthrDelay(self) -> int:  # the bindings' name
             return int(base.pthrDelay.__get__(self))
 
         @pthrDelay.setter
-        def pthrDelay(self, delay_us: int) -> None:  # noqa: N802
+        def pthrDelay(self, delay_us: int) -> None:
             base.pthrDelay.__set__(self, max(int(delay_us), min_delay_us))
 
     nixl_api.nixlBind.nixlAgentConfig = AgentConfigWithPollDelay
