@@ -300,11 +300,19 @@ def cpu_seconds(pids: list[int]) -> float:
 
 async def test_idle_engines_leave_their_cores_free(engine_stages) -> None:  # type: ignore[no-untyped-def]
     # NIXL's progress thread used to poll with a zero timeout: a whole core per idle
-    # engine, on the core its model runs on (services/engine/vllm_plugin.py).
-    await asyncio.sleep(3)  # vLLM's own queues spin for a second after each message
-    groups = [live_processes_in_group(stage.pid) for stage in engine_stages]
-    before = [cpu_seconds(pids) for pids in groups]
+    # engine, on the core its model runs on (services/engine/vllm_plugin.py). An engine
+    # is legitimately busy for a while after a test: vLLM's queues spin for a second
+    # after each message, and a prefill engine keeps stepping until a handle nobody
+    # collects expires. So each engine must go quiet within a minute: some 4-second
+    # window in which its whole process group uses under a quarter of a core.
     window = 4.0
-    await asyncio.sleep(window)
-    used = [cpu_seconds(pids) - start for pids, start in zip(groups, before)]
-    assert all(seconds < 0.25 * window for seconds in used), f"CPU seconds in {window} s idle: {used}"
+    for stage in engine_stages:
+        pids = live_processes_in_group(stage.pid)
+        deadline = time.monotonic() + 60
+        while True:
+            start = cpu_seconds(pids)
+            await asyncio.sleep(window)
+            used = cpu_seconds(pids) - start
+            if used < 0.25 * window:
+                break
+            assert time.monotonic() < deadline, f"{stage.name} never idle: {used:.2f} CPU s in {window} s"
