@@ -131,28 +131,37 @@ class StageProcess:
             time.sleep(0.1)
 
 
+def process_stat(pid: int) -> tuple[str, list[str]] | None:
+    """A process's name and the ``/proc/PID/stat`` fields after it (state first), or None
+    once it is gone. The name is cut out by its parentheses: it may hold spaces."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+
+
 def describe_process(pid: int) -> str:
     """``pid (name) state=S wchan=...``: what a process that will not die is doing."""
-    proc = Path("/proc") / str(pid)
-    try:
-        stat = (proc / "stat").read_text()
-        wchan = (proc / "wchan").read_text() or "-"
-    except OSError:
+    stat = process_stat(pid)
+    if stat is None:
         return f"{pid} (gone)"
-    name = stat[stat.index("(") + 1 : stat.rindex(")")]
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return f"{pid} ({name}) state={state} wchan={wchan}"
+    name, fields = stat
+    try:
+        wchan = (Path("/proc") / str(pid) / "wchan").read_text() or "-"
+    except OSError:
+        wchan = "-"
+    return f"{pid} ({name}) state={fields[0]} wchan={wchan}"
 
 
 def live_processes_in_group(pgid: int) -> list[int]:
     """Pids in process group ``pgid`` that have not exited (zombies do not count: a
     container's init may never reap them)."""
     live = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                live.append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = process_stat(int(entry.name))
+        if stat is not None and int(stat[1][2]) == pgid and stat[1][0] not in ("Z", "X"):
+            live.append(int(entry.name))
     return live
 
 

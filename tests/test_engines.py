@@ -8,7 +8,6 @@ equals one engine alone, token for token, and both equal Hugging Face transforme
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from services.clients import EngineClient
 from services.etcd import EtcdSession
-from services.launcher import live_processes_in_group
+from services.launcher import live_processes_in_group, process_stat
 from services.membership import MEMBERS_PREFIX
 from services.pb import common_pb2
 from tests.conftest import PREFILL_LEASE_SECONDS, disaggregated
@@ -289,13 +288,9 @@ async def test_engines_register_their_kv_facts(
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time the processes have used so far."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time the processes still alive have used so far."""
+    ticks = sum(int(stat[1][11]) + int(stat[1][12]) for pid in pids if (stat := process_stat(pid)))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def test_idle_engines_leave_their_cores_free(engine_stages) -> None:  # type: ignore[no-untyped-def]

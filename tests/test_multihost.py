@@ -21,7 +21,7 @@ from services.etcd import EmbeddedEtcd, EtcdSession
 from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX
 from services.pb import common_pb2
-from tests.conftest import STAGE_START_TIMEOUT
+from tests.conftest import STAGE_START_TIMEOUT, skip_unless_required
 from tests.netns import Hosts, unavailable
 
 pytestmark = pytest.mark.isolated
@@ -37,7 +37,7 @@ DEFAULT_PORTS = {"tokenizer": 50052, "prefill": 50053, "decode": 50054, "router"
 def hosts() -> Iterator[Hosts]:
     reason = unavailable()
     if reason:
-        pytest.skip(f"network namespaces unavailable: {reason}")
+        skip_unless_required(f"network namespaces unavailable: {reason}")
     network = Hosts(["etcd", "front", "prefill", "decode"])
     try:
         network.create()
