@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from bench.report import print_table, write_json
-from router_svc.kv_index import KvIndex, chain_hashes
+from router_svc.kv_index import KvIndex
+from services.kv_hash import chain_hashes
 from services.pb import common_pb2
 
 BLOCK_SIZE = 16

@@ -37,12 +37,12 @@ from prometheus_client import Counter, Histogram
 
 from router_svc.affinity import SessionAffinity
 from router_svc.config import RouterConfig
-from router_svc.kv_index import chain_hashes
 from router_svc.policy import DECISIONS, Choice, Policy
 from router_svc.workers import Peer, Workers
 from services.aio import cancel_and_wait
 from services.clients import EngineClient, TokenizerClient
 from services.errors import DeadlineExceeded, InvalidRequest, NotFound, Unavailable, from_rpc_error
+from services.kv_hash import chain_hashes
 from services.membership import role_name
 from services.pb import common_pb2, engine_pb2, router_pb2, tokenizer_pb2
 

@@ -1,8 +1,7 @@
 """The router's index of which worker holds which KV blocks.
 
-Blocks are named by the router's own chained hash: a block's hash covers its parent's
-hash and its own token ids, so equal hashes mean equal prefixes, on every worker,
-whatever hash seed each engine uses internally. Engines report blocks with their own
+Blocks are named by the mesh's chained hash (:mod:`services.kv_hash`), so equal hashes
+mean equal prefixes on every worker and in the KV store. Engines report blocks with their own
 hashes and the blocks' token ids; the index maps each worker's engine hashes to chain
 hashes so that removals (which carry engine hashes only) find their blocks.
 
@@ -11,46 +10,11 @@ Pure data structure, no I/O: whatever follows the engines' KV-event streams feed
 
 from __future__ import annotations
 
-import array
-import hashlib
-import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
+from services.kv_hash import ROOT, block_hash
 from services.pb import common_pb2
-
-#: The chain hash of "no parent" (the first block of a sequence).
-ROOT = 0
-
-
-def _le_uint32(token_ids: Sequence[int]) -> bytes:
-    ids = array.array("I", token_ids)
-    if sys.byteorder == "big":
-        ids.byteswap()
-    return ids.tobytes()
-
-
-def block_hash(parent: int, token_ids: Sequence[int]) -> int:
-    """The chained hash of one block.
-
-    The first 8 bytes (little-endian) of SHA-256 over the parent's hash (8 bytes,
-    little-endian) followed by the block's ids (uint32, little-endian): specified in
-    bytes, so a KV store or client in any language computes the same names.
-    """
-    data = parent.to_bytes(8, "little") + _le_uint32(token_ids)
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
-
-
-def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT) -> list[int]:
-    """Chained hashes of every full block of ``token_ids`` (a partial last block has none)."""
-    raw = _le_uint32(token_ids[: len(token_ids) - len(token_ids) % block_size])
-    step = block_size * 4
-    previous = parent.to_bytes(8, "little")
-    hashes = []
-    for start in range(0, len(raw), step):
-        previous = hashlib.sha256(previous + raw[start : start + step]).digest()[:8]
-        hashes.append(int.from_bytes(previous, "little"))
-    return hashes
 
 
 class KvIndex:

@@ -92,6 +92,28 @@ class StageConfig:
             self.advertise_host = route_source(self.etcd_endpoints)
 
 
+
+@dataclasses.dataclass
+class NixlStageConfig(StageConfig):
+    """Settings of a stage that moves KV over NIXL (the engines and the KV store)."""
+
+    nixl_host: str = setting(
+        AUTO_HOST,
+        "local address of this stage's NIXL endpoint, advertised to peers ('auto': the route to etcd)",
+    )
+    nixl_port: int = setting(0, "port of this stage's NIXL endpoint (0 picks a free one)")
+    nixl_poll_ms: int = setting(
+        1,
+        "longest sleep of NIXL's UCX progress thread when idle, in ms (0: NIXL's own busy "
+        "poll, a whole core per agent)",
+    )
+
+    def resolve_hosts(self) -> None:
+        """The NIXL endpoint binds and is dialled at one address, found like the gRPC one."""
+        super().resolve_hosts()
+        if self.nixl_host == AUTO_HOST:
+            self.nixl_host = route_source(self.etcd_endpoints)
+
 def parse_endpoints(spec: str) -> list[tuple[str, int]]:
     """Parse ``host:port,host:port`` into pairs; a missing port means 2379."""
     endpoints = []

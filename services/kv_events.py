@@ -1,7 +1,7 @@
 """A publisher's KV-event log: sequence numbers, a replay window, a live fan-out to
 subscribers, and the block set for snapshots.
 
-Engines (and later the KV store) feed it the blocks they store and remove; it serves
+Engines and the KV store feed it the blocks they store and remove; it serves
 the ``StreamKvEvents`` / ``GetKvSnapshot`` RPCs. A subscriber resumes with
 ``(epoch, after_sequence)``: when that position is still in the replay window it gets
 every event after it, otherwise it is told to resync from a snapshot first. A
@@ -28,6 +28,12 @@ _MAX_BATCH = 256
 class _Block:
     parent: bytes
     token_ids: list[int]
+    chain_hash: int | None = None
+
+
+def chain_name(chain_hash: int) -> bytes:
+    """The publisher hash a chain-hash-addressed block goes by in events."""
+    return chain_hash.to_bytes(8, "little")
 
 
 class KvEventLog:
@@ -63,6 +69,20 @@ class KvEventLog:
             )
         )
 
+    def stored_chains(self, chain_hashes: list[int]) -> None:
+        """Record blocks known by their chain hashes only (the KV store's), one event each
+        way: the publisher's hash is the chain hash's 8 little-endian bytes."""
+        names = [chain_name(h) for h in chain_hashes]
+        for name, chain_hash in zip(names, chain_hashes):
+            self._blocks[name] = _Block(b"", [], chain_hash)
+        self._append(
+            common_pb2.KvEvent(
+                block_stored=common_pb2.BlockStored(
+                    block_hashes=names, chain_hashes=chain_hashes, block_size=self.block_size
+                )
+            )
+        )
+
     def removed(self, block_hashes: list[bytes]) -> None:
         for block_hash in block_hashes:
             self._blocks.pop(block_hash, None)
@@ -82,6 +102,7 @@ class KvEventLog:
                 common_pb2.BlockStored(
                     block_hashes=[block_hash], parent_block_hash=block.parent,
                     token_ids=block.token_ids, block_size=self.block_size,
+                    chain_hashes=[] if block.chain_hash is None else [block.chain_hash],
                 )
                 for block_hash, block in self._blocks.items()
             ],

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Generic, TypeVar
 
 import aetcd.exceptions
 
@@ -46,6 +47,12 @@ def role_prefix(role: int | None = None) -> str:
     return MEMBERS_PREFIX if role is None else f"{MEMBERS_PREFIX}{role_name(role)}/"
 
 
+def _parse(value: bytes) -> common_pb2.Member:
+    member = common_pb2.Member()
+    member.ParseFromString(value)
+    return member
+
+
 class Registration:
     """Keeps one Member record registered in etcd for the life of a stage.
 
@@ -55,10 +62,17 @@ class Registration:
     """
 
     def __init__(
-        self, session: EtcdSession, member: common_pb2.Member, ttl: int, retry_seconds: float = 0.5
+        self,
+        session: EtcdSession,
+        member: common_pb2.Member,
+        ttl: int,
+        retry_seconds: float = 0.5,
+        extra: Mapping[str, bytes] | None = None,
     ) -> None:
         self._session = session
         self._member = member
+        #: Other keys that live and die with the member (the KV store's shard entry).
+        self._extra = dict(extra or {})
         self._ttl = ttl
         self._retry = retry_seconds
         self._lease_id: int | None = None
@@ -99,6 +113,8 @@ class Registration:
         client = await self._session.client()
         lease = await client.lease(self._ttl)
         await client.put(self.key.encode(), self._member.SerializeToString(), lease=lease.id)
+        for key, value in self._extra.items():
+            await client.put(key.encode(), value, lease=lease.id)
         self._lease_id = lease.id
         self.registered.set()
         log.info("registered %s (lease %x, ttl %ss)", self.key, lease.id, self._ttl)
@@ -145,27 +161,33 @@ class Registration:
                 await self._session.reset()
 
 
-class MemberWatcher:
-    """A live mirror of the members under a prefix, kept current by an etcd watch.
+M = TypeVar("M")
+
+
+class MemberWatcher(Generic[M]):
+    """A live mirror of the records under a prefix, kept current by an etcd watch.
 
     It lists the prefix, then watches from the next revision. On any error (etcd
     restarted, endpoint died, revision compacted) it reconnects and lists again, so
     the mirror converges to etcd's state whatever happened in between. ``on_change`` is
-    called with (key, member-or-None) for every addition, update and removal.
+    called with (key, record-or-None) for every addition, update and removal. Records
+    are Member messages unless ``parse`` reads another kind (the KV store's shard map).
     """
 
     def __init__(
         self,
         session: EtcdSession,
         prefix: str = MEMBERS_PREFIX,
-        on_change: Callable[[str, common_pb2.Member | None], None] | None = None,
+        on_change: Callable[[str, M | None], None] | None = None,
         retry_seconds: float = 0.5,
+        parse: Callable[[bytes], M] = _parse,  # type: ignore[assignment]
     ) -> None:
         self._session = session
         self._prefix = prefix
         self._on_change = on_change
         self._retry = retry_seconds
-        self.members: dict[str, common_pb2.Member] = {}
+        self._parse = parse
+        self.members: dict[str, M] = {}
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
 
@@ -177,7 +199,7 @@ class MemberWatcher:
         self._task = None
 
     async def wait_for(
-        self, predicate: Callable[[dict[str, common_pb2.Member]], bool], timeout: float
+        self, predicate: Callable[[dict[str, M]], bool], timeout: float
     ) -> None:
         """Wait until ``predicate(members)`` holds; raises TimeoutError after ``timeout``."""
         async with self._changed:
@@ -190,7 +212,7 @@ class MemberWatcher:
     async def _sync_and_watch(self) -> None:
         client = await self._session.client()
         listing = await client.get_prefix(self._prefix.encode())
-        current = {kv.key.decode(): _parse(kv.value) for kv in listing}
+        current = {kv.key.decode(): self._parse(kv.value) for kv in listing}
         for key in set(self.members) - set(current):
             await self._apply(key, None)
         for key, member in current.items():
@@ -202,13 +224,13 @@ class MemberWatcher:
         try:
             async for event in watch:
                 key = event.kv.key.decode()
-                await self._apply(key, _parse(event.kv.value) if event.kind == "PUT" else None)
+                await self._apply(key, self._parse(event.kv.value) if event.kind == "PUT" else None)
         finally:
             with contextlib.suppress(Exception):
                 await watch.cancel()
         raise ConnectionError("watch stream ended")
 
-    async def _apply(self, key: str, member: common_pb2.Member | None) -> None:
+    async def _apply(self, key: str, member: M | None) -> None:
         async with self._changed:
             if member is None:
                 if self.members.pop(key, None) is None:
@@ -241,12 +263,6 @@ async def _retrying(
             failures += 1
             await session.reset()
             await asyncio.sleep(pause)
-
-
-def _parse(value: bytes) -> common_pb2.Member:
-    member = common_pb2.Member()
-    member.ParseFromString(value)
-    return member
 
 
 def _describe(exc: BaseException) -> str:

@@ -64,6 +64,11 @@ class Stage(abc.ABC):
     def describe(self, member: common_pb2.Member) -> None:
         """Fill the stage-specific Member fields (models, KV block size, NIXL address)."""
 
+    def etcd_entries(self, member: common_pb2.Member) -> dict[str, bytes]:
+        """Other etcd keys the stage publishes under its membership lease (the KV
+        store's shard entry); they appear and vanish with the member."""
+        return {}
+
     def failure(self) -> str | None:
         """Why the stage can no longer serve (e.g. its engine died), or None while it can.
 
@@ -169,7 +174,9 @@ class StageServer:
             labels=self.config.labels,
         )
         self.stage.describe(member)
-        self.registration = Registration(self._session, member, self.config.lease_ttl)
+        self.registration = Registration(
+            self._session, member, self.config.lease_ttl, extra=self.stage.etcd_entries(member)
+        )
         await self.registration.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving as %s", self.registration.key)

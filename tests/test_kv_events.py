@@ -11,6 +11,7 @@ from services.engine.service import handle_from_params, params_from_handle
 from services.errors import InvalidRequest
 from services.kv_events import KvEventLog
 
+
 def test_events_decode_by_name_or_position_ignoring_new_fields() -> None:
     log = KvEventLog(block_size=2)
     # Current vLLM: tagged maps, with fields we do not know.

@@ -3,8 +3,9 @@ themselves are exercised against real engines in test_router and test_faults).""
 
 from __future__ import annotations
 
-from router_svc.kv_index import KvIndex, chain_hashes
+from router_svc.kv_index import KvIndex
 from router_svc.kv_subscriber import apply_event, apply_snapshot
+from services.kv_hash import chain_hashes
 from services.pb import common_pb2
 
 BLOCK = 4

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.config import AUTO_HOST, StageConfig, route_source, setting
+from services.config import NixlStageConfig, setting
 
 
 @dataclasses.dataclass
-class EngineConfig(StageConfig):
+class EngineConfig(NixlStageConfig):
     """stagemesh engine stage: a vLLM engine behind gRPC, KV handed over NIXL."""
 
     model: str = setting("", "model to serve: NAME=PATH or PATH (default: the bundled model)")
@@ -25,24 +25,8 @@ class EngineConfig(StageConfig):
         "", "CPU: cores to pin the engine's threads to, e.g. 0 or 0-3 (empty: vLLM decides)"
     )
     block_size: int = setting(0, "KV block size in tokens (0: the engine's default)")
-    nixl_host: str = setting(
-        AUTO_HOST,
-        "local address of the NIXL side channel, advertised to peers ('auto': the route to etcd)",
-    )
-    nixl_port: int = setting(0, "port of the NIXL side channel (0 picks a free one)")
-    nixl_poll_ms: int = setting(
-        1,
-        "longest sleep of NIXL's UCX progress thread when idle, in ms (0: NIXL's own busy "
-        "poll, a whole core per engine)",
-    )
     kv_lease_seconds: int = setting(
         30,
         "prefill: seconds the engine keeps a prompt's KV for a decode that never collects it",
     )
     kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")
-
-    def resolve_hosts(self) -> None:
-        """The NIXL side channel binds and is dialled at one address, found like the gRPC one."""
-        super().resolve_hosts()
-        if self.nixl_host == AUTO_HOST:
-            self.nixl_host = route_source(self.etcd_endpoints)

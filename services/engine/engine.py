@@ -37,11 +37,11 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from services.engine.config import EngineConfig
 from services.engine.kv_events import ZmqKvEventBridge
-from services.engine.vllm_plugin import POLL_MS_ENV
 from services.errors import InvalidRequest, StageDead
 from services.etcd import free_port
 from services.kv_events import KvEventLog
 from services.model import ModelSpec
+from services.nixl import POLL_MS_ENV
 from services.pb import engine_pb2
 
 log = logging.getLogger(__name__)

@@ -136,3 +136,17 @@ class NixlTarget(_message.Message):
     slot_bytes: int
     device_id: int
     def __init__(self, agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., base_address: _Optional[int] = ..., region_bytes: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., device_id: _Optional[int] = ...) -> None: ...
+
+class ShardEntry(_message.Message):
+    __slots__ = ("instance_id", "grpc_address", "nixl_address", "ring_points", "capacity_bytes")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NIXL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RING_POINTS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    grpc_address: str
+    nixl_address: str
+    ring_points: _containers.RepeatedScalarFieldContainer[int]
+    capacity_bytes: int
+    def __init__(self, instance_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., nixl_address: _Optional[str] = ..., ring_points: _Optional[_Iterable[int]] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...

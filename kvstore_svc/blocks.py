@@ -1,0 +1,240 @@
+"""The KV store's bookkeeping: which slot of the pool holds which block, and in what state.
+
+Pure logic, no I/O (the servicer owns the memory and NIXL). The rules it enforces:
+
+- a block is addressed by ``(layout, chain hash)``; the layout names the model and the
+  shape of its KV, so blocks of different models or block sizes never mix;
+- a slot is granted to one writer (``reserve``) and becomes readable only when that
+  writer commits it. A second writer of the same block is not granted it, so two
+  engines writing the same blocks at once leave one intact copy;
+- readers pin what ``lookup`` returns until they release it or the pin runs out, and a
+  pinned block is never evicted or overwritten mid-read;
+- when the pool is full, the least recently used committed, unpinned block makes room.
+  A lookup hit or a commit makes a block most recent;
+- reservations and pins have deadlines, so a writer or reader that dies cannot hold
+  slots for ever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+Key = tuple[str, int]
+
+
+class LayoutMismatch(ValueError):
+    """A writer's block size differs from the one the pool was laid out with."""
+
+
+@dataclasses.dataclass
+class _Entry:
+    slot: int
+    committed: bool = False
+    pins: int = 0
+
+
+@dataclasses.dataclass
+class _Pin:
+    expires_at: float
+    keys: list[Key]
+
+
+@dataclasses.dataclass
+class _Reservation:
+    expires_at: float
+    keys: dict[int, Key]
+
+
+@dataclasses.dataclass
+class TableStats:
+    capacity_blocks: int = 0
+    used_blocks: int = 0
+    pinned_blocks: int = 0
+    lookups: int = 0
+    hit_blocks: int = 0
+    miss_blocks: int = 0
+    evictions: int = 0
+
+
+class BlockTable:
+    """Slots of a pool of ``region_bytes``, cut into blocks of the first writer's size.
+
+    ``on_stored(hashes)`` and ``on_removed(hashes)`` report blocks becoming readable and
+    leaving (evicted, dropped), for the store's KV events.
+    """
+
+    def __init__(
+        self,
+        region_bytes: int,
+        on_stored: Callable[[list[int]], None] = lambda hashes: None,
+        on_removed: Callable[[list[int]], None] = lambda hashes: None,
+    ) -> None:
+        self.region_bytes = region_bytes
+        self.slot_bytes = 0
+        self._on_stored = on_stored
+        self._on_removed = on_removed
+        #: Every block with a slot, least recently used first.
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+        self._free: list[int] = []
+        self._pins: dict[str, _Pin] = {}
+        self._reservations: dict[str, _Reservation] = {}
+        self.stats = TableStats()
+
+    @property
+    def capacity(self) -> int:
+        return self.stats.capacity_blocks
+
+    def lookup(self, layout: str, hashes: Sequence[int], pin_seconds: float, now: float) -> tuple[list[tuple[int, int]], str]:
+        """The longest committed prefix of ``hashes`` as ``(hash, slot)``, pinned.
+
+        Returns the hits and the pin's id ("" when nothing was hit).
+        """
+        self.stats.lookups += 1
+        hits: list[tuple[int, int]] = []
+        keys: list[Key] = []
+        for chain_hash in hashes:
+            entry = self._entries.get((layout, chain_hash))
+            if entry is None or not entry.committed:
+                break
+            hits.append((chain_hash, entry.slot))
+            keys.append((layout, chain_hash))
+        self.stats.hit_blocks += len(hits)
+        self.stats.miss_blocks += len(hashes) - len(hits)
+        if not hits:
+            return [], ""
+        for key in reversed(keys):  # the chain's first block most recent, as in the router
+            entry = self._entries[key]
+            entry.pins += 1
+            self._entries.move_to_end(key)
+        pin_id = uuid.uuid4().hex
+        self._pins[pin_id] = _Pin(now + pin_seconds, keys)
+        return hits, pin_id
+
+    def release(self, pin_id: str) -> bool:
+        """Unpin what a lookup pinned; False when the pin is unknown (released or expired)."""
+        pin = self._pins.pop(pin_id, None)
+        if pin is None:
+            return False
+        for key in pin.keys:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.pins -= 1
+        return True
+
+    def reserve(
+        self, layout: str, hashes: Sequence[int], block_bytes: int, ttl: float, now: float
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """Grant slots for the blocks of ``hashes`` that nobody stores or is writing.
+
+        Returns the reservation's id and the granted ``(hash, slot)`` pairs, in the
+        order asked. Granting stops when no slot can be freed (everything pinned or
+        being written); the writer then stores fewer blocks.
+        """
+        self._lay_out(block_bytes)
+        granted: dict[int, Key] = {}
+        pairs: list[tuple[int, int]] = []
+        for chain_hash in hashes:
+            key = (layout, chain_hash)
+            if key in self._entries or chain_hash in granted:
+                continue
+            slot = self._take_slot()
+            if slot is None:
+                break
+            self._entries[key] = _Entry(slot)
+            granted[chain_hash] = key
+            pairs.append((chain_hash, slot))
+        if not pairs:
+            return "", []
+        reservation_id = uuid.uuid4().hex
+        self._reservations[reservation_id] = _Reservation(now + ttl, granted)
+        return reservation_id, pairs
+
+    def commit(self, reservation_id: str, hashes: Sequence[int] = (), abort: bool = False) -> int:
+        """Make written blocks readable (``hashes``, or all of the reservation), freeing
+        the rest of it; with ``abort``, free all of it. Returns the blocks committed.
+
+        Raises KeyError for an unknown reservation (expired, or committed already).
+        """
+        reservation = self._reservations.pop(reservation_id)
+        chosen = set(reservation.keys) if not hashes else set(hashes) & set(reservation.keys)
+        if abort:
+            chosen = set()
+        committed: list[int] = []
+        for chain_hash, key in reservation.keys.items():
+            entry = self._entries[key]
+            if chain_hash in chosen:
+                entry.committed = True
+                self._entries.move_to_end(key)
+                committed.append(chain_hash)
+            else:
+                self._free_entry(key)
+        if committed:
+            self._on_stored(committed)
+        return len(committed)
+
+    def evict(self, hashes: Sequence[int] = (), everything: bool = False) -> int:
+        """Drop committed, unpinned blocks (``hashes`` of any layout, or all)."""
+        wanted = set(hashes)
+        doomed = [
+            key
+            for key, entry in self._entries.items()
+            if entry.committed and entry.pins == 0 and (everything or key[1] in wanted)
+        ]
+        self._remove(doomed)
+        return len(doomed)
+
+    def expire(self, now: float) -> None:
+        """Unpin expired pins and abandon expired reservations (their writers are gone)."""
+        for pin_id in [p for p, pin in self._pins.items() if pin.expires_at <= now]:
+            self.release(pin_id)
+        for reservation_id in [r for r, res in self._reservations.items() if res.expires_at <= now]:
+            self.commit(reservation_id, abort=True)
+
+    def snapshot(self) -> TableStats:
+        self.stats.pinned_blocks = sum(1 for e in self._entries.values() if e.pins)
+        self.stats.used_blocks = sum(1 for e in self._entries.values() if e.committed)
+        return dataclasses.replace(self.stats)
+
+    def committed_hashes(self) -> list[int]:
+        return [key[1] for key, entry in self._entries.items() if entry.committed]
+
+    def _lay_out(self, block_bytes: int) -> None:
+        if block_bytes <= 0:
+            raise LayoutMismatch("block_bytes must be positive")
+        if self.slot_bytes == 0:
+            capacity = self.region_bytes // block_bytes
+            if capacity == 0:
+                raise LayoutMismatch(
+                    f"a block of {block_bytes} bytes does not fit the store's {self.region_bytes}-byte pool"
+                )
+            self.slot_bytes = block_bytes
+            self.stats.capacity_blocks = capacity
+            self._free = list(range(capacity - 1, -1, -1))
+        elif block_bytes != self.slot_bytes:
+            raise LayoutMismatch(
+                f"this store holds blocks of {self.slot_bytes} bytes, not {block_bytes}: "
+                "use one store per KV layout"
+            )
+
+    def _take_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for key, entry in self._entries.items():  # least recently used first
+            if entry.committed and entry.pins == 0:
+                self.stats.evictions += 1
+                self._remove([key])
+                return self._free.pop()
+        return None
+
+    def _remove(self, keys: list[Key]) -> None:
+        for key in keys:
+            self._free_entry(key)
+        if keys:
+            self._on_removed([key[1] for key in keys])
+
+    def _free_entry(self, key: Key) -> None:
+        entry = self._entries.pop(key)
+        self._free.append(entry.slot)

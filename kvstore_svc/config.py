@@ -1,0 +1,27 @@
+"""Settings of the KV store stage."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from services.config import NixlStageConfig, setting
+from services.kv_shards import DEFAULT_VNODES
+
+
+@dataclasses.dataclass
+class KvStoreConfig(NixlStageConfig):
+    """stagemesh KV store stage: a shared tier of KV blocks in host memory, read and written over NIXL."""
+
+    port: int = setting(50055, "gRPC port (0 picks a free one)")
+    capacity_mib: int = setting(1024, "MiB of host memory for KV blocks (registered with NIXL)")
+    pin_seconds: float = setting(
+        10.0, "seconds a Lookup's hits stay pinned when the reader never releases them"
+    )
+    reservation_seconds: float = setting(
+        30.0, "seconds a writer has between Reserve and Commit before its slots are taken back"
+    )
+    vnodes: int = setting(DEFAULT_VNODES, "points of this store on the shard ring")
+    kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")
+
+    ROLE: ClassVar[str] = "kvstore"

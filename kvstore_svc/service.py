@@ -1,0 +1,253 @@
+"""The KV store stage: a NIXL-registered host-memory pool behind a gRPC control API.
+
+The store never moves a byte itself. Engines read and write its pool with NIXL (one
+transfer per batch of blocks, straight between their KV cache and the pool); gRPC only
+decides *which* slots: ``Lookup`` (pinning hits) then a NIXL READ then ``Release``, and
+``Reserve`` then a NIXL WRITE then ``Commit``. Keeping the bytes off gRPC is what makes
+loading a prefix faster than computing it. The bookkeeping (LRU, pins, reservations)
+is :class:`~kvstore_svc.blocks.BlockTable`; this module owns the memory, the NIXL
+agent, the KV events and the shard entry. No torch or vLLM here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import grpc
+import numpy as np
+from google.protobuf import descriptor
+from prometheus_client import Counter, Gauge
+
+from kvstore_svc.blocks import BlockTable, LayoutMismatch
+from kvstore_svc.config import KvStoreConfig
+from services.aio import cancel_and_wait
+from services.errors import InvalidRequest, NotFound, Unavailable
+from services.etcd import free_port
+from services.kv_events import KvEventLog, chain_name
+from services.kv_shards import ring_points, shard_key
+from services.nixl import limit_progress_poll, nixl_api
+from services.pb import common_pb2, kvstore_pb2
+from services.server import Stage
+
+log = logging.getLogger(__name__)
+
+#: Most hashes one call may name: a 128k-token prompt in 16-token blocks.
+MAX_HASHES = 8192
+
+BLOCKS = Gauge("stagemesh_kvstore_blocks", "KV blocks held by the store", ["state"])
+CALLS = Counter("stagemesh_kvstore_calls_blocks", "Blocks named in store calls, by outcome", ["outcome"])
+
+
+def _check_hashes(hashes: Any) -> None:
+    if len(hashes) > MAX_HASHES:
+        raise InvalidRequest(f"{len(hashes)} hashes in one call; at most {MAX_HASHES}")
+
+
+class KvStoreServicer:
+    """KvStoreService over one pool."""
+
+    def __init__(self, config: KvStoreConfig) -> None:
+        self._config = config
+        self.table: BlockTable | None = None
+        self.events = KvEventLog(block_size=0, replay_window=config.kv_event_window)
+        self._target: kvstore_pb2.NixlTarget | None = None
+
+    def attach(self, table: BlockTable, target: kvstore_pb2.NixlTarget) -> None:
+        self.table = table
+        self._target = target
+
+    def _ready(self) -> BlockTable:
+        if self.table is None:
+            raise Unavailable("the KV store is still starting")
+        return self.table
+
+    def _target_for(self, table: BlockTable) -> kvstore_pb2.NixlTarget:
+        assert self._target is not None
+        target = kvstore_pb2.NixlTarget()
+        target.CopyFrom(self._target)
+        target.slot_bytes = table.slot_bytes
+        return target
+
+    async def Lookup(self, request: kvstore_pb2.LookupRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.LookupResponse:
+        """The longest stored prefix of a hash chain, pinned for the reader."""
+        table = self._ready()
+        _check_hashes(request.chain_hashes)
+        pin_seconds = request.pin_seconds if request.pin_seconds > 0 else self._config.pin_seconds
+        hits, pin_id = table.lookup(request.model, request.chain_hashes, pin_seconds, time.monotonic())
+        CALLS.labels("hit").inc(len(hits))
+        CALLS.labels("miss").inc(len(request.chain_hashes) - len(hits))
+        return kvstore_pb2.LookupResponse(
+            hits=[kvstore_pb2.BlockSlot(chain_hash=h, slot=s) for h, s in hits],
+            pin_id=pin_id,
+            target=self._target_for(table) if hits else None,
+        )
+
+    async def Release(self, request: kvstore_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.ReleaseResponse:
+        """Unpin a lookup's hits; an unknown pin (expired already) is not an error."""
+        self._ready().release(request.pin_id)
+        return kvstore_pb2.ReleaseResponse()
+
+    async def Reserve(self, request: kvstore_pb2.ReserveRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.ReserveResponse:
+        """Slots for the blocks nobody stores or writes yet; the writer fills them over NIXL."""
+        table = self._ready()
+        _check_hashes(request.chain_hashes)
+        if not request.model:
+            raise InvalidRequest("Reserve needs the KV layout's name in `model`")
+        try:
+            reservation_id, granted = table.reserve(
+                request.model, request.chain_hashes, request.block_bytes,
+                self._config.reservation_seconds, time.monotonic(),
+            )
+        except LayoutMismatch as exc:
+            raise InvalidRequest(str(exc)) from exc
+        CALLS.labels("reserved").inc(len(granted))
+        CALLS.labels("not_granted").inc(len(request.chain_hashes) - len(granted))
+        self._publish_gauges(table)
+        return kvstore_pb2.ReserveResponse(
+            granted=[kvstore_pb2.BlockSlot(chain_hash=h, slot=s) for h, s in granted],
+            reservation_id=reservation_id,
+            target=self._target_for(table) if granted else None,
+        )
+
+    async def Commit(self, request: kvstore_pb2.CommitRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.CommitResponse:
+        """Make written blocks readable, or abandon the reservation."""
+        table = self._ready()
+        try:
+            committed = table.commit(request.reservation_id, request.chain_hashes, request.abort)
+        except KeyError:
+            raise NotFound(
+                f"reservation {request.reservation_id!r} is unknown: it was committed already "
+                f"or ran past {self._config.reservation_seconds:g}s and its slots were taken back"
+            ) from None
+        CALLS.labels("committed" if not request.abort else "aborted").inc(committed or len(request.chain_hashes))
+        self._publish_gauges(table)
+        return kvstore_pb2.CommitResponse(committed=committed)
+
+    async def Evict(self, request: kvstore_pb2.EvictRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.EvictResponse:
+        """Drop stored blocks (pinned blocks and blocks being written stay)."""
+        table = self._ready()
+        _check_hashes(request.chain_hashes)
+        evicted = table.evict(request.chain_hashes, request.all)
+        self._publish_gauges(table)
+        return kvstore_pb2.EvictResponse(evicted=evicted)
+
+    async def GetStats(self, request: kvstore_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.Stats:
+        stats = self._ready().snapshot()
+        return kvstore_pb2.Stats(
+            capacity_blocks=stats.capacity_blocks,
+            used_blocks=stats.used_blocks,
+            pinned_blocks=stats.pinned_blocks,
+            lookups=stats.lookups,
+            hit_blocks=stats.hit_blocks,
+            miss_blocks=stats.miss_blocks,
+            evictions=stats.evictions,
+            block_bytes=self._ready().slot_bytes,
+        )
+
+    async def StreamKvEvents(self, request: common_pb2.KvEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.KvEventsResponse]:
+        """The store's block events, shaped like an engine's, with chain hashes filled in."""
+        async for reply in self.events.subscribe(request.epoch, request.after_sequence):
+            yield reply
+
+    async def GetKvSnapshot(self, request: common_pb2.KvSnapshotRequest, context: grpc.aio.ServicerContext) -> common_pb2.KvSnapshot:
+        return self.events.snapshot()
+
+    def _publish_gauges(self, table: BlockTable) -> None:
+        stats = table.snapshot()
+        BLOCKS.labels("committed").set(stats.used_blocks)
+        BLOCKS.labels("pinned").set(stats.pinned_blocks)
+        BLOCKS.labels("capacity").set(stats.capacity_blocks)
+
+
+class KvStoreStage(Stage):
+    """The KV store: pool memory registered with a NIXL agent, the servicer, expiry."""
+
+    role: ClassVar[common_pb2.Role] = common_pb2.ROLE_KVSTORE
+
+    def __init__(self, config: KvStoreConfig) -> None:
+        self._config = config
+        self._servicer = KvStoreServicer(config)
+        self._agent: Any = None
+        self._registration: Any = None
+        self._pool: np.ndarray | None = None
+        self._expiry: asyncio.Task[None] | None = None
+
+    @property
+    def agent_name(self) -> str:
+        return f"kvstore-{self._config.instance_id}"
+
+    def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
+        return [(kvstore_pb2.DESCRIPTOR.services_by_name["KvStoreService"], self._servicer)]
+
+    async def start(self) -> None:
+        region_bytes = self._config.capacity_mib << 20
+        if region_bytes <= 0:
+            raise SystemExit("--capacity-mib must be positive")
+        if not self._config.nixl_port:
+            self._config.nixl_port = free_port(self._config.nixl_host)
+        api = nixl_api()
+        limit_progress_poll(api, self._config.nixl_poll_ms)
+        # The listener lets a peer fetch the agent's metadata over NIXL's own side
+        # channel (what an LMCache-style client does); mesh engines get it in replies.
+        self._agent = api.nixl_agent(
+            self.agent_name,
+            api.nixl_agent_config(
+                backends=["UCX"], enable_listen_thread=True, listen_port=self._config.nixl_port
+            ),
+        )
+        self._pool = np.empty(region_bytes, dtype=np.uint8)
+        address = int(self._pool.ctypes.data)
+        self._registration = self._agent.register_memory([(address, region_bytes, 0, "kvstore")], "DRAM")
+        target = kvstore_pb2.NixlTarget(
+            agent_name=self.agent_name,
+            agent_metadata=self._agent.get_agent_metadata(),
+            base_address=address,
+            region_bytes=region_bytes,
+            device_id=0,
+        )
+        events = self._servicer.events
+        table = BlockTable(
+            region_bytes,
+            on_stored=events.stored_chains,
+            on_removed=lambda hashes: events.removed([chain_name(h) for h in hashes]),
+        )
+        self._servicer.attach(table, target)
+        self._expiry = asyncio.create_task(self._expire(table), name="kvstore-expiry")
+        log.info("KV store pool: %d MiB at 0x%x, NIXL agent %s", self._config.capacity_mib, address, self.agent_name)
+
+    async def _expire(self, table: BlockTable) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            table.expire(time.monotonic())
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._expiry)
+        if self._agent is not None and self._registration is not None:
+            self._agent.deregister_memory(self._registration)
+            self._registration = None
+
+    @property
+    def nixl_address(self) -> str:
+        return f"{self._config.nixl_host}:{self._config.nixl_port}"
+
+    def describe(self, member: common_pb2.Member) -> None:
+        member.nixl_address = self.nixl_address
+        member.kv_event_epoch = self._servicer.events.epoch
+        member.labels["nixl_agent"] = self.agent_name
+        table = self._servicer.table
+        member.kv_capacity_blocks = table.capacity if table is not None else 0
+
+    def etcd_entries(self, member: common_pb2.Member) -> dict[str, bytes]:
+        """The store's shard entry: its ring points, under its membership lease."""
+        entry = kvstore_pb2.ShardEntry(
+            instance_id=member.instance_id,
+            grpc_address=member.grpc_address,
+            nixl_address=member.nixl_address,
+            ring_points=ring_points(member.instance_id, self._config.vnodes),
+            capacity_bytes=self._config.capacity_mib << 20,
+        )
+        return {shard_key(member.instance_id): entry.SerializeToString()}

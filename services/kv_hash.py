@@ -1,0 +1,48 @@
+"""The mesh's name for a KV block: a chained hash over token ids.
+
+A block's hash covers its parent's hash and its own token ids, so equal hashes mean
+equal prefixes on every worker, whatever hash seed each engine uses internally. The
+router indexes blocks by it, the KV store addresses blocks by it, and the engines'
+store connector computes it, so all three agree on what "the same prefix" is. No torch
+or vLLM here: every stage uses it.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import sys
+from collections.abc import Sequence
+
+#: The chain hash of "no parent" (the first block of a sequence).
+ROOT = 0
+
+
+def _le_uint32(token_ids: Sequence[int]) -> bytes:
+    ids = array.array("I", token_ids)
+    if sys.byteorder == "big":
+        ids.byteswap()
+    return ids.tobytes()
+
+
+def block_hash(parent: int, token_ids: Sequence[int]) -> int:
+    """The chained hash of one block.
+
+    The first 8 bytes (little-endian) of SHA-256 over the parent's hash (8 bytes,
+    little-endian) followed by the block's ids (uint32, little-endian): specified in
+    bytes, so a KV store or client in any language computes the same names.
+    """
+    data = parent.to_bytes(8, "little") + _le_uint32(token_ids)
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+
+
+def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT) -> list[int]:
+    """Chained hashes of every full block of ``token_ids`` (a partial last block has none)."""
+    raw = _le_uint32(token_ids[: len(token_ids) - len(token_ids) % block_size])
+    step = block_size * 4
+    previous = parent.to_bytes(8, "little")
+    hashes = []
+    for start in range(0, len(raw), step):
+        previous = hashlib.sha256(previous + raw[start : start + step]).digest()[:8]
+        hashes.append(int.from_bytes(previous, "little"))
+    return hashes

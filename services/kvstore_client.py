@@ -1,0 +1,198 @@
+"""A synchronous link to the KV stores: gRPC for control, NIXL for the bytes.
+
+Used where the caller is not asyncio code: vLLM's scheduler and worker (the engines'
+store connector), the benchmark and the tests. It speaks the store's protocol:
+
+- read: ``Lookup`` on each owning store (hits pinned) -> NIXL READ of the slots ->
+  ``Release``;
+- write: ``Reserve`` (only blocks nobody stores or writes yet are granted) -> NIXL
+  WRITE into the granted slots -> ``Commit`` (or ``Commit(abort)`` when the write failed).
+
+A block's bytes are the caller's *regions* for it (for an engine, one per layer and K/V)
+laid end to end in the slot, so any reader with the same layout gets them back in the
+same places. Every failure is an exception the caller turns into "recompute": a
+store is a cache, never a dependency of a correct answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from services.kv_shards import ShardMap
+from services.nixl import transfer
+from services.pb import kvstore_pb2, kvstore_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+#: (address, bytes) of one contiguous piece of a block in the caller's memory.
+Region = tuple[int, int]
+
+
+class StoreError(RuntimeError):
+    """The store could not be asked or the bytes could not be moved."""
+
+
+@dataclasses.dataclass
+class Hit:
+    """One stored block of a looked-up prefix: where it lives."""
+
+    chain_hash: int
+    address: str
+    slot: int
+    target: kvstore_pb2.NixlTarget
+
+
+@dataclasses.dataclass
+class Prefix:
+    """The stored prefix of a hash chain, with the pins to release after reading it."""
+
+    hits: list[Hit]
+    pins: list[tuple[str, str]]  # (store address, pin id)
+
+
+def remote_regions(target: kvstore_pb2.NixlTarget, slot: int, regions: Sequence[Region]) -> list[tuple[int, int, int]]:
+    """NIXL descriptors in the store's pool matching a block's local ``regions``."""
+    base = target.base_address + slot * target.slot_bytes
+    out = []
+    offset = 0
+    for _, length in regions:
+        out.append((base + offset, length, target.device_id))
+        offset += length
+    if offset != target.slot_bytes:
+        raise StoreError(f"a block of {offset} bytes does not match the store's {target.slot_bytes}-byte slots")
+    return out
+
+
+class StoreLink:
+    """Control channels to every store and one NIXL agent for the data."""
+
+    def __init__(self, agent: Any, rpc_timeout: float = 2.0, transfer_timeout: float = 10.0) -> None:
+        self.agent = agent
+        self.rpc_timeout = rpc_timeout
+        self.transfer_timeout = transfer_timeout
+        self._stubs: dict[str, kvstore_pb2_grpc.KvStoreServiceStub] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._peers: set[str] = set()
+
+    def close(self) -> None:
+        for chan in self._channels.values():
+            chan.close()
+        self._channels.clear()
+        self._stubs.clear()
+
+    def stub(self, address: str) -> kvstore_pb2_grpc.KvStoreServiceStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            chan = grpc.insecure_channel(address)
+            self._channels[address] = chan
+            stub = self._stubs[address] = kvstore_pb2_grpc.KvStoreServiceStub(chan)
+        return stub
+
+    def _call(self, address: str, method: str, request: Any) -> Any:
+        try:
+            return getattr(self.stub(address), method)(request, timeout=self.rpc_timeout)
+        except grpc.RpcError as exc:
+            raise StoreError(f"KV store {address} {method}: {exc.code().name} {exc.details()}") from exc
+
+    def _peer(self, target: kvstore_pb2.NixlTarget) -> str:
+        """Load the store agent's metadata once (a restarted store has a new name)."""
+        if target.agent_name not in self._peers:
+            self.agent.add_remote_agent(target.agent_metadata)
+            self._peers.add(target.agent_name)
+        return target.agent_name
+
+    # -- read -------------------------------------------------------------------------
+
+    def lookup(self, shards: ShardMap, layout: str, hashes: Sequence[int], pin_seconds: float = 0.0) -> Prefix:
+        """The longest prefix of ``hashes`` the stores hold, pinned.
+
+        Each owning store is asked for the hashes it owns; the chain's stored prefix
+        ends at its first block some owner lacks. Pins past that point are released
+        at once.
+        """
+        found: dict[int, Hit] = {}
+        pins: list[tuple[str, str]] = []
+        for instance_id, owned in shards.split(hashes).items():
+            address = shards.entries[instance_id].grpc_address
+            reply = self._call(
+                address, "Lookup",
+                kvstore_pb2.LookupRequest(model=layout, chain_hashes=owned, pin_seconds=pin_seconds),
+            )
+            if reply.pin_id:
+                pins.append((address, reply.pin_id))
+            for slot in reply.hits:
+                found[slot.chain_hash] = Hit(slot.chain_hash, address, slot.slot, reply.target)
+        hits = []
+        for chain_hash in hashes:
+            hit = found.get(chain_hash)
+            if hit is None:
+                break
+            hits.append(hit)
+        return Prefix(hits, pins)
+
+    def read(self, hits: Sequence[Hit], regions: Sequence[Sequence[Region]]) -> int:
+        """NIXL READ of each hit's slot into its block's local ``regions``; the bytes read."""
+        moved = 0
+        for address in dict.fromkeys(hit.address for hit in hits):
+            mine = [(hit, regs) for hit, regs in zip(hits, regions) if hit.address == address]
+            target = mine[0][0].target
+            local = [(a, n, 0) for _, regs in mine for a, n in regs]
+            remote = [d for hit, regs in mine for d in remote_regions(hit.target, hit.slot, regs)]
+            moved += transfer(self.agent, "READ", local, remote, self._peer(target), self.transfer_timeout)
+        return moved
+
+    def release(self, prefix: Prefix) -> None:
+        """Unpin a prefix's blocks; failures are only logged (pins also expire)."""
+        for address, pin_id in prefix.pins:
+            try:
+                self._call(address, "Release", kvstore_pb2.ReleaseRequest(pin_id=pin_id))
+            except StoreError as exc:
+                log.debug("release failed (the pin expires on its own): %s", exc)
+        prefix.pins = []
+
+    # -- write ------------------------------------------------------------------------
+
+    def reserve(
+        self, shards: ShardMap, layout: str, hashes: Sequence[int], block_bytes: int
+    ) -> list[tuple[str, kvstore_pb2.ReserveResponse]]:
+        """Reserve slots on each owning store; the replies that granted anything."""
+        granted = []
+        for instance_id, owned in shards.split(hashes).items():
+            address = shards.entries[instance_id].grpc_address
+            reply = self._call(
+                address, "Reserve",
+                kvstore_pb2.ReserveRequest(model=layout, chain_hashes=owned, block_bytes=block_bytes),
+            )
+            if reply.granted:
+                granted.append((address, reply))
+        return granted
+
+    def write_and_commit(
+        self, address: str, reservation: kvstore_pb2.ReserveResponse, regions: Sequence[Sequence[Region]]
+    ) -> int:
+        """NIXL WRITE of the granted blocks (``regions`` in grant order), then Commit.
+
+        On a failed write the reservation is abandoned, so no half-written block is
+        ever served. Returns the blocks committed.
+        """
+        target = reservation.target
+        try:
+            local = [(a, n, 0) for regs in regions for a, n in regs]
+            remote = [
+                d for slot, regs in zip(reservation.granted, regions)
+                for d in remote_regions(target, slot.slot, regs)
+            ]
+            transfer(self.agent, "WRITE", local, remote, self._peer(target), self.transfer_timeout)
+        except Exception:
+            try:
+                self._call(address, "Commit", kvstore_pb2.CommitRequest(reservation_id=reservation.reservation_id, abort=True))
+            except StoreError:
+                pass  # the reservation expires on its own
+            raise
+        reply = self._call(address, "Commit", kvstore_pb2.CommitRequest(reservation_id=reservation.reservation_id))
+        return int(reply.committed)

@@ -1,0 +1,310 @@
+"""The KV store stage on its own: a real store process, real etcd, real NIXL transfers
+from this test process's own agent (host memory, no torch), real gRPC over loopback.
+
+The engine side (the vLLM connector) is tested with real engines in test_kvstore_engines.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from kvstore_svc.blocks import BlockTable, LayoutMismatch
+from services.etcd import EmbeddedEtcd, EtcdSession, free_port
+from services.kv_shards import SHARDS_PREFIX, ShardMap, parse_entry, ring_points
+from services.kvstore_client import Region, StoreLink
+from services.launcher import StageProcess
+from services.nixl import new_agent
+from services.pb import common_pb2, kvstore_pb2
+from tests.conftest import STAGE_START_TIMEOUT
+
+BLOCK = 64 * 1024  # bytes per block in these tests
+CAPACITY_BLOCKS = 16
+LAYOUT = "test-layout"
+
+
+# -- the bookkeeping alone (no I/O) ----------------------------------------------------
+
+
+def test_table_serves_only_committed_blocks_and_grants_each_block_once() -> None:
+    stored: list[int] = []
+    table = BlockTable(4 * 100, on_stored=stored.extend)
+    first, granted = table.reserve("m", [1, 2, 3], 100, ttl=30, now=0)
+    assert [h for h, _ in granted] == [1, 2, 3]
+    assert table.lookup("m", [1, 2, 3], 10, now=0) == ([], "")  # written, not committed
+    second, again = table.reserve("m", [1, 2, 3, 4], 100, ttl=30, now=0)
+    assert [h for h, _ in again] == [4]  # 1-3 are someone else's write
+    assert table.commit(first, [1, 2]) == 2  # 3 was not written after all
+    hits, pin = table.lookup("m", [1, 2, 3], 10, now=0)
+    assert [h for h, _ in hits] == [1, 2] and pin
+    assert table.lookup("other-model", [1, 2], 10, now=0) == ([], "")
+    assert stored == [1, 2]
+    with pytest.raises(KeyError):
+        table.commit(first)
+    with pytest.raises(LayoutMismatch):
+        table.reserve("m", [9], 200, ttl=30, now=0)
+
+
+def test_table_evicts_least_recently_used_and_never_a_pinned_block() -> None:
+    removed: list[int] = []
+    table = BlockTable(3 * 10, on_removed=removed.extend)
+    for h in (1, 2, 3):
+        rid, _ = table.reserve("m", [h], 10, ttl=30, now=0)
+        table.commit(rid)
+    _, pin = table.lookup("m", [1], 10, now=0)  # 1 is now the most recent, and pinned
+    rid, granted = table.reserve("m", [4], 10, ttl=30, now=0)
+    assert removed == [2] and len(granted) == 1
+    table.commit(rid)
+    table.release(pin)
+    rid, _ = table.reserve("m", [5], 10, ttl=30, now=0)
+    assert removed == [2, 3]
+    # Everything pinned or being written: nothing is granted, nothing is overwritten.
+    _, pin = table.lookup("m", [1], 10, now=0)
+    _, pin4 = table.lookup("m", [4], 10, now=0)
+    assert table.reserve("m", [6], 10, ttl=30, now=0) == ("", [])
+    table.expire(now=11)  # pins ran out
+    assert table.snapshot().pinned_blocks == 0
+
+
+def test_table_takes_back_an_abandoned_reservation() -> None:
+    table = BlockTable(2 * 10)
+    rid, _ = table.reserve("m", [1, 2], 10, ttl=5, now=0)
+    table.expire(now=6)
+    with pytest.raises(KeyError):
+        table.commit(rid)
+    _, granted = table.reserve("m", [1, 2], 10, ttl=5, now=6)
+    assert len(granted) == 2
+
+
+def test_shard_map_is_consistent_hashing() -> None:
+    entries = [kvstore_pb2.ShardEntry(instance_id=f"s{i}", grpc_address=f"h:{i}", ring_points=ring_points(f"s{i}")) for i in range(3)]
+    three = ShardMap(entries)
+    two = ShardMap(entries[:2])
+    hashes = list(np.random.default_rng(0).integers(0, 2**63, size=3000, dtype=np.int64))
+    owners3 = [three.owner(int(h)).instance_id for h in hashes]
+    owners2 = [two.owner(int(h)).instance_id for h in hashes]
+    share = {s: owners3.count(s) / len(hashes) for s in ("s0", "s1", "s2")}
+    assert all(0.2 < v < 0.47 for v in share.values()), share
+    # Removing s2 moves only s2's blocks.
+    assert all(o2 == o3 for o2, o3 in zip(owners2, owners3) if o3 != "s2")
+    with pytest.raises(LookupError):
+        ShardMap().owner(1)
+
+
+# -- a real store process --------------------------------------------------------------
+
+
+class Client:
+    """This test process as a store client: a NIXL agent over numpy host memory."""
+
+    def __init__(self, name: str, blocks: int) -> None:
+        self.agent = new_agent(name)
+        self.memory = np.zeros(blocks * BLOCK, dtype=np.uint8)
+        self._reg = self.agent.register_memory([(self.memory.ctypes.data, self.memory.nbytes, 0, name)], "DRAM")
+        self.link = StoreLink(self.agent)
+
+    def regions(self, index: int) -> list[Region]:
+        """Block ``index`` of the buffer, as two pieces (like K and V of one layer)."""
+        base = self.memory.ctypes.data + index * BLOCK
+        return [(base, BLOCK // 2), (base + BLOCK // 2, BLOCK // 2)]
+
+    def fill(self, index: int, value: int) -> None:
+        self.memory[index * BLOCK : (index + 1) * BLOCK] = value
+
+    def block(self, index: int) -> np.ndarray:
+        return self.memory[index * BLOCK : (index + 1) * BLOCK]
+
+    def store(self, shards: ShardMap, hashes: list[int], first_index: int = 0) -> int:
+        committed = 0
+        for address, reply in self.link.reserve(shards, LAYOUT, hashes, BLOCK):
+            regions = [self.regions(first_index + hashes.index(slot.chain_hash)) for slot in reply.granted]
+            committed += self.link.write_and_commit(address, reply, regions)
+        return committed
+
+    def close(self) -> None:
+        self.link.close()
+        self.agent.deregister_memory(self._reg)
+
+
+@pytest.fixture(scope="module")
+def store_etcd() -> Iterator[EmbeddedEtcd]:
+    """An etcd of the module's own, so the session's router never sees this store."""
+    server = EmbeddedEtcd(client_port=0)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def store(store_etcd: EmbeddedEtcd, home: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[StageProcess]:
+    port = free_port()
+    capacity_mib = max(1, CAPACITY_BLOCKS * BLOCK >> 20)
+    stage = StageProcess(
+        "kvstore", "kvstore_svc",
+        ["--port", str(port), "--etcd", store_etcd.endpoint, "--home", str(home),
+         "--capacity-mib", str(capacity_mib), "--log-level", "DEBUG", "--metrics-port", "0"],
+        f"127.0.0.1:{port}", tmp_path_factory.mktemp("kvstore-logs"),
+    )
+    stage.start()
+    try:
+        await stage.wait_healthy(STAGE_START_TIMEOUT)
+        yield stage
+    finally:
+        stage.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def shards(store: StageProcess, store_etcd: EmbeddedEtcd) -> ShardMap:
+    """The shard map as the store published it in etcd."""
+    session = EtcdSession([("127.0.0.1", store_etcd.client_port)])
+    try:
+        client = await session.client()
+        listing = await client.get_prefix(SHARDS_PREFIX.encode())
+        entries = [parse_entry(kv.value) for kv in listing]
+    finally:
+        await session.close()
+    assert len(entries) == 1 and entries[0].grpc_address == store.grpc_address
+    assert len(entries[0].ring_points) == 64 and entries[0].nixl_address
+    return ShardMap(entries)
+
+
+@pytest.fixture
+def evict_all(store: StageProcess) -> Iterator[None]:
+    yield
+    with grpc.insecure_channel(store.grpc_address) as chan:
+        from services.pb import kvstore_pb2_grpc
+
+        kvstore_pb2_grpc.KvStoreServiceStub(chan).Evict(kvstore_pb2.EvictRequest(all=True), timeout=5)
+
+
+def stats(link: StoreLink, address: str) -> kvstore_pb2.Stats:
+    return link.stub(address).GetStats(kvstore_pb2.StatsRequest(), timeout=5)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_blocks_round_trip_over_nixl(shards: ShardMap, store: StageProcess, evict_all: None) -> None:
+    writer, reader = Client("writer", 4), Client("reader", 4)
+    try:
+        for i in range(4):
+            writer.fill(i, 10 + i)
+        hashes = [101, 102, 103, 104]
+        assert writer.store(shards, hashes) == 4
+        prefix = reader.link.lookup(shards, LAYOUT, [101, 102, 999, 104])
+        assert [h.chain_hash for h in prefix.hits] == [101, 102]  # a prefix: stops at the miss
+        assert reader.link.read(prefix.hits, [reader.regions(0), reader.regions(1)]) == 2 * BLOCK
+        reader.link.release(prefix)
+        assert np.array_equal(reader.block(0), writer.block(0))
+        assert np.array_equal(reader.block(1), writer.block(1))
+        assert stats(reader.link, store.grpc_address).pinned_blocks == 0
+    finally:
+        writer.close()
+        reader.close()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_full_store_evicts_least_recently_used(shards: ShardMap, store: StageProcess, evict_all: None) -> None:
+    client = Client("filler", CAPACITY_BLOCKS + 4)
+    events: list[common_pb2.KvEvent] = []
+    try:
+        from services.pb import kvstore_pb2_grpc
+
+        async with grpc.aio.insecure_channel(store.grpc_address) as chan:
+            stub = kvstore_pb2_grpc.KvStoreServiceStub(chan)
+            start = await stub.GetKvSnapshot(common_pb2.KvSnapshotRequest())
+            stream = stub.StreamKvEvents(
+                common_pb2.KvEventsRequest(epoch=start.epoch, after_sequence=start.sequence)
+            )
+            hashes = list(range(1000, 1000 + CAPACITY_BLOCKS))
+            for i in range(CAPACITY_BLOCKS + 4):
+                client.fill(i, i)
+            assert client.store(shards, hashes) == CAPACITY_BLOCKS
+            # Touch the first four: they become the most recently used.
+            touched = client.link.lookup(shards, LAYOUT, hashes[:4])
+            client.link.release(touched)
+            extra = list(range(5000, 5004))
+            assert client.store(shards, extra, first_index=CAPACITY_BLOCKS) == 4
+            removed: set[int] = set()
+            stored: set[int] = set()
+            async for reply in stream:
+                assert not reply.resync_required
+                for event in reply.events:
+                    if event.HasField("block_removed"):
+                        removed |= {int.from_bytes(h, "little") for h in event.block_removed.block_hashes}
+                    if event.HasField("block_stored"):
+                        stored |= set(event.block_stored.chain_hashes)
+                    events.append(event)
+                if len(removed) >= 4:
+                    break
+            stream.cancel()
+        assert removed == set(hashes[4:8]), "the least recently used blocks go first"
+        assert stored >= set(hashes) | set(extra)
+        survivors = client.link.lookup(shards, LAYOUT, hashes[:4])
+        assert len(survivors.hits) == 4
+        client.link.release(survivors)
+        # An evicted block's slot now holds another block's bytes; reading what is
+        # stored still gives each block its own bytes back.
+        back = client.link.lookup(shards, LAYOUT, extra)
+        client.link.read(back.hits, [client.regions(i) for i in range(4)])
+        client.link.release(back)
+        for i in range(4):
+            assert np.all(client.block(i) == CAPACITY_BLOCKS + i)
+        assert stats(client.link, store.grpc_address).evictions >= 4
+    finally:
+        client.close()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_concurrent_writers_of_the_same_blocks_leave_one_intact_copy(shards: ShardMap, store: StageProcess, evict_all: None) -> None:
+    writers = [Client(f"racer{i}", 8) for i in range(2)]
+    hashes = list(range(7000, 7008))
+    for index, writer in enumerate(writers):
+        for i in range(8):
+            writer.fill(i, 50 + index)  # each writer's copy is recognisable
+    results: list[int] = [0, 0]
+    barrier = threading.Barrier(2)
+
+    def race(index: int) -> None:
+        barrier.wait()
+        results[index] = writers[index].store(shards, hashes)
+
+    try:
+        await asyncio.gather(*(asyncio.to_thread(race, i) for i in range(2)))
+        assert sum(results) == 8, f"each block granted to exactly one writer: {results}"
+        reader = writers[0]
+        prefix = reader.link.lookup(shards, LAYOUT, hashes)
+        assert len(prefix.hits) == 8
+        reader.memory[:] = 0
+        reader.link.read(prefix.hits, [reader.regions(i) for i in range(8)])
+        reader.link.release(prefix)
+        for i in range(8):
+            block = reader.block(i)
+            assert block[0] in (50, 51) and np.all(block == block[0]), "a block mixes two writers' bytes"
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_bad_calls_get_clear_errors(store: StageProcess) -> None:
+    from services.pb import kvstore_pb2_grpc
+
+    async with grpc.aio.insecure_channel(store.grpc_address) as chan:
+        stub = kvstore_pb2_grpc.KvStoreServiceStub(chan)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Commit(kvstore_pb2.CommitRequest(reservation_id="nope"))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Reserve(kvstore_pb2.ReserveRequest(model=LAYOUT, chain_hashes=[1], block_bytes=1 << 40))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "bytes" in (caught.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Lookup(kvstore_pb2.LookupRequest(model=LAYOUT, chain_hashes=list(range(9000))))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (await stub.GetStats(kvstore_pb2.StatsRequest())).capacity_blocks >= CAPACITY_BLOCKS
