@@ -52,31 +52,36 @@ def parse_entry(value: bytes) -> kvstore_pb2.ShardEntry:
 
 
 class ShardMap:
-    """Owner lookup over the ring made of every store's points."""
+    """Owner lookup over the ring made of every store's points.
+
+    Plain Python data (it travels from vLLM's scheduler to its workers by pickle).
+    """
 
     def __init__(self, entries: Iterable[kvstore_pb2.ShardEntry] = ()) -> None:
+        entries = list(entries)
         ring = sorted(
             (point, entry.instance_id) for entry in entries for point in entry.ring_points
         )
         self._points = [point for point, _ in ring]
         self._owners = [owner for _, owner in ring]
-        self.entries = {entry.instance_id: entry for entry in entries}
+        #: instance id -> gRPC address of each store.
+        self.addresses = {entry.instance_id: entry.grpc_address for entry in entries}
 
     def __bool__(self) -> bool:
         return bool(self._points)
 
-    def owner(self, chain_hash: int) -> kvstore_pb2.ShardEntry:
-        """The store that owns ``chain_hash``; raises LookupError on an empty map."""
+    def owner(self, chain_hash: int) -> str:
+        """The instance id of the store that owns ``chain_hash``; LookupError on an empty map."""
         if not self._points:
             raise LookupError("no KV store in the shard map")
         index = bisect.bisect_left(self._points, chain_hash)
-        return self.entries[self._owners[index % len(self._points)]]
+        return self._owners[index % len(self._points)]
 
     def split(self, hashes: Sequence[int]) -> dict[str, list[int]]:
-        """``hashes`` grouped by owning instance id, each group in the order given."""
+        """``hashes`` grouped by owning store's gRPC address, each group in the order given."""
         groups: dict[str, list[int]] = {}
         for chain_hash in hashes:
-            groups.setdefault(self.owner(chain_hash).instance_id, []).append(chain_hash)
+            groups.setdefault(self.addresses[self.owner(chain_hash)], []).append(chain_hash)
         return groups
 
 
@@ -123,6 +128,6 @@ class ShardMapFollower:
         self.current = ShardMap(self._watcher.members.values())
         log.info(
             "KV store shard map: %s",
-            ", ".join(f"{e.instance_id[:8]}@{e.grpc_address}" for e in self.current.entries.values())
+            ", ".join(f"{i}@{a}" for i, a in self.current.addresses.items())
             or "empty",
         )

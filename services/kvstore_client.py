@@ -37,6 +37,24 @@ class StoreError(RuntimeError):
     """The store could not be asked or the bytes could not be moved."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A store's pool as NIXL reaches it (plain data: it crosses vLLM's processes)."""
+
+    agent_name: str
+    agent_metadata: bytes
+    base_address: int
+    slot_bytes: int
+    device_id: int
+
+    @classmethod
+    def of(cls, target: kvstore_pb2.NixlTarget) -> Target:
+        return cls(
+            target.agent_name, bytes(target.agent_metadata), target.base_address,
+            target.slot_bytes, target.device_id,
+        )
+
+
 @dataclasses.dataclass
 class Hit:
     """One stored block of a looked-up prefix: where it lives."""
@@ -44,7 +62,7 @@ class Hit:
     chain_hash: int
     address: str
     slot: int
-    target: kvstore_pb2.NixlTarget
+    target: Target
 
 
 @dataclasses.dataclass
@@ -55,7 +73,7 @@ class Prefix:
     pins: list[tuple[str, str]]  # (store address, pin id)
 
 
-def remote_regions(target: kvstore_pb2.NixlTarget, slot: int, regions: Sequence[Region]) -> list[tuple[int, int, int]]:
+def remote_regions(target: Target, slot: int, regions: Sequence[Region]) -> list[tuple[int, int, int]]:
     """NIXL descriptors in the store's pool matching a block's local ``regions``."""
     base = target.base_address + slot * target.slot_bytes
     out = []
@@ -99,7 +117,7 @@ class StoreLink:
         except grpc.RpcError as exc:
             raise StoreError(f"KV store {address} {method}: {exc.code().name} {exc.details()}") from exc
 
-    def _peer(self, target: kvstore_pb2.NixlTarget) -> str:
+    def _peer(self, target: Target) -> str:
         """Load the store agent's metadata once (a restarted store has a new name)."""
         if target.agent_name not in self._peers:
             self.agent.add_remote_agent(target.agent_metadata)
@@ -117,16 +135,16 @@ class StoreLink:
         """
         found: dict[int, Hit] = {}
         pins: list[tuple[str, str]] = []
-        for instance_id, owned in shards.split(hashes).items():
-            address = shards.entries[instance_id].grpc_address
+        for address, owned in shards.split(hashes).items():
             reply = self._call(
                 address, "Lookup",
                 kvstore_pb2.LookupRequest(model=layout, chain_hashes=owned, pin_seconds=pin_seconds),
             )
             if reply.pin_id:
                 pins.append((address, reply.pin_id))
+            target = Target.of(reply.target)
             for slot in reply.hits:
-                found[slot.chain_hash] = Hit(slot.chain_hash, address, slot.slot, reply.target)
+                found[slot.chain_hash] = Hit(slot.chain_hash, address, slot.slot, target)
         hits = []
         for chain_hash in hashes:
             hit = found.get(chain_hash)
@@ -162,8 +180,7 @@ class StoreLink:
     ) -> list[tuple[str, kvstore_pb2.ReserveResponse]]:
         """Reserve slots on each owning store; the replies that granted anything."""
         granted = []
-        for instance_id, owned in shards.split(hashes).items():
-            address = shards.entries[instance_id].grpc_address
+        for address, owned in shards.split(hashes).items():
             reply = self._call(
                 address, "Reserve",
                 kvstore_pb2.ReserveRequest(model=layout, chain_hashes=owned, block_bytes=block_bytes),
@@ -180,7 +197,7 @@ class StoreLink:
         On a failed write the reservation is abandoned, so no half-written block is
         ever served. Returns the blocks committed.
         """
-        target = reservation.target
+        target = Target.of(reservation.target)
         try:
             local = [(a, n, 0) for regs in regions for a, n in regs]
             remote = [

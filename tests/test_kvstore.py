@@ -7,6 +7,7 @@ The engine side (the vLLM connector) is tested with real engines in test_kvstore
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -88,12 +89,14 @@ def test_shard_map_is_consistent_hashing() -> None:
     three = ShardMap(entries)
     two = ShardMap(entries[:2])
     hashes = list(np.random.default_rng(0).integers(0, 2**63, size=3000, dtype=np.int64))
-    owners3 = [three.owner(int(h)).instance_id for h in hashes]
-    owners2 = [two.owner(int(h)).instance_id for h in hashes]
+    owners3 = [three.owner(int(h)) for h in hashes]
+    owners2 = [two.owner(int(h)) for h in hashes]
     share = {s: owners3.count(s) / len(hashes) for s in ("s0", "s1", "s2")}
     assert all(0.2 < v < 0.47 for v in share.values()), share
     # Removing s2 moves only s2's blocks.
     assert all(o2 == o3 for o2, o3 in zip(owners2, owners3) if o3 != "s2")
+    assert set(three.split([int(h) for h in hashes[:50]])) <= {"h:0", "h:1", "h:2"}
+    assert pickle.loads(pickle.dumps(three)).owner(12345) == three.owner(12345)
     with pytest.raises(LookupError):
         ShardMap().owner(1)
 

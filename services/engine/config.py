@@ -29,4 +29,9 @@ class EngineConfig(NixlStageConfig):
         30,
         "prefill: seconds the engine keeps a prompt's KV for a decode that never collects it",
     )
+    kvstore: bool = setting(
+        True,
+        "prefill: load prompt prefixes from the mesh's KV store and write new blocks to it "
+        "(a no-op while no store runs)",
+    )
     kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")

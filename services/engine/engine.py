@@ -92,6 +92,8 @@ class EngineRunner:
         self._kv_usage = 0.0
         self._prefix_queries = 0
         self._prefix_hits = 0
+        self._external_queries = 0
+        self._external_hits = 0
         self._event_dir = tempfile.mkdtemp(prefix="stagemesh-kvev-")
         self._bridge: ZmqKvEventBridge | None = None
 
@@ -118,15 +120,7 @@ class EngineRunner:
             max_num_seqs=self.config.max_num_seqs,
             enable_prefix_caching=True,
             gpu_memory_utilization=self.config.gpu_memory_utilization,
-            kv_transfer_config=KVTransferConfig(
-                kv_connector="NixlConnector",
-                kv_role=self.kv_role,  # type: ignore[arg-type]
-                kv_buffer_device="cpu" if self.config.device == "cpu" else "cuda",
-                kv_connector_extra_config={"kv_lease_duration": self.config.kv_lease_seconds},
-                # A decode that cannot pull the KV fails the request (the router then
-                # runs it aggregated) rather than silently recomputing the prompt.
-                kv_load_failure_policy="fail",
-            ),
+            kv_transfer_config=self._kv_transfer_config(),
             kv_events_config=KVEventsConfig(
                 enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint, topic="kv"
             ),
@@ -145,6 +139,41 @@ class EngineRunner:
             "engine ready: %s, block size %d, %d KV blocks, context %d, NIXL side channel %s",
             self.model.name, self.block_size, self.total_blocks, self.max_model_len, self.nixl_address,
         )
+
+    def _kv_transfer_config(self) -> KVTransferConfig:
+        """NixlConnector for the prefill-to-decode handoff; on prefill engines, with the
+        KV store's connector beside it (vLLM's MultiConnector) when ``--kvstore`` is on."""
+        nixl = {
+            "kv_connector": "NixlConnector",
+            "kv_role": self.kv_role,
+            "kv_buffer_device": "cpu" if self.config.device == "cpu" else "cuda",
+            "kv_connector_extra_config": {"kv_lease_duration": self.config.kv_lease_seconds},
+        }
+        if not self.uses_kvstore:
+            # A decode that cannot pull the KV fails the request (the router then runs it
+            # aggregated) rather than silently recomputing the prompt.
+            return KVTransferConfig(**nixl, kv_load_failure_policy="fail")  # type: ignore[arg-type]
+        store = {
+            "kv_connector": "KvStoreConnector",
+            "kv_connector_module_path": "services.engine.kvstore_connector",
+            "kv_role": self.kv_role,
+            "kv_connector_extra_config": {"etcd": self.config.etcd, "poll_ms": self.config.nixl_poll_ms},
+        }
+        return KVTransferConfig(
+            kv_connector="MultiConnector",
+            kv_role=self.kv_role,  # type: ignore[arg-type]
+            kv_buffer_device=nixl["kv_buffer_device"],  # type: ignore[arg-type]
+            kv_connector_extra_config={"connectors": [nixl, store]},
+            # A prefill engine only ever loads from the store, a cache: a block it could
+            # not read is recomputed, never a failed request.
+            kv_load_failure_policy="recompute",
+        )
+
+    @property
+    def uses_kvstore(self) -> bool:
+        """Prefill engines use the store; decode engines keep "fail" for their handoff
+        pulls (a policy is per engine), so they do not load from it."""
+        return self.config.kvstore and self.kv_role == "kv_producer"
 
     def _export_vllm_environment(self) -> None:
         """vLLM reads these from the environment, in this process and its engine core."""
@@ -256,6 +285,10 @@ class EngineRunner:
         if prefix is not None:
             self._prefix_queries += int(prefix.queries)
             self._prefix_hits += int(prefix.hits)
+        external = getattr(stats, "connector_prefix_cache_stats", None)
+        if external is not None:
+            self._external_queries += int(external.queries)
+            self._external_hits += int(external.hits)
 
     def load(self, pending_transfers: int) -> engine_pb2.Load:
         """Load figures for routing. With nothing in flight the scheduler is idle, whatever
@@ -271,4 +304,6 @@ class EngineRunner:
             kv_block_size=self.block_size,
             kv_total_blocks=self.total_blocks,
             pending_transfers=pending_transfers,
+            external_prefix_queried_tokens=self._external_queries,
+            external_prefix_hit_tokens=self._external_hits,
         )

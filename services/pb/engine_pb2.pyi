@@ -70,7 +70,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "kv_cache_usage", "prefix_cache_hit_rate", "kv_block_size", "kv_total_blocks", "pending_transfers")
+    __slots__ = ("running_requests", "waiting_requests", "kv_cache_usage", "prefix_cache_hit_rate", "kv_block_size", "kv_total_blocks", "pending_transfers", "external_prefix_queried_tokens", "external_prefix_hit_tokens")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,8 @@ class Load(_message.Message):
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PENDING_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_PREFIX_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     kv_cache_usage: float
@@ -85,4 +87,6 @@ class Load(_message.Message):
     kv_block_size: int
     kv_total_blocks: int
     pending_transfers: int
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., kv_block_size: _Optional[int] = ..., kv_total_blocks: _Optional[int] = ..., pending_transfers: _Optional[int] = ...) -> None: ...
+    external_prefix_queried_tokens: int
+    external_prefix_hit_tokens: int
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., kv_block_size: _Optional[int] = ..., kv_total_blocks: _Optional[int] = ..., pending_transfers: _Optional[int] = ..., external_prefix_queried_tokens: _Optional[int] = ..., external_prefix_hit_tokens: _Optional[int] = ...) -> None: ...
