@@ -13,7 +13,7 @@ from services.kv_shards import DEFAULT_VNODES
 class KvStoreConfig(NixlStageConfig):
     """stagemesh KV store stage: a shared tier of KV blocks in host memory, read and written over NIXL."""
 
-    port: int = setting(50055, "gRPC port (0 picks a free one)")
+    port: int = setting(50050, "gRPC port (0 picks a free one)")
     capacity_mib: int = setting(1024, "MiB of host memory for KV blocks (registered with NIXL)")
     pin_seconds: float = setting(
         10.0, "seconds a Lookup's hits stay pinned when the reader never releases them"

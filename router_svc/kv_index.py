@@ -52,10 +52,13 @@ class KvIndex:
         size = event.block_size
         added: list[int] = []
         for i, engine_hash in enumerate(event.block_hashes):
-            block = event.token_ids[i * size : (i + 1) * size]
-            if size == 0 or len(block) < size:
-                break  # a malformed record: never index a partial block
-            parent = event.chain_hashes[i] if i < len(event.chain_hashes) else block_hash(parent, block)
+            if i < len(event.chain_hashes):
+                parent = event.chain_hashes[i]  # the KV store names blocks by chain hash
+            else:
+                block = event.token_ids[i * size : (i + 1) * size]
+                if size == 0 or len(block) < size:
+                    break  # a malformed record: never index a partial block
+                parent = block_hash(parent, block)
             holders = self._holders.setdefault(parent, set())
             if worker not in holders:
                 holders.add(worker)

@@ -1,6 +1,6 @@
-"""Follows every engine's KV-event stream into the router's :class:`KvIndex`.
+"""Follows every engine's and KV store's KV-event stream into the router's :class:`KvIndex`.
 
-One task per engine member, started and stopped with its etcd membership: it resumes
+One task per engine or store member, started and stopped with its etcd membership: it resumes
 the stream from the last ``(epoch, sequence)`` it applied, and when the engine says it
 cannot (a gap, a restart, a first subscription) it rebuilds the worker's blocks from a
 snapshot and resumes after the snapshot's position. When the member leaves etcd its
@@ -17,7 +17,7 @@ import grpc
 
 from router_svc.kv_index import KvIndex
 from services.aio import cancel_and_wait
-from services.clients import EngineClient
+from services.clients import EngineClient, KvStoreClient
 from services.pb import common_pb2
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class KvSubscriber:
         self.index = index
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def follow(self, worker: str, client: EngineClient) -> None:
+    def follow(self, worker: str, client: EngineClient | KvStoreClient) -> None:
         if worker not in self._tasks:
             self._tasks[worker] = asyncio.create_task(self._follow(worker, client), name=f"kv events {worker}")
 
@@ -73,7 +73,7 @@ class KvSubscriber:
         for worker in list(self._tasks):
             await self.forget(worker)
 
-    async def _follow(self, worker: str, client: EngineClient) -> None:
+    async def _follow(self, worker: str, client: EngineClient | KvStoreClient) -> None:
         epoch = sequence = 0
         while True:
             call = client.kv_events(epoch, sequence)

@@ -10,7 +10,9 @@ Three policies, chosen with ``--router-policy``:
   worker holding a long prefix wins unless it is that much busier. Both terms are in
   tokens, so the balance does not shift with the engines' KV block size. A worker whose queue
   reaches ``--kv-max-queue`` is passed over for the least-loaded one while any is
-  below it, so a hot prefix cannot pile everything onto one worker.
+  below it, so a hot prefix cannot pile everything onto one worker. Blocks in the
+  mesh's KV store count as held by every prefill worker that uses the store (its
+  member label ``kvstore=on``): loading them costs a NIXL read, not a forward pass.
 
 Every pick comes with a reason, counted in ``stagemesh_router_decisions_total``.
 """
@@ -18,6 +20,7 @@ Every pick comes with a reason, counted in ``stagemesh_router_decisions_total``.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +28,7 @@ from prometheus_client import Counter
 
 from router_svc.kv_index import KvIndex
 from router_svc.workers import Peer
+from services.pb import common_pb2
 
 POLICIES = ("round_robin", "least_load", "kv_aware")
 
@@ -68,16 +72,33 @@ class LeastLoad:
         return Choice(candidates[0], 0, "least_load")
 
 
+def uses_store(peer: Peer) -> bool:
+    """Whether the worker loads prefixes from the KV store (prefill engines with --kvstore)."""
+    return peer.role == common_pb2.ROLE_PREFILL and peer.member.labels.get("kvstore") == "on"
+
+
 class KvAware:
     name = "kv_aware"
 
-    def __init__(self, index: KvIndex, load_weight: float, max_queue: int) -> None:
+    def __init__(
+        self, index: KvIndex, load_weight: float, max_queue: int,
+        stores: Callable[[], list[str]] = list,
+    ) -> None:
         self.index = index
         self.load_weight = load_weight
         self.max_queue = max_queue
+        #: Index keys of the KV stores in the mesh now.
+        self.stores = stores
 
     def choose(self, candidates: list[Peer], hashes: list[int]) -> Choice:
-        matched = self.index.match(hashes, [p.key for p in candidates])
+        stores = self.stores()
+        matched = self.index.match(hashes, [p.key for p in candidates] + stores)
+        in_store = max((matched.pop(key) for key in stores), default=0)
+        from_store = set()
+        for p in candidates:
+            if in_store > matched[p.key] and uses_store(p):
+                matched[p.key] = in_store
+                from_store.add(p.key)
         best_match = max(matched.values(), default=0)
         if best_match == 0:
             return Choice(candidates[0], 0, "least_load_no_prefix")
@@ -91,16 +112,21 @@ class KvAware:
 
         chosen = min(roomy, key=cost)  # candidates come least loaded first: ties go to the idler
         reason = "prefix_hit" if matched[chosen.key] == best_match else "load_over_prefix"
+        if reason == "prefix_hit" and chosen.key in from_store:
+            reason = "store_prefix_hit"
         if len(roomy) < len(candidates) and matched[chosen.key] < best_match:
             reason = "overloaded_fallback"
         return Choice(chosen, matched[chosen.key], reason)
 
 
-def make_policy(name: str, index: KvIndex, load_weight: float, max_queue: int) -> Policy:
+def make_policy(
+    name: str, index: KvIndex, load_weight: float, max_queue: int,
+    stores: Callable[[], list[str]] = list,
+) -> Policy:
     if name == "round_robin":
         return RoundRobin()
     if name == "least_load":
         return LeastLoad()
     if name == "kv_aware":
-        return KvAware(index, load_weight, max_queue)
+        return KvAware(index, load_weight, max_queue, stores)
     raise ValueError(f"unknown router policy {name!r}; choose one of {', '.join(POLICIES)}")

@@ -84,13 +84,16 @@ class RouterStage(Stage):
         self._session = EtcdSession(config.etcd_endpoints)
         index = KvIndex(config.kv_index_max_blocks)
         INDEX_ENTRIES.set_function(lambda: len(index))
-        try:
-            policy = make_policy(config.router_policy, index, config.kv_load_weight, config.kv_max_queue)
-        except ValueError as exc:
-            raise SystemExit(f"--router-policy: {exc}") from None
         self._workers = Workers(
             self._session, config.control_timeout, config.load_interval, KvSubscriber(index)
         )
+        try:
+            policy = make_policy(
+                config.router_policy, index, config.kv_load_weight, config.kv_max_queue,
+                self._workers.store_keys,
+            )
+        except ValueError as exc:
+            raise SystemExit(f"--router-policy: {exc}") from None
         self._orchestrator = Orchestrator(config, self._workers, policy)
         self._servicer = RouterServicer(self._orchestrator, index)
         self._bridge = HttpBridge(self._orchestrator, config.max_body_mib) if config.http_port >= 0 else None

@@ -22,7 +22,7 @@ import grpc
 
 from router_svc.kv_subscriber import KvSubscriber
 from services.aio import cancel_and_wait
-from services.clients import EngineClient, TokenizerClient
+from services.clients import EngineClient, KvStoreClient, TokenizerClient
 from services.errors import Unavailable
 from services.etcd import EtcdSession
 from services.membership import MemberWatcher, role_name
@@ -42,7 +42,7 @@ class Peer:
 
     key: str
     member: common_pb2.Member
-    client: TokenizerClient | EngineClient
+    client: TokenizerClient | EngineClient | KvStoreClient
     #: Latest load report (engines), None until the first poll answers.
     load: engine_pb2.Load | None = None
     #: Calls this router has open on the member.
@@ -119,14 +119,17 @@ class Workers:
         if old is not None:
             old.member = member
             return
+        client: TokenizerClient | EngineClient | KvStoreClient
         if member.role == common_pb2.ROLE_TOKENIZER:
-            client: TokenizerClient | EngineClient = TokenizerClient(member.grpc_address, self._control_timeout)
+            client = TokenizerClient(member.grpc_address, self._control_timeout)
         elif member.role in ENGINE_ROLES:
             client = EngineClient(member.grpc_address, self._control_timeout)
+        elif member.role == common_pb2.ROLE_KVSTORE:
+            client = KvStoreClient(member.grpc_address, self._control_timeout)  # for its KV events
         else:
-            return  # routers and KV stores are listed, not called (yet)
+            return  # other routers are listed, not called
         self.peers[key] = Peer(key, member, client)
-        if self._kv_events is not None and isinstance(client, EngineClient):
+        if self._kv_events is not None and isinstance(client, (EngineClient, KvStoreClient)):
             self._kv_events.follow(key, client)
         log.info("member joined: %s at %s", key, member.grpc_address)
 
@@ -135,6 +138,10 @@ class Workers:
         if self._kv_events is not None:
             await self._kv_events.forget(peer.key)
         await peer.client.close()
+
+    def store_keys(self) -> list[str]:
+        """Keys of the KV stores in the mesh (their blocks are in the KV index under them)."""
+        return [key for key, peer in self.peers.items() if peer.role == common_pb2.ROLE_KVSTORE]
 
     def members(self, role: int = common_pb2.ROLE_UNSPECIFIED) -> list[common_pb2.Member]:
         """Every registered member (all roles, including those the router does not call)."""

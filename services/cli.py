@@ -34,6 +34,7 @@ STAGE_MODULES = {
     "tokenizer": "tokenizer_svc",
     "prefill": "prefill_svc",
     "decode": "decode_svc",
+    "kvstore": "kvstore_svc",
     "router": "router_svc",
 }
 
@@ -143,6 +144,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         ("tokenizer", "tokenizer_svc", args.tokenizer_port, model),
         ("router", "router_svc", args.router_port, ["--http-port", str(args.http_port)]),
     ]
+    if args.kvstore_mib > 0:
+        plan.append(("kvstore", "kvstore_svc", args.kvstore_port, ["--capacity-mib", str(args.kvstore_mib)]))
     for (role, i), core_list in zip(engines, cores):
         base = args.prefill_port if role == "prefill" else args.decode_port
         name = role if i == 0 else f"{role}-{i}"
@@ -248,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tokenizer-port", type=int, default=50052)
     up.add_argument("--prefill-port", type=int, default=50053)
     up.add_argument("--decode-port", type=int, default=50054)
+    up.add_argument("--kvstore-port", type=int, default=50050)
+    up.add_argument("--kvstore-mib", type=int, default=1024, help="KV store capacity in MiB (0: no store)")
     up.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for all stages")
     up.set_defaults(func=cmd_up)
 

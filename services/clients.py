@@ -13,6 +13,8 @@ from services.pb import (
     common_pb2,
     engine_pb2,
     engine_pb2_grpc,
+    kvstore_pb2,
+    kvstore_pb2_grpc,
     router_pb2,
     router_pb2_grpc,
     tokenizer_pb2,
@@ -137,7 +139,33 @@ class TokenizerClient(_StageClient):
         )
 
 
-class EngineClient(_StageClient):
+class _KvEventSource(_StageClient):
+    """A stage that publishes KV events (an engine or a KV store): same two calls."""
+
+    _stub: engine_pb2_grpc.EngineServiceStub | kvstore_pb2_grpc.KvStoreServiceStub
+
+    def kv_events(self, epoch: int = 0, after_sequence: int = 0) -> grpc.aio.UnaryStreamCall:
+        """The member's KV-event stream after ``(epoch, after_sequence)``."""
+        return self._stub.StreamKvEvents(
+            common_pb2.KvEventsRequest(epoch=epoch, after_sequence=after_sequence)
+        )
+
+    async def kv_snapshot(self) -> common_pb2.KvSnapshot:
+        return await self._stub.GetKvSnapshot(common_pb2.KvSnapshotRequest(), timeout=self._timeout)
+
+
+class KvStoreClient(_KvEventSource):
+    """Client of a KV store's control API (the bytes move over NIXL, see kvstore_client)."""
+
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        super().__init__(address, timeout)
+        self._stub = kvstore_pb2_grpc.KvStoreServiceStub(self._channel)
+
+    async def stats(self) -> kvstore_pb2.Stats:
+        return await self._stub.GetStats(kvstore_pb2.StatsRequest(), timeout=self._timeout)
+
+
+class EngineClient(_KvEventSource):
     """Client of an engine stage (EngineService): prefill or decode member."""
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -183,15 +211,6 @@ class EngineClient(_StageClient):
 
     async def load(self, timeout: float | None = None) -> engine_pb2.Load:
         return await self._stub.GetLoad(engine_pb2.LoadRequest(), timeout=timeout or self._timeout)
-
-    def kv_events(self, epoch: int = 0, after_sequence: int = 0) -> grpc.aio.UnaryStreamCall:
-        """The member's KV-event stream after ``(epoch, after_sequence)``."""
-        return self._stub.StreamKvEvents(
-            common_pb2.KvEventsRequest(epoch=epoch, after_sequence=after_sequence)
-        )
-
-    async def kv_snapshot(self) -> common_pb2.KvSnapshot:
-        return await self._stub.GetKvSnapshot(common_pb2.KvSnapshotRequest(), timeout=self._timeout)
 
 
 class RouterClient(_StageClient):

@@ -213,3 +213,31 @@ class StoreLink:
             raise
         reply = self._call(address, "Commit", kvstore_pb2.CommitRequest(reservation_id=reservation.reservation_id))
         return int(reply.committed)
+
+
+class HostBlocks:
+    """Blocks in this process's own host memory, registered with a NIXL agent: a store
+    client without an engine (the benchmark, the tests, a tool warming a store)."""
+
+    def __init__(self, agent: Any, blocks: int, block_bytes: int, pieces: int = 1) -> None:
+        import numpy as np
+
+        self.agent = agent
+        self.block_bytes = block_bytes
+        self.pieces = pieces
+        self.memory = np.zeros(blocks * block_bytes, dtype=np.uint8)
+        self._registration = agent.register_memory(
+            [(self.memory.ctypes.data, self.memory.nbytes, 0, "host-blocks")], "DRAM"
+        )
+
+    def regions(self, index: int) -> list[Region]:
+        """Block ``index``, cut in ``pieces`` equal parts (an engine has one per layer and K/V)."""
+        base = self.memory.ctypes.data + index * self.block_bytes
+        piece = self.block_bytes // self.pieces
+        return [(base + i * piece, piece) for i in range(self.pieces)]
+
+    def block(self, index: int) -> Any:
+        return self.memory[index * self.block_bytes : (index + 1) * self.block_bytes]
+
+    def close(self) -> None:
+        self.agent.deregister_memory(self._registration)

@@ -37,7 +37,7 @@ def probe(port: int) -> tuple[int, str]:
 @pytest.mark.isolated
 @pytest.mark.asyncio(loop_scope="session")
 async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path, tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("etcd", "tokenizer", "prefill", "decode", "router", "http")}
+    ports = {name: free_port() for name in ("etcd", "tokenizer", "prefill", "decode", "kvstore", "router", "http")}
     up = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "--home", str(home), "up",
          *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port)))],
@@ -71,7 +71,7 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
         )
         assert status.returncode == 0, status.stderr
         rows = status.stdout.splitlines()
-        for role in ("tokenizer", "prefill", "decode", "router"):
+        for role in ("tokenizer", "prefill", "decode", "kvstore", "router"):
             assert any(line.startswith(role) and "SERVING" in line for line in rows), status.stdout
         assert any(line.startswith("decode") and "run 0 wait 0" in line for line in rows), status.stdout
         assert probe(ports["router"]) == (0, "SERVING")  # the containers' health check

@@ -77,7 +77,7 @@ def test_compose_stages_agree_with_their_config() -> None:
     etcd_command = " ".join(compose["services"]["etcd"]["command"])
     etcd_port = int(re.search(r"--listen-client-urls=http://0\.0\.0\.0:(\d+)", etcd_command).group(1))  # type: ignore[union-attr]
     services = our_services(compose)
-    assert {"model", "tokenizer", "prefill", "decode", "router"} <= set(services)
+    assert {"model", "tokenizer", "prefill", "decode", "kvstore", "router"} <= set(services)
     for name, service in services.items():
         command = service["command"]
         if command[0] not in STAGE_MODULES:

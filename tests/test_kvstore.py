@@ -20,7 +20,7 @@ import pytest_asyncio
 from kvstore_svc.blocks import BlockTable, LayoutMismatch
 from services.etcd import EmbeddedEtcd, EtcdSession, free_port
 from services.kv_shards import SHARDS_PREFIX, ShardMap, parse_entry, ring_points
-from services.kvstore_client import Region, StoreLink
+from services.kvstore_client import HostBlocks, StoreLink
 from services.launcher import StageProcess
 from services.nixl import new_agent
 from services.pb import common_pb2, kvstore_pb2
@@ -105,24 +105,17 @@ def test_shard_map_is_consistent_hashing() -> None:
 
 
 class Client:
-    """This test process as a store client: a NIXL agent over numpy host memory."""
+    """This test process as a store client: its own NIXL agent over numpy host memory."""
 
     def __init__(self, name: str, blocks: int) -> None:
-        self.agent = new_agent(name)
-        self.memory = np.zeros(blocks * BLOCK, dtype=np.uint8)
-        self._reg = self.agent.register_memory([(self.memory.ctypes.data, self.memory.nbytes, 0, name)], "DRAM")
-        self.link = StoreLink(self.agent)
-
-    def regions(self, index: int) -> list[Region]:
-        """Block ``index`` of the buffer, as two pieces (like K and V of one layer)."""
-        base = self.memory.ctypes.data + index * BLOCK
-        return [(base, BLOCK // 2), (base + BLOCK // 2, BLOCK // 2)]
+        self.host = HostBlocks(new_agent(name), blocks, BLOCK, pieces=2)  # like K and V
+        self.memory = self.host.memory
+        self.regions = self.host.regions
+        self.block = self.host.block
+        self.link = StoreLink(self.host.agent)
 
     def fill(self, index: int, value: int) -> None:
-        self.memory[index * BLOCK : (index + 1) * BLOCK] = value
-
-    def block(self, index: int) -> np.ndarray:
-        return self.memory[index * BLOCK : (index + 1) * BLOCK]
+        self.block(index)[:] = value
 
     def store(self, shards: ShardMap, hashes: list[int], first_index: int = 0) -> int:
         committed = 0
@@ -133,7 +126,7 @@ class Client:
 
     def close(self) -> None:
         self.link.close()
-        self.agent.deregister_memory(self._reg)
+        self.host.close()
 
 
 @pytest.fixture(scope="module")

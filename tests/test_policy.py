@@ -85,3 +85,26 @@ def test_session_affinity_expires_and_is_capped() -> None:
     assert affinity.get("bob", common_pb2.ROLE_DECODE) is None
     assert affinity.get("carol", common_pb2.ROLE_DECODE) == "w1"
     assert SessionAffinity(ttl=0, capacity=9).get("bob", common_pb2.ROLE_DECODE) is None
+
+
+def test_kv_aware_counts_store_blocks_for_prefill_workers_that_use_the_store() -> None:
+    """The KV store's events carry chain hashes; its blocks are as good as held by every
+    prefill worker with the store on, and by no other worker."""
+    hashes = chain_hashes(PROMPT, BLOCK)
+    index = index_with({"a": 2})
+    index.stored("store", common_pb2.BlockStored(
+        block_hashes=[h.to_bytes(8, "little") for h in hashes[:8]], chain_hashes=hashes[:8]
+    ))
+
+    def prefill(key: str, queued: int, store: str) -> Peer:
+        member = common_pb2.Member(
+            instance_id=key, role=common_pb2.ROLE_PREFILL, kv_block_size=BLOCK, labels={"kvstore": store}
+        )
+        return Peer(key, member, client=None, load=engine_pb2.Load(running_requests=queued))  # type: ignore[arg-type]
+
+    policy = KvAware(index, load_weight=4.0 * BLOCK, max_queue=8, stores=lambda: ["store"])
+    a, b = prefill("a", 0, "off"), prefill("b", 1, "on")
+    choice = policy.choose([a, b], hashes)
+    assert (choice.peer.key, choice.matched_blocks, choice.reason) == ("b", 8, "store_prefix_hit")
+    # Without the store the holder of two blocks wins.
+    assert KvAware(index, 4.0 * BLOCK, 8).choose([a, b], hashes).peer.key == "a"

@@ -275,5 +275,6 @@ class EngineStage(Stage):
         member.max_concurrency = self._config.max_num_seqs
         member.max_model_len = self._runner.max_model_len
         member.nixl_address = self._runner.nixl_address
+        member.labels["kvstore"] = "on" if self._runner.uses_kvstore else "off"
         assert self._runner.events is not None
         member.kv_event_epoch = self._runner.events.epoch
