@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.nixl_copy import raw_copy_gbps
-from bench.report import print_table, write_json, write_png
+from bench.report import add_output_arguments, print_table, write_json, write_png
 from services.clients import EngineClient
 from services.config import DEFAULT_HOME
 from services.etcd import EmbeddedEtcd, free_port
@@ -152,9 +152,7 @@ def main() -> None:
                         default=[64, 256, 1024, 4096, 8000])
     parser.add_argument("--output", type=int, default=32, help="tokens generated per request")
     parser.add_argument("--max-model-len", type=int, default=8192, help="engine context length")
-    parser.add_argument("--home", default=DEFAULT_HOME)
-    parser.add_argument("--json", default="", help="write results as JSON here")
-    parser.add_argument("--png", default="", help="write a plot here (needs matplotlib)")
+    add_output_arguments(parser, DEFAULT_HOME)
     asyncio.run(run(parser.parse_args()))
 
 

@@ -32,7 +32,7 @@ import grpc
 
 from bench.engines import fresh_prompt, timed_generate
 from bench.nixl_copy import raw_copy_gbps
-from bench.report import print_table, write_json, write_png
+from bench.report import add_output_arguments, print_table, write_json, write_png
 from services.clients import EngineClient
 from services.config import DEFAULT_HOME
 from services.etcd import EmbeddedEtcd, free_port
@@ -192,10 +192,8 @@ def main() -> None:
     parser.add_argument("--nixl-mib", type=int, default=256, help="bytes moved in the NIXL measurement")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=0,
-                        help="engines' KV block size in tokens (0: vLLM's default, 128 on CPU)")
-    parser.add_argument("--home", default=DEFAULT_HOME)
-    parser.add_argument("--json", default="", help="write results as JSON here")
-    parser.add_argument("--png", default="", help="write a plot here (needs matplotlib)")
+                        help="engines' KV block size in tokens (0: the engines' default, 128 on CPU)")
+    add_output_arguments(parser, DEFAULT_HOME)
     asyncio.run(run(parser.parse_args()))
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from bench.report import print_table, write_json
+from bench.report import add_output_arguments, print_table, write_json
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.config import DEFAULT_HOME
 from services.etcd import EmbeddedEtcd, free_port
@@ -357,9 +357,7 @@ def main() -> None:
     parser.add_argument("--overhead-samples", type=int, default=10)
     parser.add_argument("--vllm-serve", action=argparse.BooleanOptionalAction, default=True,
                         help="also time a plain vLLM OpenAI server (one more engine start)")
-    parser.add_argument("--home", default=DEFAULT_HOME)
-    parser.add_argument("--json", default="")
-    parser.add_argument("--png", default="")
+    add_output_arguments(parser, DEFAULT_HOME)
     asyncio.run(run(parser.parse_args()))
 
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, home: str) -> None:
+    """The flags every benchmark shares: the stagemesh home and where results go."""
+    parser.add_argument("--home", default=home)
+    parser.add_argument("--json", default="", help="write results as JSON here")
+    parser.add_argument("--png", default="", help="write a plot here (needs matplotlib)")
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> None:

@@ -10,7 +10,8 @@ Pure logic, no I/O (the servicer owns the memory and NIXL). The rules it enforce
 - readers pin what ``lookup`` returns until they release it or the pin runs out, and a
   pinned block is never evicted or overwritten mid-read;
 - when the pool is full, the least recently used committed, unpinned block makes room.
-  A lookup hit or a commit makes a block most recent;
+  A lookup hit or a commit makes a chain's blocks most recent, its first block last, so
+  a cold chain loses its deepest blocks first and never its root under live children;
 - reservations and pins have deadlines, so a writer or reader that dies cannot hold
   slots for ever.
 """
@@ -164,13 +165,13 @@ class BlockTable:
             chosen = set()
         committed: list[int] = []
         for chain_hash, key in reservation.keys.items():
-            entry = self._entries[key]
             if chain_hash in chosen:
-                entry.committed = True
-                self._entries.move_to_end(key)
+                self._entries[key].committed = True
                 committed.append(chain_hash)
             else:
                 self._free_entry(key)
+        for chain_hash in reversed(committed):  # the chain's first block most recent
+            self._entries.move_to_end(reservation.keys[chain_hash])
         if committed:
             self._on_stored(committed)
         return len(committed)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,6 +97,7 @@ class StoreLink:
         self._stubs: dict[str, kvstore_pb2_grpc.KvStoreServiceStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._peers: set[str] = set()
+        self._lock = threading.Lock()  # the link is shared by a reading and a writing thread
 
     def close(self) -> None:
         for chan in self._channels.values():
@@ -104,12 +106,13 @@ class StoreLink:
         self._stubs.clear()
 
     def stub(self, address: str) -> kvstore_pb2_grpc.KvStoreServiceStub:
-        stub = self._stubs.get(address)
-        if stub is None:
-            chan = grpc.insecure_channel(address)
-            self._channels[address] = chan
-            stub = self._stubs[address] = kvstore_pb2_grpc.KvStoreServiceStub(chan)
-        return stub
+        with self._lock:
+            stub = self._stubs.get(address)
+            if stub is None:
+                chan = grpc.insecure_channel(address)
+                self._channels[address] = chan
+                stub = self._stubs[address] = kvstore_pb2_grpc.KvStoreServiceStub(chan)
+            return stub
 
     def _call(self, address: str, method: str, request: Any) -> Any:
         try:
@@ -119,9 +122,10 @@ class StoreLink:
 
     def _peer(self, target: Target) -> str:
         """Load the store agent's metadata once (a restarted store has a new name)."""
-        if target.agent_name not in self._peers:
-            self.agent.add_remote_agent(target.agent_metadata)
-            self._peers.add(target.agent_name)
+        with self._lock:
+            if target.agent_name not in self._peers:
+                self.agent.add_remote_agent(target.agent_metadata)
+                self._peers.add(target.agent_name)
         return target.agent_name
 
     # -- read -------------------------------------------------------------------------

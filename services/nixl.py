@@ -12,11 +12,14 @@ one build of the bindings (two builds in one process collide).
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import time
 from types import ModuleType
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: The environment variable the engines' vLLM plugin reads (``--nixl-poll-ms``).
 POLL_MS_ENV = "STAGEMESH_NIXL_POLL_MS"
@@ -82,10 +85,17 @@ def limit_progress_poll(api: ModuleType, poll_ms: int) -> None:
 
 
 def new_agent(name: str, poll_ms: int = 1) -> Any:
-    """A NIXL agent with the UCX backend and a progress thread that does not spin."""
+    """A NIXL agent with the UCX backend and a progress thread that does not spin.
+
+    Its calls are serialized inside NIXL (strict thread sync): a store client reads on
+    one thread and writes on another with the same agent.
+    """
     api = nixl_api()
     limit_progress_poll(api, poll_ms)
-    return api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+    return api.nixl_agent(
+        name,
+        api.nixl_agent_config(backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT),
+    )
 
 
 def transfer(
@@ -121,6 +131,6 @@ def transfer(
     finally:
         try:
             agent.release_xfer_handle(handle)
-        except Exception:  # a handle still in flight (timed out) cannot be released yet
-            pass
+        except Exception as exc:  # noqa: BLE001  a handle still in flight (timed out) cannot be
+            log.warning("NIXL %s handle with %s not released: %s", op, peer, exc)
     return sum(length for _, length, _ in local)

@@ -7,6 +7,7 @@ prepared model). Tests that must kill or restart something start their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -92,12 +93,30 @@ async def tokenizer_stage(
     stage = tokenizer_process(
         "tokenizer", etcd.endpoint, home, tmp_path_factory.mktemp("logs"), "--metrics-port", "0"
     )
+    async with running(stage):
+        yield stage
+
+
+@contextlib.asynccontextmanager
+async def running(stage: StageProcess, timeout: float = STAGE_START_TIMEOUT) -> AsyncIterator[StageProcess]:
+    """Start a stage, wait until it is SERVING, and stop it on the way out."""
     stage.start()
     try:
-        await stage.wait_healthy(STAGE_START_TIMEOUT)
+        await stage.wait_healthy(timeout)
         yield stage
     finally:
         stage.stop()
+
+
+def kvstore_process(etcd_endpoint: str, home: Path, log_dir: Path, capacity_mib: int) -> StageProcess:
+    """A KV store stage on a free port (not started)."""
+    port = free_port()
+    return StageProcess(
+        "kvstore", "kvstore_svc",
+        ["--port", str(port), "--etcd", etcd_endpoint, "--home", str(home),
+         "--capacity-mib", str(capacity_mib), "--log-level", "DEBUG", "--metrics-port", "0"],
+        f"127.0.0.1:{port}", log_dir,
+    )
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -18,13 +18,13 @@ import pytest
 import pytest_asyncio
 
 from kvstore_svc.blocks import BlockTable, LayoutMismatch
-from services.etcd import EmbeddedEtcd, EtcdSession, free_port
+from services.etcd import EmbeddedEtcd, EtcdSession
 from services.kv_shards import SHARDS_PREFIX, ShardMap, parse_entry, ring_points
 from services.kvstore_client import HostBlocks, StoreLink
 from services.launcher import StageProcess
 from services.nixl import new_agent
 from services.pb import common_pb2, kvstore_pb2
-from tests.conftest import STAGE_START_TIMEOUT
+from tests.conftest import kvstore_process, running
 
 BLOCK = 64 * 1024  # bytes per block in these tests
 CAPACITY_BLOCKS = 16
@@ -40,7 +40,7 @@ def test_table_serves_only_committed_blocks_and_grants_each_block_once() -> None
     first, granted = table.reserve("m", [1, 2, 3], 100, ttl=30, now=0)
     assert [h for h, _ in granted] == [1, 2, 3]
     assert table.lookup("m", [1, 2, 3], 10, now=0) == ([], "")  # written, not committed
-    second, again = table.reserve("m", [1, 2, 3, 4], 100, ttl=30, now=0)
+    _, again = table.reserve("m", [1, 2, 3, 4], 100, ttl=30, now=0)
     assert [h for h, _ in again] == [4]  # 1-3 are someone else's write
     assert table.commit(first, [1, 2]) == 2  # 3 was not written after all
     hits, pin = table.lookup("m", [1, 2, 3], 10, now=0)
@@ -56,7 +56,7 @@ def test_table_serves_only_committed_blocks_and_grants_each_block_once() -> None
 def test_table_evicts_least_recently_used_and_never_a_pinned_block() -> None:
     removed: list[int] = []
     table = BlockTable(3 * 10, on_removed=removed.extend)
-    for h in (1, 2, 3):
+    for h in (1, 2, 3):  # three chains of one block each
         rid, _ = table.reserve("m", [h], 10, ttl=30, now=0)
         table.commit(rid)
     _, pin = table.lookup("m", [1], 10, now=0)  # 1 is now the most recent, and pinned
@@ -68,7 +68,7 @@ def test_table_evicts_least_recently_used_and_never_a_pinned_block() -> None:
     assert removed == [2, 3]
     # Everything pinned or being written: nothing is granted, nothing is overwritten.
     _, pin = table.lookup("m", [1], 10, now=0)
-    _, pin4 = table.lookup("m", [4], 10, now=0)
+    table.lookup("m", [4], 10, now=0)
     assert table.reserve("m", [6], 10, ttl=30, now=0) == ("", [])
     table.expire(now=11)  # pins ran out
     assert table.snapshot().pinned_blocks == 0
@@ -140,20 +140,11 @@ def store_etcd() -> Iterator[EmbeddedEtcd]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def store(store_etcd: EmbeddedEtcd, home: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[StageProcess]:
-    port = free_port()
-    capacity_mib = max(1, CAPACITY_BLOCKS * BLOCK >> 20)
-    stage = StageProcess(
-        "kvstore", "kvstore_svc",
-        ["--port", str(port), "--etcd", store_etcd.endpoint, "--home", str(home),
-         "--capacity-mib", str(capacity_mib), "--log-level", "DEBUG", "--metrics-port", "0"],
-        f"127.0.0.1:{port}", tmp_path_factory.mktemp("kvstore-logs"),
+    stage = kvstore_process(
+        store_etcd.endpoint, home, tmp_path_factory.mktemp("kvstore-logs"), CAPACITY_BLOCKS * BLOCK >> 20
     )
-    stage.start()
-    try:
-        await stage.wait_healthy(STAGE_START_TIMEOUT)
+    async with running(stage):
         yield stage
-    finally:
-        stage.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -239,7 +230,8 @@ async def test_full_store_evicts_least_recently_used(shards: ShardMap, store: St
                 if len(removed) >= 4:
                     break
             stream.cancel()
-        assert removed == set(hashes[4:8]), "the least recently used blocks go first"
+        # The chain's blocks were used least recently, deepest first; the touched head stays.
+        assert removed == set(hashes[12:16]), "the least recently used blocks go first"
         assert stored >= set(hashes) | set(extra)
         survivors = client.link.lookup(shards, LAYOUT, hashes[:4])
         assert len(survivors.hits) == 4
@@ -304,3 +296,13 @@ async def test_bad_calls_get_clear_errors(store: StageProcess) -> None:
             await stub.Lookup(kvstore_pb2.LookupRequest(model=LAYOUT, chain_hashes=list(range(9000))))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (await stub.GetStats(kvstore_pb2.StatsRequest())).capacity_blocks >= CAPACITY_BLOCKS
+
+
+def test_table_evicts_a_cold_chain_from_its_deepest_block() -> None:
+    removed: list[int] = []
+    table = BlockTable(4 * 10, on_removed=removed.extend)
+    rid, _ = table.reserve("m", [1, 2, 3, 4], 10, ttl=30, now=0)
+    table.commit(rid)
+    rid, _ = table.reserve("m", [9], 10, ttl=30, now=0)
+    assert removed == [4]
+    assert [h for h, _ in table.lookup("m", [1, 2, 3, 4], 10, now=0)[0]] == [1, 2, 3]

@@ -1,8 +1,9 @@
 """The KV store with real engines: two prefill engines sharing one store over NIXL.
 
 A prompt computed on engine A is served on engine B from the store (B reports the
-tokens as external prefix-cache hits and generates exactly what A generated); a store
-killed mid-run leaves every request succeeding. Everything is real: etcd, the store
+tokens as external prefix-cache hits and generates exactly what A generated); both
+engines computing the same prompt at once store its blocks once; a store killed mid-run
+leaves every request succeeding. Everything is real: etcd, the store
 stage, two vLLM CPU engines with our connector inside vLLM's MultiConnector, NIXL.
 """
 
@@ -17,10 +18,15 @@ import pytest
 import pytest_asyncio
 
 from services.clients import EngineClient
-from services.etcd import EmbeddedEtcd, free_port
+from services.etcd import EmbeddedEtcd
 from services.launcher import StageProcess
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
-from tests.conftest import ENGINE_START_TIMEOUT, STAGE_START_TIMEOUT, engine_process
+from tests.conftest import (
+    ENGINE_START_TIMEOUT,
+    STAGE_START_TIMEOUT,
+    engine_process,
+    kvstore_process,
+)
 
 pytestmark = [pytest.mark.isolated, pytest.mark.asyncio(loop_scope="session")]
 
@@ -34,23 +40,13 @@ class StoreMesh:
         self.b = b
 
 
-def store_process(etcd: EmbeddedEtcd, home: Path, log_dir: Path) -> StageProcess:
-    port = free_port()
-    return StageProcess(
-        "kvstore", "kvstore_svc",
-        ["--port", str(port), "--etcd", etcd.endpoint, "--home", str(home),
-         "--capacity-mib", "512", "--metrics-port", "0", "--log-level", "DEBUG"],
-        f"127.0.0.1:{port}", log_dir,
-    )
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def store_mesh(home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[StoreMesh]:
     """Its own etcd, a store, and two prefill engines on one core each."""
     etcd = EmbeddedEtcd(client_port=0)
     etcd.start()
     log_dir = tmp_path_factory.mktemp("kvstore-engine-logs")
-    store = store_process(etcd, home, log_dir)
+    store = kvstore_process(etcd.endpoint, home, log_dir, capacity_mib=512)
     store.start()
     a = engine_process("prefill", etcd.endpoint, home, log_dir, "--cpu-cores", "0", "--instance-id", "prefill-a")
     b = engine_process("prefill", etcd.endpoint, home, log_dir, "--cpu-cores", "1", "--instance-id", "prefill-b")
@@ -109,6 +105,25 @@ async def test_prefix_computed_on_one_engine_is_loaded_on_another(store_mesh: St
     loaded = after_b.external_prefix_hit_tokens - before_b.external_prefix_hit_tokens
     assert loaded == full_blocks * block, f"B loaded {loaded} tokens from the store"
     assert got == expected, "output with the prefix loaded from the store differs"
+
+
+async def test_two_engines_writing_the_same_prefix_store_it_once(store_mesh: StoreMesh) -> None:
+    prompt = long_prompt(4, 700)
+    before = (await store_stats(store_mesh.store.grpc_address)).used_blocks
+    outputs = await asyncio.gather(
+        generate(store_mesh.a.grpc_address, prompt), generate(store_mesh.b.grpc_address, prompt)
+    )
+    assert outputs[0] == outputs[1]
+    block = (await load(store_mesh.a.grpc_address)).kv_block_size
+    full_blocks = (len(prompt) - 1) // block
+    for _ in range(100):
+        used = (await store_stats(store_mesh.store.grpc_address)).used_blocks
+        if used - before >= full_blocks:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # let a duplicate write, if any, land too
+    used = (await store_stats(store_mesh.store.grpc_address)).used_blocks
+    assert used - before == full_blocks, f"{used - before} blocks stored for {full_blocks} distinct ones"
 
 
 async def test_killing_the_store_mid_run_fails_no_request(store_mesh: StoreMesh) -> None:

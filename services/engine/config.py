@@ -24,7 +24,12 @@ class EngineConfig(NixlStageConfig):
     cpu_cores: str = setting(
         "", "CPU: cores to pin the engine's threads to, e.g. 0 or 0-3 (empty: vLLM decides)"
     )
-    block_size: int = setting(0, "KV block size in tokens (0: the engine's default)")
+    block_size: int = setting(
+        0,
+        "KV block size in tokens (0: the engine's default, 128 on CPU, where it must be a "
+        "multiple of 32). A prompt's tail short of a block is always computed: smaller "
+        "blocks let the prefix cache and the KV store reuse more of each prompt",
+    )
     kv_lease_seconds: int = setting(
         30,
         "prefill: seconds the engine keeps a prompt's KV for a decode that never collects it",

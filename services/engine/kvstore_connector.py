@@ -186,6 +186,9 @@ class _SchedulerSide:
         self._block_size = connector._block_size
         self._layout = connector.layout
         self._retry_seconds = float(extra.get("retry_seconds", 5.0))
+        # Hits stay pinned from this lookup until the worker has read them, normally the
+        # same step; the pin only needs to outlast a slow step (released explicitly).
+        self._pin_seconds = float(extra.get("pin_seconds", 120.0))
         self._link = StoreLink(None, rpc_timeout=float(extra.get("rpc_timeout", 1.0)))
         self._follower = ShardMapFollower(parse_endpoints(str(extra["etcd"])))
         self._follower.start()
@@ -223,7 +226,7 @@ class _SchedulerSide:
             return 0
         hashes = chain_hashes(prompt[: usable * self._block_size], self._block_size)
         try:
-            prefix = self._link.lookup(shards, self._layout, hashes)
+            prefix = self._link.lookup(shards, self._layout, hashes, self._pin_seconds)
         except StoreError as exc:
             self._failed(exc)
             return 0
@@ -354,7 +357,7 @@ class _WorkerSide:
         for job in meta.loads:
             try:
                 self._link.read(job.hits, [self.regions(b) for b in job.block_ids])
-            except Exception as exc:  # the blocks are recomputed: never a wrong token
+            except Exception as exc:  # noqa: BLE001  any failure: the blocks are recomputed
                 log.warning("KV store read of %d blocks for %s failed (%s); recomputing them", len(job.block_ids), job.req_id, exc)
                 with self._lock:
                     self._failed.update(job.block_ids)
@@ -372,7 +375,7 @@ class _WorkerSide:
             for address, reservation in self._link.reserve(shards, self._layout, job.hashes, self.block_bytes):
                 regions = [self.regions(job.block_ids[job.hashes.index(s.chain_hash)]) for s in reservation.granted]
                 self._link.write_and_commit(address, reservation, regions)
-        except Exception as exc:  # a cache: the write is dropped, nothing else
+        except Exception as exc:  # noqa: BLE001  a cache: any failed write is dropped, nothing else
             log.warning("KV store write of %d blocks for %s dropped: %s", len(job.hashes), job.req_id, exc)
         finally:
             with self._lock:
