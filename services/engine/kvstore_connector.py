@@ -40,6 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -98,8 +99,14 @@ class _Tracked:
     hashes: list[int] | None = None
 
 
-class KvStoreConnector(KVConnectorBase_V1):
-    """vLLM KV connector for the stagemesh KV store (see the module docstring)."""
+class KvStoreConnector(KVConnectorBase_V1, SupportsHMA):
+    """vLLM KV connector for the stagemesh KV store (see the module docstring).
+
+    It declares hybrid-allocator support so that vLLM keeps the allocator on (as it is
+    on a decode engine with NixlConnector alone): NIXL's handshake refuses peers whose
+    allocator setting differs. Models with one KV-cache group (every model without
+    hybrid attention) are what it serves; with several groups it stays out of the way.
+    """
 
     _cache_hit_source = CacheHitSource.HOST
 
@@ -114,6 +121,9 @@ class KvStoreConnector(KVConnectorBase_V1):
                 vllm_config.device_config.device_type, self._block_size,
             )
         )
+        if len(kv_cache_config.kv_cache_groups) != 1:
+            log.warning("KV store connector off: the model has %d KV-cache groups", len(kv_cache_config.kv_cache_groups))
+            extra = {**extra, "disabled": True}
         self._scheduler = _SchedulerSide(self, extra) if role == KVConnectorRole.SCHEDULER else None
         self._worker = _WorkerSide(self, extra, kv_cache_config) if role == KVConnectorRole.WORKER else None
 
@@ -174,6 +184,11 @@ class KvStoreConnector(KVConnectorBase_V1):
         assert self._scheduler is not None
         return self._scheduler.finished(request.request_id), None
 
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished(request, block_ids[0] if block_ids else [])
+
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a cache: a dropped write is a future miss, nothing more
@@ -191,7 +206,8 @@ class _SchedulerSide:
         self._pin_seconds = float(extra.get("pin_seconds", 120.0))
         self._link = StoreLink(None, rpc_timeout=float(extra.get("rpc_timeout", 1.0)))
         self._follower = ShardMapFollower(parse_endpoints(str(extra["etcd"])))
-        self._follower.start()
+        if not extra.get("disabled"):
+            self._follower.start()  # without it the map stays empty: no lookups, no writes
         self._down_until = 0.0
         self._lookups: dict[str, tuple[Prefix, int]] = {}
         self._loads: dict[str, _Load] = {}
