@@ -67,15 +67,23 @@ def cmd_etcd(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from services.clients import EngineClient, health_status
+    from services.clients import EngineClient, KvStoreClient, health_status
     from services.etcd import EtcdSession
     from services.membership import MEMBERS_PREFIX, role_name
     from services.pb import common_pb2
 
     async def load_of(member: common_pb2.Member) -> str:
-        if member.role not in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE):
-            return ""
         try:
+            if member.role == common_pb2.ROLE_KVSTORE:
+                async with KvStoreClient(member.grpc_address, timeout=2.0) as store:
+                    stats = await store.stats()
+                looked_up = stats.hit_blocks + stats.miss_blocks
+                return (
+                    f"blocks {stats.used_blocks}/{stats.capacity_blocks} "
+                    f"hit {stats.hit_blocks / looked_up if looked_up else 0:.0%} evicted {stats.evictions}"
+                )
+            if member.role not in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE):
+                return ""
             async with EngineClient(member.grpc_address) as client:
                 load = await client.load(timeout=2.0)
         except Exception:  # noqa: BLE001 - shown as unknown, the health column says why

@@ -74,6 +74,7 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
         for role in ("tokenizer", "prefill", "decode", "kvstore", "router"):
             assert any(line.startswith(role) and "SERVING" in line for line in rows), status.stdout
         assert any(line.startswith("decode") and "run 0 wait 0" in line for line in rows), status.stdout
+        assert any(line.startswith("kvstore") and "blocks " in line for line in rows), status.stdout
         assert probe(ports["router"]) == (0, "SERVING")  # the containers' health check
 
         up.send_signal(signal.SIGINT)
