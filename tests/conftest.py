@@ -58,12 +58,21 @@ def hf_tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-@pytest.fixture(scope="session")
-def etcd() -> Iterator[EmbeddedEtcd]:
+@contextlib.contextmanager
+def private_etcd() -> Iterator[EmbeddedEtcd]:
+    """A real etcd on a free port, stopped on the way out."""
     server = EmbeddedEtcd(client_port=0)
     server.start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[EmbeddedEtcd]:
+    with private_etcd() as server:
+        yield server
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from services.kvstore_client import HostBlocks, StoreLink
 from services.launcher import StageProcess
 from services.nixl import new_agent
 from services.pb import common_pb2, kvstore_pb2
-from tests.conftest import kvstore_process, running
+from tests.conftest import kvstore_process, private_etcd, running
 
 BLOCK = 64 * 1024  # bytes per block in these tests
 CAPACITY_BLOCKS = 16
@@ -132,10 +132,8 @@ class Client:
 @pytest.fixture(scope="module")
 def store_etcd() -> Iterator[EmbeddedEtcd]:
     """An etcd of the module's own, so the session's router never sees this store."""
-    server = EmbeddedEtcd(client_port=0)
-    server.start()
-    yield server
-    server.stop()
+    with private_etcd() as server:
+        yield server
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

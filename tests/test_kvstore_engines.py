@@ -18,14 +18,14 @@ import pytest
 import pytest_asyncio
 
 from services.clients import EngineClient
-from services.etcd import EmbeddedEtcd
 from services.launcher import StageProcess
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.conftest import (
     ENGINE_START_TIMEOUT,
-    STAGE_START_TIMEOUT,
     engine_process,
     kvstore_process,
+    private_etcd,
+    running,
 )
 
 pytestmark = [pytest.mark.isolated, pytest.mark.asyncio(loop_scope="session")]
@@ -43,25 +43,22 @@ class StoreMesh:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def store_mesh(home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[StoreMesh]:
     """Its own etcd, a store, and two prefill engines on one core each."""
-    etcd = EmbeddedEtcd(client_port=0)
-    etcd.start()
     log_dir = tmp_path_factory.mktemp("kvstore-engine-logs")
-    store = kvstore_process(etcd.endpoint, home, log_dir, capacity_mib=512)
-    store.start()
-    a = engine_process("prefill", etcd.endpoint, home, log_dir, "--cpu-cores", "0", "--instance-id", "prefill-a")
-    b = engine_process("prefill", etcd.endpoint, home, log_dir, "--cpu-cores", "1", "--instance-id", "prefill-b")
-    a.log_path = log_dir / "prefill-a.log"
-    b.log_path = log_dir / "prefill-b.log"
-    try:
-        await store.wait_healthy(STAGE_START_TIMEOUT)
-        a.start()
-        b.start()
-        await asyncio.gather(a.wait_healthy(ENGINE_START_TIMEOUT), b.wait_healthy(ENGINE_START_TIMEOUT))
-        yield StoreMesh(store, a, b)
-    finally:
-        for stage in (a, b, store):
-            stage.stop()
-        etcd.stop()
+    with private_etcd() as etcd:
+        store = kvstore_process(etcd.endpoint, home, log_dir, capacity_mib=512)
+        a = engine_process("prefill", etcd.endpoint, home, log_dir, "--cpu-cores", "0", "--instance-id", "prefill-a")
+        b = engine_process("prefill", etcd.endpoint, home, log_dir, "--cpu-cores", "1", "--instance-id", "prefill-b")
+        a.log_path = log_dir / "prefill-a.log"
+        b.log_path = log_dir / "prefill-b.log"
+        async with running(store):
+            try:
+                a.start()
+                b.start()
+                await asyncio.gather(a.wait_healthy(ENGINE_START_TIMEOUT), b.wait_healthy(ENGINE_START_TIMEOUT))
+                yield StoreMesh(store, a, b)
+            finally:
+                a.stop()
+                b.stop()
 
 
 async def generate(address: str, prompt: list[int]) -> list[int]:
