@@ -123,7 +123,7 @@ class KvStoreServicer:
                 f"reservation {request.reservation_id!r} is unknown: it was committed already "
                 f"or ran past {self._config.reservation_seconds:g}s and its slots were taken back"
             ) from None
-        CALLS.labels("committed" if not request.abort else "aborted").inc(committed or len(request.chain_hashes))
+        CALLS.labels("committed").inc(committed)
         self._publish_gauges(table)
         return kvstore_pb2.CommitResponse(committed=committed)
 
