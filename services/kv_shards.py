@@ -45,12 +45,6 @@ def shard_key(instance_id: str) -> str:
     return SHARDS_PREFIX + instance_id
 
 
-def parse_entry(value: bytes) -> kvstore_pb2.ShardEntry:
-    entry = kvstore_pb2.ShardEntry()
-    entry.ParseFromString(value)
-    return entry
-
-
 class ShardMap:
     """Owner lookup over the ring made of every store's points.
 
@@ -110,11 +104,11 @@ class ShardMapFollower:
         asyncio.run(self._follow())
 
     async def _follow(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        self._loop = asyncio.get_running_loop()  # last: stop() uses both once this is set
         session = EtcdSession(self._endpoints)
         watcher: MemberWatcher[kvstore_pb2.ShardEntry] = MemberWatcher(
-            session, SHARDS_PREFIX, on_change=self._changed, parse=parse_entry
+            session, SHARDS_PREFIX, on_change=self._changed, parse=kvstore_pb2.ShardEntry.FromString
         )
         self._watcher = watcher
         watcher.start()

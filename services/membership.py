@@ -47,12 +47,6 @@ def role_prefix(role: int | None = None) -> str:
     return MEMBERS_PREFIX if role is None else f"{MEMBERS_PREFIX}{role_name(role)}/"
 
 
-def _parse(value: bytes) -> common_pb2.Member:
-    member = common_pb2.Member()
-    member.ParseFromString(value)
-    return member
-
-
 class Registration:
     """Keeps one Member record registered in etcd for the life of a stage.
 
@@ -180,7 +174,7 @@ class MemberWatcher(Generic[M]):
         prefix: str = MEMBERS_PREFIX,
         on_change: Callable[[str, M | None], None] | None = None,
         retry_seconds: float = 0.5,
-        parse: Callable[[bytes], M] = _parse,  # type: ignore[assignment]
+        parse: Callable[[bytes], M] = common_pb2.Member.FromString,  # type: ignore[assignment]
     ) -> None:
         self._session = session
         self._prefix = prefix

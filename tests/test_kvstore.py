@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from kvstore_svc.blocks import BlockTable, LayoutMismatch
 from services.etcd import EmbeddedEtcd, EtcdSession
-from services.kv_shards import SHARDS_PREFIX, ShardMap, parse_entry, ring_points
+from services.kv_shards import SHARDS_PREFIX, ShardMap, ring_points
 from services.kvstore_client import HostBlocks, StoreLink
 from services.launcher import StageProcess
 from services.nixl import new_agent
@@ -118,11 +118,7 @@ class Client:
         self.block(index)[:] = value
 
     def store(self, shards: ShardMap, hashes: list[int], first_index: int = 0) -> int:
-        committed = 0
-        for address, reply in self.link.reserve(shards, LAYOUT, hashes, BLOCK):
-            regions = [self.regions(first_index + hashes.index(slot.chain_hash)) for slot in reply.granted]
-            committed += self.link.write_and_commit(address, reply, regions)
-        return committed
+        return self.link.store(shards, LAYOUT, hashes, BLOCK, lambda i: self.regions(first_index + i))
 
     def close(self) -> None:
         self.link.close()
@@ -152,7 +148,7 @@ async def shards(store: StageProcess, store_etcd: EmbeddedEtcd) -> ShardMap:
     try:
         client = await session.client()
         listing = await client.get_prefix(SHARDS_PREFIX.encode())
-        entries = [parse_entry(kv.value) for kv in listing]
+        entries = [kvstore_pb2.ShardEntry.FromString(kv.value) for kv in listing]
     finally:
         await session.close()
     assert len(entries) == 1 and entries[0].grpc_address == store.grpc_address
