@@ -99,10 +99,7 @@ def measure_nixl(store_address: str, instance_id: str, block_bytes: int, total_m
         host.memory[:] = 7
         hashes = list(range(1, blocks + 1))
         start = time.perf_counter()
-        written = 0
-        for address, reservation in link.reserve(shards, "bench", hashes, block_bytes):
-            regions = [host.regions(hashes.index(s.chain_hash)) for s in reservation.granted]
-            written += link.write_and_commit(address, reservation, regions)
+        written = link.store(shards, "bench", hashes, block_bytes, host.regions)
         write_s = time.perf_counter() - start
         prefix = link.lookup(shards, "bench", hashes)
         host.memory[:] = 0

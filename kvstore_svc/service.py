@@ -106,7 +106,6 @@ class KvStoreServicer:
             raise InvalidRequest(str(exc)) from exc
         CALLS.labels("reserved").inc(len(granted))
         CALLS.labels("not_granted").inc(len(request.chain_hashes) - len(granted))
-        self._publish_gauges(table)
         return kvstore_pb2.ReserveResponse(
             granted=[kvstore_pb2.BlockSlot(chain_hash=h, slot=s) for h, s in granted],
             reservation_id=reservation_id,
@@ -124,7 +123,6 @@ class KvStoreServicer:
                 f"or ran past {self._config.reservation_seconds:g}s and its slots were taken back"
             ) from None
         CALLS.labels("committed").inc(committed)
-        self._publish_gauges(table)
         return kvstore_pb2.CommitResponse(committed=committed)
 
     async def Evict(self, request: kvstore_pb2.EvictRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.EvictResponse:
@@ -132,11 +130,11 @@ class KvStoreServicer:
         table = self._ready()
         _check_hashes(request.chain_hashes)
         evicted = table.evict(request.chain_hashes, request.all)
-        self._publish_gauges(table)
         return kvstore_pb2.EvictResponse(evicted=evicted)
 
     async def GetStats(self, request: kvstore_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.Stats:
-        stats = self._ready().snapshot()
+        table = self._ready()
+        stats = table.snapshot()
         return kvstore_pb2.Stats(
             capacity_blocks=stats.capacity_blocks,
             used_blocks=stats.used_blocks,
@@ -145,7 +143,7 @@ class KvStoreServicer:
             hit_blocks=stats.hit_blocks,
             miss_blocks=stats.miss_blocks,
             evictions=stats.evictions,
-            block_bytes=self._ready().slot_bytes,
+            block_bytes=table.slot_bytes,
         )
 
     async def StreamKvEvents(self, request: common_pb2.KvEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.KvEventsResponse]:
@@ -156,11 +154,6 @@ class KvStoreServicer:
     async def GetKvSnapshot(self, request: common_pb2.KvSnapshotRequest, context: grpc.aio.ServicerContext) -> common_pb2.KvSnapshot:
         return self.events.snapshot()
 
-    def _publish_gauges(self, table: BlockTable) -> None:
-        stats = table.snapshot()
-        BLOCKS.labels("committed").set(stats.used_blocks)
-        BLOCKS.labels("pinned").set(stats.pinned_blocks)
-        BLOCKS.labels("capacity").set(stats.capacity_blocks)
 
 
 class KvStoreStage(Stage):
@@ -216,6 +209,10 @@ class KvStoreStage(Stage):
             on_removed=lambda hashes: events.removed([chain_name(h) for h in hashes]),
         )
         self._servicer.attach(table, target)
+        # Read at scrape time, so a call never pays for a scan of the table.
+        BLOCKS.labels("committed").set_function(lambda: table.snapshot().used_blocks)
+        BLOCKS.labels("pinned").set_function(lambda: table.snapshot().pinned_blocks)
+        BLOCKS.labels("capacity").set_function(lambda: table.capacity)
         self._expiry = asyncio.create_task(self._expire(table), name="kvstore-expiry")
         log.info("KV store pool: %d MiB at 0x%x, NIXL agent %s", self._config.capacity_mib, address, self.agent_name)
 

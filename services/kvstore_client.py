@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -179,21 +179,30 @@ class StoreLink:
 
     # -- write ------------------------------------------------------------------------
 
-    def reserve(
-        self, shards: ShardMap, layout: str, hashes: Sequence[int], block_bytes: int
-    ) -> list[tuple[str, kvstore_pb2.ReserveResponse]]:
-        """Reserve slots on each owning store; the replies that granted anything."""
-        granted = []
+    def store(
+        self, shards: ShardMap, layout: str, hashes: Sequence[int], block_bytes: int,
+        regions: Callable[[int], Sequence[Region]],
+    ) -> int:
+        """Write the blocks of ``hashes`` that no store holds or is being written yet.
+
+        ``regions(i)`` gives the local pieces of the block named ``hashes[i]``. Each
+        owning store is asked to ``Reserve``; what it grants is written and committed.
+        Returns the blocks committed.
+        """
+        position = {chain_hash: i for i, chain_hash in enumerate(hashes)}
+        committed = 0
         for address, owned in shards.split(hashes).items():
-            reply = self._call(
+            reservation = self._call(
                 address, "Reserve",
                 kvstore_pb2.ReserveRequest(model=layout, chain_hashes=owned, block_bytes=block_bytes),
             )
-            if reply.granted:
-                granted.append((address, reply))
-        return granted
+            if reservation.granted:
+                committed += self._write_and_commit(
+                    address, reservation, [regions(position[slot.chain_hash]) for slot in reservation.granted]
+                )
+        return committed
 
-    def write_and_commit(
+    def _write_and_commit(
         self, address: str, reservation: kvstore_pb2.ReserveResponse, regions: Sequence[Sequence[Region]]
     ) -> int:
         """NIXL WRITE of the granted blocks (``regions`` in grant order), then Commit.

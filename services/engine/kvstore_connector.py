@@ -96,7 +96,6 @@ class _Tracked:
     block_ids: list[int]
     saved_blocks: int
     has_saves: bool = False
-    hashes: list[int] | None = None
 
 
 class KvStoreConnector(KVConnectorBase_V1, SupportsHMA):
@@ -212,6 +211,9 @@ class _SchedulerSide:
         self._lookups: dict[str, tuple[Prefix, int]] = {}
         self._loads: dict[str, _Load] = {}
         self._tracked: dict[str, _Tracked] = {}
+        #: Chain hashes of each live request's full prompt blocks, computed once: a
+        #: waiting request is looked up again at every scheduling attempt.
+        self._hashes: dict[str, list[int]] = {}
 
     def close(self) -> None:
         for prefix, _ in self._lookups.values():
@@ -240,7 +242,7 @@ class _SchedulerSide:
         local = num_computed_tokens // self._block_size
         if shards is None or usable <= local:
             return 0
-        hashes = chain_hashes(prompt[: usable * self._block_size], self._block_size)
+        hashes = self._prompt_hashes(request.request_id, prompt)[:usable]
         try:
             prefix = self._link.lookup(shards, self._layout, hashes, self._pin_seconds)
         except StoreError as exc:
@@ -294,10 +296,9 @@ class _SchedulerSide:
         full = min(done_tokens, len(tracked.prompt)) // self._block_size
         if not meta.shards or full <= tracked.saved_blocks:
             return
-        if tracked.hashes is None:
-            tracked.hashes = chain_hashes(tracked.prompt, self._block_size)
+        hashes = self._prompt_hashes(req_id, tracked.prompt)
         meta.saves.append(
-            _Save(req_id, tracked.hashes[tracked.saved_blocks : full], tracked.block_ids[tracked.saved_blocks : full])
+            _Save(req_id, hashes[tracked.saved_blocks : full], tracked.block_ids[tracked.saved_blocks : full])
         )
         tracked.saved_blocks = full
         tracked.has_saves = True
@@ -305,8 +306,15 @@ class _SchedulerSide:
     def finished(self, req_id: str) -> bool:
         """Whether the request's blocks must wait for its writes (reported by the worker)."""
         self._forget_lookup(req_id)
+        self._hashes.pop(req_id, None)
         tracked = self._tracked.pop(req_id, None)
         return tracked is not None and tracked.has_saves
+
+    def _prompt_hashes(self, req_id: str, prompt: list[int]) -> list[int]:
+        hashes = self._hashes.get(req_id)
+        if hashes is None:
+            hashes = self._hashes[req_id] = chain_hashes(prompt, self._block_size)
+        return hashes
 
     def _forget_lookup(self, req_id: str) -> None:
         entry = self._lookups.pop(req_id, None)
@@ -388,9 +396,9 @@ class _WorkerSide:
 
     def _write(self, shards: ShardMap, job: _Save) -> None:
         try:
-            for address, reservation in self._link.reserve(shards, self._layout, job.hashes, self.block_bytes):
-                regions = [self.regions(job.block_ids[job.hashes.index(s.chain_hash)]) for s in reservation.granted]
-                self._link.write_and_commit(address, reservation, regions)
+            self._link.store(
+                shards, self._layout, job.hashes, self.block_bytes, lambda i: self.regions(job.block_ids[i])
+            )
         except Exception as exc:  # noqa: BLE001  a cache: any failed write is dropped, nothing else
             log.warning("KV store write of %d blocks for %s dropped: %s", len(job.hashes), job.req_id, exc)
         finally:
