@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,10 +44,40 @@ def etcd_binary() -> Path:
     return Path(found)
 
 
+#: Lowest port :func:`free_port` picks.
+_LOWEST_PICKED_PORT = 10_000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports it assigns to sockets that bind or connect without one."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (for processes that need a fixed port up front)."""
+    """A TCP port that was free a moment ago, for a process that binds it later.
+
+    It is picked below the kernel's ephemeral range. The kernel hands out ports in that
+    range to every socket that binds or connects without naming one (UCX, ZMQ, gRPC
+    clients), so a port chosen there can be taken before its owner binds it: an
+    engine's NIXL side channel is chosen at start and bound a minute later, and once
+    lost that race to another engine's socket. Outside the range only another
+    explicit pick can collide.
+    """
+    low, _ = ephemeral_ports()
+    for _ in range(100 if low > _LOWEST_PICKED_PORT + 1 else 0):
+        port = random.randrange(_LOWEST_PICKED_PORT, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        sock.bind((host, 0))  # nothing free below the range: an ephemeral port after all
         return int(sock.getsockname()[1])
 
 

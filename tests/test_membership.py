@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import grpc
 import pytest
 
 from services.clients import TokenizerClient, health_status
-from services.etcd import EmbeddedEtcd, EtcdSession, free_port
+from services.etcd import EmbeddedEtcd, EtcdSession, ephemeral_ports, free_port
 from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX, MemberWatcher, role_prefix
 from services.pb import common_pb2, tokenizer_pb2
@@ -202,3 +203,12 @@ async def test_drain_on_sigterm(
     finally:
         stage.kill()
         await watcher.close()
+
+
+def test_free_port_is_picked_below_the_ephemeral_range() -> None:
+    """Ports handed to stages ahead of time must not be ones the kernel gives away."""
+    low, _ = ephemeral_ports()
+    ports = {free_port() for _ in range(20)}
+    assert all(10_000 <= port < low for port in ports), ports
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports.pop()))  # and it is free
