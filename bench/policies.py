@@ -41,11 +41,13 @@ from bench.report import add_output_arguments, print_table, write_json
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.config import DEFAULT_HOME
 from services.etcd import EmbeddedEtcd, free_port
-from services.launcher import ProcessGroup, StageProcess
+from services.launcher import ProcessGroup, StageProcess, cpu_seconds
 from services.model import prepare_bundled_model
 from services.pb import common_pb2, router_pb2
 
 POLICIES = ("round_robin", "least_load", "kv_aware")
+#: How long the cost run watches the router and tokenizer idle, for their idle CPU.
+_IDLE_WINDOW_S = 10.0
 TOPICS = ("astronomy", "cooking", "law", "chemistry", "music", "geography", "poetry", "finance")
 
 
@@ -129,9 +131,20 @@ async def workload(http_url: str, args: argparse.Namespace, seed: int) -> dict[s
     }
 
 
-async def overhead(router: RouterClient, decode: EngineClient, tokenizer: TokenizerClient, samples: int, output: int) -> dict[str, Any]:
+async def overhead(
+    router: RouterClient, decode: EngineClient, tokenizer: TokenizerClient, samples: int, output: int,
+    mesh_pids: dict[str, int],
+) -> dict[str, Any]:
     """TTFT and time per output token at concurrency 1: through the router's gRPC API vs
-    the decode engine directly (the only engine left running), on the same warm prompts."""
+    the decode engine directly (the only engine left running), on the same warm prompts.
+
+    Also the CPU time each of ``mesh_pids`` (router, tokenizer) spends on the routed
+    runs per generated token, less what it burns idle over the same time (load polls,
+    keep-alives). On a two-core host the engine keeps both cores busy while it
+    generates, so the latency difference is the sum of small numbers with noise of the
+    same size; the CPU the mesh's own stages burn per token is what steals from the
+    engine (and what a host with spare cores would still pay serially).
+    """
 
     async def timed(stream: Any) -> tuple[float, float]:
         start = time.perf_counter()
@@ -147,6 +160,17 @@ async def overhead(router: RouterClient, decode: EngineClient, tokenizer: Tokeni
     params = common_pb2.SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)
     direct: list[tuple[float, float]] = []
     routed: list[tuple[float, float]] = []
+    cpu = dict.fromkeys(mesh_pids, 0.0)
+    warm = story_prompts(1)[0] + " (warm-up)"
+    ids = list((await tokenizer.tokenize(warm)).token_ids)
+    # The router's first request for a model fetches the model's decoder: not per token.
+    await timed(router.generate(router_pb2.RouterGenerateRequest(token_ids=router_pb2.TokenIds(ids=ids),
+                                                                 sampling=params)))
+    await asyncio.sleep(2)  # the engine's queues spin for a second after each message
+    idle_since, idle_cpu = time.perf_counter(), {name: cpu_seconds([pid]) for name, pid in mesh_pids.items()}
+    await asyncio.sleep(_IDLE_WINDOW_S)
+    idle_rate = {name: (cpu_seconds([pid]) - idle_cpu[name]) / (time.perf_counter() - idle_since)
+                 for name, pid in mesh_pids.items()}
     for text in story_prompts(samples):
         ids = list((await tokenizer.tokenize(text)).token_ids)
         await timed(decode.generate(ids, params))  # warm: both timed runs then hit the prefix cache
@@ -154,8 +178,14 @@ async def overhead(router: RouterClient, decode: EngineClient, tokenizer: Tokeni
         request = router_pb2.RouterGenerateRequest(
             token_ids=router_pb2.TokenIds(ids=ids), sampling=params, return_token_ids=True
         )
+        before, started = {name: cpu_seconds([pid]) for name, pid in mesh_pids.items()}, time.perf_counter()
         routed.append(await timed(router.generate(request)))
+        elapsed = time.perf_counter() - started
+        for name, pid in mesh_pids.items():
+            cpu[name] += cpu_seconds([pid]) - before[name] - idle_rate[name] * elapsed
     return {
+        **{f"{name}_idle_cpu_pct": rate * 100 for name, rate in idle_rate.items()},
+        **{f"{name}_cpu_ms_per_token": used * 1000 / (samples * output) for name, used in cpu.items()},
         "direct_ttft_ms": statistics.median(t for t, _ in direct) * 1000,
         "router_ttft_ms": statistics.median(t for t, _ in routed) * 1000,
         "direct_itl_ms": statistics.median(p for _, p in direct) * 1000,
@@ -216,7 +246,8 @@ async def vllm_server_timing(args: argparse.Namespace, model_dir: Path, log_dir:
                     if (await http.get("/health")).status_code == 200:
                         break
                 await asyncio.sleep(1)
-        return await http_timing(f"http://127.0.0.1:{port}", "plain", story_prompts(args.overhead_samples), args.output)
+        return await http_timing(f"http://127.0.0.1:{port}", "plain", story_prompts(args.overhead_samples),
+                                 args.overhead_output)
     finally:
         server.stop(60)  # SIGTERM, then its whole process group
 
@@ -269,8 +300,9 @@ async def run(args: argparse.Namespace) -> None:
         async with RouterClient(router.grpc_address) as client, \
                 EngineClient(decodes[0].grpc_address) as decode, \
                 TokenizerClient(tokenizer.grpc_address) as tok:
-            cost = await overhead(client, decode, tok, args.overhead_samples, args.output)
-        routed_http = await http_timing(http_url, "", story_prompts(args.overhead_samples), args.output)
+            cost = await overhead(client, decode, tok, args.overhead_samples, args.overhead_output,
+                                  {"router": router.pid, "tokenizer": tokenizer.pid})
+        routed_http = await http_timing(http_url, "", story_prompts(args.overhead_samples), args.overhead_output)
     finally:
         group.stop_all()
         etcd.stop()
@@ -295,6 +327,8 @@ async def run(args: argparse.Namespace) -> None:
         ("direct_ttft_ms", "direct TTFT ms", ".1f"), ("router_ttft_ms", "router TTFT ms", ".1f"),
         ("ttft_added_ms", "added ms/request", ".2f"), ("direct_itl_ms", "direct ITL ms", ".2f"),
         ("router_itl_ms", "router ITL ms", ".2f"), ("itl_added_ms", "added ms/token", ".2f"),
+        ("router_cpu_ms_per_token", "router CPU ms/token", ".3f"),
+        ("tokenizer_cpu_ms_per_token", "tokenizer CPU ms/token", ".3f"),
     ])
     http_rows = [{"server": "stagemesh router (HTTP bridge)", **routed_http}]
     if plain_http:
@@ -355,6 +389,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.25, help="requests started per second")
     parser.add_argument("--output", type=int, default=8, help="tokens generated per request")
     parser.add_argument("--overhead-samples", type=int, default=10)
+    parser.add_argument("--overhead-output", type=int, default=64,
+                        help="tokens generated per request in the concurrency-1 cost runs")
     parser.add_argument("--vllm-serve", action=argparse.BooleanOptionalAction, default=True,
                         help="also time a plain vLLM OpenAI server (one more engine start)")
     add_output_arguments(parser, DEFAULT_HOME)

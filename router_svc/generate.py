@@ -2,8 +2,8 @@
 
 One request becomes: tokenize (or check the given ids) → for each of its ``n``
 sequences, pick a decode worker and, when disaggregating, a prefill worker → Prefill
-for a KV handle → decode Generate with the handle → the generated ids through the
-tokenizer's Detokenize stream → text deltas to the caller.
+for a KV handle → decode Generate with the handle → the generated ids detokenized
+here, with the decoder the tokenizer stage exports → text deltas to the caller.
 
 Failure policy, in the order things can go wrong:
 
@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -41,6 +41,7 @@ from router_svc.policy import DECISIONS, Choice, Policy
 from router_svc.workers import Peer, Workers
 from services.aio import cancel_and_wait
 from services.clients import EngineClient, TokenizerClient
+from services.detokenizer import TokenDecoder
 from services.errors import DeadlineExceeded, InvalidRequest, NotFound, Unavailable, from_rpc_error
 from services.kv_hash import chain_hashes
 from services.membership import role_name
@@ -122,16 +123,6 @@ class _Decoding:
     disaggregated: bool
 
 
-@dataclass
-class _Sequence:
-    """What one sequence has produced so far."""
-
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[common_pb2.PositionLogprobs] = field(default_factory=list)
-    final: engine_pb2.GenerateResponse | None = None
-    error: BaseException | None = None
-
-
 class Orchestrator:
     """Runs requests through the mesh's stages; shared by the gRPC API and the HTTP bridge."""
 
@@ -141,6 +132,7 @@ class Orchestrator:
         self.policy = policy
         self.affinity = SessionAffinity(config.session_ttl, config.max_sessions)
         self._infos: dict[str, tokenizer_pb2.ModelInfo] = {}
+        self._decoders: dict[str, TokenDecoder] = {}
 
     def deadline(self, client_remaining: float | None = None) -> float:
         """Monotonic deadline of a request: the configured limit or the client's, if shorter."""
@@ -169,6 +161,12 @@ class Orchestrator:
         if model not in self._infos:
             self._infos[model] = await self._with_tokenizer(model, lambda c: c.model_info(model))
         return self._infos[model]
+
+    async def decoder(self, model: str) -> TokenDecoder:
+        """The model's decoder, fetched from a tokenizer member on the model's first request."""
+        if model not in self._decoders:
+            self._decoders[model] = await self._with_tokenizer(model, lambda c: c.decoder(model))
+        return self._decoders[model]
 
     def max_model_len(self, model: str, info: tokenizer_pb2.ModelInfo) -> int:
         """The shortest context any engine serving ``model`` accepts (the tokenizer's if none say)."""
@@ -314,132 +312,83 @@ class Orchestrator:
         deadline: float,
         usage: common_pb2.Usage,
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        """One sequence: the decode stream's ids, detokenized here, as deltas.
+
+        Detokenizing in the router (with the decoder the tokenizer stage exports) keeps
+        each generated token to one message in and one out: through the tokenizer's
+        Detokenize stream it cost two more messages and a hop, the largest share of
+        the router's per-token cost (docs/design.md, "Where detokenization runs").
+        """
         sampling = self._sampling(request, prompt, index)
         sequence_id = f"{request_id}-{index}"
+        decoder = await self.decoder(prompt.model)
+        detokenizer = decoder.detokenizer(
+            prompt.token_ids[-_CONTEXT_IDS:],
+            sampling.stop,
+            sampling.include_stop_str_in_output,
+            sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") else True,
+        )
         decoding = await self._open_decode(prompt, sampling, sequence_id, deadline)
         last_token_at = time.monotonic()
         TIME_TO_FIRST_TOKEN.observe(last_token_at - prompt.arrived)
-        state = _Sequence()
-        pending: asyncio.Queue[tokenizer_pb2.DetokenizeRequest | None] = asyncio.Queue()
-        tokenizer = await self.workers.pick(common_pb2.ROLE_TOKENIZER, prompt.model, self.config.worker_wait)
-        assert isinstance(tokenizer.client, TokenizerClient)
-        start = tokenizer_pb2.DetokenizeStart(
-            model=prompt.model,
-            stop=sampling.stop,
-            include_stop_str_in_output=sampling.include_stop_str_in_output,
-            context_token_ids=prompt.token_ids[-_CONTEXT_IDS:],
-        )
-        if sampling.HasField("skip_special_tokens"):
-            start.skip_special_tokens = sampling.skip_special_tokens
-
-        async def detokenize_requests() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
-            yield tokenizer_pb2.DetokenizeRequest(start=start)
-            while (item := await pending.get()) is not None:
-                yield item
-
-        detokenizing = tokenizer.client.detokenize(detokenize_requests(), timeout=_remaining(deadline))
-        pump = asyncio.create_task(self._pump(decoding, state, pending), name=f"pump {sequence_id}")
-        emitted = 0
-        try:
-            async with self.workers.using(tokenizer):
-                async for reply in detokenizing:
-                    final = reply.stopped or reply.finished
-                    if not (reply.text or final or reply.num_tokens > emitted):
-                        continue
-                    delta = router_pb2.RouterGenerateResponse(index=index, text=reply.text)
-                    upto, emitted_before = reply.num_tokens, emitted
-                    if request.return_token_ids:
-                        delta.token_ids.extend(state.token_ids[emitted:upto])
-                    if state.logprobs:
-                        delta.logprobs.extend(state.logprobs[emitted:upto])
-                        await self._name_tokens(tokenizer.client, prompt.model, delta.logprobs)
-                    emitted = upto
-                    if reply.stopped:
-                        decoding.call.cancel()  # the engine aborts the rest
-                        pending.put_nowait(None)
-                        delta.finish_reason = common_pb2.FINISH_REASON_STOP
-                        delta.stop_reason = reply.stop_reason
-                    elif reply.finished and state.final is not None:
-                        delta.finish_reason = state.final.finish_reason or common_pb2.FINISH_REASON_STOP
-                        if state.final.HasField("stop_token_id") and (
-                            state.final.stop_token_id not in prompt.info.eos_token_ids
-                        ):
-                            delta.stop_reason = str(state.final.stop_token_id)
-                    if upto > emitted_before and emitted_before > 0:
-                        now = time.monotonic()
-                        gap = (now - last_token_at) / (upto - emitted_before)
-                        for _ in range(upto - emitted_before):
-                            INTER_TOKEN_LATENCY.observe(gap)
-                        last_token_at = now
-                    if final:
-                        END_TO_END.observe(time.monotonic() - prompt.arrived)
-                        self._account(usage, index, reply.num_tokens, decoding, state)
-                    if delta.text or delta.token_ids or delta.logprobs or final:
-                        yield delta
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, "tokenizer") from None
-        finally:
-            await cancel_and_wait(pump)
-            decoding.call.cancel()
-            detokenizing.cancel()
-            decoding.peer.in_flight -= 1
-        if state.error is not None:
-            raise state.error
-        if state.final is None and emitted == 0:
-            raise Unavailable("the sequence ended without output")
-
-    async def _pump(
-        self,
-        decoding: _Decoding,
-        state: _Sequence,
-        pending: asyncio.Queue[tokenizer_pb2.DetokenizeRequest | None],
-    ) -> None:
-        """Move the engine's ids into the Detokenize stream; half-close it at the end."""
         reply: engine_pb2.GenerateResponse | object = decoding.first
         try:
             while True:
                 if reply is grpc.aio.EOF:
-                    raise Unavailable("the decode stream ended without a finish reason")
+                    raise Unavailable(f"decode {decoding.peer.member.instance_id}: the stream ended "
+                                      "without a finish reason")
                 assert isinstance(reply, engine_pb2.GenerateResponse)
-                state.token_ids.extend(reply.token_ids)
-                state.logprobs.extend(reply.logprobs)
-                if reply.finish_reason:
-                    state.final = reply
-                    pending.put_nowait(tokenizer_pb2.DetokenizeRequest(token_ids=reply.token_ids, finish=True))
+                text = detokenizer.push(reply.token_ids)
+                if reply.finish_reason and not detokenizer.stopped:
+                    text += detokenizer.finish()
+                delta = router_pb2.RouterGenerateResponse(index=index, text=text)
+                if request.return_token_ids:
+                    delta.token_ids.extend(reply.token_ids)
+                if reply.logprobs:
+                    delta.logprobs.extend(reply.logprobs)
+                    _name_tokens(decoder, delta.logprobs)
+                if detokenizer.stopped:
+                    decoding.call.cancel()  # the engine aborts the rest
+                    delta.finish_reason = common_pb2.FINISH_REASON_STOP
+                    delta.stop_reason = detokenizer.stop_reason
+                elif reply.finish_reason:
+                    delta.finish_reason = reply.finish_reason
+                    if reply.HasField("stop_token_id") and reply.stop_token_id not in prompt.info.eos_token_ids:
+                        delta.stop_reason = str(reply.stop_token_id)
+                now = time.monotonic()
+                if reply is not decoding.first and reply.token_ids:
+                    gap = (now - last_token_at) / len(reply.token_ids)
+                    for _ in reply.token_ids:
+                        INTER_TOKEN_LATENCY.observe(gap)
+                last_token_at = now
+                if delta.finish_reason:
+                    END_TO_END.observe(now - prompt.arrived)
+                    self._account(usage, index, detokenizer.num_tokens, decoding, reply)
+                if delta.text or delta.token_ids or delta.logprobs or delta.finish_reason:
+                    yield delta
+                if delta.finish_reason:
                     return
-                pending.put_nowait(tokenizer_pb2.DetokenizeRequest(token_ids=reply.token_ids))
                 reply = await decoding.call.read()
         except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                state.error = from_rpc_error(error, f"decode {decoding.peer.member.instance_id}")
-        except Unavailable as error:
-            state.error = error
+            raise from_rpc_error(error, f"decode {decoding.peer.member.instance_id}") from None
         finally:
-            pending.put_nowait(None)
-
-    async def _name_tokens(
-        self, client: TokenizerClient, model: str, logprobs: list[common_pb2.PositionLogprobs]
-    ) -> None:
-        """Fill each log-probability's token text, one Decode call per delta."""
-        entries = [entry for position in logprobs for entry in (position.chosen, *position.top)]
-        ids = sorted({entry.token_id for entry in entries})
-        try:
-            texts = dict(zip(ids, await client.token_texts(ids, model)))
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, "tokenizer") from None
-        for entry in entries:
-            entry.token = texts[entry.token_id]
+            decoding.call.cancel()
+            decoding.peer.in_flight -= 1
 
     @staticmethod
     def _account(
-        usage: common_pb2.Usage, index: int, completion: int, decoding: _Decoding, state: _Sequence
+        usage: common_pb2.Usage,
+        index: int,
+        completion: int,
+        decoding: _Decoding,
+        last: engine_pb2.GenerateResponse,
     ) -> None:
         usage.completion_tokens += completion
         if index == 0:  # the prompt is counted once, as OpenAI does for n > 1
             if decoding.disaggregated:
                 usage.cached_tokens = decoding.prefill_cached
-            elif state.final is not None:
-                usage.cached_tokens = state.final.usage.cached_tokens
+            else:  # the engine reports it with its finish; a stop string ends earlier
+                usage.cached_tokens = last.usage.cached_tokens
 
     async def _open_decode(
         self, prompt: Prompt, sampling: common_pb2.SamplingParams, sequence_id: str, deadline: float
@@ -570,6 +519,15 @@ class Orchestrator:
                         raise from_rpc_error(error, "tokenizer") from None
                     self.workers.mark_down(peer)
                     tried |= {peer.key}
+
+
+def _name_tokens(decoder: TokenDecoder, logprobs: Iterable[common_pb2.PositionLogprobs]) -> None:
+    """Fill each log-probability entry's token text."""
+    entries = [entry for position in logprobs for entry in (position.chosen, *position.top)]
+    ids = sorted({entry.token_id for entry in entries})
+    texts = dict(zip(ids, decoder.token_texts(ids), strict=True))
+    for entry in entries:
+        entry.token = texts[entry.token_id]
 
 
 def _remaining(deadline: float) -> float:

@@ -3,12 +3,14 @@ building raw stubs, so deadlines and message shapes are decided in one place."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.detokenizer import TokenDecoder
 from services.pb import (
     common_pb2,
     engine_pb2,
@@ -137,6 +139,12 @@ class TokenizerClient(_StageClient):
         return await self._stub.GetModelInfo(
             tokenizer_pb2.ModelInfoRequest(model=model), timeout=self._timeout
         )
+
+    async def decoder(self, model: str = "") -> TokenDecoder:
+        """The model's decoder, to detokenize locally (rebuilt off the event loop)."""
+        call = self._stub.GetDecoder(tokenizer_pb2.ModelInfoRequest(model=model), timeout=self._timeout)
+        serialized = b"".join([chunk.data async for chunk in call])
+        return await asyncio.to_thread(TokenDecoder.from_json, serialized.decode())
 
 
 class _KvEventSource(_StageClient):

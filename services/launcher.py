@@ -141,6 +141,12 @@ def process_stat(pid: int) -> tuple[str, list[str]] | None:
     return stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes still alive have used so far."""
+    ticks = sum(int(stat[1][11]) + int(stat[1][12]) for pid in pids if (stat := process_stat(pid)))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def describe_process(pid: int) -> str:
     """``pid (name) state=S wchan=...``: what a process that will not die is doing."""
     stat = process_stat(pid)

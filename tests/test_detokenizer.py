@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.detokenizer import IncrementalDetokenizer
 from tests.corpus import CORPUS
-from tokenizer_svc.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

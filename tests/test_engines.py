@@ -8,7 +8,6 @@ equals one engine alone, token for token, and both equal Hugging Face transforme
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from services.clients import EngineClient
 from services.etcd import EtcdSession
-from services.launcher import live_processes_in_group, process_stat
+from services.launcher import cpu_seconds, live_processes_in_group
 from services.membership import MEMBERS_PREFIX
 from services.pb import common_pb2
 from tests.conftest import PREFILL_LEASE_SECONDS, disaggregated
@@ -285,12 +284,6 @@ async def test_engines_register_their_kv_facts(
         assert member.nixl_address.startswith("127.0.0.1:")
         assert member.kv_event_epoch > 0
         assert list(member.models) == ["SmolLM2-135M-Instruct"]
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time the processes still alive have used so far."""
-    ticks = sum(int(stat[1][11]) + int(stat[1][12]) for pid in pids if (stat := process_stat(pid)))
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def test_idle_engines_leave_their_cores_free(engine_stages) -> None:  # type: ignore[no-untyped-def]

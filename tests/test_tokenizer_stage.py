@@ -11,7 +11,7 @@ import pytest
 
 from services.clients import TokenizerClient, channel, health_status
 from services.launcher import StageProcess
-from services.pb import tokenizer_pb2
+from services.pb import tokenizer_pb2, tokenizer_pb2_grpc
 from tests.corpus import CORPUS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -46,6 +46,36 @@ async def test_streamed_text_equals_one_shot_decoding(tokenizer, hf_tokenizer, t
     assert "".join(r.text for r in replies) == hf_tokenizer.decode(ids, skip_special_tokens=False)
     assert replies[-1].num_tokens == len(ids)
     assert not any(r.stopped for r in replies)
+
+
+async def test_exported_decoder_decodes_as_the_stage(tokenizer, hf_tokenizer) -> None:
+    # The router detokenizes with this export: its text must be the stage's, byte for byte.
+    decoder = await tokenizer.decoder()
+    for text in CORPUS:
+        ids = list((await tokenizer.tokenize(text)).token_ids)
+        for skip in (True, False):
+            assert decoder.decode(ids, skip_special_tokens=skip) == hf_tokenizer.decode(
+                ids, skip_special_tokens=skip
+            )
+        detokenizer = decoder.detokenizer(skip_special_tokens=False)
+        streamed = "".join(detokenizer.push([token_id]) for token_id in ids) + detokenizer.finish()
+        assert streamed == text
+    special = [1, 2, 9906]
+    assert decoder.token_texts(special) == await tokenizer.token_texts(special)
+
+
+async def test_decoder_arrives_in_chunks_under_the_message_limit(tokenizer_stage: StageProcess) -> None:
+    async with channel(tokenizer_stage.grpc_address) as chan:
+        stub = tokenizer_pb2_grpc.TokenizerServiceStub(chan)
+        chunks = [c.data async for c in stub.GetDecoder(tokenizer_pb2.ModelInfoRequest())]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            [c async for c in stub.GetDecoder(tokenizer_pb2.ModelInfoRequest(model="gpt-9"))]
+    # SmolLM2's tokenizer is ~3.5 MB as JSON: more than one chunk, each at most 1 MiB.
+    assert len(chunks) > 1
+    assert all(len(chunk) <= 1 << 20 for chunk in chunks)
+    assert b"".join(chunks).startswith(b"{")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown model 'gpt-9'" in caught.value.details()
 
 
 async def test_chat_template_matches_transformers(tokenizer, hf_tokenizer) -> None:

@@ -2,7 +2,8 @@
 
 Built on transformers' tokenizer classes (which need no torch for tokenizers): they
 carry the chat template and special-token settings exactly as the model ships them.
-Decoding goes straight to the Rust ``tokenizers`` backend, the hot path of streaming.
+Decoding goes straight to the Rust ``tokenizers`` backend (:class:`TokenDecoder`),
+which is also what the stage exports to the router for streaming.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from services.detokenizer import TokenDecoder
 from services.errors import InvalidRequest
 from services.model import ModelSpec
 from services.pb import tokenizer_pb2
@@ -31,7 +33,7 @@ class ModelTokenizer:
 
         self.name = spec.name
         self._hf = AutoTokenizer.from_pretrained(spec.path)
-        self._backend = self._hf.backend_tokenizer
+        self.decoder = TokenDecoder(self._hf.backend_tokenizer)
         self.vocab_size = len(self._hf)
         # Vocabulary entries are in the tokenizer's own alphabet (byte-level BPE spells
         # each byte as one character), so an entry is never shorter than the text its
@@ -103,13 +105,6 @@ class ModelTokenizer:
                     f"token id {token_id} at position {position} is outside the vocabulary "
                     f"of {self.name!r} (size {self.vocab_size})"
                 )
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return str(self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
-
-    def token_texts(self, ids: Sequence[int]) -> list[str]:
-        """Each id decoded on its own, special tokens kept (a split character shows as U+FFFD)."""
-        return [self.decode([token_id], skip_special_tokens=False) for token_id in ids]
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [str(token) for token in self._hf.convert_ids_to_tokens(list(ids))]

@@ -1,9 +1,9 @@
-"""The tokenizer stage's gRPC service: Tokenize, Decode, streaming Detokenize, GetModelInfo."""
+"""The tokenizer stage's gRPC service: Tokenize, Decode, streaming Detokenize, GetModelInfo,
+GetDecoder."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
@@ -11,17 +11,19 @@ from typing import ClassVar
 import grpc
 from google.protobuf import descriptor
 
+from services.detokenizer import IncrementalDetokenizer
 from services.errors import InvalidRequest, Unavailable
 from services.model import resolve_model
 from services.pb import common_pb2, tokenizer_pb2
 from services.server import Stage
 from tokenizer_svc.config import TokenizerConfig
-from tokenizer_svc.detokenizer import IncrementalDetokenizer
 from tokenizer_svc.models import ModelTokenizer
 
 #: Texts longer than this are encoded on a worker thread so a huge prompt does not
 #: stall every other call on the event loop; short ones are cheaper inline.
 _INLINE_ENCODE_CHARS = 8192
+#: GetDecoder's chunk size: a large vocabulary's JSON (~10 MB) exceeds one message.
+_DECODER_CHUNK_BYTES = 1 << 20
 
 
 class TokenizerServicer:
@@ -89,8 +91,8 @@ class TokenizerServicer:
         tokenizer.check_ids(request.token_ids)
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         return tokenizer_pb2.DecodeResponse(
-            text=tokenizer.decode(request.token_ids, skip),
-            token_texts=tokenizer.token_texts(request.token_ids) if request.return_token_texts else (),
+            text=tokenizer.decoder.decode(request.token_ids, skip),
+            token_texts=tokenizer.decoder.token_texts(request.token_ids) if request.return_token_texts else (),
         )
 
     async def Detokenize(
@@ -109,11 +111,8 @@ class TokenizerServicer:
                 tokenizer = self.model(start.model)
                 tokenizer.check_ids(start.context_token_ids)
                 skip = start.skip_special_tokens if start.HasField("skip_special_tokens") else True
-                detokenizer = IncrementalDetokenizer(
-                    functools.partial(tokenizer.decode, skip_special_tokens=skip),
-                    context_ids=start.context_token_ids,
-                    stop=start.stop,
-                    include_stop_str_in_output=start.include_stop_str_in_output,
+                detokenizer = tokenizer.decoder.detokenizer(
+                    start.context_token_ids, start.stop, start.include_stop_str_in_output, skip
                 )
             elif request.HasField("start"):
                 raise InvalidRequest("`start` may only appear in the first Detokenize message")
@@ -138,6 +137,14 @@ class TokenizerServicer:
     ) -> tokenizer_pb2.ModelInfo:
         """Vocabulary size, EOS ids, context length and template facts of a model."""
         return self.model(request.model).info(list(self._tokenizers))
+
+    async def GetDecoder(
+        self, request: tokenizer_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tokenizer_pb2.DecoderChunk]:
+        """The model's fast tokenizer as JSON, in chunks under gRPC's 4 MiB message limit."""
+        serialized = self.model(request.model).decoder.to_json().encode()
+        for offset in range(0, len(serialized), _DECODER_CHUNK_BYTES):
+            yield tokenizer_pb2.DecoderChunk(data=serialized[offset : offset + _DECODER_CHUNK_BYTES])
 
 
 class TokenizerStage(Stage):

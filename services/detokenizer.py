@@ -1,4 +1,12 @@
-"""Streaming detokenization: token ids in, text that is final out.
+"""Token ids to text: a model's decoder, and streaming detokenization with stop strings.
+
+:class:`TokenDecoder` wraps the model's fast tokenizer (the Rust ``tokenizers``
+library, no transformers, no torch). The tokenizer stage builds it from the model's
+files and exports it as JSON (``GetDecoder``); the router rebuilds it from that export
+and detokenizes the engines' ids itself, so text costs no gRPC round trip per token
+(docs/design.md, "Where detokenization runs").
+
+Streaming detokenization: token ids in, text that is final out.
 
 Two things make streaming text harder than decoding once at the end:
 
@@ -18,11 +26,56 @@ The concatenated output equals decoding the whole sequence at once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+
+from tokenizers import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 
 Decode = Callable[[Sequence[int]], str]
+
+
+class TokenDecoder:
+    """Decodes one model's token ids, exactly as the tokenizer stage does.
+
+    Built from the fast tokenizer itself, or from its JSON serialization (what the
+    tokenizer stage's ``GetDecoder`` streams): both decode identically, so text is the
+    same whichever stage turned the ids into it.
+    """
+
+    def __init__(self, backend: Tokenizer) -> None:
+        self._backend = backend
+
+    @classmethod
+    def from_json(cls, serialized: str) -> TokenDecoder:
+        """Rebuild from :meth:`to_json`'s output (a big vocabulary takes a few hundred ms)."""
+        return cls(Tokenizer.from_str(serialized))
+
+    def to_json(self) -> str:
+        return str(self._backend.to_str())
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id decoded on its own, special tokens kept (a split character shows as U+FFFD)."""
+        return [self.decode([token_id], skip_special_tokens=False) for token_id in ids]
+
+    def detokenizer(
+        self,
+        context_ids: Sequence[int] = (),
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> IncrementalDetokenizer:
+        """A streaming detokenizer for one generated sequence (see :class:`IncrementalDetokenizer`)."""
+        return IncrementalDetokenizer(
+            functools.partial(self.decode, skip_special_tokens=skip_special_tokens),
+            context_ids=context_ids,
+            stop=stop,
+            include_stop_str_in_output=include_stop_str_in_output,
+        )
 
 
 class IncrementalDetokenizer:
