@@ -83,7 +83,7 @@ PREFIX_HIT_TOKENS = Counter(
     "Prompt tokens the chosen prefilling worker already held, per the router's KV index",
 )
 
-#: Prompt ids passed to Detokenize as context (tokenizers render a token
+#: Prompt ids given to the detokenizer as context (tokenizers render a token
 #: differently at the start of a text, e.g. a leading space).
 _CONTEXT_IDS = 6
 #: Attempts on other members after a connection failure.
