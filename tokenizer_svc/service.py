@@ -142,7 +142,7 @@ class TokenizerServicer:
         self, request: tokenizer_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tokenizer_pb2.DecoderChunk]:
         """The model's fast tokenizer as JSON, in chunks under gRPC's 4 MiB message limit."""
-        serialized = self.model(request.model).decoder.to_json().encode()
+        serialized = self.model(request.model).decoder_json
         for offset in range(0, len(serialized), _DECODER_CHUNK_BYTES):
             yield tokenizer_pb2.DecoderChunk(data=serialized[offset : offset + _DECODER_CHUNK_BYTES])
 
