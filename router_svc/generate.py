@@ -131,8 +131,8 @@ class Orchestrator:
         self.workers = workers
         self.policy = policy
         self.affinity = SessionAffinity(config.session_ttl, config.max_sessions)
-        self._infos: dict[str, tokenizer_pb2.ModelInfo] = {}
-        self._decoders: dict[str, TokenDecoder] = {}
+        self._infos: dict[str, asyncio.Future[tokenizer_pb2.ModelInfo]] = {}
+        self._decoders: dict[str, asyncio.Future[TokenDecoder]] = {}
 
     def deadline(self, client_remaining: float | None = None) -> float:
         """Monotonic deadline of a request: the configured limit or the client's, if shorter."""
@@ -158,15 +158,11 @@ class Orchestrator:
         return name
 
     async def model_info(self, model: str) -> tokenizer_pb2.ModelInfo:
-        if model not in self._infos:
-            self._infos[model] = await self._with_tokenizer(model, lambda c: c.model_info(model))
-        return self._infos[model]
+        return await fetch_once(self._infos, model, lambda: self._with_tokenizer(model, lambda c: c.model_info(model)))
 
     async def decoder(self, model: str) -> TokenDecoder:
         """The model's decoder, fetched from a tokenizer member on the model's first request."""
-        if model not in self._decoders:
-            self._decoders[model] = await self._with_tokenizer(model, lambda c: c.decoder(model))
-        return self._decoders[model]
+        return await fetch_once(self._decoders, model, lambda: self._with_tokenizer(model, lambda c: c.decoder(model)))
 
     def max_model_len(self, model: str, info: tokenizer_pb2.ModelInfo) -> int:
         """The shortest context any engine serving ``model`` accepts (the tokenizer's if none say)."""
@@ -519,6 +515,26 @@ class Orchestrator:
                         raise from_rpc_error(error, "tokenizer") from None
                     self.workers.mark_down(peer)
                     tried |= {peer.key}
+
+
+async def fetch_once(cache: dict[str, asyncio.Future[T]], key: str, fetch: Callable[[], Awaitable[T]]) -> T:
+    """``fetch()``'s result for ``key``, fetched once per key for the router's lifetime.
+
+    Concurrent first callers share one fetch (a burst of first requests for a model
+    would otherwise each download and rebuild its decoder); a caller cancelled while
+    waiting leaves the fetch running for the others; a failed fetch is forgotten, so
+    the next caller tries again.
+    """
+    future = cache.get(key)
+    if future is None:
+        future = cache[key] = asyncio.ensure_future(fetch())
+
+        def forget_failure(done: asyncio.Future[T]) -> None:
+            if (done.cancelled() or done.exception() is not None) and cache.get(key) is done:
+                del cache[key]
+
+        future.add_done_callback(forget_failure)
+    return await asyncio.shield(future)
 
 
 def _name_tokens(decoder: TokenDecoder, logprobs: Iterable[common_pb2.PositionLogprobs]) -> None:

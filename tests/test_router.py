@@ -277,3 +277,33 @@ async def test_kv_index_follows_the_engines_and_routes_by_prefix(client, router:
     ) == hits + 1
     assert await metric(mesh, "stagemesh_router_prefix_hit_tokens_total") >= hit_tokens + 4 * 128
     assert await metric(mesh, "stagemesh_router_kv_index_entries") >= 4
+
+
+async def test_fetch_once_shares_one_fetch_and_forgets_failures() -> None:
+    # Pure logic: how the router caches each model's decoder and info.
+    from router_svc.generate import fetch_once
+
+    calls = 0
+    release = asyncio.Event()
+
+    async def fetch() -> str:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        if calls == 1:
+            raise ConnectionError("tokenizer gone")
+        return f"decoder #{calls}"
+
+    cache: dict[str, asyncio.Future[str]] = {}
+    first = [asyncio.create_task(fetch_once(cache, "m", fetch)) for _ in range(5)]
+    await asyncio.sleep(0)
+    cancelled = asyncio.create_task(fetch_once(cache, "m", fetch))
+    await asyncio.sleep(0)
+    cancelled.cancel()  # a caller that gives up leaves the fetch to the others
+    release.set()
+    results = await asyncio.gather(*first, return_exceptions=True)
+    assert calls == 1
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert "m" not in cache  # the failure is forgotten: the next caller fetches again
+    assert await asyncio.gather(*(fetch_once(cache, "m", fetch) for _ in range(3))) == ["decoder #2"] * 3
+    assert calls == 2
