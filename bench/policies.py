@@ -161,16 +161,20 @@ async def overhead(
     direct: list[tuple[float, float]] = []
     routed: list[tuple[float, float]] = []
     cpu = dict.fromkeys(mesh_pids, 0.0)
+
+    def cpu_now() -> dict[str, float]:
+        return {name: cpu_seconds([pid]) for name, pid in mesh_pids.items()}
+
     warm = story_prompts(1)[0] + " (warm-up)"
     ids = list((await tokenizer.tokenize(warm)).token_ids)
     # The router's first request for a model fetches the model's decoder: not per token.
     await timed(router.generate(router_pb2.RouterGenerateRequest(token_ids=router_pb2.TokenIds(ids=ids),
                                                                  sampling=params)))
     await asyncio.sleep(2)  # the engine's queues spin for a second after each message
-    idle_since, idle_cpu = time.perf_counter(), {name: cpu_seconds([pid]) for name, pid in mesh_pids.items()}
+    idle_since, idle_cpu = time.perf_counter(), cpu_now()
     await asyncio.sleep(_IDLE_WINDOW_S)
-    idle_rate = {name: (cpu_seconds([pid]) - idle_cpu[name]) / (time.perf_counter() - idle_since)
-                 for name, pid in mesh_pids.items()}
+    idle_for, idle_after = time.perf_counter() - idle_since, cpu_now()
+    idle_rate = {name: (idle_after[name] - idle_cpu[name]) / idle_for for name in mesh_pids}
     for text in story_prompts(samples):
         ids = list((await tokenizer.tokenize(text)).token_ids)
         await timed(decode.generate(ids, params))  # warm: both timed runs then hit the prefix cache
@@ -178,11 +182,11 @@ async def overhead(
         request = router_pb2.RouterGenerateRequest(
             token_ids=router_pb2.TokenIds(ids=ids), sampling=params, return_token_ids=True
         )
-        before, started = {name: cpu_seconds([pid]) for name, pid in mesh_pids.items()}, time.perf_counter()
+        before, started = cpu_now(), time.perf_counter()
         routed.append(await timed(router.generate(request)))
-        elapsed = time.perf_counter() - started
-        for name, pid in mesh_pids.items():
-            cpu[name] += cpu_seconds([pid]) - before[name] - idle_rate[name] * elapsed
+        elapsed, after = time.perf_counter() - started, cpu_now()
+        for name in mesh_pids:
+            cpu[name] += after[name] - before[name] - idle_rate[name] * elapsed
     # Paired: each routed run against the direct run just before it, on the same prompt,
     # so drift in the engine's speed over the run cancels out.
     return {
