@@ -6,7 +6,7 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip install --constraint requirements/constraints.txt
 PY := $(VENV)/bin/python
 
-.PHONY: install install-engine up test protos check-protos clean
+.PHONY: install install-engine up test protos check-protos clean bench-env bench-vs-vllm
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,22 @@ up: install-engine
 
 test: install-engine tests/node/node_modules/.package-lock.json
 	$(PY) -m pytest
+
+# guidellm, the benchmark client, in an environment of its own: its dependencies are
+# not the engines' (pinned here, as the version the results were measured with).
+GUIDELLM_VENV ?= .venv-guidellm
+$(GUIDELLM_VENV)/.installed:
+	$(PYTHON) -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/pip install --quiet guidellm==0.8.1
+	touch $@
+
+bench-env: $(GUIDELLM_VENV)/.installed install-engine
+	$(PIP) --quiet -e '.[bench]'
+
+# The mesh against plain vLLM on this host (see bench/vs_vllm.py); ~15 min on 2 cores.
+bench-vs-vllm: bench-env
+	$(PY) -m bench.vs_vllm --guidellm $(GUIDELLM_VENV)/bin/guidellm \
+		--json bench/results/vs-vllm.json --png bench/results/vs-vllm.png
 
 protos: $(VENV)/bin/python
 	$(PY) -m services.protogen

@@ -7,6 +7,7 @@ from services.server import run_stage
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(PrefillConfig, argv, prog="stagemesh prefill")
+    config.claim_cores()  # before the engine stack loads: all it starts inherits the cores
     from prefill_svc.stage import PrefillStage  # the engine stack (vLLM, torch): seconds to import
 
     run_stage(config, PrefillStage(config))

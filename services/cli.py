@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.config import DEFAULT_HOME, ENV_PREFIX, StageConfig, build_config, parse_endpoints
+from services.placement import LAYOUTS
 
 if TYPE_CHECKING:
     from services.launcher import StageProcess
@@ -131,41 +132,60 @@ def cmd_up(args: argparse.Namespace) -> int:
     from services.etcd import EmbeddedEtcd
     from services.launcher import ProcessGroup, StageProcess
     from services.model import prepare_bundled_model
+    from services.placement import PlacementError, allowed_cores, choose_layout, format_cores, visible_gpus
 
-    if args.prefill < 0 or args.decode < 1:
-        raise SystemExit("stagemesh up needs --decode 1 or more and --prefill 0 or more")
+    gpus = visible_gpus()
+    try:
+        layout = choose_layout(allowed_cores(), len(gpus), args.layout, args.prefill, args.decode)
+    except PlacementError as exc:
+        raise SystemExit(f"stagemesh up: {exc}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    print(layout.describe(), flush=True)
     home = _home(args)
     if not args.model:
         prepare_bundled_model(home)
     run_dir = Path(tempfile.mkdtemp(prefix="stagemesh-up-"))
-    etcd = EmbeddedEtcd(client_port=args.etcd_port, data_dir=run_dir / "etcd")
+    light_cores = list(layout.light_cores)
+    etcd = EmbeddedEtcd(client_port=args.etcd_port, data_dir=run_dir / "etcd", cores=light_cores)
     etcd.start()
     group = ProcessGroup()
     common = ["--etcd", etcd.endpoint, "--home", str(home), "--metrics-port", "0"]
     model = ["--model", args.model] if args.model else []
-    engines = [("prefill", i) for i in range(args.prefill)] + [("decode", i) for i in range(args.decode)]
-    cores = split_cores(sorted(os.sched_getaffinity(0)), len(engines))
-    # (name, module, gRPC port, extra flags). Engines are pinned to their own cores so
-    # they do not fight over them; the n-th prefill/decode takes the base port + 2n.
-    plan: list[tuple[str, str, int, list[str]]] = [
-        ("tokenizer", "tokenizer_svc", args.tokenizer_port, model),
-        ("router", "router_svc", args.router_port, ["--http-port", str(args.http_port)]),
+    router = ["--http-port", str(args.http_port)]
+    if layout.disagg_min_tokens is not None:
+        router += ["--disagg-min-tokens", str(layout.disagg_min_tokens)]
+    kvstore_mib = args.kvstore_mib if args.kvstore_mib is not None else (1024 if layout.kvstore else 0)
+    # (name, module, gRPC port, extra flags, cores, environment). The n-th prefill/decode
+    # takes the base port + 2n; each engine owns its cores (services.placement).
+    plan: list[tuple[str, str, int, list[str], list[int], dict[str, str]]] = [
+        ("tokenizer", "tokenizer_svc", args.tokenizer_port, model, light_cores, {}),
+        ("router", "router_svc", args.router_port, router, light_cores, {}),
     ]
-    if args.kvstore_mib > 0:
-        plan.append(("kvstore", "kvstore_svc", args.kvstore_port, ["--capacity-mib", str(args.kvstore_mib)]))
-    for (role, i), core_list in zip(engines, cores):
-        base = args.prefill_port if role == "prefill" else args.decode_port
-        name = role if i == 0 else f"{role}-{i}"
-        plan.append((name, f"{role}_svc", base + 2 * i, [*model, "--cpu-cores", core_list]))
+    if kvstore_mib > 0:
+        plan.append(
+            ("kvstore", "kvstore_svc", args.kvstore_port, ["--capacity-mib", str(kvstore_mib)], light_cores, {})
+        )
+    counts = {"prefill": 0, "decode": 0}
+    for engine in layout.engines:
+        i = counts[engine.role]
+        counts[engine.role] += 1
+        base = args.prefill_port if engine.role == "prefill" else args.decode_port
+        name = engine.role if i == 0 else f"{engine.role}-{i}"
+        flags = [*model, "--cpu-cores", format_cores(engine.cores)]
+        env = {}
+        if engine.gpu is not None:
+            flags += ["--device", "cuda"]
+            env["CUDA_VISIBLE_DEVICES"] = gpus[engine.gpu]
+        plan.append((name, f"{engine.role}_svc", base + 2 * i, flags, list(engine.cores), env))
     try:
         stages = [
             group.add(
                 StageProcess(
-                    name, module, [*common, "--port", str(port), *extra], f"127.0.0.1:{port}", run_dir
+                    name, module, [*common, "--port", str(port), *extra], f"127.0.0.1:{port}", run_dir,
+                    env={**os.environ, **env}, cores=cores,
                 )
             )
-            for name, module, port, extra in plan
+            for name, module, port, extra, cores, env in plan
         ]
         started = time.monotonic()
         print(f"starting {', '.join(name for name, *_ in plan)} (engines take a minute on CPU)...", flush=True)
@@ -191,32 +211,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         group.stop_all()
         etcd.stop(wipe=True)
         print("stopped.", flush=True)
-
-
-def split_cores(cores: list[int], count: int) -> list[str]:
-    """Give each of ``count`` engines its own share of this process's CPU cores.
-
-    With at least as many cores as engines each engine gets a contiguous slice (the
-    last ones take the remainder); with fewer, engines share cores round-robin.
-    Returned in vLLM's VLLM_CPU_OMP_THREADS_BIND form ("0-3" or "0,2,5").
-    """
-    if count <= 0:
-        return []
-    if count > len(cores):
-        return [str(cores[i % len(cores)]) for i in range(count)]
-    size, extra = divmod(len(cores), count)
-    shares, start = [], 0
-    for i in range(count):
-        width = size + (1 if i >= count - extra else 0)
-        shares.append(_core_list(cores[start : start + width]))
-        start += width
-    return shares
-
-
-def _core_list(cores: list[int]) -> str:
-    if cores == list(range(cores[0], cores[-1] + 1)):
-        return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
-    return ",".join(map(str, cores))
 
 
 async def _wait_all_healthy(stages: list[StageProcess], timeout: float) -> None:
@@ -251,8 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run etcd and every stage on this host")
     up.add_argument("--model", default="", help="NAME=PATH or PATH of a HF model directory (default: bundled)")
-    up.add_argument("--prefill", type=int, default=1, help="prefill engines to run (0: aggregated only)")
-    up.add_argument("--decode", type=int, default=1, help="decode engines to run")
+    up.add_argument(
+        "--layout", choices=LAYOUTS, default="auto",
+        help="auto: engines and roles from this host's cores and GPUs (printed at start); "
+        "aggregated: engines that prefill and decode; pd: separate prefill engines",
+    )
+    up.add_argument("--prefill", type=int, default=None, help="prefill engines to run (overrides the layout's)")
+    up.add_argument("--decode", type=int, default=None, help="decode engines to run (overrides the layout's)")
     up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port")
     up.add_argument("--router-port", type=int, default=50051, help="router gRPC port")
     up.add_argument("--etcd-port", type=int, default=2379)
@@ -260,7 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefill-port", type=int, default=50053)
     up.add_argument("--decode-port", type=int, default=50054)
     up.add_argument("--kvstore-port", type=int, default=50050)
-    up.add_argument("--kvstore-mib", type=int, default=1024, help="KV store capacity in MiB (0: no store)")
+    up.add_argument(
+        "--kvstore-mib", type=int, default=None,
+        help="KV store capacity in MiB (0: no store; default 1024 when the layout has prefill engines, "
+        "the store's only users, else none)",
+    )
     up.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for all stages")
     up.set_defaults(func=cmd_up)
 

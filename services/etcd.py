@@ -23,7 +23,7 @@ from pathlib import Path
 
 import aetcd
 
-from services.launcher import die_with_parent
+from services.launcher import child_setup
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,10 @@ class EmbeddedEtcd:
         host: str = "127.0.0.1",
         name: str = "stagemesh-etcd",
         wrapper: Sequence[str] = (),
+        cores: Sequence[int] | None = None,
     ) -> None:
         self.host = host
+        self.cores = list(cores) if cores else None
         self.wrapper = list(wrapper)  # e.g. ``ip netns exec NS``: etcd on another "host"
         self.client_port = client_port or free_port(host)
         self.peer_port = peer_port or free_port(host)
@@ -134,7 +136,7 @@ class EmbeddedEtcd:
         log_handle = open(self._log_file, "ab")
         self.process = subprocess.Popen(
             args, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=child_setup(self.cores),
         )
         log_handle.close()
         deadline = time.monotonic() + timeout

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from services.clients import health_status
@@ -18,17 +18,24 @@ from services.clients import health_status
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """In a child before exec: get SIGTERM when the launcher dies, however it dies.
+def child_setup(cores: Sequence[int] | None = None) -> Callable[[], None]:
+    """What a child runs before exec: die with the launcher, and start on ``cores``.
 
     Children run in their own session (so a terminal's Ctrl-C reaches only the
-    launcher, which then stops them in order); without this, a launcher killed with
-    SIGKILL would leave every stage running. SIGTERM makes the stage drain as usual.
+    launcher, which then stops them in order); PR_SET_PDEATHSIG makes a launcher that
+    dies by SIGKILL still take them along: they get SIGTERM and drain as usual.
+    Cores set here cover the interpreter's start too, before a stage pins itself.
     """
-    import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    def setup() -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if cores:
+            os.sched_setaffinity(0, cores)
+
+    return setup
 
 
 class StageProcess:
@@ -43,6 +50,7 @@ class StageProcess:
         log_dir: Path,
         env: Mapping[str, str] | None = None,
         wrapper: Sequence[str] = (),
+        cores: Sequence[int] | None = None,
     ) -> None:
         self.name = name
         self.module = module
@@ -52,6 +60,8 @@ class StageProcess:
         self.env = dict(os.environ if env is None else env)
         #: A command that execs the stage in another context, e.g. ``ip netns exec NS``.
         self.wrapper = list(wrapper)
+        #: Cores the process starts on (None: the launcher's).
+        self.cores = list(cores) if cores else None
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -63,7 +73,7 @@ class StageProcess:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,  # Ctrl-C in a terminal reaches only the launcher
-                preexec_fn=die_with_parent,
+                preexec_fn=child_setup(self.cores),
             )
 
     @property

@@ -16,7 +16,6 @@ import httpx
 import openai
 import pytest
 
-from services.cli import split_cores
 from services.etcd import free_port
 
 
@@ -85,14 +84,6 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
     finally:
         if up.poll() is None:
             up.kill()
-
-
-def test_split_cores_gives_each_engine_its_own() -> None:
-    assert split_cores([0, 1], 2) == ["0", "1"]
-    assert split_cores([0, 1, 2, 3, 4], 2) == ["0-1", "2-4"]
-    assert split_cores([0, 2, 5, 7], 2) == ["0,2", "5,7"]
-    assert split_cores([0, 1], 3) == ["0", "1", "0"]  # more engines than cores: shared
-    assert split_cores([3], 1) == ["3"]
 
 
 def test_stages_do_not_outlive_a_killed_launcher() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from services.config import NixlStageConfig, setting
+from services.placement import PlacementError, allowed_cores, check_cores, format_cores, take_cores
 
 
 @dataclasses.dataclass
@@ -22,7 +23,10 @@ class EngineConfig(NixlStageConfig):
     )
     gpu_memory_utilization: float = setting(0.85, "CUDA: fraction of GPU memory vLLM may use")
     cpu_cores: str = setting(
-        "", "CPU: cores to pin the engine's threads to, e.g. 0 or 0-3 (empty: vLLM decides)"
+        "",
+        "the engine's whole CPU budget, e.g. 0 or 0-3: the stage process, vLLM's engine "
+        "core, its compute threads and NIXL's thread all run only there (empty: every core "
+        "this process may use)",
     )
     block_size: int = setting(
         0,
@@ -40,3 +44,17 @@ class EngineConfig(NixlStageConfig):
         "(a no-op while no store runs)",
     )
     kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")
+
+    def claim_cores(self) -> None:
+        """Pin this process to the engine's cores before the engine stack loads, so that
+        everything vLLM starts inherits them, and fill in ``cpu_cores`` with the list.
+
+        Called at the entry point, like :meth:`resolve_hosts`; a core outside the
+        process's allowed set ends the stage with a message naming both.
+        """
+        try:
+            cores = check_cores(self.cpu_cores, allowed_cores())
+        except PlacementError as exc:
+            raise SystemExit(str(exc)) from None
+        take_cores(cores)
+        self.cpu_cores = format_cores(cores)

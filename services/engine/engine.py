@@ -186,6 +186,12 @@ class EngineRunner:
             settings["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.kv_cache_gib)
             if self.config.cpu_cores:
                 settings["VLLM_CPU_OMP_THREADS_BIND"] = self.config.cpu_cores
+            # vLLM's CPU platform otherwise forces the multiprocess executor, whose
+            # EngineCore busy-waits on the worker's shared-memory queue for up to a
+            # second after every step: a core's worth of spinning beside the compute
+            # threads on the engine's own cores. The uniprocess executor runs the model
+            # in EngineCore itself (still its own process): no queue, no spin.
+            settings["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.update(settings)
 
     async def shutdown(self) -> None:
