@@ -128,6 +128,39 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def cmd_layout(args: argparse.Namespace) -> int:
+    """Print the layout, then the same placement for systemd drop-ins and compose's .env."""
+    from services.placement import PlacementError, allowed_cores, choose_layout, format_cores, visible_gpus
+
+    cores = list(range(args.cores)) if args.cores else allowed_cores()
+    gpus = args.gpus if args.gpus is not None else len(visible_gpus())
+    try:
+        layout = choose_layout(cores, gpus, args.layout, args.prefill, args.decode)
+    except PlacementError as exc:
+        raise SystemExit(f"stagemesh layout: {exc}") from None
+    print(layout.describe())
+    light = format_cores(layout.light_cores)
+    print("\nsystemd: one drop-in per unit, /etc/systemd/system/<unit>.d/cores.conf ([Service] then this line)")
+    for unit in ("stagemesh-etcd", "stagemesh-tokenizer", "stagemesh-router", "stagemesh-kvstore"):
+        if unit != "stagemesh-kvstore" or layout.kvstore:
+            print(f"  {unit + '.service':<32} CPUAffinity={light}")
+    counts = {"prefill": 0, "decode": 0}
+    for engine in layout.engines:
+        unit = f"stagemesh-{engine.role}@{counts[engine.role]}.service"
+        counts[engine.role] += 1
+        gpu = f"   (and CUDA_VISIBLE_DEVICES={engine.gpu} in its env file)" if engine.gpu is not None else ""
+        print(f"  {unit:<32} CPUAffinity={format_cores(engine.cores)}{gpu}")
+    print("\ncompose: in .env beside compose.yaml (replicas of a service share its cores)")
+    for role in ("prefill", "decode"):
+        first = next((engine for engine in layout.engines if engine.role == role), None)
+        if first is not None:
+            print(f"  STAGEMESH_{role.upper()}_CPUS={format_cores(first.cores)}")
+    print(f"  STAGEMESH_LIGHT_CPUS={light}")
+    if not layout.count("prefill"):
+        print("  and run it with: docker compose up --scale prefill=0 --scale kvstore=0")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from services.etcd import EmbeddedEtcd
     from services.launcher import ProcessGroup, StageProcess
@@ -236,6 +269,16 @@ def _wait_for_signal(watch: list[StageProcess] | None = None) -> bool:
     return True
 
 
+def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--layout", choices=LAYOUTS, default="auto",
+        help="auto: engines and roles from this host's cores and GPUs (printed at start); "
+        "aggregated: engines that prefill and decode; pd: separate prefill engines",
+    )
+    parser.add_argument("--prefill", type=int, default=None, help="prefill engines to run (overrides the layout's)")
+    parser.add_argument("--decode", type=int, default=None, help="decode engines to run (overrides the layout's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagemesh", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -245,13 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run etcd and every stage on this host")
     up.add_argument("--model", default="", help="NAME=PATH or PATH of a HF model directory (default: bundled)")
-    up.add_argument(
-        "--layout", choices=LAYOUTS, default="auto",
-        help="auto: engines and roles from this host's cores and GPUs (printed at start); "
-        "aggregated: engines that prefill and decode; pd: separate prefill engines",
-    )
-    up.add_argument("--prefill", type=int, default=None, help="prefill engines to run (overrides the layout's)")
-    up.add_argument("--decode", type=int, default=None, help="decode engines to run (overrides the layout's)")
+    _add_layout_arguments(up)
     up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port")
     up.add_argument("--router-port", type=int, default=50051, help="router gRPC port")
     up.add_argument("--etcd-port", type=int, default=2379)
@@ -266,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for all stages")
     up.set_defaults(func=cmd_up)
+
+    placement = sub.add_parser(
+        "layout", help="the engines, roles and cores `up` would choose here, as compose and systemd settings"
+    )
+    _add_layout_arguments(placement)
+    placement.add_argument("--cores", type=int, default=0, help="plan for a host with this many cores (0: this one)")
+    placement.add_argument("--gpus", type=int, default=None, help="plan for this many GPUs (default: this host's)")
+    placement.set_defaults(func=cmd_layout)
 
     model = sub.add_parser("model", help="manage models").add_subparsers(dest="action", required=True)
     prepare = model.add_parser("prepare", help="prepare the bundled model (float32 HF directory)")

@@ -182,15 +182,16 @@ def choose_layout(
     # stages tolerate better than an engine's OpenMP barriers do.
     light, engine_cores = cores[:reserve], cores[reserve:]
 
+    if reserve:
+        light_why = f"core(s) {format_cores(light)} reserved for the light stages"
+    else:
+        light_why = f"the light stages share the engine cores (none is reserved below {RESERVE_FROM_CORES} cores)"
     if gpus:
         fits = gpus
-        why = f"{gpus} GPU(s): one engine per GPU"
+        why = f"{gpus} GPU(s), one engine each"
     else:
         fits = max(1, len(engine_cores) // CPU_ENGINE_CORES)
-        why = (
-            f"{len(cores)} cores, {len(light)} reserved for the light stages: "
-            f"room for {fits} engine(s) of {CPU_ENGINE_CORES}+ cores"
-        )
+        why = f"{len(cores)} cores, room for {fits} engine(s) of {CPU_ENGINE_CORES}+ cores"
     if prefill is not None or decode is not None:
         if layout == "aggregated" and prefill:
             raise PlacementError("--layout aggregated runs no prefill engine; drop --prefill")
@@ -200,13 +201,19 @@ def choose_layout(
     elif layout == "aggregated" or (layout == "auto" and fits < 2):
         n_prefill, n_decode = 0, fits
         if layout == "auto":
-            why += "; one engine does both prefill and decode (a second would halve it)"
+            why += "; one engine prefills and decodes (a second, on half the cores, would halve it)"
     else:
         total = max(2, fits)
         n_prefill = max(1, total // ENGINES_PER_PREFILL)
         n_decode = total - n_prefill
         if layout == "auto":
-            why += f"; disaggregated, one prefill engine per {ENGINES_PER_PREFILL}"
+            why += (
+                f"; disaggregated, one engine in {ENGINES_PER_PREFILL} prefills, prompts under "
+                f"{AUTO_DISAGG_MIN_TOKENS} uncached tokens stay on the decode engine"
+            )
+        else:
+            why += f"; disaggregated as asked: {n_prefill} prefill and {n_decode} decode engine(s)"
+    why += f"; {light_why}"
     roles = ["prefill"] * n_prefill + ["decode"] * n_decode
     if gpus:
         if len(roles) > gpus:

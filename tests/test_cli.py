@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from services.etcd import free_port
+from services.placement import allowed_cores, choose_layout, visible_gpus
 
 
 def port_open(port: int) -> bool:
@@ -36,6 +37,12 @@ def probe(port: int) -> tuple[int, str]:
 @pytest.mark.isolated
 @pytest.mark.asyncio(loop_scope="session")
 async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path, tmp_path: Path) -> None:
+    # `stagemesh up` as the README starts it: the automatic layout for this host (on a
+    # two-core CI machine, one engine that prefills and decodes on both cores).
+    layout = choose_layout(allowed_cores(), len(visible_gpus()))
+    roles = ["tokenizer", "router", *sorted({engine.role for engine in layout.engines})]
+    if layout.kvstore:
+        roles.append("kvstore")
     ports = {name: free_port() for name in ("etcd", "tokenizer", "prefill", "decode", "kvstore", "router", "http")}
     up = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "--home", str(home), "up",
@@ -50,10 +57,11 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
             assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
             lines.append(await asyncio.to_thread(up.stdout.readline))  # type: ignore[union-attr]
         banner = "".join(lines)
-        for port in ports.values():
-            assert f"127.0.0.1:{port}" in banner
+        assert banner.startswith(f"layout {layout.name}: "), banner  # it says what it chose, and why
+        for name in ("etcd", "http", *roles):
+            assert f"127.0.0.1:{ports[name]}" in banner, name
 
-        # The whole mesh answers through the router, prefill then decode over NIXL.
+        # The whole mesh answers through the router.
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{ports['http']}/v1", api_key="unused")
         reply = await client.chat.completions.create(
             model="", messages=[{"role": "user", "content": "What is the capital of France?"}],
@@ -62,7 +70,8 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
         assert "Paris" in (reply.choices[0].message.content or "")
         async with httpx.AsyncClient() as http:
             metrics = (await http.get(f"http://127.0.0.1:{ports['http']}/metrics")).text
-        assert 'stagemesh_router_sequences_total{mode="disaggregated"} 1.0' in metrics
+        # A short prompt is not worth a NIXL handoff in any automatic layout.
+        assert 'stagemesh_router_sequences_total{mode="aggregated"} 1.0' in metrics
 
         status = subprocess.run(
             [sys.executable, "-m", "services.cli", "status", "--etcd", f"127.0.0.1:{ports['etcd']}"],
@@ -70,10 +79,9 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
         )
         assert status.returncode == 0, status.stderr
         rows = status.stdout.splitlines()
-        for role in ("tokenizer", "prefill", "decode", "kvstore", "router"):
+        for role in roles:
             assert any(line.startswith(role) and "SERVING" in line for line in rows), status.stdout
         assert any(line.startswith("decode") and "run 0 wait 0" in line for line in rows), status.stdout
-        assert any(line.startswith("kvstore") and "blocks " in line for line in rows), status.stdout
         assert probe(ports["router"]) == (0, "SERVING")  # the containers' health check
 
         up.send_signal(signal.SIGINT)
@@ -84,6 +92,29 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_layout_prints_the_same_placement_for_systemd_and_compose() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "layout", "--layout", "pd", "--cores", "16"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert done.stdout.startswith("layout pd: 16 cores"), done.stdout
+    assert "stagemesh-router.service         CPUAffinity=0\n" in done.stdout
+    assert "stagemesh-prefill@0.service      CPUAffinity=1-7\n" in done.stdout
+    assert "stagemesh-decode@0.service       CPUAffinity=8-15\n" in done.stdout
+    assert "STAGEMESH_DECODE_CPUS=8-15\n" in done.stdout
+
+
+def test_a_core_outside_the_allowed_set_stops_an_engine_at_once(home: Path) -> None:
+    # Checked before the engine stack loads: the answer comes in a second, not a minute.
+    beyond = max(allowed_cores()) + 1
+    done = subprocess.run(
+        [sys.executable, "-m", "decode_svc", "--home", str(home), "--cpu-cores", f"0-{beyond}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert done.returncode != 0
+    assert f"core(s) {beyond} are outside the cores this process may use" in done.stderr, done.stderr
 
 
 def test_stages_do_not_outlive_a_killed_launcher() -> None:
