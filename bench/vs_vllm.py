@@ -131,9 +131,12 @@ class Mesh(Server):
         self._log_path = log_dir / f"{name}.log"
         self._process: subprocess.Popen[bytes] | None = None
 
-    async def start(self) -> None:
+    def _spawn(self) -> subprocess.Popen[bytes]:
         with open(self._log_path, "wb") as log:
-            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT)
+            return subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT)
+
+    async def start(self) -> None:
+        self._process = self._spawn()
         self.pid = self._process.pid
 
         def tail() -> str:

@@ -130,7 +130,13 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_layout(args: argparse.Namespace) -> int:
     """Print the layout, then the same placement for systemd drop-ins and compose's .env."""
-    from services.placement import PlacementError, allowed_cores, choose_layout, format_cores, visible_gpus
+    from services.placement import (
+        PlacementError,
+        allowed_cores,
+        choose_layout,
+        format_cores,
+        visible_gpus,
+    )
 
     cores = list(range(args.cores)) if args.cores else allowed_cores()
     gpus = args.gpus if args.gpus is not None else len(visible_gpus())
@@ -165,7 +171,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     from services.etcd import EmbeddedEtcd
     from services.launcher import ProcessGroup, StageProcess
     from services.model import prepare_bundled_model
-    from services.placement import PlacementError, allowed_cores, choose_layout, format_cores, visible_gpus
+    from services.placement import (
+        PlacementError,
+        allowed_cores,
+        choose_layout,
+        format_cores,
+        visible_gpus,
+    )
 
     gpus = visible_gpus()
     try:
