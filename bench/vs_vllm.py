@@ -20,8 +20,10 @@ The servers:
   aggregated engine (its cores, the uniprocess executor): against it, an aggregated
   mesh shows what the mesh itself costs;
 - ``mesh``: ``stagemesh up`` with its automatic layout;
-- ``mesh-aggregated`` (``--prefill 0 --decode 1``) and ``mesh-pd`` (``--layout pd``):
-  run when asked for, and only when their layout differs from the automatic one.
+- ``mesh-aggregated`` (one engine, ``--prefill 0 --decode 1``), ``mesh-dp`` (two
+  engines that each prefill and decode, ``--prefill 0 --decode 2``) and ``mesh-pd``
+  (``--layout pd``): when asked for, and only when their engines differ from the
+  automatic layout's.
 
 Prints one table per scenario (requests, output tok/s, TTFT p50/p95, ITL p50, e2e p50)
 with each server's ratio to ``vllm``, and where the time went: busy share of each core
@@ -65,9 +67,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "long": {"data": {"prompt_tokens": 1024, "output_tokens": 64}, "streams": 4},
 }
-SERVERS = ("vllm", "vllm-tuned", "mesh", "mesh-aggregated", "mesh-pd")
-#: Mesh layouts by server name: ``stagemesh up`` flags.
-MESH_FLAGS = {"mesh": [], "mesh-aggregated": ["--prefill", "0", "--decode", "1"], "mesh-pd": ["--layout", "pd"]}
+#: Mesh servers: ``stagemesh up``'s (--layout, --prefill, --decode); None leaves it to the layout.
+MESH_LAYOUTS: dict[str, tuple[str, int | None, int | None]] = {
+    "mesh": ("auto", None, None),
+    "mesh-aggregated": ("aggregated", 0, 1),
+    "mesh-dp": ("aggregated", 0, 2),
+    "mesh-pd": ("pd", None, None),
+}
+SERVERS = ("vllm", "vllm-tuned", *MESH_LAYOUTS)
 COLUMNS = [
     ("server", "server", ""), ("requests", "requests", "d"), ("output_tps", "out tok/s", ".1f"),
     ("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("ttft_p95_ms", "TTFT p95 ms", ".0f"),
@@ -297,7 +304,8 @@ def run_guidellm(server: Server, scenario: str, args: argparse.Namespace, model_
 
 
 def build_servers(args: argparse.Namespace, home: Path, model_dir: Path, log_dir: Path) -> list[Server]:
-    """The servers asked for; a mesh layout equal to the automatic one runs once."""
+    """The servers asked for; a mesh layout with the same engines as the automatic one
+    runs once, as ``mesh``."""
     cores, gpus = allowed_cores(), len(visible_gpus())
     auto = choose_layout(cores, gpus)
     servers: list[Server] = []
@@ -305,16 +313,15 @@ def build_servers(args: argparse.Namespace, home: Path, model_dir: Path, log_dir
         if name in ("vllm", "vllm-tuned"):
             servers.append(PlainVllm(name, model_dir, log_dir, len(auto.engines), args.max_model_len, name == "vllm-tuned"))
             continue
-        if name != "mesh":
-            flags = MESH_FLAGS[name]
-            layout = choose_layout(
-                cores, gpus, "pd" if "pd" in flags else "auto",
-                prefill=0 if "--prefill" in flags else None, decode=1 if "--decode" in flags else None,
-            )
-            if layout.engines == auto.engines and "mesh" in args.servers:
-                print(f"{name}: the same engines as the automatic layout on this host; measured once, as 'mesh'")
-                continue
-        servers.append(Mesh(name, home, log_dir, MESH_FLAGS[name]))
+        layout, prefill, decode = MESH_LAYOUTS[name]
+        same = choose_layout(cores, gpus, layout, prefill, decode).engines == auto.engines
+        if name != "mesh" and "mesh" in args.servers and same:
+            print(f"{name}: the same engines as the automatic layout on this host; measured once, as 'mesh'")
+            continue
+        flags = ["--layout", layout]
+        flags += ["--prefill", str(prefill)] if prefill is not None else []
+        flags += ["--decode", str(decode)] if decode is not None else []
+        servers.append(Mesh(name, home, log_dir, flags))
     return servers
 
 
