@@ -17,8 +17,8 @@ The servers:
 - ``vllm``: ``vllm.entrypoints.openai.api_server`` as a user starts it, with vLLM's own
   CPU placement: the peer the mesh must beat;
 - ``vllm-tuned``: the same server with the engine settings the mesh gives its one
-  aggregated engine (its cores, the uniprocess executor, the layout's KV block size):
-  against it, an aggregated mesh shows what the mesh itself costs;
+  aggregated engine (its cores, the uniprocess executor): against it, an aggregated
+  mesh shows what the mesh itself costs;
 - ``mesh``: ``stagemesh up`` with its automatic layout;
 - ``mesh-aggregated`` (one engine, ``--prefill 0 --decode 1``), ``mesh-dp`` (two
   engines that each prefill and decode, ``--prefill 0 --decode 2``) and ``mesh-pd``
@@ -106,15 +106,13 @@ class PlainVllm(Server):
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
         cores = allowed_cores()
-        flags = ["--model", str(model_dir), "--served-model-name", MODEL_NAME, "--dtype", "float32",
-                 "--max-model-len", str(max_model_len), "--port", str(port), "--enable-prefix-caching"]
-        if tuned:  # what services/engine and the layout do for an engine that owns every core
+        if tuned:  # what services/engine does for an engine that owns every core
             env.update(VLLM_CPU_OMP_THREADS_BIND=format_cores(cores), VLLM_ENABLE_V1_MULTIPROCESSING="0")
-            layout = choose_layout(cores, len(visible_gpus()))
-            if layout.block_size:
-                flags += ["--block-size", str(layout.block_size)]
         self._process = StageProcess(
-            name, "vllm.entrypoints.openai.api_server", flags, "", log_dir, env=env, cores=cores if tuned else None,
+            name, "vllm.entrypoints.openai.api_server",
+            ["--model", str(model_dir), "--served-model-name", MODEL_NAME, "--dtype", "float32",
+             "--max-model-len", str(max_model_len), "--port", str(port), "--enable-prefix-caching"],
+            "", log_dir, env=env, cores=cores if tuned else None,
         )
 
     async def start(self) -> None:

@@ -164,8 +164,6 @@ def cmd_layout(args: argparse.Namespace) -> int:
     print(f"  STAGEMESH_LIGHT_CPUS={light}")
     if not layout.count("prefill"):
         print("  and run it with: docker compose up --scale prefill=0 --scale kvstore=0")
-    if layout.block_size:
-        print(f"\nengines (systemd env files, compose environment): STAGEMESH_BLOCK_SIZE={layout.block_size}")
     return 0
 
 
@@ -219,8 +217,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         base = args.prefill_port if engine.role == "prefill" else args.decode_port
         name = engine.role if i == 0 else f"{engine.role}-{i}"
         flags = [*model, "--cpu-cores", format_cores(engine.cores)]
-        if layout.block_size:
-            flags += ["--block-size", str(layout.block_size)]
         env = {}
         if engine.gpu is not None:
             flags += ["--device", "cuda"]

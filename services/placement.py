@@ -44,12 +44,6 @@ ENGINES_PER_PREFILL = 4
 #: automatic disaggregated layout: a NIXL handoff costs more than computing them.
 AUTO_DISAGG_MIN_TOKENS = 256
 
-#: KV block size of the CPU engines a layout runs (vLLM's CPU default is 128, and its
-#: CPU attention needs a multiple of 32). A prompt's tail short of a block is always
-#: computed, so smaller blocks let the prefix cache reuse more of each turn of a chat:
-#: on two cores, 32 gave 27% more output throughput than 128 on a multi-turn load.
-CPU_BLOCK_SIZE = 32
-
 LAYOUTS = ("auto", "aggregated", "pd")
 
 
@@ -151,16 +145,13 @@ class Layout:
     #: The router's --disagg-min-tokens (None: the router's default).
     disagg_min_tokens: int | None
     reason: str
-    #: The engines' --block-size (None: the engine's default, as on GPUs).
-    block_size: int | None = None
 
     def count(self, role: str) -> int:
         return sum(1 for engine in self.engines if engine.role == role)
 
     def describe(self) -> str:
         """One line per engine and one for the light stages, for the start banner."""
-        blocks = f"; KV blocks of {self.block_size} tokens" if self.block_size else ""
-        lines = [f"layout {self.name}: {self.reason}{blocks}"]
+        lines = [f"layout {self.name}: {self.reason}"]
         for engine in self.engines:
             gpu = f", GPU {engine.gpu}" if engine.gpu is not None else ""
             lines.append(f"  {engine.role:<8} cores {format_cores(engine.cores)}{gpu}")
@@ -240,7 +231,6 @@ def choose_layout(
         kvstore=n_prefill > 0,
         disagg_min_tokens=AUTO_DISAGG_MIN_TOKENS if layout == "auto" and n_prefill else None,
         reason=why,
-        block_size=None if gpus else CPU_BLOCK_SIZE,
     )
 
 

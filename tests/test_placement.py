@@ -55,7 +55,6 @@ def test_two_cores_run_one_engine_on_both() -> None:
     assert layout.light_cores == (0, 1)  # too few cores to reserve one: the light stages share
     assert not layout.kvstore  # no prefill engine reads or writes a store
     assert layout.disagg_min_tokens is None
-    assert layout.block_size == 32  # CPU engines: more of each chat turn reused
 
 
 def test_four_and_eight_cores_reserve_one_core_and_stay_aggregated() -> None:
@@ -80,7 +79,6 @@ def test_sixty_four_cores_disaggregate() -> None:
 def test_gpus_get_one_engine_each() -> None:
     one = choose_layout(range(8), gpus=1)
     assert one.name == "aggregated" and [e.gpu for e in one.engines] == [0]
-    assert one.block_size is None  # the GPU engine's own default
     two = choose_layout(range(8), gpus=2)
     assert [(e.role, e.gpu) for e in two.engines] == [("prefill", 0), ("decode", 1)]
     eight = choose_layout(range(64), gpus=8)
