@@ -53,7 +53,7 @@ import httpx
 from bench.report import add_output_arguments, print_table, write_json
 from services.config import DEFAULT_HOME
 from services.etcd import free_port
-from services.launcher import StageProcess, process_stat
+from services.launcher import StageProcess, cpu_seconds, process_stat
 from services.model import prepare_bundled_model
 from services.placement import allowed_cores, choose_layout, format_cores, visible_gpus
 
@@ -208,13 +208,10 @@ def process_label(pid: int) -> str:
 
 def process_cpu(root: int) -> dict[str, float]:
     """CPU seconds used so far by each process under ``root``, summed by label."""
-    ticks = os.sysconf("SC_CLK_TCK")
     usage: dict[str, float] = {}
     for pid in descendants(root):
-        stat = process_stat(pid)
-        if stat is not None:
-            label = process_label(pid)
-            usage[label] = usage.get(label, 0.0) + (int(stat[1][11]) + int(stat[1][12])) / ticks
+        label = process_label(pid)
+        usage[label] = usage.get(label, 0.0) + cpu_seconds([pid])
     return usage
 
 

@@ -29,6 +29,7 @@ from services.placement import LAYOUTS
 
 if TYPE_CHECKING:
     from services.launcher import StageProcess
+    from services.placement import Layout
 
 #: Stage subcommands and the module each runs; the stage parses its own flags.
 STAGE_MODULES = {
@@ -128,22 +129,23 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def _layout(args: argparse.Namespace, cores: list[int], gpus: int) -> Layout:
+    """The layout ``--layout`` / ``--prefill`` / ``--decode`` ask for on this host shape;
+    one the host cannot hold ends the command with the reason."""
+    from services.placement import PlacementError, choose_layout
+
+    try:
+        return choose_layout(cores, gpus, args.layout, args.prefill, args.decode)
+    except PlacementError as exc:
+        raise SystemExit(f"stagemesh {args.command}: {exc}") from None
+
+
 def cmd_layout(args: argparse.Namespace) -> int:
     """Print the layout, then the same placement for systemd drop-ins and compose's .env."""
-    from services.placement import (
-        PlacementError,
-        allowed_cores,
-        choose_layout,
-        format_cores,
-        visible_gpus,
-    )
+    from services.placement import allowed_cores, format_cores, visible_gpus
 
     cores = list(range(args.cores)) if args.cores else allowed_cores()
-    gpus = args.gpus if args.gpus is not None else len(visible_gpus())
-    try:
-        layout = choose_layout(cores, gpus, args.layout, args.prefill, args.decode)
-    except PlacementError as exc:
-        raise SystemExit(f"stagemesh layout: {exc}") from None
+    layout = _layout(args, cores, args.gpus if args.gpus is not None else len(visible_gpus()))
     print(layout.describe())
     light = format_cores(layout.light_cores)
     print("\nsystemd: one drop-in per unit, /etc/systemd/system/<unit>.d/cores.conf ([Service] then this line)")
@@ -171,19 +173,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from services.etcd import EmbeddedEtcd
     from services.launcher import ProcessGroup, StageProcess
     from services.model import prepare_bundled_model
-    from services.placement import (
-        PlacementError,
-        allowed_cores,
-        choose_layout,
-        format_cores,
-        visible_gpus,
-    )
+    from services.placement import allowed_cores, format_cores, visible_gpus
 
     gpus = visible_gpus()
-    try:
-        layout = choose_layout(allowed_cores(), len(gpus), args.layout, args.prefill, args.decode)
-    except PlacementError as exc:
-        raise SystemExit(f"stagemesh up: {exc}") from None
+    layout = _layout(args, allowed_cores(), len(gpus))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     print(layout.describe(), flush=True)
     home = _home(args)

@@ -133,12 +133,11 @@ class EmbeddedEtcd:
             "--initial-cluster", f"{self.name}={peer_url}",
             "--log-level", "warn",
         ]
-        log_handle = open(self._log_file, "ab")
-        self.process = subprocess.Popen(
-            args, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=child_setup(self.cores),
-        )
-        log_handle.close()
+        with open(self._log_file, "ab") as log_handle:
+            self.process = subprocess.Popen(
+                args, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=child_setup(self.cores),  # noqa: PLW1509 - two system calls, no locks
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -25,15 +25,19 @@ def child_setup(cores: Sequence[int] | None = None) -> Callable[[], None]:
     launcher, which then stops them in order); PR_SET_PDEATHSIG makes a launcher that
     dies by SIGKILL still take them along: they get SIGTERM and drain as usual.
     Cores set here cover the interpreter's start too, before a stage pins itself.
+    libc is loaded here, in the parent: the child between fork and exec makes only the
+    two system calls, and imports nothing (an import there could wait forever on a lock
+    another thread of the parent held at the fork).
     """
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    mask = list(cores) if cores else None
 
     def setup() -> None:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if cores:
-            os.sched_setaffinity(0, cores)
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if mask:
+            os.sched_setaffinity(0, mask)
 
     return setup
 
@@ -73,7 +77,7 @@ class StageProcess:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,  # Ctrl-C in a terminal reaches only the launcher
-                preexec_fn=child_setup(self.cores),
+                preexec_fn=child_setup(self.cores),  # noqa: PLW1509 - two system calls, no locks
             )
 
     @property
