@@ -6,7 +6,7 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip install --constraint requirements/constraints.txt
 PY := $(VENV)/bin/python
 
-.PHONY: install install-engine up test protos check-protos clean bench-env bench-vs-vllm
+.PHONY: install install-engine up test lint protos check-protos clean bench-env bench-vs-vllm
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ bench-env: $(GUIDELLM_VENV)/.installed install-engine
 bench-vs-vllm: bench-env
 	$(PY) -m bench.vs_vllm --guidellm $(GUIDELLM_VENV)/bin/guidellm \
 		--json bench/results/vs-vllm.json --png bench/results/vs-vllm.png
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 protos: $(VENV)/bin/python
 	$(PY) -m services.protogen

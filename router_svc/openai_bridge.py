@@ -156,7 +156,7 @@ class HttpBridge:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else []  # noqa: SLF001 - bound port
+        sockets = site._server.sockets if site._server is not None else []  # the bound port (no public accessor)
         self.port = int(sockets[0].getsockname()[1]) if sockets else port
         log.info("OpenAI-compatible HTTP on %s:%d", host, self.port)
 

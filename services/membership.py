@@ -98,7 +98,7 @@ class Registration:
                 client = await self._session.client()
                 await asyncio.wait_for(client.revoke_lease(self._lease_id), timeout=2.0)
                 log.info("deregistered %s", self.key)
-            except Exception as exc:  # etcd down: the lease expires on its own
+            except Exception as exc:  # noqa: BLE001 - etcd down: the lease expires on its own
                 log.warning("could not revoke lease (%s); key expires in %ss", _describe(exc), self._ttl)
             self._lease_id = None
         self.registered.clear()
@@ -144,11 +144,11 @@ class Registration:
                 slow = 0
             except asyncio.CancelledError:
                 raise
-            except (asyncio.TimeoutError, aetcd.exceptions.ConnectionTimeoutError):
+            except (TimeoutError, aetcd.exceptions.ConnectionTimeoutError):
                 if slow % 10 == 0:
                     log.warning("etcd did not answer a keep-alive within %ss; retrying", self._ttl)
                 slow += 1
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure means reconnect, and keep trying
                 if self.registered.is_set():
                     log.warning("etcd keep-alive failed (%s); reconnecting", _describe(exc))
                 self.registered.clear()
@@ -251,7 +251,7 @@ async def _retrying(
             return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a retry loop: every failure is logged and retried
             if failures % 20 == 0:
                 log.warning("%s failed (%s); retrying", what, _describe(exc))
             failures += 1

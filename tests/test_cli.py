@@ -44,7 +44,7 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
     if layout.kvstore:
         roles.append("kvstore")
     ports = {name: free_port() for name in ("etcd", "tokenizer", "prefill", "decode", "kvstore", "router", "http")}
-    up = subprocess.Popen(
+    up = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block; its output is read on a thread
         [sys.executable, "-m", "services.cli", "--home", str(home), "up",
          *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port)))],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -73,7 +73,7 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
         # A short prompt is not worth a NIXL handoff in any automatic layout.
         assert 'stagemesh_router_sequences_total{mode="aggregated"} 1.0' in metrics
 
-        status = subprocess.run(
+        status = subprocess.run(  # noqa: ASYNC221 - the test waits on nothing else meanwhile
             [sys.executable, "-m", "services.cli", "status", "--etcd", f"127.0.0.1:{ports['etcd']}"],
             capture_output=True, text=True, timeout=60, check=False,
         )

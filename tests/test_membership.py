@@ -49,7 +49,7 @@ async def registered_instances(session: EtcdSession) -> set[str]:
     """Instance ids registered in etcd now, read directly (no watcher)."""
     try:
         listing = await (await session.client()).get_prefix(MEMBERS_PREFIX.encode())
-    except Exception:  # etcd still coming back
+    except Exception:  # noqa: BLE001 - etcd still coming back
         await session.reset()
         return set()
     return {kv.key.decode().rsplit("/", 1)[1] for kv in listing}

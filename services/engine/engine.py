@@ -270,7 +270,7 @@ class EngineRunner:
             await request.outputs.put(StageDead(f"the vLLM engine died: {exc}"))
         except (ValueError, VLLMClientError) as exc:  # vLLM's own input validation
             await request.outputs.put(InvalidRequest(str(exc)))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, which raises it
             await request.outputs.put(exc)
         finally:
             self._requests.pop(request.request_id, None)
