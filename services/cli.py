@@ -152,10 +152,8 @@ def cmd_layout(args: argparse.Namespace) -> int:
     for unit in ("stagemesh-etcd", "stagemesh-tokenizer", "stagemesh-router", "stagemesh-kvstore"):
         if unit != "stagemesh-kvstore" or layout.kvstore:
             print(f"  {unit + '.service':<32} CPUAffinity={light}")
-    counts = {"prefill": 0, "decode": 0}
-    for engine in layout.engines:
-        unit = f"stagemesh-{engine.role}@{counts[engine.role]}.service"
-        counts[engine.role] += 1
+    for i, engine in layout.numbered():
+        unit = f"stagemesh-{engine.role}@{i}.service"
         gpu = f"   (and CUDA_VISIBLE_DEVICES={engine.gpu} in its env file)" if engine.gpu is not None else ""
         print(f"  {unit:<32} CPUAffinity={format_cores(engine.cores)}{gpu}")
     print("\ncompose: in .env beside compose.yaml (replicas of a service share its cores)")
@@ -203,10 +201,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         plan.append(
             ("kvstore", "kvstore_svc", args.kvstore_port, ["--capacity-mib", str(kvstore_mib)], light_cores, {})
         )
-    counts = {"prefill": 0, "decode": 0}
-    for engine in layout.engines:
-        i = counts[engine.role]
-        counts[engine.role] += 1
+    for i, engine in layout.numbered():
         base = args.prefill_port if engine.role == "prefill" else args.decode_port
         name = engine.role if i == 0 else f"{engine.role}-{i}"
         flags = [*model, "--cpu-cores", format_cores(engine.cores)]

@@ -149,6 +149,16 @@ class Layout:
     def count(self, role: str) -> int:
         return sum(1 for engine in self.engines if engine.role == role)
 
+    def numbered(self) -> list[tuple[int, EngineSlot]]:
+        """Each engine with its index among the engines of its role (``decode-1``,
+        ``stagemesh-decode@1``): the launcher and the unit names count the same way."""
+        seen: dict[str, int] = {}
+        numbered = []
+        for engine in self.engines:
+            numbered.append((seen.get(engine.role, 0), engine))
+            seen[engine.role] = seen.get(engine.role, 0) + 1
+        return numbered
+
     def describe(self) -> str:
         """One line per engine and one for the light stages, for the start banner."""
         lines = [f"layout {self.name}: {self.reason}"]
