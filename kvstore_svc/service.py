@@ -77,7 +77,7 @@ class KvStoreServicer:
         table = self._ready()
         _check_hashes(request.chain_hashes)
         pin_seconds = request.pin_seconds if request.pin_seconds > 0 else self._config.pin_seconds
-        hits, pin_id = table.lookup(request.model, request.chain_hashes, pin_seconds, time.monotonic())
+        hits, pin_id = table.lookup(request.layout, request.chain_hashes, pin_seconds, time.monotonic())
         CALLS.labels("hit").inc(len(hits))
         CALLS.labels("miss").inc(len(request.chain_hashes) - len(hits))
         return kvstore_pb2.LookupResponse(
@@ -95,11 +95,11 @@ class KvStoreServicer:
         """Slots for the blocks nobody stores or writes yet; the writer fills them over NIXL."""
         table = self._ready()
         _check_hashes(request.chain_hashes)
-        if not request.model:
-            raise InvalidRequest("Reserve needs the KV layout's name in `model`")
+        if not request.layout:
+            raise InvalidRequest("Reserve needs the KV layout's name in `layout`")
         try:
             reservation_id, granted = table.reserve(
-                request.model, request.chain_hashes, request.block_bytes,
+                request.layout, request.chain_hashes, request.block_bytes,
                 self._config.reservation_seconds, time.monotonic(),
             )
         except LayoutMismatch as exc:

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP bridge, served by the router process beside its gRPC API.
 
-It translates each HTTP call into the same :class:`Orchestrator` call the gRPC API
-makes; nothing about generation lives here. aiohttp rather than an ASGI stack: it
+It translates each HTTP call into the same :meth:`Pipeline.start` the gRPC API calls,
+and renders the :class:`Generation` it returns; nothing about generation lives here. aiohttp rather than an ASGI stack: it
 runs inside the stage's own event loop without taking over signals, and with
 ``handler_cancellation`` a client that disconnects cancels its handler, which
 cancels every internal call of the request (the engines abort their work).
@@ -13,34 +13,28 @@ streamed response reports an error that happens after the first chunk as an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
-import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from router_svc.affinity import SESSION_HEADER
-from router_svc.generate import Orchestrator, Prompt, merge
 from router_svc.openai_api import ChatCompletionRequest, CompletionRequest
+from router_svc.pipeline import Generation, Pipeline
 from services.errors import StageError
 from services.pb import common_pb2, router_pb2
 
 log = logging.getLogger(__name__)
 
-_HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: HTTPStatus.BAD_REQUEST,
-    grpc.StatusCode.NOT_FOUND: HTTPStatus.NOT_FOUND,
-    grpc.StatusCode.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: HTTPStatus.GATEWAY_TIMEOUT,
-}
 _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
@@ -52,26 +46,29 @@ _FINISH = {
 class ApiError(Exception):
     """An error answered with OpenAI's error body."""
 
-    def __init__(self, status: HTTPStatus, message: str, code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: HTTPStatus,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        kind: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.param = param
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+        if kind is None and status == HTTPStatus.NOT_FOUND:
+            self.kind = "not_found_error"
 
     @classmethod
     def from_stage(cls, error: StageError) -> ApiError:
-        status = _HTTP_STATUS.get(error.code, HTTPStatus.INTERNAL_SERVER_ERROR)
-        message = str(error)
-        code = "model_not_found" if status == HTTPStatus.NOT_FOUND and "model" in message else None
-        if status == HTTPStatus.BAD_REQUEST and "context length" in message:
-            code = "context_length_exceeded"
-        return cls(status, message, code)
+        """The answer to a mesh error: everything comes from its kind (services.errors)."""
+        return cls(error.http_status, str(error), error.openai_code, error.param, error.openai_type)
 
     def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        if self.status == HTTPStatus.NOT_FOUND:
-            kind = "not_found_error"
-        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
         return web.json_response(self.body(), status=int(self.status))
@@ -135,8 +132,8 @@ class _CompletionLogprobs:
 class HttpBridge:
     """aiohttp application and runner for the OpenAI-compatible API."""
 
-    def __init__(self, orchestrator: Orchestrator, max_body_mib: int) -> None:
-        self._orchestrator = orchestrator
+    def __init__(self, pipeline: Pipeline, max_body_mib: int) -> None:
+        self._pipeline = pipeline
         self._max_body = max_body_mib * 1024 * 1024
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -156,7 +153,8 @@ class HttpBridge:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else []  # the bound port (no public accessor)
+        server = site._server  # the bound port has no public accessor
+        sockets = server.sockets if isinstance(server, asyncio.Server) else []
         self.port = int(sockets[0].getsockname()[1]) if sockets else port
         log.info("OpenAI-compatible HTTP on %s:%d", host, self.port)
 
@@ -197,12 +195,7 @@ class HttpBridge:
 
     async def _health(self, request: web.Request) -> web.Response:
         """200 when a tokenizer and a decode member are reachable, else 503 saying what is missing."""
-        workers = self._orchestrator.workers
-        missing = [
-            name for role, name in ((common_pb2.ROLE_TOKENIZER, "tokenizer"), (common_pb2.ROLE_DECODE, "decode"))
-            if not workers.candidates(role)
-        ]
-        if missing:
+        if missing := self._pipeline.missing_roles():
             return ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"no {' or '.join(missing)} member").response()
         return web.json_response({"status": "ok"})
 
@@ -210,12 +203,12 @@ class HttpBridge:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _models(self, request: web.Request) -> web.Response:
-        cards = await self._orchestrator.model_cards()
+        cards = await self._pipeline.catalogue.cards()
         return web.json_response({"object": "list", "data": [self._card(c) for c in cards]})
 
     async def _model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        for card in await self._orchestrator.model_cards():
+        for card in await self._pipeline.catalogue.cards():
             if card.name == name:
                 return web.json_response(self._card(card))
         raise ApiError(HTTPStatus.NOT_FOUND, f"model {name!r} is not served here", "model_not_found")
@@ -234,7 +227,7 @@ class HttpBridge:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body: CompletionRequest = await self._body(request, CompletionRequest)
-        calls = [_to_grpc(lambda p=prompt: body.to_grpc(p)) for prompt in body.prompts()]
+        calls = [_to_grpc(functools.partial(body.to_grpc, prompt)) for prompt in body.prompts()]
         return await self._serve(request, body, calls, chat=False)
 
     # -- generation -----------------------------------------------------------
@@ -246,102 +239,54 @@ class HttpBridge:
         calls: list[router_pb2.RouterGenerateRequest],
         chat: bool,
     ) -> web.StreamResponse:
-        """Run every prompt of the body (completions may batch several) and answer."""
-        orchestrator = self._orchestrator
-        deadline = orchestrator.deadline()
-        request_id = uuid.uuid4().hex
-        for i, call in enumerate(calls):
-            call.request_id = f"{request_id}-{i}"
-            call.session_id = request.headers.get(SESSION_HEADER, "")
-        prompts = [await orchestrator.prepare(call) for call in calls]
-        model = prompts[0].model
-        response_id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        """Start the body's generation (completions may batch several prompts) and answer."""
+        session = request.headers.get(SESSION_HEADER, "")
+        for call in calls:
+            call.session_id = session
+        generation = await self._pipeline.start(calls, self._pipeline.deadline())
+        response_id = ("chatcmpl-" if chat else "cmpl-") + generation.request_id
         created = int(time.time())
-        n = body.n
-        deltas = self._deltas(calls, prompts, deadline, n)
         if body.stream:
-            return await self._stream(request, deltas, response_id, created, model, chat, body.include_usage)
-        return await self._whole(deltas, response_id, created, model, chat, len(calls) * n)
-
-    async def _deltas(
-        self, calls: list[router_pb2.RouterGenerateRequest], prompts: list[Prompt], deadline: float, n: int
-    ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
-        """All prompts' deltas, re-indexed prompt-major; one usage message at the end."""
-        usage = common_pb2.Usage()
-
-        async def one(batch_index: int) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
-            async with contextlib.aclosing(
-                self._orchestrator.generate(calls[batch_index], deadline, prompts[batch_index])
-            ) as deltas:
-                async for delta in deltas:
-                    if delta.HasField("usage"):
-                        usage.prompt_tokens += delta.usage.prompt_tokens
-                        usage.completion_tokens += delta.usage.completion_tokens
-                        usage.cached_tokens += delta.usage.cached_tokens
-                        continue
-                    delta.index += batch_index * n
-                    yield delta
-
-        async with contextlib.aclosing(merge([one(i) for i in range(len(calls))])) as merged:
-            async for delta in merged:
-                yield delta
-        yield router_pb2.RouterGenerateResponse(usage=usage)
+            return await self._stream(request, generation, response_id, created, chat, body.include_usage)
+        return await self._whole(generation, response_id, created, chat)
 
     async def _whole(
-        self,
-        deltas: AsyncIterator[router_pb2.RouterGenerateResponse],
-        response_id: str,
-        created: int,
-        model: str,
-        chat: bool,
-        choices: int,
+        self, generation: Generation, response_id: str, created: int, chat: bool
     ) -> web.Response:
-        texts = [""] * choices
-        positions: list[list[common_pb2.PositionLogprobs]] = [[] for _ in range(choices)]
-        token_ids: list[list[int]] = [[] for _ in range(choices)]
-        finish: list[str | None] = [None] * choices
-        stop_reason: list[str | None] = [None] * choices
-        usage = common_pb2.Usage()
-        async with contextlib.aclosing(deltas) as stream:
-            async for delta in stream:
-                if delta.HasField("usage"):
-                    usage = delta.usage
-                    continue
-                texts[delta.index] += delta.text
-                positions[delta.index].extend(delta.logprobs)
-                token_ids[delta.index].extend(delta.token_ids)
-                if delta.finish_reason:
-                    finish[delta.index] = _FINISH.get(delta.finish_reason)
-                    stop_reason[delta.index] = delta.stop_reason or None
-        wants_logprobs = any(positions)
+        result = await generation.result()
+        wants_logprobs = any(c.logprobs for c in result.completions)
         out = []
-        for i in range(choices):
-            choice: dict[str, Any] = {"index": i, "finish_reason": finish[i], "stop_reason": stop_reason[i]}
+        for completion in result.completions:
+            positions = list(completion.logprobs)
+            choice: dict[str, Any] = {
+                "index": completion.index,
+                "finish_reason": _FINISH.get(completion.finish_reason),
+                "stop_reason": completion.stop_reason or None,
+            }
             if chat:
-                choice["message"] = {"role": "assistant", "content": texts[i]}
-                choice["logprobs"] = _chat_logprobs(positions[i]) if wants_logprobs else None
+                choice["message"] = {"role": "assistant", "content": completion.text}
+                choice["logprobs"] = _chat_logprobs(positions) if wants_logprobs else None
             else:
-                choice["text"] = texts[i]
-                choice["logprobs"] = _CompletionLogprobs().render(positions[i]) if wants_logprobs else None
-            if token_ids[i]:
-                choice["token_ids"] = token_ids[i]
+                choice["text"] = completion.text
+                choice["logprobs"] = _CompletionLogprobs().render(positions) if wants_logprobs else None
+            if completion.token_ids:
+                choice["token_ids"] = list(completion.token_ids)
             out.append(choice)
         return web.json_response({
             "id": response_id,
             "object": "chat.completion" if chat else "text_completion",
             "created": created,
-            "model": model,
+            "model": result.model,
             "choices": out,
-            "usage": _usage(usage),
+            "usage": _usage(result.usage),
         })
 
     async def _stream(
         self,
         request: web.Request,
-        deltas: AsyncIterator[router_pb2.RouterGenerateResponse],
+        generation: Generation,
         response_id: str,
         created: int,
-        model: str,
         chat: bool,
         include_usage: bool,
     ) -> web.StreamResponse:
@@ -351,7 +296,7 @@ class HttpBridge:
             "id": response_id,
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created,
-            "model": model,
+            "model": generation.model,
         }
         offsets: dict[int, _CompletionLogprobs] = {}
         started: set[int] = set()
@@ -381,7 +326,7 @@ class HttpBridge:
                 choice["stop_reason"] = delta.stop_reason or None
             return chunk([choice])
 
-        async with contextlib.aclosing(deltas) as stream:
+        async with contextlib.aclosing(aiter(generation)) as stream:
             first = await anext(stream)
             response = web.StreamResponse(
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

@@ -24,20 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import Counter
-
 from router_svc.kv_index import KvIndex
 from router_svc.workers import Peer
 from services.pb import common_pb2
 
 POLICIES = ("round_robin", "least_load", "kv_aware")
-
-DECISIONS = Counter(
-    "stagemesh_router_decisions_total",
-    "Worker choices, by policy, role and the reason for the choice",
-    ["policy", "role", "reason"],
-)
-
 
 @dataclass(frozen=True)
 class Choice:

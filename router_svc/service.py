@@ -8,14 +8,14 @@ from typing import ClassVar
 
 import grpc
 from google.protobuf import descriptor
-from prometheus_client import Gauge
 
 from router_svc.affinity import SESSION_HEADER
 from router_svc.config import RouterConfig
-from router_svc.generate import Orchestrator
 from router_svc.kv_index import KvIndex
 from router_svc.kv_subscriber import KvSubscriber
+from router_svc.metrics import INDEX_ENTRIES
 from router_svc.openai_bridge import HttpBridge
+from router_svc.pipeline import Pipeline
 from router_svc.policy import make_policy
 from router_svc.workers import ENGINE_ROLES, Workers
 from services.clients import health_status
@@ -24,44 +24,42 @@ from services.membership import member_key
 from services.pb import common_pb2, router_pb2
 from services.server import Stage
 
-INDEX_ENTRIES = Gauge(
-    "stagemesh_router_kv_index_entries", "(block, worker) entries in the router's KV index"
-)
-
 
 class RouterServicer:
     """The mesh's public gRPC API."""
 
-    def __init__(self, orchestrator: Orchestrator, index: KvIndex) -> None:
-        self._orchestrator = orchestrator
+    def __init__(self, pipeline: Pipeline, workers: Workers, index: KvIndex) -> None:
+        self._pipeline = pipeline
+        self._workers = workers
         self._index = index
 
     async def Generate(
         self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         """Stream text deltas; the last message carries the usage totals."""
-        deadline = self._orchestrator.deadline(context.time_remaining())
-        async for delta in self._orchestrator.generate(_with_session(request, context), deadline):
+        deadline = self._pipeline.deadline(context.time_remaining())
+        generation = await self._pipeline.start([_with_session(request, context)], deadline)
+        async for delta in generation:
             yield delta
 
     async def GenerateUnary(
         self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouterGenerateResult:
         """The whole result in one reply."""
-        return await self._orchestrator.complete(
-            _with_session(request, context), self._orchestrator.deadline(context.time_remaining())
-        )
+        deadline = self._pipeline.deadline(context.time_remaining())
+        generation = await self._pipeline.start([_with_session(request, context)], deadline)
+        return await generation.result()
 
     async def ListModels(
         self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListModelsResponse:
-        return router_pb2.ListModelsResponse(models=await self._orchestrator.model_cards())
+        return router_pb2.ListModelsResponse(models=await self._pipeline.catalogue.cards())
 
     async def ListMembers(
         self, request: router_pb2.ListMembersRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListMembersResponse:
         """Members as etcd lists them, each with a fresh health check and its last load."""
-        workers = self._orchestrator.workers
+        workers = self._workers
         members = sorted(workers.members(request.role), key=lambda m: (m.role, m.grpc_address))
         health = await asyncio.gather(*(health_status(m.grpc_address, timeout=1.0) for m in members))
         reply = router_pb2.ListMembersResponse()
@@ -94,9 +92,9 @@ class RouterStage(Stage):
             )
         except ValueError as exc:
             raise SystemExit(f"--router-policy: {exc}") from None
-        self._orchestrator = Orchestrator(config, self._workers, policy)
-        self._servicer = RouterServicer(self._orchestrator, index)
-        self._bridge = HttpBridge(self._orchestrator, config.max_body_mib) if config.http_port >= 0 else None
+        pipeline = Pipeline(config, self._workers, policy)
+        self._servicer = RouterServicer(pipeline, self._workers, index)
+        self._bridge = HttpBridge(pipeline, config.max_body_mib) if config.http_port >= 0 else None
 
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
         return [(router_pb2.DESCRIPTOR.services_by_name["RouterService"], self._servicer)]

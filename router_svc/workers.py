@@ -83,7 +83,7 @@ class Workers:
         load_interval: float,
         kv_events: KvSubscriber | None = None,
     ) -> None:
-        self._watcher = MemberWatcher(session, on_change=self._on_change)
+        self._watcher: MemberWatcher[common_pb2.Member] = MemberWatcher(session, on_change=self._on_change)
         self._kv_events = kv_events
         self._control_timeout = control_timeout
         self._load_interval = load_interval

@@ -165,6 +165,8 @@ class _KvEventSource(_StageClient):
 class KvStoreClient(_KvEventSource):
     """Client of a KV store's control API (the bytes move over NIXL, see kvstore_client)."""
 
+    _stub: kvstore_pb2_grpc.KvStoreServiceStub
+
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__(address, timeout)
         self._stub = kvstore_pb2_grpc.KvStoreServiceStub(self._channel)
@@ -175,6 +177,8 @@ class KvStoreClient(_KvEventSource):
 
 class EngineClient(_KvEventSource):
     """Client of an engine stage (EngineService): prefill or decode member."""
+
+    _stub: engine_pb2_grpc.EngineServiceStub
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__(address, timeout)
@@ -251,6 +255,6 @@ class RouterClient(_StageClient):
 
     async def list_members(self, role: int = common_pb2.ROLE_UNSPECIFIED) -> list[router_pb2.MemberStatus]:
         reply = await self._stub.ListMembers(
-            router_pb2.ListMembersRequest(role=role), timeout=self._timeout
+            router_pb2.ListMembersRequest(role=common_pb2.Role.ValueType(role)), timeout=self._timeout
         )
         return list(reply.members)

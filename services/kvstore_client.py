@@ -142,7 +142,7 @@ class StoreLink:
         for address, owned in shards.split(hashes).items():
             reply = self._call(
                 address, "Lookup",
-                kvstore_pb2.LookupRequest(model=layout, chain_hashes=owned, pin_seconds=pin_seconds),
+                kvstore_pb2.LookupRequest(layout=layout, chain_hashes=owned, pin_seconds=pin_seconds),
             )
             if reply.pin_id:
                 pins.append((address, reply.pin_id))
@@ -194,7 +194,7 @@ class StoreLink:
         for address, owned in shards.split(hashes).items():
             reservation = self._call(
                 address, "Reserve",
-                kvstore_pb2.ReserveRequest(model=layout, chain_hashes=owned, block_bytes=block_bytes),
+                kvstore_pb2.ReserveRequest(layout=layout, chain_hashes=owned, block_bytes=block_bytes),
             )
             if reservation.granted:
                 committed += self._write_and_commit(

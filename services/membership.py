@@ -174,7 +174,7 @@ class MemberWatcher(Generic[M]):
         prefix: str = MEMBERS_PREFIX,
         on_change: Callable[[str, M | None], None] | None = None,
         retry_seconds: float = 0.5,
-        parse: Callable[[bytes], M] = common_pb2.Member.FromString,  # type: ignore[assignment]
+        parse: Callable[[bytes], M] = common_pb2.Member.FromString,
     ) -> None:
         self._session = session
         self._prefix = prefix

@@ -111,7 +111,7 @@ def prepare_bundled_model(home: Path, force: bool = False) -> Path:
         )
         # The loaded weights are plain float32 now; drop the GGUF quantization state so
         # the saved checkpoint is an ordinary unquantized one.
-        model.hf_quantizer = None  # type: ignore[assignment]
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         progress.update()

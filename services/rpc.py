@@ -5,8 +5,9 @@ handlers from the service descriptor, which lets every stage share three behavio
 
 - a request that fails to parse (e.g. a string field with invalid UTF-8) is answered
   with INVALID_ARGUMENT instead of grpc's generic INTERNAL;
-- :class:`~services.errors.StageError` subclasses become their gRPC status, and any
-  other exception becomes INTERNAL with the details in the log, not on the wire;
+- :class:`~services.errors.StageError` subclasses become their gRPC status, with the
+  kind's name in the trailing metadata, and any other exception becomes INTERNAL with
+  the details in the log, not on the wire;
 - every call is counted and timed in Prometheus by method and status code.
 
 Only the RPCs a servicer defines as ``async`` methods are registered; the rest answer
@@ -72,7 +73,7 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 async def _fail(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
     """Abort the call with the status ``exc`` stands for (always raises)."""
     if isinstance(exc, StageError):
-        await context.abort(exc.code, str(exc))
+        await context.abort(exc.code, str(exc), trailing_metadata=exc.trailing_metadata())
     log.exception("unhandled error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the stage log")
 

@@ -283,11 +283,11 @@ async def test_bad_calls_get_clear_errors(store: StageProcess) -> None:
             await stub.Commit(kvstore_pb2.CommitRequest(reservation_id="nope"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Reserve(kvstore_pb2.ReserveRequest(model=LAYOUT, chain_hashes=[1], block_bytes=1 << 40))
+            await stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=[1], block_bytes=1 << 40))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "bytes" in (caught.value.details() or "")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Lookup(kvstore_pb2.LookupRequest(model=LAYOUT, chain_hashes=list(range(9000))))
+            await stub.Lookup(kvstore_pb2.LookupRequest(layout=LAYOUT, chain_hashes=list(range(9000))))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (await stub.GetStats(kvstore_pb2.StatsRequest())).capacity_blocks >= CAPACITY_BLOCKS
 

@@ -281,7 +281,7 @@ async def test_kv_index_follows_the_engines_and_routes_by_prefix(client, router:
 
 async def test_fetch_once_shares_one_fetch_and_forgets_failures() -> None:
     # Pure logic: how the router caches each model's decoder and info.
-    from router_svc.generate import fetch_once
+    from services.aio import fetch_once
 
     calls = 0
     release = asyncio.Event()

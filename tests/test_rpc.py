@@ -12,7 +12,18 @@ import grpc
 import pytest
 
 from services.clients import TokenizerClient
-from services.errors import InvalidRequest, Unavailable
+from services.errors import (
+    ContextLengthExceeded,
+    DeadlineExceeded,
+    InvalidRequest,
+    KvNotCollected,
+    ModelNotFound,
+    NotFound,
+    StageDead,
+    StageError,
+    Unavailable,
+    from_rpc_error,
+)
 from services.pb import tokenizer_pb2
 from services.rpc import register_service
 
@@ -71,3 +82,49 @@ async def test_errors_map_to_their_status() -> None:
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await server.stop(0)
+
+
+class Raising:
+    """Raises the error kind its Tokenize request names, as a stage would."""
+
+    def __init__(self, kinds: dict[str, type[StageError]]) -> None:
+        self._kinds = kinds
+
+    async def Tokenize(self, request, context):  # type: ignore[no-untyped-def]
+        raise self._kinds[request.text](f"raised {request.text}")
+
+
+KINDS = {
+    kind.kind(): kind
+    for kind in (
+        InvalidRequest, ContextLengthExceeded, NotFound, ModelNotFound, KvNotCollected,
+        Unavailable, DeadlineExceeded, StageDead,
+    )
+}
+
+
+async def test_error_kinds_survive_the_hop() -> None:
+    """The caller rebuilds the kind the server raised, not just its status code: the router
+    decides fallbacks and the bridge picks OpenAI codes by it."""
+    server = grpc.aio.server()
+    register_service(server, tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"], Raising(KINDS))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with TokenizerClient(f"127.0.0.1:{port}") as client:
+            for name, kind in KINDS.items():
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await client.tokenize(name)
+                assert caught.value.code() == kind.code
+                error = from_rpc_error(caught.value, "tokenizer t1")
+                assert type(error) is kind, name
+                assert str(error) == f"tokenizer t1: raised {name}"
+    finally:
+        await server.stop(0)
+    # A status grpc made itself (nothing listens any more) has no kind: its code decides.
+    async with TokenizerClient(f"127.0.0.1:{port}", timeout=2) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.tokenize("x")
+    assert type(from_rpc_error(caught.value, "tokenizer")) is Unavailable
+    assert Unavailable.retry_elsewhere and StageDead.retry_elsewhere
+    assert not DeadlineExceeded.retry_elsewhere and not InvalidRequest.retry_elsewhere

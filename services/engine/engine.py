@@ -116,7 +116,7 @@ class EngineRunner:
             model=str(self.model.path),
             served_model_name=self.model.name,
             skip_tokenizer_init=True,
-            dtype=self.config.dtype,  # type: ignore[arg-type]  # vLLM validates the name
+            dtype=self.config.dtype,  # vLLM validates the name
             max_num_seqs=self.config.max_num_seqs,
             enable_prefix_caching=True,
             gpu_memory_utilization=self.config.gpu_memory_utilization,
@@ -152,7 +152,7 @@ class EngineRunner:
         if not self.uses_kvstore:
             # A decode that cannot pull the KV fails the request (the router then runs it
             # aggregated) rather than silently recomputing the prompt.
-            return KVTransferConfig(**nixl, kv_load_failure_policy="fail")  # type: ignore[arg-type]
+            return KVTransferConfig(**nixl, kv_load_failure_policy="fail")
         store = {
             "kv_connector": "KvStoreConnector",
             "kv_connector_module_path": "services.engine.kvstore_connector",
@@ -161,8 +161,8 @@ class EngineRunner:
         }
         return KVTransferConfig(
             kv_connector="MultiConnector",
-            kv_role=self.kv_role,  # type: ignore[arg-type]
-            kv_buffer_device=nixl["kv_buffer_device"],  # type: ignore[arg-type]
+            kv_role=self.kv_role,
+            kv_buffer_device=nixl["kv_buffer_device"],
             kv_connector_extra_config={"connectors": [nixl, store]},
             # A prefill engine only ever loads from the store, a cache: a block it could
             # not read is recomputed, never a failed request.

@@ -134,7 +134,7 @@ class KvStoreConnector(KVConnectorBase_V1, SupportsHMA):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
-        self._worker.load(self._get_connector_metadata())  # type: ignore[arg-type]
+        self._worker.load(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads complete in ``start_load_kv``: a store read is one NIXL transfer for all layers."""
@@ -144,7 +144,7 @@ class KvStoreConnector(KVConnectorBase_V1, SupportsHMA):
 
     def wait_for_save(self) -> None:
         assert self._worker is not None
-        self._worker.save(self._get_connector_metadata())  # type: ignore[arg-type]
+        self._worker.save(self._get_connector_metadata())
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """A preempted request's blocks are freed at once: let writes from them finish first."""
@@ -280,16 +280,16 @@ class _SchedulerSide:
             self._plan_save(meta, new.req_id, tracked, new.num_computed_tokens + out.num_scheduled_tokens[new.req_id])
         cached = out.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            tracked = self._tracked.get(req_id)
+            known = self._tracked.get(req_id)
             new_blocks = cached.new_block_ids[i]
-            if tracked is None:
+            if known is None:
                 continue
             if new_blocks is not None:
                 if req_id in cached.resumed_req_ids:
-                    tracked.block_ids = list(new_blocks[0])
+                    known.block_ids = list(new_blocks[0])
                 else:
-                    tracked.block_ids.extend(new_blocks[0])
-            self._plan_save(meta, req_id, tracked, cached.num_computed_tokens[i] + out.num_scheduled_tokens[req_id])
+                    known.block_ids.extend(new_blocks[0])
+            self._plan_save(meta, req_id, known, cached.num_computed_tokens[i] + out.num_scheduled_tokens[req_id])
         return meta
 
     def _plan_save(self, meta: StoreConnectorMetadata, req_id: str, tracked: _Tracked, done_tokens: int) -> None:

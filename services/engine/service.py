@@ -20,7 +20,7 @@ from google.protobuf import descriptor
 from services.engine.config import EngineConfig
 from services.engine.engine import EngineRunner
 from services.engine.sampling import to_vllm
-from services.errors import InvalidRequest, NotFound, Unavailable
+from services.errors import InvalidRequest, KvNotCollected, Unavailable
 from services.model import resolve_model
 from services.pb import common_pb2, engine_pb2
 from services.server import Stage
@@ -141,7 +141,7 @@ class EngineServicer:
                 raise InvalidRequest("a KV handle can only be collected by a decode member")
             handle = request.kv_handle
             if handle.expires_at and handle.expires_at < time.time():
-                raise NotFound(
+                raise KvNotCollected(
                     f"KV transfer handle {handle.remote_request_id!r} expired "
                     f"{time.time() - handle.expires_at:.1f}s ago; prefill again"
                 )
@@ -162,7 +162,7 @@ class EngineServicer:
             sequence = output.outputs[0]
             if sequence.finish_reason == "error" and kv_params is not None and not completion_tokens:
                 # vLLM's kv_load_failure_policy "fail": the KV could not be pulled.
-                raise NotFound(
+                raise KvNotCollected(
                     f"could not collect KV transfer handle {request.kv_handle.remote_request_id!r} "
                     f"from {request.kv_handle.remote_host}:{request.kv_handle.remote_port}: it is "
                     "unknown or expired, or the prefill worker is gone; prefill again or run aggregated"

@@ -42,4 +42,4 @@ def keep_nixl_on_the_engine_cores() -> None:
     def no_reserved_cores(cls: type[CpuPlatform]) -> list[list[int]]:
         return []
 
-    CpuPlatform.discover_numa_topology = classmethod(no_reserved_cores)  # type: ignore[method-assign,assignment]
+    CpuPlatform.discover_numa_topology = classmethod(no_reserved_cores)

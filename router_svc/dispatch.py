@@ -1,0 +1,222 @@
+"""Dispatch: where a sequence runs, and getting its decode stream open.
+
+For each sequence: choose a prefill worker and decide whether to disaggregate; if so,
+Prefill there for a KV handle; then choose a decode worker and open its Generate
+stream, with the handle when there is one. Failure policy, in the order things can
+go wrong:
+
+- no member of a needed role: wait up to ``--worker-wait``, then UNAVAILABLE (503);
+- a member fails with a kind that says another may do better (unreachable, draining,
+  engine dead): it is set aside and the next one is tried (:mod:`router_svc.failover`);
+- the prefill fails or times out: the decode worker computes the prompt itself
+  (aggregated), as llm-d's routing sidecar does; a disaggregated request never fails
+  for want of a prefill worker;
+- the decode worker cannot collect the KV (:class:`~services.errors.KvNotCollected`:
+  expired, or the prefill worker died): the same request runs aggregated;
+- anything after the first token goes to the caller (the text so far has been sent;
+  replaying it elsewhere would duplicate or diverge).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+import grpc
+
+from router_svc.affinity import SessionAffinity
+from router_svc.config import RouterConfig
+from router_svc.failover import Failover
+from router_svc.metrics import (
+    DECISIONS,
+    PREFILL_FALLBACKS,
+    PREFIX_HIT_TOKENS,
+    PROMPT_TOKENS,
+    SEQUENCES,
+)
+from router_svc.policy import Choice, Policy
+from router_svc.prepare import Prompt
+from router_svc.workers import Peer, Workers
+from services.clients import EngineClient
+from services.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    KvNotCollected,
+    StageError,
+    Unavailable,
+    from_rpc_error,
+)
+from services.membership import role_name
+from services.pb import common_pb2, engine_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decoding:
+    """An open decode stream whose first message has arrived."""
+
+    peer: Peer
+    call: grpc.aio.UnaryStreamCall
+    first: engine_pb2.GenerateResponse
+    #: Prompt tokens the remote prefill found cached (disaggregated only).
+    prefill_cached: int
+    disaggregated: bool
+
+    def cached_tokens(self, last: engine_pb2.GenerateResponse) -> int:
+        """Prompt tokens found cached: by the prefill worker when there was one, else as the
+        decode engine reports with its finish (0 when a stop string ended it earlier)."""
+        return self.prefill_cached if self.disaggregated else last.usage.cached_tokens
+
+    async def replies(self) -> AsyncIterator[engine_pb2.GenerateResponse]:
+        """The stream's messages, the first included, up to the one with a finish reason."""
+        where = f"decode {self.peer.member.instance_id}"
+        reply = self.first
+        while True:
+            yield reply
+            if reply.finish_reason:
+                return
+            try:
+                message = await self.call.read()
+            except grpc.aio.AioRpcError as error:
+                raise from_rpc_error(error, where) from None
+            if message is grpc.aio.EOF:
+                raise Unavailable(f"{where}: the stream ended without a finish reason")
+            assert isinstance(message, engine_pb2.GenerateResponse)
+            reply = message
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left until a monotonic deadline; DEADLINE_EXCEEDED when none are."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("the request ran out of time")
+    return left
+
+
+class Dispatcher:
+    """Chooses workers (session affinity, then the policy) and opens decode streams."""
+
+    def __init__(self, config: RouterConfig, workers: Workers, policy: Policy) -> None:
+        self._config = config
+        self._workers = workers
+        self._policy = policy
+        self._affinity = SessionAffinity(config.session_ttl, config.max_sessions)
+
+    @contextlib.asynccontextmanager
+    async def decoding(
+        self, prompt: Prompt, sampling: common_pb2.SamplingParams, sequence_id: str, deadline: float
+    ) -> AsyncIterator[Decoding]:
+        """A decode stream with its first message in hand, after prefill and fallbacks.
+
+        The call counts as in flight on its worker until the block exits, which cancels
+        it (the engine aborts whatever it has not finished).
+        """
+        handle, cached, prefill_hit = await self._prefill(prompt, sampling, sequence_id, deadline)
+        failover = Failover(self._workers, common_pb2.ROLE_DECODE, prompt.model, self._config.worker_wait)
+        while True:
+            choice = self._choose(common_pb2.ROLE_DECODE, await failover.candidates(), prompt, sequence_id)
+            peer = choice.peer
+            assert isinstance(peer.client, EngineClient)
+            async with self._workers.using(peer):
+                call = peer.client.generate(
+                    prompt.token_ids, sampling, handle, request_id=sequence_id, timeout=remaining(deadline)
+                )
+                try:
+                    try:
+                        first = await _first_reply(call, peer)
+                    except StageError as error:
+                        if isinstance(error, KvNotCollected) and handle is not None:
+                            log.warning("%s: decode could not collect the KV (%s); decoding aggregated",
+                                        sequence_id, error)
+                            PREFILL_FALLBACKS.labels("kv_not_collected").inc()
+                            handle, cached = None, 0
+                        elif not failover.retry(peer, error):
+                            raise
+                        continue
+                    SEQUENCES.labels("disaggregated" if handle is not None else "aggregated").inc()
+                    # Counted once, for the worker that computed the prompt.
+                    PREFIX_HIT_TOKENS.inc(
+                        prefill_hit if handle is not None else choice.matched_blocks * peer.member.kv_block_size
+                    )
+                    yield Decoding(peer, call, first, cached, handle is not None)
+                    return
+                finally:
+                    call.cancel()
+
+    async def _prefill(
+        self, prompt: Prompt, sampling: common_pb2.SamplingParams, sequence_id: str, deadline: float
+    ) -> tuple[common_pb2.KvTransferHandle | None, int, int]:
+        """A KV handle from the chosen prefill worker, the tokens it found cached and the
+        tokens the index predicted it holds; or (None, 0, 0) to run aggregated.
+
+        Conditional disaggregation: the prompt goes to a prefill worker only when the
+        part of it that worker does not hold is at least ``--disagg-min-tokens``, and
+        the prefill pool is not saturated; otherwise the decode worker computes it.
+        """
+        PROMPT_TOKENS.inc(len(prompt.token_ids))
+        candidates = self._workers.candidates(common_pb2.ROLE_PREFILL, prompt.model)
+        if not candidates:
+            return None, 0, 0
+        if all(p.queued() >= self._config.kv_max_queue for p in candidates):
+            DECISIONS.labels(self._policy.name, "disaggregation", "local_prefill_saturated").inc()
+            return None, 0, 0
+        choice = self._choose(common_pb2.ROLE_PREFILL, candidates, prompt, sequence_id)
+        peer = choice.peer
+        uncached = len(prompt.token_ids) - choice.matched_blocks * peer.member.kv_block_size
+        if uncached < self._config.disagg_min_tokens:
+            DECISIONS.labels(self._policy.name, "disaggregation", "local_short_uncached").inc()
+            return None, 0, 0
+        DECISIONS.labels(self._policy.name, "disaggregation", "remote").inc()
+        assert isinstance(peer.client, EngineClient)
+        timeout = min(self._config.prefill_timeout, remaining(deadline))
+        async with self._workers.using(peer):
+            try:
+                reply = await peer.client.prefill(
+                    prompt.token_ids, sampling, request_id=f"{sequence_id}-prefill", timeout=timeout
+                )
+            except grpc.aio.AioRpcError as rpc_error:
+                error = from_rpc_error(rpc_error, f"prefill {peer.member.instance_id}")
+                if isinstance(error, InvalidRequest):
+                    raise error from None
+                if error.retry_elsewhere:
+                    self._workers.mark_down(peer)
+                log.warning("%s: %s; decoding aggregated", sequence_id, error)
+                PREFILL_FALLBACKS.labels(rpc_error.code().name.lower()).inc()
+                return None, 0, 0
+        return reply.handle, reply.cached_tokens, len(prompt.token_ids) - uncached
+
+    def _choose(self, role: int, candidates: list[Peer], prompt: Prompt, sequence_id: str) -> Choice:
+        """Apply session affinity, then the routing policy; count and log the decision.
+
+        A session goes back to its last worker while that worker is a candidate and its
+        queue is below ``--kv-max-queue``; the policy still scores it, so the prefix it
+        holds is counted as for any other choice.
+        """
+        pinned = self._affinity.get(prompt.session_id, role)
+        sticky = [p for p in candidates if p.key == pinned and p.queued() < self._config.kv_max_queue]
+        choice = self._policy.choose(sticky or candidates, prompt.hashes(candidates[0].member.kv_block_size))
+        if sticky:
+            choice = replace(choice, reason="session_affinity")
+        self._affinity.remember(prompt.session_id, role, choice.peer.key)
+        DECISIONS.labels(self._policy.name, role_name(role), choice.reason).inc()
+        log.debug(
+            "%s: %s -> %s (%s, %d prefix blocks, %d queued)", sequence_id, role_name(role),
+            choice.peer.member.instance_id, choice.reason, choice.matched_blocks, choice.peer.queued(),
+        )
+        return choice
+
+
+async def _first_reply(call: grpc.aio.UnaryStreamCall, peer: Peer) -> engine_pb2.GenerateResponse:
+    """The decode stream's first message; a stream that ends or fails first is an error."""
+    try:
+        first = await call.read()
+    except grpc.aio.AioRpcError as error:
+        raise from_rpc_error(error, f"decode {peer.member.instance_id}") from None
+    if first is grpc.aio.EOF:
+        raise Unavailable(f"decode {peer.member.instance_id} ended the stream without output")
+    assert isinstance(first, engine_pb2.GenerateResponse)
+    return first

@@ -1,0 +1,167 @@
+"""The router's one entry for a request: :meth:`Pipeline.start` returns a :class:`Generation`.
+
+A request runs through the router's modules in order (docs/design.md, "Life of a
+request"):
+
+1. limits and preparation (:mod:`router_svc.prepare`): the model resolved from the
+   :mod:`~router_svc.catalogue`, the input tokenized and checked;
+2. for each of its sequences (every prompt of a batch, ``n`` times), dispatch
+   (:mod:`router_svc.dispatch`): prefill and decode workers chosen, the decode stream
+   opened;
+3. the sequence (:mod:`router_svc.sequence`): generated ids detokenized, stop strings
+   found;
+4. metrics (:mod:`router_svc.metrics`) observed as replies pass.
+
+:meth:`Pipeline.start` does step 1 for every prompt, so any error that stops a request
+from starting is raised there, before the caller has seen anything. The gRPC service
+and the HTTP bridge only render the generation: its deltas as they come, or its
+:meth:`~Generation.result` at once. Batch prompts and ``n`` fan-out happen here and
+nowhere else.
+
+Cancelling the caller's request cancels every internal call it has open, and each
+stage aborts its part (the engines abort the vLLM request).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+
+from router_svc.catalogue import Catalogue
+from router_svc.config import RouterConfig
+from router_svc.dispatch import Dispatcher
+from router_svc.metrics import SequenceClock
+from router_svc.policy import Policy
+from router_svc.prepare import Prompt, check_limits, prepare
+from router_svc.sequence import Sequence as SequenceRun
+from router_svc.sequence import has_content, sampling_for
+from router_svc.workers import Workers
+from services.aio import merge
+from services.errors import InvalidRequest
+from services.pb import common_pb2, router_pb2
+
+
+class Pipeline:
+    """Runs requests through the mesh's stages; shared by the gRPC API and the HTTP bridge."""
+
+    def __init__(self, config: RouterConfig, workers: Workers, policy: Policy) -> None:
+        self._config = config
+        self._workers = workers
+        self.catalogue = Catalogue(workers, config.worker_wait)
+        self._dispatch = Dispatcher(config, workers, policy)
+
+    def deadline(self, client_remaining: float | None = None) -> float:
+        """Monotonic deadline of a request: the configured limit or the client's, if shorter."""
+        limit = self._config.request_timeout
+        if client_remaining is not None:
+            limit = min(limit, client_remaining)
+        return time.monotonic() + limit
+
+    def missing_roles(self) -> list[str]:
+        """The roles every request needs that have no usable member now (empty: ready)."""
+        needed = ((common_pb2.ROLE_TOKENIZER, "tokenizer"), (common_pb2.ROLE_DECODE, "decode"))
+        return [name for role, name in needed if not self._workers.candidates(role)]
+
+    async def start(
+        self, requests: Sequence[router_pb2.RouterGenerateRequest], deadline: float
+    ) -> Generation:
+        """Check and prepare a request: one message, or several that differ only in their
+        input (a batch of prompts, as OpenAI's completions take). Raises before anything
+        has been generated when the request cannot start."""
+        if not requests:
+            raise InvalidRequest("the request has no prompt")
+        n = check_limits(requests[0], self._config.max_n)
+        prompts = [await prepare(self.catalogue, request) for request in requests]
+        request_id = requests[0].request_id or uuid.uuid4().hex
+        return Generation(self, list(zip(requests, prompts, strict=True)), n, request_id, deadline)
+
+    async def run_sequence(
+        self,
+        request: router_pb2.RouterGenerateRequest,
+        prompt: Prompt,
+        sample: int,
+        choice: int,
+        sequence_id: str,
+        deadline: float,
+        usage: common_pb2.Usage,
+    ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        """Sample ``sample`` of a prompt, as output ``choice``: its deltas, and its tokens
+        (with the prompt's, once per prompt) added to ``usage``."""
+        sampling = sampling_for(request, prompt, sample)
+        run = SequenceRun(
+            prompt, sampling, await self.catalogue.decoder(prompt.model), choice, request.return_token_ids
+        )
+        clock = SequenceClock(prompt.arrived)
+        async with self._dispatch.decoding(prompt, sampling, sequence_id, deadline) as decoding:
+            async for reply in decoding.replies():
+                clock.reply(len(reply.token_ids))
+                delta = run.delta(reply)
+                if delta.finish_reason:
+                    clock.finished()
+                    usage.completion_tokens += run.completion_tokens
+                    if sample == 0:  # the prompt is counted once, as OpenAI does for n > 1
+                        usage.prompt_tokens += len(prompt.token_ids)
+                        usage.cached_tokens += decoding.cached_tokens(reply)
+                if has_content(delta):
+                    yield delta
+                if delta.finish_reason:
+                    return
+
+
+class Generation:
+    """A started request. Iterate for its deltas (indexed prompt-major: prompt ``p``'s
+    sequence ``i`` is choice ``p * n + i``); the last message carries the usage totals."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        prompts: list[tuple[router_pb2.RouterGenerateRequest, Prompt]],
+        n: int,
+        request_id: str,
+        deadline: float,
+    ) -> None:
+        self._pipeline = pipeline
+        self._prompts = prompts
+        self._n = n
+        self._deadline = deadline
+        self.request_id = request_id
+        self.model = prompts[0][1].model
+        #: Outputs the request asked for: prompts times n.
+        self.choices = len(prompts) * n
+
+    async def __aiter__(self) -> AsyncGenerator[router_pb2.RouterGenerateResponse, None]:
+        usage = common_pb2.Usage()
+        streams = [
+            self._pipeline.run_sequence(
+                request, prompt, i, p * self._n + i, f"{self.request_id}-{p * self._n + i}",
+                self._deadline, usage,
+            )
+            for p, (request, prompt) in enumerate(self._prompts)
+            for i in range(self._n)
+        ]
+        async with contextlib.aclosing(merge(streams)) as deltas:
+            async for delta in deltas:
+                delta.request_id = self.request_id
+                yield delta
+        yield router_pb2.RouterGenerateResponse(usage=usage, request_id=self.request_id)
+
+    async def result(self) -> router_pb2.RouterGenerateResult:
+        """The whole result at once: each sequence's deltas joined."""
+        result = router_pb2.RouterGenerateResult(model=self.model, request_id=self.request_id)
+        completions = [router_pb2.Completion(index=i) for i in range(self.choices)]
+        async with contextlib.aclosing(aiter(self)) as deltas:
+            async for delta in deltas:
+                if delta.HasField("usage"):
+                    result.usage.CopyFrom(delta.usage)
+                    continue
+                completion = completions[delta.index]
+                completion.text += delta.text
+                completion.token_ids.extend(delta.token_ids)
+                completion.logprobs.extend(delta.logprobs)
+                if delta.finish_reason:
+                    completion.finish_reason = delta.finish_reason
+                    completion.stop_reason = delta.stop_reason
+        result.completions.extend(completions)
+        return result

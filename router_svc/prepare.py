@@ -1,0 +1,97 @@
+"""Request preparation: a request's input becomes a checked prompt of token ids.
+
+Everything here happens before any engine is asked for anything, so a request that
+cannot be served is refused at no cost to the mesh: the limits first (pure checks of
+the message), then the model, then the prompt, tokenized by a tokenizer member or
+checked against the vocabulary when the caller sent ids, and its length against the
+shortest context of the engines that serve the model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from router_svc.catalogue import Catalogue
+from services.errors import ContextLengthExceeded, InvalidRequest
+from services.kv_hash import chain_hashes
+from services.pb import router_pb2, tokenizer_pb2
+
+
+@dataclass
+class Prompt:
+    """A tokenized, checked prompt and the facts of its model."""
+
+    model: str
+    token_ids: list[int]
+    info: tokenizer_pb2.ModelInfo
+    arrived: float
+    #: The client's sticky-routing key ("" when none).
+    session_id: str = ""
+    _hashes: dict[int, list[int]] = field(default_factory=dict)
+
+    def hashes(self, block_size: int) -> list[int]:
+        """The prompt's chained block hashes for a KV block size (computed once per size)."""
+        if block_size <= 0:
+            return []
+        if block_size not in self._hashes:
+            self._hashes[block_size] = chain_hashes(self.token_ids, block_size)
+        return self._hashes[block_size]
+
+
+def check_limits(request: router_pb2.RouterGenerateRequest, max_n: int) -> int:
+    """The request's ``n``, refused before anything is sized by it."""
+    n = request.n or 1
+    if n > max_n:
+        raise InvalidRequest(f"n must be between 1 and {max_n}, got {n}", param="n")
+    return n
+
+
+async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateRequest) -> Prompt:
+    """Resolve the model, tokenize (or check the ids) and check the length."""
+    arrived = time.monotonic()
+    model = await catalogue.resolve(request.model)
+    info = await catalogue.info(model)
+    limit = catalogue.max_model_len(model, info)
+    kind = request.WhichOneof("input")
+    chars = len(request.text) if kind == "text" else sum(len(m.content) for m in request.chat.messages)
+    if info.max_token_chars and chars > limit * info.max_token_chars:
+        # Certainly too long: refuse before the tokenizer spends seconds on it.
+        raise ContextLengthExceeded(
+            f"the prompt has {chars} characters, more than {model!r} can fit in its "
+            f"context length of {limit} tokens"
+        )
+    if kind == "text":
+        if not request.text:
+            raise InvalidRequest("the prompt is empty")
+        reply = await catalogue.tokenizer(model, lambda c: c.tokenize(request.text, model))
+        ids = list(reply.token_ids)
+    elif kind == "chat":
+        messages = [
+            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+            for m in request.chat.messages
+        ]
+        chat = request.chat
+        add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        reply = await catalogue.tokenizer(
+            model, lambda c: c.tokenize_chat(messages, model, add, chat.continue_final_message)
+        )
+        ids = list(reply.token_ids)
+    elif kind == "token_ids":
+        ids = list(request.token_ids.ids)
+        for position, token_id in enumerate(ids):
+            if token_id >= info.vocab_size:
+                raise InvalidRequest(
+                    f"token id {token_id} at position {position} is outside the vocabulary "
+                    f"(size {info.vocab_size})"
+                )
+    else:
+        raise InvalidRequest("the request has no input: set text, chat or token_ids")
+    if not ids:
+        raise InvalidRequest("the prompt is empty")
+    if len(ids) >= limit:
+        raise ContextLengthExceeded(
+            f"the prompt has {len(ids)} tokens; {model!r} accepts at most {limit - 1} "
+            f"(context length {limit}, with room for one generated token)"
+        )
+    return Prompt(model, ids, info, arrived, request.session_id)

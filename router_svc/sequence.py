@@ -1,0 +1,101 @@
+"""One sequence of a request: the engine's generated ids in, the caller's deltas out.
+
+Detokenizing in the router (with the decoder the tokenizer stage exports) keeps each
+generated token to one message in and one out: through the tokenizer's Detokenize
+stream it cost two more messages and a hop, the largest share of the router's
+per-token cost (docs/design.md, "Where detokenization runs"). Stop strings are found
+here for the same reason; when one ends the sequence, the engine's stream is
+cancelled and the engine aborts the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from router_svc.prepare import Prompt
+from services.detokenizer import TokenDecoder
+from services.pb import common_pb2, engine_pb2, router_pb2
+
+#: Prompt ids given to the detokenizer as context (tokenizers render a token
+#: differently at the start of a text, e.g. a leading space).
+_CONTEXT_IDS = 6
+
+
+def sampling_for(
+    request: router_pb2.RouterGenerateRequest, prompt: Prompt, sample: int
+) -> common_pb2.SamplingParams:
+    """The engine's sampling settings for sample ``sample`` (of ``n``) of a prompt."""
+    sampling = common_pb2.SamplingParams()
+    sampling.CopyFrom(request.sampling)
+    if not sampling.ignore_eos:
+        # Engines skip their tokenizer, so they know only the generation config's
+        # EOS; the tokenizer's may differ (chat models end turns on their own token).
+        known = set(sampling.stop_token_ids)
+        sampling.stop_token_ids.extend(i for i in prompt.info.eos_token_ids if i not in known)
+    if sample and sampling.HasField("seed"):
+        sampling.seed += sample  # n samples with one seed must still differ
+    return sampling
+
+
+class Sequence:
+    """Turns one sequence's engine replies into deltas, and knows when it has finished."""
+
+    def __init__(
+        self,
+        prompt: Prompt,
+        sampling: common_pb2.SamplingParams,
+        decoder: TokenDecoder,
+        index: int,
+        return_token_ids: bool,
+    ) -> None:
+        self._prompt = prompt
+        self._decoder = decoder
+        self._index = index
+        self._return_token_ids = return_token_ids
+        self._detokenizer = decoder.detokenizer(
+            prompt.token_ids[-_CONTEXT_IDS:],
+            sampling.stop,
+            sampling.include_stop_str_in_output,
+            sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") else True,
+        )
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far (up to the stop string, when one ended the sequence)."""
+        return self._detokenizer.num_tokens
+
+    def delta(self, reply: engine_pb2.GenerateResponse) -> router_pb2.RouterGenerateResponse:
+        """The caller's delta for one engine reply; ``finish_reason`` set on the last one."""
+        detokenizer = self._detokenizer
+        text = detokenizer.push(reply.token_ids)
+        if reply.finish_reason and not detokenizer.stopped:
+            text += detokenizer.finish()
+        delta = router_pb2.RouterGenerateResponse(index=self._index, text=text)
+        if self._return_token_ids:
+            delta.token_ids.extend(reply.token_ids)
+        if reply.logprobs:
+            delta.logprobs.extend(reply.logprobs)
+            _name_tokens(self._decoder, delta.logprobs)
+        if detokenizer.stopped:
+            delta.finish_reason = common_pb2.FINISH_REASON_STOP
+            delta.stop_reason = detokenizer.stop_reason
+        elif reply.finish_reason:
+            delta.finish_reason = reply.finish_reason
+            eos = self._prompt.info.eos_token_ids
+            if reply.HasField("stop_token_id") and reply.stop_token_id not in eos:
+                delta.stop_reason = str(reply.stop_token_id)
+        return delta
+
+
+def has_content(delta: router_pb2.RouterGenerateResponse) -> bool:
+    """Whether a delta carries anything for the caller (a held-back partial stop does not)."""
+    return bool(delta.text or delta.token_ids or delta.logprobs or delta.finish_reason)
+
+
+def _name_tokens(decoder: TokenDecoder, logprobs: Iterable[common_pb2.PositionLogprobs]) -> None:
+    """Fill each log-probability entry's token text."""
+    entries = [entry for position in logprobs for entry in (position.chosen, *position.top)]
+    ids = sorted({entry.token_id for entry in entries})
+    texts = dict(zip(ids, decoder.token_texts(ids), strict=True))
+    for entry in entries:
+        entry.token = texts[entry.token_id]
