@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.report import print_table, write_json
 from router_svc.kv_index import KvIndex
-from services.kv_hash import chain_hashes
+from services.kv.hashing import chain_hashes
 from services.pb import common_pb2
 
 BLOCK_SIZE = 16

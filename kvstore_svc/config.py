@@ -6,7 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 from services.config import NixlStageConfig, setting
-from services.kv_shards import DEFAULT_VNODES
+from services.kv.shards import DEFAULT_VNODES
 
 
 @dataclasses.dataclass

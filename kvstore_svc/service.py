@@ -26,10 +26,10 @@ from kvstore_svc.blocks import BlockTable, LayoutMismatch
 from kvstore_svc.config import KvStoreConfig
 from services.aio import cancel_and_wait
 from services.errors import InvalidRequest, NotFound, Unavailable
-from services.etcd import free_port
-from services.kv_events import KvEventLog, chain_name
-from services.kv_shards import ring_points, shard_key
-from services.nixl import limit_progress_poll, nixl_api
+from services.kv.events import KvEventLog, chain_name
+from services.kv.nixl import limit_progress_poll, nixl_api
+from services.kv.shards import ring_points, shard_key
+from services.net import free_port
 from services.pb import common_pb2, kvstore_pb2
 from services.server import Stage
 

@@ -1,6 +1,6 @@
 """The router's index of which worker holds which KV blocks.
 
-Blocks are named by the mesh's chained hash (:mod:`services.kv_hash`), so equal hashes
+Blocks are named by the mesh's chained hash (:mod:`services.kv.hashing`), so equal hashes
 mean equal prefixes on every worker and in the KV store. Engines report blocks with their own
 hashes and the blocks' token ids; the index maps each worker's engine hashes to chain
 hashes so that removals (which carry engine hashes only) find their blocks.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from services.kv_hash import ROOT, block_hash
+from services.kv.hashing import ROOT, block_hash
 from services.pb import common_pb2
 
 

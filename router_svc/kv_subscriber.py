@@ -44,7 +44,7 @@ def apply_snapshot(index: KvIndex, worker: str, snapshot: common_pb2.KvSnapshot)
         pending = deferred
 
 
-def apply_event(index: KvIndex, worker: str, event: common_pb2.KvEvent) -> None:
+def index_event(index: KvIndex, worker: str, event: common_pb2.KvEvent) -> None:
     kind = event.WhichOneof("event")
     if kind == "block_stored":
         index.stored(worker, event.block_stored)
@@ -86,7 +86,7 @@ class KvSubscriber:
                         log.debug("%s: KV index resynced, %d blocks", worker, self.index.blocks_of(worker))
                         break  # resume the stream after the snapshot
                     for event in reply.events:
-                        apply_event(self.index, worker, event)
+                        index_event(self.index, worker, event)
                         epoch, sequence = event.epoch, event.sequence
                 else:
                     await asyncio.sleep(RETRY_SECONDS)  # the engine ended the stream (draining)

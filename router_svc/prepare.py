@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from router_svc.catalogue import Catalogue
 from services.errors import ContextLengthExceeded, InvalidRequest
-from services.kv_hash import chain_hashes
+from services.kv.hashing import chain_hashes
 from services.pb import router_pb2, tokenizer_pb2
 
 

@@ -54,7 +54,7 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_etcd(args: argparse.Namespace) -> int:
-    from services.etcd import EmbeddedEtcd
+    from services.etcd_server import EmbeddedEtcd
 
     etcd = EmbeddedEtcd(
         client_port=args.port, data_dir=Path(args.data_dir) if args.data_dir else None, host=args.host
@@ -168,7 +168,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from services.etcd import EmbeddedEtcd
+    from services.etcd_server import EmbeddedEtcd
     from services.launcher import ProcessGroup, StageProcess
     from services.model import prepare_bundled_model
     from services.placement import allowed_cores, format_cores, visible_gpus

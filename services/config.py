@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import socket
 import types
 import typing
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from services.net import route_source
 
 ENV_PREFIX = "STAGEMESH_"
 
@@ -129,27 +130,6 @@ def parse_endpoints(spec: str) -> list[tuple[str, int]]:
     if not endpoints:
         raise ValueError(f"no etcd endpoint in {spec!r}")
     return endpoints
-
-
-def route_source(endpoints: Sequence[tuple[str, int]]) -> str:
-    """The local address the kernel would use to reach the first resolvable endpoint.
-
-    Connecting a UDP socket sends nothing: it only selects the route and source address.
-    """
-    problems = []
-    for host, port in endpoints:
-        try:
-            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-            with socket.socket(family, kind, proto) as probe:
-                probe.connect(address)
-                return str(probe.getsockname()[0])
-        except OSError as exc:
-            problems.append(f"{host}:{port}: {exc}")
-    raise SystemExit(
-        "cannot find this host's address on the route to etcd ("
-        + "; ".join(problems)
-        + "); set --advertise-host (STAGEMESH_ADVERTISE_HOST) to an address peers can reach"
-    )
 
 
 def _convert(text: str, annotation: Any) -> Any:

@@ -19,9 +19,11 @@ import pytest_asyncio
 
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.config import DEFAULT_HOME
-from services.etcd import EmbeddedEtcd, EtcdSession, free_port
+from services.etcd import EtcdSession
+from services.etcd_server import EmbeddedEtcd
 from services.launcher import StageProcess
 from services.model import prepare_bundled_model
+from services.net import free_port
 from services.pb import common_pb2
 
 #: Seconds a stage process may take to become SERVING (imports + tokenizer load).

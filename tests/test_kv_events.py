@@ -6,26 +6,26 @@ import asyncio
 
 import pytest
 
-from services.engine.kv_events import apply_event
 from services.engine.service import handle_from_params, params_from_handle
+from services.engine.vllm_events import apply_vllm_event
 from services.errors import InvalidRequest
-from services.kv_events import KvEventLog
+from services.kv.events import KvEventLog
 
 
 def test_events_decode_by_name_or_position_ignoring_new_fields() -> None:
     log = KvEventLog(block_size=2)
     # Current vLLM: tagged maps, with fields we do not know.
-    apply_event(log, {"type": "BlockStored", "block_hashes": [b"a", b"b"], "parent_block_hash": None,
+    apply_vllm_event(log, {"type": "BlockStored", "block_hashes": [b"a", b"b"], "parent_block_hash": None,
                       "token_ids": [1, 2, 3, 4], "block_size": 2, "medium": "CPU", "future": 1})
     # Older vLLM: tagged arrays; trailing fields appended by newer versions are ignored.
-    apply_event(log, ["BlockStored", [7], b"b", [5, 6], 2, None, "GPU", None, "extra", 42])
-    apply_event(log, ["BlockRemoved", [b"a"], "GPU", 0, "LOCAL"])
-    apply_event(log, {"type": "SomethingNew", "x": 1})  # unknown kinds are skipped
+    apply_vllm_event(log, ["BlockStored", [7], b"b", [5, 6], 2, None, "GPU", None, "extra", 42])
+    apply_vllm_event(log, ["BlockRemoved", [b"a"], "GPU", 0, "LOCAL"])
+    apply_vllm_event(log, {"type": "SomethingNew", "x": 1})  # unknown kinds are skipped
     snapshot = log.snapshot()
     assert snapshot.sequence == 3
     held = {bytes(block.block_hashes[0]): (bytes(block.parent_block_hash), list(block.token_ids)) for block in snapshot.blocks}
     assert held == {b"b": (b"a", [3, 4]), (7).to_bytes(16, "big", signed=True): (b"b", [5, 6])}
-    apply_event(log, {"type": "AllBlocksCleared"})
+    apply_vllm_event(log, {"type": "AllBlocksCleared"})
     assert log.num_blocks == 0
 
 

@@ -5,7 +5,7 @@ prefix per worker, and the memory cap evicts the least recently used blocks."""
 from __future__ import annotations
 
 from router_svc.kv_index import KvIndex
-from services.kv_hash import chain_hashes
+from services.kv.hashing import chain_hashes
 from services.pb import common_pb2
 
 BLOCK = 4

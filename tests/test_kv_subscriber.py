@@ -4,8 +4,8 @@ themselves are exercised against real engines in test_router and test_faults).""
 from __future__ import annotations
 
 from router_svc.kv_index import KvIndex
-from router_svc.kv_subscriber import apply_event, apply_snapshot
-from services.kv_hash import chain_hashes
+from router_svc.kv_subscriber import apply_snapshot, index_event
+from services.kv.hashing import chain_hashes
 from services.pb import common_pb2
 
 BLOCK = 4
@@ -37,8 +37,8 @@ def test_snapshot_skips_orphans() -> None:
 def test_events_store_remove_and_clear() -> None:
     index = KvIndex()
     for i in range(3):
-        apply_event(index, "w", common_pb2.KvEvent(block_stored=record(i)))
-    apply_event(index, "w", common_pb2.KvEvent(block_removed=common_pb2.BlockRemoved(block_hashes=[b"e2"])))
+        index_event(index, "w", common_pb2.KvEvent(block_stored=record(i)))
+    index_event(index, "w", common_pb2.KvEvent(block_removed=common_pb2.BlockRemoved(block_hashes=[b"e2"])))
     assert index.match(chain_hashes(IDS, BLOCK), ["w"]) == {"w": 2}
-    apply_event(index, "w", common_pb2.KvEvent(all_blocks_cleared=common_pb2.AllBlocksCleared()))
+    index_event(index, "w", common_pb2.KvEvent(all_blocks_cleared=common_pb2.AllBlocksCleared()))
     assert len(index) == 0

@@ -18,11 +18,12 @@ import pytest
 import pytest_asyncio
 
 from kvstore_svc.blocks import BlockTable, LayoutMismatch
-from services.etcd import EmbeddedEtcd, EtcdSession
-from services.kv_shards import SHARDS_PREFIX, ShardMap, ring_points
-from services.kvstore_client import HostBlocks, StoreLink
+from services.etcd import EtcdSession
+from services.etcd_server import EmbeddedEtcd
+from services.kv.nixl import new_agent
+from services.kv.shards import SHARDS_PREFIX, ShardMap, ring_points
+from services.kv.store_link import HostBlocks, StoreLink
 from services.launcher import StageProcess
-from services.nixl import new_agent
 from services.pb import common_pb2, kvstore_pb2
 from tests.conftest import kvstore_process, private_etcd, running
 

@@ -15,9 +15,11 @@ import grpc
 import pytest
 
 from services.clients import TokenizerClient, health_status
-from services.etcd import EmbeddedEtcd, EtcdSession, ephemeral_ports, free_port
+from services.etcd import EtcdSession
+from services.etcd_server import EmbeddedEtcd
 from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX, MemberWatcher, role_prefix
+from services.net import ephemeral_ports, free_port
 from services.pb import common_pb2, tokenizer_pb2
 from tests.conftest import STAGE_START_TIMEOUT, tokenizer_process
 

@@ -17,7 +17,8 @@ import httpx
 import openai
 import pytest
 
-from services.etcd import EmbeddedEtcd, EtcdSession
+from services.etcd import EtcdSession
+from services.etcd_server import EmbeddedEtcd
 from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX
 from services.pb import common_pb2

@@ -8,7 +8,7 @@ from router_svc.affinity import SessionAffinity
 from router_svc.kv_index import KvIndex
 from router_svc.policy import KvAware, LeastLoad, RoundRobin
 from router_svc.workers import Peer
-from services.kv_hash import chain_hashes
+from services.kv.hashing import chain_hashes
 from services.pb import common_pb2, engine_pb2
 
 BLOCK = 4

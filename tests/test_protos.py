@@ -49,9 +49,21 @@ def test_light_stages_do_not_import_torch_or_vllm() -> None:
     """The router, the tokenizer and the KV store (NIXL bindings included) stay torch-free."""
     code = (
         "import sys, services.server, services.clients, services.membership, tokenizer_svc.service,"
-        " router_svc.service, kvstore_svc.service, services.kvstore_client, services.nixl;"
-        "services.nixl.new_agent('probe');"
+        " router_svc.service, kvstore_svc.service, services.kv.store_link, services.kv.nixl;"
+        "services.kv.nixl.new_agent('probe');"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'vllm'});"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_kv_store_imports_only_what_it_uses() -> None:
+    """The store needs a port picker, not the launcher, the stage clients or a tokenizer."""
+    code = (
+        "import sys, kvstore_svc.service;"
+        "bad = sorted(m for m in sys.modules if m in {'services.launcher', 'services.clients',"
+        " 'services.etcd_server', 'services.detokenizer', 'tokenizers', 'transformers'});"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)

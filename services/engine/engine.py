@@ -11,7 +11,7 @@ stage needs around it:
   the transfer finished;
 - load figures from vLLM's scheduler stats;
 - vLLM's KV events, read from its ZMQ publisher and re-published through a
-  :class:`~services.kv_events.KvEventLog` with the mesh's sequence numbers.
+  :class:`~services.kv.events.KvEventLog` with the mesh's sequence numbers.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from services.engine.config import EngineConfig
-from services.engine.kv_events import ZmqKvEventBridge
+from services.engine.vllm_events import ZmqKvEventBridge
 from services.errors import InvalidRequest, StageDead
-from services.etcd import free_port
-from services.kv_events import KvEventLog
+from services.kv.events import KvEventLog
+from services.kv.nixl import POLL_MS_ENV
 from services.model import ModelSpec
-from services.nixl import POLL_MS_ENV
+from services.net import free_port
 from services.pb import engine_pb2
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ MultiConnector, beside NixlConnector, so one prefill engine both hands KV to a d
 engine and shares it through the store. Both halves of a connector exist:
 
 - **scheduler side** (engine core process): for a new request it names the prompt's
-  full blocks by the mesh's chain hash (:mod:`services.kv_hash`), asks the owning
+  full blocks by the mesh's chain hash (:mod:`services.kv.hashing`), asks the owning
   stores for the longest stored prefix (``Lookup`` pins the hits) and, when that
   reaches past the engine's own prefix cache, tells vLLM those tokens are computed
   externally. Each step it also plans writes of the prompt blocks the step completes.
@@ -45,10 +45,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from services.config import parse_endpoints
-from services.kv_hash import chain_hashes
-from services.kv_shards import ShardMap, ShardMapFollower
-from services.kvstore_client import Hit, Prefix, Region, StoreError, StoreLink
-from services.nixl import new_agent
+from services.kv.hashing import chain_hashes
+from services.kv.nixl import new_agent
+from services.kv.shards import ShardMap, ShardMapFollower
+from services.kv.store_link import Hit, Prefix, Region, StoreError, StoreLink
 
 if TYPE_CHECKING:
     from vllm.attention.backends.abstract import AttentionMetadata

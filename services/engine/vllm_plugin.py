@@ -8,7 +8,7 @@ processes in the environment are untouched. It does two things:
 
 - every new NIXL agent (NixlConnector's, the store connector's) sleeps up to that many
   milliseconds in its progress thread instead of busy-polling a core
-  (:func:`services.nixl.limit_progress_poll` says why);
+  (:func:`services.kv.nixl.limit_progress_poll` says why);
 - vLLM's NIXL worker on CPU does not re-pin the thread that creates it. It "reserves"
   the last core of each NUMA node for KV loads with ``sched_setaffinity``, whatever
   cores the engine was given, and on the uniprocess executor that thread is the engine
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from services.nixl import POLL_MS_ENV, limit_progress_poll, nixl_api
+from services.kv.nixl import POLL_MS_ENV, limit_progress_poll, nixl_api
 
 
 def register() -> None:

@@ -16,14 +16,14 @@ class BlockSlot(_message.Message):
     def __init__(self, chain_hash: _Optional[int] = ..., slot: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("model", "chain_hashes", "pin_seconds")
-    MODEL_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("layout", "chain_hashes", "pin_seconds")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     PIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    model: str
+    layout: str
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     pin_seconds: float
-    def __init__(self, model: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., pin_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., pin_seconds: _Optional[float] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hits", "pin_id", "target")
@@ -46,14 +46,14 @@ class ReleaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("model", "chain_hashes", "block_bytes")
-    MODEL_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("layout", "chain_hashes", "block_bytes")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
-    model: str
+    layout: str
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     block_bytes: int
-    def __init__(self, model: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("granted", "reservation_id", "target")

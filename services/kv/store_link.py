@@ -24,8 +24,8 @@ from typing import Any
 
 import grpc
 
-from services.kv_shards import ShardMap
-from services.nixl import transfer
+from services.kv.nixl import transfer
+from services.kv.shards import ShardMap
 from services.pb import kvstore_pb2, kvstore_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Bridge vLLM's KV-event publisher (ZMQ + msgpack, in the engine core process) into
-the stage's :class:`~services.kv_events.KvEventLog`.
+the stage's :class:`~services.kv.events.KvEventLog`.
 
 vLLM sends multipart messages ``(topic, sequence, payload)``; the payload is an
 ``EventBatch`` ``[timestamp, events, data_parallel_rank]``. Events are msgspec
@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from services.aio import cancel_and_wait
-from services.kv_events import KvEventLog
+from services.kv.events import KvEventLog
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _fields(event: Any, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
     return "", {}
 
 
-def apply_event(log_: KvEventLog, event: Any) -> None:
+def apply_vllm_event(log_: KvEventLog, event: Any) -> None:
     """Apply one decoded vLLM KV event to the log; unknown event types are skipped."""
     kind, _ = _fields(event, ())
     if kind == "BlockStored":
@@ -95,7 +95,7 @@ class ZmqKvEventBridge:
                     batch = decoder.decode(frames[2])
                     events = batch[1] if isinstance(batch, (list, tuple)) else batch.get("events", [])
                     for event in events:
-                        apply_event(self._events, event)
+                        apply_vllm_event(self._events, event)
                 except Exception:  # one bad batch must not stop the stream
                     log.exception("could not decode a KV event batch")
         finally:

