@@ -57,7 +57,7 @@ bench-vs-vllm: bench-env
 	$(PY) -m bench.vs_vllm --guidellm $(GUIDELLM_VENV)/bin/guidellm \
 		--json bench/results/vs-vllm.json --png bench/results/vs-vllm.png
 
-# ruff, then mypy over the stages, services and benchmarks (settings in pyproject.toml;
+# ruff, then mypy over the stages, services, benchmarks and tests (settings in pyproject.toml;
 # the generated services/pb is excluded). The engine stack is typed at our boundary.
 lint: install
 	$(VENV)/bin/ruff check .

@@ -24,7 +24,7 @@ from services.etcd_server import EmbeddedEtcd
 from services.launcher import StageProcess
 from services.model import prepare_bundled_model
 from services.net import free_port
-from services.pb import common_pb2
+from services.pb import common_pb2, engine_pb2
 
 #: Seconds a stage process may take to become SERVING (imports + tokenizer load).
 STAGE_START_TIMEOUT = 120.0
@@ -53,7 +53,7 @@ def model_dir(home: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def hf_tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
+def hf_tokenizer(model_dir: Path):
     """transformers' own tokenizer for the model: the reference the stage must match."""
     from transformers import AutoTokenizer
 
@@ -199,7 +199,7 @@ async def decode(engine_stages: tuple[StageProcess, StageProcess]) -> AsyncItera
 
 async def disaggregated(
     prefill: EngineClient, decode: EngineClient, prompt: list[int], params: common_pb2.SamplingParams
-) -> tuple[list[int], common_pb2.PrefillResponse]:
+) -> tuple[list[int], engine_pb2.PrefillResponse]:
     """Prefill on one engine, decode on the other with the handle; the generated ids.
 
     On a CI host whose two cores are saturated by both engines a handle can miss its

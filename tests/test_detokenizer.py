@@ -12,12 +12,12 @@ from tests.corpus import CORPUS
 
 
 @pytest.fixture(scope="module")
-def decode(hf_tokenizer):  # type: ignore[no-untyped-def]
+def decode(hf_tokenizer):
     backend = hf_tokenizer.backend_tokenizer
     return lambda ids: backend.decode(list(ids), skip_special_tokens=False)
 
 
-def stream(decode, ids, chunk=1, **kwargs) -> tuple[str, IncrementalDetokenizer]:  # type: ignore[no-untyped-def]
+def stream(decode, ids, chunk=1, **kwargs) -> tuple[str, IncrementalDetokenizer]:
     detok = IncrementalDetokenizer(decode, **kwargs)
     out = []
     for i in range(0, len(ids), chunk):

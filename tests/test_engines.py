@@ -32,7 +32,7 @@ PASSAGE = (
 )
 
 
-def reference_prompts(hf_tokenizer) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
+def reference_prompts(hf_tokenizer) -> dict[str, list[int]]:
     """Prompts from one token to several KV blocks (the CPU block size is 128)."""
     def chat(text: str) -> list[int]:
         rendered = hf_tokenizer.apply_chat_template(
@@ -60,7 +60,7 @@ async def collect(call: grpc.aio.UnaryStreamCall) -> tuple[list[int], object]:
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(model_dir: Path, hf_tokenizer):  # type: ignore[no-untyped-def]
+def hf_greedy(model_dir: Path, hf_tokenizer):
     """Greedy continuation by transformers in float32: the independent reference."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -234,7 +234,7 @@ async def test_kv_events_report_stored_blocks_and_resume(decode: EngineClient) -
     ids=["empty", "out-of-vocab", "max-tokens-0", "too-long", "bad-temperature", "bad-top-p"],
 )
 async def test_bad_requests_are_rejected_clearly(
-    decode: EngineClient, prompt: list[int], params, code, message: str  # type: ignore[no-untyped-def]
+    decode: EngineClient, prompt: list[int], params, code, message: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(decode.generate(prompt, params, timeout=60))
@@ -265,7 +265,7 @@ async def test_bad_handles_are_not_found(decode: EngineClient, prefill: EngineCl
 
 
 async def test_engines_register_their_kv_facts(
-    engine_stages, etcd_session: EtcdSession  # type: ignore[no-untyped-def]
+    engine_stages, etcd_session: EtcdSession
 ) -> None:
     addresses = {stage.grpc_address for stage in engine_stages}
     deadline = time.monotonic() + 10  # one lease TTL, should a keep-alive have been late
@@ -286,7 +286,7 @@ async def test_engines_register_their_kv_facts(
         assert list(member.models) == ["SmolLM2-135M-Instruct"]
 
 
-async def test_idle_engines_leave_their_cores_free(engine_stages) -> None:  # type: ignore[no-untyped-def]
+async def test_idle_engines_leave_their_cores_free(engine_stages) -> None:
     # NIXL's progress thread used to poll with a zero timeout: a whole core per idle
     # engine, on the core its model runs on (services/engine/vllm_plugin.py). An engine
     # is legitimately busy for a while after a test: vLLM's queues spin for a second
@@ -324,7 +324,7 @@ def allowed_cores_of_every_thread(pgid: int) -> dict[str, set[int]]:
     return masks
 
 
-async def test_engine_processes_and_threads_stay_on_their_cores(engine_stages) -> None:  # type: ignore[no-untyped-def]
+async def test_engine_processes_and_threads_stay_on_their_cores(engine_stages) -> None:
     # The session pins prefill to core 0 and decode to core 1 (--cpu-cores). Not only
     # vLLM's OpenMP threads: the stage process, gRPC's threads, EngineCore and NIXL's
     # progress thread must all stay there, or they preempt the other engine's compute.
@@ -335,7 +335,7 @@ async def test_engine_processes_and_threads_stay_on_their_cores(engine_stages) -
         assert not strays, f"{stage.name}: threads allowed off core {core}: {strays}"
 
 
-async def test_two_engines_on_one_host_make_progress_together(prefill, decode, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+async def test_two_engines_on_one_host_make_progress_together(prefill, decode, hf_tokenizer) -> None:
     # Four streams sent to each engine at the same moment. When the engines' helper
     # threads floated over both cores, one engine's first tokens came only after the
     # other engine had finished (6.4 s instead of 0.3 s).

@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from services.clients import EngineClient
 from services.launcher import StageProcess
-from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.pb import common_pb2, engine_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.conftest import (
     ENGINE_START_TIMEOUT,
     engine_process,
@@ -66,7 +66,7 @@ async def generate(address: str, prompt: list[int]) -> list[int]:
         return [t async for reply in engine.generate(prompt, GREEDY) for t in reply.token_ids]
 
 
-async def load(address: str) -> object:
+async def load(address: str) -> engine_pb2.Load:
     async with EngineClient(address) as engine:
         return await engine.load()
 

@@ -33,7 +33,7 @@ def keys_of(members: dict[str, common_pb2.Member], instance: str) -> bool:
 
 
 async def watch(session: EtcdSession, prefix: str = MEMBERS_PREFIX) -> MemberWatcher:
-    watcher = MemberWatcher(session, prefix, retry_seconds=0.2)
+    watcher: MemberWatcher[common_pb2.Member] = MemberWatcher(session, prefix, retry_seconds=0.2)
     watcher.start()
     return watcher
 
@@ -96,6 +96,7 @@ async def test_killed_stage_disappears_within_the_lease_ttl(
     watcher = await watch(etcd_session)
     try:
         instance = await registered(stage, watcher)
+        assert stage.process is not None
         stage.process.send_signal(signal.SIGKILL)  # no drain, no deregistration
         killed_at = time.monotonic()
         await watcher.wait_for(lambda m: not keys_of(m, instance), timeout=TTL + 5)
@@ -190,6 +191,7 @@ async def test_drain_on_sigterm(
             await outbox.put(tokenizer_pb2.DetokenizeRequest(token_ids=ids[:2]))
             first = await call.read()
 
+            assert stage.process is not None
             stage.process.send_signal(signal.SIGTERM)
             # Deregistered at once (lease revoked), long before the 10 s TTL would expire.
             await watcher.wait_for(lambda m: not keys_of(m, instance), timeout=2)
@@ -201,7 +203,7 @@ async def test_drain_on_sigterm(
             while (reply := await call.read()) is not grpc.aio.EOF:
                 text += reply.text
             assert text == "in flight across the drain"
-        assert stage.process.wait(timeout=20) == 0
+        assert stage.process is not None and stage.process.wait(timeout=20) == 0
     finally:
         stage.kill()
         await watcher.close()

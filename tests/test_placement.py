@@ -83,7 +83,7 @@ def test_gpus_get_one_engine_each() -> None:
     assert [(e.role, e.gpu) for e in two.engines] == [("prefill", 0), ("decode", 1)]
     eight = choose_layout(range(64), gpus=8)
     assert (eight.count("prefill"), eight.count("decode")) == (2, 6)
-    assert sorted(e.gpu for e in eight.engines) == list(range(8))
+    assert sorted(e.gpu if e.gpu is not None else -1 for e in eight.engines) == list(range(8))
     assert all(len(e.cores) == 4 for e in eight.engines)  # host cores per GPU engine, capped
     assert_engines_own_their_cores(eight)
     gpu_on_two_cores = choose_layout([0, 1], gpus=1)

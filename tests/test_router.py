@@ -11,6 +11,7 @@ import time
 import grpc
 import httpx
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
@@ -18,7 +19,8 @@ from tests.conftest import Mesh
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION_TEXT = "What is the capital of France?"
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION_TEXT}]
 STORY = "Once upon a time, in a small village by the sea,"
 
 
@@ -145,7 +147,7 @@ async def test_grpc_generate_text_chat_and_token_ids(router: RouterClient, decod
         assert deltas[-1].usage.prompt_tokens == len(ids) and deltas[-1].usage.completion_tokens == 16
         assert deltas[-2].finish_reason == common_pb2.FINISH_REASON_LENGTH
     chat = router_pb2.RouterGenerateRequest(
-        chat=tokenizer_pb2.ChatInput(messages=[tokenizer_pb2.ChatMessage(role="user", content=QUESTION[0]["content"])]),
+        chat=tokenizer_pb2.ChatInput(messages=[tokenizer_pb2.ChatMessage(role="user", content=QUESTION_TEXT)]),
         sampling=greedy,
     )
     result = await router.generate_unary(chat)

@@ -32,7 +32,7 @@ async def decode_blocks(router: RouterClient) -> dict[str, int]:
     return {m.member.instance_id: m.kv_blocks_indexed for m in await router.list_members(common_pb2.ROLE_DECODE)}
 
 
-async def until(check, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+async def until(check, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not await check():
         assert time.monotonic() < deadline

@@ -31,19 +31,19 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 class Failing:
-    async def Tokenize(self, request, context):  # type: ignore[no-untyped-def]
+    async def Tokenize(self, request, context):
         raise RuntimeError("secret internal detail")
 
-    async def Decode(self, request, context):  # type: ignore[no-untyped-def]
+    async def Decode(self, request, context):
         raise Unavailable("engine warming up")
 
-    async def Detokenize(self, requests, context) -> AsyncIterator[tokenizer_pb2.DetokenizeResponse]:  # type: ignore[no-untyped-def]
+    async def Detokenize(self, requests, context) -> AsyncIterator[tokenizer_pb2.DetokenizeResponse]:
         async for request in requests:
             yield tokenizer_pb2.DetokenizeResponse(text="ok")
             if request.finish:
                 raise InvalidRequest("bad after one reply")
 
-    def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
+    def GetModelInfo(self, request, context):
         """Not async: left unregistered, so the call is UNIMPLEMENTED."""
 
 
@@ -90,11 +90,11 @@ class Raising:
     def __init__(self, kinds: dict[str, type[StageError]]) -> None:
         self._kinds = kinds
 
-    async def Tokenize(self, request, context):  # type: ignore[no-untyped-def]
+    async def Tokenize(self, request, context):
         raise self._kinds[request.text](f"raised {request.text}")
 
 
-KINDS = {
+KINDS: dict[str, type[StageError]] = {
     kind.kind(): kind
     for kind in (
         InvalidRequest, ContextLengthExceeded, NotFound, ModelNotFound, KvNotCollected,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 async def detokenize(
-    client: TokenizerClient, ids: Sequence[int], chunk: int = 1, **start: object
+    client: TokenizerClient, ids: Sequence[int], chunk: int = 1, **start: Any
 ) -> list[tokenizer_pb2.DetokenizeResponse]:
     async def requests() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
         yield tokenizer_pb2.DetokenizeRequest(start=tokenizer_pb2.DetokenizeStart(**start))

@@ -15,7 +15,7 @@ import asyncio
 import collections
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from services.pb import common_pb2
@@ -108,7 +108,7 @@ class KvEventLog:
             ],
         )
 
-    async def subscribe(self, epoch: int, after_sequence: int) -> AsyncIterator[common_pb2.KvEventsResponse]:
+    async def subscribe(self, epoch: int, after_sequence: int) -> AsyncGenerator[common_pb2.KvEventsResponse, None]:
         """Stream events after ``(epoch, after_sequence)``; starts with resync when needed."""
         queue: asyncio.Queue[common_pb2.KvEvent | None] = asyncio.Queue()
         self._subscribers.add(queue)
