@@ -51,5 +51,18 @@ class RouterConfig(StageConfig):
     max_sessions: int = setting(100_000, "cap on remembered sessions (least recently used go first)")
     kv_index_max_blocks: int = setting(1_000_000, "cap on (block, worker) entries in the KV index")
     max_n: int = setting(16, "most sequences one request may ask for (n)")
+    max_batch: int = setting(256, "most prompts one completions request may batch")
+    max_stops: int = setting(16, "most stop strings, and most stop token ids, one request may set")
+    max_stop_chars: int = setting(256, "longest stop string, in characters")
+    max_messages: int = setting(2048, "most messages one chat request may carry")
+    max_id_chars: int = setting(256, "longest request_id or session id (x-session-id), in characters")
+    max_tokens_limit: int = setting(
+        0, "largest max_tokens a request may ask for (0: any; the engines cap it at the context length)"
+    )
+    max_queued_requests: int = setting(
+        256,
+        "requests per model admitted beyond what its decode members run at once (their "
+        "max concurrency); past it new requests get 429 / RESOURCE_EXHAUSTED with Retry-After",
+    )
 
     ROLE: ClassVar[str] = "router"

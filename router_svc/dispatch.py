@@ -8,9 +8,9 @@ go wrong:
 - no member of a needed role: wait up to ``--worker-wait``, then UNAVAILABLE (503);
 - a member fails with a kind that says another may do better (unreachable, draining,
   engine dead): it is set aside and the next one is tried (:mod:`router_svc.failover`);
-- the prefill fails or times out: the decode worker computes the prompt itself
-  (aggregated), as llm-d's routing sidecar does; a disaggregated request never fails
-  for want of a prefill worker;
+- the prefill fails otherwise (a timeout), or no prefill worker is left: the decode
+  worker computes the prompt itself (aggregated), as llm-d's routing sidecar does; a
+  disaggregated request never fails for want of a prefill worker;
 - the decode worker cannot collect the KV (:class:`~services.errors.KvNotCollected`:
   expired, or the prefill worker died): the same request runs aggregated;
 - anything after the first token goes to the caller (the text so far has been sent;
@@ -19,11 +19,13 @@ go wrong:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import NoReturn
 
 import grpc
 
@@ -83,10 +85,12 @@ class Decoding:
                 message = await self.call.read()
             except grpc.aio.AioRpcError as error:
                 raise from_rpc_error(error, where) from None
+            except asyncio.CancelledError:
+                _raise_unless_cancelled(where)
             if message is grpc.aio.EOF:
                 raise Unavailable(f"{where}: the stream ended without a finish reason")
             assert isinstance(message, engine_pb2.GenerateResponse)
-            reply = message
+            reply = checked_reply(message, where)
 
 
 def remaining(deadline: float) -> float:
@@ -158,36 +162,37 @@ class Dispatcher:
         the prefill pool is not saturated; otherwise the decode worker computes it.
         """
         PROMPT_TOKENS.inc(len(prompt.token_ids))
-        candidates = self._workers.candidates(common_pb2.ROLE_PREFILL, prompt.model)
-        if not candidates:
-            return None, 0, 0
-        if all(p.queued() >= self._config.kv_max_queue for p in candidates):
-            DECISIONS.labels(self._policy.name, "disaggregation", "local_prefill_saturated").inc()
-            return None, 0, 0
-        choice = self._choose(common_pb2.ROLE_PREFILL, candidates, prompt, sequence_id)
-        peer = choice.peer
-        uncached = len(prompt.token_ids) - choice.matched_blocks * peer.member.kv_block_size
-        if uncached < self._config.disagg_min_tokens:
-            DECISIONS.labels(self._policy.name, "disaggregation", "local_short_uncached").inc()
-            return None, 0, 0
-        DECISIONS.labels(self._policy.name, "disaggregation", "remote").inc()
-        assert isinstance(peer.client, EngineClient)
-        timeout = min(self._config.prefill_timeout, remaining(deadline))
-        async with self._workers.using(peer):
-            try:
-                reply = await peer.client.prefill(
-                    prompt.token_ids, sampling, request_id=f"{sequence_id}-prefill", timeout=timeout
-                )
-            except grpc.aio.AioRpcError as rpc_error:
-                error = from_rpc_error(rpc_error, f"prefill {peer.member.instance_id}")
-                if isinstance(error, InvalidRequest):
-                    raise error from None
-                if error.retry_elsewhere:
-                    self._workers.mark_down(peer)
-                log.warning("%s: %s; decoding aggregated", sequence_id, error)
-                PREFILL_FALLBACKS.labels(rpc_error.code().name.lower()).inc()
+        failover = Failover(self._workers, common_pb2.ROLE_PREFILL, prompt.model, self._config.worker_wait)
+        while candidates := failover.usable():
+            if all(p.queued() >= self._config.kv_max_queue for p in candidates):
+                DECISIONS.labels(self._policy.name, "disaggregation", "local_prefill_saturated").inc()
                 return None, 0, 0
-        return reply.handle, reply.cached_tokens, len(prompt.token_ids) - uncached
+            choice = self._choose(common_pb2.ROLE_PREFILL, candidates, prompt, sequence_id)
+            peer = choice.peer
+            uncached = len(prompt.token_ids) - choice.matched_blocks * peer.member.kv_block_size
+            if uncached < self._config.disagg_min_tokens:
+                DECISIONS.labels(self._policy.name, "disaggregation", "local_short_uncached").inc()
+                return None, 0, 0
+            DECISIONS.labels(self._policy.name, "disaggregation", "remote").inc()
+            assert isinstance(peer.client, EngineClient)
+            timeout = min(self._config.prefill_timeout, remaining(deadline))
+            async with self._workers.using(peer):
+                try:
+                    reply = await peer.client.prefill(
+                        prompt.token_ids, sampling, request_id=f"{sequence_id}-prefill", timeout=timeout
+                    )
+                except grpc.aio.AioRpcError as rpc_error:
+                    error = failover.error(peer, rpc_error)
+                else:
+                    return reply.handle, reply.cached_tokens, len(prompt.token_ids) - uncached
+            if isinstance(error, InvalidRequest):
+                raise error
+            if not failover.retry(peer, error) or not failover.usable():
+                log.warning("%s: %s; decoding aggregated", sequence_id, error)
+                PREFILL_FALLBACKS.labels(error.code.name.lower()).inc()
+                return None, 0, 0
+            log.warning("%s: %s; trying another prefill worker", sequence_id, error)
+        return None, 0, 0  # no prefill member: aggregated by design
 
     def _choose(self, role: int, candidates: list[Peer], prompt: Prompt, sequence_id: str) -> Choice:
         """Apply session affinity, then the routing policy; count and log the decision.
@@ -216,7 +221,30 @@ async def _first_reply(call: grpc.aio.UnaryStreamCall, peer: Peer) -> engine_pb2
         first = await call.read()
     except grpc.aio.AioRpcError as error:
         raise from_rpc_error(error, f"decode {peer.member.instance_id}") from None
+    except asyncio.CancelledError:
+        _raise_unless_cancelled(f"decode {peer.member.instance_id}")
     if first is grpc.aio.EOF:
         raise Unavailable(f"decode {peer.member.instance_id} ended the stream without output")
     assert isinstance(first, engine_pb2.GenerateResponse)
-    return first
+    return checked_reply(first, f"decode {peer.member.instance_id}")
+
+
+def _raise_unless_cancelled(where: str) -> NoReturn:
+    """Re-raise a cancellation meant for this task; one that came from the call (its
+    channel was closed under it) is the member failing, not the caller leaving."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise  # noqa: PLE0704 - called from the except clause that caught it
+    raise Unavailable(f"{where}: the call was cancelled (the channel to the member closed)")
+
+
+#: Engine finishes that are not an answer: the engine gave up on the sequence (it is
+#: shutting down, or failed), so the caller must not take the text for a whole one.
+_GAVE_UP = {common_pb2.FINISH_REASON_ABORT: "aborted", common_pb2.FINISH_REASON_ERROR: "failed"}
+
+
+def checked_reply(reply: engine_pb2.GenerateResponse, where: str) -> engine_pb2.GenerateResponse:
+    """The reply, unless the engine ended the sequence without finishing it."""
+    if reply.finish_reason in _GAVE_UP:
+        raise Unavailable(f"{where}: the engine {_GAVE_UP[reply.finish_reason]} the sequence before it finished")
+    return reply

@@ -43,6 +43,10 @@ class Failover:
         """Usable members not yet tried, least loaded first (waits for one; else UNAVAILABLE)."""
         return await self.workers.wait_candidates(self.role, self._model, self._wait, self._tried)
 
+    def usable(self) -> list[Peer]:
+        """Usable members not yet tried, least loaded first, without waiting (may be empty)."""
+        return self.workers.candidates(self.role, self._model, self._tried)
+
     def error(self, peer: Peer, error: grpc.aio.AioRpcError) -> StageError:
         """A member's gRPC failure as the kind it stands for, naming the member."""
         return from_rpc_error(error, f"{role_name(self.role)} {peer.member.instance_id}")

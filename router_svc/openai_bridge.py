@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
@@ -35,11 +35,12 @@ from services.pb import common_pb2, router_pb2
 
 log = logging.getLogger(__name__)
 
+#: Content codings aiohttp decodes (any other would reach the JSON parser still encoded).
+_CODINGS = frozenset({"", "identity", "gzip", "deflate"})
+
 _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-    common_pb2.FINISH_REASON_ERROR: "error",
 }
 
 
@@ -53,8 +54,10 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         kind: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
+        self.retry_after = retry_after
         self.status = status
         self.code = code
         self.param = param
@@ -65,13 +68,16 @@ class ApiError(Exception):
     @classmethod
     def from_stage(cls, error: StageError) -> ApiError:
         """The answer to a mesh error: everything comes from its kind (services.errors)."""
-        return cls(error.http_status, str(error), error.openai_code, error.param, error.openai_type)
+        return cls(
+            error.http_status, str(error), error.openai_code, error.param, error.openai_type, error.retry_after
+        )
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=int(self.status))
+        headers = {} if self.retry_after is None else {hdrs.RETRY_AFTER: str(max(1, round(self.retry_after)))}
+        return web.json_response(self.body(), status=int(self.status), headers=headers)
 
 
 def _parse(model: type[BaseModel], raw: bytes) -> Any:
@@ -184,7 +190,18 @@ class HttpBridge:
             return ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the router log").response()
 
     async def _body(self, request: web.Request, model: type[BaseModel]) -> Any:
-        raw = await request.read()
+        coding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+        if coding not in _CODINGS:
+            raise ApiError(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                f"Content-Encoding {coding!r} is not supported; send {', '.join(sorted(_CODINGS - {''}))}",
+            )
+        try:
+            raw = await request.read()
+        except web.RequestPayloadError:  # a body that is not what its encoding says
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"the body could not be decoded as {coding or 'identity'}"
+            ) from None
         try:
             raw.decode()
         except UnicodeDecodeError as exc:
@@ -227,7 +244,9 @@ class HttpBridge:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body: CompletionRequest = await self._body(request, CompletionRequest)
-        calls = [_to_grpc(functools.partial(body.to_grpc, prompt)) for prompt in body.prompts()]
+        prompts = body.prompts()
+        self._pipeline.limits.check_batch(len(prompts))  # before a message is built per prompt
+        calls = [_to_grpc(functools.partial(body.to_grpc, prompt)) for prompt in prompts]
         return await self._serve(request, body, calls, chat=False)
 
     # -- generation -----------------------------------------------------------
@@ -241,14 +260,16 @@ class HttpBridge:
     ) -> web.StreamResponse:
         """Start the body's generation (completions may batch several prompts) and answer."""
         session = request.headers.get(SESSION_HEADER, "")
+        if not session.isprintable() or session != session.encode(errors="replace").decode():
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the {SESSION_HEADER} header must be printable UTF-8 text")
         for call in calls:
             call.session_id = session
-        generation = await self._pipeline.start(calls, self._pipeline.deadline())
-        response_id = ("chatcmpl-" if chat else "cmpl-") + generation.request_id
-        created = int(time.time())
-        if body.stream:
-            return await self._stream(request, generation, response_id, created, chat, body.include_usage)
-        return await self._whole(generation, response_id, created, chat)
+        async with self._pipeline.start(calls, self._pipeline.deadline()) as generation:
+            response_id = ("chatcmpl-" if chat else "cmpl-") + generation.request_id
+            created = int(time.time())
+            if body.stream:
+                return await self._stream(request, generation, response_id, created, chat, body.include_usage)
+            return await self._whole(generation, response_id, created, chat)
 
     async def _whole(
         self, generation: Generation, response_id: str, created: int, chat: bool

@@ -1,4 +1,4 @@
-"""The router's one entry for a request: :meth:`Pipeline.start` returns a :class:`Generation`.
+"""The router's one entry for a request: ``async with Pipeline.start(...) as generation``.
 
 A request runs through the router's modules in order (docs/design.md, "Life of a
 request"):
@@ -12,8 +12,9 @@ request"):
    found;
 4. metrics (:mod:`router_svc.metrics`) observed as replies pass.
 
-:meth:`Pipeline.start` does step 1 for every prompt, so any error that stops a request
-from starting is raised there, before the caller has seen anything. The gRPC service
+:meth:`Pipeline.start` does step 1 for every prompt, and admits the request against
+its model's bound (``--max-queued-requests``), so any error that stops a request from
+starting is raised there, before the caller has seen anything. The gRPC service
 and the HTTP bridge only render the generation: its deltas as they come, or its
 :meth:`~Generation.result` at once. Batch prompts and ``n`` fan-out happen here and
 nowhere else.
@@ -27,19 +28,19 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 
 from router_svc.catalogue import Catalogue
 from router_svc.config import RouterConfig
 from router_svc.dispatch import Dispatcher
 from router_svc.metrics import SequenceClock
 from router_svc.policy import Policy
-from router_svc.prepare import Prompt, check_limits, prepare
+from router_svc.prepare import Limits, Prompt, prepare
 from router_svc.sequence import Sequence as SequenceRun
 from router_svc.sequence import has_content, sampling_for
 from router_svc.workers import Workers
 from services.aio import merge
-from services.errors import InvalidRequest
+from services.errors import InvalidRequest, Overloaded
 from services.pb import common_pb2, router_pb2
 
 
@@ -50,7 +51,10 @@ class Pipeline:
         self._config = config
         self._workers = workers
         self.catalogue = Catalogue(workers, config.worker_wait)
+        self.limits = Limits.from_config(config)
         self._dispatch = Dispatcher(config, workers, policy)
+        #: Requests in progress per model (admitted by :meth:`start`, not yet finished).
+        self._admitted: dict[str, int] = {}
 
     def deadline(self, client_remaining: float | None = None) -> float:
         """Monotonic deadline of a request: the configured limit or the client's, if shorter."""
@@ -64,18 +68,44 @@ class Pipeline:
         needed = ((common_pb2.ROLE_TOKENIZER, "tokenizer"), (common_pb2.ROLE_DECODE, "decode"))
         return [name for role, name in needed if not self._workers.candidates(role)]
 
+    @contextlib.asynccontextmanager
     async def start(
         self, requests: Sequence[router_pb2.RouterGenerateRequest], deadline: float
-    ) -> Generation:
-        """Check and prepare a request: one message, or several that differ only in their
-        input (a batch of prompts, as OpenAI's completions take). Raises before anything
-        has been generated when the request cannot start."""
+    ) -> AsyncIterator[Generation]:
+        """Check, admit and prepare a request: one message, or several that differ only in
+        their input (a batch of prompts, as OpenAI's completions take). Raises before
+        anything has been generated when the request cannot start; the request holds its
+        place in the model's admission count until the block exits."""
         if not requests:
             raise InvalidRequest("the request has no prompt")
-        n = check_limits(requests[0], self._config.max_n)
-        prompts = [await prepare(self.catalogue, request) for request in requests]
-        request_id = requests[0].request_id or uuid.uuid4().hex
-        return Generation(self, list(zip(requests, prompts, strict=True)), n, request_id, deadline)
+        self.limits.check_batch(len(requests))
+        n = max(self.limits.check(request) for request in requests)
+        model = await self.catalogue.resolve(requests[0].model)
+        with self._admission(model):
+            prompts = [await prepare(self.catalogue, request, model) for request in requests]
+            request_id = requests[0].request_id or uuid.uuid4().hex
+            yield Generation(self, list(zip(requests, prompts, strict=True)), n, request_id, deadline)
+
+    @contextlib.contextmanager
+    def _admission(self, model: str) -> Iterator[None]:
+        """Count a request against its model's bound: what the model's decode members run
+        at once plus ``--max-queued-requests``. Past it: 429 / RESOURCE_EXHAUSTED."""
+        running = sum(
+            p.member.max_concurrency for p in self._workers.candidates(common_pb2.ROLE_DECODE, model)
+        )
+        bound = running + self._config.max_queued_requests
+        admitted = self._admitted.get(model, 0)
+        if admitted >= bound:
+            raise Overloaded(
+                f"{model!r} has {admitted} requests in progress, as many as its engines run at "
+                f"once ({running}) plus the router's queue ({self._config.max_queued_requests}); "
+                "try again shortly"
+            )
+        self._admitted[model] = admitted + 1
+        try:
+            yield
+        finally:
+            self._admitted[model] -= 1
 
     async def run_sequence(
         self,

@@ -2,7 +2,7 @@
 
 Everything here happens before any engine is asked for anything, so a request that
 cannot be served is refused at no cost to the mesh: the limits first (pure checks of
-the message), then the model, then the prompt, tokenized by a tokenizer member or
+the message), then the model (and admission, in the pipeline), then the prompt, tokenized by a tokenizer member or
 checked against the vocabulary when the caller sent ids, and its length against the
 shortest context of the engines that serve the model.
 """
@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from router_svc.catalogue import Catalogue
+from router_svc.config import RouterConfig
 from services.errors import ContextLengthExceeded, InvalidRequest
 from services.kv.hashing import chain_hashes
 from services.pb import router_pb2, tokenizer_pb2
@@ -39,18 +40,58 @@ class Prompt:
         return self._hashes[block_size]
 
 
-def check_limits(request: router_pb2.RouterGenerateRequest, max_n: int) -> int:
-    """The request's ``n``, refused before anything is sized by it."""
-    n = request.n or 1
-    if n > max_n:
-        raise InvalidRequest(f"n must be between 1 and {max_n}, got {n}", param="n")
-    return n
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (``--max-n``, ``--max-batch``, ...): checked on the
+    message alone, before anything is sized by it or any stage is asked."""
+
+    n: int
+    batch: int
+    stops: int
+    stop_chars: int
+    messages: int
+    id_chars: int
+    max_tokens: int
+
+    @classmethod
+    def from_config(cls, config: RouterConfig) -> Limits:
+        return cls(
+            config.max_n, config.max_batch, config.max_stops, config.max_stop_chars,
+            config.max_messages, config.max_id_chars, config.max_tokens_limit,
+        )
+
+    def check_batch(self, prompts: int) -> None:
+        if prompts > self.batch:
+            raise InvalidRequest(f"a request may batch at most {self.batch} prompts, got {prompts}", "prompt")
+
+    def check(self, request: router_pb2.RouterGenerateRequest) -> int:
+        """The request's ``n``, once every limit holds."""
+        n = request.n or 1
+        if n > self.n:
+            raise InvalidRequest(f"n must be between 1 and {self.n}, got {n}", "n")
+        for name, value in (("request_id", request.request_id), ("session id", request.session_id)):
+            if len(value) > self.id_chars:
+                raise InvalidRequest(f"the {name} has {len(value)} characters; at most {self.id_chars}")
+        sampling = request.sampling
+        if len(sampling.stop) > self.stops or len(sampling.stop_token_ids) > self.stops:
+            raise InvalidRequest(f"at most {self.stops} stop strings and {self.stops} stop token ids", "stop")
+        if any(len(stop) > self.stop_chars for stop in sampling.stop):
+            raise InvalidRequest(f"a stop string may have at most {self.stop_chars} characters", "stop")
+        if len(request.chat.messages) > self.messages:
+            raise InvalidRequest(
+                f"a request may carry at most {self.messages} messages, got {len(request.chat.messages)}",
+                "messages",
+            )
+        if self.max_tokens and sampling.HasField("max_tokens") and sampling.max_tokens > self.max_tokens:
+            raise InvalidRequest(
+                f"max_tokens must be at most {self.max_tokens}, got {sampling.max_tokens}", "max_tokens"
+            )
+        return n
 
 
-async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateRequest) -> Prompt:
-    """Resolve the model, tokenize (or check the ids) and check the length."""
+async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateRequest, model: str) -> Prompt:
+    """Tokenize (or check the ids) for the resolved ``model`` and check the length."""
     arrived = time.monotonic()
-    model = await catalogue.resolve(request.model)
     info = await catalogue.info(model)
     limit = catalogue.max_model_len(model, info)
     kind = request.WhichOneof("input")

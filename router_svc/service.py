@@ -38,17 +38,17 @@ class RouterServicer:
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         """Stream text deltas; the last message carries the usage totals."""
         deadline = self._pipeline.deadline(context.time_remaining())
-        generation = await self._pipeline.start([_with_session(request, context)], deadline)
-        async for delta in generation:
-            yield delta
+        async with self._pipeline.start([_with_session(request, context)], deadline) as generation:
+            async for delta in generation:
+                yield delta
 
     async def GenerateUnary(
         self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouterGenerateResult:
         """The whole result in one reply."""
         deadline = self._pipeline.deadline(context.time_remaining())
-        generation = await self._pipeline.start([_with_session(request, context)], deadline)
-        return await generation.result()
+        async with self._pipeline.start([_with_session(request, context)], deadline) as generation:
+            return await generation.result()
 
     async def ListModels(
         self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -83,7 +83,9 @@ class RouterStage(Stage):
         index = KvIndex(config.kv_index_max_blocks)
         INDEX_ENTRIES.set_function(lambda: len(index))
         self._workers = Workers(
-            self._session, config.control_timeout, config.load_interval, KvSubscriber(index)
+            self._session, config.control_timeout, config.load_interval, KvSubscriber(index),
+            # A leaving member drains for as long as a stage of ours would.
+            release_after=config.drain_seconds + config.grace_seconds,
         )
         try:
             policy = make_policy(

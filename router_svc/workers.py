@@ -5,7 +5,9 @@ Membership comes only from the etcd watch, never from static addresses. Engines 
 polled for their load once per ``load_interval``; between polls the router adds the
 requests it has itself sent there, so a burst does not pile onto one worker before
 the next poll shows it busy. A member that refuses connections is set aside for a
-few seconds (its lease may outlive it by up to a TTL after a crash).
+few seconds (its lease may outlive it by up to a TTL after a crash). A member that
+leaves is no longer picked, but the calls open on it run on: its channel closes when
+they are done, or after the drain grace.
 """
 
 from __future__ import annotations
@@ -82,11 +84,13 @@ class Workers:
         control_timeout: float,
         load_interval: float,
         kv_events: KvSubscriber | None = None,
+        release_after: float = 31.0,
     ) -> None:
         self._watcher: MemberWatcher[common_pb2.Member] = MemberWatcher(session, on_change=self._on_change)
         self._kv_events = kv_events
         self._control_timeout = control_timeout
         self._load_interval = load_interval
+        self._release_after = release_after
         self.peers: dict[str, Peer] = {}
         self._poller: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -97,6 +101,8 @@ class Workers:
 
     async def close(self) -> None:
         await cancel_and_wait(self._poller)
+        for task in self._closing:
+            task.cancel()  # each still closes its member's channel
         await self._watcher.close()
         if self._kv_events is not None:
             await self._kv_events.close()
@@ -134,10 +140,17 @@ class Workers:
         log.info("member joined: %s at %s", key, member.grpc_address)
 
     async def _release(self, peer: Peer) -> None:
-        """A member left: its blocks leave the KV index, its channel closes."""
-        if self._kv_events is not None:
-            await self._kv_events.forget(peer.key)
-        await peer.client.close()
+        """A member left: its blocks leave the KV index at once, and it is no longer picked;
+        its channel closes once the calls open on it have finished (a draining stage
+        finishes its streams) or after ``release_after`` seconds."""
+        try:
+            if self._kv_events is not None:
+                await self._kv_events.forget(peer.key)
+            deadline = time.monotonic() + self._release_after
+            while peer.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            await peer.client.close()
 
     def store_keys(self) -> list[str]:
         """Keys of the KV stores in the mesh (their blocks are in the KV index under them)."""

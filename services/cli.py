@@ -69,6 +69,8 @@ def cmd_etcd(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import aetcd.exceptions
+
     from services.clients import EngineClient, KvStoreClient, health_status
     from services.etcd import EtcdSession
     from services.membership import MEMBERS_PREFIX, role_name
@@ -112,7 +114,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             for m, status, load in zip(members, health, loads)
         ]
 
-    rows = asyncio.run(collect())
+    try:
+        rows = asyncio.run(collect())
+    except (aetcd.exceptions.ClientError, TimeoutError) as exc:
+        print(f"stagemesh status: etcd at {args.etcd} is unreachable ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else 'no answer'})", file=sys.stderr)
+        return 1
     header = ("ROLE", "INSTANCE", "ADDRESS", "HEALTH", "MODELS", "LOAD")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

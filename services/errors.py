@@ -15,6 +15,9 @@ decides by a status code alone or by searching a message's text.
   the router decodes the request aggregated instead).
 - :class:`Unavailable` — this member cannot take the call now (starting, draining,
   unreachable). The router sets the member aside briefly and tries another.
+- :class:`Overloaded` — admitting the request would pass a bound (the router's queue).
+  RESOURCE_EXHAUSTED / 429 with a Retry-After: come back later. Distinct from
+  :class:`Unavailable` (503), which means no member can serve at all.
 - :class:`DeadlineExceeded` — the call ran out of time. Not retried: the time is gone.
 - :class:`StageDead` — the member is broken beyond this call (its engine died). The
   router sets it aside and tries another; the supervisor replaces the process.
@@ -48,6 +51,8 @@ class StageError(Exception):
     openai_code: ClassVar[str | None] = None
     #: The same call may succeed on another member; this one is set aside for a while.
     retry_elsewhere: ClassVar[bool] = False
+    #: Seconds after which the caller may try again (HTTP ``Retry-After``), when known.
+    retry_after: float | None = None
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -103,6 +108,19 @@ class Unavailable(StageError):
     code = grpc.StatusCode.UNAVAILABLE
     http_status = HTTPStatus.SERVICE_UNAVAILABLE
     retry_elsewhere = True
+
+
+class Overloaded(StageError):
+    """Admitting the request would pass a bound; try again after ``retry_after`` seconds."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = HTTPStatus.TOO_MANY_REQUESTS
+    openai_type = "rate_limit_error"
+    openai_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, param: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message, param)
+        self.retry_after = retry_after
 
 
 class DeadlineExceeded(StageError):

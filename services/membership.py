@@ -206,7 +206,8 @@ class MemberWatcher(Generic[M]):
     async def _sync_and_watch(self) -> None:
         client = await self._session.client()
         listing = await client.get_prefix(self._prefix.encode())
-        current = {kv.key.decode(): self._parse(kv.value) for kv in listing}
+        parsed = {kv.key.decode(): self._parsed(kv.key, kv.value) for kv in listing}
+        current = {key: member for key, member in parsed.items() if member is not None}
         for key in set(self.members) - set(current):
             await self._apply(key, None)
         for key, member in current.items():
@@ -218,11 +219,20 @@ class MemberWatcher(Generic[M]):
         try:
             async for event in watch:
                 key = event.kv.key.decode()
-                await self._apply(key, self._parse(event.kv.value) if event.kind == "PUT" else None)
+                await self._apply(key, self._parsed(event.kv.key, event.kv.value) if event.kind == "PUT" else None)
         finally:
             with contextlib.suppress(Exception):
                 await watch.cancel()
         raise ConnectionError("watch stream ended")
+
+    def _parsed(self, key: bytes, value: bytes) -> M | None:
+        """The record under ``key``, or None (as if absent) when it does not parse: one
+        bad value, written by hand or by another version, must not freeze the view."""
+        try:
+            return self._parse(value)
+        except Exception as exc:  # noqa: BLE001 - any parser's failure means "not a record"
+            log.warning("skipping %s: its value is not a record (%s)", key.decode(errors="replace"), _describe(exc))
+            return None
 
     async def _apply(self, key: str, member: M | None) -> None:
         async with self._changed:

@@ -94,6 +94,16 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
             up.kill()
 
 
+def test_status_without_etcd_is_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "status", "--etcd", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "etcd at 127.0.0.1:" in done.stderr, done.stderr
+    assert "unreachable" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_layout_prints_the_same_placement_for_systemd_and_compose() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "services.cli", "layout", "--layout", "pd", "--cores", "16"],

@@ -7,13 +7,12 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from router_svc.dispatch import checked_reply
 from router_svc.failover import ATTEMPTS, Failover
 from router_svc.workers import Peer, Workers
 from services.errors import KIND_KEY, InvalidRequest, StageDead, Unavailable
 from services.etcd import EtcdSession
-from services.pb import common_pb2
-
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+from services.pb import common_pb2, engine_pb2
 
 
 def workers_with(count: int) -> Workers:
@@ -70,3 +69,14 @@ async def test_a_refused_connection_moves_on_and_a_bad_request_does_not() -> Non
 async def test_no_member_left_is_unavailable() -> None:
     with pytest.raises(Unavailable, match="no tokenizer member"):
         await Failover(workers_with(0), common_pb2.ROLE_TOKENIZER, "m", wait=0.1).candidates()
+
+
+def test_an_engine_that_gave_up_is_never_an_answer() -> None:
+    """An ABORT or ERROR finish (the engine shutting down or failing) becomes an error the
+    caller sees (5xx, an SSE error event, a gRPC status), never a normal ending."""
+    for finish in (common_pb2.FINISH_REASON_ABORT, common_pb2.FINISH_REASON_ERROR):
+        with pytest.raises(Unavailable, match="decode d1: the engine .* the sequence"):
+            checked_reply(engine_pb2.GenerateResponse(token_ids=[5], finish_reason=finish), "decode d1")
+    for finish in (common_pb2.FINISH_REASON_UNSPECIFIED, common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH):
+        reply = engine_pb2.GenerateResponse(token_ids=[5], finish_reason=finish)
+        assert checked_reply(reply, "decode d1") is reply

@@ -216,3 +216,25 @@ def test_free_port_is_picked_below_the_ephemeral_range() -> None:
     assert all(10_000 <= port < low for port in ports), ports
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", ports.pop()))  # and it is free
+
+
+async def test_a_value_that_does_not_parse_is_skipped(etcd_session: EtcdSession) -> None:
+    """A bad value under the prefix (by hand, or from another version) is logged and
+    skipped; it never freezes the view, at the first listing or in the watch."""
+    prefix = f"/stagemesh-test/{time.monotonic_ns()}/"
+    client = await etcd_session.client()
+    good = common_pb2.Member(instance_id="good", role=common_pb2.ROLE_TOKENIZER)
+    await client.put(f"{prefix}bad".encode(), b"\xff\xfe not a protobuf")
+    await client.put(f"{prefix}good".encode(), good.SerializeToString())
+    watcher = await watch(etcd_session, prefix)
+    try:
+        await watcher.wait_for(lambda m: f"{prefix}good" in m, timeout=10)
+        assert set(watcher.members) == {f"{prefix}good"}
+        await client.put(f"{prefix}worse".encode(), b"\x0a\xff")
+        later = common_pb2.Member(instance_id="later", role=common_pb2.ROLE_TOKENIZER)
+        await client.put(f"{prefix}later".encode(), later.SerializeToString())
+        await watcher.wait_for(lambda m: f"{prefix}later" in m, timeout=10)
+        assert set(watcher.members) == {f"{prefix}good", f"{prefix}later"}
+    finally:
+        await watcher.close()
+        await client.delete_prefix(prefix.encode())

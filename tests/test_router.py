@@ -196,7 +196,7 @@ async def test_cancelling_a_stream_frees_every_engine(client, router: RouterClie
     await engines_idle(prefill, decode)
 
 
-async def post(mesh: Mesh, path: str, body: bytes | dict) -> httpx.Response:
+async def post(mesh: Mesh, path: str, body: bytes | dict[str, object]) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with httpx.AsyncClient(base_url=mesh.http_url, timeout=120) as http:
         return await http.post(path, content=content, headers={"Content-Type": "application/json"})

@@ -19,6 +19,7 @@ from services.errors import (
     KvNotCollected,
     ModelNotFound,
     NotFound,
+    Overloaded,
     StageDead,
     StageError,
     Unavailable,
@@ -98,7 +99,7 @@ KINDS: dict[str, type[StageError]] = {
     kind.kind(): kind
     for kind in (
         InvalidRequest, ContextLengthExceeded, NotFound, ModelNotFound, KvNotCollected,
-        Unavailable, DeadlineExceeded, StageDead,
+        Unavailable, Overloaded, DeadlineExceeded, StageDead,
     )
 }
 
