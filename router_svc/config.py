@@ -50,6 +50,11 @@ class RouterConfig(StageConfig):
     )
     max_sessions: int = setting(100_000, "cap on remembered sessions (least recently used go first)")
     kv_index_max_blocks: int = setting(1_000_000, "cap on (block, worker) entries in the KV index")
+    migration_limit: int = setting(
+        3,
+        "times a sequence whose decode stream breaks mid-generation is moved to another decode "
+        "worker, which continues from the tokens already generated (0: the error goes to the caller)",
+    )
     max_n: int = setting(16, "most sequences one request may ask for (n)")
     max_batch: int = setting(256, "most prompts one completions request may batch")
     max_stops: int = setting(16, "most stop strings, and most stop token ids, one request may set")

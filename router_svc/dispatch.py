@@ -13,8 +13,9 @@ go wrong:
   disaggregated request never fails for want of a prefill worker;
 - the decode worker cannot collect the KV (:class:`~services.errors.KvNotCollected`:
   expired, or the prefill worker died): the same request runs aggregated;
-- anything after the first token goes to the caller (the text so far has been sent;
-  replaying it elsewhere would duplicate or diverge).
+- the decode stream breaks after its first token (the worker died, or its channel
+  closed): the worker is set aside, and the pipeline migrates the sequence
+  (:meth:`router_svc.pipeline.Pipeline.run_sequence`).
 """
 
 from __future__ import annotations
@@ -146,7 +147,12 @@ class Dispatcher:
                     PREFIX_HIT_TOKENS.inc(
                         prefill_hit if handle is not None else choice.matched_blocks * peer.member.kv_block_size
                     )
-                    yield Decoding(peer, call, first, cached, handle is not None)
+                    try:
+                        yield Decoding(peer, call, first, cached, handle is not None)
+                    except StageError as error:
+                        if error.retry_elsewhere:  # the stream broke: no new work goes there for now
+                            self._workers.mark_down(peer)
+                        raise
                     return
                 finally:
                     call.cancel()

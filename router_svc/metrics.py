@@ -20,6 +20,10 @@ PREFILL_FALLBACKS = Counter(
     "Sequences decoded aggregated after their remote prefill or KV pull failed",
     ["reason"],
 )
+MIGRATIONS = Counter(
+    "stagemesh_router_migrations_total",
+    "Sequences moved to another decode worker after their stream broke mid-generation",
+)
 DECISIONS = Counter(
     "stagemesh_router_decisions_total",
     "Worker choices, by policy, role and the reason for the choice",

@@ -26,22 +26,27 @@ stage aborts its part (the engines abort the vLLM request).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 from router_svc.catalogue import Catalogue
 from router_svc.config import RouterConfig
 from router_svc.dispatch import Dispatcher
-from router_svc.metrics import SequenceClock
+from router_svc.metrics import MIGRATIONS, SequenceClock
 from router_svc.policy import Policy
 from router_svc.prepare import Limits, Prompt, prepare
 from router_svc.sequence import Sequence as SequenceRun
 from router_svc.sequence import has_content, sampling_for
 from router_svc.workers import Workers
 from services.aio import merge
-from services.errors import InvalidRequest, Overloaded
+from services.errors import InvalidRequest, Overloaded, StageError
 from services.pb import common_pb2, router_pb2
+
+log = logging.getLogger(__name__)
 
 
 class Pipeline:
@@ -124,20 +129,54 @@ class Pipeline:
             prompt, sampling, await self.catalogue.decoder(prompt.model), choice, request.return_token_ids
         )
         clock = SequenceClock(prompt.arrived)
-        async with self._dispatch.decoding(prompt, sampling, sequence_id, deadline) as decoding:
-            async for reply in decoding.replies():
-                clock.reply(len(reply.token_ids))
-                delta = run.delta(reply)
-                if delta.finish_reason:
-                    clock.finished()
-                    usage.completion_tokens += run.completion_tokens
-                    if sample == 0:  # the prompt is counted once, as OpenAI does for n > 1
-                        usage.prompt_tokens += len(prompt.token_ids)
-                        usage.cached_tokens += decoding.cached_tokens(reply)
-                if has_content(delta):
-                    yield delta
-                if delta.finish_reason:
-                    return
+        generated: list[int] = []
+        for migration in itertools.count():
+            attempt = continuation(prompt, sampling, generated)
+            attempt_id = sequence_id if not migration else f"{sequence_id}-m{migration}"
+            try:
+                async with self._dispatch.decoding(attempt.prompt, attempt.sampling, attempt_id, deadline) as decoding:
+                    async for reply in decoding.replies():
+                        generated.extend(reply.token_ids)
+                        clock.reply(len(reply.token_ids))
+                        delta = run.delta(reply)
+                        if delta.finish_reason:
+                            clock.finished()
+                            usage.completion_tokens += run.completion_tokens
+                            if sample == 0:  # the prompt is counted once, as OpenAI does for n > 1
+                                usage.prompt_tokens += len(prompt.token_ids)
+                                usage.cached_tokens += decoding.cached_tokens(reply)
+                        if has_content(delta):
+                            yield delta
+                        if delta.finish_reason:
+                            return
+            except StageError as error:
+                if not (generated and error.retry_elsewhere and migration < self._config.migration_limit):
+                    raise
+                MIGRATIONS.inc()
+                log.warning("%s: %s after %d tokens; migrating it to another decode worker",
+                            sequence_id, error, len(generated))
+
+
+@dataclass
+class Attempt:
+    """What one decode attempt of a sequence is asked to do."""
+
+    prompt: Prompt
+    sampling: common_pb2.SamplingParams
+
+
+def continuation(prompt: Prompt, sampling: common_pb2.SamplingParams, generated: list[int]) -> Attempt:
+    """The attempt that carries on a sequence after ``generated`` tokens: the prompt plus
+    those tokens, with what is left of the token budget and the same sampling settings.
+    A greedy sequence so continued is the one an unbroken run would have produced."""
+    if not generated:
+        return Attempt(prompt, sampling)
+    rest = common_pb2.SamplingParams()
+    rest.CopyFrom(sampling)
+    if sampling.HasField("max_tokens"):
+        rest.max_tokens = max(1, sampling.max_tokens - len(generated))
+    rest.min_tokens = max(0, sampling.min_tokens - len(generated))
+    return Attempt(replace(prompt, token_ids=prompt.token_ids + generated, _hashes={}), rest)
 
 
 class Generation:

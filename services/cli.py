@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -176,7 +177,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from services.etcd_server import EmbeddedEtcd
-    from services.launcher import ProcessGroup, StageProcess
+    from services.launcher import ProcessGroup, StageProcess, Supervisor
     from services.model import prepare_bundled_model
     from services.placement import allowed_cores, format_cores, visible_gpus
 
@@ -245,7 +246,19 @@ def cmd_up(args: argparse.Namespace) -> int:
             "Ctrl-C stops everything.",
             flush=True,
         )
-        return 0 if _wait_for_signal(watch=stages) else 1
+        def report(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        supervisor = Supervisor(stages, report)
+
+        def supervise() -> None:
+            if etcd.process is None or etcd.process.poll() is not None:
+                report("etcd exited; starting it again on its data (stages re-register)")
+                etcd.start()
+            supervisor.check()
+
+        _wait_for_signal(every=supervise)
+        return 0
     finally:
         print("stopping...", flush=True)
         group.stop_all()
@@ -257,8 +270,8 @@ async def _wait_all_healthy(stages: list[StageProcess], timeout: float) -> None:
     await asyncio.gather(*(stage.wait_healthy(timeout) for stage in stages))
 
 
-def _wait_for_signal(watch: list[StageProcess] | None = None) -> bool:
-    """Block until SIGINT/SIGTERM (True) or until a watched stage exits on its own (False)."""
+def _wait_for_signal(every: Callable[[], None] | None = None) -> None:
+    """Block until SIGINT/SIGTERM, calling ``every`` twice a second meanwhile."""
     stop = False
 
     def handler(signum: int, frame: object) -> None:
@@ -268,12 +281,9 @@ def _wait_for_signal(watch: list[StageProcess] | None = None) -> bool:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     while not stop:
-        for stage in watch or []:
-            if not stage.alive():
-                print(f"{stage.name} exited unexpectedly:\n{stage.log_tail()}", file=sys.stderr)
-                return False
+        if every is not None:
+            every()
         time.sleep(0.5)
-    return True
 
 
 def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.clients import health_status
@@ -206,3 +207,64 @@ class ProcessGroup:
             with contextlib.suppress(Exception):
                 stage.stop(timeout)
         self.stages.clear()
+
+
+@dataclass
+class _Watch:
+    """What the supervisor knows of one stage."""
+
+    started: float
+    #: Restarts in a row without a stable run between them (the backoff's exponent).
+    failures: int = 0
+    #: When the exited stage starts again (None while it runs).
+    restart_at: float | None = None
+
+
+class Supervisor:
+    """Restarts stages that exit on their own, with exponential backoff, while the rest
+    of the mesh keeps serving (``stagemesh up``; systemd's ``Restart=on-failure`` and
+    compose's ``restart: on-failure`` do the same for their units).
+
+    A stage that exits has what is left of its process group killed (a vLLM engine-core
+    process outlives its stage), then starts again after ``base`` seconds, doubling per
+    failure in a row up to ``ceiling``. A run of ``stable`` seconds resets the count.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[StageProcess],
+        report: Callable[[str], None],
+        base: float = 1.0,
+        ceiling: float = 30.0,
+        stable: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stages = list(stages)
+        self._report = report
+        self._base, self._ceiling, self._stable = base, ceiling, stable
+        self._clock = clock
+        self._watch = {stage.name: _Watch(started=clock()) for stage in self._stages}
+
+    def check(self) -> None:
+        """Look at every stage once: note exits, restart those whose backoff is over."""
+        now = self._clock()
+        for stage in self._stages:
+            watch = self._watch[stage.name]
+            if watch.restart_at is None:
+                if stage.alive():
+                    if watch.failures and now - watch.started >= self._stable:
+                        watch.failures = 0
+                    continue
+                code = stage.process.returncode if stage.process is not None else None
+                stage.kill()  # reap what is left of its group
+                delay = min(self._ceiling, self._base * 2**watch.failures)
+                watch.failures += 1
+                watch.restart_at = now + delay
+                self._report(
+                    f"{stage.name} exited with code {code}; restarting it in {delay:.0f}s "
+                    f"(log: {stage.log_path})\n{stage.log_tail(10)}"
+                )
+            elif now >= watch.restart_at:
+                self._report(f"restarting {stage.name}")
+                stage.start()
+                watch.started, watch.restart_at = now, None

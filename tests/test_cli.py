@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from services.launcher import StageProcess, Supervisor
 from services.net import free_port
 from services.placement import allowed_cores, choose_layout, visible_gpus
 
@@ -36,6 +37,33 @@ def probe(port: int) -> tuple[int, str]:
 
 @pytest.mark.isolated
 @pytest.mark.asyncio(loop_scope="session")
+def stage_pid(role: str, port: int) -> int:
+    """The pid of the ``role`` stage serving gRPC on ``port`` (its process group's leader)."""
+    wanted = [f"{role}_svc", "--port", str(port)]
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if wanted[0] in argv and any(argv[i:i + 2] == wanted[1:] for i in range(len(argv))):
+            return int(entry.name)
+    raise AssertionError(f"no {role} stage on port {port}")
+
+
+async def serves_again(client: openai.AsyncOpenAI, timeout: float) -> None:
+    """Wait until a chat request through the mesh succeeds again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await client.chat.completions.create(
+                model="", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, timeout=30
+            )
+            return
+        except openai.APIError:
+            assert time.monotonic() < deadline, "the mesh did not serve again"
+            await asyncio.sleep(1)
+
+
 async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path, tmp_path: Path) -> None:
     # `stagemesh up` as the README starts it: the automatic layout for this host (on a
     # two-core CI machine, one engine that prefills and decodes on both cores).
@@ -84,8 +112,18 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
         assert any(line.startswith("decode") and "run 0 wait 0" in line for line in rows), status.stdout
         assert probe(ports["router"]) == (0, "SERVING")  # the containers' health check
 
+        # Supervision: a stage killed outright comes back, and nobody has to act.
+        for role in ("router", "decode"):
+            os.killpg(stage_pid(role, ports[role]), signal.SIGKILL)
+            await serves_again(client, timeout=300)
+        assert up.poll() is None
+
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=120) == 0
+        output = "".join(lines) + up.stdout.read()  # type: ignore[union-attr]
+        for role in ("router", "decode"):
+            assert f"{role} exited with code -9; restarting it in 1s" in output, output
+            assert f"restarting {role}\n" in output
         for name, port in ports.items():
             assert not port_open(port), f"{name} port {port} still open after Ctrl-C"
         assert probe(ports["router"]) == (1, "UNREACHABLE")
@@ -141,3 +179,45 @@ def test_stages_do_not_outlive_a_killed_launcher() -> None:
     while Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] not in "ZX":
         assert time.monotonic() < deadline, "etcd outlived its launcher"
         time.sleep(0.1)
+
+
+def test_supervisor_restarts_with_backoff_and_forgives_a_stable_run(tmp_path: Path) -> None:
+    """Real child processes, a hand-driven clock: an exited stage starts again after 1 s,
+    then 2 s, 4 s...; one that then runs for a minute starts the count over."""
+    now = [0.0]
+    lines: list[str] = []
+    quitter = StageProcess("quitter", "this", [], "127.0.0.1:1", tmp_path)  # prints a poem, exits 0
+    quitter.start()
+    supervisor = Supervisor([quitter], lines.append, clock=lambda: now[0])
+
+    def exited_then_checked(at: float) -> None:
+        assert quitter.process is not None
+        quitter.process.wait(timeout=30)
+        now[0] = at
+        supervisor.check()
+
+    exited_then_checked(0.0)
+    assert "quitter exited with code 0; restarting it in 1s" in lines[-1]
+    now[0] = 0.9
+    supervisor.check()
+    assert not quitter.alive() and len(lines) == 1
+    now[0] = 1.0
+    supervisor.check()
+    assert lines[-1] == "restarting quitter"
+    exited_then_checked(1.0)
+    assert "restarting it in 2s" in lines[-1]
+    now[0] = 3.0
+    supervisor.check()
+    exited_then_checked(3.0)
+    assert "restarting it in 4s" in lines[-1]
+
+    # The same stage, now one that keeps running: a stable minute resets the backoff.
+    quitter.module, quitter.args = "http.server", ["0", "--bind", "127.0.0.1"]
+    now[0] = 7.0
+    supervisor.check()
+    assert quitter.alive()
+    now[0] = 67.0
+    supervisor.check()
+    quitter.kill()
+    supervisor.check()
+    assert "restarting it in 1s" in lines[-1]

@@ -1,4 +1,4 @@
-"""The router's one failover loop (pure logic over member records; no stage is called):
+"""The router's failover and migration logic (pure logic over member records; no stage is called):
 members whose failure says another may do better are set aside and the call moves on,
 at most three members; any other failure is the answer; in-flight counts return to zero."""
 
@@ -9,10 +9,12 @@ import pytest
 
 from router_svc.dispatch import checked_reply
 from router_svc.failover import ATTEMPTS, Failover
+from router_svc.pipeline import continuation
+from router_svc.prepare import Prompt
 from router_svc.workers import Peer, Workers
 from services.errors import KIND_KEY, InvalidRequest, StageDead, Unavailable
 from services.etcd import EtcdSession
-from services.pb import common_pb2, engine_pb2
+from services.pb import common_pb2, engine_pb2, tokenizer_pb2
 
 
 def workers_with(count: int) -> Workers:
@@ -80,3 +82,15 @@ def test_an_engine_that_gave_up_is_never_an_answer() -> None:
     for finish in (common_pb2.FINISH_REASON_UNSPECIFIED, common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH):
         reply = engine_pb2.GenerateResponse(token_ids=[5], finish_reason=finish)
         assert checked_reply(reply, "decode d1") is reply
+
+
+def test_a_continuation_carries_on_where_the_stream_broke() -> None:
+    prompt = Prompt("m", [1, 2, 3], tokenizer_pb2.ModelInfo(), arrived=0.0)
+    sampling = common_pb2.SamplingParams(max_tokens=10, min_tokens=4, temperature=0, stop=["x"])
+    assert continuation(prompt, sampling, []).prompt is prompt
+    attempt = continuation(prompt, sampling, [7, 8, 9])
+    assert attempt.prompt.token_ids == [1, 2, 3, 7, 8, 9] and prompt.token_ids == [1, 2, 3]
+    assert (attempt.sampling.max_tokens, attempt.sampling.min_tokens) == (7, 1)
+    assert list(attempt.sampling.stop) == ["x"] and attempt.sampling.HasField("temperature")
+    unbounded = continuation(prompt, common_pb2.SamplingParams(), [7] * 5).sampling
+    assert not unbounded.HasField("max_tokens")  # still "up to the context length"

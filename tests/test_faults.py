@@ -1,6 +1,8 @@
-"""Stages die under the router: a dead prefill worker costs nothing but the remote
-prefill (requests fall back to aggregated decode); a dead only-decode worker gives
-503 within the deadline, and requests work again once it is back.
+"""Stages die under the router: a decode worker that drains (SIGTERM) finishes its
+streams, and one killed mid-stream has its sequences migrated to the other decode worker,
+token-exact; a dead prefill worker costs nothing but the remote prefill (requests fall
+back to aggregated decode); a dead only-decode worker gives 503 within the deadline, and
+requests work again once it is back.
 
 These kill the session's engines, so they run after every other test (``disruptive``).
 """
@@ -8,15 +10,19 @@ These kill the session's engines, so they run after every other test (``disrupti
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import openai
 import pytest
 
 from services.clients import RouterClient
-from services.launcher import live_processes_in_group
-from services.pb import common_pb2
-from tests.conftest import ENGINE_START_TIMEOUT, Mesh
+from services.etcd_server import EmbeddedEtcd
+from services.launcher import StageProcess, live_processes_in_group
+from services.pb import common_pb2, router_pb2
+from tests.conftest import ENGINE_START_TIMEOUT, Mesh, engine_process
 from tests.test_router import QUESTION, metric
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.disruptive]
@@ -29,6 +35,74 @@ async def sequences(mesh: Mesh, mode: str) -> float:
 async def ask(client: openai.AsyncOpenAI) -> str:
     reply = await client.chat.completions.create(model="", messages=QUESTION, temperature=0, max_tokens=16)
     return reply.choices[0].message.content or ""
+
+
+STREAMS = 32
+PROMPTS = [f"Story number {i}: once upon a time, in a kingdom by the sea," for i in range(STREAMS)]
+
+
+async def greedy(router: RouterClient, prompt: str, started: Callable[[], None] = lambda: None) -> list[int]:
+    """A greedy stream's generated ids; ``started`` is called at its first token."""
+    request = router_pb2.RouterGenerateRequest(
+        text=prompt, return_token_ids=True,
+        sampling=common_pb2.SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
+    )
+    ids: list[int] = []
+    async for delta in router.generate(request, timeout=600):
+        if delta.token_ids and not ids:
+            started()
+        ids.extend(delta.token_ids)
+    return ids
+
+
+async def under_streams(router: RouterClient, fault: Callable[[], None], after_started: int) -> list[list[int]]:
+    """Every prompt streamed at once; ``fault`` strikes once ``after_started`` have tokens."""
+    count = 0
+    struck = asyncio.Event()
+
+    def started() -> None:
+        nonlocal count
+        count += 1
+        if count == after_started:
+            fault()
+            struck.set()
+
+    outputs = await asyncio.gather(*(greedy(router, p, started) for p in PROMPTS))
+    assert struck.is_set()
+    return outputs
+
+
+async def second_decode(etcd: EmbeddedEtcd, home: Path, log_dir: Path, router: RouterClient) -> StageProcess:
+    """Another decode engine beside the session's, started and known to the router."""
+    stage = engine_process("decode", etcd.endpoint, home, log_dir, "--cpu-cores", "1")
+    stage.start()
+    await stage.wait_healthy(ENGINE_START_TIMEOUT)
+    deadline = time.monotonic() + 30
+    while stage.grpc_address not in {m.member.grpc_address for m in await router.list_members(common_pb2.ROLE_DECODE)}:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    return stage
+
+
+async def test_decode_drained_or_killed_mid_stream_loses_no_stream(
+    router: RouterClient, mesh: Mesh, etcd: EmbeddedEtcd, home: Path, tmp_path: Path
+) -> None:
+    expected = await asyncio.gather(*(greedy(router, p) for p in PROMPTS))  # an unbroken mesh
+    assert all(len(ids) == 32 for ids in expected)
+
+    # SIGTERM: the member leaves etcd and is no longer picked, but its streams run on.
+    stage = await second_decode(etcd, home, tmp_path, router)
+    assert stage.process is not None
+    drained = await under_streams(router, lambda: stage.process.send_signal(signal.SIGTERM), STREAMS // 2)  # type: ignore[union-attr]
+    assert drained == expected
+    assert stage.process.wait(timeout=60) == 0
+
+    # kill -9: the streams on it move to the surviving decode worker and carry on.
+    stage = await second_decode(etcd, home, tmp_path, router)
+    migrations = await metric(mesh, "stagemesh_router_migrations_total")
+    killed = await under_streams(router, stage.kill, STREAMS // 2)
+    assert killed == expected
+    assert await metric(mesh, "stagemesh_router_migrations_total") > migrations
 
 
 async def test_dead_prefill_falls_back_to_aggregated(client, router: RouterClient, mesh: Mesh) -> None:
