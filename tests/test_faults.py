@@ -134,3 +134,27 @@ async def test_dead_decode_is_503_then_recovers(client, mesh: Mesh) -> None:
     mesh.decode.start()
     await mesh.decode.wait_healthy(ENGINE_START_TIMEOUT)
     assert "Paris" in await ask(client)
+
+
+async def test_serving_goes_on_while_etcd_is_down(client, router: RouterClient, etcd: EmbeddedEtcd) -> None:
+    """etcd stopped for 30 s under a steady load: the router serves on the membership it
+    last saw, every request succeeds, and every member is listed again once etcd is back."""
+    members = {m.member.instance_id for m in await router.list_members()}
+    etcd.stop(wipe=False)
+    failures, served = 0, 0
+    try:
+        until = time.monotonic() + 30
+        while time.monotonic() < until:
+            try:
+                reply = await client.completions.create(model="", prompt="The sea is", max_tokens=4, temperature=0)
+                served += reply.usage is not None
+            except openai.APIError:
+                failures += 1
+    finally:
+        etcd.start()
+    assert failures == 0 and served > 0
+    deadline = time.monotonic() + 30
+    while {m.member.instance_id for m in await router.list_members()} != members:
+        assert time.monotonic() < deadline, "members did not come back"
+        await asyncio.sleep(0.5)
+    assert (await client.completions.create(model="", prompt="The sea is", max_tokens=4)).usage is not None
