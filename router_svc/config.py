@@ -62,7 +62,9 @@ class RouterConfig(StageConfig):
     max_messages: int = setting(2048, "most messages one chat request may carry")
     max_id_chars: int = setting(256, "longest request_id or session id (x-session-id), in characters")
     max_tokens_limit: int = setting(
-        0, "largest max_tokens a request may ask for (0: any; the engines cap it at the context length)"
+        0,
+        "largest max_tokens a request may ask for, and the default when it sets none "
+        "(0: any; the engines cap it at the context length)",
     )
     max_queued_requests: int = setting(
         256,

@@ -65,7 +65,8 @@ class Limits:
             raise InvalidRequest(f"a request may batch at most {self.batch} prompts, got {prompts}", "prompt")
 
     def check(self, request: router_pb2.RouterGenerateRequest) -> int:
-        """The request's ``n``, once every limit holds."""
+        """The request's ``n``, once every limit holds. Under ``--max-tokens-limit`` a
+        request that sets no max_tokens gets the limit as its max_tokens."""
         n = request.n or 1
         if n > self.n:
             raise InvalidRequest(f"n must be between 1 and {self.n}, got {n}", "n")
@@ -82,10 +83,13 @@ class Limits:
                 f"a request may carry at most {self.messages} messages, got {len(request.chat.messages)}",
                 "messages",
             )
-        if self.max_tokens and sampling.HasField("max_tokens") and sampling.max_tokens > self.max_tokens:
-            raise InvalidRequest(
-                f"max_tokens must be at most {self.max_tokens}, got {sampling.max_tokens}", "max_tokens"
-            )
+        if self.max_tokens:
+            if not sampling.HasField("max_tokens"):
+                sampling.max_tokens = self.max_tokens  # "up to the context" is more than allowed
+            elif sampling.max_tokens > self.max_tokens:
+                raise InvalidRequest(
+                    f"max_tokens must be at most {self.max_tokens}, got {sampling.max_tokens}", "max_tokens"
+                )
         return n
 
 
