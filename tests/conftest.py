@@ -243,6 +243,20 @@ class Mesh:
         self.decode = decode
 
 
+def router_process(etcd_endpoint: str, home: Path, log_dir: Path, *extra: str) -> tuple[StageProcess, int]:
+    """A router stage on free ports (not started), and its HTTP port."""
+    port, http_port = free_port(), free_port()
+    router = StageProcess(
+        "router",
+        "router_svc",
+        ["--port", str(port), "--http-port", str(http_port), "--etcd", etcd_endpoint,
+         "--home", str(home), "--metrics-port", "0", *extra],
+        f"127.0.0.1:{port}",
+        log_dir,
+    )
+    return router, http_port
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def mesh(
     etcd: EmbeddedEtcd,
@@ -252,21 +266,11 @@ async def mesh(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Mesh]:
     """A router over the session's stages: the whole mesh, started once."""
-    port, http_port = free_port(), free_port()
-    router = StageProcess(
-        "router",
-        "router_svc",
-        ["--port", str(port), "--http-port", str(http_port), "--etcd", etcd.endpoint,
-         "--home", str(home), "--metrics-port", "0", "--worker-wait", "3", "--log-level", "DEBUG"],
-        f"127.0.0.1:{port}",
-        tmp_path_factory.mktemp("router-logs"),
+    router, http_port = router_process(
+        etcd.endpoint, home, tmp_path_factory.mktemp("router-logs"), "--worker-wait", "3", "--log-level", "DEBUG"
     )
-    router.start()
-    try:
-        await router.wait_healthy(STAGE_START_TIMEOUT)
+    async with running(router):
         yield Mesh(router, http_port, *engine_stages)
-    finally:
-        router.stop()
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -18,10 +18,8 @@ import pytest_asyncio
 
 from services.clients import RouterClient
 from services.etcd_server import EmbeddedEtcd
-from services.launcher import StageProcess
-from services.net import free_port
 from services.pb import common_pb2, router_pb2
-from tests.conftest import STAGE_START_TIMEOUT, Mesh
+from tests.conftest import Mesh, router_process, running
 from tests.test_router import STORY, post
 
 
@@ -113,21 +111,9 @@ async def strict_router(
 ) -> AsyncIterator[tuple[str, str]]:
     """A second router over the session's stages that queues nothing beyond what the
     engines run at once; yields its HTTP URL and gRPC address."""
-    port, http_port = free_port(), free_port()
-    router = StageProcess(
-        "router",
-        "router_svc",
-        ["--port", str(port), "--http-port", str(http_port), "--etcd", etcd.endpoint, "--home", str(home),
-         "--metrics-port", "0", "--max-queued-requests", "0"],
-        f"127.0.0.1:{port}",
-        tmp_path,
-    )
-    router.start()
-    try:
-        await router.wait_healthy(STAGE_START_TIMEOUT)
+    router, http_port = router_process(etcd.endpoint, home, tmp_path, "--max-queued-requests", "0")
+    async with running(router):
         yield f"http://127.0.0.1:{http_port}", router.grpc_address
-    finally:
-        router.stop()
 
 
 async def test_a_full_queue_is_429_with_retry_after(strict_router: tuple[str, str], router: RouterClient) -> None:

@@ -21,9 +21,8 @@ import pytest_asyncio
 from services.clients import channel
 from services.etcd_server import EmbeddedEtcd
 from services.launcher import StageProcess
-from services.net import free_port
 from services.pb import router_pb2
-from tests.conftest import STAGE_START_TIMEOUT, Mesh
+from tests.conftest import Mesh, router_process, running
 
 SEED = 20261202
 #: Values a fuzzed field may take: wrong types, edges, huge and odd text.
@@ -70,21 +69,9 @@ async def slow_body(raw: bytes) -> AsyncIterator[bytes]:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def fuzz_router(etcd: EmbeddedEtcd, home: Path, mesh: Mesh, tmp_path: Path) -> AsyncIterator[tuple[str, StageProcess]]:
-    port, http_port = free_port(), free_port()
-    router = StageProcess(
-        "router",
-        "router_svc",
-        ["--port", str(port), "--http-port", str(http_port), "--etcd", etcd.endpoint, "--home", str(home),
-         "--metrics-port", "0", "--max-tokens-limit", "4"],
-        f"127.0.0.1:{port}",
-        tmp_path,
-    )
-    router.start()
-    try:
-        await router.wait_healthy(STAGE_START_TIMEOUT)
+    router, http_port = router_process(etcd.endpoint, home, tmp_path, "--max-tokens-limit", "4")
+    async with running(router):
         yield f"http://127.0.0.1:{http_port}", router
-    finally:
-        router.stop()
 
 
 async def test_fuzzed_requests_never_get_a_500(fuzz_router: tuple[str, StageProcess]) -> None:
