@@ -35,6 +35,7 @@ from router_svc.config import RouterConfig
 from router_svc.failover import Failover
 from router_svc.metrics import (
     DECISIONS,
+    KV_RELEASES,
     PREFILL_FALLBACKS,
     PREFIX_HIT_TOKENS,
     PROMPT_TOKENS,
@@ -102,6 +103,18 @@ def remaining(deadline: float) -> float:
     return left
 
 
+@dataclass
+class KvLease:
+    """A prefill's KV held for a decode engine on ``peer``, under ``request_id``."""
+
+    peer: Peer
+    request_id: str
+    #: A decode engine may be pulling the KV now: releasing it could hand that engine
+    #: blocks reused by another prompt, so the engine's own read notification (or the
+    #: lease's end) frees it instead.
+    reading: bool = False
+
+
 class Dispatcher:
     """Chooses workers (session affinity, then the policy) and opens decode streams."""
 
@@ -110,6 +123,8 @@ class Dispatcher:
         self._workers = workers
         self._policy = policy
         self._affinity = SessionAffinity(config.session_ttl, config.max_sessions)
+        #: KV releases on their way to prefill workers (kept so they are not collected).
+        self._releases: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def decoding(
@@ -118,50 +133,67 @@ class Dispatcher:
         """A decode stream with its first message in hand, after prefill and fallbacks.
 
         The call counts as in flight on its worker until the block exits, which cancels
-        it (the engine aborts whatever it has not finished).
+        it (the engine aborts whatever it has not finished). A prefill's KV that no
+        decode engine collects is released on the prefill worker as soon as that is
+        known (:class:`KvLease`), not when its lease runs out.
         """
-        handle, cached, prefill_hit = await self._prefill(prompt, sampling, sequence_id, deadline)
+        handle, cached, prefill_hit, lease = await self._prefill(prompt, sampling, sequence_id, deadline)
         failover = Failover(self._workers, common_pb2.ROLE_DECODE, prompt.model, self._config.worker_wait)
-        while True:
-            choice = self._choose(common_pb2.ROLE_DECODE, await failover.candidates(), prompt, sequence_id)
-            peer = choice.peer
-            assert isinstance(peer.client, EngineClient)
-            async with self._workers.using(peer):
-                call = peer.client.generate(
-                    prompt.token_ids, sampling, handle, request_id=sequence_id, timeout=remaining(deadline)
-                )
-                try:
-                    try:
-                        first = await _first_reply(call, peer)
-                    except StageError as error:
-                        if isinstance(error, KvNotCollected) and handle is not None:
-                            log.warning("%s: decode could not collect the KV (%s); decoding aggregated",
-                                        sequence_id, error)
-                            PREFILL_FALLBACKS.labels("kv_not_collected").inc()
-                            handle, cached = None, 0
-                        elif not failover.retry(peer, error):
-                            raise
-                        continue
-                    SEQUENCES.labels("disaggregated" if handle is not None else "aggregated").inc()
-                    # Counted once, for the worker that computed the prompt.
-                    PREFIX_HIT_TOKENS.inc(
-                        prefill_hit if handle is not None else choice.matched_blocks * peer.member.kv_block_size
+        try:
+            while True:
+                choice = self._choose(common_pb2.ROLE_DECODE, await failover.candidates(), prompt, sequence_id)
+                peer = choice.peer
+                assert isinstance(peer.client, EngineClient)
+                async with self._workers.using(peer):
+                    call = peer.client.generate(
+                        prompt.token_ids, sampling, handle, request_id=sequence_id, timeout=remaining(deadline)
                     )
+                    if lease is not None:
+                        lease.reading = True
                     try:
-                        yield Decoding(peer, call, first, cached, handle is not None)
-                    except StageError as error:
-                        if error.retry_elsewhere:  # the stream broke: no new work goes there for now
-                            self._workers.mark_down(peer)
-                        raise
-                    return
-                finally:
-                    call.cancel()
+                        try:
+                            first = await _first_reply(call, peer)
+                        except StageError as error:
+                            if lease is not None:
+                                # The engine answered, or is gone: it is not reading. A
+                                # deadline leaves it reading; its own abort frees the KV.
+                                lease.reading = isinstance(error, DeadlineExceeded)
+                            if isinstance(error, KvNotCollected) and handle is not None:
+                                log.warning("%s: decode could not collect the KV (%s); decoding aggregated",
+                                            sequence_id, error)
+                                PREFILL_FALLBACKS.labels("kv_not_collected").inc()
+                                handle, cached = None, 0
+                                self._release(lease)
+                                lease = None
+                            elif not failover.retry(peer, error):
+                                raise
+                            continue
+                        lease = None  # collected: the decode engine's read notification frees it
+                        SEQUENCES.labels("disaggregated" if handle is not None else "aggregated").inc()
+                        # Counted once, for the worker that computed the prompt.
+                        PREFIX_HIT_TOKENS.inc(
+                            prefill_hit if handle is not None else choice.matched_blocks * peer.member.kv_block_size
+                        )
+                        try:
+                            yield Decoding(peer, call, first, cached, handle is not None)
+                        except StageError as error:
+                            if error.retry_elsewhere:  # the stream broke: no new work goes there for now
+                                self._workers.mark_down(peer)
+                            raise
+                        return
+                    finally:
+                        call.cancel()
+        finally:
+            # Left without a decode engine collecting the KV (the client went away, no
+            # decode member was left, the decode side failed): free it now.
+            self._release(lease)
 
     async def _prefill(
         self, prompt: Prompt, sampling: common_pb2.SamplingParams, sequence_id: str, deadline: float
-    ) -> tuple[common_pb2.KvTransferHandle | None, int, int]:
-        """A KV handle from the chosen prefill worker, the tokens it found cached and the
-        tokens the index predicted it holds; or (None, 0, 0) to run aggregated.
+    ) -> tuple[common_pb2.KvTransferHandle | None, int, int, KvLease | None]:
+        """A KV handle from the chosen prefill worker, the tokens it found cached, the
+        tokens the index predicted it holds, and the lease to release if no decode
+        engine collects it; or (None, 0, 0, None) to run aggregated.
 
         Conditional disaggregation: the prompt goes to a prefill worker only when the
         part of it that worker does not hold is at least ``--disagg-min-tokens``, and
@@ -172,33 +204,57 @@ class Dispatcher:
         while candidates := failover.usable():
             if all(p.queued() >= self._config.kv_max_queue for p in candidates):
                 DECISIONS.labels(self._policy.name, "disaggregation", "local_prefill_saturated").inc()
-                return None, 0, 0
+                return None, 0, 0, None
             choice = self._choose(common_pb2.ROLE_PREFILL, candidates, prompt, sequence_id)
             peer = choice.peer
             uncached = len(prompt.token_ids) - choice.matched_blocks * peer.member.kv_block_size
             if uncached < self._config.disagg_min_tokens:
                 DECISIONS.labels(self._policy.name, "disaggregation", "local_short_uncached").inc()
-                return None, 0, 0
+                return None, 0, 0, None
             DECISIONS.labels(self._policy.name, "disaggregation", "remote").inc()
             assert isinstance(peer.client, EngineClient)
             timeout = min(self._config.prefill_timeout, remaining(deadline))
+            lease = KvLease(peer, f"{sequence_id}-prefill")
             async with self._workers.using(peer):
                 try:
                     reply = await peer.client.prefill(
-                        prompt.token_ids, sampling, request_id=f"{sequence_id}-prefill", timeout=timeout
+                        prompt.token_ids, sampling, request_id=lease.request_id, timeout=timeout
                     )
                 except grpc.aio.AioRpcError as rpc_error:
                     error = failover.error(peer, rpc_error)
+                    if rpc_error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        self._release(lease)  # it may have finished as the call ran out
+                except asyncio.CancelledError:
+                    self._release(lease)  # the caller left; the prefill may have finished
+                    raise
                 else:
-                    return reply.handle, reply.cached_tokens, len(prompt.token_ids) - uncached
+                    return reply.handle, reply.cached_tokens, len(prompt.token_ids) - uncached, lease
             if isinstance(error, InvalidRequest):
                 raise error
             if not failover.retry(peer, error) or not failover.usable():
                 log.warning("%s: %s; decoding aggregated", sequence_id, error)
                 PREFILL_FALLBACKS.labels(error.code.name.lower()).inc()
-                return None, 0, 0
+                return None, 0, 0, None
             log.warning("%s: %s; trying another prefill worker", sequence_id, error)
-        return None, 0, 0  # no prefill member: aggregated by design
+        return None, 0, 0, None  # no prefill member: aggregated by design
+
+    def _release(self, lease: KvLease | None) -> None:
+        """Tell the prefill worker, off the request's path, that nobody will collect the
+        KV of ``lease``, unless a decode engine may be reading it."""
+        if lease is None or lease.reading:
+            return
+        task = asyncio.create_task(self._send_release(lease), name=f"release {lease.request_id}")
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _send_release(self, lease: KvLease) -> None:
+        assert isinstance(lease.peer.client, EngineClient)
+        try:
+            released = await lease.peer.client.abort(lease.request_id)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as error:  # gone or closed: its lease ends it
+            log.debug("%s: KV release not delivered: %s", lease.request_id, error)
+            return
+        KV_RELEASES.labels("released" if released else "not_held").inc()
 
     def _choose(self, role: int, candidates: list[Peer], prompt: Prompt, sequence_id: str) -> Choice:
         """Apply session affinity, then the routing policy; count and log the decision.

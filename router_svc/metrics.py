@@ -20,6 +20,12 @@ PREFILL_FALLBACKS = Counter(
     "Sequences decoded aggregated after their remote prefill or KV pull failed",
     ["reason"],
 )
+KV_RELEASES = Counter(
+    "stagemesh_router_kv_releases_total",
+    "Prefilled KV that no decode engine collected, released on its prefill worker at once; "
+    "by whether the worker still held it",
+    ["outcome"],  # released | not_held
+)
 MIGRATIONS = Counter(
     "stagemesh_router_migrations_total",
     "Sequences moved to another decode worker after their stream broke mid-generation",

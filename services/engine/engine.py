@@ -36,6 +36,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from services.engine.config import EngineConfig
+from services.engine.kv_release import END_KV_LEASES
 from services.engine.vllm_events import ZmqKvEventBridge
 from services.errors import InvalidRequest, StageDead
 from services.kv.events import KvEventLog
@@ -253,6 +254,29 @@ class EngineRunner:
         else:
             await self._engine().abort(request_id)
         return True
+
+    async def release_kv(self, request_ids: Sequence[str], attempts: int = 5) -> list[str]:
+        """Free the KV blocks that finished prefills hold for a decode that will not come.
+
+        Returns the ids whose blocks the NIXL connector held and now frees (on its next
+        step). The connector learns of a finished prefill a step after its output, so
+        ids not found are asked for again, a few steps apart; one a decode engine
+        already collected is never found.
+        """
+        engine = self._engine()
+        released: list[str] = []
+        pending = list(request_ids)
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(0.05)
+            # A cloudpickled function in place of a method name: vLLM's run_method
+            # calls it in the engine core, where the connector lives.
+            found = (await engine.collective_rpc(END_KV_LEASES, args=(pending,)))[0]
+            released += found
+            pending = [r for r in pending if r not in found]
+            if not pending:
+                break
+        return released
 
     async def _pump(
         self, engine: AsyncLLM, request: _Request, prompt: list[int], sampling: SamplingParams

@@ -93,7 +93,9 @@ class EngineServicer:
         self._runner = runner
         self._role = role
         self._instance_id = instance_id
-        self._handles: dict[str, float] = {}  # prefill request id -> expiry time
+        #: Finished prefills' KV held for a decode: request id -> (lease expiry, the
+        #: engine's own id for it, which vLLM's connector tracks).
+        self._handles: dict[str, tuple[float, str]] = {}
 
     def _ready(self) -> EngineRunner:
         if self._runner.events is None:
@@ -119,12 +121,13 @@ class EngineServicer:
         if final is None or not final.kv_transfer_params:
             raise Unavailable("the prefill finished without a KV transfer handle")
         expires_at = time.time() + runner.config.kv_lease_seconds
+        handle = handle_from_params(
+            final.kv_transfer_params, len(request.prompt_token_ids), self._instance_id, expires_at
+        )
         self._forget_expired()
-        self._handles[request_id] = expires_at
+        self._handles[request_id] = (expires_at, handle.remote_request_id)
         return engine_pb2.PrefillResponse(
-            handle=handle_from_params(
-                final.kv_transfer_params, len(request.prompt_token_ids), self._instance_id, expires_at
-            ),
+            handle=handle,
             cached_tokens=int(final.num_cached_tokens or 0),
             prompt_tokens=len(request.prompt_token_ids),
         )
@@ -193,9 +196,22 @@ class EngineServicer:
     async def Abort(
         self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> engine_pb2.AbortResponse:
-        """Abort requests by id; unknown ids are skipped (they may have finished)."""
+        """Abort requests by id; unknown ids are skipped (they may have finished).
+
+        On a prefill member, the id of a finished prefill whose KV no decode engine has
+        collected frees that KV now instead of at the end of its lease: the router sends
+        it when the handle will not be used (the client left, the decode side failed).
+        """
         runner = self._ready()
         aborted = [rid for rid in request.request_ids if await runner.abort(rid)]
+        self._forget_expired()
+        held = {
+            self._handles[rid][1]: rid for rid in request.request_ids if rid in self._handles and rid not in aborted
+        }
+        if held:
+            for engine_id in await runner.release_kv(list(held)):
+                aborted.append(held[engine_id])
+                del self._handles[held[engine_id]]
         return engine_pb2.AbortResponse(aborted=aborted)
 
     async def GetLoad(
@@ -224,7 +240,7 @@ class EngineServicer:
 
     def _forget_expired(self) -> None:
         now = time.time()
-        for request_id in [r for r, expiry in self._handles.items() if expiry < now]:
+        for request_id in [r for r, (expiry, _) in self._handles.items() if expiry < now]:
             del self._handles[request_id]
 
 

@@ -88,6 +88,8 @@ class EngineServiceServicer:
 
     def Abort(self, request, context):
         """Abort a request by id (prefill or generate). Unknown ids are not an error.
+        The id of a finished prefill whose KV no decode engine collected frees that
+        KV at once, instead of when its lease runs out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
