@@ -186,6 +186,22 @@ async def test_uncollected_handle_frees_prefill_blocks(prefill: EngineClient) ->
         await asyncio.sleep(0.5)
 
 
+async def test_abort_of_a_finished_prefill_frees_its_blocks_at_once(prefill: EngineClient) -> None:
+    """What the router sends when no decode will collect a handle: the blocks come back
+    well before the lease ends, and only once."""
+    baseline = (await prefill.load()).kv_cache_usage
+    ids = [2000 + (i * 11) % 40000 for i in range(700)]  # fresh blocks, not in any cache
+    await prefill.prefill(ids, request_id="released-early")
+    held = await prefill.load()
+    assert held.kv_cache_usage > baseline
+    released = time.monotonic()
+    assert await prefill.abort("released-early") == ["released-early"]
+    while (await prefill.load()).kv_cache_usage > baseline:
+        assert time.monotonic() - released < PREFILL_LEASE_SECONDS / 2, "blocks kept until the lease"
+        await asyncio.sleep(0.1)
+    assert await prefill.abort("released-early") == []  # nothing left to release
+
+
 async def test_kv_events_report_stored_blocks_and_resume(decode: EngineClient) -> None:
     snapshot = await decode.kv_snapshot()
     block = snapshot.block_size
