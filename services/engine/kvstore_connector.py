@@ -46,7 +46,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from services.config import parse_endpoints
 from services.kv.hashing import chain_hashes
-from services.kv.nixl import new_agent
+from services.kv.nixl import TransferError, new_agent
 from services.kv.shards import ShardMap, ShardMapFollower
 from services.kv.store_link import Hit, Prefix, Region, StoreError, StoreLink
 
@@ -385,8 +385,11 @@ class _WorkerSide:
                 log.warning("KV store read of %d blocks for %s failed (%s); recomputing them", len(job.block_ids), job.req_id, exc)
                 with self._lock:
                     self._failed.update(job.block_ids)
-            finally:
-                self._writer.submit(self._link.release, job.prefix)
+                if isinstance(exc, TransferError) and not exc.settled:
+                    # The read may still land: its slots must keep this prefix's bytes
+                    # until the pin expires, so it is not released early.
+                    continue
+            self._writer.submit(self._link.release, job.prefix)
 
     def save(self, meta: StoreConnectorMetadata) -> None:
         for job in meta.saves:

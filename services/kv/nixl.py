@@ -28,7 +28,18 @@ _BUILDS = ("nixl_cu13", "nixl_cu12", "nixl_rocm")
 
 
 class TransferError(RuntimeError):
-    """A NIXL transfer failed or did not finish in time."""
+    """A NIXL transfer failed or did not finish in time.
+
+    ``settled`` is False when NIXL could not cancel a transfer that ran out of time: it
+    may still move bytes, so the memory it names on either side must not be handed to
+    anyone else until a deadline the caller already holds runs out (the store's
+    reservation for a write, its pin for a read). Give up those claims early only on a
+    settled error.
+    """
+
+    def __init__(self, message: str, settled: bool = True) -> None:
+        super().__init__(message)
+        self.settled = settled
 
 
 def nixl_api() -> ModuleType:
@@ -116,21 +127,28 @@ def transfer(
     handle = agent.initialize_xfer(
         op, agent.get_xfer_descs(local, "DRAM"), agent.get_xfer_descs(remote, "DRAM"), peer
     )
+    error: TransferError | None = None
     try:
         state = agent.transfer(handle)
         deadline = time.monotonic() + timeout
         pause = 0.0
         while state not in ("DONE", "ERR"):
             if time.monotonic() > deadline:
-                raise TransferError(f"NIXL {op} with {peer} not done after {timeout:.1f}s")
+                error = TransferError(f"NIXL {op} with {peer} not done after {timeout:.1f}s")
+                break
             time.sleep(pause)
             pause = min(pause + 0.0002, 0.002)
             state = agent.check_xfer_state(handle)
         if state == "ERR":
-            raise TransferError(f"NIXL {op} with {peer} failed")
+            error = TransferError(f"NIXL {op} with {peer} failed")
     finally:
+        # Releasing a transfer still in flight asks NIXL to cancel it.
         try:
             agent.release_xfer_handle(handle)
-        except Exception as exc:  # noqa: BLE001  a handle still in flight (timed out) cannot be
-            log.warning("NIXL %s handle with %s not released: %s", op, peer, exc)
+        except Exception as exc:  # noqa: BLE001  NIXL's bindings raise their own error types
+            log.warning("NIXL %s with %s could not be cancelled (%s): its memory stays claimed", op, peer, exc)
+            if error is not None:
+                error.settled = False
+    if error is not None:
+        raise error
     return sum(length for _, length, _ in local)

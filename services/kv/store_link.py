@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from services.kv.nixl import transfer
+from services.kv.nixl import TransferError, transfer
 from services.kv.shards import ShardMap
 from services.pb import kvstore_pb2, kvstore_pb2_grpc
 
@@ -218,7 +218,9 @@ class StoreLink:
                 for d in remote_regions(target, slot.slot, regs)
             ]
             transfer(self.agent, "WRITE", local, remote, self._peer(target), self.transfer_timeout)
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, TransferError) and not exc.settled:
+                raise  # the write may still land: the slots stay reserved until the reservation expires
             try:
                 self._call(address, "Commit", kvstore_pb2.CommitRequest(reservation_id=reservation.reservation_id, abort=True))
             except StoreError:
