@@ -10,6 +10,7 @@ stage, two vLLM CPU engines with our connector inside vLLM's MultiConnector, NIX
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -121,6 +122,27 @@ async def test_two_engines_writing_the_same_prefix_store_it_once(store_mesh: Sto
     await asyncio.sleep(1.0)  # let a duplicate write, if any, land too
     used = (await store_stats(store_mesh.store.grpc_address)).used_blocks
     assert used - before == full_blocks, f"{used - before} blocks stored for {full_blocks} distinct ones"
+
+
+async def test_draining_the_store_mid_run_fails_no_request(store_mesh: StoreMesh) -> None:
+    """SIGTERM of the store while an engine loads a prefix from it: every request
+    answers as without the store, the store exits 0, and a new one takes its place."""
+    shared = long_prompt(5, 900)
+    expected = await generate(store_mesh.a.grpc_address, shared)  # in the store now
+    await asyncio.sleep(1.0)
+    prompts = [shared + long_prompt(20 + i, 40) for i in range(4)]
+    tasks = [asyncio.create_task(generate(store_mesh.b.grpc_address, p)) for p in prompts]
+    tasks.append(asyncio.create_task(generate(store_mesh.b.grpc_address, shared)))
+    await asyncio.sleep(0.5)
+    process = store_mesh.store.process
+    assert process is not None
+    process.send_signal(signal.SIGTERM)
+    results = await asyncio.gather(*tasks)
+    assert all(len(r) == GREEDY.max_tokens for r in results)
+    assert results[-1] == expected
+    assert process.wait(timeout=60) == 0
+    store_mesh.store.start()
+    await store_mesh.store.wait_healthy(60)
 
 
 async def test_killing_the_store_mid_run_fails_no_request(store_mesh: StoreMesh) -> None:
