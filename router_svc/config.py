@@ -16,6 +16,13 @@ class RouterConfig(StageConfig):
     http_port: int = setting(8000, "OpenAI-compatible HTTP port (0 picks a free one, -1 disables)")
     http_host: str = setting("", "address the HTTP bridge binds (default: --host)")
     max_body_mib: int = setting(8, "largest HTTP request body accepted, MiB (larger: 413)")
+    api_key: str = setting(
+        "",
+        "API keys clients must send (Authorization: Bearer KEY, over HTTP and gRPC), "
+        "comma-separated; empty with no --api-key-file: the APIs are open",
+    )
+    api_key_file: str = setting("", "a file of API keys, one per line (# comments), added to --api-key")
+    metrics_need_key: bool = setting(False, "HTTP /metrics needs an API key too (/health never does)")
     request_timeout: float = setting(
         600.0, "seconds a whole generation may take unless the client sets a shorter deadline"
     )

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from router_svc.affinity import SESSION_HEADER
 from router_svc.openai_api import ChatCompletionRequest, CompletionRequest
 from router_svc.pipeline import Generation, Pipeline
+from services.auth import ApiKeys
 from services.errors import StageError
 from services.pb import common_pb2, router_pb2
 
@@ -77,6 +78,8 @@ class ApiError(Exception):
 
     def response(self) -> web.Response:
         headers = {} if self.retry_after is None else {hdrs.RETRY_AFTER: str(max(1, round(self.retry_after)))}
+        if self.status == HTTPStatus.UNAUTHORIZED:
+            headers[hdrs.WWW_AUTHENTICATE] = "Bearer"
         return web.json_response(self.body(), status=int(self.status), headers=headers)
 
 
@@ -138,14 +141,19 @@ class _CompletionLogprobs:
 class HttpBridge:
     """aiohttp application and runner for the OpenAI-compatible API."""
 
-    def __init__(self, pipeline: Pipeline, max_body_mib: int) -> None:
+    def __init__(
+        self, pipeline: Pipeline, max_body_mib: int, keys: ApiKeys | None = None, open_metrics: bool = True
+    ) -> None:
         self._pipeline = pipeline
         self._max_body = max_body_mib * 1024 * 1024
+        self._keys = keys or ApiKeys(())
+        #: Paths served without a key: health always (load balancers), metrics unless asked.
+        self._open_paths = {"/health", "/metrics"} if open_metrics else {"/health"}
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self._max_body, middlewares=[self._errors])
+        app = web.Application(client_max_size=self._max_body, middlewares=[self._errors, self._authorized])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
@@ -188,6 +196,15 @@ class HttpBridge:
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
             return ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the router log").response()
+
+    @web.middleware
+    async def _authorized(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """The API key, checked before the body is read (401 with OpenAI's body)."""
+        if request.path not in self._open_paths:
+            self._keys.check(request.headers.get(hdrs.AUTHORIZATION))
+        return await handler(request)
 
     async def _body(self, request: web.Request, model: type[BaseModel]) -> Any:
         coding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()

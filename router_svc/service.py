@@ -18,6 +18,7 @@ from router_svc.openai_bridge import HttpBridge
 from router_svc.pipeline import Pipeline
 from router_svc.policy import make_policy
 from router_svc.workers import ENGINE_ROLES, Workers
+from services.auth import ApiKeyInterceptor, ApiKeys
 from services.clients import health_status
 from services.etcd import EtcdSession
 from services.membership import member_key
@@ -96,10 +97,19 @@ class RouterStage(Stage):
             raise SystemExit(f"--router-policy: {exc}") from None
         pipeline = Pipeline(config, self._workers, policy)
         self._servicer = RouterServicer(pipeline, self._workers, index)
-        self._bridge = HttpBridge(pipeline, config.max_body_mib) if config.http_port >= 0 else None
+        self._keys = ApiKeys.from_settings(config.api_key, config.api_key_file)
+        self._bridge = (
+            HttpBridge(pipeline, config.max_body_mib, self._keys, open_metrics=not config.metrics_need_key)
+            if config.http_port >= 0 else None
+        )
 
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
         return [(router_pb2.DESCRIPTOR.services_by_name["RouterService"], self._servicer)]
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        if not self._keys:
+            return []
+        return [ApiKeyInterceptor(self._keys, [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name])]
 
     async def start(self) -> None:
         await self._workers.start()

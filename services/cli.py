@@ -193,7 +193,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     etcd = EmbeddedEtcd(client_port=args.etcd_port, data_dir=run_dir / "etcd", cores=light_cores)
     etcd.start()
     group = ProcessGroup()
-    common = ["--etcd", etcd.endpoint, "--home", str(home), "--metrics-port", "0"]
+    common = ["--etcd", etcd.endpoint, "--home", str(home), "--metrics-port", "0", "--host", args.host]
     model = ["--model", args.model] if args.model else []
     router = ["--http-port", str(args.http_port)]
     if layout.disagg_min_tokens is not None:
@@ -203,7 +203,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     # takes the base port + 2n; each engine owns its cores (services.placement).
     plan: list[tuple[str, str, int, list[str], list[int], dict[str, str]]] = [
         ("tokenizer", "tokenizer_svc", args.tokenizer_port, model, light_cores, {}),
-        ("router", "router_svc", args.router_port, router, light_cores, {}),
+        # Keys reach the router through its environment, not its command line (ps shows that).
+        ("router", "router_svc", args.router_port, router, light_cores,
+         {"STAGEMESH_API_KEY": args.api_key} if args.api_key else {}),
     ]
     if kvstore_mib > 0:
         plan.append(
@@ -306,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run etcd and every stage on this host")
     up.add_argument("--model", default="", help="NAME=PATH or PATH of a HF model directory (default: bundled)")
     _add_layout_arguments(up)
+    up.add_argument(
+        "--host", default="127.0.0.1",
+        help="address every stage binds (gRPC and HTTP); 0.0.0.0 serves other hosts too (see docs/deploy.md)",
+    )
+    up.add_argument(
+        "--api-key", default=os.environ.get("STAGEMESH_API_KEY", ""),
+        help="API keys the router's HTTP and gRPC APIs require, comma-separated [env STAGEMESH_API_KEY; default: none]",
+    )
     up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port")
     up.add_argument("--router-port", type=int, default=50051, help="router gRPC port")
     up.add_argument("--etcd-port", type=int, default=2379)

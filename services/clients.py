@@ -226,11 +226,12 @@ class EngineClient(_KvEventSource):
 
 
 class RouterClient(_StageClient):
-    """Client of the router's public API (RouterService)."""
+    """Client of the router's public API (RouterService); ``api_key`` goes with every call."""
 
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, api_key: str = "") -> None:
         super().__init__(address, timeout)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     def generate(
         self,
@@ -239,7 +240,7 @@ class RouterClient(_StageClient):
         metadata: Sequence[tuple[str, str]] = (),
     ) -> grpc.aio.UnaryStreamCall:
         """Stream text deltas (iterate the call; cancel it to stop the generation)."""
-        return self._stub.Generate(request, timeout=timeout, metadata=tuple(metadata))
+        return self._stub.Generate(request, timeout=timeout, metadata=(*self._auth, *metadata))
 
     async def generate_unary(
         self,
@@ -247,14 +248,15 @@ class RouterClient(_StageClient):
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> router_pb2.RouterGenerateResult:
-        return await self._stub.GenerateUnary(request, timeout=timeout, metadata=tuple(metadata))
+        return await self._stub.GenerateUnary(request, timeout=timeout, metadata=(*self._auth, *metadata))
 
     async def list_models(self) -> list[router_pb2.ModelCard]:
-        reply = await self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self._timeout)
+        reply = await self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self._timeout, metadata=self._auth)
         return list(reply.models)
 
     async def list_members(self, role: int = common_pb2.ROLE_UNSPECIFIED) -> list[router_pb2.MemberStatus]:
         reply = await self._stub.ListMembers(
-            router_pb2.ListMembersRequest(role=common_pb2.Role.ValueType(role)), timeout=self._timeout
+            router_pb2.ListMembersRequest(role=common_pb2.Role.ValueType(role)), timeout=self._timeout,
+            metadata=self._auth,
         )
         return list(reply.members)

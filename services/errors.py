@@ -83,6 +83,15 @@ class ContextLengthExceeded(InvalidRequest):
     openai_code = "context_length_exceeded"
 
 
+class Unauthenticated(StageError):
+    """The caller sent no API key, or one the API does not accept. Send a valid key."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = HTTPStatus.UNAUTHORIZED
+    openai_type = "invalid_request_error"
+    openai_code = "invalid_api_key"
+
+
 class NotFound(StageError):
     """The named request or handle does not exist (or no longer does)."""
 
@@ -157,6 +166,7 @@ _BY_CODE: dict[grpc.StatusCode, type[StageError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

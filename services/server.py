@@ -61,6 +61,10 @@ class Stage(abc.ABC):
     async def stop(self) -> None:
         """Release resources after the server stopped; the default has nothing to release."""
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Server interceptors for every call (the router's API-key check); none by default."""
+        return []
+
     def describe(self, member: common_pb2.Member) -> None:
         """Fill the stage-specific Member fields (models, KV block size, NIXL address)."""
 
@@ -93,6 +97,7 @@ class StageServer:
     def _build(self) -> None:
         """Create the loop-bound objects; runs inside the event loop that serves."""
         self.server = grpc.aio.server(
+            interceptors=self.stage.interceptors(),
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
