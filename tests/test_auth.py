@@ -80,8 +80,8 @@ async def test_http_needs_a_valid_key(keyed_router: tuple[str, str]) -> None:
         with pytest.raises(openai.AuthenticationError):
             await sdk.completions.create(model="", prompt="The sea is", max_tokens=4)
     async with openai.AsyncOpenAI(base_url=f"{http_url}/v1", api_key="key-two", max_retries=0, timeout=120) as sdk:
-        reply = await sdk.completions.create(model="", prompt="The sea is", max_tokens=4, temperature=0)
-        assert reply.usage is not None and reply.usage.completion_tokens == 4
+        completion = await sdk.completions.create(model="", prompt="The sea is", max_tokens=4, temperature=0)
+        assert completion.usage is not None and completion.usage.completion_tokens == 4
 
 
 async def test_grpc_needs_a_valid_key(keyed_router: tuple[str, str]) -> None:

@@ -7,6 +7,7 @@ with or without a KV handle. The rest (abort, load, KV events) is the same.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -116,8 +117,15 @@ class EngineServicer:
             kv_transfer_params={"do_remote_decode": True}, max_tokens=1,
         )
         final = None
-        async for output in runner.stream(request_id, request.prompt_token_ids, sampling):
-            final = output
+        try:
+            async for output in runner.stream(request_id, request.prompt_token_ids, sampling):
+                final = output
+        except asyncio.CancelledError:
+            # The caller left just as the prompt finished: nobody will collect its KV.
+            if final is not None and final.finished and final.kv_transfer_params:
+                engine_id = str(final.kv_transfer_params.get("remote_request_id", ""))
+                await asyncio.shield(runner.release_kv([engine_id]))
+            raise
         if final is None or not final.kv_transfer_params:
             raise Unavailable("the prefill finished without a KV transfer handle")
         expires_at = time.time() + runner.config.kv_lease_seconds
