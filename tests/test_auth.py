@@ -20,8 +20,6 @@ from services.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
 from tests.conftest import Mesh, router_process, running
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
-
 KEYS = ("key-one", "key-two")
 
 
@@ -60,6 +58,7 @@ async def keyed_router(
         yield f"http://127.0.0.1:{http_port}", router.grpc_address
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_http_needs_a_valid_key(keyed_router: tuple[str, str]) -> None:
     http_url, _ = keyed_router
     body = {"model": "", "prompt": "The sea is", "max_tokens": 4, "temperature": 0}
@@ -84,6 +83,7 @@ async def test_http_needs_a_valid_key(keyed_router: tuple[str, str]) -> None:
         assert completion.usage is not None and completion.usage.completion_tokens == 4
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_grpc_needs_a_valid_key(keyed_router: tuple[str, str]) -> None:
     _, grpc_address = keyed_router
     request = router_pb2.RouterGenerateRequest(text="The sea is", sampling=common_pb2.SamplingParams(max_tokens=4))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from services.config import StageConfig, build_config, parse_config, parse_endpoints
+from services.net import ephemeral_ports, free_port
 from tokenizer_svc.config import TokenizerConfig
 
 
@@ -51,3 +54,12 @@ def test_auto_addresses_follow_the_route_to_etcd() -> None:
     pinned = parse_config(EngineConfig, ["--etcd", "127.0.0.1:2379", "--advertise-host", "10.1.2.3"])
     assert pinned.advertise_host == "10.1.2.3"
     assert build_config(StageConfig, {}, environ={}).advertise_host == "auto"  # resolved at the entry point
+
+
+def test_free_port_is_picked_below_the_ephemeral_range() -> None:
+    """Ports handed to stages ahead of time must not be ones the kernel gives away."""
+    low, _ = ephemeral_ports()
+    ports = {free_port() for _ in range(20)}
+    assert all(10_000 <= port < low for port in ports), ports
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports.pop()))  # and it is free
