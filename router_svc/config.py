@@ -67,6 +67,7 @@ class RouterConfig(StageConfig):
     max_stops: int = setting(16, "most stop strings, and most stop token ids, one request may set")
     max_stop_chars: int = setting(256, "longest stop string, in characters")
     max_messages: int = setting(2048, "most messages one chat request may carry")
+    max_logit_bias: int = setting(300, "most token ids one request may bias (logit_bias)")
     max_id_chars: int = setting(256, "longest request_id or session id (x-session-id), in characters")
     max_tokens_limit: int = setting(
         0,

@@ -1,15 +1,15 @@
 """OpenAI request bodies, and their translation into the router's gRPC request.
 
 Only what the mesh can honour is accepted: fields the engines cannot serve (tools,
-logit_bias, response formats other than text, echo, suffix) are refused with 400
-rather than ignored, so a client never believes it got something it did not.
+response formats other than text, echo, suffix) are refused with 400 rather than
+ignored, so a client never believes it got something it did not.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
 
@@ -50,11 +50,17 @@ class _Sampling(_Body):
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False
 
-    @model_validator(mode="after")
-    def _refuse_unsupported(self) -> _Sampling:
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
-        return self
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        """OpenAI's keys are token ids written as strings; the contract's are integers."""
+        for key in bias or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) < 2**31):
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:32]!r}")
+        return bias
+
+    def token_bias(self) -> dict[int, float]:
+        return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -69,6 +75,7 @@ class _Sampling(_Body):
             min_tokens=self.min_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self.token_bias(),
         )
         optional: dict[str, Any] = {
             "max_tokens": max_tokens,

@@ -52,12 +52,13 @@ class Limits:
     messages: int
     id_chars: int
     max_tokens: int
+    logit_bias: int
 
     @classmethod
     def from_config(cls, config: RouterConfig) -> Limits:
         return cls(
             config.max_n, config.max_batch, config.max_stops, config.max_stop_chars,
-            config.max_messages, config.max_id_chars, config.max_tokens_limit,
+            config.max_messages, config.max_id_chars, config.max_tokens_limit, config.max_logit_bias,
         )
 
     def check_batch(self, prompts: int) -> None:
@@ -78,6 +79,12 @@ class Limits:
             raise InvalidRequest(f"at most {self.stops} stop strings and {self.stops} stop token ids", "stop")
         if any(len(stop) > self.stop_chars for stop in sampling.stop):
             raise InvalidRequest(f"a stop string may have at most {self.stop_chars} characters", "stop")
+        if len(sampling.logit_bias) > self.logit_bias:
+            raise InvalidRequest(
+                f"logit_bias may name at most {self.logit_bias} tokens, got {len(sampling.logit_bias)}", "logit_bias"
+            )
+        if any(not -100 <= bias <= 100 for bias in sampling.logit_bias.values()):  # NaN fails too
+            raise InvalidRequest("logit_bias values must be between -100 and 100", "logit_bias")
         if len(request.chat.messages) > self.messages:
             raise InvalidRequest(
                 f"a request may carry at most {self.messages} messages, got {len(request.chat.messages)}",
@@ -98,6 +105,11 @@ async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateReques
     arrived = time.monotonic()
     info = await catalogue.info(model)
     limit = catalogue.max_model_len(model, info)
+    outside = [t for t in request.sampling.logit_bias if t >= info.vocab_size]
+    if outside:
+        raise InvalidRequest(
+            f"logit_bias names token id {outside[0]}, outside the vocabulary (size {info.vocab_size})", "logit_bias"
+        )
     kind = request.WhichOneof("input")
     chars = len(request.text) if kind == "text" else sum(len(m.content) for m in request.chat.messages)
     if info.max_token_chars and chars > limit * info.max_token_chars:

@@ -215,7 +215,10 @@ async def post(mesh: Mesh, path: str, body: bytes | dict[str, object]) -> httpx.
         ({"model": "", "prompt": "word " * 250_000}, 400, "context length"),
         ({"model": "", "prompt": [10**9]}, 400, "vocabulary"),
         ({"model": "", "prompt": [-5]}, 400, "invalid value"),
-        ({"model": "", "prompt": "hi", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+        ({"model": "", "prompt": "hi", "logit_bias": {"the": 5}}, 400, "logit_bias keys must be token ids"),
+        ({"model": "", "prompt": "hi", "logit_bias": {"1": 500}}, 400, "between -100 and 100"),
+        ({"model": "", "prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "outside the vocabulary"),
+        ({"model": "", "prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "at most 300 tokens"),
         ({"model": "", "prompt": "hi", "n": 1000}, 400, "n must be"),
     ],
 )
@@ -239,6 +242,29 @@ async def test_bad_requests_do_not_disturb_good_ones(client, mesh: Mesh) -> None
     too_big = await post(mesh, "/v1/completions", {"model": "", "prompt": "x" * (9 * 1024 * 1024)})
     assert too_big.status_code == 413 and "larger than" in too_big.json()["error"]["message"]
     assert mesh.router.alive()
+
+
+async def test_logit_bias_bans_and_forces_tokens(client, router: RouterClient, hf_tokenizer) -> None:
+    """-100 bans the token greedy decoding would pick; +100 makes a token the pick."""
+    request = router_pb2.RouterGenerateRequest(
+        text=STORY, return_token_ids=True, sampling=common_pb2.SamplingParams(max_tokens=6, temperature=0)
+    )
+    first = (await router.generate_unary(request, timeout=120)).completions[0].token_ids[0]
+    banned = await client.completions.create(
+        model="", prompt=STORY, max_tokens=6, temperature=0, logit_bias={str(first): -100},
+        extra_body={"return_token_ids": True},
+    )
+    ids = (banned.choices[0].model_extra or {})["token_ids"]
+    assert ids and first not in ids
+    forced = await client.chat.completions.create(
+        model="", messages=[{"role": "developer", "content": "Answer briefly."}, *QUESTION],
+        max_tokens=3, temperature=0, logit_bias={"2000": 100},
+    )
+    assert forced.choices[0].message.content == hf_tokenizer.decode([2000] * 3)
+    request.sampling.logit_bias[2000] = 100
+    request.sampling.max_tokens = 3
+    via_grpc = (await router.generate_unary(request, timeout=120)).completions[0].token_ids
+    assert list(via_grpc) == [2000] * 3
 
 
 async def test_grpc_errors_keep_their_codes(router: RouterClient) -> None:

@@ -138,6 +138,14 @@ async def test_model_info(tokenizer) -> None:
     assert "<|im_end|>" in info.special_tokens
 
 
+async def test_a_developer_message_is_a_system_message(tokenizer) -> None:
+    """OpenAI's newer name for system messages; chat templates predate it."""
+    question = {"role": "user", "content": "What is the capital of France?"}
+    as_developer = await tokenizer.tokenize_chat([{"role": "developer", "content": "Be brief."}, question])
+    as_system = await tokenizer.tokenize_chat([{"role": "system", "content": "Be brief."}, question])
+    assert list(as_developer.token_ids) == list(as_system.token_ids)
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

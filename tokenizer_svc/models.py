@@ -21,7 +21,10 @@ from services.pb import tokenizer_pb2
 
 log = logging.getLogger(__name__)
 
-CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+#: Roles chat templates do not know, as the role they stand for: OpenAI renamed system
+#: messages "developer" for its newer models, and templates predate the name.
+_ROLE_ALIASES = {"developer": "system"}
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
 
@@ -75,7 +78,8 @@ class ModelTokenizer:
                     f"message {position} has invalid role {message.role!r}; "
                     f"expected one of {', '.join(sorted(CHAT_ROLES))}"
                 )
-            entry: dict[str, Any] = {"role": message.role, "content": message.content}
+            role = _ROLE_ALIASES.get(message.role, message.role)
+            entry: dict[str, Any] = {"role": role, "content": message.content}
             if message.name:
                 entry["name"] = message.name
             messages.append(entry)

@@ -51,6 +51,8 @@ def to_vllm(
             kwargs[field] = getattr(params, field)
     if params.HasField("logprobs"):
         kwargs["logprobs"] = params.logprobs
+    if params.logit_bias:
+        kwargs["logit_bias"] = dict(params.logit_bias)
     if kv_transfer_params is not None:
         kwargs["extra_args"] = {"kv_transfer_params": kv_transfer_params}
     try:
