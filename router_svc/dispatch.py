@@ -12,7 +12,10 @@ go wrong:
   worker computes the prompt itself (aggregated), as llm-d's routing sidecar does; a
   disaggregated request never fails for want of a prefill worker;
 - the decode worker cannot collect the KV (:class:`~services.errors.KvNotCollected`:
-  expired, or the prefill worker died): the same request runs aggregated;
+  expired, or the prefill worker died), or fails before its first token: the request
+  runs aggregated (on another decode worker in the second case). A handle is never
+  handed to a second decode engine: the first may have pulled the KV before it failed,
+  and the prefill engine frees the blocks as soon as they are pulled;
 - the decode stream breaks after its first token (the worker died, or its channel
   closed): the worker is set aside, and the pipeline migrates the sequence
   (:meth:`router_svc.pipeline.Pipeline.run_sequence`).
@@ -158,15 +161,18 @@ class Dispatcher:
                                 # The engine answered, or is gone: it is not reading. A
                                 # deadline leaves it reading; its own abort frees the KV.
                                 lease.reading = isinstance(error, DeadlineExceeded)
-                            if isinstance(error, KvNotCollected) and handle is not None:
-                                log.warning("%s: decode could not collect the KV (%s); decoding aggregated",
-                                            sequence_id, error)
-                                PREFILL_FALLBACKS.labels("kv_not_collected").inc()
+                            collect_failed = isinstance(error, KvNotCollected) and handle is not None
+                            if not collect_failed and not failover.retry(peer, error):
+                                raise
+                            if handle is not None:  # it could not collect it, or it failed
+                                # No other engine reads this handle: the failed one may
+                                # have read it before it died, and the prefill engine
+                                # frees the blocks at the first read.
+                                log.warning("%s: %s; decoding aggregated", sequence_id, error)
+                                PREFILL_FALLBACKS.labels("kv_not_collected" if collect_failed else "decode_failed").inc()
                                 handle, cached = None, 0
                                 self._release(lease)
                                 lease = None
-                            elif not failover.retry(peer, error):
-                                raise
                             continue
                         lease = None  # collected: the decode engine's read notification frees it
                         SEQUENCES.labels("disaggregated" if handle is not None else "aggregated").inc()
