@@ -158,9 +158,10 @@ class Dispatcher:
                             first = await _first_reply(call, peer)
                         except StageError as error:
                             if lease is not None:
-                                # The engine answered, or is gone: it is not reading. A
-                                # deadline leaves it reading; its own abort frees the KV.
-                                lease.reading = isinstance(error, DeadlineExceeded)
+                                # An answer from the engine (it refused, or could not
+                                # pull) means it is not reading. A broken call or a
+                                # deadline may leave it pulling: the lease frees that KV.
+                                lease.reading = isinstance(error, (Unavailable, DeadlineExceeded))
                             collect_failed = isinstance(error, KvNotCollected) and handle is not None
                             if not collect_failed and not failover.retry(peer, error):
                                 raise

@@ -176,9 +176,16 @@ async def test_decode_drained_or_killed_mid_stream_loses_no_stream(
     assert await metric(mesh, "stagemesh_router_migrations_total") > migrations
 
 
-async def test_dead_decode_is_503_then_recovers(client, mesh: Mesh, prefill: EngineClient) -> None:
+async def test_dead_decode_is_503_then_recovers(
+    client, router: RouterClient, mesh: Mesh, prefill: EngineClient
+) -> None:
     mesh.decode.kill()
-    # A long prompt, prefilled remotely before the decode side turns out to be gone.
+    # Its etcd lease outlives it by up to a TTL; once it has left, a request finds no
+    # decode member at all. A long prompt: prefilled remotely, then nobody to decode it.
+    deadline = time.monotonic() + 30
+    while await router.list_members(common_pb2.ROLE_DECODE):
+        assert time.monotonic() < deadline, "the killed decode engine never left"
+        await asyncio.sleep(0.5)
     prompt = " ".join(f"Entry {i} of the ledger reads {i * 37 % 101} crowns." for i in range(60))
     held_before = (await prefill.load()).kv_cache_usage
     released = await metric(mesh, 'stagemesh_router_kv_releases_total{outcome="released"}')
