@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -124,39 +124,36 @@ async def test_two_engines_writing_the_same_prefix_store_it_once(store_mesh: Sto
     assert used - before == full_blocks, f"{used - before} blocks stored for {full_blocks} distinct ones"
 
 
-async def test_draining_the_store_mid_run_fails_no_request(store_mesh: StoreMesh) -> None:
-    """SIGTERM of the store while an engine loads a prefix from it: every request
-    answers as without the store, the store exits 0, and a new one takes its place."""
-    shared = long_prompt(5, 900)
+async def store_fault_under_load(store_mesh: StoreMesh, seed: int, fault: Callable[[], None]) -> list[int]:
+    """A prefix computed on A (so in the store), then five requests on B that load it,
+    with ``fault`` struck at the store while they run: each must answer in full, and the
+    one for the prefix alone as A did. Returns A's answer."""
+    shared = long_prompt(seed, 900)
     expected = await generate(store_mesh.a.grpc_address, shared)  # in the store now
     await asyncio.sleep(1.0)
-    prompts = [shared + long_prompt(20 + i, 40) for i in range(4)]
-    tasks = [asyncio.create_task(generate(store_mesh.b.grpc_address, p)) for p in prompts]
-    tasks.append(asyncio.create_task(generate(store_mesh.b.grpc_address, shared)))
+    prompts = [shared + long_prompt(10 * seed + i, 40) for i in range(4)]
+    tasks = [asyncio.create_task(generate(store_mesh.b.grpc_address, p)) for p in [*prompts, shared]]
     await asyncio.sleep(0.5)
-    process = store_mesh.store.process
-    assert process is not None
-    process.send_signal(signal.SIGTERM)
+    fault()
     results = await asyncio.gather(*tasks)
     assert all(len(r) == GREEDY.max_tokens for r in results)
     assert results[-1] == expected
+    return expected
+
+
+async def test_draining_the_store_mid_run_fails_no_request(store_mesh: StoreMesh) -> None:
+    """SIGTERM of the store while an engine loads a prefix from it: every request
+    answers as without the store, the store exits 0, and a new one takes its place."""
+    process = store_mesh.store.process
+    assert process is not None
+    await store_fault_under_load(store_mesh, 5, lambda: process.send_signal(signal.SIGTERM))
     assert process.wait(timeout=60) == 0
     store_mesh.store.start()
     await store_mesh.store.wait_healthy(60)
 
 
 async def test_killing_the_store_mid_run_fails_no_request(store_mesh: StoreMesh) -> None:
-    shared = long_prompt(2, 900)
-    expected = await generate(store_mesh.a.grpc_address, shared)  # in the store now
-    await asyncio.sleep(1.0)
-    prompts = [shared + long_prompt(10 + i, 40) for i in range(4)]
-    tasks = [asyncio.create_task(generate(store_mesh.b.grpc_address, p)) for p in prompts]
-    tasks.append(asyncio.create_task(generate(store_mesh.b.grpc_address, shared)))
-    await asyncio.sleep(0.5)
-    store_mesh.store.kill()
-    results = await asyncio.gather(*tasks)
-    assert all(len(r) == GREEDY.max_tokens for r in results)
-    assert results[-1] == expected
+    expected = await store_fault_under_load(store_mesh, 2, store_mesh.store.kill)
     # With the store gone the engines compute everything, and still answer right.
-    assert await generate(store_mesh.a.grpc_address, shared) == expected
+    assert await generate(store_mesh.a.grpc_address, long_prompt(2, 900)) == expected
     assert await generate(store_mesh.b.grpc_address, long_prompt(3, 700))
