@@ -68,6 +68,18 @@ class RouterConfig(StageConfig):
     max_stop_chars: int = setting(256, "longest stop string, in characters")
     max_messages: int = setting(2048, "most messages one chat request may carry")
     max_logit_bias: int = setting(300, "most token ids one request may bias (logit_bias)")
+    tool_call_parser: str = setting(
+        "hermes",
+        "how tool calls are read from generated text when tool_choice is auto: hermes "
+        "(<tool_call>{json}</tool_call>; Qwen, Hermes, and models whose template does not "
+        "render tools) or llama3_json (a bare JSON object)",
+    )
+    tool_call_parsers: dict[str, str] = setting(
+        {}, "per-model parsers, MODEL=PARSER,... (models not named use --tool-call-parser)"
+    )
+    max_constraint_chars: int = setting(
+        65_536, "longest output constraint (JSON schema, regex, grammar, all choices), in characters"
+    )
     max_id_chars: int = setting(256, "longest request_id or session id (x-session-id), in characters")
     max_tokens_limit: int = setting(
         0,

@@ -1,16 +1,18 @@
 """OpenAI request bodies, and their translation into the router's gRPC request.
 
-Only what the mesh can honour is accepted: fields the engines cannot serve (tools,
-response formats other than text, echo, suffix) are refused with 400 rather than
-ignored, so a client never believes it got something it did not.
+Only what the mesh can honour is accepted: fields the engines cannot serve (echo,
+suffix, best_of, structural tags) are refused with 400 rather than ignored, so a client
+never believes it got something it did not. The README lists every field.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from router_svc.tools import ToolChoice, ToolPlan
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
 
 
@@ -21,6 +23,57 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str = ""
+    description: str | None = None
+    # OpenAI's name; vLLM also reads "json_schema" from older clients.
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format json_schema needs json_schema.schema")
+        return self
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's ``structured_outputs`` extension: exactly one constraint."""
+
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> StructuredOutputsBody:
+        given = [v for v in (self.json_, self.regex, self.choice, self.grammar, self.json_object) if v is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of json, regex, choice, grammar and json_object")
+        return self
+
+    def to_grpc(self) -> common_pb2.StructuredOutputs:
+        out = common_pb2.StructuredOutputs(disable_any_whitespace=self.disable_any_whitespace)
+        if self.json_ is not None:
+            out.json_schema = self.json_ if isinstance(self.json_, str) else json.dumps(self.json_)
+        elif self.regex is not None:
+            out.regex = self.regex
+        elif self.choice is not None:
+            out.choice.options.extend(self.choice)
+        elif self.grammar is not None:
+            out.grammar = self.grammar
+        else:
+            out.json_object = bool(self.json_object)
+        return out
 
 
 class _Sampling(_Body):
@@ -49,6 +102,29 @@ class _Sampling(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False
+    bad_words: list[str] = Field(default_factory=list)
+    allowed_token_ids: list[int] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+
+    @model_validator(mode="after")
+    def _one_format(self) -> _Sampling:
+        formatted = self.response_format is not None and self.response_format.type != "text"
+        if self.structured_outputs is not None and formatted:
+            raise ValueError("set response_format or structured_outputs, not both")
+        return self
+
+    def constraint(self) -> common_pb2.StructuredOutputs | None:
+        """The output constraint the body asks for, if any."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.to_grpc()
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return common_pb2.StructuredOutputs(json_object=True)
+        assert fmt.json_schema is not None and fmt.json_schema.schema_ is not None
+        return common_pb2.StructuredOutputs(json_schema=json.dumps(fmt.json_schema.schema_))
 
     @field_validator("logit_bias")
     @classmethod
@@ -76,7 +152,11 @@ class _Sampling(_Body):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=self.token_bias(),
+            bad_words=self.bad_words,
+            allowed_token_ids=self.allowed_token_ids or [],
         )
+        if (constraint := self.constraint()) is not None:
+            sampling.structured_outputs.CopyFrom(constraint)
         optional: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
@@ -104,10 +184,35 @@ class ContentPart(_Body):
     text: str
 
 
+class FunctionCallBody(_Body):
+    name: str
+    arguments: str = ""
+
+
+class ToolCallBody(_Body):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
 class ChatMessage(_Body):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = None
+
+    def to_grpc(self) -> tokenizer_pb2.ChatMessage:
+        return tokenizer_pb2.ChatMessage(
+            role=self.role,
+            content=self.text(),
+            name=self.name or "",
+            tool_call_id=self.tool_call_id or "",
+            tool_calls=[
+                tokenizer_pb2.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+                for c in self.tool_calls or []
+            ],
+        )
 
     def text(self) -> str:
         if self.content is None:
@@ -115,10 +220,6 @@ class ChatMessage(_Body):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
-
-
-class ResponseFormat(_Body):
-    type: str
 
 
 class ChatCompletionRequest(_Sampling):
@@ -130,32 +231,36 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    tools: list[Any] | None = None
-    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _refuse_chat_unsupported(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format {self.response_format.type!r} is not supported")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
 
-    def to_grpc(self) -> router_pb2.RouterGenerateRequest:
+    def to_grpc(self, plan: ToolPlan | None) -> router_pb2.RouterGenerateRequest:
+        """The gRPC request; a tool plan adds the tools for the template, and for a
+        named or required tool choice, the output constraint."""
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        sampling = self.to_sampling(self.max_completion_tokens or self.max_tokens, logprobs)
+        if plan is not None and (constraint := plan.constraint()) is not None:
+            if sampling.HasField("structured_outputs"):
+                raise ValueError("a named or required tool_choice cannot be combined with an output format")
+            sampling.structured_outputs.CopyFrom(constraint)
+        if plan is not None and plan.shows_special_tokens:
+            sampling.skip_special_tokens = False
         return router_pb2.RouterGenerateRequest(
             model=self.model,
             chat=tokenizer_pb2.ChatInput(
-                messages=[
-                    tokenizer_pb2.ChatMessage(role=m.role, content=m.text(), name=m.name or "")
-                    for m in self.messages
-                ],
+                messages=[m.to_grpc() for m in self.messages],
                 add_generation_prompt=self.add_generation_prompt,
                 continue_final_message=self.continue_final_message,
+                tools_json=json.dumps(plan.tools) if plan is not None else "",
             ),
-            sampling=self.to_sampling(self.max_completion_tokens or self.max_tokens, logprobs),
+            sampling=sampling,
             n=self.n,
             return_token_ids=self.return_token_ids,
         )

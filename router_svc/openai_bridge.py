@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from router_svc.affinity import SESSION_HEADER
 from router_svc.openai_api import ChatCompletionRequest, CompletionRequest
 from router_svc.pipeline import Generation, Pipeline
+from router_svc.tools import ParserChoice, ToolPlan, ToolStream
 from services.auth import ApiKeys
 from services.errors import StageError
 from services.pb import common_pb2, router_pb2
@@ -142,9 +143,15 @@ class HttpBridge:
     """aiohttp application and runner for the OpenAI-compatible API."""
 
     def __init__(
-        self, pipeline: Pipeline, max_body_mib: int, keys: ApiKeys | None = None, open_metrics: bool = True
+        self,
+        pipeline: Pipeline,
+        max_body_mib: int,
+        keys: ApiKeys | None = None,
+        open_metrics: bool = True,
+        parsers: ParserChoice | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._parsers = parsers or ParserChoice("hermes", {})
         self._max_body = max_body_mib * 1024 * 1024
         self._keys = keys or ApiKeys(())
         #: Paths served without a key: health always (load balancers), metrics unless asked.
@@ -256,8 +263,12 @@ class HttpBridge:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
-        call = _to_grpc(body.to_grpc)
-        return await self._serve(request, body, [call], chat=True)
+        plan = None
+        if body.tools or body.tool_choice is not None:
+            parser = self._parsers.for_model(await self._pipeline.catalogue.resolve(body.model))
+            plan = ToolPlan.build(body.tools or [], body.tool_choice, body.parallel_tool_calls, parser)
+        call = _to_grpc(functools.partial(body.to_grpc, plan))
+        return await self._serve(request, body, [call], chat=True, plan=plan)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body: CompletionRequest = await self._body(request, CompletionRequest)
@@ -274,6 +285,7 @@ class HttpBridge:
         body: ChatCompletionRequest | CompletionRequest,
         calls: list[router_pb2.RouterGenerateRequest],
         chat: bool,
+        plan: ToolPlan | None = None,
     ) -> web.StreamResponse:
         """Start the body's generation (completions may batch several prompts) and answer."""
         session = request.headers.get(SESSION_HEADER, "")
@@ -285,11 +297,11 @@ class HttpBridge:
             response_id = ("chatcmpl-" if chat else "cmpl-") + generation.request_id
             created = int(time.time())
             if body.stream:
-                return await self._stream(request, generation, response_id, created, chat, body.include_usage)
-            return await self._whole(generation, response_id, created, chat)
+                return await self._stream(request, generation, response_id, created, chat, body.include_usage, plan)
+            return await self._whole(generation, response_id, created, chat, plan)
 
     async def _whole(
-        self, generation: Generation, response_id: str, created: int, chat: bool
+        self, generation: Generation, response_id: str, created: int, chat: bool, plan: ToolPlan | None
     ) -> web.Response:
         result = await generation.result()
         wants_logprobs = any(c.logprobs for c in result.completions)
@@ -303,6 +315,14 @@ class HttpBridge:
             }
             if chat:
                 choice["message"] = {"role": "assistant", "content": completion.text}
+                if plan is not None:
+                    found = plan.extract(completion.text)
+                    choice["message"] = {
+                        "role": "assistant",
+                        "content": found.content,
+                        "tool_calls": [call.render() for call in found.calls],
+                    }
+                    choice["finish_reason"] = plan.finish_reason(bool(found.calls), choice["finish_reason"])
                 choice["logprobs"] = _chat_logprobs(positions) if wants_logprobs else None
             else:
                 choice["text"] = completion.text
@@ -327,6 +347,7 @@ class HttpBridge:
         created: int,
         chat: bool,
         include_usage: bool,
+        plan: ToolPlan | None,
     ) -> web.StreamResponse:
         """Server-sent events; the first delta is awaited before the headers, so errors
         that stop a request from starting (no worker, bad sampling) keep their status."""
@@ -338,6 +359,7 @@ class HttpBridge:
         }
         offsets: dict[int, _CompletionLogprobs] = {}
         started: set[int] = set()
+        tool_streams: dict[int, ToolStream] = {}
 
         def chunk(choices: list[dict[str, Any]], usage: common_pb2.Usage | None = None) -> bytes:
             event: dict[str, Any] = {**envelope, "choices": choices}
@@ -347,8 +369,18 @@ class HttpBridge:
 
         def render(delta: router_pb2.RouterGenerateResponse) -> bytes:
             choice: dict[str, Any] = {"index": delta.index}
-            if chat:
+            finish = _FINISH.get(delta.finish_reason)
+            if chat and plan is not None:
+                tools = tool_streams.setdefault(delta.index, plan.stream())
+                fields = tools.feed(delta.text) + (tools.finish() if delta.finish_reason else [])
+                choice["delta"] = _merged(fields)
+                if finish is not None:
+                    finish = plan.finish_reason(tools.calls > 0, finish)
+                elif not fields and not delta.logprobs and not delta.token_ids:
+                    return b""  # held back: part of a call, or of its opening tag
+            elif chat:
                 choice["delta"] = {"content": delta.text}
+            if chat:
                 if delta.index not in started:
                     started.add(delta.index)
                     choice["delta"]["role"] = "assistant"
@@ -359,7 +391,7 @@ class HttpBridge:
                 choice["logprobs"] = renderer.render(list(delta.logprobs)) if delta.logprobs else None
             if delta.token_ids:
                 choice["token_ids"] = list(delta.token_ids)
-            choice["finish_reason"] = _FINISH.get(delta.finish_reason)
+            choice["finish_reason"] = finish
             if delta.finish_reason:
                 choice["stop_reason"] = delta.stop_reason or None
             return chunk([choice])
@@ -376,8 +408,8 @@ class HttpBridge:
                     if delta.HasField("usage"):
                         if include_usage:
                             await response.write(chunk([], delta.usage))
-                    else:
-                        await response.write(render(delta))
+                    elif event := render(delta):
+                        await response.write(event)
                     delta = await anext(stream, None)
             except StageError as exc:
                 error = ApiError.from_stage(exc)
@@ -386,6 +418,18 @@ class HttpBridge:
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         return response
+
+
+def _merged(fields: list[dict[str, Any]]) -> dict[str, Any]:
+    """One chat delta from a tool stream's pieces: content joined, calls in order."""
+    delta: dict[str, Any] = {}
+    for field in fields:
+        if "content" in field:
+            delta["content"] = delta.get("content", "") + field["content"]
+        delta.setdefault("tool_calls", []).extend(field.get("tool_calls", []))
+    if not delta.get("tool_calls"):
+        delta.pop("tool_calls", None)
+    return delta
 
 
 def _to_grpc(build: Callable[[], router_pb2.RouterGenerateRequest]) -> router_pb2.RouterGenerateRequest:

@@ -150,7 +150,10 @@ class Pipeline:
                         if delta.finish_reason:
                             return
             except StageError as error:
-                if not (generated and error.retry_elsewhere and migration < self._config.migration_limit):
+                # A constrained sequence cannot be continued elsewhere: the grammar would
+                # start over at the tokens already generated.
+                constrained = sampling.HasField("structured_outputs")
+                if constrained or not (generated and error.retry_elsewhere and migration < self._config.migration_limit):
                     raise
                 MIGRATIONS.inc()
                 log.warning("%s: %s after %d tokens; migrating it to another decode worker",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from router_svc.catalogue import Catalogue
 from router_svc.config import RouterConfig
+from router_svc.constraints import check_constraint
 from services.errors import ContextLengthExceeded, InvalidRequest
 from services.kv.hashing import chain_hashes
 from services.pb import router_pb2, tokenizer_pb2
@@ -53,12 +54,14 @@ class Limits:
     id_chars: int
     max_tokens: int
     logit_bias: int
+    constraint_chars: int
 
     @classmethod
     def from_config(cls, config: RouterConfig) -> Limits:
         return cls(
             config.max_n, config.max_batch, config.max_stops, config.max_stop_chars,
             config.max_messages, config.max_id_chars, config.max_tokens_limit, config.max_logit_bias,
+            config.max_constraint_chars,
         )
 
     def check_batch(self, prompts: int) -> None:
@@ -85,6 +88,15 @@ class Limits:
             )
         if any(not -100 <= bias <= 100 for bias in sampling.logit_bias.values()):  # NaN fails too
             raise InvalidRequest("logit_bias values must be between -100 and 100", "logit_bias")
+        if len(sampling.bad_words) > self.stops or any(len(w) > self.stop_chars for w in sampling.bad_words):
+            raise InvalidRequest(
+                f"at most {self.stops} bad_words of at most {self.stop_chars} characters each", "bad_words"
+            )
+        if sampling.HasField("structured_outputs"):
+            check_constraint(sampling.structured_outputs, self.constraint_chars)
+        if len(request.chat.tools_json) > self.constraint_chars:
+            raise InvalidRequest(f"the tools take {len(request.chat.tools_json)} characters; at most "
+                                 f"{self.constraint_chars}", "tools")
         if len(request.chat.messages) > self.messages:
             raise InvalidRequest(
                 f"a request may carry at most {self.messages} messages, got {len(request.chat.messages)}",
@@ -105,13 +117,18 @@ async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateReques
     arrived = time.monotonic()
     info = await catalogue.info(model)
     limit = catalogue.max_model_len(model, info)
-    outside = [t for t in request.sampling.logit_bias if t >= info.vocab_size]
-    if outside:
-        raise InvalidRequest(
-            f"logit_bias names token id {outside[0]}, outside the vocabulary (size {info.vocab_size})", "logit_bias"
-        )
+    sampling = request.sampling
+    for name, ids in (("logit_bias", sampling.logit_bias), ("allowed_token_ids", sampling.allowed_token_ids)):
+        outside = [t for t in ids if t >= info.vocab_size]
+        if outside:
+            raise InvalidRequest(
+                f"{name} names token id {outside[0]}, outside the vocabulary (size {info.vocab_size})", name
+            )
     kind = request.WhichOneof("input")
-    chars = len(request.text) if kind == "text" else sum(len(m.content) for m in request.chat.messages)
+    chars = len(request.text) if kind == "text" else (
+        len(request.chat.tools_json)
+        + sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in request.chat.messages)
+    )
     if info.max_token_chars and chars > limit * info.max_token_chars:
         # Certainly too long: refuse before the tokenizer spends seconds on it.
         raise ContextLengthExceeded(
@@ -124,15 +141,7 @@ async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateReques
         reply = await catalogue.tokenizer(model, lambda c: c.tokenize(request.text, model))
         ids = list(reply.token_ids)
     elif kind == "chat":
-        messages = [
-            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-            for m in request.chat.messages
-        ]
-        chat = request.chat
-        add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-        reply = await catalogue.tokenizer(
-            model, lambda c: c.tokenize_chat(messages, model, add, chat.continue_final_message)
-        )
+        reply = await catalogue.tokenizer(model, lambda c: c.tokenize_conversation(request.chat, model))
         ids = list(reply.token_ids)
     elif kind == "token_ids":
         ids = list(request.token_ids.ids)

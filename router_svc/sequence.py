@@ -52,6 +52,9 @@ class Sequence:
         self._decoder = decoder
         self._index = index
         self._return_token_ids = return_token_ids
+        self._include_stop = sampling.include_stop_str_in_output
+        #: Stop tokens generated but kept out of the text (counted, not shown).
+        self._hidden = 0
         self._detokenizer = decoder.detokenizer(
             prompt.token_ids[-_CONTEXT_IDS:],
             sampling.stop,
@@ -62,12 +65,18 @@ class Sequence:
     @property
     def completion_tokens(self) -> int:
         """Tokens generated so far (up to the stop string, when one ended the sequence)."""
-        return self._detokenizer.num_tokens
+        return self._detokenizer.num_tokens + self._hidden
 
     def delta(self, reply: engine_pb2.GenerateResponse) -> router_pb2.RouterGenerateResponse:
         """The caller's delta for one engine reply; ``finish_reason`` set on the last one."""
         detokenizer = self._detokenizer
-        text = detokenizer.push(reply.token_ids)
+        ids = list(reply.token_ids)
+        if reply.HasField("stop_token_id") and ids and ids[-1] == reply.stop_token_id and not self._include_stop:
+            # As vLLM: the token that ended the sequence is not part of its text, which
+            # matters once special tokens are shown (skip_special_tokens false).
+            ids.pop()
+            self._hidden += not detokenizer.stopped
+        text = detokenizer.push(ids)
         if reply.finish_reason and not detokenizer.stopped:
             text += detokenizer.finish()
         delta = router_pb2.RouterGenerateResponse(index=self._index, text=text)

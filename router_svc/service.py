@@ -17,6 +17,7 @@ from router_svc.metrics import INDEX_ENTRIES
 from router_svc.openai_bridge import HttpBridge
 from router_svc.pipeline import Pipeline
 from router_svc.policy import make_policy
+from router_svc.tools import ParserChoice
 from router_svc.workers import ENGINE_ROLES, Workers
 from services.auth import ApiKeyInterceptor, ApiKeys
 from services.clients import health_status
@@ -99,7 +100,10 @@ class RouterStage(Stage):
         self._servicer = RouterServicer(pipeline, self._workers, index)
         self._keys = ApiKeys.from_settings(config.api_key, config.api_key_file)
         self._bridge = (
-            HttpBridge(pipeline, config.max_body_mib, self._keys, open_metrics=not config.metrics_need_key)
+            HttpBridge(
+                pipeline, config.max_body_mib, self._keys, open_metrics=not config.metrics_need_key,
+                parsers=ParserChoice(config.tool_call_parser, config.tool_call_parsers),
+            )
             if config.http_port >= 0 else None
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import Self
+from typing import Any, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -92,7 +92,7 @@ class TokenizerClient(_StageClient):
 
     async def tokenize_chat(
         self,
-        messages: Iterable[Mapping[str, str]],
+        messages: Iterable[Mapping[str, Any]],
         model: str = "",
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
@@ -103,6 +103,12 @@ class TokenizerClient(_StageClient):
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
         )
+        return await self.tokenize_conversation(chat, model)
+
+    async def tokenize_conversation(
+        self, chat: tokenizer_pb2.ChatInput, model: str = ""
+    ) -> tokenizer_pb2.TokenizeResponse:
+        """Token ids of a whole chat input (messages with tool calls, and the tools)."""
         return await self._stub.Tokenize(
             tokenizer_pb2.TokenizeRequest(model=model, chat=chat), timeout=self._timeout
         )

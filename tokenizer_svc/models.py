@@ -26,6 +26,16 @@ CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 #: messages "developer" for its newer models, and templates predate the name.
 _ROLE_ALIASES = {"developer": "system"}
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+#: For a template that does not render tools: how they are offered to the model, in the
+#: Hermes form (the form Qwen's and NousResearch's templates write), which the router's
+#: default tool-call parser reads back.
+_TOOLS_PROMPT = (
+    "You may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}}\n</tool_call>"
+)
 
 
 class ModelTokenizer:
@@ -60,7 +70,11 @@ class ModelTokenizer:
             elif isinstance(source, list):
                 eos.update(int(i) for i in source)
         self.eos_token_ids = sorted(eos)
-        self.has_chat_template = bool(getattr(self._hf, "chat_template", None))
+        template = str(getattr(self._hf, "chat_template", None) or "")
+        self.has_chat_template = bool(template)
+        #: Whether the template itself renders the tools, and an assistant's tool calls.
+        self._renders_tools = "tools" in template.replace("tool_calls", "")
+        self._renders_tool_calls = "tool_calls" in template
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
@@ -71,6 +85,7 @@ class ModelTokenizer:
             raise InvalidRequest(f"model {self.name!r} has no chat template; send plain text")
         if not chat.messages:
             raise InvalidRequest("chat input needs at least one message")
+        tools = _tools(chat.tools_json)
         messages: list[dict[str, Any]] = []
         for position, message in enumerate(chat.messages):
             if message.role not in CHAT_ROLES:
@@ -78,11 +93,13 @@ class ModelTokenizer:
                     f"message {position} has invalid role {message.role!r}; "
                     f"expected one of {', '.join(sorted(CHAT_ROLES))}"
                 )
-            role = _ROLE_ALIASES.get(message.role, message.role)
-            entry: dict[str, Any] = {"role": role, "content": message.content}
-            if message.name:
-                entry["name"] = message.name
-            messages.append(entry)
+            messages.append(self._message(message))
+        if tools and not self._renders_tools:
+            offer = _TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool) for tool in tools))
+            if messages[0]["role"] == "system":
+                messages[0]["content"] = f"{messages[0]['content']}\n\n{offer}"
+            else:
+                messages.insert(0, {"role": "system", "content": offer})
         add_generation_prompt = (
             chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
         )
@@ -99,10 +116,35 @@ class ModelTokenizer:
                     tokenize=False,
                     add_generation_prompt=add_generation_prompt,
                     continue_final_message=chat.continue_final_message,
+                    tools=tools or None,
                 )
             )
         except TemplateError as exc:  # the template itself rejects the conversation
             raise InvalidRequest(f"chat template rejected the messages: {exc}") from None
+
+    def _message(self, message: tokenizer_pb2.ChatMessage) -> dict[str, Any]:
+        """A message as templates take it; tool calls the template would drop are written
+        into the content in the Hermes form, so the model still sees what it called."""
+        entry: dict[str, Any] = {"role": _ROLE_ALIASES.get(message.role, message.role), "content": message.content}
+        if message.name:
+            entry["name"] = message.name
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            calls = [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": _arguments(call)}}
+                for call in message.tool_calls
+            ]
+            if self._renders_tool_calls:
+                entry["tool_calls"] = calls
+            else:
+                written = "\n".join(
+                    f'<tool_call>\n{{"name": {json.dumps(c["function"]["name"])}, '
+                    f'"arguments": {json.dumps(c["function"]["arguments"])}}}\n</tool_call>'
+                    for c in calls
+                )
+                entry["content"] = f"{message.content}\n{written}" if message.content else written
+        return entry
 
     def check_ids(self, ids: Sequence[int]) -> None:
         """Reject ids outside the vocabulary, naming the first offender."""
@@ -132,6 +174,28 @@ class ModelTokenizer:
         if self._hf.pad_token_id is not None:
             info.pad_token_id = int(self._hf.pad_token_id)
         return info
+
+
+def _tools(tools_json: str) -> list[dict[str, Any]]:
+    """The request's tools (OpenAI's array), checked enough for a template to render."""
+    if not tools_json:
+        return []
+    try:
+        tools = json.loads(tools_json)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"tools is not valid JSON: {exc}", "tools") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise InvalidRequest("tools must be an array of objects", "tools")
+    return tools
+
+
+def _arguments(call: tokenizer_pb2.ToolCall) -> Any:
+    """A call's arguments as a value (templates write them with tojson); text that is not
+    JSON stays text."""
+    try:
+        return json.loads(call.arguments or "{}")
+    except json.JSONDecodeError:
+        return call.arguments
 
 
 def _read_json(path: Path) -> dict[str, Any]:

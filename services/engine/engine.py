@@ -116,7 +116,9 @@ class EngineRunner:
         args = AsyncEngineArgs(
             model=str(self.model.path),
             served_model_name=self.model.name,
-            skip_tokenizer_init=True,
+            # The tokenizer is loaded only for what vLLM needs it for inside the
+            # engine: compiling structured-output grammars and bad_words. Text never
+            # passes through here (requests are token ids, outputs are not detokenized).
             dtype=self.config.dtype,  # vLLM validates the name
             max_num_seqs=self.config.max_num_seqs,
             enable_prefix_caching=True,

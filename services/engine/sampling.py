@@ -7,7 +7,7 @@ from typing import Any
 
 from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from services.errors import InvalidRequest
 from services.pb import common_pb2
@@ -22,10 +22,12 @@ def to_vllm(
 ) -> SamplingParams:
     """Build vLLM sampling params for one sequence, streaming deltas.
 
-    ``max_tokens`` overrides the request's (prefill runs with 1). An unset max_tokens
-    means "up to the context limit"; one that would pass the limit is capped there and
-    the sequence ends with finish reason LENGTH.
+    ``max_tokens`` overrides the request's (prefill runs with 1, and its token is
+    discarded: the decode engine samples the first token, so only it applies the output
+    constraints). An unset max_tokens means "up to the context limit"; one that would
+    pass the limit is capped there and the sequence ends with finish reason LENGTH.
     """
+    prefill = max_tokens is not None
     room = max_model_len - prompt_tokens
     if room < 1:
         raise InvalidRequest(
@@ -53,9 +55,31 @@ def to_vllm(
         kwargs["logprobs"] = params.logprobs
     if params.logit_bias:
         kwargs["logit_bias"] = dict(params.logit_bias)
+    if not prefill:
+        if params.bad_words:
+            kwargs["bad_words"] = list(params.bad_words)
+        if params.allowed_token_ids:
+            kwargs["allowed_token_ids"] = list(params.allowed_token_ids)
+        if params.HasField("structured_outputs"):
+            kwargs["structured_outputs"] = _structured(params.structured_outputs)
     if kv_transfer_params is not None:
         kwargs["extra_args"] = {"kv_transfer_params": kv_transfer_params}
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own range checks
         raise InvalidRequest(f"invalid sampling parameters: {exc}") from None
+
+
+def _structured(constraint: common_pb2.StructuredOutputs) -> StructuredOutputsParams:
+    """vLLM's form of an output constraint (the router has checked it)."""
+    kind = constraint.WhichOneof("constraint")
+    if kind is None:
+        raise InvalidRequest("structured_outputs sets no constraint", "structured_outputs")
+    value: Any = list(constraint.choice.options) if kind == "choice" else getattr(constraint, kind)
+    name = "json" if kind == "json_schema" else kind
+    try:
+        return StructuredOutputsParams(
+            **{name: value}, disable_any_whitespace=constraint.disable_any_whitespace
+        )
+    except (ValueError, TypeError, VLLMClientError) as exc:
+        raise InvalidRequest(f"invalid structured_outputs: {exc}", "structured_outputs") from None

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstagemesh/v1/tokenizer.proto\x12\x0cstagemesh.v1\"\x1c\n\x0c\x44\x65\x63oderChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x96\x01\n\tChatInput\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.stagemesh.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x42\x18\n\x16_add_generation_prompt\"\xb8\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.stagemesh.v1.ChatInputH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x14return_token_strings\x18\x05 \x01(\x08\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"`\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rtoken_strings\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bprompt_text\x18\x04 \x01(\t\"\x87\x01\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\x12return_token_texts\x18\x04 \x01(\x08\x42\x16\n\x14_skip_special_tokens\"3\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_texts\x18\x02 \x03(\t\"\xa7\x01\n\x0f\x44\x65tokenizeStart\x12\r\n\x05model\x18\x01 \x01(\t\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x04 \x01(\x08\x12\x19\n\x11\x63ontext_token_ids\x18\x05 \x03(\rB\x16\n\x14_skip_special_tokens\"d\n\x11\x44\x65tokenizeRequest\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1d.stagemesh.v1.DetokenizeStart\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0e\n\x06\x66inish\x18\x03 \x01(\x08\"n\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x0f\n\x07stopped\x18\x03 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x97\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0cpad_token_id\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\x12\x16\n\x0especial_tokens\x18\x08 \x03(\t\x12\x15\n\rserved_models\x18\t \x03(\t\x12\x17\n\x0fmax_token_chars\x18\n \x01(\rB\x0f\n\r_bos_token_idB\x0f\n\r_pad_token_id2\x8c\x03\n\x10TokenizerService\x12I\n\x08Tokenize\x12\x1d.stagemesh.v1.TokenizeRequest\x1a\x1e.stagemesh.v1.TokenizeResponse\x12\x43\n\x06\x44\x65\x63ode\x12\x1b.stagemesh.v1.DecodeRequest\x1a\x1c.stagemesh.v1.DecodeResponse\x12S\n\nDetokenize\x12\x1f.stagemesh.v1.DetokenizeRequest\x1a .stagemesh.v1.DetokenizeResponse(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1e.stagemesh.v1.ModelInfoRequest\x1a\x17.stagemesh.v1.ModelInfo\x12J\n\nGetDecoder\x12\x1e.stagemesh.v1.ModelInfoRequest\x1a\x1a.stagemesh.v1.DecoderChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstagemesh/v1/tokenizer.proto\x12\x0cstagemesh.v1\"\x1c\n\x0c\x44\x65\x63oderChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"|\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12*\n\ntool_calls\x18\x04 \x03(\x0b\x32\x16.stagemesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xaa\x01\n\tChatInput\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.stagemesh.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x12\n\ntools_json\x18\x04 \x01(\tB\x18\n\x16_add_generation_prompt\"\xb8\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.stagemesh.v1.ChatInputH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x14return_token_strings\x18\x05 \x01(\x08\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"`\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rtoken_strings\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bprompt_text\x18\x04 \x01(\t\"\x87\x01\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\x12return_token_texts\x18\x04 \x01(\x08\x42\x16\n\x14_skip_special_tokens\"3\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_texts\x18\x02 \x03(\t\"\xa7\x01\n\x0f\x44\x65tokenizeStart\x12\r\n\x05model\x18\x01 \x01(\t\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x04 \x01(\x08\x12\x19\n\x11\x63ontext_token_ids\x18\x05 \x03(\rB\x16\n\x14_skip_special_tokens\"d\n\x11\x44\x65tokenizeRequest\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1d.stagemesh.v1.DetokenizeStart\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0e\n\x06\x66inish\x18\x03 \x01(\x08\"n\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x0f\n\x07stopped\x18\x03 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x97\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0cpad_token_id\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\x12\x16\n\x0especial_tokens\x18\x08 \x03(\t\x12\x15\n\rserved_models\x18\t \x03(\t\x12\x17\n\x0fmax_token_chars\x18\n \x01(\rB\x0f\n\r_bos_token_idB\x0f\n\r_pad_token_id2\x8c\x03\n\x10TokenizerService\x12I\n\x08Tokenize\x12\x1d.stagemesh.v1.TokenizeRequest\x1a\x1e.stagemesh.v1.TokenizeResponse\x12\x43\n\x06\x44\x65\x63ode\x12\x1b.stagemesh.v1.DecodeRequest\x1a\x1c.stagemesh.v1.DecodeResponse\x12S\n\nDetokenize\x12\x1f.stagemesh.v1.DetokenizeRequest\x1a .stagemesh.v1.DetokenizeResponse(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1e.stagemesh.v1.ModelInfoRequest\x1a\x17.stagemesh.v1.ModelInfo\x12J\n\nGetDecoder\x12\x1e.stagemesh.v1.ModelInfoRequest\x1a\x1a.stagemesh.v1.DecoderChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODERCHUNK']._serialized_start=46
   _globals['_DECODERCHUNK']._serialized_end=74
   _globals['_CHATMESSAGE']._serialized_start=76
-  _globals['_CHATMESSAGE']._serialized_end=134
-  _globals['_CHATINPUT']._serialized_start=137
-  _globals['_CHATINPUT']._serialized_end=287
-  _globals['_TOKENIZEREQUEST']._serialized_start=290
-  _globals['_TOKENIZEREQUEST']._serialized_end=474
-  _globals['_TOKENIZERESPONSE']._serialized_start=476
-  _globals['_TOKENIZERESPONSE']._serialized_end=572
-  _globals['_DECODEREQUEST']._serialized_start=575
-  _globals['_DECODEREQUEST']._serialized_end=710
-  _globals['_DECODERESPONSE']._serialized_start=712
-  _globals['_DECODERESPONSE']._serialized_end=763
-  _globals['_DETOKENIZESTART']._serialized_start=766
-  _globals['_DETOKENIZESTART']._serialized_end=933
-  _globals['_DETOKENIZEREQUEST']._serialized_start=935
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1035
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1037
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1147
-  _globals['_MODELINFOREQUEST']._serialized_start=1149
-  _globals['_MODELINFOREQUEST']._serialized_end=1182
-  _globals['_MODELINFO']._serialized_start=1185
-  _globals['_MODELINFO']._serialized_end=1464
-  _globals['_TOKENIZERSERVICE']._serialized_start=1467
-  _globals['_TOKENIZERSERVICE']._serialized_end=1863
+  _globals['_CHATMESSAGE']._serialized_end=200
+  _globals['_TOOLCALL']._serialized_start=202
+  _globals['_TOOLCALL']._serialized_end=257
+  _globals['_CHATINPUT']._serialized_start=260
+  _globals['_CHATINPUT']._serialized_end=430
+  _globals['_TOKENIZEREQUEST']._serialized_start=433
+  _globals['_TOKENIZEREQUEST']._serialized_end=617
+  _globals['_TOKENIZERESPONSE']._serialized_start=619
+  _globals['_TOKENIZERESPONSE']._serialized_end=715
+  _globals['_DECODEREQUEST']._serialized_start=718
+  _globals['_DECODEREQUEST']._serialized_end=853
+  _globals['_DECODERESPONSE']._serialized_start=855
+  _globals['_DECODERESPONSE']._serialized_end=906
+  _globals['_DETOKENIZESTART']._serialized_start=909
+  _globals['_DETOKENIZESTART']._serialized_end=1076
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1078
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1178
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1180
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1290
+  _globals['_MODELINFOREQUEST']._serialized_start=1292
+  _globals['_MODELINFOREQUEST']._serialized_end=1325
+  _globals['_MODELINFO']._serialized_start=1328
+  _globals['_MODELINFO']._serialized_end=1607
+  _globals['_TOKENIZERSERVICE']._serialized_start=1610
+  _globals['_TOKENIZERSERVICE']._serialized_end=2006
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,392 @@
+"""Tool calling for the OpenAI bridge: what a request's ``tools`` and ``tool_choice`` ask
+of the engines, and how the generated text becomes ``tool_calls``.
+
+- ``tool_choice`` a named function: the output is constrained (in the decode engine) to
+  the function's parameter schema, and the whole output is its arguments.
+- ``required``: constrained to a JSON array of ``{"name", "parameters"}`` objects, one
+  alternative per tool (vLLM's shape), so any model calls at least one tool.
+- ``auto``: unconstrained; a parser for the model's own tool-call format finds the calls
+  in the text (``--tool-call-parser``): ``hermes`` (``<tool_call>{json}</tool_call>``,
+  Qwen, Hermes, and any model whose template the tokenizer stage fills in) or
+  ``llama3_json`` (a bare JSON object, optionally after ``<|python_tag|>``).
+- ``none``: the tools are still shown to the template; nothing is parsed.
+
+Parsing a whole text (:meth:`ToolParser.extract`) follows vLLM's parsers exactly (the
+tests compare them on the same texts). Streaming (:class:`ToolStream`) sends text as
+content until a call starts, holds back what might be the start of one, and sends each
+call as one delta when it is complete: the SDK joins deltas, so a call in one piece has
+the shape it expects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from services.errors import InvalidRequest
+from services.pb import common_pb2
+
+ToolChoice = Literal["none", "auto", "required"] | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+    id: str = ""
+
+    def render(self, index: int | None = None) -> dict[str, Any]:
+        """OpenAI's ``tool_calls`` entry (with ``index`` in a streamed delta)."""
+        entry: dict[str, Any] = {
+            "id": self.id or f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+        return entry if index is None else {"index": index, **entry}
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """What a finished text holds: content (None when only calls) and the calls."""
+
+    content: str | None
+    calls: list[ToolCall]
+
+
+class ToolParser:
+    """A model family's tool-call format."""
+
+    name: str
+    #: Where a call may begin; text before it is content.
+    start: str
+
+    def extract(self, text: str) -> Extracted:
+        raise NotImplementedError
+
+    def stream(self) -> ToolStream:
+        raise NotImplementedError
+
+
+def _call(obj: Any, *keys: str) -> ToolCall:
+    """A call from a parsed object: KeyError/TypeError when it is not one."""
+    arguments = next((obj[key] for key in keys if key in obj), None)
+    if arguments is None:
+        raise KeyError(keys[-1])
+    return ToolCall(str(obj["name"]), json.dumps(arguments, ensure_ascii=False))
+
+
+class HermesParser(ToolParser):
+    """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, repeated."""
+
+    name = "hermes"
+    start = "<tool_call>"
+    end = "</tool_call>"
+    _calls = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+
+    def extract(self, text: str) -> Extracted:
+        if self.start not in text:
+            return Extracted(text, [])
+        try:
+            calls = [_call(json.loads(closed or open_), "arguments") for closed, open_ in self._calls.findall(text)]
+        except (ValueError, KeyError, TypeError):  # one malformed call: the text is content
+            return Extracted(text, [])
+        return Extracted(text[: text.find(self.start)] or None, calls)
+
+    def stream(self) -> ToolStream:
+        return _HermesStream(self)
+
+
+class Llama3JsonParser(ToolParser):
+    """A JSON object ``{"name", "arguments" | "parameters"}``, or several separated by
+    ``;``, optionally after ``<|python_tag|>``."""
+
+    name = "llama3_json"
+    start = "<|python_tag|>"
+    _decoder = json.JSONDecoder()
+
+    def extract(self, text: str) -> Extracted:
+        if self.start not in text and "{" not in text:
+            return Extracted(text, [])
+        calls: list[ToolCall] = []
+        end = -1
+        for match in re.finditer(r"\{", text):
+            if match.start() <= end:  # inside an object already read
+                continue
+            try:
+                obj, length = self._decoder.raw_decode(text[match.start():])
+                end = match.start() + length
+                calls.append(_call(obj, "arguments", "parameters"))
+            except (ValueError, KeyError, TypeError):
+                return Extracted(text, [])
+        return Extracted(None, calls) if calls else Extracted(text, [])
+
+    def stream(self) -> ToolStream:
+        return _Llama3Stream(self)
+
+
+PARSERS: dict[str, type[ToolParser]] = {parser.name: parser for parser in (HermesParser, Llama3JsonParser)}
+
+
+class ParserChoice:
+    """Which parser reads each model's tool calls (``--tool-call-parser[s]``)."""
+
+    def __init__(self, default: str, per_model: dict[str, str]) -> None:
+        for name in (default, *per_model.values()):
+            if name not in PARSERS:
+                raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}")
+        self._default = PARSERS[default]()
+        self._per_model = {model: PARSERS[name]() for model, name in per_model.items()}
+
+    def for_model(self, model: str) -> ToolParser:
+        return self._per_model.get(model, self._default)
+
+
+class ToolStream:
+    """One streamed choice's text in, delta fields out (``content`` or ``tool_calls``)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def finish(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _calls_delta(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
+        if not calls:
+            return []
+        first, self.calls = self.calls, self.calls + len(calls)
+        return [{"tool_calls": [call.render(first + i) for i, call in enumerate(calls)]}]
+
+
+def _content(text: str) -> list[dict[str, Any]]:
+    return [{"content": text}] if text else []
+
+
+def _partial_start(text: str, marker: str) -> int:
+    """Length of the longest end of ``text`` that begins ``marker``."""
+    for length in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-length:]):
+            return length
+    return 0
+
+
+class _HermesStream(ToolStream):
+    def __init__(self, parser: HermesParser) -> None:
+        super().__init__()
+        self._parser = parser
+        self._buffer = ""
+        self._in_call = False
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        self._buffer += text
+        out: list[dict[str, Any]] = []
+        start, end = self._parser.start, self._parser.end
+        while True:
+            if self._in_call:
+                at = self._buffer.find(end)
+                if at < 0:
+                    return out
+                out += self._close(self._buffer[:at])
+                self._buffer = self._buffer[at + len(end):].lstrip()  # between calls: not content
+                self._in_call = False
+                continue
+            at = self._buffer.find(start)
+            if at < 0:
+                keep = _partial_start(self._buffer, start)
+                sendable, self._buffer = self._buffer[: len(self._buffer) - keep], self._buffer[len(self._buffer) - keep:]
+                return out + _content(sendable)
+            out += _content(self._buffer[:at])
+            self._buffer = self._buffer[at + len(start):]
+            self._in_call = True
+
+    def finish(self) -> list[dict[str, Any]]:
+        rest, self._buffer = self._buffer, ""
+        if self._in_call and rest.strip():
+            return self._close(rest)  # the model stopped before closing the call
+        return _content(rest)
+
+    def _close(self, body: str) -> list[dict[str, Any]]:
+        try:
+            call = _call(json.loads(body), "arguments")
+        except (ValueError, KeyError, TypeError):
+            return _content(f"{self._parser.start}{body}{self._parser.end}")
+        return self._calls_delta([call])
+
+
+class _Llama3Stream(ToolStream):
+    """Text that opens with ``{`` or the python tag is held and parsed whole at the end;
+    any other text is content as it comes (as vLLM streams it)."""
+
+    def __init__(self, parser: Llama3JsonParser) -> None:
+        super().__init__()
+        self._parser = parser
+        self._buffer = ""
+        self._mode: Literal["undecided", "json", "content"] = "undecided"
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        if self._mode == "content":
+            return _content(text)
+        self._buffer += text
+        if self._mode == "undecided":
+            head = self._buffer.lstrip()
+            if head.startswith(("{", self._parser.start)):
+                self._mode = "json"
+            elif head and not self._parser.start.startswith(head):
+                self._mode = "content"
+                rest, self._buffer = self._buffer, ""
+                return _content(rest)
+        return []
+
+    def finish(self) -> list[dict[str, Any]]:
+        rest, self._buffer = self._buffer, ""
+        if self._mode != "json":
+            return _content(rest)
+        found = self._parser.extract(rest)
+        return _content(found.content or "") + self._calls_delta(found.calls)
+
+
+class _NamedStream(ToolStream):
+    """A named tool_choice: every token is the arguments of the one call."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+        self._opened = False
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        if not self._opened:
+            self._opened = True
+            self.calls = 1
+            return [{"tool_calls": [ToolCall(self._name, text).render(0)]}]
+        return [{"tool_calls": [{"index": 0, "function": {"arguments": text}}]}] if text else []
+
+    def finish(self) -> list[dict[str, Any]]:
+        return [] if self._opened else self.feed("")
+
+
+class _RequiredStream(ToolStream):
+    """``required``: the JSON array is held and sent as calls once complete."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer = ""
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        self._buffer += text
+        return []
+
+    def finish(self) -> list[dict[str, Any]]:
+        found = _required_calls(self._buffer)
+        return _content(found.content or "") + self._calls_delta(found.calls)
+
+
+def _required_calls(text: str) -> Extracted:
+    try:
+        return Extracted(None, [_call(item, "parameters") for item in json.loads(text)])
+    except (ValueError, KeyError, TypeError):  # cut off by max_tokens: what was written
+        return Extracted(text, [])
+
+
+class _PlainStream(ToolStream):
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        return _content(text)
+
+    def finish(self) -> list[dict[str, Any]]:
+        return []
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a chat request's tools ask for; built before the request starts."""
+
+    tools: list[dict[str, Any]]
+    mode: Literal["none", "auto", "required", "named"]
+    parser: ToolParser
+    function: str = ""
+    #: Whether ``required`` may make several calls (``parallel_tool_calls``).
+    parallel: bool = True
+
+    @classmethod
+    def build(
+        cls, tools: list[dict[str, Any]], choice: ToolChoice | None, parallel: bool, parser: ToolParser
+    ) -> ToolPlan | None:
+        """The plan, or None when the request has no tools; InvalidRequest for a choice
+        that names no tool, or tools without names."""
+        names = []
+        for position, tool in enumerate(tools):
+            function = tool.get("function") if tool.get("type") == "function" else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise InvalidRequest(f"tools[{position}] must be a function with a name", "tools")
+            names.append(function["name"])
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if name not in names:
+                raise InvalidRequest(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+            return cls(tools, "named", parser, str(name))
+        if choice is not None and not tools and choice != "none":
+            raise InvalidRequest(f"tool_choice {choice!r} needs tools", "tool_choice")
+        if not tools:
+            return None
+        return cls(tools, choice or "auto", parser, parallel=parallel)
+
+    def _schema(self, name: str) -> dict[str, Any]:
+        function = next(t["function"] for t in self.tools if t["function"]["name"] == name)
+        schema = function.get("parameters")
+        return schema if isinstance(schema, dict) else {"type": "object", "properties": {}}
+
+    def constraint(self) -> common_pb2.StructuredOutputs | None:
+        """The output constraint the engines enforce (named and required only)."""
+        if self.mode == "named":
+            return common_pb2.StructuredOutputs(json_schema=json.dumps(self._schema(self.function)))
+        if self.mode != "required":
+            return None
+        alternatives = [
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string", "enum": [name]}, "parameters": self._schema(name)},
+                "required": ["name", "parameters"],
+            }
+            for name in (t["function"]["name"] for t in self.tools)
+        ]
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": alternatives}}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return common_pb2.StructuredOutputs(json_schema=json.dumps(schema))
+
+    @property
+    def shows_special_tokens(self) -> bool:
+        """Whether the parser needs the special tokens in the text (its markers may be
+        special tokens, e.g. Qwen's ``<tool_call>``), as vLLM's parsers ask."""
+        return self.mode == "auto"
+
+    def extract(self, text: str) -> Extracted:
+        """The content and calls of a finished choice."""
+        if self.mode == "named":
+            return Extracted(None, [ToolCall(self.function, text)])
+        if self.mode == "required":
+            return _required_calls(text)
+        if self.mode == "auto":
+            return self.parser.extract(text)
+        return Extracted(text, [])
+
+    def stream(self) -> ToolStream:
+        """The state of one streamed choice."""
+        if self.mode == "named":
+            return _NamedStream(self.function)
+        if self.mode == "required":
+            return _RequiredStream()
+        if self.mode == "auto":
+            return self.parser.stream()
+        return _PlainStream()
+
+    def finish_reason(self, called: bool, reason: str) -> str:
+        """OpenAI's finish reason: ``tool_calls`` when the model chose to call (a named
+        choice, which the caller forced, keeps ``stop`` as OpenAI's does)."""
+        return "tool_calls" if called and reason == "stop" and self.mode in ("auto", "required") else reason
