@@ -71,7 +71,8 @@ class Sequence:
         """The caller's delta for one engine reply; ``finish_reason`` set on the last one."""
         detokenizer = self._detokenizer
         ids = list(reply.token_ids)
-        if reply.HasField("stop_token_id") and ids and ids[-1] == reply.stop_token_id and not self._include_stop:
+        stopped_by_token = reply.HasField("stop_token_id") or (ids and ids[-1] in self._prompt.info.eos_token_ids)
+        if reply.finish_reason == common_pb2.FINISH_REASON_STOP and stopped_by_token and not self._include_stop:
             # As vLLM: the token that ended the sequence is not part of its text, which
             # matters once special tokens are shown (skip_special_tokens false).
             ids.pop()

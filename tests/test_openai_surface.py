@@ -1,0 +1,244 @@
+"""What agents use through the OpenAI SDK: structured outputs, tool calls, and the
+sampling fields beyond OpenAI's (bad_words, allowed_token_ids), on the session mesh
+(which prefills remotely: disaggregated) and on a decode engine alone (aggregated)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+import grpc
+import jsonschema
+import pytest
+
+from services.clients import EngineClient, RouterClient, TokenizerClient
+from services.pb import common_pb2, router_pb2, tokenizer_pb2
+from tests.conftest import Mesh
+from tests.test_router import STORY, metric, post
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 12}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+SUBJECTS = ["a baker", "a pilot", "a poet", "a nurse", "a farmer", "a judge", "a sailor", "a chef", "a monk", "a clown"]
+
+
+def people_request(subject: str) -> dict[str, Any]:
+    return {
+        "model": "",
+        "messages": [{"role": "user", "content": f"Describe {subject} as JSON with a name, an age and a city."}],
+        "temperature": 0,
+        "max_tokens": 80,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+    }
+
+
+async def test_json_schema_output_always_matches(client) -> None:
+    """20 prompts, 10 streamed: every output parses and matches the schema."""
+
+    async def whole(subject: str) -> str:
+        reply = await client.chat.completions.create(**people_request(subject))
+        assert reply.choices[0].finish_reason == "stop"
+        return str(reply.choices[0].message.content)
+
+    async def streamed(subject: str) -> str:
+        chunks = [c async for c in await client.chat.completions.create(**people_request(subject), stream=True)]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    texts = await asyncio.gather(*[whole(s) for s in SUBJECTS], *[streamed(s) for s in SUBJECTS])
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
+    assert texts[:10] == texts[10:]  # greedy: streaming changes nothing
+
+
+async def test_constraints_on_grpc_and_on_an_engine_alone(
+    router: RouterClient, decode: EngineClient, tokenizer: TokenizerClient
+) -> None:
+    """The contract field, through the router (disaggregated) and straight to a decode
+    engine (aggregated): a choice, a regex and a GBNF grammar hold."""
+    constraints = [
+        (common_pb2.StructuredOutputs(choice=common_pb2.Choices(options=["yes", "no"])), re.compile(r"yes|no")),
+        (common_pb2.StructuredOutputs(regex=r"\d{3}-[a-z]{4}"), re.compile(r"\d{3}-[a-z]{4}")),
+        (common_pb2.StructuredOutputs(grammar='root ::= "red" | "green" | "blue"'), re.compile(r"red|green|blue")),
+    ]
+    eos = list((await tokenizer.model_info()).eos_token_ids)
+    ids = list((await tokenizer.tokenize(STORY)).token_ids)
+    for constraint, pattern in constraints:
+        sampling = common_pb2.SamplingParams(temperature=0, max_tokens=20, structured_outputs=constraint)
+        result = await router.generate_unary(router_pb2.RouterGenerateRequest(text=STORY, sampling=sampling), timeout=120)
+        assert pattern.fullmatch(result.completions[0].text), result.completions[0].text
+        sampling.stop_token_ids.extend(eos)
+        alone = [t async for reply in decode.generate(ids, sampling) for t in reply.token_ids]
+        assert pattern.fullmatch(await tokenizer.decode([t for t in alone if t not in eos]))
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+         "invalid JSON schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "needs json_schema.schema"),
+        ({"structured_outputs": {"regex": "[a-"}}, "invalid regex"),
+        ({"structured_outputs": {"grammar": 'root ::= "open'}}, "invalid grammar"),
+        ({"structured_outputs": {"choice": []}}, "at least one option"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
+        ({"tool_choice": "required"}, "needs tools"),
+        ({"tools": [{"type": "function"}]}, "must be a function with a name"),
+        ({"allowed_token_ids": [10**8]}, "outside the vocabulary"),
+    ],
+)
+async def test_invalid_constraints_are_refused_before_engine_work(mesh: Mesh, extra: dict[str, Any], fragment: str) -> None:
+    prefills = await metric(mesh, "stagemesh_router_decisions_total")
+    body = {"model": "", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
+    reply = await post(mesh, "/v1/chat/completions", body)
+    assert reply.status_code == 400, reply.text
+    assert fragment in reply.json()["error"]["message"]
+    assert await metric(mesh, "stagemesh_router_decisions_total") == prefills  # no worker was even chosen
+
+
+async def test_invalid_constraint_over_grpc_is_invalid_argument(router: RouterClient) -> None:
+    sampling = common_pb2.SamplingParams(structured_outputs=common_pb2.StructuredOutputs(json_schema="{"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await router.generate_unary(router_pb2.RouterGenerateRequest(text="hi", sampling=sampling), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not valid JSON" in (caught.value.details() or "")
+
+
+def weather_question(**extra: Any) -> dict[str, Any]:
+    return {
+        "model": "",
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [WEATHER, TIME],
+        "temperature": 0,
+        "max_tokens": 60,
+        **extra,
+    }
+
+
+async def test_named_and_required_tool_calls_match_the_schema(client) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = await client.chat.completions.create(**weather_question(tool_choice=named))
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "stop" and message.content is None
+    (call,) = message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+    chunks = [c async for c in await client.chat.completions.create(**weather_question(tool_choice=named), stream=True)]
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "get_weather" and all(d.index == 0 for d in deltas)
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+
+    required = await client.chat.completions.create(**weather_question(tool_choice="required"))
+    assert required.choices[0].finish_reason == "tool_calls"
+    calls = required.choices[0].message.tool_calls
+    assert calls and len(calls) >= 1
+    tools = {"get_weather": WEATHER, "get_time": TIME}
+    for made in calls:
+        jsonschema.validate(json.loads(made.function.arguments), tools[made.function.name]["function"]["parameters"])
+    single = await client.chat.completions.create(**weather_question(tool_choice="required", parallel_tool_calls=False))
+    assert len(single.choices[0].message.tool_calls) == 1
+
+
+async def test_auto_tool_call_is_parsed_from_the_text(client) -> None:
+    """The model's text is fixed with a regex; ``auto`` reads the call out of it, whole
+    and streamed, and finishes with ``tool_calls``."""
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+    body = weather_question(extra_body={"structured_outputs": {"regex": re.escape(text)}}, max_tokens=80)
+    reply = await client.chat.completions.create(**body)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check.\n"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "c"}
+
+    chunks = [c async for c in await client.chat.completions.create(**body, stream=True)]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert content == "Let me check.\n" and [d.function.name for d in calls] == ["get_weather"]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris", "unit": "c"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    plain = await client.chat.completions.create(**weather_question(tool_choice="none", max_tokens=8))
+    assert plain.choices[0].message.tool_calls in (None, []) and plain.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_a_history_with_tool_results_is_rendered_and_answered(client, tokenizer: TokenizerClient) -> None:
+    history: list[dict[str, Any]] = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"},
+    ]
+    reply = await client.chat.completions.create(model="", messages=history, tools=[WEATHER], temperature=0, max_tokens=16)
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+
+    chat = tokenizer_pb2.ChatInput(
+        messages=[
+            tokenizer_pb2.ChatMessage(role="user", content="What is the weather in Paris?"),
+            tokenizer_pb2.ChatMessage(role="assistant", tool_calls=[
+                tokenizer_pb2.ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris", "unit": "c"}')
+            ]),
+            tokenizer_pb2.ChatMessage(role="tool", tool_call_id="call_1", content="18 degrees and sunny"),
+        ],
+        tools_json=json.dumps([WEATHER]),
+    )
+    rendered = await tokenizer.decode(list((await tokenizer.tokenize_conversation(chat)).token_ids), skip_special_tokens=False)
+    # The bundled model's template renders neither: the stage writes them in (Hermes form).
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in rendered
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>' in rendered
+    assert "<|im_start|>tool\n18 degrees and sunny<|im_end|>" in rendered
+    assert reply.usage.prompt_tokens == len((await tokenizer.tokenize_conversation(chat)).token_ids)
+
+
+async def test_allowed_token_ids_and_bad_words(client, router: RouterClient, hf_tokenizer) -> None:
+    forced = await client.completions.create(
+        model="", prompt=STORY, max_tokens=3, temperature=0, extra_body={"allowed_token_ids": [2000]}
+    )
+    assert forced.choices[0].text == hf_tokenizer.decode([2000] * 3)
+    request = router_pb2.RouterGenerateRequest(text=STORY, sampling=common_pb2.SamplingParams(max_tokens=8, temperature=0))
+    free = (await router.generate_unary(request, timeout=120)).completions[0].text
+    word = free.split()[0]
+    banned = await client.completions.create(
+        model="", prompt=STORY, max_tokens=8, temperature=0, extra_body={"bad_words": [word]}
+    )
+    assert banned.choices[0].text.split()[0] != word
