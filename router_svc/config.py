@@ -77,6 +77,8 @@ class RouterConfig(StageConfig):
     tool_call_parsers: dict[str, str] = setting(
         {}, "per-model parsers, MODEL=PARSER,... (models not named use --tool-call-parser)"
     )
+    responses_max: int = setting(1000, "most stored responses kept for previous_response_id and retrieval")
+    responses_ttl: float = setting(3600.0, "seconds a stored response is kept")
     max_constraint_chars: int = setting(
         65_536, "longest output constraint (JSON schema, regex, grammar, all choices), in characters"
     )

@@ -102,6 +102,7 @@ class _Sampling(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False
+    prompt_logprobs: int | None = None
     bad_words: list[str] = Field(default_factory=list)
     allowed_token_ids: list[int] | None = None
     response_format: ResponseFormat | None = None
@@ -109,6 +110,11 @@ class _Sampling(_Body):
 
     @model_validator(mode="after")
     def _one_format(self) -> _Sampling:
+        if self.prompt_logprobs is not None:
+            raise ValueError(
+                "prompt_logprobs is not supported: a disaggregated prompt is computed on a prefill "
+                "worker that returns its KV, not logits"
+            )
         formatted = self.response_format is not None and self.response_format.type != "text"
         if self.structured_outputs is not None and formatted:
             raise ValueError("set response_format or structured_outputs, not both")
@@ -277,8 +283,8 @@ class CompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _refuse_completion_unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (it needs the prompt's log-probabilities)")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of not in (None, self.n):
@@ -308,3 +314,44 @@ class CompletionRequest(_Sampling):
         else:
             request.token_ids.ids.extend(prompt)
         return request
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's shape): a prompt, or chat messages through the template."""
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("set either prompt or messages")
+        return self
+
+    def to_grpc(self, model: str) -> tokenizer_pb2.TokenizeRequest:
+        request = tokenizer_pb2.TokenizeRequest(
+            model=model, add_special_tokens=self.add_special_tokens, return_token_strings=self.return_token_strs
+        )
+        if self.prompt is not None:
+            request.text = self.prompt
+        else:
+            request.chat.CopyFrom(tokenizer_pb2.ChatInput(
+                messages=[m.to_grpc() for m in self.messages or []],
+                add_generation_prompt=self.add_generation_prompt,
+                continue_final_message=self.continue_final_message,
+                tools_json=json.dumps(self.tools) if self.tools else "",
+            ))
+        return request
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize (vLLM's shape)."""
+
+    model: str = ""
+    tokens: list[int] = Field(max_length=1_000_000)

@@ -28,9 +28,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from router_svc.affinity import SESSION_HEADER
-from router_svc.openai_api import ChatCompletionRequest, CompletionRequest
+from router_svc.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from router_svc.pipeline import Generation, Pipeline
-from router_svc.tools import ParserChoice, ToolPlan, ToolStream
+from router_svc.responses import (
+    ResponseEvents,
+    ResponsesRequest,
+    ResponseStore,
+    Stored,
+    answer_messages,
+    finish,
+    new_id,
+    output_items,
+    skeleton,
+)
+from router_svc.tools import Extracted, ParserChoice, ToolPlan, ToolStream
 from services.auth import ApiKeys
 from services.errors import StageError
 from services.pb import common_pb2, router_pb2
@@ -149,9 +165,13 @@ class HttpBridge:
         keys: ApiKeys | None = None,
         open_metrics: bool = True,
         parsers: ParserChoice | None = None,
+        responses: ResponseStore | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._parsers = parsers or ParserChoice("hermes", {})
+        self._responses = responses or ResponseStore(1000, 3600.0)
+        #: Background responses generating now (cancelled when the bridge stops).
+        self._background: set[asyncio.Task[None]] = set()
         self._max_body = max_body_mib * 1024 * 1024
         self._keys = keys or ApiKeys(())
         #: Paths served without a key: health always (load balancers), metrics unless asked.
@@ -163,6 +183,12 @@ class HttpBridge:
         app = web.Application(client_max_size=self._max_body, middlewares=[self._errors, self._authorized])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/responses", self._create_response)
+        app.router.add_get("/v1/responses/{id}", self._retrieve_response)
+        app.router.add_delete("/v1/responses/{id}", self._delete_response)
+        app.router.add_post("/v1/responses/{id}/cancel", self._cancel_response)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._model)
         app.router.add_get("/health", self._health)
@@ -180,6 +206,10 @@ class HttpBridge:
         log.info("OpenAI-compatible HTTP on %s:%d", host, self.port)
 
     async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(self._background)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -263,19 +293,161 @@ class HttpBridge:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
-        plan = None
-        if body.tools or body.tool_choice is not None:
-            parser = self._parsers.for_model(await self._pipeline.catalogue.resolve(body.model))
-            plan = ToolPlan.build(body.tools or [], body.tool_choice, body.parallel_tool_calls, parser)
+        plan = await self._plan(body)
         call = _to_grpc(functools.partial(body.to_grpc, plan))
         return await self._serve(request, body, [call], chat=True, plan=plan)
+
+    async def _plan(self, body: ChatCompletionRequest) -> ToolPlan | None:
+        """The request's tool plan, with the parser of the model it resolves to."""
+        if not body.tools and body.tool_choice is None:
+            return None
+        parser = self._parsers.for_model(await self._pipeline.catalogue.resolve(body.model))
+        return ToolPlan.build(body.tools or [], body.tool_choice, body.parallel_tool_calls, parser)
+
+    # -- the Responses API ------------------------------------------------------
+
+    async def _create_response(self, request: web.Request) -> web.StreamResponse:
+        body: ResponsesRequest = await self._body(request, ResponsesRequest)
+        try:
+            chat, conversation = body.to_chat(self._responses.history(body.previous_response_id))
+        except ValidationError as exc:  # what the chat form of the request refuses
+            raise ApiError(HTTPStatus.BAD_REQUEST, exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        plan = await self._plan(chat)
+        call = _to_grpc(functools.partial(chat.to_grpc, plan))
+        response_id = new_id("resp")
+        if body.background:
+            model = await self._pipeline.catalogue.resolve(chat.model)
+            entry = Stored(skeleton(body, response_id, model, "queued"), conversation, time.monotonic())
+            entry.task = asyncio.create_task(self._generate_in_background(entry, call, plan), name=response_id)
+            self._background.add(entry.task)
+            entry.task.add_done_callback(self._background.discard)
+            self._responses.put(entry)
+            return web.json_response(entry.response)
+        async with self._pipeline.start([call], self._pipeline.deadline()) as generation:
+            response = skeleton(body, response_id, generation.model, "in_progress")
+            if body.stream:
+                stream, items = await self._response_events(request, generation, ResponseEvents(response), plan)
+            else:
+                result = await generation.result()
+                items, reason = _response_output(result.completions[0], plan)
+                finish(response, items, reason, result.usage)
+        if body.store and response["status"] in ("completed", "incomplete"):
+            self._responses.put(Stored(response, conversation + answer_messages(items), time.monotonic()))
+        return stream if body.stream else web.json_response(response)
+
+    async def _generate_in_background(
+        self, entry: Stored, call: router_pb2.RouterGenerateRequest, plan: ToolPlan | None
+    ) -> None:
+        response = entry.response
+        try:
+            async with self._pipeline.start([call], self._pipeline.deadline()) as generation:
+                response["status"] = "in_progress"
+                result = await generation.result()
+            items, reason = _response_output(result.completions[0], plan)
+            finish(response, items, reason, result.usage)
+            entry.conversation = entry.conversation + answer_messages(items)
+        except asyncio.CancelledError:
+            response["status"] = "cancelled"  # the engines aborted the work with the calls
+        except StageError as exc:
+            error = ApiError.from_stage(exc)
+            response["status"] = "failed"
+            response["error"] = {"code": error.code or error.kind, "message": str(error)}
+        finally:
+            entry.task = None
+
+    async def _response_events(
+        self, request: web.Request, generation: Generation, events: ResponseEvents, plan: ToolPlan | None
+    ) -> tuple[web.StreamResponse, list[dict[str, Any]]]:
+        """The response as the SDK's server-sent events; the first delta is awaited before
+        the headers, so a request that cannot start keeps its status."""
+        tools = plan.stream() if plan is not None else None
+        async with contextlib.aclosing(aiter(generation)) as deltas:
+            first = await anext(deltas)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            out = events.start()
+            reason = "stop"
+            try:
+                delta: router_pb2.RouterGenerateResponse | None = first
+                while delta is not None:
+                    if delta.HasField("usage"):
+                        out += events.completed(reason, delta.usage)
+                    else:
+                        fields = tools.feed(delta.text) if tools else [{"content": delta.text}]
+                        if delta.finish_reason:
+                            fields += tools.finish() if tools else []
+                            reason = _FINISH.get(delta.finish_reason, "stop")
+                        out += events.feed(fields)
+                    for event in out:
+                        await response.write(_event_bytes(event))
+                    out = []
+                    delta = await anext(deltas, None)
+            except StageError as exc:
+                error = ApiError.from_stage(exc)
+                log.warning("response %s failed after it started: %s", events.response["id"], error)
+                events.response["status"] = "failed"
+                events.response["error"] = {"code": error.code or error.kind, "message": str(error)}
+                await response.write(_event_bytes({"type": "response.failed", "response": events.response}))
+            await response.write_eof()
+        return response, events.items
+
+    async def _retrieve_response(self, request: web.Request) -> web.Response:
+        return web.json_response(self._responses.get(request.match_info["id"]).response)
+
+    async def _delete_response(self, request: web.Request) -> web.Response:
+        response_id = request.match_info["id"]
+        self._responses.delete(response_id)
+        return web.json_response({"id": response_id, "object": "response", "deleted": True})
+
+    async def _cancel_response(self, request: web.Request) -> web.Response:
+        """Cancel a background response (OpenAI cancels only those); it ends ``cancelled``."""
+        entry = self._responses.get(request.match_info["id"])
+        if not entry.response["background"]:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "only background responses can be cancelled")
+        if (task := entry.task) is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        return web.json_response(entry.response)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body: CompletionRequest = await self._body(request, CompletionRequest)
         prompts = body.prompts()
         self._pipeline.limits.check_batch(len(prompts))  # before a message is built per prompt
         calls = [_to_grpc(functools.partial(body.to_grpc, prompt)) for prompt in prompts]
-        return await self._serve(request, body, calls, chat=False)
+        echo = None
+        if body.echo:  # the prompt's text, once per prompt (ids are decoded as the output is)
+            decoder = await self._pipeline.catalogue.decoder(await self._pipeline.catalogue.resolve(body.model))
+            echo = [p if isinstance(p, str) else decoder.decode(p, body.skip_special_tokens) for p in prompts]
+        return await self._serve(request, body, calls, chat=False, echo=echo)
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: ids (and their strings) of a prompt or a conversation."""
+        body: TokenizeRequest = await self._body(request, TokenizeRequest)
+        catalogue = self._pipeline.catalogue
+        model = await catalogue.resolve(body.model)
+        message = body.to_grpc(model)
+        self._pipeline.limits.check_tokenize(message)
+        reply = await catalogue.tokenizer(model, lambda client: client.tokenize_request(message))
+        info = await catalogue.info(model)
+        return web.json_response({
+            "count": len(reply.token_ids),
+            "max_model_len": catalogue.max_model_len(model, info),
+            "tokens": list(reply.token_ids),
+            "token_strs": list(reply.token_strings) if body.return_token_strs else None,
+        })
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /detokenize: the text of ids, decoded in the router as generated text is."""
+        body: DetokenizeRequest = await self._body(request, DetokenizeRequest)
+        catalogue = self._pipeline.catalogue
+        model = await catalogue.resolve(body.model)
+        info = await catalogue.info(model)
+        if outside := [t for t in body.tokens if not 0 <= t < info.vocab_size]:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"token id {outside[0]} is outside the vocabulary (size {info.vocab_size})",
+                param="tokens",
+            )
+        return web.json_response({"prompt": (await catalogue.decoder(model)).decode(body.tokens)})
 
     # -- generation -----------------------------------------------------------
 
@@ -286,6 +458,7 @@ class HttpBridge:
         calls: list[router_pb2.RouterGenerateRequest],
         chat: bool,
         plan: ToolPlan | None = None,
+        echo: list[str] | None = None,
     ) -> web.StreamResponse:
         """Start the body's generation (completions may batch several prompts) and answer."""
         session = request.headers.get(SESSION_HEADER, "")
@@ -296,12 +469,22 @@ class HttpBridge:
         async with self._pipeline.start(calls, self._pipeline.deadline()) as generation:
             response_id = ("chatcmpl-" if chat else "cmpl-") + generation.request_id
             created = int(time.time())
+            # Echoed prompt text per output: outputs run prompt-major, n per prompt.
+            echoes = [text for text in echo for _ in range(body.n)] if echo else None
             if body.stream:
-                return await self._stream(request, generation, response_id, created, chat, body.include_usage, plan)
-            return await self._whole(generation, response_id, created, chat, plan)
+                return await self._stream(
+                    request, generation, response_id, created, chat, body.include_usage, plan, echoes
+                )
+            return await self._whole(generation, response_id, created, chat, plan, echoes)
 
     async def _whole(
-        self, generation: Generation, response_id: str, created: int, chat: bool, plan: ToolPlan | None
+        self,
+        generation: Generation,
+        response_id: str,
+        created: int,
+        chat: bool,
+        plan: ToolPlan | None,
+        echoes: list[str] | None,
     ) -> web.Response:
         result = await generation.result()
         wants_logprobs = any(c.logprobs for c in result.completions)
@@ -325,7 +508,7 @@ class HttpBridge:
                     choice["finish_reason"] = plan.finish_reason(bool(found.calls), choice["finish_reason"])
                 choice["logprobs"] = _chat_logprobs(positions) if wants_logprobs else None
             else:
-                choice["text"] = completion.text
+                choice["text"] = (echoes[completion.index] if echoes else "") + completion.text
                 choice["logprobs"] = _CompletionLogprobs().render(positions) if wants_logprobs else None
             if completion.token_ids:
                 choice["token_ids"] = list(completion.token_ids)
@@ -348,6 +531,7 @@ class HttpBridge:
         chat: bool,
         include_usage: bool,
         plan: ToolPlan | None,
+        echoes: list[str] | None,
     ) -> web.StreamResponse:
         """Server-sent events; the first delta is awaited before the headers, so errors
         that stop a request from starting (no worker, bad sampling) keep their status."""
@@ -386,7 +570,9 @@ class HttpBridge:
                     choice["delta"]["role"] = "assistant"
                 choice["logprobs"] = _chat_logprobs(list(delta.logprobs)) if delta.logprobs else None
             else:
-                choice["text"] = delta.text
+                first_of_choice = delta.index not in started
+                started.add(delta.index)
+                choice["text"] = (echoes[delta.index] if echoes and first_of_choice else "") + delta.text
                 renderer = offsets.setdefault(delta.index, _CompletionLogprobs())
                 choice["logprobs"] = renderer.render(list(delta.logprobs)) if delta.logprobs else None
             if delta.token_ids:
@@ -418,6 +604,16 @@ class HttpBridge:
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         return response
+
+
+def _response_output(completion: router_pb2.Completion, plan: ToolPlan | None) -> tuple[list[dict[str, Any]], str]:
+    """A finished completion's Responses output items and finish reason."""
+    found = plan.extract(completion.text) if plan is not None else Extracted(completion.text, [])
+    return output_items(found), _FINISH.get(completion.finish_reason, "stop")
+
+
+def _event_bytes(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: ".encode() + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
 
 
 def _merged(fields: list[dict[str, Any]]) -> dict[str, Any]:

@@ -68,6 +68,13 @@ class Limits:
         if prompts > self.batch:
             raise InvalidRequest(f"a request may batch at most {self.batch} prompts, got {prompts}", "prompt")
 
+    def check_tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> None:
+        """The limits that apply to a bare tokenization (HTTP /tokenize)."""
+        if len(request.chat.messages) > self.messages:
+            raise InvalidRequest(f"a request may carry at most {self.messages} messages", "messages")
+        if len(request.chat.tools_json) > self.constraint_chars:
+            raise InvalidRequest(f"the tools take more than {self.constraint_chars} characters", "tools")
+
     def check(self, request: router_pb2.RouterGenerateRequest) -> int:
         """The request's ``n``, once every limit holds. Under ``--max-tokens-limit`` a
         request that sets no max_tokens gets the limit as its max_tokens."""

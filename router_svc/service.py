@@ -17,6 +17,7 @@ from router_svc.metrics import INDEX_ENTRIES
 from router_svc.openai_bridge import HttpBridge
 from router_svc.pipeline import Pipeline
 from router_svc.policy import make_policy
+from router_svc.responses import ResponseStore
 from router_svc.tools import ParserChoice
 from router_svc.workers import ENGINE_ROLES, Workers
 from services.auth import ApiKeyInterceptor, ApiKeys
@@ -103,6 +104,7 @@ class RouterStage(Stage):
             HttpBridge(
                 pipeline, config.max_body_mib, self._keys, open_metrics=not config.metrics_need_key,
                 parsers=ParserChoice(config.tool_call_parser, config.tool_call_parsers),
+                responses=ResponseStore(config.responses_max, config.responses_ttl),
             )
             if config.http_port >= 0 else None
         )

@@ -109,9 +109,11 @@ class TokenizerClient(_StageClient):
         self, chat: tokenizer_pb2.ChatInput, model: str = ""
     ) -> tokenizer_pb2.TokenizeResponse:
         """Token ids of a whole chat input (messages with tool calls, and the tools)."""
-        return await self._stub.Tokenize(
-            tokenizer_pb2.TokenizeRequest(model=model, chat=chat), timeout=self._timeout
-        )
+        return await self.tokenize_request(tokenizer_pb2.TokenizeRequest(model=model, chat=chat))
+
+    async def tokenize_request(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResponse:
+        """The Tokenize call itself, for a request built elsewhere (the HTTP /tokenize)."""
+        return await self._stub.Tokenize(request, timeout=self._timeout)
 
     async def decode(
         self, token_ids: Sequence[int], model: str = "", skip_special_tokens: bool = True

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import jsonschema
+import openai
 import pytest
 
 from services.clients import EngineClient, RouterClient, TokenizerClient
@@ -20,7 +21,7 @@ from tests.test_router import STORY, metric, post
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-PERSON = {
+PERSON: dict[str, Any] = {
     "type": "object",
     "properties": {
         "name": {"type": "string", "maxLength": 16},
@@ -30,7 +31,7 @@ PERSON = {
     "required": ["name", "age", "city"],
     "additionalProperties": False,
 }
-WEATHER = {
+WEATHER: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -43,7 +44,7 @@ WEATHER = {
         },
     },
 }
-TIME = {
+TIME: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "get_time",
@@ -242,3 +243,114 @@ async def test_allowed_token_ids_and_bad_words(client, router: RouterClient, hf_
         model="", prompt=STORY, max_tokens=8, temperature=0, extra_body={"bad_words": [word]}
     )
     assert banned.choices[0].text.split()[0] != word
+
+
+async def test_cached_tokens_count_what_the_prefill_worker_reused(client, prefill: EngineClient) -> None:
+    """Disaggregated, the prompt's cached tokens are the prefill worker's prefix hits (and
+    KV-store loads): all whole blocks but the last token's, on a repeat."""
+    block = (await prefill.load()).kv_block_size
+    prompt = " ".join(f"Ledger line {i}: {i * 7919 % 1000} crates of figs shipped to port {i % 13}." for i in range(30))
+    first = await client.completions.create(model="", prompt=prompt, max_tokens=2, temperature=0)
+    again = await client.completions.create(model="", prompt=prompt, max_tokens=2, temperature=0)
+    tokens = again.usage.prompt_tokens
+    assert tokens > 8 * block
+    assert first.usage.prompt_tokens_details.cached_tokens < block
+    assert again.usage.prompt_tokens_details.cached_tokens == (tokens - 1) // block * block
+
+
+async def test_echo_tokenize_and_detokenize(client, mesh: Mesh, tokenizer: TokenizerClient) -> None:
+    plain = await client.completions.create(model="", prompt=STORY, max_tokens=4, temperature=0)
+    echoed = await client.completions.create(model="", prompt=STORY, max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == STORY + plain.choices[0].text
+    chunks = [c async for c in await client.completions.create(
+        model="", prompt=STORY, max_tokens=4, temperature=0, echo=True, stream=True, n=2
+    )]
+    for index in (0, 1):
+        assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == index) == echoed.choices[0].text
+
+    ids = list((await tokenizer.tokenize(STORY)).token_ids)
+    tokenized = (await post(mesh, "/tokenize", {"model": "", "prompt": STORY, "return_token_strs": True})).json()
+    assert tokenized["tokens"] == ids and tokenized["count"] == len(ids) and tokenized["max_model_len"] > 0
+    assert len(tokenized["token_strs"]) == len(ids)
+    chat = (await post(mesh, "/tokenize", {"model": "", "messages": [{"role": "user", "content": STORY}]})).json()
+    assert chat["tokens"] == list((await tokenizer.tokenize_chat([{"role": "user", "content": STORY}])).token_ids)
+    detokenized = (await post(mesh, "/detokenize", {"model": "", "tokens": ids})).json()
+    assert detokenized["prompt"] == await tokenizer.decode(ids)
+
+    cases: list[tuple[str, dict[str, object], str]] = [
+        ("/detokenize", {"model": "", "tokens": [10**9]}, "outside the vocabulary"),
+        ("/tokenize", {"model": ""}, "either prompt or messages"),
+        ("/v1/completions", {"model": "", "prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs is not supported"),
+        ("/v1/completions", {"model": "", "prompt": "hi", "echo": True, "logprobs": 1}, "echo with logprobs"),
+    ]
+    for path, body, fragment in cases:
+        reply = await post(mesh, path, body)
+        assert reply.status_code == 400 and fragment in reply.json()["error"]["message"], reply.text
+
+
+async def test_responses_round_trip_with_previous_response_id(client, tokenizer: TokenizerClient) -> None:
+    opening = {"model": "", "input": "My name is Ada. Say hello to me.", "instructions": "Answer briefly.",
+               "max_output_tokens": 12, "temperature": 0}
+    first = await client.responses.create(**opening)
+    assert first.status in ("completed", "incomplete") and first.output_text and first.id.startswith("resp_")
+    second = await client.responses.create(
+        model="", input="What is my name?", previous_response_id=first.id, max_output_tokens=12, temperature=0
+    )
+    # The conversation the router continued: the first turn and its answer, without the
+    # first request's instructions (OpenAI does not carry them over).
+    conversation = [
+        {"role": "user", "content": opening["input"]},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    assert second.usage.input_tokens == len((await tokenizer.tokenize_chat(conversation)).token_ids)
+    assert (await client.responses.retrieve(second.id)).output_text == second.output_text
+
+    events = [e async for e in await client.responses.create(**opening, stream=True)]
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed" if first.status == "completed" else "response.incomplete"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == first.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].response.output_text == first.output_text
+
+    unstored = await client.responses.create(**opening, store=False)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(unstored.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.create(model="", input="Again?", previous_response_id=unstored.id)
+    await client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(first.id)
+
+
+async def test_responses_with_function_tools_and_background_cancel(client) -> None:
+    tool = {"type": "function", **WEATHER["function"]}
+    ask = {"model": "", "input": "What is the weather in Paris?", "tools": [tool], "temperature": 0,
+           "max_output_tokens": 60, "tool_choice": {"type": "function", "name": "get_weather"}}
+    called = await client.responses.create(**ask)
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+    answered = await client.responses.create(
+        model="", previous_response_id=called.id, tools=[tool], temperature=0, max_output_tokens=10,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees and sunny"}],
+    )
+    assert answered.output_text and answered.usage.input_tokens > called.usage.input_tokens
+
+    events = [e async for e in await client.responses.create(**ask, stream=True)]
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and done[0].arguments == call.arguments
+    assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == call.arguments
+
+    background = await client.responses.create(
+        model="", input="Tell me a very long story about the sea.", background=True, max_output_tokens=2000
+    )
+    assert background.status in ("queued", "in_progress")
+    cancelled = await client.responses.cancel(background.id)
+    assert cancelled.status == "cancelled"
+    assert (await client.responses.retrieve(background.id)).status == "cancelled"
+    with pytest.raises(openai.BadRequestError):
+        await client.responses.cancel(called.id)
