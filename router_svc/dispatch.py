@@ -207,6 +207,9 @@ class Dispatcher:
         the prefill pool is not saturated; otherwise the decode worker computes it.
         """
         PROMPT_TOKENS.inc(len(prompt.token_ids))
+        if sampling.HasField("prompt_logprobs"):  # logits of the prompt: only an engine computing it has them
+            DECISIONS.labels(self._policy.name, "disaggregation", "local_prompt_logprobs").inc()
+            return None, 0, 0, None
         failover = Failover(self._workers, common_pb2.ROLE_PREFILL, prompt.model, self._config.worker_wait)
         while candidates := failover.usable():
             if all(p.queued() >= self._config.kv_max_queue for p in candidates):

@@ -102,7 +102,7 @@ class _Sampling(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     bad_words: list[str] = Field(default_factory=list)
     allowed_token_ids: list[int] | None = None
     response_format: ResponseFormat | None = None
@@ -110,11 +110,8 @@ class _Sampling(_Body):
 
     @model_validator(mode="after")
     def _one_format(self) -> _Sampling:
-        if self.prompt_logprobs is not None:
-            raise ValueError(
-                "prompt_logprobs is not supported: a disaggregated prompt is computed on a prefill "
-                "worker that returns its KV, not logits"
-            )
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not streamed; ask without stream")
         formatted = self.response_format is not None and self.response_format.type != "text"
         if self.structured_outputs is not None and formatted:
             raise ValueError("set response_format or structured_outputs, not both")
@@ -174,6 +171,7 @@ class _Sampling(_Body):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
             "logprobs": logprobs,
+            "prompt_logprobs": self.prompt_logprobs,
         }
         for name, value in optional.items():
             if value is not None:

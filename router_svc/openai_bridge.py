@@ -19,7 +19,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -512,15 +512,20 @@ class HttpBridge:
                 choice["logprobs"] = _CompletionLogprobs().render(positions) if wants_logprobs else None
             if completion.token_ids:
                 choice["token_ids"] = list(completion.token_ids)
+            if completion.prompt_logprobs and not chat:
+                choice["prompt_logprobs"] = _prompt_logprobs(completion.prompt_logprobs)
             out.append(choice)
-        return web.json_response({
+        body: dict[str, Any] = {
             "id": response_id,
             "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": result.model,
             "choices": out,
             "usage": _usage(result.usage),
-        })
+        }
+        if chat and result.completions and result.completions[0].prompt_logprobs:  # vLLM's place for it
+            body["prompt_logprobs"] = _prompt_logprobs(result.completions[0].prompt_logprobs)
+        return web.json_response(body)
 
     async def _stream(
         self,
@@ -604,6 +609,19 @@ class HttpBridge:
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         return response
+
+
+def _prompt_logprobs(positions: Sequence[common_pb2.PositionLogprobs]) -> list[dict[str, Any] | None]:
+    """vLLM's prompt_logprobs: None for the first token, then per position every token
+    it reports (the prompt's own and the top ones) keyed by id."""
+    rendered: list[dict[str, Any] | None] = [None]
+    for position in positions:
+        entries = {e.token_id: e for e in (position.chosen, *position.top)}
+        rendered.append({
+            str(token_id): {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.token}
+            for token_id, e in entries.items()
+        })
+    return rendered
 
 
 def _response_output(completion: router_pb2.Completion, plan: ToolPlan | None) -> tuple[list[dict[str, Any]], str]:

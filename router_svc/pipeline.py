@@ -179,6 +179,7 @@ def continuation(prompt: Prompt, sampling: common_pb2.SamplingParams, generated:
     if sampling.HasField("max_tokens"):
         rest.max_tokens = max(1, sampling.max_tokens - len(generated))
     rest.min_tokens = max(0, sampling.min_tokens - len(generated))
+    rest.ClearField("prompt_logprobs")  # sent with the first attempt's first message
     return Attempt(replace(prompt, token_ids=prompt.token_ids + generated, _hashes={}), rest)
 
 
@@ -232,6 +233,7 @@ class Generation:
                 completion.text += delta.text
                 completion.token_ids.extend(delta.token_ids)
                 completion.logprobs.extend(delta.logprobs)
+                completion.prompt_logprobs.extend(delta.prompt_logprobs)
                 if delta.finish_reason:
                     completion.finish_reason = delta.finish_reason
                     completion.stop_reason = delta.stop_reason

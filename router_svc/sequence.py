@@ -71,8 +71,8 @@ class Sequence:
         """The caller's delta for one engine reply; ``finish_reason`` set on the last one."""
         detokenizer = self._detokenizer
         ids = list(reply.token_ids)
-        stopped_by_token = reply.HasField("stop_token_id") or (ids and ids[-1] in self._prompt.info.eos_token_ids)
-        if reply.finish_reason == common_pb2.FINISH_REASON_STOP and stopped_by_token and not self._include_stop:
+        stopped_by_token = reply.HasField("stop_token_id") and ids and ids[-1] == reply.stop_token_id
+        if stopped_by_token and not self._include_stop:
             # As vLLM: the token that ended the sequence is not part of its text, which
             # matters once special tokens are shown (skip_special_tokens false).
             ids.pop()
@@ -86,6 +86,9 @@ class Sequence:
         if reply.logprobs:
             delta.logprobs.extend(reply.logprobs)
             _name_tokens(self._decoder, delta.logprobs)
+        if reply.prompt_logprobs:
+            delta.prompt_logprobs.extend(reply.prompt_logprobs)
+            _name_tokens(self._decoder, delta.prompt_logprobs)
         if detokenizer.stopped:
             delta.finish_reason = common_pb2.FINISH_REASON_STOP
             delta.stop_reason = detokenizer.stop_reason
@@ -99,7 +102,7 @@ class Sequence:
 
 def has_content(delta: router_pb2.RouterGenerateResponse) -> bool:
     """Whether a delta carries anything for the caller (a held-back partial stop does not)."""
-    return bool(delta.text or delta.token_ids or delta.logprobs or delta.finish_reason)
+    return bool(delta.text or delta.token_ids or delta.logprobs or delta.prompt_logprobs or delta.finish_reason)
 
 
 def _name_tokens(decoder: TokenDecoder, logprobs: Iterable[common_pb2.PositionLogprobs]) -> None:

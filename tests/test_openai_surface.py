@@ -354,3 +354,25 @@ async def test_responses_with_function_tools_and_background_cancel(client) -> No
     assert (await client.responses.retrieve(background.id)).status == "cancelled"
     with pytest.raises(openai.BadRequestError):
         await client.responses.cancel(called.id)
+
+
+async def test_prompt_logprobs_match_transformers(client, model_dir, hf_tokenizer) -> None:
+    """The prompt is computed by the decode engine (aggregated) and its log-probabilities
+    equal transformers' in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reply = await client.completions.create(
+        model="", prompt=STORY, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 2}
+    )
+    got = (reply.choices[0].model_extra or {})["prompt_logprobs"]
+    ids = hf_tokenizer(STORY)["input_ids"]
+    assert len(got) == len(ids) == reply.usage.prompt_tokens and got[0] is None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    for position in range(1, len(ids)):
+        entry = got[position][str(ids[position])]
+        assert abs(entry["logprob"] - float(logits[position - 1, ids[position]])) < 0.05, position
+        assert entry["decoded_token"] == hf_tokenizer.convert_ids_to_tokens(ids[position]).replace("Ġ", " ")
+        assert 2 <= len(got[position]) <= 3  # the top two, and the prompt's own token when not among them

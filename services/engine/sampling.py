@@ -60,6 +60,8 @@ def to_vllm(
             kwargs["bad_words"] = list(params.bad_words)
         if params.allowed_token_ids:
             kwargs["allowed_token_ids"] = list(params.allowed_token_ids)
+        if params.HasField("prompt_logprobs"):
+            kwargs["prompt_logprobs"] = params.prompt_logprobs
         if params.HasField("structured_outputs"):
             kwargs["structured_outputs"] = _structured(params.structured_outputs)
     if kv_transfer_params is not None:

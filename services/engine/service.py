@@ -180,6 +180,12 @@ class EngineServicer:
                 )
             completion_tokens += len(sequence.token_ids)
             reply = engine_pb2.GenerateResponse(token_ids=list(sequence.token_ids))
+            if output.prompt_logprobs:
+                reply.prompt_logprobs.extend(
+                    _position_logprobs(token_id, entry, request.sampling.prompt_logprobs)
+                    for token_id, entry in zip(request.prompt_token_ids, output.prompt_logprobs)
+                    if entry is not None
+                )
             if sequence.logprobs:
                 reply.logprobs.extend(
                     _position_logprobs(token_id, entry, request.sampling.logprobs)
@@ -192,6 +198,10 @@ class EngineServicer:
                 )
                 if isinstance(sequence.stop_reason, int):
                     reply.stop_token_id = sequence.stop_reason
+                elif sequence.finish_reason == "stop" and sequence.token_ids:
+                    # vLLM reports its own EOS with no stop reason (engines get no stop
+                    # strings, so a "stop" without one is always the EOS token).
+                    reply.stop_token_id = sequence.token_ids[-1]
                 reply.usage.CopyFrom(
                     common_pb2.Usage(
                         prompt_tokens=len(request.prompt_token_ids),
