@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from services.kv.hashing import ROOT, block_hash
+from services.kv.hashing import ROOT, block_hash, salted_root
 from services.pb import common_pb2
 
 
@@ -48,7 +48,10 @@ class KvIndex:
         """Record full blocks stored by ``worker``, chained to their parent."""
         known = self._engine_hashes.setdefault(worker, {})
         chains = self._chains.setdefault(worker, {})
-        parent = known.get(bytes(event.parent_block_hash), ROOT) if event.parent_block_hash else ROOT
+        if event.parent_block_hash:
+            parent = known.get(bytes(event.parent_block_hash), ROOT)
+        else:
+            parent = salted_root(event.cache_salt)
         size = event.block_size
         added: list[int] = []
         for i, engine_hash in enumerate(event.block_hashes):

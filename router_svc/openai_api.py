@@ -103,6 +103,7 @@ class _Sampling(_Body):
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    cache_salt: str = ""
     bad_words: list[str] = Field(default_factory=list)
     allowed_token_ids: list[int] | None = None
     response_format: ResponseFormat | None = None
@@ -156,6 +157,7 @@ class _Sampling(_Body):
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=self.token_bias(),
             bad_words=self.bad_words,
+            cache_salt=self.cache_salt,
             allowed_token_ids=self.allowed_token_ids or [],
         )
         if (constraint := self.constraint()) is not None:

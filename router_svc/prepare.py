@@ -16,7 +16,7 @@ from router_svc.catalogue import Catalogue
 from router_svc.config import RouterConfig
 from router_svc.constraints import check_constraint
 from services.errors import ContextLengthExceeded, InvalidRequest
-from services.kv.hashing import chain_hashes
+from services.kv.hashing import chain_hashes, salted_root
 from services.pb import router_pb2, tokenizer_pb2
 
 
@@ -30,6 +30,8 @@ class Prompt:
     arrived: float
     #: The client's sticky-routing key ("" when none).
     session_id: str = ""
+    #: The request's cache_salt: its blocks are named apart from unsalted ones.
+    salt: str = ""
     _hashes: dict[int, list[int]] = field(default_factory=dict)
 
     def hashes(self, block_size: int) -> list[int]:
@@ -37,7 +39,7 @@ class Prompt:
         if block_size <= 0:
             return []
         if block_size not in self._hashes:
-            self._hashes[block_size] = chain_hashes(self.token_ids, block_size)
+            self._hashes[block_size] = chain_hashes(self.token_ids, block_size, salted_root(self.salt))
         return self._hashes[block_size]
 
 
@@ -81,7 +83,9 @@ class Limits:
         n = request.n or 1
         if n > self.n:
             raise InvalidRequest(f"n must be between 1 and {self.n}, got {n}", "n")
-        for name, value in (("request_id", request.request_id), ("session id", request.session_id)):
+        ids = (("request_id", request.request_id), ("session id", request.session_id),
+               ("cache_salt", request.sampling.cache_salt))
+        for name, value in ids:
             if len(value) > self.id_chars:
                 raise InvalidRequest(f"the {name} has {len(value)} characters; at most {self.id_chars}")
         sampling = request.sampling
@@ -167,4 +171,4 @@ async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateReques
             f"the prompt has {len(ids)} tokens; {model!r} accepts at most {limit - 1} "
             f"(context length {limit}, with room for one generated token)"
         )
-    return Prompt(model, ids, info, arrived, request.session_id)
+    return Prompt(model, ids, info, arrived, request.session_id, request.sampling.cache_salt)

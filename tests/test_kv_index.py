@@ -71,3 +71,25 @@ def test_memory_cap_evicts_deepest_least_recently_used_blocks() -> None:
     assert index.match(chain_hashes(first, BLOCK), ["a", "b"]) == {"a": 1, "b": 1}
     assert index.match(chain_hashes(list(range(100, 104)), BLOCK), ["a"]) == {"a": 1}
     assert index.blocks_of("a") == 2 and index.blocks_of("b") == 1
+
+
+def test_salted_blocks_match_only_their_salt() -> None:
+    """vLLM's first-block extra keys carry the cache_salt; the index names the chain with
+    it, so only a prompt with the same salt matches."""
+    from services.engine.vllm_events import apply_vllm_event
+    from services.kv.events import KvEventLog
+    from services.kv.hashing import salted_root
+
+    log = KvEventLog(block_size=4)
+    prompt = list(range(8))
+    apply_vllm_event(log, {"type": "BlockStored", "block_hashes": [b"s1", b"s2"], "parent_block_hash": None,
+                           "token_ids": prompt, "block_size": 4, "lora_name": None,
+                           "extra_keys": [("tenant-a",), None]})
+    first, second = log.snapshot().blocks
+    assert first.cache_salt == "tenant-a" and not first.parent_block_hash and not second.cache_salt
+    index = KvIndex()
+    index.stored("w", first)
+    index.stored("w", second)
+    assert index.match(chain_hashes(prompt, 4, salted_root("tenant-a")), ["w"]) == {"w": 2}
+    assert index.match(chain_hashes(prompt, 4, salted_root("tenant-b")), ["w"]) == {"w": 0}
+    assert index.match(chain_hashes(prompt, 4), ["w"]) == {"w": 0}

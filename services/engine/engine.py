@@ -30,6 +30,7 @@ from vllm import SamplingParams
 from vllm.config import KVEventsConfig, KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
+from vllm.inputs import TokensPrompt
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
@@ -224,15 +225,19 @@ class EngineRunner:
         prompt_token_ids: Sequence[int],
         sampling: SamplingParams,
         loading_kv: bool = False,
+        cache_salt: str = "",
     ) -> AsyncIterator[RequestOutput]:
-        """Run one request, yielding vLLM's delta outputs; leaving early aborts it."""
+        """Run one request, yielding vLLM's delta outputs; leaving early aborts it.
+        ``cache_salt`` keeps its prefix-cache blocks apart from other salts' (vLLM's)."""
         engine = self._engine()
         if request_id in self._requests:
             raise InvalidRequest(f"request id {request_id!r} is already running")
         request = _Request(request_id, asyncio.Queue(), loading_kv)
         self._requests[request_id] = request
+        salted = {"cache_salt": cache_salt} if cache_salt else {}
         request.task = asyncio.create_task(
-            self._pump(engine, request, list(prompt_token_ids), sampling), name=f"req {request_id}"
+            self._pump(engine, request, TokensPrompt(prompt_token_ids=list(prompt_token_ids), **salted), sampling),
+            name=f"req {request_id}",
         )
         finished = False
         try:
@@ -281,12 +286,10 @@ class EngineRunner:
         return released
 
     async def _pump(
-        self, engine: AsyncLLM, request: _Request, prompt: list[int], sampling: SamplingParams
+        self, engine: AsyncLLM, request: _Request, prompt: TokensPrompt, sampling: SamplingParams
     ) -> None:
         try:
-            async for output in engine.generate(
-                {"prompt_token_ids": prompt}, sampling, request.request_id
-            ):
+            async for output in engine.generate(prompt, sampling, request.request_id):
                 if request.loading_kv:
                     request.loading_kv = False  # KV is in: aborting is safe from here
                     if request.abort_requested:

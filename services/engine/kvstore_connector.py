@@ -45,7 +45,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from services.config import parse_endpoints
-from services.kv.hashing import chain_hashes
+from services.kv.hashing import chain_hashes, salted_root
 from services.kv.nixl import TransferError, new_agent
 from services.kv.shards import ShardMap, ShardMapFollower
 from services.kv.store_link import Hit, Prefix, Region, StoreError, StoreLink
@@ -214,6 +214,8 @@ class _SchedulerSide:
         #: Chain hashes of each live request's full prompt blocks, computed once: a
         #: waiting request is looked up again at every scheduling attempt.
         self._hashes: dict[str, list[int]] = {}
+        #: cache_salt of the requests that have one (vLLM gives it only with the Request).
+        self._salts: dict[str, str] = {}
 
     def close(self) -> None:
         for prefix, _ in self._lookups.values():
@@ -236,6 +238,8 @@ class _SchedulerSide:
         """Tokens the store holds past the engine's own prefix cache (whole blocks, never
         the prompt's last token, which vLLM must compute to sample)."""
         self._forget_lookup(request.request_id)
+        if request.cache_salt:  # named with the salt, loads and saves alike
+            self._salts[request.request_id] = request.cache_salt
         shards = self._shards()
         prompt = request.prompt_token_ids or []
         usable = (len(prompt) - 1) // self._block_size
@@ -307,13 +311,15 @@ class _SchedulerSide:
         """Whether the request's blocks must wait for its writes (reported by the worker)."""
         self._forget_lookup(req_id)
         self._hashes.pop(req_id, None)
+        self._salts.pop(req_id, None)
         tracked = self._tracked.pop(req_id, None)
         return tracked is not None and tracked.has_saves
 
     def _prompt_hashes(self, req_id: str, prompt: list[int]) -> list[int]:
         hashes = self._hashes.get(req_id)
         if hashes is None:
-            hashes = self._hashes[req_id] = chain_hashes(prompt, self._block_size)
+            salt = self._salts.get(req_id, "")
+            hashes = self._hashes[req_id] = chain_hashes(prompt, self._block_size, salted_root(salt))
         return hashes
 
     def _forget_lookup(self, req_id: str) -> None:

@@ -118,7 +118,9 @@ class EngineServicer:
         )
         final = None
         try:
-            async for output in runner.stream(request_id, request.prompt_token_ids, sampling):
+            async for output in runner.stream(
+                request_id, request.prompt_token_ids, sampling, cache_salt=request.sampling.cache_salt
+            ):
                 final = output
         except asyncio.CancelledError:
             # The caller left just as the prompt finished: nobody will collect its KV.
@@ -168,7 +170,8 @@ class EngineServicer:
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         completion_tokens = 0
         async for output in runner.stream(
-            request_id, request.prompt_token_ids, sampling, loading_kv=kv_params is not None
+            request_id, request.prompt_token_ids, sampling, loading_kv=kv_params is not None,
+            cache_salt=request.sampling.cache_salt,
         ):
             sequence = output.outputs[0]
             if sequence.finish_reason == "error" and kv_params is not None and not completion_tokens:

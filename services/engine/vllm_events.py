@@ -24,7 +24,9 @@ from services.kv.events import KvEventLog
 log = logging.getLogger(__name__)
 
 # Field positions in the array form, after the leading type tag.
-_STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size")
+_STORED_FIELDS = (
+    "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name", "extra_keys",
+)
 _REMOVED_FIELDS = ("block_hashes",)
 
 
@@ -47,6 +49,19 @@ def _fields(event: Any, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
     return "", {}
 
 
+def _first_block_salt(fields: dict[str, Any]) -> str:
+    """The cache_salt in a chain's first block's extra keys. vLLM publishes them untagged,
+    in order: the LoRA name (when set), (multimodal id, offset) pairs, the salt, then
+    prompt-embedding digests; the salt is the first plain string after the LoRA name."""
+    extra = fields.get("extra_keys")
+    if fields.get("parent_block_hash") is not None or not isinstance(extra, list | tuple) or not extra:
+        return ""
+    if not isinstance(extra[0], list | tuple):
+        return ""
+    keys = list(extra[0])[1 if fields.get("lora_name") else 0 :]
+    return next((key for key in keys if isinstance(key, str)), "")
+
+
 def apply_vllm_event(log_: KvEventLog, event: Any) -> None:
     """Apply one decoded vLLM KV event to the log; unknown event types are skipped."""
     kind, _ = _fields(event, ())
@@ -56,6 +71,7 @@ def apply_vllm_event(log_: KvEventLog, event: Any) -> None:
             [block_hash_bytes(h) for h in fields["block_hashes"] or []],
             block_hash_bytes(fields["parent_block_hash"]),
             [int(t) for t in fields["token_ids"] or []],
+            _first_block_salt(fields),
         )
     elif kind == "BlockRemoved":
         _, fields = _fields(event, _REMOVED_FIELDS)

@@ -29,6 +29,8 @@ class _Block:
     parent: bytes
     token_ids: list[int]
     chain_hash: int | None = None
+    #: The cache_salt of a chain's first block.
+    salt: str = ""
 
 
 def chain_name(chain_hash: int) -> bytes:
@@ -53,18 +55,21 @@ class KvEventLog:
     def num_blocks(self) -> int:
         return len(self._blocks)
 
-    def stored(self, block_hashes: list[bytes], parent: bytes, token_ids: list[int]) -> None:
-        """Record full blocks stored, in chain order (``token_ids``: block_size per block)."""
+    def stored(self, block_hashes: list[bytes], parent: bytes, token_ids: list[int], salt: str = "") -> None:
+        """Record full blocks stored, in chain order (``token_ids``: block_size per block);
+        ``salt`` is the cache_salt of a chain's first block (``parent`` empty)."""
         size = self.block_size
         previous = parent
+        salt = "" if parent else salt
         for index, block_hash in enumerate(block_hashes):
-            self._blocks[block_hash] = _Block(previous, token_ids[index * size : (index + 1) * size])
+            block_salt = salt if not index else ""
+            self._blocks[block_hash] = _Block(previous, token_ids[index * size : (index + 1) * size], salt=block_salt)
             previous = block_hash
         self._append(
             common_pb2.KvEvent(
                 block_stored=common_pb2.BlockStored(
                     block_hashes=block_hashes, parent_block_hash=parent,
-                    token_ids=token_ids, block_size=size,
+                    token_ids=token_ids, block_size=size, cache_salt=salt,
                 )
             )
         )
@@ -103,6 +108,7 @@ class KvEventLog:
                     block_hashes=[block_hash], parent_block_hash=block.parent,
                     token_ids=block.token_ids, block_size=self.block_size,
                     chain_hashes=[] if block.chain_hash is None else [block.chain_hash],
+                    cache_salt=block.salt,
                 )
                 for block_hash, block in self._blocks.items()
             ],

@@ -36,6 +36,14 @@ def block_hash(parent: int, token_ids: Sequence[int]) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
 
 
+def salted_root(salt: str) -> int:
+    """The chain's starting value for a cache_salt (ROOT without one): blocks of the same
+    tokens under different salts get different chain hashes from the first block on."""
+    if not salt:
+        return ROOT
+    return int.from_bytes(hashlib.sha256(b"cache_salt:" + salt.encode()).digest()[:8], "little")
+
+
 def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT) -> list[int]:
     """Chained hashes of every full block of ``token_ids`` (a partial last block has none)."""
     raw = _le_uint32(token_ids[: len(token_ids) - len(token_ids) % block_size])
