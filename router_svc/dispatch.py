@@ -52,6 +52,7 @@ from services.errors import (
     DeadlineExceeded,
     InvalidRequest,
     KvNotCollected,
+    PermissionDenied,
     StageError,
     Unavailable,
     from_rpc_error,
@@ -162,7 +163,9 @@ class Dispatcher:
                                 # pull) means it is not reading. A broken call or a
                                 # deadline may leave it pulling: the lease frees that KV.
                                 lease.reading = isinstance(error, (Unavailable, DeadlineExceeded))
-                            collect_failed = isinstance(error, KvNotCollected) and handle is not None
+                            # Not collected: expired or gone, or refused (the engines' mesh
+                            # keys differ: a misconfiguration, logged, but not a lost request).
+                            collect_failed = isinstance(error, KvNotCollected | PermissionDenied) and handle is not None
                             if not collect_failed and not failover.retry(peer, error):
                                 raise
                             if handle is not None:  # it could not collect it, or it failed
@@ -170,7 +173,10 @@ class Dispatcher:
                                 # have read it before it died, and the prefill engine
                                 # frees the blocks at the first read.
                                 log.warning("%s: %s; decoding aggregated", sequence_id, error)
-                                PREFILL_FALLBACKS.labels("kv_not_collected" if collect_failed else "decode_failed").inc()
+                                reason = "decode_failed"
+                                if collect_failed:
+                                    reason = "handle_refused" if isinstance(error, PermissionDenied) else "kv_not_collected"
+                                PREFILL_FALLBACKS.labels(reason).inc()
                                 handle, cached = None, 0
                                 self._release(lease)
                                 lease = None

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -201,6 +202,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     kvstore_mib = args.kvstore_mib if args.kvstore_mib is not None else (1024 if layout.kvstore else 0)
     # (name, module, gRPC port, extra flags, cores, environment). The n-th prefill/decode
     # takes the base port + 2n; each engine owns its cores (services.placement).
+    # The engines' shared secret for KV handles (services/kv/handles.py): the operator's,
+    # or a fresh one for this run, handed over through the environment.
+    mesh_key = os.environ.get("STAGEMESH_MESH_KEY") or secrets.token_hex(32)
     plan: list[tuple[str, str, int, list[str], list[int], dict[str, str]]] = [
         ("tokenizer", "tokenizer_svc", args.tokenizer_port, model, light_cores, {}),
         # Keys reach the router through its environment, not its command line (ps shows that).
@@ -215,7 +219,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         base = args.prefill_port if engine.role == "prefill" else args.decode_port
         name = engine.role if i == 0 else f"{engine.role}-{i}"
         flags = [*model, "--cpu-cores", format_cores(engine.cores)]
-        env = {}
+        env = {"STAGEMESH_MESH_KEY": mesh_key}
         if engine.gpu is not None:
             flags += ["--device", "cuda"]
             env["CUDA_VISIBLE_DEVICES"] = gpus[engine.gpu]

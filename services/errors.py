@@ -92,6 +92,15 @@ class Unauthenticated(StageError):
     openai_code = "invalid_api_key"
 
 
+class PermissionDenied(StageError):
+    """The caller may not do this: a KV handle the mesh did not issue (or a stage whose
+    mesh key differs). Check the mesh key; do not retry."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = HTTPStatus.FORBIDDEN
+    openai_type = "permission_error"
+
+
 class NotFound(StageError):
     """The named request or handle does not exist (or no longer does)."""
 
@@ -167,6 +176,7 @@ _BY_CODE: dict[grpc.StatusCode, type[StageError]] = {
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

@@ -26,6 +26,10 @@ from services.model import prepare_bundled_model
 from services.net import free_port
 from services.pb import common_pb2, engine_pb2
 
+#: Every engine the tests start shares a mesh key, so KV handles are signed and checked
+#: as in a deployed mesh (services/kv/handles.py).
+MESH_KEY = os.environ.setdefault("STAGEMESH_MESH_KEY", "stagemesh-tests-" + os.urandom(8).hex())
+
 #: Seconds a stage process may take to become SERVING (imports + tokenizer load).
 STAGE_START_TIMEOUT = 120.0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -16,10 +17,11 @@ import pytest
 
 from services.clients import EngineClient
 from services.etcd import EtcdSession
+from services.kv.handles import HandleSigner
 from services.launcher import cpu_seconds, live_processes_in_group
 from services.membership import MEMBERS_PREFIX
 from services.pb import common_pb2
-from tests.conftest import PREFILL_LEASE_SECONDS, disaggregated
+from tests.conftest import MESH_KEY, PREFILL_LEASE_SECONDS, disaggregated
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -259,6 +261,7 @@ async def test_bad_requests_are_rejected_clearly(
 
 
 async def test_bad_handles_are_not_found(decode: EngineClient, prefill: EngineClient) -> None:
+    signer = HandleSigner(MESH_KEY.encode())  # issued by a key holder, but expired or unknown
     expired = common_pb2.KvTransferHandle(
         remote_engine_id="e", remote_block_ids=[1], remote_host="127.0.0.1", remote_port=9,
         remote_request_id="old", num_tokens=2, expires_at=time.time() - 3,
@@ -268,6 +271,7 @@ async def test_bad_handles_are_not_found(decode: EngineClient, prefill: EngineCl
         remote_port=9, remote_request_id="ghost", num_tokens=2,
     )
     for handle, message in ((expired, "expired"), (unknown, "could not collect")):
+        signer.sign(handle)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await collect(decode.generate([1, 2], GREEDY, kv_handle=handle, timeout=120))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -278,6 +282,43 @@ async def test_bad_handles_are_not_found(decode: EngineClient, prefill: EngineCl
     # Both stages are still fine.
     out, _ = await collect(decode.generate([1, 2], GREEDY))
     assert out and (await prefill.prefill([1, 2])).handle.remote_engine_id
+
+
+async def test_forged_handles_are_refused_and_never_transfer(
+    decode: EngineClient, prefill: EngineClient, hf_tokenizer
+) -> None:
+    """A handle changed after the prefill engine signed it (other blocks, another host,
+    another request), an unsigned one, or one under another key is PERMISSION_DENIED
+    before any pull: the real handle is still whole afterwards."""
+    ids = reference_prompts(hf_tokenizer)["two-blocks"]
+    alone, _ = await collect(decode.generate(ids, GREEDY))
+    real = (await prefill.prefill(ids, GREEDY)).handle
+    assert real.signature
+
+    def forged(change: Callable[[common_pb2.KvTransferHandle], None]) -> common_pb2.KvTransferHandle:
+        handle = common_pb2.KvTransferHandle()
+        handle.CopyFrom(real)
+        change(handle)
+        return handle
+
+    forgeries = [
+        forged(lambda h: h.remote_block_ids.__setitem__(0, h.remote_block_ids[0] + 1)),
+        forged(lambda h: setattr(h, "remote_port", h.remote_port + 1)),
+        forged(lambda h: setattr(h, "remote_request_id", "someone-else")),
+        forged(lambda h: h.ClearField("signature")),
+        forged(lambda h: HandleSigner(b"another mesh").sign(h)),
+    ]
+    for handle in forgeries:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await collect(decode.generate(ids, GREEDY, kv_handle=handle, timeout=60))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value.details()
+    smuggled = forged(lambda h: setattr(h, "extra_json", '{"kv_connector_override": 1}'))
+    HandleSigner(MESH_KEY.encode()).sign(smuggled)  # even from a key holder: unknown keys stay out
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(decode.generate(ids, GREEDY, kv_handle=smuggled, timeout=60))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "kv_connector_override" in caught.value.details()
+    collected, _ = await collect(decode.generate(ids, GREEDY, kv_handle=real, timeout=120))
+    assert collected == alone
 
 
 async def test_engines_register_their_kv_facts(

@@ -22,6 +22,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import EngineRunner
 from services.engine.sampling import to_vllm
 from services.errors import InvalidRequest, KvNotCollected, Unavailable
+from services.kv.handles import EXTRA_KEYS, HandleSigner, allowed_extra, mesh_key
 from services.model import resolve_model
 from services.pb import common_pb2, engine_pb2
 from services.server import Stage
@@ -51,7 +52,8 @@ def handle_from_params(
     groups = params.get("remote_block_ids") or []
     if groups and not isinstance(groups[0], list):
         groups = [groups]  # older vLLM: one flat list
-    extra = {k: v for k, v in params.items() if k not in _TYPED_KEYS}
+    # Keys outside the allowlist are not issued: a decode engine would refuse them.
+    extra = {k: v for k, v in params.items() if k not in _TYPED_KEYS and k in EXTRA_KEYS}
     if len(groups) > 1:
         extra["remote_block_ids"] = groups
     block_ids = groups[0] if len(groups) == 1 else []
@@ -73,7 +75,10 @@ def params_from_handle(handle: common_pb2.KvTransferHandle) -> dict[str, Any]:
     """The kv_transfer_params a decode request needs to pull the handle's KV."""
     if not handle.remote_engine_id or not handle.remote_host or not handle.remote_port:
         raise InvalidRequest("the KV transfer handle lacks the prefill engine's id or address")
-    params: dict[str, Any] = json.loads(handle.extra_json) if handle.extra_json else {}
+    try:
+        params: dict[str, Any] = allowed_extra(json.loads(handle.extra_json)) if handle.extra_json else {}
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        raise InvalidRequest("the KV transfer handle's extra_json is not a JSON object") from None
     params.setdefault("remote_block_ids", [list(handle.remote_block_ids)])
     params.update(
         do_remote_prefill=True,
@@ -90,8 +95,9 @@ def params_from_handle(handle: common_pb2.KvTransferHandle) -> dict[str, Any]:
 class EngineServicer:
     """EngineService over an :class:`EngineRunner`."""
 
-    def __init__(self, runner: EngineRunner, role: int, instance_id: str) -> None:
+    def __init__(self, runner: EngineRunner, role: int, instance_id: str, signer: HandleSigner) -> None:
         self._runner = runner
+        self._signer = signer
         self._role = role
         self._instance_id = instance_id
         #: Finished prefills' KV held for a decode: request id -> (lease expiry, the
@@ -134,6 +140,7 @@ class EngineServicer:
         handle = handle_from_params(
             final.kv_transfer_params, len(request.prompt_token_ids), self._instance_id, expires_at
         )
+        self._signer.sign(handle)
         self._forget_expired()
         self._handles[request_id] = (expires_at, handle.remote_request_id)
         return engine_pb2.PrefillResponse(
@@ -153,6 +160,7 @@ class EngineServicer:
             if self._role != common_pb2.ROLE_DECODE:
                 raise InvalidRequest("a KV handle can only be collected by a decode member")
             handle = request.kv_handle
+            self._signer.check(handle)  # before anything else is read from it
             if handle.expires_at and handle.expires_at < time.time():
                 raise KvNotCollected(
                     f"KV transfer handle {handle.remote_request_id!r} expired "
@@ -288,7 +296,8 @@ class EngineStage(Stage):
     def __init__(self, config: EngineConfig) -> None:
         self._config = config
         self._runner = EngineRunner(config, resolve_model(config.model, Path(config.home)), self.kv_role)
-        self._servicer = EngineServicer(self._runner, self.role, config.instance_id)
+        signer = HandleSigner(mesh_key(config.mesh_key, config.mesh_key_file))
+        self._servicer = EngineServicer(self._runner, self.role, config.instance_id, signer)
 
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
         return [(engine_pb2.DESCRIPTOR.services_by_name["EngineService"], self._servicer)]

@@ -152,7 +152,7 @@ class Choices(_message.Message):
     def __init__(self, options: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KvTransferHandle(_message.Message):
-    __slots__ = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port", "remote_request_id", "num_tokens", "tp_size", "prefill_instance_id", "expires_at", "extra_json")
+    __slots__ = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port", "remote_request_id", "num_tokens", "tp_size", "prefill_instance_id", "expires_at", "extra_json", "signature")
     REMOTE_ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     REMOTE_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     REMOTE_HOST_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class KvTransferHandle(_message.Message):
     PREFILL_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     EXTRA_JSON_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     remote_engine_id: str
     remote_block_ids: _containers.RepeatedScalarFieldContainer[int]
     remote_host: str
@@ -173,7 +174,8 @@ class KvTransferHandle(_message.Message):
     prefill_instance_id: str
     expires_at: float
     extra_json: str
-    def __init__(self, remote_engine_id: _Optional[str] = ..., remote_block_ids: _Optional[_Iterable[int]] = ..., remote_host: _Optional[str] = ..., remote_port: _Optional[int] = ..., remote_request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., tp_size: _Optional[int] = ..., prefill_instance_id: _Optional[str] = ..., expires_at: _Optional[float] = ..., extra_json: _Optional[str] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, remote_engine_id: _Optional[str] = ..., remote_block_ids: _Optional[_Iterable[int]] = ..., remote_host: _Optional[str] = ..., remote_port: _Optional[int] = ..., remote_request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., tp_size: _Optional[int] = ..., prefill_instance_id: _Optional[str] = ..., expires_at: _Optional[float] = ..., extra_json: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")

@@ -1,0 +1,83 @@
+"""KV transfer handles the mesh issued, and only those: signing and checking.
+
+A handle tells a decode engine where to pull a prompt's KV from: a host, a port, an
+engine id and block ids. Taken on trust, anyone who can call a decode engine could
+make it read another request's blocks, or any NIXL agent's memory. So a prefill
+engine signs each handle it issues with the mesh key (HMAC-SHA256 over the handle's
+deterministic encoding, the signature field empty), and a decode engine with the key
+set collects only handles whose signature holds. The key is a secret shared by the
+mesh's engines (``--mesh-key-file``, or ``STAGEMESH_MESH_KEY``; ``stagemesh up`` makes
+one per run). An HMAC rather than public-key signatures: every engine both issues and
+checks, so there is nobody the key must be kept from but outsiders.
+
+Fields newer vLLM versions add travel in ``extra_json``; only the ones listed here are
+handed to vLLM, so a handle cannot switch on connector behaviour the mesh never chose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+from services.errors import InvalidRequest, PermissionDenied
+from services.pb import common_pb2
+
+#: kv_transfer_params keys that ``extra_json`` may carry to vLLM's NixlConnector.
+EXTRA_KEYS = frozenset({
+    "remote_block_ids", "remote_num_tokens", "remote_blocks_expiry_time", "dcp_size", "pp_size", "transfer_mode",
+})
+
+
+def mesh_key(value: str, path: str) -> bytes:
+    """The mesh key from its setting or its file (the file wins; empty: no key)."""
+    if path:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError as exc:
+            raise SystemExit(f"cannot read the mesh key file {path}: {exc}") from None
+        if not text:
+            raise SystemExit(f"the mesh key file {path} is empty")
+        return text.encode()
+    return value.strip().encode()
+
+
+class HandleSigner:
+    """Signs handles, and checks them, under one mesh key (without one: does neither)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._key)
+
+    def _mac(self, handle: common_pb2.KvTransferHandle) -> bytes:
+        unsigned = common_pb2.KvTransferHandle()
+        unsigned.CopyFrom(handle)
+        unsigned.ClearField("signature")
+        return hmac.new(self._key, unsigned.SerializeToString(deterministic=True), hashlib.sha256).digest()
+
+    def sign(self, handle: common_pb2.KvTransferHandle) -> None:
+        if self._key:
+            handle.signature = self._mac(handle)
+
+    def check(self, handle: common_pb2.KvTransferHandle) -> None:
+        """PermissionDenied unless a holder of the mesh key issued ``handle`` as it is."""
+        if not self._key:
+            return
+        if not handle.signature:
+            raise PermissionDenied("the KV transfer handle is not signed; this mesh collects only handles its prefill engines issued")
+        if not hmac.compare_digest(handle.signature, self._mac(handle)):
+            raise PermissionDenied(
+                "the KV transfer handle's signature does not hold: it was changed after it was issued, "
+                "or issued under another mesh key"
+            )
+
+
+def allowed_extra(extra: dict[str, object]) -> dict[str, object]:
+    """``extra`` with only the keys vLLM may be given; an unknown key is refused."""
+    unknown = sorted(set(extra) - EXTRA_KEYS)
+    if unknown:
+        raise InvalidRequest(f"the KV transfer handle carries keys the mesh does not pass on: {', '.join(unknown)}")
+    return extra
