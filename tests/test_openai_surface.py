@@ -280,7 +280,7 @@ async def test_echo_tokenize_and_detokenize(client, mesh: Mesh, tokenizer: Token
     cases: list[tuple[str, dict[str, object], str]] = [
         ("/detokenize", {"model": "", "tokens": [10**9]}, "outside the vocabulary"),
         ("/tokenize", {"model": ""}, "either prompt or messages"),
-        ("/v1/completions", {"model": "", "prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs is not supported"),
+        ("/v1/completions", {"model": "", "prompt": "hi", "prompt_logprobs": 1, "stream": True}, "not streamed"),
         ("/v1/completions", {"model": "", "prompt": "hi", "echo": True, "logprobs": 1}, "echo with logprobs"),
     ]
     for path, body, fragment in cases:
