@@ -1,8 +1,9 @@
 """OpenAI request bodies, and their translation into the router's gRPC request.
 
-Only what the mesh can honour is accepted: fields the engines cannot serve (echo,
-suffix, best_of, structural tags) are refused with 400 rather than ignored, so a client
-never believes it got something it did not. The README lists every field.
+Only what the mesh can honour is accepted: fields it cannot serve (suffix, best_of,
+echo with logprobs, structural tags, streamed prompt_logprobs) are refused with 400
+rather than ignored, so a client never believes it got something it did not. The
+README lists every field.
 """
 
 from __future__ import annotations
@@ -16,24 +17,23 @@ from router_svc.tools import ToolChoice, ToolPlan
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
 
 
-class _Body(BaseModel):
+class ApiBody(BaseModel):
     # Unknown fields are ignored, as OpenAI's own server does for fields it does not know.
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(_Body):
+class StreamOptions(ApiBody):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(ApiBody):
     name: str = ""
     description: str | None = None
-    # OpenAI's name; vLLM also reads "json_schema" from older clients.
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(ApiBody):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -44,7 +44,7 @@ class ResponseFormat(_Body):
         return self
 
 
-class StructuredOutputsBody(_Body):
+class StructuredOutputsBody(ApiBody):
     """vLLM's ``structured_outputs`` extension: exactly one constraint."""
 
     json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
@@ -76,7 +76,7 @@ class StructuredOutputsBody(_Body):
         return out
 
 
-class _Sampling(_Body):
+class _Sampling(ApiBody):
     """Fields both endpoints share (OpenAI's, then vLLM's extensions)."""
 
     model: str = ""
@@ -185,23 +185,23 @@ class _Sampling(_Body):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ContentPart(_Body):
+class ContentPart(ApiBody):
     type: Literal["text"]
     text: str
 
 
-class FunctionCallBody(_Body):
+class FunctionCallBody(ApiBody):
     name: str
     arguments: str = ""
 
 
-class ToolCallBody(_Body):
+class ToolCallBody(ApiBody):
     id: str = ""
     type: Literal["function"] = "function"
     function: FunctionCallBody
 
 
-class ChatMessage(_Body):
+class ChatMessage(ApiBody):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -316,7 +316,7 @@ class CompletionRequest(_Sampling):
         return request
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(ApiBody):
     """POST /tokenize (vLLM's shape): a prompt, or chat messages through the template."""
 
     model: str = ""
@@ -350,7 +350,7 @@ class TokenizeRequest(_Body):
         return request
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(ApiBody):
     """POST /detokenize (vLLM's shape)."""
 
     model: str = ""

@@ -22,29 +22,29 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from router_svc.openai_api import (
+    ApiBody,
     ChatCompletionRequest,
     ChatMessage,
     FunctionCallBody,
     ToolCallBody,
-    _Body,
 )
 from router_svc.tools import Extracted, ToolCall
 from services.errors import InvalidRequest, NotFound
 from services.pb import common_pb2
 
 
-class TextFormat(_Body):
+class TextFormat(ApiBody):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str = ""
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class TextOptions(_Body):
+class TextOptions(ApiBody):
     format: TextFormat = Field(default_factory=lambda: TextFormat.model_validate({}))
 
 
-class ResponsesRequest(_Body):
+class ResponsesRequest(ApiBody):
     """POST /v1/responses."""
 
     model: str = ""
