@@ -56,6 +56,7 @@ TIME: dict[str, Any] = {
         },
     },
 }
+LOCAL_PROMPT_LOGPROBS = 'stagemesh_router_decisions_total{policy="kv_aware",role="disaggregation",reason="local_prompt_logprobs"}'
 SUBJECTS = ["a baker", "a pilot", "a poet", "a nurse", "a farmer", "a judge", "a sailor", "a chef", "a monk", "a clown"]
 
 
@@ -89,10 +90,11 @@ async def test_json_schema_output_always_matches(client) -> None:
 
 
 async def test_constraints_on_grpc_and_on_an_engine_alone(
-    router: RouterClient, decode: EngineClient, tokenizer: TokenizerClient
+    router: RouterClient, decode: EngineClient, tokenizer: TokenizerClient, mesh: Mesh
 ) -> None:
-    """The contract field, through the router (disaggregated) and straight to a decode
-    engine (aggregated): a choice, a regex and a GBNF grammar hold."""
+    """The contract field, through the router (disaggregated, and aggregated: a request
+    with prompt_logprobs is never disaggregated) and straight to a decode engine: a
+    choice, a regex and a GBNF grammar hold."""
     constraints = [
         (common_pb2.StructuredOutputs(choice=common_pb2.Choices(options=["yes", "no"])), re.compile(r"yes|no")),
         (common_pb2.StructuredOutputs(regex=r"\d{3}-[a-z]{4}"), re.compile(r"\d{3}-[a-z]{4}")),
@@ -104,6 +106,12 @@ async def test_constraints_on_grpc_and_on_an_engine_alone(
         sampling = common_pb2.SamplingParams(temperature=0, max_tokens=20, structured_outputs=constraint)
         result = await router.generate_unary(router_pb2.RouterGenerateRequest(text=STORY, sampling=sampling), timeout=120)
         assert pattern.fullmatch(result.completions[0].text), result.completions[0].text
+        local = await metric(mesh, LOCAL_PROMPT_LOGPROBS)
+        aggregated = common_pb2.SamplingParams(temperature=0, max_tokens=20, structured_outputs=constraint, prompt_logprobs=0)
+        result = await router.generate_unary(router_pb2.RouterGenerateRequest(text=STORY, sampling=aggregated), timeout=120)
+        assert pattern.fullmatch(result.completions[0].text), result.completions[0].text
+        assert len(result.completions[0].prompt_logprobs) == len(ids) - 1
+        assert await metric(mesh, LOCAL_PROMPT_LOGPROBS) == local + 1
         sampling.stop_token_ids.extend(eos)
         alone = [t async for reply in decode.generate(ids, sampling) for t in reply.token_ids]
         assert pattern.fullmatch(await tokenizer.decode([t for t in alone if t not in eos]))
