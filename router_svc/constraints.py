@@ -11,7 +11,7 @@ vLLM's "auto" backend can serve.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 from llguidance import LLMatcher, grammar_from
@@ -67,7 +67,7 @@ def json_schema(text: str) -> dict[str, Any] | bool:
     return schema
 
 
-def _compile(kind: str, text: str, what: str) -> None:
-    error = LLMatcher.validate_grammar(grammar_from(kind, text))  # type: ignore[arg-type]
+def _compile(kind: Literal["json_schema", "regex", "lark"], text: str, what: str) -> None:
+    error = LLMatcher.validate_grammar(grammar_from(kind, text))
     if error:
         raise InvalidRequest(f"invalid {what}: {error.strip()}", _PARAM)
