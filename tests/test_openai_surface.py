@@ -56,7 +56,7 @@ TIME: dict[str, Any] = {
         },
     },
 }
-LOCAL_PROMPT_LOGPROBS = 'stagemesh_router_decisions_total{policy="kv_aware",role="disaggregation",reason="local_prompt_logprobs"}'
+LOCAL_PROMPT_LOGPROBS = 'stagemesh_router_decisions_total{policy="kv_aware",reason="local_prompt_logprobs",role="disaggregation"}'
 SUBJECTS = ["a baker", "a pilot", "a poet", "a nurse", "a farmer", "a judge", "a sailor", "a chef", "a monk", "a clown"]
 
 
