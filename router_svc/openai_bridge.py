@@ -349,9 +349,7 @@ class HttpBridge:
         except asyncio.CancelledError:
             response["status"] = "cancelled"  # the engines aborted the work with the calls
         except StageError as exc:
-            error = ApiError.from_stage(exc)
-            response["status"] = "failed"
-            response["error"] = {"code": error.code or error.kind, "message": str(error)}
+            _failed(response, exc)
         finally:
             entry.task = None
 
@@ -383,10 +381,8 @@ class HttpBridge:
                     out = []
                     delta = await anext(deltas, None)
             except StageError as exc:
-                error = ApiError.from_stage(exc)
-                log.warning("response %s failed after it started: %s", events.response["id"], error)
-                events.response["status"] = "failed"
-                events.response["error"] = {"code": error.code or error.kind, "message": str(error)}
+                log.warning("response %s failed after it started: %s", events.response["id"], exc)
+                _failed(events.response, exc)
                 await response.write(_event_bytes({"type": "response.failed", "response": events.response}))
             await response.write_eof()
         return response, events.items
@@ -426,7 +422,7 @@ class HttpBridge:
         catalogue = self._pipeline.catalogue
         model = await catalogue.resolve(body.model)
         message = body.to_grpc(model)
-        self._pipeline.limits.check_tokenize(message)
+        self._pipeline.limits.check_chat(message.chat)
         reply = await catalogue.tokenizer(model, lambda client: client.tokenize_request(message))
         info = await catalogue.info(model)
         return web.json_response({
@@ -628,6 +624,13 @@ def _response_output(completion: router_pb2.Completion, plan: ToolPlan | None) -
     """A finished completion's Responses output items and finish reason."""
     found = plan.extract(completion.text) if plan is not None else Extracted(completion.text, [])
     return output_items(found), _FINISH.get(completion.finish_reason, "stop")
+
+
+def _failed(response: dict[str, Any], exc: StageError) -> None:
+    """Mark a Responses object failed, with OpenAI's code for the mesh error."""
+    error = ApiError.from_stage(exc)
+    response["status"] = "failed"
+    response["error"] = {"code": error.code or error.kind, "message": str(error)}
 
 
 def _event_bytes(event: dict[str, Any]) -> bytes:

@@ -70,12 +70,16 @@ class Limits:
         if prompts > self.batch:
             raise InvalidRequest(f"a request may batch at most {self.batch} prompts, got {prompts}", "prompt")
 
-    def check_tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> None:
-        """The limits that apply to a bare tokenization (HTTP /tokenize)."""
-        if len(request.chat.messages) > self.messages:
-            raise InvalidRequest(f"a request may carry at most {self.messages} messages", "messages")
-        if len(request.chat.tools_json) > self.constraint_chars:
-            raise InvalidRequest(f"the tools take more than {self.constraint_chars} characters", "tools")
+    def check_chat(self, chat: tokenizer_pb2.ChatInput) -> None:
+        """The limits on a conversation, for generation and for a bare tokenization."""
+        if len(chat.tools_json) > self.constraint_chars:
+            raise InvalidRequest(
+                f"the tools take {len(chat.tools_json)} characters; at most {self.constraint_chars}", "tools"
+            )
+        if len(chat.messages) > self.messages:
+            raise InvalidRequest(
+                f"a request may carry at most {self.messages} messages, got {len(chat.messages)}", "messages"
+            )
 
     def check(self, request: router_pb2.RouterGenerateRequest) -> int:
         """The request's ``n``, once every limit holds. Under ``--max-tokens-limit`` a
@@ -105,14 +109,7 @@ class Limits:
             )
         if sampling.HasField("structured_outputs"):
             check_constraint(sampling.structured_outputs, self.constraint_chars)
-        if len(request.chat.tools_json) > self.constraint_chars:
-            raise InvalidRequest(f"the tools take {len(request.chat.tools_json)} characters; at most "
-                                 f"{self.constraint_chars}", "tools")
-        if len(request.chat.messages) > self.messages:
-            raise InvalidRequest(
-                f"a request may carry at most {self.messages} messages, got {len(request.chat.messages)}",
-                "messages",
-            )
+        self.check_chat(request.chat)
         if self.max_tokens:
             if not sampling.HasField("max_tokens"):
                 sampling.max_tokens = self.max_tokens  # "up to the context" is more than allowed

@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from services.detokenizer import partial_marker_length
 from services.errors import InvalidRequest
 from services.pb import common_pb2
 
@@ -169,14 +170,6 @@ def _content(text: str) -> list[dict[str, Any]]:
     return [{"content": text}] if text else []
 
 
-def _partial_start(text: str, marker: str) -> int:
-    """Length of the longest end of ``text`` that begins ``marker``."""
-    for length in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-length:]):
-            return length
-    return 0
-
-
 class _HermesStream(ToolStream):
     def __init__(self, parser: HermesParser) -> None:
         super().__init__()
@@ -199,7 +192,7 @@ class _HermesStream(ToolStream):
                 continue
             at = self._buffer.find(start)
             if at < 0:
-                keep = _partial_start(self._buffer, start)
+                keep = partial_marker_length(self._buffer, (start,))
                 sendable, self._buffer = self._buffer[: len(self._buffer) - keep], self._buffer[len(self._buffer) - keep:]
                 return out + _content(sendable)
             out += _content(self._buffer[:at])

@@ -88,7 +88,7 @@ class TokenizerClient(_StageClient):
         )
         if add_special_tokens is not None:
             request.add_special_tokens = add_special_tokens
-        return await self._stub.Tokenize(request, timeout=self._timeout)
+        return await self.tokenize_request(request)
 
     async def tokenize_chat(
         self,

@@ -27,7 +27,7 @@ The concatenated output equals decoding the whole sequence at once.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from tokenizers import Tokenizer
 
@@ -147,7 +147,7 @@ class IncrementalDetokenizer:
         elif final:
             end = len(self._text)
         else:
-            end = len(self._text) - self._stop_prefix_length()
+            end = len(self._text) - partial_marker_length(self._text, self._stop, self._released)
         self._released = max(end, start)
         return self._text[start:self._released]
 
@@ -160,12 +160,15 @@ class IncrementalDetokenizer:
                 best = (index, stop)
         return best
 
-    def _stop_prefix_length(self) -> int:
-        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
-        longest = 0
-        for stop in self._stop:
-            for length in range(min(len(stop) - 1, len(self._text) - self._released), longest, -1):
-                if stop.startswith(self._text[len(self._text) - length :]):
-                    longest = length
-                    break
-        return longest
+
+def partial_marker_length(text: str, markers: Iterable[str], start: int = 0) -> int:
+    """Length of the longest end of ``text[start:]`` that is a proper prefix of one of
+    ``markers``: text to hold back, because the next piece may complete the marker (a
+    stop string here, a tool-call tag in the router's parsers)."""
+    longest = 0
+    for marker in markers:
+        for length in range(min(len(marker) - 1, len(text) - start), longest, -1):
+            if marker.startswith(text[len(text) - length :]):
+                longest = length
+                break
+    return longest
