@@ -5,7 +5,9 @@ Pure logic, no I/O (the servicer owns the memory and NIXL). The rules it enforce
 - a block is addressed by ``(layout, chain hash)``; the layout names the model and the
   shape of its KV, so blocks of different models or block sizes never mix;
 - a slot is granted to one writer (``reserve``) and becomes readable only when that
-  writer commits it. A second writer of the same block is not granted it, so two
+  writer commits it, after the store has seen the write complete (``written``: the
+  writer's NIXL notification). A commit without it is refused and frees the slots, so
+  uninitialised or stale bytes are never served under a hash. A second writer of the same block is not granted it, so two
   engines writing the same blocks at once leave one intact copy;
 - readers pin what ``lookup`` returns until they release it or the pin runs out, and a
   pinned block is never evicted or overwritten mid-read;
@@ -47,6 +49,11 @@ class _Pin:
 class _Reservation:
     expires_at: float
     keys: dict[int, Key]
+    written: bool = False
+
+
+class NotWritten(RuntimeError):
+    """A commit for a reservation whose write the store never saw complete."""
 
 
 @dataclasses.dataclass
@@ -153,13 +160,28 @@ class BlockTable:
         self._reservations[reservation_id] = _Reservation(now + ttl, granted)
         return reservation_id, pairs
 
+    def written(self, reservation_id: str) -> None:
+        """Record that the write into a reservation's slots completed (unknown ids: none)."""
+        reservation = self._reservations.get(reservation_id)
+        if reservation is not None:
+            reservation.written = True
+
+    def is_written(self, reservation_id: str) -> bool:
+        """Whether the reservation's write completed; KeyError for an unknown reservation."""
+        return self._reservations[reservation_id].written
+
     def commit(self, reservation_id: str, hashes: Sequence[int] = (), abort: bool = False) -> int:
         """Make written blocks readable (``hashes``, or all of the reservation), freeing
         the rest of it; with ``abort``, free all of it. Returns the blocks committed.
 
-        Raises KeyError for an unknown reservation (expired, or committed already).
+        Raises KeyError for an unknown reservation (expired, or committed already), and
+        :class:`NotWritten` (after freeing the slots) when its write was never seen.
         """
         reservation = self._reservations.pop(reservation_id)
+        if not abort and not reservation.written:
+            self._reservations[reservation_id] = reservation
+            self.commit(reservation_id, abort=True)
+            raise NotWritten(reservation_id)
         chosen = set(reservation.keys) if not hashes else set(hashes) & set(reservation.keys)
         if abort:
             chosen = set()

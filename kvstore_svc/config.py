@@ -21,6 +21,11 @@ class KvStoreConfig(NixlStageConfig):
     reservation_seconds: float = setting(
         30.0, "seconds a writer has between Reserve and Commit before its slots are taken back"
     )
+    commit_wait_seconds: float = setting(
+        2.0,
+        "seconds a Commit waits for the writer's NIXL notification that its write landed; "
+        "without one the reservation is refused and freed",
+    )
     vnodes: int = setting(DEFAULT_VNODES, "points of this store on the shard ring")
     kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")
 

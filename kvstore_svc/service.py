@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 import grpc
@@ -22,13 +22,14 @@ import numpy as np
 from google.protobuf import descriptor
 from prometheus_client import Counter, Gauge
 
-from kvstore_svc.blocks import BlockTable, LayoutMismatch
+from kvstore_svc.blocks import BlockTable, LayoutMismatch, NotWritten
 from kvstore_svc.config import KvStoreConfig
 from services.aio import cancel_and_wait
-from services.errors import InvalidRequest, NotFound, Unavailable
+from services.errors import FailedPrecondition, InvalidRequest, NotFound, Unavailable
 from services.kv.events import KvEventLog, chain_name
 from services.kv.nixl import limit_progress_poll, nixl_api
 from services.kv.shards import ring_points, shard_key
+from services.kv.store_link import WRITTEN_NOTICE
 from services.net import free_port
 from services.pb import common_pb2, kvstore_pb2
 from services.server import Stage
@@ -55,10 +56,16 @@ class KvStoreServicer:
         self.table: BlockTable | None = None
         self.events = KvEventLog(block_size=0, replay_window=config.kv_event_window)
         self._target: kvstore_pb2.NixlTarget | None = None
+        self._notices: Callable[[], dict[str, list[bytes]]] = dict
 
-    def attach(self, table: BlockTable, target: kvstore_pb2.NixlTarget) -> None:
+    def attach(
+        self, table: BlockTable, target: kvstore_pb2.NixlTarget, notices: Callable[[], dict[str, list[bytes]]]
+    ) -> None:
+        """Serve ``table``'s pool at ``target``; ``notices`` drains the NIXL agent's new
+        notifications (by sending agent)."""
         self.table = table
         self._target = target
+        self._notices = notices
 
     def _ready(self) -> BlockTable:
         if self.table is None:
@@ -113,17 +120,47 @@ class KvStoreServicer:
         )
 
     async def Commit(self, request: kvstore_pb2.CommitRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.CommitResponse:
-        """Make written blocks readable, or abandon the reservation."""
+        """Make written blocks readable, or abandon the reservation.
+
+        Blocks become readable only once the store's NIXL agent has the writer's
+        notification that the WRITE landed (sent with the transfer, delivered after its
+        data): a Commit without a completed write would publish whatever the slots held.
+        The notification may trail the writer's own "done" a little, so it is awaited.
+        """
         table = self._ready()
         try:
+            if not request.abort:
+                await self._await_written(table, request.reservation_id)
             committed = table.commit(request.reservation_id, request.chain_hashes, request.abort)
         except KeyError:
             raise NotFound(
                 f"reservation {request.reservation_id!r} is unknown: it was committed already "
                 f"or ran past {self._config.reservation_seconds:g}s and its slots were taken back"
             ) from None
+        except NotWritten:
+            CALLS.labels("refused_unwritten").inc(1)
+            raise FailedPrecondition(
+                f"reservation {request.reservation_id!r}: no completed NIXL write into its slots "
+                f"reached the store within {self._config.commit_wait_seconds:g}s; its slots were "
+                "freed and nothing was stored (write with the store's notification, then Commit)"
+            ) from None
         CALLS.labels("committed").inc(committed)
         return kvstore_pb2.CommitResponse(committed=committed)
+
+    async def _await_written(self, table: BlockTable, reservation_id: str) -> None:
+        """Take the agent's new notifications until the reservation's write is seen or
+        ``commit_wait_seconds`` pass (KeyError at once for an unknown reservation)."""
+        deadline = time.monotonic() + self._config.commit_wait_seconds
+        pause = 0.001
+        while not table.is_written(reservation_id):
+            for notices in self._notices().values():
+                for notice in notices:
+                    if notice.startswith(WRITTEN_NOTICE):
+                        table.written(notice[len(WRITTEN_NOTICE):].decode(errors="replace"))
+            if table.is_written(reservation_id) or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     async def Evict(self, request: kvstore_pb2.EvictRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.EvictResponse:
         """Drop stored blocks (pinned blocks and blocks being written stay)."""
@@ -208,7 +245,7 @@ class KvStoreStage(Stage):
             on_stored=events.stored_chains,
             on_removed=lambda hashes: events.removed([chain_name(h) for h in hashes]),
         )
-        self._servicer.attach(table, target)
+        self._servicer.attach(table, target, self._agent.get_new_notifs)
         # Read at scrape time, so a call never pays for a scan of the table.
         BLOCKS.labels("committed").set_function(lambda: table.snapshot().used_blocks)
         BLOCKS.labels("pinned").set_function(lambda: table.snapshot().pinned_blocks)

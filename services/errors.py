@@ -120,6 +120,15 @@ class KvNotCollected(NotFound):
     prefill engine is gone). The prompt must be computed again."""
 
 
+class FailedPrecondition(StageError):
+    """The call is out of order for the state it names: a KV-store Commit for blocks
+    whose write never completed. Fix the caller's protocol; do not retry as is."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = HTTPStatus.CONFLICT
+    openai_type = "invalid_request_error"
+
+
 class Unavailable(StageError):
     """Temporarily unable to serve; retry later or on another member."""
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from kvstore_svc.blocks import BlockTable, LayoutMismatch
+from kvstore_svc.blocks import BlockTable, LayoutMismatch, NotWritten
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
-from services.kv.nixl import new_agent
+from services.kv.nixl import new_agent, transfer
 from services.kv.shards import SHARDS_PREFIX, ShardMap, ring_points
-from services.kv.store_link import HostBlocks, StoreLink
+from services.kv.store_link import HostBlocks, StoreLink, Target, remote_regions
 from services.launcher import StageProcess
 from services.pb import common_pb2, kvstore_pb2
 from tests.conftest import kvstore_process, private_etcd, running
@@ -43,6 +43,7 @@ def test_table_serves_only_committed_blocks_and_grants_each_block_once() -> None
     assert table.lookup("m", [1, 2, 3], 10, now=0) == ([], "")  # written, not committed
     _, again = table.reserve("m", [1, 2, 3, 4], 100, ttl=30, now=0)
     assert [h for h, _ in again] == [4]  # 1-3 are someone else's write
+    table.written(first)
     assert table.commit(first, [1, 2]) == 2  # 3 was not written after all
     hits, pin = table.lookup("m", [1, 2, 3], 10, now=0)
     assert [h for h, _ in hits] == [1, 2] and pin
@@ -59,10 +60,12 @@ def test_table_evicts_least_recently_used_and_never_a_pinned_block() -> None:
     table = BlockTable(3 * 10, on_removed=removed.extend)
     for h in (1, 2, 3):  # three chains of one block each
         rid, _ = table.reserve("m", [h], 10, ttl=30, now=0)
+        table.written(rid)
         table.commit(rid)
     _, pin = table.lookup("m", [1], 10, now=0)  # 1 is now the most recent, and pinned
     rid, granted = table.reserve("m", [4], 10, ttl=30, now=0)
     assert removed == [2] and len(granted) == 1
+    table.written(rid)
     table.commit(rid)
     table.release(pin)
     rid, _ = table.reserve("m", [5], 10, ttl=30, now=0)
@@ -83,6 +86,18 @@ def test_table_takes_back_an_abandoned_reservation() -> None:
         table.commit(rid)
     _, granted = table.reserve("m", [1, 2], 10, ttl=5, now=6)
     assert len(granted) == 2
+
+
+def test_table_refuses_a_commit_whose_write_it_never_saw() -> None:
+    table = BlockTable(2 * 10)
+    rid, _ = table.reserve("m", [1, 2], 10, ttl=30, now=0)
+    table.written("someone-else's-reservation")
+    with pytest.raises(NotWritten):
+        table.commit(rid)
+    assert table.lookup("m", [1], 10, now=0) == ([], "")
+    with pytest.raises(KeyError):  # refused means freed: the slots are granted again
+        table.commit(rid)
+    assert len(table.reserve("m", [1, 2], 10, ttl=30, now=0)[1]) == 2
 
 
 def test_shard_map_is_consistent_hashing() -> None:
@@ -293,10 +308,45 @@ async def test_bad_calls_get_clear_errors(store: StageProcess) -> None:
         assert (await stub.GetStats(kvstore_pb2.StatsRequest())).capacity_blocks >= CAPACITY_BLOCKS
 
 
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_commit_without_a_completed_write_is_never_served(shards: ShardMap, store: StageProcess, evict_all: None) -> None:
+    """Reserve + Commit alone, or a write the store was never notified of, publishes nothing."""
+    client = Client("forger", 2)
+    address = store.grpc_address
+    try:
+        client.fill(0, 7)
+        stub = client.link.stub(address)
+        hashes = [8101, 8102]
+        bare = stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=hashes[:1], block_bytes=BLOCK))
+        assert bare.granted
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Commit(kvstore_pb2.CommitRequest(reservation_id=bare.reservation_id))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no completed NIXL write" in (caught.value.details() or "")
+        # Bytes that did land, but without the writer's notice, are not proof either.
+        unproven = stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=hashes[1:], block_bytes=BLOCK))
+        target = Target.of(unproven.target)
+        remote = remote_regions(target, unproven.granted[0].slot, client.regions(0))
+        client.link.agent.add_remote_agent(target.agent_metadata)
+        transfer(client.link.agent, "WRITE", [(a, n, 0) for a, n in client.regions(0)], remote, target.agent_name, 10.0)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Commit(kvstore_pb2.CommitRequest(reservation_id=unproven.reservation_id))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert client.link.lookup(shards, LAYOUT, hashes).hits == []
+        # The protocol's own path (write with the notice, then Commit) stores both.
+        assert client.store(shards, hashes) == 2
+        stored = client.link.lookup(shards, LAYOUT, hashes)
+        assert len(stored.hits) == 2
+        client.link.release(stored)
+    finally:
+        client.close()
+
+
 def test_table_evicts_a_cold_chain_from_its_deepest_block() -> None:
     removed: list[int] = []
     table = BlockTable(4 * 10, on_removed=removed.extend)
     rid, _ = table.reserve("m", [1, 2, 3, 4], 10, ttl=30, now=0)
+    table.written(rid)
     table.commit(rid)
     rid, _ = table.reserve("m", [9], 10, ttl=30, now=0)
     assert removed == [4]

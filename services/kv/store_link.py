@@ -34,6 +34,15 @@ log = logging.getLogger(__name__)
 Region = tuple[int, int]
 
 
+#: What a writer's NIXL WRITE notifies the store with, before the reservation id.
+WRITTEN_NOTICE = b"stagemesh/kvstore/written:"
+
+
+def written_notice(reservation_id: str) -> bytes:
+    """The notification that proves to the store that a reservation's write landed."""
+    return WRITTEN_NOTICE + reservation_id.encode()
+
+
 class StoreError(RuntimeError):
     """The store could not be asked or the bytes could not be moved."""
 
@@ -217,7 +226,11 @@ class StoreLink:
                 d for slot, regs in zip(reservation.granted, regions)
                 for d in remote_regions(target, slot.slot, regs)
             ]
-            transfer(self.agent, "WRITE", local, remote, self._peer(target), self.transfer_timeout)
+            # The notification is the store's proof that the write landed (see Commit).
+            transfer(
+                self.agent, "WRITE", local, remote, self._peer(target), self.transfer_timeout,
+                notify=written_notice(reservation.reservation_id),
+            )
         except Exception as exc:
             if isinstance(exc, TransferError) and not exc.settled:
                 raise  # the write may still land: the slots stay reserved until the reservation expires

@@ -105,6 +105,7 @@ class KvStoreServiceServicer:
 
     def Commit(self, request, context):
         """Make written blocks visible (or abandon the reservation when `abort` is set).
+        Refused with FAILED_PRECONDITION when the store never saw the write complete.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
