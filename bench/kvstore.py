@@ -28,12 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from bench.engines import fresh_prompt, timed_generate
 from bench.nixl_copy import raw_copy_gbps
 from bench.report import add_output_arguments, print_table, write_json, write_png
-from services.clients import EngineClient
+from services.clients import EngineClient, KvStoreClient
 from services.config import DEFAULT_HOME
 from services.etcd_server import EmbeddedEtcd
 from services.kv.nixl import new_agent
@@ -42,7 +40,7 @@ from services.kv.store_link import HostBlocks, StoreLink
 from services.launcher import ProcessGroup, StageProcess
 from services.model import prepare_bundled_model
 from services.net import free_port
-from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.pb import common_pb2, kvstore_pb2
 
 ONE_TOKEN = common_pb2.SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
@@ -54,8 +52,8 @@ async def _ttft(address: str, prompt: list[int]) -> float:
 
 
 async def _store_stats(address: str) -> kvstore_pb2.Stats:
-    async with grpc.aio.insecure_channel(address) as chan:
-        return await kvstore_pb2_grpc.KvStoreServiceStub(chan).GetStats(kvstore_pb2.StatsRequest(), timeout=10)
+    async with KvStoreClient(address) as store:
+        return await store.stats()
 
 
 async def _external_hits(address: str) -> int:

@@ -20,8 +20,9 @@ from router_svc.policy import make_policy
 from router_svc.responses import ResponseStore
 from router_svc.tools import ParserChoice
 from router_svc.workers import ENGINE_ROLES, Workers
-from services.auth import ApiKeyInterceptor, ApiKeys
+from services.auth import ApiKeys
 from services.clients import health_status
+from services.credentials import CallGuard
 from services.etcd import EtcdSession
 from services.membership import member_key
 from services.pb import common_pb2, router_pb2
@@ -79,6 +80,7 @@ class RouterStage(Stage):
     """Watches the mesh's members and serves the public APIs."""
 
     role: ClassVar[common_pb2.Role] = common_pb2.ROLE_ROUTER
+    public: ClassVar[bool] = True
 
     def __init__(self, config: RouterConfig) -> None:
         self._config = config
@@ -115,7 +117,7 @@ class RouterStage(Stage):
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         if not self._keys:
             return []
-        return [ApiKeyInterceptor(self._keys, [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name])]
+        return [CallGuard(self._keys.check_metadata, [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name])]
 
     async def start(self) -> None:
         await self._workers.start()

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
-
-import grpc
 
 from services.errors import Unauthenticated
 
@@ -65,59 +62,13 @@ class ApiKeys:
         if not matched:
             raise Unauthenticated("the API key is not valid")
 
+    def check_metadata(self, metadata: Mapping[str, str]) -> None:
+        """:meth:`check` for a gRPC call's metadata (see :class:`services.credentials.CallGuard`)."""
+        self.check(metadata.get(AUTHORIZATION))
+
     @staticmethod
     def key_id(authorization: str | None) -> str:
         """A short, non-reversible name for the key a caller sent (for logs and audit)."""
         if not authorization:
             return ""
         return hashlib.sha256(authorization[len(_SCHEME):].strip().encode()).hexdigest()[:12]
-
-
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls to ``services`` (full names) that lack a valid key; health checks and
-    reflection stay open, so load balancers and grpcurl's ``list`` need no key."""
-
-    def __init__(self, keys: ApiKeys, services: Iterable[str]) -> None:
-        self._keys = keys
-        self._prefixes = tuple(f"/{name}/" for name in services)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith(self._prefixes):
-            return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        try:
-            self._keys.check(metadata.get(AUTHORIZATION))
-        except Unauthenticated as error:
-            return _refusing(handler, error)
-        return handler
-
-
-def _ignored(data: bytes) -> None:
-    return None
-
-
-def _refusing(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only answers ``error``."""
-
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(error.code, str(error), trailing_metadata=error.trailing_metadata())
-
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await refuse(request, context)
-        yield  # pragma: no cover - abort raises; this makes it an async generator
-
-    # The refused request is never parsed: its bytes are dropped as they arrive.
-    options = {"request_deserializer": _ignored, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse, **options)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **options)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, **options)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, **options)

@@ -4,6 +4,7 @@
     stagemesh model prepare      turn the bundled GGUF into a float32 HF model directory
     stagemesh status             members registered in etcd, with their health and load
     stagemesh health ADDRESS     exit 0 if the stage at ADDRESS is SERVING (container probes)
+    stagemesh certs --out DIR    a development CA and a TLS certificate per stage
     stagemesh etcd               the embedded etcd server alone (foreground)
     stagemesh tokenizer [...]    one tokenizer stage (flags: stagemesh tokenizer --help)
     stagemesh prefill [...]      one prefill engine stage
@@ -26,10 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services import credentials
+from services.certs import STAGES
 from services.config import DEFAULT_HOME, ENV_PREFIX, StageConfig, build_config, parse_endpoints
+from services.credentials import MESH_KEY_ENV, MeshCredentials
 from services.placement import LAYOUTS
 
 if TYPE_CHECKING:
+    from services.certs import CertFiles
     from services.launcher import StageProcess
     from services.placement import Layout
 
@@ -78,6 +83,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from services.membership import MEMBERS_PREFIX, role_name
     from services.pb import common_pb2
 
+    _install_credentials(args)
     async def load_of(member: common_pb2.Member) -> str:
         try:
             if member.role == common_pb2.ROLE_KVSTORE:
@@ -129,10 +135,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from services.certs import make_certs
+
+    made = make_certs(Path(args.out), hosts=args.host, stages=args.stage or STAGES, days=args.days)
+    for stage, files in made.items():
+        print(f"{stage:<10} {' '.join(files.flags())}")
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """One grpc.health.v1 check: a probe for container runtimes that ship no grpc_health_probe."""
     from services.clients import health_status
 
+    _install_credentials(args)
     status = asyncio.run(health_status(args.address, args.service, timeout=args.timeout))
     print(status)
     return 0 if status == "SERVING" else 1
@@ -177,6 +193,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from services.certs import make_certs
     from services.etcd_server import EmbeddedEtcd
     from services.launcher import ProcessGroup, StageProcess, Supervisor
     from services.model import prepare_bundled_model
@@ -189,12 +206,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     home = _home(args)
     if not args.model:
         prepare_bundled_model(home)
-    run_dir = Path(tempfile.mkdtemp(prefix="stagemesh-up-"))
+    run_dir = Path(tempfile.mkdtemp(prefix="stagemesh-up-"))  # mode 0700: the key files stay ours
     light_cores = list(layout.light_cores)
-    etcd = EmbeddedEtcd(client_port=args.etcd_port, data_dir=run_dir / "etcd", cores=light_cores)
+    # The mesh's credentials (services/credentials.py): the operator's key or a fresh one
+    # for this run, in a file (never on a command line), and with --tls a development CA
+    # and a certificate per stage. The command itself is a member too: it probes health.
+    mesh_key_file = run_dir / "mesh.key"
+    mesh_key_file.touch(mode=0o600)
+    mesh_key_file.write_text(os.environ.get(MESH_KEY_ENV) or secrets.token_hex(32))
+    certs = make_certs(run_dir / "tls", hosts=[args.host]) if args.tls else {}
+    own = certs.get("client")
+    credentials.install(
+        MeshCredentials.load(
+            mesh_key_file=str(mesh_key_file), tls_cert=str(own.cert) if own else "",
+            tls_key=str(own.key) if own else "", tls_ca=str(own.ca) if own else "",
+        )
+    )
+    etcd = EmbeddedEtcd(
+        client_port=args.etcd_port, data_dir=run_dir / "etcd", cores=light_cores, tls=certs.get("etcd")
+    )
     etcd.start()
     group = ProcessGroup()
-    common = ["--etcd", etcd.endpoint, "--home", str(home), "--metrics-port", "0", "--host", args.host]
+    common = [
+        "--etcd", etcd.endpoint, "--home", str(home), "--metrics-port", "0", "--host", args.host,
+        "--mesh-key-file", str(mesh_key_file),
+    ]
     model = ["--model", args.model] if args.model else []
     router = ["--http-port", str(args.http_port)]
     if layout.disagg_min_tokens is not None:
@@ -202,9 +238,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     kvstore_mib = args.kvstore_mib if args.kvstore_mib is not None else (1024 if layout.kvstore else 0)
     # (name, module, gRPC port, extra flags, cores, environment). The n-th prefill/decode
     # takes the base port + 2n; each engine owns its cores (services.placement).
-    # The engines' shared secret for KV handles (services/kv/handles.py): the operator's,
-    # or a fresh one for this run, handed over through the environment.
-    mesh_key = os.environ.get("STAGEMESH_MESH_KEY") or secrets.token_hex(32)
     plan: list[tuple[str, str, int, list[str], list[int], dict[str, str]]] = [
         ("tokenizer", "tokenizer_svc", args.tokenizer_port, model, light_cores, {}),
         # Keys reach the router through its environment, not its command line (ps shows that).
@@ -219,7 +252,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         base = args.prefill_port if engine.role == "prefill" else args.decode_port
         name = engine.role if i == 0 else f"{engine.role}-{i}"
         flags = [*model, "--cpu-cores", format_cores(engine.cores)]
-        env = {"STAGEMESH_MESH_KEY": mesh_key}
+        env = {}
         if engine.gpu is not None:
             flags += ["--device", "cuda"]
             env["CUDA_VISIBLE_DEVICES"] = gpus[engine.gpu]
@@ -228,7 +261,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         stages = [
             group.add(
                 StageProcess(
-                    name, module, [*common, "--port", str(port), *extra], f"127.0.0.1:{port}", run_dir,
+                    name, module, [*common, *_tls_flags(certs, name), "--port", str(port), *extra],
+                    f"127.0.0.1:{port}", run_dir,
                     env={**os.environ, **env}, cores=cores,
                 )
             )
@@ -246,9 +280,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             "try it:\n"
             f"  curl {http}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
             "    -d '{\"model\": \"\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'\n"
-            f"  grpcurl -plaintext -d '{{\"text\": \"Once upon a time\"}}' 127.0.0.1:{args.router_port} "
+            f"  grpcurl {f'-cacert {own.ca} -authority stagemesh' if own else '-plaintext'} "
+            f"-d '{{\"text\": \"Once upon a time\"}}' 127.0.0.1:{args.router_port} "
             "stagemesh.v1.RouterService/Generate\n"
-            f"  stagemesh status --etcd {etcd.endpoint}\n\n"
+            f"  stagemesh status --etcd {etcd.endpoint} --mesh-key-file {mesh_key_file}"
+            f"{' ' + ' '.join(own.flags()) if own else ''}\n\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
@@ -270,6 +306,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         group.stop_all()
         etcd.stop(wipe=True)
         print("stopped.", flush=True)
+
+
+def _tls_flags(certs: dict[str, CertFiles], stage: str) -> list[str]:
+    """A stage's TLS flags (``prefill-1`` uses prefill's certificate); none without TLS."""
+    files = certs.get(stage.split("-")[0])
+    return files.flags() if files else []
 
 
 async def _wait_all_healthy(stages: list[StageProcess], timeout: float) -> None:
@@ -302,6 +344,21 @@ def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", type=int, default=None, help="decode engines to run (overrides the layout's)")
 
 
+def _add_credential_arguments(parser: argparse.ArgumentParser) -> None:
+    """The mesh credentials a tool presents to the stages (as each stage takes them)."""
+    for name in ("mesh_key_file", "tls_cert", "tls_key", "tls_ca"):
+        env = ENV_PREFIX + name.upper()
+        parser.add_argument(f"--{name.replace('_', '-')}", default=os.environ.get(env, ""), help=f"[env {env}]")
+
+
+def _install_credentials(args: argparse.Namespace) -> None:
+    credentials.install(
+        MeshCredentials.load(
+            os.environ.get(MESH_KEY_ENV, ""), args.mesh_key_file, args.tls_cert, args.tls_key, args.tls_ca
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagemesh", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -319,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--api-key", default=os.environ.get("STAGEMESH_API_KEY", ""),
         help="API keys the router's HTTP and gRPC APIs require, comma-separated [env STAGEMESH_API_KEY; default: none]",
+    )
+    up.add_argument(
+        "--tls", action="store_true",
+        help="mutual TLS between the stages and to etcd, with a development CA made for this run (in its log dir)",
     )
     up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port")
     up.add_argument("--router-port", type=int, default=50051, help="router gRPC port")
@@ -350,12 +411,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="members registered in etcd, with health")
     status.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints")
+    _add_credential_arguments(status)
     status.set_defaults(func=cmd_status)
+
+    certs = sub.add_parser("certs", help="make a development CA and a TLS certificate per stage")
+    certs.add_argument("--out", required=True, help="directory for ca.pem and <stage>.pem / <stage>-key.pem")
+    certs.add_argument(
+        "--host", action="append", default=[],
+        help="a host name or address the stages are dialled at (repeat; localhost and 127.0.0.1 are always in)",
+    )
+    certs.add_argument("--stage", action="append", default=[], help=f"only these certificates (default: {', '.join(STAGES)})")
+    certs.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    certs.set_defaults(func=cmd_certs)
 
     probe = sub.add_parser("health", help="check one stage's gRPC health (exit 0 when SERVING)")
     probe.add_argument("address", nargs="?", default="127.0.0.1:50051", help="host:port of the stage")
     probe.add_argument("--service", default="", help="health service name ('' is the whole stage)")
     probe.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
+    _add_credential_arguments(probe)
     probe.set_defaults(func=cmd_health)
 
     etcd = sub.add_parser("etcd", help="run the embedded etcd server in the foreground")

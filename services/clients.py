@@ -10,6 +10,7 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services import credentials
 from services.detokenizer import TokenDecoder
 from services.pb import (
     common_pb2,
@@ -27,14 +28,51 @@ from services.pb import (
 DEFAULT_TIMEOUT = 10.0
 
 
+class _Stamp:
+    """Adds fixed metadata (the stage token) to every call of one kind on a channel.
+
+    grpc.aio files each interceptor under one call kind only (the first it is an
+    instance of), hence one subclass per kind."""
+
+    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
+        self._pairs = tuple(pairs)
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._pairs)
+        return details._replace(metadata=metadata)  # a namedtuple
+
+
+class _StampUnaryUnary(_Stamp, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _StampUnaryStream(_Stamp, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _StampStreamUnary(_Stamp, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _StampStreamStream(_Stamp, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
 def channel(address: str) -> grpc.aio.Channel:
-    """An insecure channel to a stage, with the mesh's message-size limits."""
-    return grpc.aio.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ],
+    """A channel to a stage that presents this process's mesh credentials
+    (:mod:`services.credentials`): TLS when configured, the stage token when there is a
+    mesh key, and the mesh's message-size limits."""
+    creds = credentials.current()
+    stamps = (_StampUnaryUnary, _StampUnaryStream, _StampStreamUnary, _StampStreamStream)
+    interceptors = [stamp(creds.call_metadata) for stamp in stamps] if creds.call_metadata else None
+    if creds.tls is None:
+        return grpc.aio.insecure_channel(address, options=creds.channel_options(), interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        address, creds.tls.channel_credentials(), options=creds.channel_options(), interceptors=interceptors
     )
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.credentials import DEFAULT_SERVER_NAME, MeshCredentials
 from services.net import route_source
 
 ENV_PREFIX = "STAGEMESH_"
@@ -67,6 +68,21 @@ class StageConfig:
     labels: dict[str, str] = setting({}, "member labels as key=value,key=value")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = setting("text", "text or json")
+    mesh_key: str = setting(
+        "",
+        "secret shared by the mesh's stages: engines sign KV handles with it, and internal "
+        "stage APIs serve only callers that prove it (prefer STAGEMESH_MESH_KEY or "
+        "--mesh-key-file; a flag shows in ps). Empty: neither is checked",
+    )
+    mesh_key_file: str = setting("", "a file holding the mesh key (overrides --mesh-key)")
+    tls_cert: str = setting(
+        "", "this stage's certificate (PEM, signed by --tls-ca): gRPC then speaks mutual TLS, etcd too"
+    )
+    tls_key: str = setting("", "the private key of --tls-cert (PEM)")
+    tls_ca: str = setting("", "the mesh CA (PEM): peers and etcd must present certificates it signed")
+    tls_server_name: str = setting(
+        DEFAULT_SERVER_NAME, "the name in every stage certificate, checked in place of the dialled address"
+    )
 
     #: Role name used in etcd keys and logs; set by each stage's subclass.
     ROLE: typing.ClassVar[str] = ""
@@ -74,6 +90,12 @@ class StageConfig:
     def __post_init__(self) -> None:
         if not self.instance_id:
             self.instance_id = f"{self.ROLE or 'stage'}-{uuid.uuid4().hex[:12]}"
+
+    def credentials(self) -> MeshCredentials:
+        """The mesh key and TLS material these settings name (files read now)."""
+        return MeshCredentials.load(
+            self.mesh_key, self.mesh_key_file, self.tls_cert, self.tls_key, self.tls_ca, self.tls_server_name
+        )
 
     @property
     def etcd_endpoints(self) -> list[tuple[str, int]]:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.certs import CertFiles
 from services.launcher import child_setup
 from services.net import free_port
 
@@ -38,7 +39,8 @@ def etcd_binary() -> Path:
 
 
 class EmbeddedEtcd:
-    """A single-member etcd server as a child process.
+    """A single-member etcd server as a child process (with ``tls``: clients need a
+    certificate signed by the mesh CA).
 
     ``data_dir`` defaults to a fresh temporary directory that :meth:`stop` removes;
     pass one to keep data across restarts.
@@ -53,8 +55,11 @@ class EmbeddedEtcd:
         name: str = "stagemesh-etcd",
         wrapper: Sequence[str] = (),
         cores: Sequence[int] | None = None,
+        tls: CertFiles | None = None,
     ) -> None:
         self.host = host
+        #: Serve clients over TLS, and only those with a certificate the mesh CA signed.
+        self.tls = tls
         self.cores = list(cores) if cores else None
         self.wrapper = list(wrapper)  # e.g. ``ip netns exec NS``: etcd on another "host"
         self.client_port = client_port or free_port(host)
@@ -75,7 +80,7 @@ class EmbeddedEtcd:
         if self.process is not None and self.process.poll() is None:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        client_url = f"http://{self.host}:{self.client_port}"
+        client_url = f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
         peer_url = f"http://{self.host}:{self.peer_port}"
         args = [
             *self.wrapper,
@@ -89,6 +94,11 @@ class EmbeddedEtcd:
             "--initial-cluster", f"{self.name}={peer_url}",
             "--log-level", "warn",
         ]
+        if self.tls is not None:
+            args += [
+                "--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key),
+                "--trusted-ca-file", str(self.tls.ca), "--client-cert-auth",
+            ]
         with open(self._log_file, "ab") as log_handle:
             self.process = subprocess.Popen(
                 args, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,

@@ -31,8 +31,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Info, start_http_server
 
-from services import __version__
+from services import __version__, credentials
 from services.config import StageConfig
+from services.credentials import MESSAGE_LIMITS, CallGuard
 from services.etcd import EtcdSession
 from services.log import configure_logging
 from services.membership import Registration
@@ -49,6 +50,9 @@ class Stage(abc.ABC):
 
     #: The stage's role (a ``common_pb2.Role`` value).
     role: ClassVar[common_pb2.Role]
+    #: Serves users, not only other stages: its API takes callers without the mesh's
+    #: credentials (the router; it checks API keys instead).
+    public: ClassVar[bool] = False
 
     @abc.abstractmethod
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
@@ -93,16 +97,17 @@ class StageServer:
         self.registration: Registration | None = None
         self.exit_code = 0
         self._service_names: list[str] = []
+        self.credentials = credentials.current()
 
     def _build(self) -> None:
         """Create the loop-bound objects; runs inside the event loop that serves."""
+        guards: list[grpc.aio.ServerInterceptor] = []
+        if not self.stage.public:
+            names = [service.full_name for service, _ in self.stage.services()]
+            guards.append(CallGuard(self.credentials.check_caller, names))
         self.server = grpc.aio.server(
-            interceptors=self.stage.interceptors(),
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
-            ]
+            interceptors=[*guards, *self.stage.interceptors()],
+            options=[*MESSAGE_LIMITS, ("grpc.so_reuseport", 0)],
         )
         self.health = health.aio.HealthServicer()
         self._session = EtcdSession(self.config.etcd_endpoints)
@@ -148,7 +153,12 @@ class StageServer:
             self.server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        tls = self.credentials.tls
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:  # mutual TLS, except on a public stage's port (users hold API keys, not certificates)
+            self.port = self.server.add_secure_port(address, tls.server_credentials(not self.stage.public))
         if self.port == 0:
             raise SystemExit(f"cannot bind gRPC on {self.config.host}:{self.config.port}")
         await self.server.start()
@@ -158,8 +168,8 @@ class StageServer:
         role = common_pb2.Role.Name(self.stage.role)
         STAGE_INFO.info({"role": role, "instance": self.config.instance_id, "version": __version__})
         log.info(
-            "gRPC on %s:%d (advertised %s), metrics on %s",
-            self.config.host, self.port, self.grpc_address,
+            "gRPC%s on %s:%d (advertised %s), metrics on %s",
+            " (TLS)" if tls else "", self.config.host, self.port, self.grpc_address,
             f":{self.metrics_port}" if self.metrics_port else "off",
         )
 
@@ -214,6 +224,7 @@ def run_stage(config: StageConfig, stage: Stage) -> None:
     import uvloop
 
     configure_logging(config.log_level, config.log_format, config.ROLE, config.instance_id)
+    credentials.install(config.credentials())
     server = StageServer(config, stage)
     uvloop.run(server.serve())
     if server.exit_code:

@@ -17,8 +17,10 @@ import openai
 import pytest
 import pytest_asyncio
 
+from services import credentials
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.config import DEFAULT_HOME
+from services.credentials import MESH_KEY_ENV, MeshCredentials
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
 from services.launcher import StageProcess
@@ -26,9 +28,11 @@ from services.model import prepare_bundled_model
 from services.net import free_port
 from services.pb import common_pb2, engine_pb2
 
-#: Every engine the tests start shares a mesh key, so KV handles are signed and checked
-#: as in a deployed mesh (services/kv/handles.py).
-MESH_KEY = os.environ.setdefault("STAGEMESH_MESH_KEY", "stagemesh-tests-" + os.urandom(8).hex())
+#: Every stage the tests start shares a mesh key, so KV handles are signed and checked,
+#: and internal APIs demand the stage token, as in a deployed mesh
+#: (services/credentials.py). The test process is a member too: its clients send the token.
+MESH_KEY = os.environ.setdefault(MESH_KEY_ENV, "stagemesh-tests-" + os.urandom(8).hex())
+credentials.install(MeshCredentials(mesh_key=MESH_KEY.encode()))
 
 #: Seconds a stage process may take to become SERVING (imports + tokenizer load).
 STAGE_START_TIMEOUT = 120.0

@@ -18,6 +18,8 @@ import pytest
 import pytest_asyncio
 
 from kvstore_svc.blocks import BlockTable, LayoutMismatch, NotWritten
+from services import credentials
+from services.clients import channel
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
 from services.kv.nixl import new_agent, transfer
@@ -120,6 +122,11 @@ def test_shard_map_is_consistent_hashing() -> None:
 # -- a real store process --------------------------------------------------------------
 
 
+def member() -> tuple[tuple[str, str], ...]:
+    """The stage token, for the calls these tests make on raw stubs."""
+    return credentials.current().call_metadata
+
+
 class Client:
     """This test process as a store client: its own NIXL agent over numpy host memory."""
 
@@ -178,11 +185,13 @@ def evict_all(store: StageProcess) -> Iterator[None]:
     with grpc.insecure_channel(store.grpc_address) as chan:
         from services.pb import kvstore_pb2_grpc
 
-        kvstore_pb2_grpc.KvStoreServiceStub(chan).Evict(kvstore_pb2.EvictRequest(all=True), timeout=5)
+        kvstore_pb2_grpc.KvStoreServiceStub(chan).Evict(
+            kvstore_pb2.EvictRequest(all=True), timeout=5, metadata=member()
+        )
 
 
 def stats(link: StoreLink, address: str) -> kvstore_pb2.Stats:
-    return link.stub(address).GetStats(kvstore_pb2.StatsRequest(), timeout=5)
+    return link.stub(address).GetStats(kvstore_pb2.StatsRequest(), timeout=5, metadata=member())
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -212,7 +221,7 @@ async def test_full_store_evicts_least_recently_used(shards: ShardMap, store: St
     try:
         from services.pb import kvstore_pb2_grpc
 
-        async with grpc.aio.insecure_channel(store.grpc_address) as chan:
+        async with channel(store.grpc_address) as chan:
             stub = kvstore_pb2_grpc.KvStoreServiceStub(chan)
             start = await stub.GetKvSnapshot(common_pb2.KvSnapshotRequest())
             stream = stub.StreamKvEvents(
@@ -293,7 +302,7 @@ async def test_concurrent_writers_of_the_same_blocks_leave_one_intact_copy(shard
 async def test_bad_calls_get_clear_errors(store: StageProcess) -> None:
     from services.pb import kvstore_pb2_grpc
 
-    async with grpc.aio.insecure_channel(store.grpc_address) as chan:
+    async with channel(store.grpc_address) as chan:
         stub = kvstore_pb2_grpc.KvStoreServiceStub(chan)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Commit(kvstore_pb2.CommitRequest(reservation_id="nope"))
@@ -317,20 +326,24 @@ async def test_a_commit_without_a_completed_write_is_never_served(shards: ShardM
         client.fill(0, 7)
         stub = client.link.stub(address)
         hashes = [8101, 8102]
-        bare = stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=hashes[:1], block_bytes=BLOCK))
+        bare = stub.Reserve(
+            kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=hashes[:1], block_bytes=BLOCK), metadata=member()
+        )
         assert bare.granted
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Commit(kvstore_pb2.CommitRequest(reservation_id=bare.reservation_id))
+            stub.Commit(kvstore_pb2.CommitRequest(reservation_id=bare.reservation_id), metadata=member())
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "no completed NIXL write" in (caught.value.details() or "")
         # Bytes that did land, but without the writer's notice, are not proof either.
-        unproven = stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=hashes[1:], block_bytes=BLOCK))
+        unproven = stub.Reserve(
+            kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=hashes[1:], block_bytes=BLOCK), metadata=member()
+        )
         target = Target.of(unproven.target)
         remote = remote_regions(target, unproven.granted[0].slot, client.regions(0))
         client.link.agent.add_remote_agent(target.agent_metadata)
         transfer(client.link.agent, "WRITE", [(a, n, 0) for a, n in client.regions(0)], remote, target.agent_name, 10.0)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Commit(kvstore_pb2.CommitRequest(reservation_id=unproven.reservation_id))
+            stub.Commit(kvstore_pb2.CommitRequest(reservation_id=unproven.reservation_id), metadata=member())
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert client.link.lookup(shards, LAYOUT, hashes).hits == []
         # The protocol's own path (write with the notice, then Commit) stores both.

@@ -14,13 +14,12 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import grpc
 import pytest
 import pytest_asyncio
 
-from services.clients import EngineClient
+from services.clients import EngineClient, KvStoreClient
 from services.launcher import StageProcess
-from services.pb import common_pb2, engine_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.pb import common_pb2, engine_pb2, kvstore_pb2
 from tests.conftest import (
     ENGINE_START_TIMEOUT,
     engine_process,
@@ -73,8 +72,8 @@ async def load(address: str) -> engine_pb2.Load:
 
 
 async def store_stats(address: str) -> kvstore_pb2.Stats:
-    async with grpc.aio.insecure_channel(address) as chan:
-        return await kvstore_pb2_grpc.KvStoreServiceStub(chan).GetStats(kvstore_pb2.StatsRequest(), timeout=5)
+    async with KvStoreClient(address) as store:
+        return await store.stats()
 
 
 def long_prompt(seed: int, length: int = 1100) -> list[int]:

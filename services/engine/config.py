@@ -43,13 +43,6 @@ class EngineConfig(NixlStageConfig):
         "prefill: load prompt prefixes from the mesh's KV store and write new blocks to it "
         "(a no-op while no store runs)",
     )
-    mesh_key: str = setting(
-        "",
-        "secret shared by the mesh's engines: prefill engines sign the KV handles they issue "
-        "and decode engines collect only signed ones (prefer STAGEMESH_MESH_KEY or "
-        "--mesh-key-file; a flag shows in ps). Empty: handles are not checked",
-    )
-    mesh_key_file: str = setting("", "a file holding the mesh key (overrides --mesh-key)")
     kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")
 
     def claim_cores(self) -> None:

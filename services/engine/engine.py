@@ -36,6 +36,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from services.credentials import MESH_KEY_ENV
 from services.engine.config import EngineConfig
 from services.engine.kv_release import END_KV_LEASES
 from services.engine.vllm_events import ZmqKvEventBridge
@@ -161,7 +162,16 @@ class EngineRunner:
             "kv_connector": "KvStoreConnector",
             "kv_connector_module_path": "services.engine.kvstore_connector",
             "kv_role": self.kv_role,
-            "kv_connector_extra_config": {"etcd": self.config.etcd, "poll_ms": self.config.nixl_poll_ms},
+            "kv_connector_extra_config": {
+                "etcd": self.config.etcd, "poll_ms": self.config.nixl_poll_ms,
+                # File names only: vLLM logs this config. A mesh key given by value
+                # reaches the engine core through the environment (see start()).
+                "credentials": {
+                    "mesh_key_file": self.config.mesh_key_file, "tls_cert": self.config.tls_cert,
+                    "tls_key": self.config.tls_key, "tls_ca": self.config.tls_ca,
+                    "tls_server_name": self.config.tls_server_name,
+                },
+            },
         }
         return KVTransferConfig(
             kv_connector="MultiConnector",
@@ -186,6 +196,9 @@ class EngineRunner:
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(self.nixl_port),
             POLL_MS_ENV: str(self.config.nixl_poll_ms),
         }
+        if self.config.mesh_key and not self.config.mesh_key_file:
+            # For the KV-store connector in the engine core; kept out of vLLM's config, which it logs.
+            settings[MESH_KEY_ENV] = self.config.mesh_key
         if self.config.device == "cpu":
             settings["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.kv_cache_gib)
             if self.config.cpu_cores:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import threading
 import time
 import uuid
@@ -44,7 +45,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from services import credentials
 from services.config import parse_endpoints
+from services.credentials import MESH_KEY_ENV, MeshCredentials
 from services.kv.hashing import chain_hashes, salted_root
 from services.kv.nixl import TransferError, new_agent
 from services.kv.shards import ShardMap, ShardMapFollower
@@ -112,6 +115,12 @@ class KvStoreConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
+        # This may be the engine core's own process: it calls the stores and etcd with
+        # the stage's credentials (file names from the config, a key given by value from
+        # the environment the stage exported).
+        credentials.install(
+            MeshCredentials.load(mesh_key=os.environ.get(MESH_KEY_ENV, ""), **extra.get("credentials", {}))
+        )
         self._block_size = int(vllm_config.cache_config.block_size)
         # What makes two engines' KV bytes interchangeable; the store also checks bytes per block.
         self.layout = ":".join(

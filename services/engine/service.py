@@ -22,7 +22,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import EngineRunner
 from services.engine.sampling import to_vllm
 from services.errors import InvalidRequest, KvNotCollected, Unavailable
-from services.kv.handles import EXTRA_KEYS, HandleSigner, allowed_extra, mesh_key
+from services.kv.handles import EXTRA_KEYS, HandleSigner, allowed_extra
 from services.model import resolve_model
 from services.pb import common_pb2, engine_pb2
 from services.server import Stage
@@ -296,7 +296,7 @@ class EngineStage(Stage):
     def __init__(self, config: EngineConfig) -> None:
         self._config = config
         self._runner = EngineRunner(config, resolve_model(config.model, Path(config.home)), self.kv_role)
-        signer = HandleSigner(mesh_key(config.mesh_key, config.mesh_key_file))
+        signer = HandleSigner(config.credentials().mesh_key)
         self._servicer = EngineServicer(self._runner, self.role, config.instance_id, signer)
 
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:

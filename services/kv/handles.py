@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from pathlib import Path
 
 from services.errors import InvalidRequest, PermissionDenied
 from services.pb import common_pb2
@@ -27,19 +26,6 @@ from services.pb import common_pb2
 EXTRA_KEYS = frozenset({
     "remote_block_ids", "remote_num_tokens", "remote_blocks_expiry_time", "dcp_size", "pp_size", "transfer_mode",
 })
-
-
-def mesh_key(value: str, path: str) -> bytes:
-    """The mesh key from its setting or its file (the file wins; empty: no key)."""
-    if path:
-        try:
-            text = Path(path).read_text().strip()
-        except OSError as exc:
-            raise SystemExit(f"cannot read the mesh key file {path}: {exc}") from None
-        if not text:
-            raise SystemExit(f"the mesh key file {path} is empty")
-        return text.encode()
-    return value.strip().encode()
 
 
 class HandleSigner:

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from services import credentials
 from services.kv.nixl import TransferError, transfer
 from services.kv.shards import ShardMap
 from services.pb import kvstore_pb2, kvstore_pb2_grpc
@@ -118,14 +119,20 @@ class StoreLink:
         with self._lock:
             stub = self._stubs.get(address)
             if stub is None:
-                chan = grpc.insecure_channel(address)
+                creds = credentials.current()
+                if creds.tls is None:
+                    chan = grpc.insecure_channel(address, options=creds.channel_options())
+                else:
+                    chan = grpc.secure_channel(address, creds.tls.channel_credentials(), options=creds.channel_options())
                 self._channels[address] = chan
                 stub = self._stubs[address] = kvstore_pb2_grpc.KvStoreServiceStub(chan)
             return stub
 
     def _call(self, address: str, method: str, request: Any) -> Any:
         try:
-            return getattr(self.stub(address), method)(request, timeout=self.rpc_timeout)
+            return getattr(self.stub(address), method)(
+                request, timeout=self.rpc_timeout, metadata=credentials.current().call_metadata
+            )
         except grpc.RpcError as exc:
             raise StoreError(f"KV store {address} {method}: {exc.code().name} {exc.details()}") from exc
 
