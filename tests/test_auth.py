@@ -14,10 +14,19 @@ import pytest
 import pytest_asyncio
 
 from services.auth import ApiKeys
-from services.clients import RouterClient, health_status
+from services.clients import EngineClient, RouterClient, health_status
+from services.credentials import MeshCredentials
 from services.errors import Unauthenticated
 from services.etcd_server import EmbeddedEtcd
-from services.pb import common_pb2, router_pb2
+from services.launcher import StageProcess
+from services.pb import (
+    common_pb2,
+    engine_pb2,
+    engine_pb2_grpc,
+    router_pb2,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
 from tests.conftest import Mesh, router_process, running
 
 KEYS = ("key-one", "key-two")
@@ -104,3 +113,43 @@ async def test_grpc_needs_a_valid_key(keyed_router: tuple[str, str]) -> None:
         assert result.usage.completion_tokens == 4
         assert [delta async for delta in client.generate(request, timeout=120)]
         assert await client.list_models()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_internal_stage_apis_serve_only_mesh_members(
+    engine_stages: tuple[StageProcess, StageProcess], tokenizer_stage: StageProcess
+) -> None:
+    """Engines and the tokenizer refuse callers without this mesh's stage token (none, or
+    another mesh's): prompts, KV events with their token ids, generation. Health stays open."""
+    prefill_stage, _ = engine_stages
+    another_mesh = MeshCredentials(mesh_key=b"another mesh").call_metadata
+    for metadata in ((), another_mesh):
+        async with grpc.aio.insecure_channel(prefill_stage.grpc_address) as chan:
+            engine = engine_pb2_grpc.EngineServiceStub(chan)
+            calls = [
+                engine.GetKvSnapshot(common_pb2.KvSnapshotRequest(), metadata=metadata),
+                engine.GetLoad(engine_pb2.LoadRequest(), metadata=metadata),
+                engine.Prefill(engine_pb2.PrefillRequest(prompt_token_ids=[1, 2, 3]), metadata=metadata),
+            ]
+            streams = [
+                engine.StreamKvEvents(common_pb2.KvEventsRequest(), metadata=metadata),
+                engine.Generate(engine_pb2.GenerateRequest(prompt_token_ids=[1, 2, 3]), metadata=metadata),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, caught.value
+            for stream in streams:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    [reply async for reply in stream]
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "stage credential" in (caught.value.details() or "")
+        async with grpc.aio.insecure_channel(tokenizer_stage.grpc_address) as chan:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await tokenizer_pb2_grpc.TokenizerServiceStub(chan).Tokenize(
+                    tokenizer_pb2.TokenizeRequest(text="hello"), metadata=metadata
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await health_status(prefill_stage.grpc_address) == "SERVING"
+    async with EngineClient(prefill_stage.grpc_address) as member:  # this process holds the key
+        assert (await member.kv_snapshot()).epoch

@@ -26,7 +26,7 @@ from services.kv.nixl import new_agent, transfer
 from services.kv.shards import SHARDS_PREFIX, ShardMap, ring_points
 from services.kv.store_link import HostBlocks, StoreLink, Target, remote_regions
 from services.launcher import StageProcess
-from services.pb import common_pb2, kvstore_pb2
+from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.conftest import kvstore_process, private_etcd, running
 
 BLOCK = 64 * 1024  # bytes per block in these tests
@@ -183,7 +183,6 @@ async def shards(store: StageProcess, store_etcd: EmbeddedEtcd) -> ShardMap:
 def evict_all(store: StageProcess) -> Iterator[None]:
     yield
     with grpc.insecure_channel(store.grpc_address) as chan:
-        from services.pb import kvstore_pb2_grpc
 
         kvstore_pb2_grpc.KvStoreServiceStub(chan).Evict(
             kvstore_pb2.EvictRequest(all=True), timeout=5, metadata=member()
@@ -219,7 +218,6 @@ async def test_full_store_evicts_least_recently_used(shards: ShardMap, store: St
     client = Client("filler", CAPACITY_BLOCKS + 4)
     events: list[common_pb2.KvEvent] = []
     try:
-        from services.pb import kvstore_pb2_grpc
 
         async with channel(store.grpc_address) as chan:
             stub = kvstore_pb2_grpc.KvStoreServiceStub(chan)
@@ -300,7 +298,6 @@ async def test_concurrent_writers_of_the_same_blocks_leave_one_intact_copy(shard
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_bad_calls_get_clear_errors(store: StageProcess) -> None:
-    from services.pb import kvstore_pb2_grpc
 
     async with channel(store.grpc_address) as chan:
         stub = kvstore_pb2_grpc.KvStoreServiceStub(chan)
@@ -351,6 +348,28 @@ async def test_a_commit_without_a_completed_write_is_never_served(shards: ShardM
         stored = client.link.lookup(shards, LAYOUT, hashes)
         assert len(stored.hits) == 2
         client.link.release(stored)
+    finally:
+        client.close()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_admin_and_event_calls_need_the_stage_credential(shards: ShardMap, store: StageProcess, evict_all: None) -> None:
+    client = Client("keeper", 1)
+    try:
+        assert client.store(shards, [8301]) == 1
+        async with grpc.aio.insecure_channel(store.grpc_address) as chan:  # no stage token
+            stub = kvstore_pb2_grpc.KvStoreServiceStub(chan)
+            for call in (
+                stub.Evict(kvstore_pb2.EvictRequest(all=True)),
+                stub.GetKvSnapshot(common_pb2.KvSnapshotRequest()),
+                stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=[8302], block_bytes=BLOCK)),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        kept = client.link.lookup(shards, LAYOUT, [8301])
+        assert len(kept.hits) == 1, "a refused Evict evicted nothing"
+        client.link.release(kept)
     finally:
         client.close()
 

@@ -1,10 +1,12 @@
 """The mesh across hosts: etcd, the front stages (tokenizer, router), the prefill engine
 and the decode engine each on its own "host" (a network namespace with its own address),
-every stage told only where etcd is.
+every stage told only where etcd is, and every connection over TLS: mutual TLS between
+the stages, client certificates to etcd (certificates from ``stagemesh certs``).
 
 A request through the router must be prefilled on one host and decoded on another, the
 KV crossing between them over NIXL: nothing may assume 127.0.0.1 or a shared network
-stack. Skips, with the reason, only where network namespaces cannot be created.
+stack. A client without a certificate the mesh CA signed reaches no internal stage,
+nor etcd. Skips, with the reason, only where network namespaces cannot be created.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services import credentials
+from services.certs import make_certs
+from services.credentials import DEFAULT_SERVER_NAME, MeshCredentials
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
 from services.launcher import StageProcess
@@ -51,13 +58,24 @@ def hosts() -> Iterator[Hosts]:
 async def test_prefill_and_decode_on_different_hosts(
     hosts: Hosts, home: Path, model_dir: Path, tmp_path: Path
 ) -> None:
-    etcd = EmbeddedEtcd(client_port=2379, peer_port=2380, host=hosts.address["etcd"], wrapper=hosts.wrapper("etcd"))
+    certs = make_certs(tmp_path / "tls", hosts=list(hosts.address.values()))
+    outsider = make_certs(tmp_path / "another-ca", stages=["client"])["client"]
+    previous = credentials.current()
+    # This process is a mesh member too (it probes health and reads etcd): the client
+    # certificate, and the key the stages take from the environment (tests/conftest.py).
+    client_tls = certs["client"]
+    credentials.install(MeshCredentials.load(
+        previous.mesh_key.decode(), tls_cert=str(client_tls.cert), tls_key=str(client_tls.key), tls_ca=str(client_tls.ca)
+    ))
+    etcd = EmbeddedEtcd(
+        client_port=2379, peer_port=2380, host=hosts.address["etcd"], wrapper=hosts.wrapper("etcd"), tls=certs["etcd"]
+    )
     etcd.start()
     stages: list[StageProcess] = []
 
     def start(role: str, host: str, *extra: str) -> StageProcess:
         stage = StageProcess(
-            role, f"{role}_svc", ["--etcd", etcd.endpoint, "--home", str(home), *extra],
+            role, f"{role}_svc", ["--etcd", etcd.endpoint, "--home", str(home), *certs[role].flags(), *extra],
             f"{hosts.address[host]}:{DEFAULT_PORTS[role]}", tmp_path, wrapper=hosts.wrapper(host),
         )
         stage.start()
@@ -103,7 +121,37 @@ async def test_prefill_and_decode_on_different_hosts(
             metrics = (await http.get(f"{http_url}/metrics")).text
         assert 'stagemesh_router_sequences_total{mode="disaggregated"} 1.0' in metrics, metrics
         assert "stagemesh_router_prefill_fallbacks_total{" not in metrics, metrics
+
+        # Without the mesh's certificate nothing internal answers: not in plaintext, not
+        # with another CA's certificate, not without one. The router's public port takes
+        # TLS clients without a certificate (users hold API keys), never plaintext.
+        mesh_ca = client_tls.ca.read_bytes()
+        foreign = grpc.ssl_channel_credentials(mesh_ca, outsider.key.read_bytes(), outsider.cert.read_bytes())
+        anonymous = grpc.ssl_channel_credentials(mesh_ca)
+        for stage in (prefill, decode, tokenizer):
+            for creds in (None, foreign, anonymous):
+                assert await _health(stage.grpc_address, creds) == "refused", (stage.name, creds)
+        assert await _health(router.grpc_address, None) == "refused"
+        assert await _health(router.grpc_address, anonymous) == "SERVING"
+        credentials.install(MeshCredentials(previous.mesh_key))
+        plaintext = EtcdSession([(hosts.address["etcd"], 2379)], timeout=3)
+        with pytest.raises(Exception):  # noqa: B017 - aetcd's connection errors have no common base
+            await (await plaintext.client()).get(MEMBERS_PREFIX.encode())
+        await plaintext.close()
     finally:
+        credentials.install(previous)
         for stage in reversed(stages):
             stage.stop()
         etcd.stop()
+
+
+async def _health(address: str, creds: grpc.ChannelCredentials | None) -> str:
+    """A health check over plaintext (``creds`` None) or TLS: the status, or "refused"."""
+    options = [("grpc.ssl_target_name_override", DEFAULT_SERVER_NAME)]
+    chan = grpc.aio.insecure_channel(address) if creds is None else grpc.aio.secure_channel(address, creds, options)
+    async with chan:
+        try:
+            reply = await health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.aio.AioRpcError:
+            return "refused"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
