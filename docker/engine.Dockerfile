@@ -47,7 +47,7 @@ RUN apt-get update \
  && apt-get install --yes --no-install-recommends g++ libnuma1 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --home-dir /var/lib/stagemesh --create-home stagemesh \
- && install -d -o stagemesh -g stagemesh /var/lib/stagemesh/models
+ && install -d -o stagemesh -g stagemesh /var/lib/stagemesh/models /var/lib/stagemesh/tls
 COPY --from=build /opt/stagemesh /opt/stagemesh
 ENV PATH=/opt/stagemesh/bin:$PATH \
     STAGEMESH_HOME=/var/lib/stagemesh \

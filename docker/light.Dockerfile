@@ -27,7 +27,7 @@ RUN python -m venv /opt/stagemesh \
 FROM ${PYTHON_IMAGE}
 # A fixed uid so a host directory or volume can be prepared for it ahead of time.
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/stagemesh --create-home stagemesh \
- && install -d -o stagemesh -g stagemesh /var/lib/stagemesh/models
+ && install -d -o stagemesh -g stagemesh /var/lib/stagemesh/models /var/lib/stagemesh/tls
 COPY --from=build /opt/stagemesh /opt/stagemesh
 ENV PATH=/opt/stagemesh/bin:$PATH \
     STAGEMESH_HOME=/var/lib/stagemesh \

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from services.cli import STAGE_MODULES
+from services.certs import STAGES
+from services.cli import STAGE_MODULES, build_parser
 from tests.conftest import skip_unless_required
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,14 +76,19 @@ def test_compose_files_follow_the_compose_specification(tmp_path: Path) -> None:
 def test_compose_stages_agree_with_their_config() -> None:
     compose = load(COMPOSE)
     etcd_command = " ".join(compose["services"]["etcd"]["command"])
-    etcd_port = int(re.search(r"--listen-client-urls=http://0\.0\.0\.0:(\d+)", etcd_command).group(1))  # type: ignore[union-attr]
+    etcd_port = int(re.search(r"--listen-client-urls=https://0\.0\.0\.0:(\d+)", etcd_command).group(1))  # type: ignore[union-attr]
+    # etcd serves only clients with a certificate from the mesh CA the certs job makes.
+    assert {"--client-cert-auth", "--trusted-ca-file=/tls/ca.pem", "--cert-file=/tls/etcd.pem"} <= set(compose["services"]["etcd"]["command"])
+    assert compose["services"]["etcd"]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
     services = our_services(compose)
-    assert {"model", "tokenizer", "prefill", "decode", "kvstore", "router"} <= set(services)
+    assert {"certs", "model", "tokenizer", "prefill", "decode", "kvstore", "router"} <= set(services)
+    made = set(STAGES)
     for name, service in services.items():
         command = service["command"]
         if command[0] not in STAGE_MODULES:
-            assert command == ["model", "prepare"], name  # the one-shot model job
-            accepted(*command)
+            # The one-shot jobs: the model, and the certificates every stage and etcd use.
+            assert command in (["model", "prepare"], ["certs", "--out", "/var/lib/stagemesh/tls", "--host", "etcd"]), name
+            assert build_parser().parse_args(command).func.__name__ == f"cmd_{'model_prepare' if command[0] == 'model' else 'certs'}"
             continue
         flags, variables = accepted(command[0])
         given = [arg.split("=", 1)[0] for arg in command[1:] if arg.startswith("--")]
@@ -97,6 +103,13 @@ def test_compose_stages_agree_with_their_config() -> None:
         assert service["depends_on"]["model"]["condition"] == "service_completed_successfully", name
         assert "models:/var/lib/stagemesh/models" in service["volumes"], name
         assert "STAGEMESH_ADVERTISE_HOST" not in environment, f"{name}: replicas must advertise their own address"
+        # Mutual TLS with the stage's own certificate, and the mesh key, on every stage.
+        tls = "/var/lib/stagemesh/tls"
+        assert environment["STAGEMESH_TLS_CERT"] == f"{tls}/{name}.pem" and name in made, name
+        assert environment["STAGEMESH_TLS_KEY"] == f"{tls}/{name}-key.pem", name
+        assert environment["STAGEMESH_TLS_CA"] == f"{tls}/ca.pem", name
+        assert environment["STAGEMESH_MESH_KEY"] == "${STAGEMESH_MESH_KEY:-}", name
+        assert f"tls:{tls}:ro" in service["volumes"], name
 
         port = int(environment.get("STAGEMESH_PORT", variables["STAGEMESH_PORT"]))
         assert service["healthcheck"]["test"] == ["CMD", "stagemesh", "health", f"127.0.0.1:{port}"], name

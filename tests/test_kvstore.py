@@ -19,7 +19,9 @@ import pytest_asyncio
 
 from kvstore_svc.blocks import BlockTable, LayoutMismatch, NotWritten
 from services import credentials
+from services.certs import make_certs
 from services.clients import channel
+from services.credentials import MeshCredentials
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
 from services.kv.nixl import new_agent, transfer
@@ -372,6 +374,48 @@ async def test_admin_and_event_calls_need_the_stage_credential(shards: ShardMap,
         client.link.release(kept)
     finally:
         client.close()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_store_behind_mutual_tls(home: Path, tmp_path: Path) -> None:
+    """The store and its etcd over TLS: a member with the mesh's certificate finds the
+    store's shard entry, writes and reads blocks; a plaintext client is refused."""
+    certs = make_certs(tmp_path / "tls")
+    previous = credentials.current()
+    etcd = EmbeddedEtcd(client_port=0, tls=certs["etcd"])
+    etcd.start()
+    stage = kvstore_process(etcd.endpoint, home, tmp_path, CAPACITY_BLOCKS * BLOCK >> 20)
+    stage.args += certs["kvstore"].flags()
+    own = certs["client"]
+    credentials.install(MeshCredentials.load(
+        previous.mesh_key.decode(), tls_cert=str(own.cert), tls_key=str(own.key), tls_ca=str(own.ca)
+    ))
+    client = Client("tls-client", 1)
+    try:
+        async with running(stage):
+            session = EtcdSession([("127.0.0.1", etcd.client_port)])
+            try:
+                listing = await (await session.client()).get_prefix(SHARDS_PREFIX.encode())
+            finally:
+                await session.close()
+            shards = ShardMap([kvstore_pb2.ShardEntry.FromString(kv.value) for kv in listing])
+            client.fill(0, 42)
+            assert client.store(shards, [8401]) == 1
+            client.memory[:] = 0
+            prefix = client.link.lookup(shards, LAYOUT, [8401])
+            client.link.read(prefix.hits, [client.regions(0)])
+            client.link.release(prefix)
+            assert np.all(client.block(0) == 42)
+            async with grpc.aio.insecure_channel(stage.grpc_address) as chan:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await kvstore_pb2_grpc.KvStoreServiceStub(chan).GetStats(
+                        kvstore_pb2.StatsRequest(), timeout=5, metadata=member()
+                    )
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        client.close()
+        credentials.install(previous)
+        etcd.stop()
 
 
 def test_table_evicts_a_cold_chain_from_its_deepest_block() -> None:
