@@ -23,6 +23,12 @@ class RouterConfig(StageConfig):
     )
     api_key_file: str = setting("", "a file of API keys, one per line (# comments), added to --api-key")
     metrics_need_key: bool = setting(False, "HTTP /metrics needs an API key too (/health never does)")
+    audit_log: str = setting("", "write one JSON line per request here ('-': stdout; empty: no audit log)")
+    audit_content: str = setting(
+        "hash", "how the audit log keeps prompts and outputs: full (the text), hash (SHA-256) or none"
+    )
+    audit_max_mib: int = setting(100, "size at which the audit log file is rotated, MiB")
+    audit_backups: int = setting(5, "rotated audit log files kept")
     request_timeout: float = setting(
         600.0, "seconds a whole generation may take unless the client sets a shorter deadline"
     )

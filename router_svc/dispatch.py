@@ -73,6 +73,15 @@ class Decoding:
     #: Prompt tokens the remote prefill found cached (disaggregated only).
     prefill_cached: int
     disaggregated: bool
+    #: The prefill worker's instance id (disaggregated only).
+    prefill_instance: str = ""
+
+    def workers(self) -> list[str]:
+        """``role:instance`` of each worker this stream used."""
+        found = [f"decode:{self.peer.member.instance_id}"]
+        if self.prefill_instance:
+            found.append(f"prefill:{self.prefill_instance}")
+        return found
 
     def cached_tokens(self, last: engine_pb2.GenerateResponse) -> int:
         """Prompt tokens found cached: by the prefill worker when there was one, else as the
@@ -181,6 +190,7 @@ class Dispatcher:
                                 self._release(lease)
                                 lease = None
                             continue
+                        prefill_instance = lease.peer.member.instance_id if lease is not None and handle is not None else ""
                         lease = None  # collected: the decode engine's read notification frees it
                         SEQUENCES.labels("disaggregated" if handle is not None else "aggregated").inc()
                         # Counted once, for the worker that computed the prompt.
@@ -188,7 +198,7 @@ class Dispatcher:
                             prefill_hit if handle is not None else choice.matched_blocks * peer.member.kv_block_size
                         )
                         try:
-                            yield Decoding(peer, call, first, cached, handle is not None)
+                            yield Decoding(peer, call, first, cached, handle is not None, prefill_instance)
                         except StageError as error:
                             if error.retry_elsewhere:  # the stream broke: no new work goes there for now
                                 self._workers.mark_down(peer)

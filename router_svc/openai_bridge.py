@@ -318,12 +318,14 @@ class HttpBridge:
         if body.background:
             model = await self._pipeline.catalogue.resolve(chat.model)
             entry = Stored(skeleton(body, response_id, model, "queued"), conversation, time.monotonic())
-            entry.task = asyncio.create_task(self._generate_in_background(entry, call, plan), name=response_id)
+            entry.task = asyncio.create_task(
+                self._generate_in_background(entry, call, plan, _caller(request)), name=response_id
+            )
             self._background.add(entry.task)
             entry.task.add_done_callback(self._background.discard)
             self._responses.put(entry)
             return web.json_response(entry.response)
-        async with self._pipeline.start([call], self._pipeline.deadline()) as generation:
+        async with self._pipeline.start([call], self._pipeline.deadline(), _caller(request)) as generation:
             response = skeleton(body, response_id, generation.model, "in_progress")
             if body.stream:
                 stream, items = await self._response_events(request, generation, ResponseEvents(response), plan)
@@ -336,11 +338,11 @@ class HttpBridge:
         return stream if body.stream else web.json_response(response)
 
     async def _generate_in_background(
-        self, entry: Stored, call: router_pb2.RouterGenerateRequest, plan: ToolPlan | None
+        self, entry: Stored, call: router_pb2.RouterGenerateRequest, plan: ToolPlan | None, caller: str
     ) -> None:
         response = entry.response
         try:
-            async with self._pipeline.start([call], self._pipeline.deadline()) as generation:
+            async with self._pipeline.start([call], self._pipeline.deadline(), caller) as generation:
                 response["status"] = "in_progress"
                 result = await generation.result()
             items, reason = _response_output(result.completions[0], plan)
@@ -462,7 +464,7 @@ class HttpBridge:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"the {SESSION_HEADER} header must be printable UTF-8 text")
         for call in calls:
             call.session_id = session
-        async with self._pipeline.start(calls, self._pipeline.deadline()) as generation:
+        async with self._pipeline.start(calls, self._pipeline.deadline(), _caller(request)) as generation:
             response_id = ("chatcmpl-" if chat else "cmpl-") + generation.request_id
             created = int(time.time())
             # Echoed prompt text per output: outputs run prompt-major, n per prompt.
@@ -655,3 +657,8 @@ def _to_grpc(build: Callable[[], router_pb2.RouterGenerateRequest]) -> router_pb
         return build()
     except (ValueError, TypeError) as exc:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"invalid value: {exc}") from None
+
+
+def _caller(request: web.Request) -> str:
+    """The id of the API key the request came with (for the audit log)."""
+    return ApiKeys.key_id(request.headers.get(hdrs.AUTHORIZATION))

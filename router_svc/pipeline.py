@@ -33,6 +33,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 
+from router_svc.audit import AuditLog
 from router_svc.catalogue import Catalogue
 from router_svc.config import RouterConfig
 from router_svc.dispatch import Dispatcher
@@ -52,8 +53,9 @@ log = logging.getLogger(__name__)
 class Pipeline:
     """Runs requests through the mesh's stages; shared by the gRPC API and the HTTP bridge."""
 
-    def __init__(self, config: RouterConfig, workers: Workers, policy: Policy) -> None:
+    def __init__(self, config: RouterConfig, workers: Workers, policy: Policy, audit: AuditLog | None = None) -> None:
         self._config = config
+        self.audit = audit or AuditLog("")
         self._workers = workers
         self.catalogue = Catalogue(workers, config.worker_wait)
         self.limits = Limits.from_config(config)
@@ -75,12 +77,13 @@ class Pipeline:
 
     @contextlib.asynccontextmanager
     async def start(
-        self, requests: Sequence[router_pb2.RouterGenerateRequest], deadline: float
+        self, requests: Sequence[router_pb2.RouterGenerateRequest], deadline: float, caller: str = ""
     ) -> AsyncIterator[Generation]:
         """Check, admit and prepare a request: one message, or several that differ only in
         their input (a batch of prompts, as OpenAI's completions take). Raises before
         anything has been generated when the request cannot start; the request holds its
-        place in the model's admission count until the block exits."""
+        place in the model's admission count until the block exits. ``caller`` is the
+        id of the caller's API key (:meth:`services.auth.ApiKeys.key_id`), for the audit log."""
         if not requests:
             raise InvalidRequest("the request has no prompt")
         self.limits.check_batch(len(requests))
@@ -89,7 +92,7 @@ class Pipeline:
         with self._admission(model):
             prompts = [await prepare(self.catalogue, request, model) for request in requests]
             request_id = requests[0].request_id or uuid.uuid4().hex
-            yield Generation(self, list(zip(requests, prompts, strict=True)), n, request_id, deadline)
+            yield Generation(self, list(zip(requests, prompts, strict=True)), n, request_id, deadline, caller)
 
     @contextlib.contextmanager
     def _admission(self, model: str) -> Iterator[None]:
@@ -121,9 +124,11 @@ class Pipeline:
         sequence_id: str,
         deadline: float,
         usage: common_pb2.Usage,
+        workers: list[str],
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         """Sample ``sample`` of a prompt, as output ``choice``: its deltas, and its tokens
-        (with the prompt's, once per prompt) added to ``usage``."""
+        (with the prompt's, once per prompt) added to ``usage``; the workers it used are
+        added to ``workers``."""
         sampling = sampling_for(request, prompt, sample)
         run = SequenceRun(
             prompt, sampling, await self.catalogue.decoder(prompt.model), choice, request.return_token_ids
@@ -135,6 +140,7 @@ class Pipeline:
             attempt_id = sequence_id if not migration else f"{sequence_id}-m{migration}"
             try:
                 async with self._dispatch.decoding(attempt.prompt, attempt.sampling, attempt_id, deadline) as decoding:
+                    workers.extend(decoding.workers())
                     async for reply in decoding.replies():
                         generated.extend(reply.token_ids)
                         clock.reply(len(reply.token_ids))
@@ -194,8 +200,10 @@ class Generation:
         n: int,
         request_id: str,
         deadline: float,
+        caller: str = "",
     ) -> None:
         self._pipeline = pipeline
+        self._caller = caller
         self._prompts = prompts
         self._n = n
         self._deadline = deadline
@@ -206,18 +214,38 @@ class Generation:
 
     async def __aiter__(self) -> AsyncGenerator[router_pb2.RouterGenerateResponse, None]:
         usage = common_pb2.Usage()
+        workers: list[str] = []
         streams = [
             self._pipeline.run_sequence(
                 request, prompt, i, p * self._n + i, f"{self.request_id}-{p * self._n + i}",
-                self._deadline, usage,
+                self._deadline, usage, workers,
             )
             for p, (request, prompt) in enumerate(self._prompts)
             for i in range(self._n)
         ]
-        async with contextlib.aclosing(merge(streams)) as deltas:
-            async for delta in deltas:
-                delta.request_id = self.request_id
-                yield delta
+        audit = self._pipeline.audit
+        outputs = [""] * self.choices if audit else []
+        reasons = [""] * self.choices if audit else []
+        started = time.monotonic()
+        error: BaseException | None = None
+        try:
+            async with contextlib.aclosing(merge(streams)) as deltas:
+                async for delta in deltas:
+                    delta.request_id = self.request_id
+                    if audit:
+                        outputs[delta.index] += delta.text
+                        if delta.finish_reason:
+                            reasons[delta.index] = common_pb2.FinishReason.Name(delta.finish_reason)
+                    yield delta
+        except BaseException as exc:  # recorded (a cancelled request too), then raised on
+            error = exc
+            raise
+        finally:
+            audit.record(
+                request_id=self.request_id, key_id=self._caller, model=self.model,
+                requests=[request for request, _ in self._prompts], outputs=outputs, finish_reasons=reasons,
+                usage=usage, started=started, workers=workers, error=error,
+            )
         yield router_pb2.RouterGenerateResponse(usage=usage, request_id=self.request_id)
 
     async def result(self) -> router_pb2.RouterGenerateResult:

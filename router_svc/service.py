@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import descriptor
 
 from router_svc.affinity import SESSION_HEADER
+from router_svc.audit import AuditLog
 from router_svc.config import RouterConfig
 from router_svc.kv_index import KvIndex
 from router_svc.kv_subscriber import KvSubscriber
@@ -20,7 +21,7 @@ from router_svc.policy import make_policy
 from router_svc.responses import ResponseStore
 from router_svc.tools import ParserChoice
 from router_svc.workers import ENGINE_ROLES, Workers
-from services.auth import ApiKeys
+from services.auth import AUTHORIZATION, ApiKeys
 from services.clients import health_status
 from services.credentials import CallGuard
 from services.etcd import EtcdSession
@@ -42,7 +43,7 @@ class RouterServicer:
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         """Stream text deltas; the last message carries the usage totals."""
         deadline = self._pipeline.deadline(context.time_remaining())
-        async with self._pipeline.start([_with_session(request, context)], deadline) as generation:
+        async with self._pipeline.start([_with_session(request, context)], deadline, _caller(context)) as generation:
             async for delta in generation:
                 yield delta
 
@@ -51,7 +52,7 @@ class RouterServicer:
     ) -> router_pb2.RouterGenerateResult:
         """The whole result in one reply."""
         deadline = self._pipeline.deadline(context.time_remaining())
-        async with self._pipeline.start([_with_session(request, context)], deadline) as generation:
+        async with self._pipeline.start([_with_session(request, context)], deadline, _caller(context)) as generation:
             return await generation.result()
 
     async def ListModels(
@@ -99,7 +100,8 @@ class RouterStage(Stage):
             )
         except ValueError as exc:
             raise SystemExit(f"--router-policy: {exc}") from None
-        pipeline = Pipeline(config, self._workers, policy)
+        self._audit = AuditLog(config.audit_log, config.audit_content, config.audit_max_mib, config.audit_backups)
+        pipeline = Pipeline(config, self._workers, policy, self._audit)
         self._servicer = RouterServicer(pipeline, self._workers, index)
         self._keys = ApiKeys.from_settings(config.api_key, config.api_key_file)
         self._bridge = (
@@ -129,11 +131,19 @@ class RouterStage(Stage):
             await self._bridge.stop()
         await self._workers.close()
         await self._session.close()
+        self._audit.close()  # after the last request ended: every line is written
 
     def describe(self, member: common_pb2.Member) -> None:
         # Operators and `stagemesh status` find the HTTP bridge here.
         if self._bridge is not None:
             member.labels["http_address"] = f"{self._config.advertise_host}:{self._bridge.port}"
+
+
+def _caller(context: grpc.aio.ServicerContext) -> str:
+    """The id of the API key the call came with (for the audit log)."""
+    metadata = dict(context.invocation_metadata() or ())
+    value = metadata.get(AUTHORIZATION)
+    return ApiKeys.key_id(value if isinstance(value, str) else None)
 
 
 def _with_session(
