@@ -29,6 +29,12 @@ class RouterConfig(StageConfig):
     )
     audit_max_mib: int = setting(100, "size at which the audit log file is rotated, MiB")
     audit_backups: int = setting(5, "rotated audit log files kept")
+    guard_url: str = setting(
+        "", "HTTP URL of a guard service that allows, denies or rewrites each request before inference (router_svc/guard.py)"
+    )
+    guard_output: bool = setting(False, "also ask the guard about each result as it completes")
+    guard_fail: str = setting("closed", "when the guard fails: closed (refuse the request, 503) or open (serve it)")
+    guard_timeout: float = setting(2.0, "seconds the guard has to answer before it counts as failed")
     request_timeout: float = setting(
         600.0, "seconds a whole generation may take unless the client sets a shorter deadline"
     )

@@ -37,6 +37,7 @@ from router_svc.audit import AuditLog
 from router_svc.catalogue import Catalogue
 from router_svc.config import RouterConfig
 from router_svc.dispatch import Dispatcher
+from router_svc.guard import Guard
 from router_svc.metrics import MIGRATIONS, SequenceClock
 from router_svc.policy import Policy
 from router_svc.prepare import Limits, Prompt, prepare
@@ -53,9 +54,13 @@ log = logging.getLogger(__name__)
 class Pipeline:
     """Runs requests through the mesh's stages; shared by the gRPC API and the HTTP bridge."""
 
-    def __init__(self, config: RouterConfig, workers: Workers, policy: Policy, audit: AuditLog | None = None) -> None:
+    def __init__(
+        self, config: RouterConfig, workers: Workers, policy: Policy,
+        audit: AuditLog | None = None, guard: Guard | None = None,
+    ) -> None:
         self._config = config
         self.audit = audit or AuditLog("")
+        self.guard = guard or Guard("")
         self._workers = workers
         self.catalogue = Catalogue(workers, config.worker_wait)
         self.limits = Limits.from_config(config)
@@ -87,11 +92,13 @@ class Pipeline:
         if not requests:
             raise InvalidRequest("the request has no prompt")
         self.limits.check_batch(len(requests))
+        request_id = requests[0].request_id or uuid.uuid4().hex
+        # The guard sees each prompt first; what it lets through (or rewrites) is checked.
+        requests = [await self.guard.check_input(request, request_id, caller) for request in requests]
         n = max(self.limits.check(request) for request in requests)
         model = await self.catalogue.resolve(requests[0].model)
         with self._admission(model):
             prompts = [await prepare(self.catalogue, request, model) for request in requests]
-            request_id = requests[0].request_id or uuid.uuid4().hex
             yield Generation(self, list(zip(requests, prompts, strict=True)), n, request_id, deadline, caller)
 
     @contextlib.contextmanager
@@ -223,20 +230,22 @@ class Generation:
             for p, (request, prompt) in enumerate(self._prompts)
             for i in range(self._n)
         ]
-        audit = self._pipeline.audit
-        outputs = [""] * self.choices if audit else []
-        reasons = [""] * self.choices if audit else []
+        audit, guard = self._pipeline.audit, self._pipeline.guard
+        kept = bool(audit) or guard.output
+        outputs = [""] * self.choices if kept else []
+        reasons = [""] * self.choices if kept else []
         started = time.monotonic()
         error: BaseException | None = None
         try:
             async with contextlib.aclosing(merge(streams)) as deltas:
                 async for delta in deltas:
                     delta.request_id = self.request_id
-                    if audit:
+                    if kept:
                         outputs[delta.index] += delta.text
                         if delta.finish_reason:
                             reasons[delta.index] = common_pb2.FinishReason.Name(delta.finish_reason)
                     yield delta
+            await guard.check_output(self._prompts[0][0], self.request_id, self._caller, self.model, outputs)
         except BaseException as exc:  # recorded (a cancelled request too), then raised on
             error = exc
             raise

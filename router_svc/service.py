@@ -12,6 +12,7 @@ from google.protobuf import descriptor
 from router_svc.affinity import SESSION_HEADER
 from router_svc.audit import AuditLog
 from router_svc.config import RouterConfig
+from router_svc.guard import Guard
 from router_svc.kv_index import KvIndex
 from router_svc.kv_subscriber import KvSubscriber
 from router_svc.metrics import INDEX_ENTRIES
@@ -101,7 +102,8 @@ class RouterStage(Stage):
         except ValueError as exc:
             raise SystemExit(f"--router-policy: {exc}") from None
         self._audit = AuditLog(config.audit_log, config.audit_content, config.audit_max_mib, config.audit_backups)
-        pipeline = Pipeline(config, self._workers, policy, self._audit)
+        self._guard = Guard(config.guard_url, config.guard_fail, config.guard_timeout, config.guard_output)
+        pipeline = Pipeline(config, self._workers, policy, self._audit, self._guard)
         self._servicer = RouterServicer(pipeline, self._workers, index)
         self._keys = ApiKeys.from_settings(config.api_key, config.api_key_file)
         self._bridge = (
@@ -131,6 +133,7 @@ class RouterStage(Stage):
             await self._bridge.stop()
         await self._workers.close()
         await self._session.close()
+        await self._guard.close()
         self._audit.close()  # after the last request ended: every line is written
 
     def describe(self, member: common_pb2.Member) -> None:
