@@ -35,6 +35,11 @@ DECISIONS = Counter(
     "Worker choices, by policy, role and the reason for the choice",
     ["policy", "role", "reason"],
 )
+IN_PROGRESS = Gauge(
+    "stagemesh_router_requests_in_progress",
+    "Requests admitted and not yet finished, by model (the router's queue included)",
+    ["model"],
+)
 PROMPT_TOKENS = Counter("stagemesh_router_prompt_tokens_total", "Prompt tokens of routed sequences")
 PREFIX_HIT_TOKENS = Counter(
     "stagemesh_router_prefix_hit_tokens_total",

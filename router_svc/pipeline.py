@@ -38,7 +38,7 @@ from router_svc.catalogue import Catalogue
 from router_svc.config import RouterConfig
 from router_svc.dispatch import Dispatcher
 from router_svc.guard import Guard
-from router_svc.metrics import MIGRATIONS, SequenceClock
+from router_svc.metrics import IN_PROGRESS, MIGRATIONS, SequenceClock
 from router_svc.policy import Policy
 from router_svc.prepare import Limits, Prompt, prepare
 from router_svc.sequence import Sequence as SequenceRun
@@ -117,10 +117,12 @@ class Pipeline:
                 "try again shortly"
             )
         self._admitted[model] = admitted + 1
+        IN_PROGRESS.labels(model).inc()
         try:
             yield
         finally:
             self._admitted[model] -= 1
+            IN_PROGRESS.labels(model).dec()
 
     async def run_sequence(
         self,

@@ -11,12 +11,15 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import grpc
 from google.protobuf import descriptor
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from services.engine.config import EngineConfig
 from services.engine.engine import EngineRunner
@@ -288,6 +291,37 @@ def _position_logprobs(token_id: int, entry: dict[int, Any], top_k: int) -> comm
     )
 
 
+class _LoadCollector(Collector):
+    """The engine's load as Prometheus series, read from vLLM's latest scheduler stats
+    at scrape time (the figures the router routes by, for dashboards)."""
+
+    def __init__(self, runner: EngineRunner) -> None:
+        self._runner = runner
+
+    def collect(self) -> Iterator[Metric]:
+        load = self._runner.load(0)
+        requests = GaugeMetricFamily(
+            "stagemesh_engine_requests", "Requests in the engine's scheduler, by state", labels=["state"]
+        )
+        requests.add_metric(["running"], load.running_requests)
+        requests.add_metric(["waiting"], load.waiting_requests)
+        yield requests
+        yield GaugeMetricFamily(
+            "stagemesh_engine_kv_cache_usage", "Fraction of the engine's KV cache blocks in use", value=load.kv_cache_usage
+        )
+        yield GaugeMetricFamily(
+            "stagemesh_engine_prefix_cache_hit_rate", "Share of queried prompt tokens found in the engine's prefix cache",
+            value=load.prefix_cache_hit_rate,
+        )
+        external = CounterMetricFamily(
+            "stagemesh_engine_external_prefix_tokens", "Prompt tokens looked up in the KV store, by outcome",
+            labels=["outcome"],
+        )
+        external.add_metric(["queried"], load.external_prefix_queried_tokens)
+        external.add_metric(["hit"], load.external_prefix_hit_tokens)
+        yield external
+
+
 class EngineStage(Stage):
     """An engine stage; subclasses set the role and NIXL kv_role."""
 
@@ -304,6 +338,7 @@ class EngineStage(Stage):
 
     async def start(self) -> None:
         await self._runner.start()
+        REGISTRY.register(_LoadCollector(self._runner))
 
     async def stop(self) -> None:
         await self._runner.shutdown()
