@@ -128,6 +128,29 @@ class KvLease:
     reading: bool = False
 
 
+def kv_mismatch(prefill: common_pb2.Member, decode: common_pb2.Member) -> str:
+    """Why a decode engine could not take a prefill engine's KV over NIXL ("" if it can).
+
+    The KV bytes must mean the same on both sides: the same KV dtype and block size and
+    the same pipeline stages. Tensor-parallel sizes may differ when one divides the
+    other (vLLM's NixlConnector splits or joins heads between ranks for dense models).
+    Members that do not say (older engines) count as the defaults: TP 1, PP 1.
+    """
+    def size(member: common_pb2.Member, key: str) -> int:
+        return int(member.labels.get(key, "1") or "1")
+
+    if prefill.labels.get("kv_dtype", "") != decode.labels.get("kv_dtype", ""):
+        return "kv_dtype"
+    if prefill.kv_block_size and decode.kv_block_size and prefill.kv_block_size != decode.kv_block_size:
+        return "block_size"
+    if size(prefill, "pipeline_parallel_size") != size(decode, "pipeline_parallel_size"):
+        return "pipeline_parallel"
+    tp_p, tp_d = size(prefill, "tensor_parallel_size"), size(decode, "tensor_parallel_size")
+    if tp_p % tp_d and tp_d % tp_p:
+        return "tensor_parallel"
+    return ""
+
+
 class Dispatcher:
     """Chooses workers (session affinity, then the policy) and opens decode streams."""
 
@@ -154,7 +177,21 @@ class Dispatcher:
         failover = Failover(self._workers, common_pb2.ROLE_DECODE, prompt.model, self._config.worker_wait)
         try:
             while True:
-                choice = self._choose(common_pb2.ROLE_DECODE, await failover.candidates(), prompt, sequence_id)
+                candidates = await failover.candidates()
+                if lease is not None and handle is not None:
+                    # Only a decode engine whose KV layout takes the prefill's KV may pull it.
+                    fitting = [c for c in candidates if not kv_mismatch(lease.peer.member, c.member)]
+                    if not fitting:
+                        reason = kv_mismatch(lease.peer.member, candidates[0].member)
+                        log.warning("%s: no decode worker takes KV from %s (%s differs); decoding aggregated",
+                                    sequence_id, lease.peer.member.instance_id, reason)
+                        PREFILL_FALLBACKS.labels("layout_mismatch").inc()
+                        handle, cached = None, 0
+                        self._release(lease)
+                        lease = None
+                    else:
+                        candidates = fitting
+                choice = self._choose(common_pb2.ROLE_DECODE, candidates, prompt, sequence_id)
                 peer = choice.peer
                 assert isinstance(peer.client, EngineClient)
                 async with self._workers.using(peer):

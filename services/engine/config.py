@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from services.config import NixlStageConfig, setting
-from services.placement import PlacementError, allowed_cores, check_cores, format_cores, take_cores
+from services.placement import (
+    PlacementError,
+    allowed_cores,
+    check_cores,
+    format_cores,
+    parse_cores,
+    take_cores,
+)
 
 
 @dataclasses.dataclass
@@ -44,13 +52,70 @@ class EngineConfig(NixlStageConfig):
         "(a no-op while no store runs)",
     )
     kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")
+    tensor_parallel_size: int = setting(1, "vLLM tensor parallelism: ranks the model's layers are split over")
+    pipeline_parallel_size: int = setting(1, "vLLM pipeline parallelism: stages the layers are cut into")
+    data_parallel_size: int = setting(1, "vLLM data parallelism inside this engine (replicas behind one member)")
+    enable_expert_parallel: bool = setting(False, "vLLM expert parallelism for MoE layers (across TP x DP ranks)")
+    quantization: str = setting(
+        "", "vLLM quantization method (fp8, awq, gptq, compressed-tensors, ...; empty: what the checkpoint says)"
+    )
+    speculative_config: str = setting(
+        "", 'vLLM speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3} '
+        'or {"model": "PATH", "num_speculative_tokens": 4}; empty: off',
+    )
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one engine replica: tensor times pipeline parallel."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def speculative(self) -> dict[str, object] | None:
+        """``--speculative-config`` parsed and checked (None: off); a bad value ends the stage."""
+        if not self.speculative_config.strip():
+            return None
+        try:
+            value = json.loads(self.speculative_config)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--speculative-config is not JSON: {exc}") from None
+        if not isinstance(value, dict) or not (value.get("method") or value.get("model")):
+            raise SystemExit(
+                '--speculative-config must be a JSON object naming a "method" (ngram, eagle, ...) or a draft "model"'
+            )
+        return value
+
+    def check_parallelism(self) -> None:
+        """Sizes are positive, and a CPU engine has a core for each of its ranks."""
+        for flag, size in (
+            ("--tensor-parallel-size", self.tensor_parallel_size),
+            ("--pipeline-parallel-size", self.pipeline_parallel_size),
+            ("--data-parallel-size", self.data_parallel_size),
+        ):
+            if size < 1:
+                raise SystemExit(f"{flag} must be at least 1, not {size}")
+        if self.device == "cpu" and self.cpu_cores:
+            cores = parse_cores(self.cpu_cores)
+            if len(cores) < self.world_size * self.data_parallel_size:
+                raise SystemExit(
+                    f"{self.world_size * self.data_parallel_size} ranks (tensor x pipeline x data parallel) "
+                    f"need at least as many cores; --cpu-cores {self.cpu_cores} has {len(cores)}"
+                )
+
+    def rank_cores(self) -> str:
+        """``--cpu-cores`` split between the ranks, as vLLM's CPU backend takes it
+        (``0-3|4-7``: one list per rank)."""
+        cores = parse_cores(self.cpu_cores)
+        ranks = self.world_size
+        share = len(cores) // ranks
+        return "|".join(format_cores(cores[i * share:(i + 1) * share]) for i in range(ranks))
 
     def claim_cores(self) -> None:
         """Pin this process to the engine's cores before the engine stack loads, so that
         everything vLLM starts inherits them, and fill in ``cpu_cores`` with the list.
 
         Called at the entry point, like :meth:`resolve_hosts`; a core outside the
-        process's allowed set ends the stage with a message naming both.
+        process's allowed set ends the stage with a message naming both, and so do
+        parallel sizes the cores cannot hold or a malformed ``--speculative-config``
+        (checked here, before minutes of engine start).
         """
         try:
             cores = check_cores(self.cpu_cores, allowed_cores())
@@ -58,3 +123,5 @@ class EngineConfig(NixlStageConfig):
             raise SystemExit(str(exc)) from None
         take_cores(cores)
         self.cpu_cores = format_cores(cores)
+        self.check_parallelism()
+        self.speculative()

@@ -115,6 +115,14 @@ class EngineRunner:
             optional["block_size"] = self.config.block_size
         if self.config.kv_cache_blocks:
             optional["num_gpu_blocks_override"] = self.config.kv_cache_blocks
+        if self.config.quantization:
+            optional["quantization"] = self.config.quantization
+        speculative = self.config.speculative()
+        if speculative is not None:
+            optional["speculative_config"] = speculative
+        if self.config.world_size > 1:
+            # Ranks run as worker processes (vLLM's multiprocess executor).
+            optional["distributed_executor_backend"] = "mp"
         args = AsyncEngineArgs(
             model=str(self.model.path),
             served_model_name=self.model.name,
@@ -129,9 +137,19 @@ class EngineRunner:
             kv_events_config=KVEventsConfig(
                 enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint, topic="kv"
             ),
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            pipeline_parallel_size=self.config.pipeline_parallel_size,
+            data_parallel_size=self.config.data_parallel_size,
+            enable_expert_parallel=self.config.enable_expert_parallel,
             **optional,
         )
-        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index: _StatsSink(self)])
+        try:
+            self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index: _StatsSink(self)])
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            # vLLM checks the settings against the model and the device (pydantic's
+            # ValidationError is a ValueError): say so in one line, not a traceback.
+            reason = " ".join(str(exc).split())
+            raise SystemExit(f"the engine cannot start with these settings on {self.config.device}: {reason}") from None
         vllm_config = self.engine.vllm_config
         self.block_size = int(vllm_config.cache_config.block_size)
         self.total_blocks = int(vllm_config.cache_config.num_gpu_blocks or 0)
@@ -202,13 +220,13 @@ class EngineRunner:
         if self.config.device == "cpu":
             settings["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.kv_cache_gib)
             if self.config.cpu_cores:
-                settings["VLLM_CPU_OMP_THREADS_BIND"] = self.config.cpu_cores
+                settings["VLLM_CPU_OMP_THREADS_BIND"] = self.config.rank_cores()
             # vLLM's CPU platform otherwise forces the multiprocess executor, whose
             # EngineCore busy-waits on the worker's shared-memory queue for up to a
             # second after every step: a core's worth of spinning beside the compute
             # threads on the engine's own cores. The uniprocess executor runs the model
             # in EngineCore itself (still its own process): no queue, no spin.
-            settings["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            settings["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.config.world_size == 1 else "1"
         os.environ.update(settings)
 
     async def shutdown(self) -> None:
@@ -337,6 +355,24 @@ class EngineRunner:
         if external is not None:
             self._external_queries += int(external.queries)
             self._external_hits += int(external.hits)
+
+    def layout_labels(self) -> dict[str, str]:
+        """How the engine computes, for its member record: parallelism, quantization, KV
+        dtype and speculative decoding as vLLM resolved them (the router pairs prefill and
+        decode engines whose KV can move between them)."""
+        config = self._engine().vllm_config
+        parallel = config.parallel_config
+        speculative = config.speculative_config
+        cache_dtype = str(config.cache_config.cache_dtype)
+        return {
+            "tensor_parallel_size": str(parallel.tensor_parallel_size),
+            "pipeline_parallel_size": str(parallel.pipeline_parallel_size),
+            "data_parallel_size": str(parallel.data_parallel_size),
+            "expert_parallel": "on" if parallel.enable_expert_parallel else "off",
+            "quantization": str(config.model_config.quantization or "none"),
+            "kv_dtype": str(config.model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else cache_dtype,
+            "speculative": str(speculative.method) if speculative is not None else "off",
+        }
 
     def load(self, pending_transfers: int) -> engine_pb2.Load:
         """Load figures for routing. With nothing in flight the scheduler is idle, whatever

@@ -357,5 +357,6 @@ class EngineStage(Stage):
         member.max_model_len = self._runner.max_model_len
         member.nixl_address = self._runner.nixl_address
         member.labels["kvstore"] = "on" if self._runner.uses_kvstore else "off"
+        member.labels.update(self._runner.layout_labels())
         assert self._runner.events is not None
         member.kv_event_epoch = self._runner.events.epoch

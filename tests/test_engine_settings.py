@@ -1,0 +1,159 @@
+"""Engine settings passed through to vLLM, on real CPU engines: tensor parallelism over
+two cores (a small model made here, whose 4 heads split in two: the bundled model's 9
+do not), n-gram speculative decoding, and settings refused at start with a clear
+message. Plus the checks that need no engine: config validation, and which prefill and
+decode layouts the router pairs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from decode_svc.config import DecodeConfig
+from router_svc.dispatch import kv_mismatch
+from services.clients import EngineClient
+from services.config import build_config
+from services.etcd import EtcdSession
+from services.etcd_server import EmbeddedEtcd
+from services.membership import MEMBERS_PREFIX
+from services.pb import common_pb2
+from tests.conftest import ENGINE_START_TIMEOUT, engine_process, private_etcd, running
+
+GREEDY = common_pb2.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+#: Repeats itself, so n-gram drafting has something to propose.
+REPEATING = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick"
+
+
+# -- no engine -------------------------------------------------------------------------
+
+
+def test_settings_are_checked_before_the_engine_starts() -> None:
+    config = build_config(DecodeConfig, {"tensor_parallel_size": "2", "cpu_cores": "0-3"})
+    config.check_parallelism()
+    assert config.rank_cores() == "0-1|2-3" and config.world_size == 2
+    with pytest.raises(SystemExit, match="need at least as many cores"):
+        build_config(DecodeConfig, {"tensor_parallel_size": "2", "cpu_cores": "0"}).check_parallelism()
+    with pytest.raises(SystemExit, match="--pipeline-parallel-size must be at least 1"):
+        build_config(DecodeConfig, {"pipeline_parallel_size": "0"}).check_parallelism()
+    assert build_config(DecodeConfig, {}).speculative() is None
+    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    assert build_config(DecodeConfig, {"speculative_config": spec}).speculative() == json.loads(spec)
+    for bad, message in (("{ngram", "not JSON"), ('{"num_speculative_tokens": 3}', "method"), ("[1]", "method")):
+        with pytest.raises(SystemExit, match=message):
+            build_config(DecodeConfig, {"speculative_config": bad}).speculative()
+
+
+def _member(tp: int = 1, pp: int = 1, kv_dtype: str = "float32", block: int = 128) -> common_pb2.Member:
+    return common_pb2.Member(
+        kv_block_size=block,
+        labels={"tensor_parallel_size": str(tp), "pipeline_parallel_size": str(pp), "kv_dtype": kv_dtype},
+    )
+
+
+def test_router_pairs_only_layouts_whose_kv_moves() -> None:
+    assert kv_mismatch(_member(), _member()) == ""
+    assert kv_mismatch(_member(tp=2), _member(tp=4)) == ""  # one divides the other
+    assert kv_mismatch(_member(tp=4), _member(tp=1)) == ""
+    assert kv_mismatch(_member(tp=2), _member(tp=3)) == "tensor_parallel"
+    assert kv_mismatch(_member(pp=2), _member()) == "pipeline_parallel"
+    assert kv_mismatch(_member(kv_dtype="bfloat16"), _member()) == "kv_dtype"
+    assert kv_mismatch(_member(block=16), _member()) == "block_size"
+    assert kv_mismatch(common_pb2.Member(), common_pb2.Member()) == ""  # engines that do not say
+
+
+# -- real engines ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_etcd() -> Iterator[EmbeddedEtcd]:
+    """These engines stay out of the session mesh: they have an etcd of their own."""
+    with private_etcd() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """A two-layer Llama with 4 heads (2 KV heads), random weights, the bundled tokenizer."""
+    path = tmp_path_factory.mktemp("small-llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True, initializer_range=0.5,  # spread logits: no near-ties in argmax
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+async def _labels(etcd: EmbeddedEtcd) -> dict[str, str]:
+    session = EtcdSession([("127.0.0.1", etcd.client_port)])
+    try:
+        listing = await (await session.client()).get_prefix(MEMBERS_PREFIX.encode())
+    finally:
+        await session.close()
+    (member,) = [common_pb2.Member.FromString(kv.value) for kv in listing]
+    return dict(member.labels)
+
+
+async def _generate(address: str, prompt: list[int]) -> list[int]:
+    async with EngineClient(address, timeout=300) as engine:
+        return [t async for reply in engine.generate(prompt, GREEDY) for t in reply.token_ids]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_tensor_parallel_over_two_cores_matches_one_rank(
+    own_etcd: EmbeddedEtcd, home: Path, small_model: Path, tmp_path: Path
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(small_model)
+    prompt = tokenizer(REPEATING).input_ids
+    reference = AutoModelForCausalLM.from_pretrained(small_model, dtype=torch.float32)
+    expected = reference.generate(
+        torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens, do_sample=False, eos_token_id=None
+    )[0, len(prompt):].tolist()
+    stage = engine_process(
+        "decode", own_etcd.endpoint, home, tmp_path, "--model", f"small={small_model}",
+        "--tensor-parallel-size", "2", "--cpu-cores", "0-1", "--max-model-len", "2048",
+    )
+    async with running(stage, ENGINE_START_TIMEOUT):
+        labels = await _labels(own_etcd)
+        assert labels["tensor_parallel_size"] == "2" and labels["pipeline_parallel_size"] == "1"
+        assert await _generate(stage.grpc_address, prompt) == expected
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_ngram_speculative_decoding_keeps_greedy_output(
+    own_etcd: EmbeddedEtcd, home: Path, hf_tokenizer: object, decode: EngineClient, tmp_path: Path
+) -> None:
+    prompt = hf_tokenizer(REPEATING).input_ids  # type: ignore[operator]
+    plain = [t async for reply in decode.generate(prompt, GREEDY) for t in reply.token_ids]
+    speculative = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3})
+    stage = engine_process(
+        "decode", own_etcd.endpoint, home, tmp_path, "--speculative-config", speculative, "--cpu-cores", "0-1",
+    )
+    async with running(stage, ENGINE_START_TIMEOUT):
+        assert (await _labels(own_etcd))["speculative"] == "ngram"
+        assert await _generate(stage.grpc_address, prompt) == plain
+
+
+def test_settings_the_model_cannot_take_end_the_stage_with_the_reason(own_etcd: EmbeddedEtcd, home: Path) -> None:
+    """The bundled model's 9 attention heads do not split over 2 ranks: vLLM says so, and
+    the stage exits with that one line, not a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "decode_svc", "--etcd", own_etcd.endpoint, "--home", str(home), "--port", "0",
+         "--tensor-parallel-size", "2", "--cpu-cores", "0-1"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode != 0
+    assert "the engine cannot start with these settings on cpu" in done.stderr
+    assert "divisible by tensor parallel size (2)" in done.stderr
+    assert "Traceback" not in done.stderr.split("the engine cannot start")[-1]
