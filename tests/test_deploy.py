@@ -25,6 +25,8 @@ import yaml
 
 from services.certs import STAGES
 from services.cli import STAGE_MODULES, build_parser
+from services.config import build_config
+from services.engine.config import EngineConfig
 from tests.conftest import skip_unless_required
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +143,33 @@ def test_gpu_override_changes_only_engines() -> None:
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert "engine-gpu" in metadata.metadata("stagemesh").get_all("Provides-Extra")  # type: ignore[operator]
+
+
+def test_gpu_parallel_example_sets_real_engine_settings() -> None:
+    """What runs only on GPUs is an example whose settings the engines really take."""
+    example = ROOT / "compose.gpu-parallel.yaml"
+    check = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(example)]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    services = load(example)["services"]
+    assert set(services) == {"prefill", "decode"}
+    for role, service in services.items():
+        _, variables = accepted(role)
+        assert set(service["environment"]) <= set(variables), role
+        config = build_config(EngineConfig, {}, environ=service["environment"])
+        config.check_parallelism()
+        config.speculative()
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert len(device["device_ids"]) == config.world_size, role  # a GPU per rank
+    assert build_config(EngineConfig, {}, environ=services["decode"]["environment"]).speculative() == {
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+    }
+    keys = env_keys(UNITS / "decode-1.env")
+    assert keys <= set(accepted("decode")[1]) | {"CUDA_VISIBLE_DEVICES"}
+    values = dict(line.split("=", 1) for line in (UNITS / "decode-1.env").read_text().splitlines() if line and not line.startswith("#"))
+    gpu = build_config(EngineConfig, {}, environ={k: v for k, v in values.items() if k.startswith("STAGEMESH_")})
+    assert gpu.speculative() == {"model": "/var/lib/stagemesh/models/draft", "num_speculative_tokens": 4}
+    assert len(values["CUDA_VISIBLE_DEVICES"].split(",")) == gpu.world_size
 
 
 def logical_lines(path: Path) -> list[str]:
