@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -22,9 +23,16 @@ from services.clients import EngineClient
 from services.config import build_config
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
+from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX
 from services.pb import common_pb2
-from tests.conftest import ENGINE_START_TIMEOUT, engine_process, private_etcd, running
+from tests.conftest import (
+    ENGINE_START_TIMEOUT,
+    disaggregated,
+    engine_process,
+    private_etcd,
+    running,
+)
 
 GREEDY = common_pb2.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 #: Repeats itself, so n-gram drafting has something to propose.
@@ -95,14 +103,14 @@ def small_model(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Pa
     return path
 
 
-async def _labels(etcd: EmbeddedEtcd) -> dict[str, str]:
+async def _members(etcd: EmbeddedEtcd) -> list[common_pb2.Member]:
+    """The members registered in ``etcd``."""
     session = EtcdSession([("127.0.0.1", etcd.client_port)])
     try:
         listing = await (await session.client()).get_prefix(MEMBERS_PREFIX.encode())
     finally:
         await session.close()
-    (member,) = [common_pb2.Member.FromString(kv.value) for kv in listing]
-    return dict(member.labels)
+    return [common_pb2.Member.FromString(kv.value) for kv in listing]
 
 
 async def _generate(address: str, prompt: list[int]) -> list[int]:
@@ -110,24 +118,56 @@ async def _generate(address: str, prompt: list[int]) -> list[int]:
         return [t async for reply in engine.generate(prompt, GREEDY) for t in reply.token_ids]
 
 
-@pytest.mark.asyncio(loop_scope="session")
-async def test_tensor_parallel_over_two_cores_matches_one_rank(
-    own_etcd: EmbeddedEtcd, home: Path, small_model: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def small_prompt_and_greedy(small_model: Path) -> tuple[list[int], list[int]]:
+    """A prompt and the small model's greedy continuation, by transformers."""
     tokenizer = AutoTokenizer.from_pretrained(small_model)
     prompt = tokenizer(REPEATING).input_ids
     reference = AutoModelForCausalLM.from_pretrained(small_model, dtype=torch.float32)
     expected = reference.generate(
         torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens, do_sample=False, eos_token_id=None
     )[0, len(prompt):].tolist()
-    stage = engine_process(
-        "decode", own_etcd.endpoint, home, tmp_path, "--model", f"small={small_model}",
-        "--tensor-parallel-size", "2", "--cpu-cores", "0-1", "--max-model-len", "2048",
-    )
-    async with running(stage, ENGINE_START_TIMEOUT):
-        labels = await _labels(own_etcd)
-        assert labels["tensor_parallel_size"] == "2" and labels["pipeline_parallel_size"] == "1"
-        assert await _generate(stage.grpc_address, prompt) == expected
+    return prompt, expected
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def small_engines(
+    own_etcd: EmbeddedEtcd, home: Path, small_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[StageProcess, StageProcess]]:
+    """The small model on a prefill engine of two tensor-parallel ranks (one per core)
+    and on a decode engine of one."""
+    log_dir = tmp_path_factory.mktemp("small-engines")
+    model = ("--model", f"small={small_model}", "--max-model-len", "2048", "--cpu-cores", "0-1")
+    prefill = engine_process("prefill", own_etcd.endpoint, home, log_dir, *model, "--tensor-parallel-size", "2")
+    decode = engine_process("decode", own_etcd.endpoint, home, log_dir, *model)
+    async with running(prefill, ENGINE_START_TIMEOUT), running(decode, ENGINE_START_TIMEOUT):
+        yield prefill, decode
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_tensor_parallel_over_two_cores_matches_one_rank(
+    own_etcd: EmbeddedEtcd, small_engines: tuple[StageProcess, StageProcess],
+    small_prompt_and_greedy: tuple[list[int], list[int]],
+) -> None:
+    prompt, expected = small_prompt_and_greedy
+    labels = {member.role: member.labels for member in await _members(own_etcd)}
+    assert labels[common_pb2.ROLE_PREFILL]["tensor_parallel_size"] == "2"
+    assert labels[common_pb2.ROLE_DECODE]["tensor_parallel_size"] == "1"
+    assert await _generate(small_engines[0].grpc_address, prompt) == expected
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_kv_moves_from_two_ranks_to_one(
+    small_engines: tuple[StageProcess, StageProcess], small_prompt_and_greedy: tuple[list[int], list[int]],
+) -> None:
+    """Prefill on two tensor-parallel ranks, decode on one: the KV crosses over NIXL and
+    the decode continues it exactly (the router pairs such layouts: kv_mismatch)."""
+    prompt, expected = small_prompt_and_greedy
+    async with EngineClient(small_engines[0].grpc_address, timeout=300) as prefill, \
+            EngineClient(small_engines[1].grpc_address, timeout=300) as decode:
+        ids, prefilled = await disaggregated(prefill, decode, prompt, GREEDY)
+    assert prefilled.handle.remote_block_ids
+    assert ids == expected
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -141,7 +181,8 @@ async def test_ngram_speculative_decoding_keeps_greedy_output(
         "decode", own_etcd.endpoint, home, tmp_path, "--speculative-config", speculative, "--cpu-cores", "0-1",
     )
     async with running(stage, ENGINE_START_TIMEOUT):
-        assert (await _labels(own_etcd))["speculative"] == "ngram"
+        speculating = [m for m in await _members(own_etcd) if m.grpc_address == stage.grpc_address]
+        assert speculating[0].labels["speculative"] == "ngram"
         assert await _generate(stage.grpc_address, prompt) == plain
 
 
