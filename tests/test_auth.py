@@ -18,6 +18,7 @@ from services.clients import EngineClient, RouterClient, health_status
 from services.credentials import MeshCredentials
 from services.errors import Unauthenticated
 from services.etcd_server import EmbeddedEtcd
+from services.kv.handles import issuer_mismatch
 from services.launcher import StageProcess
 from services.pb import (
     common_pb2,
@@ -153,3 +154,19 @@ async def test_internal_stage_apis_serve_only_mesh_members(
     assert await health_status(prefill_stage.grpc_address) == "SERVING"
     async with EngineClient(prefill_stage.grpc_address) as member:  # this process holds the key
         assert (await member.kv_snapshot()).epoch
+
+
+def test_a_handle_must_name_a_current_prefill_member() -> None:
+    members = [
+        common_pb2.Member(instance_id="prefill-a", role=common_pb2.ROLE_PREFILL, nixl_address="10.0.0.2:5600"),
+        common_pb2.Member(instance_id="prefill-b", role=common_pb2.ROLE_PREFILL, nixl_address="10.0.0.3:5600"),
+    ]
+
+    def handle(instance: str, host: str, port: int) -> common_pb2.KvTransferHandle:
+        return common_pb2.KvTransferHandle(prefill_instance_id=instance, remote_host=host, remote_port=port)
+
+    assert issuer_mismatch(handle("prefill-a", "10.0.0.2", 5600), members) == ""
+    assert "not 10.0.0.3:5600" in issuer_mismatch(handle("prefill-a", "10.0.0.3", 5600), members)
+    assert "no current prefill member is prefill-c" in issuer_mismatch(handle("prefill-c", "10.0.0.2", 5600), members)
+    assert issuer_mismatch(handle("", "10.0.0.2", 5600), members)
+    assert issuer_mismatch(handle("prefill-a", "10.0.0.2", 5600), []) != ""

@@ -266,9 +266,12 @@ async def test_bad_handles_are_not_found(decode: EngineClient, prefill: EngineCl
         remote_engine_id="e", remote_block_ids=[1], remote_host="127.0.0.1", remote_port=9,
         remote_request_id="old", num_tokens=2, expires_at=time.time() - 3,
     )
+    # A current prefill member's address, but an engine id it does not have.
+    issuer = (await prefill.prefill([1, 2])).handle
     unknown = common_pb2.KvTransferHandle(
-        remote_engine_id="no-such-engine", remote_block_ids=[1], remote_host="127.0.0.1",
-        remote_port=9, remote_request_id="ghost", num_tokens=2,
+        remote_engine_id="no-such-engine", remote_block_ids=[1], remote_host=issuer.remote_host,
+        remote_port=issuer.remote_port, remote_request_id="ghost", num_tokens=2,
+        prefill_instance_id=issuer.prefill_instance_id,
     )
     for handle, message in ((expired, "expired"), (unknown, "could not collect")):
         signer.sign(handle)
@@ -312,6 +315,19 @@ async def test_forged_handles_are_refused_and_never_transfer(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await collect(decode.generate(ids, GREEDY, kv_handle=handle, timeout=60))
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value.details()
+    # Signed by a key holder, but naming no prefill member of the mesh, or a member at an
+    # address it did not register: refused all the same (the key alone is not enough).
+    signer = HandleSigner(MESH_KEY.encode())
+    for handle in (
+        forged(lambda h: setattr(h, "prefill_instance_id", "prefill-impostor")),
+        forged(lambda h: setattr(h, "remote_port", h.remote_port + 1)),
+        forged(lambda h: setattr(h, "remote_host", "10.9.9.9")),
+    ):
+        signer.sign(handle)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await collect(decode.generate(ids, GREEDY, kv_handle=handle, timeout=60))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value.details()
+        assert "names no prefill engine of this mesh" in (caught.value.details() or "")
     smuggled = forged(lambda h: setattr(h, "extra_json", '{"kv_connector_override": 1}'))
     HandleSigner(MESH_KEY.encode()).sign(smuggled)  # even from a key holder: unknown keys stay out
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -24,8 +24,10 @@ from prometheus_client.registry import Collector
 from services.engine.config import EngineConfig
 from services.engine.engine import EngineRunner
 from services.engine.sampling import to_vllm
-from services.errors import InvalidRequest, KvNotCollected, Unavailable
-from services.kv.handles import EXTRA_KEYS, HandleSigner, allowed_extra
+from services.errors import InvalidRequest, KvNotCollected, PermissionDenied, Unavailable
+from services.etcd import EtcdSession
+from services.kv.handles import EXTRA_KEYS, HandleSigner, allowed_extra, issuer_mismatch
+from services.membership import MemberWatcher, role_prefix
 from services.model import resolve_model
 from services.pb import common_pb2, engine_pb2
 from services.server import Stage
@@ -98,9 +100,13 @@ def params_from_handle(handle: common_pb2.KvTransferHandle) -> dict[str, Any]:
 class EngineServicer:
     """EngineService over an :class:`EngineRunner`."""
 
-    def __init__(self, runner: EngineRunner, role: int, instance_id: str, signer: HandleSigner) -> None:
+    def __init__(
+        self, runner: EngineRunner, role: int, instance_id: str, signer: HandleSigner,
+        issuers: PrefillMembers | None = None,
+    ) -> None:
         self._runner = runner
         self._signer = signer
+        self._issuers = issuers
         self._role = role
         self._instance_id = instance_id
         #: Finished prefills' KV held for a decode: request id -> (lease expiry, the
@@ -169,6 +175,8 @@ class EngineServicer:
                     f"KV transfer handle {handle.remote_request_id!r} expired "
                     f"{time.time() - handle.expires_at:.1f}s ago; prefill again"
                 )
+            if self._issuers is not None:
+                await self._issuers.check(handle)
             if handle.num_tokens and handle.num_tokens != len(request.prompt_token_ids):
                 raise InvalidRequest(
                     f"the KV handle covers {handle.num_tokens} prompt tokens, "
@@ -322,6 +330,37 @@ class _LoadCollector(Collector):
         yield external
 
 
+class PrefillMembers:
+    """The mesh's prefill members, followed in etcd: a decode engine pulls KV only from
+    the one a handle names, at the address that member registered
+    (:func:`services.kv.handles.issuer_mismatch`)."""
+
+    #: How long a handle naming an unknown member waits for the member's record (a
+    #: prefill engine that registered a moment ago may not have reached the watch yet).
+    GRACE_SECONDS = 1.0
+
+    def __init__(self, etcd_endpoints: list[tuple[str, int]]) -> None:
+        self._session = EtcdSession(etcd_endpoints)
+        self._watcher: MemberWatcher[common_pb2.Member] = MemberWatcher(
+            self._session, role_prefix(common_pb2.ROLE_PREFILL)
+        )
+
+    def start(self) -> None:
+        self._watcher.start()
+
+    async def close(self) -> None:
+        await self._watcher.close()
+        await self._session.close()
+
+    async def check(self, handle: common_pb2.KvTransferHandle) -> None:
+        """Return when a current prefill member issued ``handle``; PermissionDenied otherwise."""
+        deadline = time.monotonic() + self.GRACE_SECONDS
+        while reason := issuer_mismatch(handle, self._watcher.members.values()):
+            if time.monotonic() >= deadline:
+                raise PermissionDenied(f"the KV handle names no prefill engine of this mesh: {reason}")
+            await asyncio.sleep(0.05)
+
+
 class EngineStage(Stage):
     """An engine stage; subclasses set the role and NIXL kv_role."""
 
@@ -331,17 +370,22 @@ class EngineStage(Stage):
         self._config = config
         self._runner = EngineRunner(config, resolve_model(config.model, Path(config.home)), self.kv_role)
         signer = HandleSigner(config.credentials().mesh_key)
-        self._servicer = EngineServicer(self._runner, self.role, config.instance_id, signer)
+        self._issuers = PrefillMembers(config.etcd_endpoints) if self.role == common_pb2.ROLE_DECODE else None
+        self._servicer = EngineServicer(self._runner, self.role, config.instance_id, signer, self._issuers)
 
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
         return [(engine_pb2.DESCRIPTOR.services_by_name["EngineService"], self._servicer)]
 
     async def start(self) -> None:
+        if self._issuers is not None:
+            self._issuers.start()
         await self._runner.start()
         REGISTRY.register(_LoadCollector(self._runner))
 
     async def stop(self) -> None:
         await self._runner.shutdown()
+        if self._issuers is not None:
+            await self._issuers.close()
 
     def failure(self) -> str | None:
         engine = self._runner.engine

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Iterable
 
 from services.errors import InvalidRequest, PermissionDenied
 from services.pb import common_pb2
@@ -67,3 +68,20 @@ def allowed_extra(extra: dict[str, object]) -> dict[str, object]:
     if unknown:
         raise InvalidRequest(f"the KV transfer handle carries keys the mesh does not pass on: {', '.join(unknown)}")
     return extra
+
+
+def issuer_mismatch(handle: common_pb2.KvTransferHandle, prefill_members: Iterable[common_pb2.Member]) -> str:
+    """Why ``handle`` does not name a current prefill member ("" when it does): a member
+    with the handle's instance id whose NIXL side channel is the handle's host and port.
+
+    A signature proves a key holder made the handle; this proves it points at a prefill
+    engine the mesh knows now, as llm-d's allowlist of pool members does, so even a
+    leaked key cannot send a decode engine to read another host's memory.
+    """
+    address = f"{handle.remote_host}:{handle.remote_port}"
+    for member in prefill_members:
+        if member.instance_id == handle.prefill_instance_id:
+            if member.nixl_address == address:
+                return ""
+            return f"prefill member {member.instance_id} serves KV at {member.nixl_address}, not {address}"
+    return f"no current prefill member is {handle.prefill_instance_id or '(unnamed)'}"
