@@ -88,18 +88,34 @@ class Pipeline:
         their input (a batch of prompts, as OpenAI's completions take). Raises before
         anything has been generated when the request cannot start; the request holds its
         place in the model's admission count until the block exits. ``caller`` is the
-        id of the caller's API key (:meth:`services.auth.ApiKeys.key_id`), for the audit log."""
+        id of the caller's API key (:meth:`services.auth.ApiKeys.key_id`), for the audit log.
+
+        A request refused here (limits, the guard, an unknown model, overload) gets its
+        audit line here; one that started gets it from its :class:`Generation`."""
         if not requests:
             raise InvalidRequest("the request has no prompt")
-        self.limits.check_batch(len(requests))
         request_id = requests[0].request_id or uuid.uuid4().hex
-        # The guard sees each prompt first; what it lets through (or rewrites) is checked.
-        requests = [await self.guard.check_input(request, request_id, caller) for request in requests]
-        n = max(self.limits.check(request) for request in requests)
-        model = await self.catalogue.resolve(requests[0].model)
-        with self._admission(model):
-            prompts = [await prepare(self.catalogue, request, model) for request in requests]
-            yield Generation(self, list(zip(requests, prompts, strict=True)), n, request_id, deadline, caller)
+        started = time.monotonic()
+        generation: Generation | None = None
+        try:
+            self.limits.check_batch(len(requests))
+            n = max(self.limits.check(request) for request in requests)
+            if self.guard:
+                # The guard sees each checked prompt; what it rewrites is checked again.
+                requests = [await self.guard.check_input(request, request_id, caller) for request in requests]
+                n = max(self.limits.check(request) for request in requests)
+            model = await self.catalogue.resolve(requests[0].model)
+            with self._admission(model):
+                prompts = [await prepare(self.catalogue, request, model) for request in requests]
+                generation = Generation(self, list(zip(requests, prompts, strict=True)), n, request_id, deadline, caller)
+                yield generation
+        except StageError as error:
+            if generation is None:
+                self.audit.record(
+                    request_id=request_id, key_id=caller, model=requests[0].model, requests=requests, outputs=[],
+                    finish_reasons=[], usage=common_pb2.Usage(), started=started, workers=[], error=error,
+                )
+            raise
 
     @contextlib.contextmanager
     def _admission(self, model: str) -> Iterator[None]:

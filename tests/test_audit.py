@@ -47,8 +47,14 @@ async def test_router_writes_a_line_per_request(etcd: EmbeddedEtcd, home: Path, 
                 token_ids=router_pb2.TokenIds(ids=[1, 2, 3]), sampling=common_pb2.SamplingParams(max_tokens=3, temperature=0),
                 request_id="audited-grpc",
             ))
+        with pytest.raises(openai.NotFoundError):  # refused before it started: audited all the same
+            await client.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
     # The router has stopped: every line is on disk.
     lines = _lines(audit)
+    (refused,) = [line for line in lines if line["status"] != "ok"]
+    assert refused["status"] == "ModelNotFound" and refused["model"] == "no-such-model"
+    assert refused["input"] == [PROMPT] and refused["output"] == []
+    lines.remove(refused)
     assert len(lines) == 3, lines
     by_id = {line["request_id"]: line for line in lines}
     key_id = ApiKeys.key_id("Bearer audited-key")

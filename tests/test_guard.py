@@ -59,9 +59,10 @@ async def test_guard_allows_denies_and_rewrites(
     etcd: EmbeddedEtcd, home: Path, mesh: Mesh, tmp_path: Path, guard: tuple[subprocess.Popen[bytes], str, Path]
 ) -> None:
     process, url, checks = guard
+    audit = tmp_path / "audit.jsonl"
     router, http_port = router_process(
         etcd.endpoint, home, tmp_path, "--guard-url", url, "--guard-output", "true", "--guard-fail", "closed",
-        "--worker-wait", "3",
+        "--worker-wait", "3", "--audit-log", str(audit), "--audit-content", "none",
     )
     router.env["STAGEMESH_API_KEY"] = "guarded"
     async with running(router):
@@ -101,6 +102,9 @@ async def test_guard_allows_denies_and_rewrites(
             await client.completions.create(model="", prompt="Name a colour.", max_tokens=2)
         assert unguarded.value.status_code == 503 and "guard is unavailable" in str(unguarded.value)
         metrics = (await httpx.AsyncClient().get(f"http://127.0.0.1:{http_port}/metrics")).text
+    # Refused requests are audited too, each with the kind of its refusal.
+    statuses = sorted(json.loads(line)["status"] for line in audit.read_text().splitlines())
+    assert statuses == ["Overloaded", "PermissionDenied", "PermissionDenied", "PermissionDenied", "Unavailable", "ok", "ok"]
     for series in (
         'stagemesh_router_guard_decisions_total{decision="deny",phase="input"} 3.0',
         'stagemesh_router_guard_decisions_total{decision="rewrite",phase="input"} 1.0',
