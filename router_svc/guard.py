@@ -109,15 +109,9 @@ class Guard:
         """The request to run: ``request``, or the guard's rewrite of it; raises on a denial."""
         if not self:
             return request
-        check = {
-            "request_id": request_id, "api_key_id": key_id, "model": request.model,
-            "request": json_format.MessageToDict(request, preserving_proto_field_name=True),
-        }
-        answer = await self._decide("input", check)
+        answer = await self._decide("input", request, request_id, key_id, request.model)
         if answer is None or answer["decision"] == "allow":
             return request
-        if answer["decision"] == "deny":
-            raise denial(int(answer.get("status", 403)), str(answer.get("message", "")))
         try:
             rewritten = json_format.ParseDict(answer.get("request", {}), router_pb2.RouterGenerateRequest())
         except json_format.ParseError as exc:
@@ -130,24 +124,26 @@ class Guard:
         outputs: Sequence[str],
     ) -> None:
         """Raise when the guard denies a completed result (with the output phase on)."""
-        if not self.output:
-            return
+        if self.output:
+            await self._decide("output", request, request_id, key_id, model, outputs=list(outputs))
+
+    async def _decide(
+        self, phase: str, request: router_pb2.RouterGenerateRequest, request_id: str, key_id: str, model: str,
+        **extra: Any,
+    ) -> dict[str, Any] | None:
+        """The guard's answer about ``request``, counted: a denial raises its error; None
+        when the guard failed and the policy is open."""
         check = {
             "request_id": request_id, "api_key_id": key_id, "model": model,
-            "request": json_format.MessageToDict(request, preserving_proto_field_name=True),
-            "outputs": list(outputs),
+            "request": json_format.MessageToDict(request, preserving_proto_field_name=True), **extra,
         }
-        answer = await self._decide("output", check)
-        if answer is not None and answer["decision"] == "deny":
-            raise denial(int(answer.get("status", 403)), str(answer.get("message", "")))
-
-    async def _decide(self, phase: str, check: dict[str, Any]) -> dict[str, Any] | None:
-        """The guard's answer, counted; None when it failed and the policy is open."""
         try:
             answer = await self._ask(phase, check)
         except GuardError as error:
             return self._failed(phase, error, None)
         GUARD_DECISIONS.labels(phase, answer["decision"]).inc()
+        if answer["decision"] == "deny":
+            raise denial(int(answer.get("status", 403)), str(answer.get("message", "")))
         return answer
 
     def _failed(self, phase: str, error: GuardError, fallback: Any) -> Any:

@@ -345,19 +345,20 @@ def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", type=int, default=None, help="decode engines to run (overrides the layout's)")
 
 
+#: The stage settings a tool presents to the stages with (services/credentials.py).
+_CREDENTIAL_SETTINGS = ("mesh_key_file", "tls_cert", "tls_key", "tls_ca")
+
+
 def _add_credential_arguments(parser: argparse.ArgumentParser) -> None:
-    """The mesh credentials a tool presents to the stages (as each stage takes them)."""
-    for name in ("mesh_key_file", "tls_cert", "tls_key", "tls_ca"):
-        env = ENV_PREFIX + name.upper()
-        parser.add_argument(f"--{name.replace('_', '-')}", default=os.environ.get(env, ""), help=f"[env {env}]")
+    """The mesh credentials a tool presents to the stages, as each stage takes them."""
+    for name in _CREDENTIAL_SETTINGS:
+        parser.add_argument(f"--{name.replace('_', '-')}", default=None, help=f"[env {ENV_PREFIX}{name.upper()}]")
 
 
 def _install_credentials(args: argparse.Namespace) -> None:
-    credentials.install(
-        MeshCredentials.load(
-            os.environ.get(MESH_KEY_ENV, ""), args.mesh_key_file, args.tls_cert, args.tls_key, args.tls_ca
-        )
-    )
+    """Flags, else ``STAGEMESH_*`` (the mesh key too), resolved as a stage resolves them."""
+    given = {name: getattr(args, name) for name in _CREDENTIAL_SETTINGS}
+    credentials.install(build_config(StageConfig, given).credentials())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,11 +69,8 @@ def channel(address: str) -> grpc.aio.Channel:
     creds = credentials.current()
     stamps = (_StampUnaryUnary, _StampUnaryStream, _StampStreamUnary, _StampStreamStream)
     interceptors = [stamp(creds.call_metadata) for stamp in stamps] if creds.call_metadata else None
-    if creds.tls is None:
-        return grpc.aio.insecure_channel(address, options=creds.channel_options(), interceptors=interceptors)
-    return grpc.aio.secure_channel(
-        address, creds.tls.channel_credentials(), options=creds.channel_options(), interceptors=interceptors
-    )
+    channel: grpc.aio.Channel = creds.dial(grpc.aio, address, interceptors=interceptors)
+    return channel
 
 
 async def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:

@@ -140,6 +140,13 @@ class MeshCredentials:
             return list(MESSAGE_LIMITS)
         return [*MESSAGE_LIMITS, ("grpc.ssl_target_name_override", self.tls.server_name)]
 
+    def dial(self, api: Any, address: str, **extra: Any) -> Any:
+        """A channel to a stage through ``api``, ``grpc`` or ``grpc.aio`` (their channel
+        factories take the same arguments): TLS when configured, the mesh's options."""
+        if self.tls is None:
+            return api.insecure_channel(address, options=self.channel_options(), **extra)
+        return api.secure_channel(address, self.tls.channel_credentials(), options=self.channel_options(), **extra)
+
 
 _installed = MeshCredentials()
 

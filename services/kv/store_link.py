@@ -119,11 +119,7 @@ class StoreLink:
         with self._lock:
             stub = self._stubs.get(address)
             if stub is None:
-                creds = credentials.current()
-                if creds.tls is None:
-                    chan = grpc.insecure_channel(address, options=creds.channel_options())
-                else:
-                    chan = grpc.secure_channel(address, creds.tls.channel_credentials(), options=creds.channel_options())
+                chan = credentials.current().dial(grpc, address)
                 self._channels[address] = chan
                 stub = self._stubs[address] = kvstore_pb2_grpc.KvStoreServiceStub(chan)
             return stub
