@@ -50,6 +50,9 @@ class RouterConfig(StageConfig):
         "prompts whose uncached part (tokens not already on the chosen prefill worker) is "
         "shorter than this are prefilled by the decode worker itself (0: always remote)",
     )
+    adapter_load_timeout: float = setting(
+        120.0, "seconds an engine gets to load a LoRA adapter, or to finish its requests before unloading it"
+    )
     load_interval: float = setting(1.0, "seconds between polls of each engine's load")
     router_policy: str = setting(
         "kv_aware", "how workers are picked: round_robin, least_load or kv_aware"

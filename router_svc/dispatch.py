@@ -196,7 +196,8 @@ class Dispatcher:
                 assert isinstance(peer.client, EngineClient)
                 async with self._workers.using(peer):
                     call = peer.client.generate(
-                        prompt.token_ids, sampling, handle, request_id=sequence_id, timeout=remaining(deadline)
+                        prompt.token_ids, sampling, handle, request_id=sequence_id, timeout=remaining(deadline),
+                        adapter=prompt.adapter,
                     )
                     if lease is not None:
                         lease.reading = True
@@ -281,7 +282,8 @@ class Dispatcher:
             async with self._workers.using(peer):
                 try:
                     reply = await peer.client.prefill(
-                        prompt.token_ids, sampling, request_id=lease.request_id, timeout=timeout
+                        prompt.token_ids, sampling, request_id=lease.request_id, timeout=timeout,
+                        adapter=prompt.adapter,
                     )
                 except grpc.aio.AioRpcError as rpc_error:
                     error = failover.error(peer, rpc_error)
@@ -328,7 +330,9 @@ class Dispatcher:
         """
         pinned = self._affinity.get(prompt.session_id, role)
         sticky = [p for p in candidates if p.key == pinned and p.queued() < self._config.kv_max_queue]
-        choice = self._policy.choose(sticky or candidates, prompt.hashes(candidates[0].member.kv_block_size))
+        choice = self._policy.choose(
+            sticky or candidates, prompt.hashes(candidates[0].member.kv_block_size), prompt.model
+        )
         if sticky:
             choice = replace(choice, reason="session_affinity")
         self._affinity.remember(prompt.session_id, role, choice.peer.key)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from services.kv.hashing import ROOT, block_hash, salted_root
+from services.kv.hashing import ROOT, block_hash, chain_root
 from services.pb import common_pb2
 
 
@@ -51,7 +51,7 @@ class KvIndex:
         if event.parent_block_hash:
             parent = known.get(bytes(event.parent_block_hash), ROOT)
         else:
-            parent = salted_root(event.cache_salt)
+            parent = chain_root(event.cache_salt, event.adapter)
         size = event.block_size
         added: list[int] = []
         for i, engine_hash in enumerate(event.block_hashes):

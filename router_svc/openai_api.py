@@ -355,3 +355,17 @@ class DetokenizeRequest(ApiBody):
 
     model: str = ""
     tokens: list[int] = Field(max_length=1_000_000)
+
+
+class LoadLoraAdapterRequest(ApiBody):
+    """POST /v1/load_lora_adapter (vLLM's shape), plus the base model in a mesh of several."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+    base_model: str = ""
+
+
+class UnloadLoraAdapterRequest(ApiBody):
+    """POST /v1/unload_lora_adapter (vLLM's shape)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)

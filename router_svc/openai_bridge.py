@@ -27,12 +27,15 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
+from router_svc.adapters import AdapterControl
 from router_svc.affinity import SESSION_HEADER
 from router_svc.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoraAdapterRequest,
     TokenizeRequest,
+    UnloadLoraAdapterRequest,
 )
 from router_svc.pipeline import Generation, Pipeline
 from router_svc.responses import (
@@ -166,8 +169,10 @@ class HttpBridge:
         open_metrics: bool = True,
         parsers: ParserChoice | None = None,
         responses: ResponseStore | None = None,
+        adapters: AdapterControl | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._adapters = adapters
         self._parsers = parsers or ParserChoice("hermes", {})
         self._responses = responses or ResponseStore(1000, 3600.0)
         #: Background responses generating now (cancelled when the bridge stops).
@@ -191,6 +196,9 @@ class HttpBridge:
         app.router.add_post("/detokenize", self._detokenize)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._model)
+        if self._adapters is not None:
+            app.router.add_post("/v1/load_lora_adapter", self._load_adapter)
+            app.router.add_post("/v1/unload_lora_adapter", self._unload_adapter)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         return app
@@ -286,10 +294,27 @@ class HttpBridge:
 
     @staticmethod
     def _card(card: router_pb2.ModelCard) -> dict[str, Any]:
+        """vLLM's model card: an adapter names its base model as ``parent`` and its
+        directory as ``root``; a base model has no parent."""
         return {
             "id": card.name, "object": "model", "created": 0, "owned_by": "stagemesh",
+            "root": card.source or card.name, "parent": card.parent or None,
             "max_model_len": card.max_model_len,
         }
+
+    async def _load_adapter(self, request: web.Request) -> web.Response:
+        """vLLM's /v1/load_lora_adapter: on every engine of the base model (behind the API key)."""
+        body: LoadLoraAdapterRequest = await self._body(request, LoadLoraAdapterRequest)
+        assert self._adapters is not None
+        await self._adapters.load(body.lora_name, body.lora_path, body.base_model)
+        return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def _unload_adapter(self, request: web.Request) -> web.Response:
+        """vLLM's /v1/unload_lora_adapter: from every engine that has it."""
+        body: UnloadLoraAdapterRequest = await self._body(request, UnloadLoraAdapterRequest)
+        assert self._adapters is not None
+        await self._adapters.unload(body.lora_name)
+        return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
@@ -301,7 +326,9 @@ class HttpBridge:
         """The request's tool plan, with the parser of the model it resolves to."""
         if not body.tools and body.tool_choice is None:
             return None
-        parser = self._parsers.for_model(await self._pipeline.catalogue.resolve(body.model))
+        catalogue = self._pipeline.catalogue
+        model = await catalogue.resolve(body.model)
+        parser = self._parsers.for_model(model, catalogue.base(model))
         return ToolPlan.build(body.tools or [], body.tool_choice, body.parallel_tool_calls, parser)
 
     # -- the Responses API ------------------------------------------------------
@@ -423,9 +450,9 @@ class HttpBridge:
         body: TokenizeRequest = await self._body(request, TokenizeRequest)
         catalogue = self._pipeline.catalogue
         model = await catalogue.resolve(body.model)
-        message = body.to_grpc(model)
+        message = body.to_grpc(catalogue.base(model))
         self._pipeline.limits.check_chat(message.chat)
-        reply = await catalogue.tokenizer(model, lambda client: client.tokenize_request(message))
+        reply = await catalogue.tokenizer(message.model, lambda client: client.tokenize_request(message))
         info = await catalogue.info(model)
         return web.json_response({
             "count": len(reply.token_ids),

@@ -6,7 +6,8 @@ Three policies, chosen with ``--router-policy``:
 - ``least_load``: least queued work, then KV-cache use;
 - ``kv_aware`` (default): the lowest cost, where cost is the prompt tokens the worker
   would have to compute (those in blocks it does not already hold, per the KV index)
-  plus ``--kv-load-weight`` tokens for every request queued or running there. So a
+  plus ``--kv-load-weight`` tokens for every request queued or running there (and one
+  more when a LoRA adapter's request would wait there for an adapter slot). So a
   worker holding a long prefix wins unless it is that much busier. Both terms are in
   tokens, so the balance does not shift with the engines' KV block size. A worker whose queue
   reaches ``--kv-max-queue`` is passed over for the least-loaded one while any is
@@ -41,8 +42,9 @@ class Choice:
 class Policy(Protocol):
     name: str
 
-    def choose(self, candidates: list[Peer], hashes: list[int]) -> Choice:
-        """Pick one of ``candidates`` (non-empty, least loaded first) for a prompt's block hashes."""
+    def choose(self, candidates: list[Peer], hashes: list[int], model: str = "") -> Choice:
+        """Pick one of ``candidates`` (non-empty, least loaded first) for a prompt's block
+        hashes, for a request naming ``model`` (a LoRA adapter may wait for a slot)."""
 
 
 class RoundRobin:
@@ -51,7 +53,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._turn = itertools.count()
 
-    def choose(self, candidates: list[Peer], hashes: list[int]) -> Choice:
+    def choose(self, candidates: list[Peer], hashes: list[int], model: str = "") -> Choice:
         ordered = sorted(candidates, key=lambda p: p.key)
         return Choice(ordered[next(self._turn) % len(ordered)], 0, "round_robin")
 
@@ -59,7 +61,7 @@ class RoundRobin:
 class LeastLoad:
     name = "least_load"
 
-    def choose(self, candidates: list[Peer], hashes: list[int]) -> Choice:
+    def choose(self, candidates: list[Peer], hashes: list[int], model: str = "") -> Choice:
         return Choice(candidates[0], 0, "least_load")
 
 
@@ -81,7 +83,7 @@ class KvAware:
         #: Index keys of the KV stores in the mesh now.
         self.stores = stores
 
-    def choose(self, candidates: list[Peer], hashes: list[int]) -> Choice:
+    def choose(self, candidates: list[Peer], hashes: list[int], model: str = "") -> Choice:
         stores = self.stores()
         matched = self.index.match(hashes, [p.key for p in candidates] + stores)
         in_store = max((matched.pop(key) for key in stores), default=0)
@@ -99,7 +101,7 @@ class KvAware:
 
         def cost(peer: Peer) -> float:
             uncached = (len(hashes) - matched[peer.key]) * peer.member.kv_block_size
-            return uncached + self.load_weight * peer.queued()
+            return uncached + self.load_weight * (peer.queued() + peer.slot_wait(model))
 
         chosen = min(roomy, key=cost)  # candidates come least loaded first: ties go to the idler
         reason = "prefix_hit" if matched[chosen.key] == best_match else "load_over_prefix"

@@ -16,7 +16,7 @@ from router_svc.catalogue import Catalogue
 from router_svc.config import RouterConfig
 from router_svc.constraints import check_constraint
 from services.errors import ContextLengthExceeded, InvalidRequest
-from services.kv.hashing import chain_hashes, salted_root
+from services.kv.hashing import chain_hashes, chain_root
 from services.pb import router_pb2, tokenizer_pb2
 
 
@@ -32,6 +32,9 @@ class Prompt:
     session_id: str = ""
     #: The request's cache_salt: its blocks are named apart from unsalted ones.
     salt: str = ""
+    #: The LoRA adapter the request runs with ("" for the base model): its blocks are
+    #: named apart from the base model's and other adapters'.
+    adapter: str = ""
     _hashes: dict[int, list[int]] = field(default_factory=dict)
 
     def hashes(self, block_size: int) -> list[int]:
@@ -39,7 +42,7 @@ class Prompt:
         if block_size <= 0:
             return []
         if block_size not in self._hashes:
-            self._hashes[block_size] = chain_hashes(self.token_ids, block_size, salted_root(self.salt))
+            self._hashes[block_size] = chain_hashes(self.token_ids, block_size, chain_root(self.salt, self.adapter))
         return self._hashes[block_size]
 
 
@@ -121,8 +124,10 @@ class Limits:
 
 
 async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateRequest, model: str) -> Prompt:
-    """Tokenize (or check the ids) for the resolved ``model`` and check the length."""
+    """Tokenize (or check the ids) for the resolved ``model`` and check the length. An
+    adapter is tokenized as its base model."""
     arrived = time.monotonic()
+    base = catalogue.base(model)
     info = await catalogue.info(model)
     limit = catalogue.max_model_len(model, info)
     sampling = request.sampling
@@ -146,10 +151,10 @@ async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateReques
     if kind == "text":
         if not request.text:
             raise InvalidRequest("the prompt is empty")
-        reply = await catalogue.tokenizer(model, lambda c: c.tokenize(request.text, model))
+        reply = await catalogue.tokenizer(base, lambda c: c.tokenize(request.text, base))
         ids = list(reply.token_ids)
     elif kind == "chat":
-        reply = await catalogue.tokenizer(model, lambda c: c.tokenize_conversation(request.chat, model))
+        reply = await catalogue.tokenizer(base, lambda c: c.tokenize_conversation(request.chat, base))
         ids = list(reply.token_ids)
     elif kind == "token_ids":
         ids = list(request.token_ids.ids)
@@ -168,4 +173,6 @@ async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateReques
             f"the prompt has {len(ids)} tokens; {model!r} accepts at most {limit - 1} "
             f"(context length {limit}, with room for one generated token)"
         )
-    return Prompt(model, ids, info, arrived, request.session_id, request.sampling.cache_salt)
+    return Prompt(
+        model, ids, info, arrived, request.session_id, request.sampling.cache_salt, "" if base == model else model
+    )

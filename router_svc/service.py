@@ -9,6 +9,7 @@ from typing import ClassVar
 import grpc
 from google.protobuf import descriptor
 
+from router_svc.adapters import AdapterControl
 from router_svc.affinity import SESSION_HEADER
 from router_svc.audit import AuditLog
 from router_svc.config import RouterConfig
@@ -34,10 +35,11 @@ from services.server import Stage
 class RouterServicer:
     """The mesh's public gRPC API."""
 
-    def __init__(self, pipeline: Pipeline, workers: Workers, index: KvIndex) -> None:
+    def __init__(self, pipeline: Pipeline, workers: Workers, index: KvIndex, adapters: AdapterControl) -> None:
         self._pipeline = pipeline
         self._workers = workers
         self._index = index
+        self._adapters = adapters
 
     async def Generate(
         self, request: router_pb2.RouterGenerateRequest, context: grpc.aio.ServicerContext
@@ -60,6 +62,19 @@ class RouterServicer:
         self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListModelsResponse:
         return router_pb2.ListModelsResponse(models=await self._pipeline.catalogue.cards())
+
+    async def LoadAdapter(
+        self, request: router_pb2.RouterLoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouterLoadAdapterResponse:
+        """Load a LoRA adapter on every engine of its base model."""
+        instances = await self._adapters.load(request.name, request.path, request.base_model)
+        return router_pb2.RouterLoadAdapterResponse(instances=instances)
+
+    async def UnloadAdapter(
+        self, request: router_pb2.RouterUnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouterUnloadAdapterResponse:
+        """Unload a LoRA adapter from every engine that has it."""
+        return router_pb2.RouterUnloadAdapterResponse(instances=await self._adapters.unload(request.name))
 
     async def ListMembers(
         self, request: router_pb2.ListMembersRequest, context: grpc.aio.ServicerContext
@@ -104,13 +119,14 @@ class RouterStage(Stage):
         self._audit = AuditLog(config.audit_log, config.audit_content, config.audit_max_mib, config.audit_backups)
         self._guard = Guard(config.guard_url, config.guard_fail, config.guard_timeout, config.guard_output)
         pipeline = Pipeline(config, self._workers, policy, self._audit, self._guard)
-        self._servicer = RouterServicer(pipeline, self._workers, index)
+        adapters = AdapterControl(self._workers, pipeline.catalogue, config.adapter_load_timeout)
+        self._servicer = RouterServicer(pipeline, self._workers, index, adapters)
         self._keys = ApiKeys.from_settings(config.api_key, config.api_key_file)
         self._bridge = (
             HttpBridge(
                 pipeline, config.max_body_mib, self._keys, open_metrics=not config.metrics_need_key,
                 parsers=ParserChoice(config.tool_call_parser, config.tool_call_parsers),
-                responses=ResponseStore(config.responses_max, config.responses_ttl),
+                responses=ResponseStore(config.responses_max, config.responses_ttl), adapters=adapters,
             )
             if config.http_port >= 0 else None
         )

@@ -143,8 +143,10 @@ class ParserChoice:
         self._default = PARSERS[default]()
         self._per_model = {model: PARSERS[name]() for model, name in per_model.items()}
 
-    def for_model(self, model: str) -> ToolParser:
-        return self._per_model.get(model, self._default)
+    def for_model(self, model: str, base: str = "") -> ToolParser:
+        """The parser configured for ``model``, else for its base model (a LoRA adapter
+        writes as its parent unless configured apart), else the default."""
+        return self._per_model.get(model) or self._per_model.get(base, self._default)
 
 
 class ToolStream:

@@ -58,7 +58,17 @@ class Peer:
         return int(self.member.role)
 
     def serves(self, model: str) -> bool:
-        return not model or model in self.member.models
+        """Whether requests for ``model`` may come here: its base model, or a LoRA
+        adapter it has loaded."""
+        return not model or model in self.member.models or any(a.name == model for a in self.member.adapters)
+
+    def slot_wait(self, model: str) -> int:
+        """1 when a request for adapter ``model`` would wait here for an adapter slot:
+        every slot is taken by other adapters running now (vLLM's max_loras)."""
+        if not self.member.adapter_slots or self.load is None or model in self.member.models:
+            return 0
+        active = self.load.active_adapters
+        return int(model not in active and len(active) >= self.member.adapter_slots)
 
     def queued(self) -> int:
         """Requests running or waiting there: the engine's last report, or the calls this
@@ -67,12 +77,12 @@ class Peer:
             return self.in_flight
         return max(self.in_flight, self.load.running_requests + self.load.waiting_requests)
 
-    def rank(self) -> tuple[int, float, int, float]:
-        """Sort key, least loaded first: queued work (waiting counts twice), KV-cache use,
-        then a random tie-break."""
+    def rank(self, model: str = "") -> tuple[int, float, int, float]:
+        """Sort key, least loaded first: queued work (waiting counts twice, and so does
+        waiting for an adapter slot), KV-cache use, then a random tie-break."""
         waiting = self.load.waiting_requests if self.load is not None else 0
         usage = self.load.kv_cache_usage if self.load is not None else 0.0
-        return (self.queued() + waiting, usage, self.in_flight, self._rank_salt)
+        return (self.queued() + waiting + self.slot_wait(model), usage, self.in_flight, self._rank_salt)
 
 
 class Workers:
@@ -176,7 +186,7 @@ class Workers:
             p for p in self.peers.values()
             if p.role == role and p.serves(model) and p.key not in exclude and p.down_until <= now
         ]
-        return sorted(usable, key=Peer.rank)
+        return sorted(usable, key=lambda peer: peer.rank(model))
 
     async def wait_candidates(
         self, role: int, model: str, wait: float, exclude: frozenset[str] = frozenset()

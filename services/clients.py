@@ -233,11 +233,12 @@ class EngineClient(_KvEventSource):
         sampling: common_pb2.SamplingParams | None = None,
         request_id: str = "",
         timeout: float | None = 120.0,
+        adapter: str = "",
     ) -> engine_pb2.PrefillResponse:
         """Compute the prompt's KV on this (prefill) member; returns the transfer handle."""
         return await self._stub.Prefill(
             engine_pb2.PrefillRequest(
-                request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling
+                request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling, adapter=adapter
             ),
             timeout=timeout,
         )
@@ -249,10 +250,11 @@ class EngineClient(_KvEventSource):
         kv_handle: common_pb2.KvTransferHandle | None = None,
         request_id: str = "",
         timeout: float | None = None,
+        adapter: str = "",
     ) -> grpc.aio.UnaryStreamCall:
         """Stream generated ids (iterate the call; cancel it to abort the request)."""
         request = engine_pb2.GenerateRequest(
-            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling
+            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling, adapter=adapter
         )
         if kv_handle is not None:
             request.kv_handle.CopyFrom(kv_handle)
@@ -266,6 +268,16 @@ class EngineClient(_KvEventSource):
 
     async def load(self, timeout: float | None = None) -> engine_pb2.Load:
         return await self._stub.GetLoad(engine_pb2.LoadRequest(), timeout=timeout or self._timeout)
+
+    async def load_adapter(self, name: str, path: str, timeout: float | None = None) -> common_pb2.Adapter:
+        """Load a LoRA adapter on this engine (vLLM reads its weights: seconds)."""
+        return await self._stub.LoadAdapter(
+            engine_pb2.LoadAdapterRequest(name=name, path=path), timeout=timeout or self._timeout
+        )
+
+    async def unload_adapter(self, name: str, timeout: float | None = None) -> None:
+        """Unload an adapter; returns once the requests running with it are done."""
+        await self._stub.UnloadAdapter(engine_pb2.UnloadAdapterRequest(name=name), timeout=timeout)
 
 
 class RouterClient(_StageClient):

@@ -120,6 +120,14 @@ class KvNotCollected(NotFound):
     prefill engine is gone). The prompt must be computed again."""
 
 
+class AlreadyExists(StageError):
+    """The name is taken: a LoRA adapter loaded under it from elsewhere, or a model."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    http_status = HTTPStatus.CONFLICT
+    openai_type = "invalid_request_error"
+
+
 class FailedPrecondition(StageError):
     """The call is out of order for the state it names: a KV-store Commit for blocks
     whose write never completed. Fix the caller's protocol; do not retry as is."""
@@ -184,6 +192,7 @@ _BY_CODE: dict[grpc.StatusCode, type[StageError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: Unavailable,

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
 import grpc
@@ -72,6 +73,11 @@ class Stage(abc.ABC):
     def describe(self, member: common_pb2.Member) -> None:
         """Fill the stage-specific Member fields (models, KV block size, NIXL address)."""
 
+    def watch_member(self, publish: Callable[[], Awaitable[None]]) -> None:
+        """Receive the call that publishes the Member record again, for a stage whose
+        :meth:`describe` can change while it runs (an engine loads an adapter). Given
+        once the member is registered; the default ignores it."""
+
     def etcd_entries(self, member: common_pb2.Member) -> dict[str, bytes]:
         """Other etcd keys the stage publishes under its membership lease (the KV
         store's shard entry); they appear and vanish with the member."""
@@ -96,6 +102,7 @@ class StageServer:
         self.metrics_port = 0
         self.registration: Registration | None = None
         self.exit_code = 0
+        self._started_at = 0.0
         self._service_names: list[str] = []
         self.credentials = credentials.current()
 
@@ -177,6 +184,18 @@ class StageServer:
         started = time.monotonic()
         await self.stage.start()
         log.info("%s ready in %.1fs", common_pb2.Role.Name(self.stage.role), time.monotonic() - started)
+        self._started_at = time.time()
+        member = self._member()
+        self.registration = Registration(
+            self._session, member, self.config.lease_ttl, extra=self.stage.etcd_entries(member)
+        )
+        await self.registration.start()
+        self.stage.watch_member(self._publish)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving as %s", self.registration.key)
+
+    def _member(self) -> common_pb2.Member:
+        """The stage's Member record as of now."""
         member = common_pb2.Member(
             instance_id=self.config.instance_id,
             role=self.stage.role,
@@ -185,16 +204,21 @@ class StageServer:
                 f"{self.config.advertise_host}:{self.metrics_port}" if self.metrics_port else ""
             ),
             version=__version__,
-            started_at=time.time(),
+            started_at=self._started_at,
             labels=self.config.labels,
         )
         self.stage.describe(member)
-        self.registration = Registration(
-            self._session, member, self.config.lease_ttl, extra=self.stage.etcd_entries(member)
-        )
-        await self.registration.start()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving as %s", self.registration.key)
+        return member
+
+    async def _publish(self) -> None:
+        """Write the record again; when etcd cannot take it now, the next registration
+        (after a lost lease) carries it, and the failure is logged."""
+        if self.registration is None:
+            return
+        try:
+            await self.registration.update(self._member())
+        except Exception as exc:  # noqa: BLE001 - etcd unreachable: logged, the stage keeps serving
+            log.warning("could not publish the member record: %s", exc)
 
     async def _watch_failure(self) -> None:
         while (reason := self.stage.failure()) is None:

@@ -78,7 +78,7 @@ def test_salted_blocks_match_only_their_salt() -> None:
     it, so only a prompt with the same salt matches."""
     from services.engine.vllm_events import apply_vllm_event
     from services.kv.events import KvEventLog
-    from services.kv.hashing import salted_root
+    from services.kv.hashing import chain_root
 
     log = KvEventLog(block_size=4)
     prompt = list(range(8))
@@ -90,6 +90,6 @@ def test_salted_blocks_match_only_their_salt() -> None:
     index = KvIndex()
     index.stored("w", first)
     index.stored("w", second)
-    assert index.match(chain_hashes(prompt, 4, salted_root("tenant-a")), ["w"]) == {"w": 2}
-    assert index.match(chain_hashes(prompt, 4, salted_root("tenant-b")), ["w"]) == {"w": 0}
+    assert index.match(chain_hashes(prompt, 4, chain_root("tenant-a")), ["w"]) == {"w": 2}
+    assert index.match(chain_hashes(prompt, 4, chain_root("tenant-b")), ["w"]) == {"w": 0}
     assert index.match(chain_hashes(prompt, 4), ["w"]) == {"w": 0}

@@ -59,10 +59,31 @@ class EngineConfig(NixlStageConfig):
     quantization: str = setting(
         "", "vLLM quantization method (fp8, awq, gptq, compressed-tensors, ...; empty: what the checkpoint says)"
     )
+    lora: list[str] = setting(
+        [], "LoRA adapters to serve, comma-separated NAME=PATH (PEFT directories): each is served as a "
+        "model of its own name beside the base model",
+    )
+    enable_lora: bool = setting(False, "LoRA on with no adapters at start (load them at run time); implied by --lora")
+    max_loras: int = setting(4, "LoRA: adapters one batch runs at once (vLLM's max_loras)")
+    max_lora_rank: int = setting(16, "LoRA: the largest adapter rank the engine takes (1, 8, 16, 32, 64, ...)")
     speculative_config: str = setting(
         "", 'vLLM speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3} '
         'or {"model": "PATH", "num_speculative_tokens": 4}; empty: off',
     )
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora)
+
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """``--lora`` as (name, path) pairs; a malformed entry ends the stage."""
+        pairs = []
+        for entry in self.lora:
+            name, sep, path = entry.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise SystemExit(f"--lora takes NAME=PATH, not {entry!r}")
+            pairs.append((name.strip(), path.strip()))
+        return pairs
 
     @property
     def world_size(self) -> int:
@@ -125,3 +146,4 @@ class EngineConfig(NixlStageConfig):
         self.cpu_cores = format_cores(cores)
         self.check_parallelism()
         self.speculative()
+        self.lora_adapters()

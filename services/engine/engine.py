@@ -31,16 +31,18 @@ from vllm.config import KVEventsConfig, KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from services.credentials import MESH_KEY_ENV
+from services.engine.adapters import Adapter, AdapterSet
 from services.engine.config import EngineConfig
 from services.engine.kv_release import END_KV_LEASES
 from services.engine.vllm_events import ZmqKvEventBridge
-from services.errors import InvalidRequest, StageDead
+from services.errors import InvalidRequest, StageDead, StageError
 from services.kv.events import KvEventLog
 from services.kv.nixl import POLL_MS_ENV
 from services.model import ModelSpec
@@ -99,6 +101,10 @@ class EngineRunner:
         self._external_hits = 0
         self._event_dir = tempfile.mkdtemp(prefix="stagemesh-kvev-")
         self._bridge: ZmqKvEventBridge | None = None
+        self.adapters = AdapterSet(model.name, config.max_lora_rank, config.lora_enabled)
+        #: Adapters of the requests running or waiting, as of vLLM's latest stats.
+        self._active_adapters: list[str] = []
+        self._adapter_lock = asyncio.Lock()
 
     @property
     def nixl_address(self) -> str:
@@ -123,6 +129,10 @@ class EngineRunner:
         if self.config.world_size > 1:
             # Ranks run as worker processes (vLLM's multiprocess executor).
             optional["distributed_executor_backend"] = "mp"
+        if self.config.lora_enabled:
+            optional.update(
+                enable_lora=True, max_loras=self.config.max_loras, max_lora_rank=self.config.max_lora_rank
+            )
         args = AsyncEngineArgs(
             model=str(self.model.path),
             served_model_name=self.model.name,
@@ -158,6 +168,11 @@ class EngineRunner:
         self.events = KvEventLog(self.block_size, replay_window=self.config.kv_event_window)
         self._bridge = ZmqKvEventBridge(endpoint, "kv", self.events)
         self._bridge.start()
+        for name, path in self.config.lora_adapters():
+            try:
+                await self.load_adapter(name, path)
+            except StageError as exc:
+                raise SystemExit(f"--lora {name}={path}: {exc}") from None
         log.info(
             "engine ready: %s, block size %d, %d KV blocks, context %d, NIXL side channel %s",
             self.model.name, self.block_size, self.total_blocks, self.max_model_len, self.nixl_address,
@@ -250,6 +265,47 @@ class EngineRunner:
                     f"(size {self.vocab_size})"
                 )
 
+    async def load_adapter(self, name: str, path: str) -> Adapter:
+        """Load a LoRA adapter (idempotent for the same name and directory). A bad one
+        is refused with the reason; the engine keeps serving."""
+        engine = self._engine()
+        async with self._adapter_lock:
+            prepared = self.adapters.prepare(name, path)
+            if isinstance(prepared, Adapter):
+                return prepared
+            source, rank = prepared
+            adapter = self.adapters.add(name, source, rank)
+            try:
+                # vLLM reads and checks the weights against the model (target modules,
+                # shapes) now, so a misfit fails here rather than in a request.
+                await engine.add_lora(self._lora_request(adapter))
+            except EngineDeadError:
+                self.adapters.remove(adapter)
+                raise
+            except Exception as exc:  # noqa: BLE001 - vLLM's loader raises many kinds; all mean "does not fit"
+                self.adapters.remove(adapter)
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                raise InvalidRequest(f"adapter {name!r} from {source} does not fit this engine: {reason}") from None
+            log.info("adapter %s loaded from %s (rank %d)", name, source, rank)
+            return adapter
+
+    async def withdraw_adapter(self, name: str) -> Adapter:
+        """First half of an unload: refuse new requests for ``name`` from now on."""
+        self._engine()
+        return self.adapters.withdraw(name)
+
+    async def unload_adapter(self, adapter: Adapter) -> None:
+        """Second half: once the requests running with it are done, vLLM drops it."""
+        await adapter.idle.wait()
+        async with self._adapter_lock:
+            await self._engine().remove_lora(adapter.lora_id)
+            self.adapters.remove(adapter)
+        log.info("adapter %s unloaded", adapter.name)
+
+    @staticmethod
+    def _lora_request(adapter: Adapter) -> LoRARequest:
+        return LoRARequest(adapter.name, adapter.lora_id, str(adapter.source))
+
     async def stream(
         self,
         request_id: str,
@@ -257,17 +313,22 @@ class EngineRunner:
         sampling: SamplingParams,
         loading_kv: bool = False,
         cache_salt: str = "",
+        adapter: str = "",
     ) -> AsyncIterator[RequestOutput]:
         """Run one request, yielding vLLM's delta outputs; leaving early aborts it.
-        ``cache_salt`` keeps its prefix-cache blocks apart from other salts' (vLLM's)."""
+        ``cache_salt`` keeps its prefix-cache blocks apart from other salts' (vLLM's);
+        ``adapter`` names the LoRA adapter to run with (vLLM keeps its blocks apart too)."""
         engine = self._engine()
         if request_id in self._requests:
             raise InvalidRequest(f"request id {request_id!r} is already running")
+        lora = self.adapters.acquire(adapter) if adapter else None
         request = _Request(request_id, asyncio.Queue(), loading_kv)
         self._requests[request_id] = request
         salted = {"cache_salt": cache_salt} if cache_salt else {}
         request.task = asyncio.create_task(
-            self._pump(engine, request, TokensPrompt(prompt_token_ids=list(prompt_token_ids), **salted), sampling),
+            self._pump(
+                engine, request, TokensPrompt(prompt_token_ids=list(prompt_token_ids), **salted), sampling, lora
+            ),
             name=f"req {request_id}",
         )
         finished = False
@@ -317,10 +378,12 @@ class EngineRunner:
         return released
 
     async def _pump(
-        self, engine: AsyncLLM, request: _Request, prompt: TokensPrompt, sampling: SamplingParams
+        self, engine: AsyncLLM, request: _Request, prompt: TokensPrompt, sampling: SamplingParams,
+        adapter: Adapter | None,
     ) -> None:
+        lora = self._lora_request(adapter) if adapter is not None else None
         try:
-            async for output in engine.generate(prompt, sampling, request.request_id):
+            async for output in engine.generate(prompt, sampling, request.request_id, lora_request=lora):
                 if request.loading_kv:
                     request.loading_kv = False  # KV is in: aborting is safe from here
                     if request.abort_requested:
@@ -334,6 +397,8 @@ class EngineRunner:
             await request.outputs.put(exc)
         finally:
             self._requests.pop(request.request_id, None)
+            if adapter is not None:
+                self.adapters.release(adapter)
             await request.outputs.put(None)
 
     def _engine(self) -> AsyncLLM:
@@ -355,6 +420,9 @@ class EngineRunner:
         if external is not None:
             self._external_queries += int(external.queries)
             self._external_hits += int(external.hits)
+        self._active_adapters = sorted(
+            {*getattr(stats, "running_lora_adapters", {}), *getattr(stats, "waiting_lora_adapters", {})}
+        )
 
     def layout_labels(self) -> dict[str, str]:
         """How the engine computes, for its member record: parallelism, quantization, KV
@@ -390,4 +458,5 @@ class EngineRunner:
             pending_transfers=pending_transfers,
             external_prefix_queried_tokens=self._external_queries,
             external_prefix_hit_tokens=self._external_hits,
+            active_adapters=self._active_adapters if busy else [],
         )

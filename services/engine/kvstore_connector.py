@@ -48,7 +48,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from services import credentials
 from services.config import parse_endpoints
 from services.credentials import MESH_KEY_ENV, MeshCredentials
-from services.kv.hashing import chain_hashes, salted_root
+from services.kv.hashing import chain_hashes, chain_root
 from services.kv.nixl import TransferError, new_agent
 from services.kv.shards import ShardMap, ShardMapFollower
 from services.kv.store_link import Hit, Prefix, Region, StoreError, StoreLink
@@ -223,8 +223,9 @@ class _SchedulerSide:
         #: Chain hashes of each live request's full prompt blocks, computed once: a
         #: waiting request is looked up again at every scheduling attempt.
         self._hashes: dict[str, list[int]] = {}
-        #: cache_salt of the requests that have one (vLLM gives it only with the Request).
-        self._salts: dict[str, str] = {}
+        #: (cache_salt, LoRA adapter) of the requests that have either (vLLM gives them
+        #: only with the Request): blocks are named with them, loads and saves alike.
+        self._roots: dict[str, tuple[str, str]] = {}
 
     def close(self) -> None:
         for prefix, _ in self._lookups.values():
@@ -247,8 +248,9 @@ class _SchedulerSide:
         """Tokens the store holds past the engine's own prefix cache (whole blocks, never
         the prompt's last token, which vLLM must compute to sample)."""
         self._forget_lookup(request.request_id)
-        if request.cache_salt:  # named with the salt, loads and saves alike
-            self._salts[request.request_id] = request.cache_salt
+        adapter = request.lora_request.lora_name if request.lora_request is not None else ""
+        if request.cache_salt or adapter:
+            self._roots[request.request_id] = (request.cache_salt or "", adapter)
         shards = self._shards()
         prompt = request.prompt_token_ids or []
         usable = (len(prompt) - 1) // self._block_size
@@ -320,15 +322,15 @@ class _SchedulerSide:
         """Whether the request's blocks must wait for its writes (reported by the worker)."""
         self._forget_lookup(req_id)
         self._hashes.pop(req_id, None)
-        self._salts.pop(req_id, None)
+        self._roots.pop(req_id, None)
         tracked = self._tracked.pop(req_id, None)
         return tracked is not None and tracked.has_saves
 
     def _prompt_hashes(self, req_id: str, prompt: list[int]) -> list[int]:
         hashes = self._hashes.get(req_id)
         if hashes is None:
-            salt = self._salts.get(req_id, "")
-            hashes = self._hashes[req_id] = chain_hashes(prompt, self._block_size, salted_root(salt))
+            root = chain_root(*self._roots.get(req_id, ("", "")))
+            hashes = self._hashes[req_id] = chain_hashes(prompt, self._block_size, root)
         return hashes
 
     def _forget_lookup(self, req_id: str) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -102,9 +102,11 @@ class EngineServicer:
 
     def __init__(
         self, runner: EngineRunner, role: int, instance_id: str, signer: HandleSigner,
-        issuers: PrefillMembers | None = None,
+        issuers: PrefillMembers | None = None, publish: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._runner = runner
+        #: Publishes the member record again (its adapter list changed).
+        self.publish = publish
         self._signer = signer
         self._issuers = issuers
         self._role = role
@@ -134,7 +136,8 @@ class EngineServicer:
         final = None
         try:
             async for output in runner.stream(
-                request_id, request.prompt_token_ids, sampling, cache_salt=request.sampling.cache_salt
+                request_id, request.prompt_token_ids, sampling, cache_salt=request.sampling.cache_salt,
+                adapter=request.adapter,
             ):
                 final = output
         except asyncio.CancelledError:
@@ -190,7 +193,7 @@ class EngineServicer:
         completion_tokens = 0
         async for output in runner.stream(
             request_id, request.prompt_token_ids, sampling, loading_kv=kv_params is not None,
-            cache_salt=request.sampling.cache_salt,
+            cache_salt=request.sampling.cache_salt, adapter=request.adapter,
         ):
             sequence = output.outputs[0]
             if sequence.finish_reason == "error" and kv_params is not None and not completion_tokens:
@@ -260,6 +263,30 @@ class EngineServicer:
         """Running and waiting requests, KV use, prefix-cache hit rate, block size."""
         self._forget_expired()
         return self._ready().load(pending_transfers=len(self._handles))
+
+    async def LoadAdapter(
+        self, request: engine_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Adapter:
+        """Load a LoRA adapter and list it in the member record."""
+        runner = self._ready()
+        adapter = await runner.load_adapter(request.name, request.path)
+        await self._publish()
+        return adapter.record(runner.model.name)
+
+    async def UnloadAdapter(
+        self, request: engine_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.UnloadAdapterResponse:
+        """Withdraw an adapter (member record first, so routers stop sending it), then
+        unload it once its running requests are done; the reply waits for that."""
+        runner = self._ready()
+        adapter = await runner.withdraw_adapter(request.name)
+        await self._publish()
+        await runner.unload_adapter(adapter)
+        return engine_pb2.UnloadAdapterResponse()
+
+    async def _publish(self) -> None:
+        if self.publish is not None:
+            await self.publish()
 
     async def StreamKvEvents(
         self, request: common_pb2.KvEventsRequest, context: grpc.aio.ServicerContext
@@ -387,6 +414,9 @@ class EngineStage(Stage):
         if self._issuers is not None:
             await self._issuers.close()
 
+    def watch_member(self, publish: Callable[[], Awaitable[None]]) -> None:
+        self._servicer.publish = publish
+
     def failure(self) -> str | None:
         engine = self._runner.engine
         if engine is not None and engine.errored:
@@ -402,5 +432,8 @@ class EngineStage(Stage):
         member.nixl_address = self._runner.nixl_address
         member.labels["kvstore"] = "on" if self._runner.uses_kvstore else "off"
         member.labels.update(self._runner.layout_labels())
+        if self._config.lora_enabled:
+            member.adapter_slots = self._config.max_loras
+            member.adapters.extend(a.record(self._runner.model.name) for a in self._runner.adapters.served())
         assert self._runner.events is not None
         member.kv_event_epoch = self._runner.events.epoch

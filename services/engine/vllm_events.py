@@ -72,6 +72,7 @@ def apply_vllm_event(log_: KvEventLog, event: Any) -> None:
             block_hash_bytes(fields["parent_block_hash"]),
             [int(t) for t in fields["token_ids"] or []],
             _first_block_salt(fields),
+            str(fields.get("lora_name") or ""),
         )
     elif kind == "BlockRemoved":
         _, fields = _fields(event, _REMOVED_FIELDS)

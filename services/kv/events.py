@@ -29,8 +29,9 @@ class _Block:
     parent: bytes
     token_ids: list[int]
     chain_hash: int | None = None
-    #: The cache_salt of a chain's first block.
+    #: The cache_salt and LoRA adapter of a chain's first block.
     salt: str = ""
+    adapter: str = ""
 
 
 def chain_name(chain_hash: int) -> bytes:
@@ -55,21 +56,27 @@ class KvEventLog:
     def num_blocks(self) -> int:
         return len(self._blocks)
 
-    def stored(self, block_hashes: list[bytes], parent: bytes, token_ids: list[int], salt: str = "") -> None:
+    def stored(
+        self, block_hashes: list[bytes], parent: bytes, token_ids: list[int], salt: str = "", adapter: str = ""
+    ) -> None:
         """Record full blocks stored, in chain order (``token_ids``: block_size per block);
-        ``salt`` is the cache_salt of a chain's first block (``parent`` empty)."""
+        ``salt`` and ``adapter`` are the cache_salt and LoRA adapter of a chain's first
+        block (``parent`` empty): later blocks inherit them through the chain."""
         size = self.block_size
         previous = parent
-        salt = "" if parent else salt
+        salt, adapter = ("", "") if parent else (salt, adapter)
         for index, block_hash in enumerate(block_hashes):
-            block_salt = salt if not index else ""
-            self._blocks[block_hash] = _Block(previous, token_ids[index * size : (index + 1) * size], salt=block_salt)
+            first = not index
+            self._blocks[block_hash] = _Block(
+                previous, token_ids[index * size : (index + 1) * size],
+                salt=salt if first else "", adapter=adapter if first else "",
+            )
             previous = block_hash
         self._append(
             common_pb2.KvEvent(
                 block_stored=common_pb2.BlockStored(
                     block_hashes=block_hashes, parent_block_hash=parent,
-                    token_ids=token_ids, block_size=size, cache_salt=salt,
+                    token_ids=token_ids, block_size=size, cache_salt=salt, adapter=adapter,
                 )
             )
         )
@@ -108,7 +115,7 @@ class KvEventLog:
                     block_hashes=[block_hash], parent_block_hash=block.parent,
                     token_ids=block.token_ids, block_size=self.block_size,
                     chain_hashes=[] if block.chain_hash is None else [block.chain_hash],
-                    cache_salt=block.salt,
+                    cache_salt=block.salt, adapter=block.adapter,
                 )
                 for block_hash, block in self._blocks.items()
             ],

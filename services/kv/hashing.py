@@ -36,12 +36,19 @@ def block_hash(parent: int, token_ids: Sequence[int]) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
 
 
-def salted_root(salt: str) -> int:
-    """The chain's starting value for a cache_salt (ROOT without one): blocks of the same
-    tokens under different salts get different chain hashes from the first block on."""
-    if not salt:
+def chain_root(salt: str = "", adapter: str = "") -> int:
+    """The chain's starting value for a cache_salt and a LoRA adapter (ROOT with
+    neither): blocks of the same tokens under different salts or adapters get
+    different chain hashes from the first block on. Without an adapter it is the
+    SHA-256 of ``cache_salt:<salt>``; with one, of ``adapter:<byte length>:<name>``
+    followed by that (first 8 bytes, little-endian, like the block hashes)."""
+    if not salt and not adapter:
         return ROOT
-    return int.from_bytes(hashlib.sha256(b"cache_salt:" + salt.encode()).digest()[:8], "little")
+    data = b"cache_salt:" + salt.encode()
+    if adapter:
+        name = adapter.encode()
+        data = b"adapter:%d:" % len(name) + name + data
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
 
 
 def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT) -> list[int]:

@@ -65,6 +65,16 @@ class EngineServiceStub:
                 request_serializer=stagemesh_dot_v1_dot_common__pb2.KvSnapshotRequest.SerializeToString,
                 response_deserializer=stagemesh_dot_v1_dot_common__pb2.KvSnapshot.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/stagemesh.v1.EngineService/LoadAdapter',
+                request_serializer=stagemesh_dot_v1_dot_engine__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=stagemesh_dot_v1_dot_common__pb2.Adapter.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/stagemesh.v1.EngineService/UnloadAdapter',
+                request_serializer=stagemesh_dot_v1_dot_engine__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=stagemesh_dot_v1_dot_engine__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -116,6 +126,24 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """Load a LoRA adapter (engines started with LoRA on); it is served under its name
+        from the reply on, and listed in the member record. INVALID_ARGUMENT when it does
+        not fit the engine (rank, target modules), ALREADY_EXISTS when the name is taken
+        by another adapter; the engine keeps serving either way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Unload an adapter: new requests for it are refused at once, running ones finish
+        first. NOT_FOUND when it is not loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +176,16 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.GetKvSnapshot,
                     request_deserializer=stagemesh_dot_v1_dot_common__pb2.KvSnapshotRequest.FromString,
                     response_serializer=stagemesh_dot_v1_dot_common__pb2.KvSnapshot.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=stagemesh_dot_v1_dot_engine__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=stagemesh_dot_v1_dot_common__pb2.Adapter.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=stagemesh_dot_v1_dot_engine__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=stagemesh_dot_v1_dot_engine__pb2.UnloadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +350,60 @@ class EngineService:
             '/stagemesh.v1.EngineService/GetKvSnapshot',
             stagemesh_dot_v1_dot_common__pb2.KvSnapshotRequest.SerializeToString,
             stagemesh_dot_v1_dot_common__pb2.KvSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stagemesh.v1.EngineService/LoadAdapter',
+            stagemesh_dot_v1_dot_engine__pb2.LoadAdapterRequest.SerializeToString,
+            stagemesh_dot_v1_dot_common__pb2.Adapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stagemesh.v1.EngineService/UnloadAdapter',
+            stagemesh_dot_v1_dot_engine__pb2.UnloadAdapterRequest.SerializeToString,
+            stagemesh_dot_v1_dot_engine__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

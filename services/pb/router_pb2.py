@@ -27,7 +27,7 @@ from services.pb import engine_pb2 as stagemesh_dot_v1_dot_engine__pb2
 from services.pb import tokenizer_pb2 as stagemesh_dot_v1_dot_tokenizer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stagemesh/v1/router.proto\x12\x0cstagemesh.v1\x1a\x19stagemesh/v1/common.proto\x1a\x19stagemesh/v1/engine.proto\x1a\x1cstagemesh/v1/tokenizer.proto\"\x92\x02\n\x15RouterGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.stagemesh.v1.ChatInputH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.stagemesh.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x18\n\x10return_token_ids\x18\x08 \x01(\x08\x12\x12\n\nsession_id\x18\t \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb3\x02\n\x16RouterGenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobs\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.stagemesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.stagemesh.v1.Usage\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x37\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobs\"\x8c\x01\n\x14RouterGenerateResult\x12-\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x18.stagemesh.v1.Completion\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.stagemesh.v1.Usage\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"\xef\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobs\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.stagemesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x37\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobs\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.stagemesh.v1.ModelCard\"\xab\x01\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x43\n\x0fmembers_by_role\x18\x03 \x03(\x0b\x32*.stagemesh.v1.ModelCard.MembersByRoleEntry\x1a\x34\n\x12MembersByRoleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"6\n\x12ListMembersRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.stagemesh.v1.Role\"B\n\x13ListMembersResponse\x12+\n\x07members\x18\x01 \x03(\x0b\x32\x1a.stagemesh.v1.MemberStatus\"\x8f\x01\n\x0cMemberStatus\x12$\n\x06member\x18\x01 \x01(\x0b\x32\x14.stagemesh.v1.Member\x12\x0e\n\x06health\x18\x02 \x01(\t\x12%\n\x04load\x18\x03 \x01(\x0b\x32\x12.stagemesh.v1.LoadH\x00\x88\x01\x01\x12\x19\n\x11kv_blocks_indexed\x18\x04 \x01(\x04\x42\x07\n\x05_load2\xe7\x02\n\rRouterService\x12W\n\x08Generate\x12#.stagemesh.v1.RouterGenerateRequest\x1a$.stagemesh.v1.RouterGenerateResponse0\x01\x12X\n\rGenerateUnary\x12#.stagemesh.v1.RouterGenerateRequest\x1a\".stagemesh.v1.RouterGenerateResult\x12O\n\nListModels\x12\x1f.stagemesh.v1.ListModelsRequest\x1a .stagemesh.v1.ListModelsResponse\x12R\n\x0bListMembers\x12 .stagemesh.v1.ListMembersRequest\x1a!.stagemesh.v1.ListMembersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stagemesh/v1/router.proto\x12\x0cstagemesh.v1\x1a\x19stagemesh/v1/common.proto\x1a\x19stagemesh/v1/engine.proto\x1a\x1cstagemesh/v1/tokenizer.proto\"J\n\x18RouterLoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\".\n\x19RouterLoadAdapterResponse\x12\x11\n\tinstances\x18\x01 \x03(\t\"*\n\x1aRouterUnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x1bRouterUnloadAdapterResponse\x12\x11\n\tinstances\x18\x01 \x03(\t\"\x92\x02\n\x15RouterGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.stagemesh.v1.ChatInputH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.stagemesh.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\t\n\x01n\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x18\n\x10return_token_ids\x18\x08 \x01(\x08\x12\x12\n\nsession_id\x18\t \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb3\x02\n\x16RouterGenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobs\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.stagemesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.stagemesh.v1.Usage\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x37\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobs\"\x8c\x01\n\x14RouterGenerateResult\x12-\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x18.stagemesh.v1.Completion\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.stagemesh.v1.Usage\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"\xef\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobs\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.stagemesh.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x37\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobs\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.stagemesh.v1.ModelCard\"\xcb\x01\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x43\n\x0fmembers_by_role\x18\x03 \x03(\x0b\x32*.stagemesh.v1.ModelCard.MembersByRoleEntry\x12\x0e\n\x06parent\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x1a\x34\n\x12MembersByRoleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"6\n\x12ListMembersRequest\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.stagemesh.v1.Role\"B\n\x13ListMembersResponse\x12+\n\x07members\x18\x01 \x03(\x0b\x32\x1a.stagemesh.v1.MemberStatus\"\x8f\x01\n\x0cMemberStatus\x12$\n\x06member\x18\x01 \x01(\x0b\x32\x14.stagemesh.v1.Member\x12\x0e\n\x06health\x18\x02 \x01(\t\x12%\n\x04load\x18\x03 \x01(\x0b\x32\x12.stagemesh.v1.LoadH\x00\x88\x01\x01\x12\x19\n\x11kv_blocks_indexed\x18\x04 \x01(\x04\x42\x07\n\x05_load2\xad\x04\n\rRouterService\x12W\n\x08Generate\x12#.stagemesh.v1.RouterGenerateRequest\x1a$.stagemesh.v1.RouterGenerateResponse0\x01\x12X\n\rGenerateUnary\x12#.stagemesh.v1.RouterGenerateRequest\x1a\".stagemesh.v1.RouterGenerateResult\x12O\n\nListModels\x12\x1f.stagemesh.v1.ListModelsRequest\x1a .stagemesh.v1.ListModelsResponse\x12R\n\x0bListMembers\x12 .stagemesh.v1.ListMembersRequest\x1a!.stagemesh.v1.ListMembersResponse\x12^\n\x0bLoadAdapter\x12&.stagemesh.v1.RouterLoadAdapterRequest\x1a\'.stagemesh.v1.RouterLoadAdapterResponse\x12\x64\n\rUnloadAdapter\x12(.stagemesh.v1.RouterUnloadAdapterRequest\x1a).stagemesh.v1.RouterUnloadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,30 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELCARD_MEMBERSBYROLEENTRY']._loaded_options = None
   _globals['_MODELCARD_MEMBERSBYROLEENTRY']._serialized_options = b'8\001'
-  _globals['_ROUTERGENERATEREQUEST']._serialized_start=128
-  _globals['_ROUTERGENERATEREQUEST']._serialized_end=402
-  _globals['_TOKENIDS']._serialized_start=404
-  _globals['_TOKENIDS']._serialized_end=427
-  _globals['_ROUTERGENERATERESPONSE']._serialized_start=430
-  _globals['_ROUTERGENERATERESPONSE']._serialized_end=737
-  _globals['_ROUTERGENERATERESULT']._serialized_start=740
-  _globals['_ROUTERGENERATERESULT']._serialized_end=880
-  _globals['_COMPLETION']._serialized_start=883
-  _globals['_COMPLETION']._serialized_end=1122
-  _globals['_LISTMODELSREQUEST']._serialized_start=1124
-  _globals['_LISTMODELSREQUEST']._serialized_end=1143
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1145
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1206
-  _globals['_MODELCARD']._serialized_start=1209
-  _globals['_MODELCARD']._serialized_end=1380
-  _globals['_MODELCARD_MEMBERSBYROLEENTRY']._serialized_start=1328
-  _globals['_MODELCARD_MEMBERSBYROLEENTRY']._serialized_end=1380
-  _globals['_LISTMEMBERSREQUEST']._serialized_start=1382
-  _globals['_LISTMEMBERSREQUEST']._serialized_end=1436
-  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1438
-  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1504
-  _globals['_MEMBERSTATUS']._serialized_start=1507
-  _globals['_MEMBERSTATUS']._serialized_end=1650
-  _globals['_ROUTERSERVICE']._serialized_start=1653
-  _globals['_ROUTERSERVICE']._serialized_end=2012
+  _globals['_ROUTERLOADADAPTERREQUEST']._serialized_start=127
+  _globals['_ROUTERLOADADAPTERREQUEST']._serialized_end=201
+  _globals['_ROUTERLOADADAPTERRESPONSE']._serialized_start=203
+  _globals['_ROUTERLOADADAPTERRESPONSE']._serialized_end=249
+  _globals['_ROUTERUNLOADADAPTERREQUEST']._serialized_start=251
+  _globals['_ROUTERUNLOADADAPTERREQUEST']._serialized_end=293
+  _globals['_ROUTERUNLOADADAPTERRESPONSE']._serialized_start=295
+  _globals['_ROUTERUNLOADADAPTERRESPONSE']._serialized_end=343
+  _globals['_ROUTERGENERATEREQUEST']._serialized_start=346
+  _globals['_ROUTERGENERATEREQUEST']._serialized_end=620
+  _globals['_TOKENIDS']._serialized_start=622
+  _globals['_TOKENIDS']._serialized_end=645
+  _globals['_ROUTERGENERATERESPONSE']._serialized_start=648
+  _globals['_ROUTERGENERATERESPONSE']._serialized_end=955
+  _globals['_ROUTERGENERATERESULT']._serialized_start=958
+  _globals['_ROUTERGENERATERESULT']._serialized_end=1098
+  _globals['_COMPLETION']._serialized_start=1101
+  _globals['_COMPLETION']._serialized_end=1340
+  _globals['_LISTMODELSREQUEST']._serialized_start=1342
+  _globals['_LISTMODELSREQUEST']._serialized_end=1361
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1363
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1424
+  _globals['_MODELCARD']._serialized_start=1427
+  _globals['_MODELCARD']._serialized_end=1630
+  _globals['_MODELCARD_MEMBERSBYROLEENTRY']._serialized_start=1578
+  _globals['_MODELCARD_MEMBERSBYROLEENTRY']._serialized_end=1630
+  _globals['_LISTMEMBERSREQUEST']._serialized_start=1632
+  _globals['_LISTMEMBERSREQUEST']._serialized_end=1686
+  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1688
+  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1754
+  _globals['_MEMBERSTATUS']._serialized_start=1757
+  _globals['_MEMBERSTATUS']._serialized_end=1900
+  _globals['_ROUTERSERVICE']._serialized_start=1903
+  _globals['_ROUTERSERVICE']._serialized_end=2460
 # @@protoc_insertion_point(module_scope)

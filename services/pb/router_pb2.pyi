@@ -9,6 +9,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RouterLoadAdapterRequest(_message.Message):
+    __slots__ = ("name", "path", "base_model")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    base_model: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., base_model: _Optional[str] = ...) -> None: ...
+
+class RouterLoadAdapterResponse(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instances: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RouterUnloadAdapterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RouterUnloadAdapterResponse(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instances: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class RouterGenerateRequest(_message.Message):
     __slots__ = ("model", "text", "chat", "token_ids", "sampling", "n", "request_id", "return_token_ids", "session_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -100,7 +128,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelCard, _Mapping]]] = ...) -> None: ...
 
 class ModelCard(_message.Message):
-    __slots__ = ("name", "max_model_len", "members_by_role")
+    __slots__ = ("name", "max_model_len", "members_by_role", "parent", "source")
     class MembersByRoleEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -111,10 +139,14 @@ class ModelCard(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_BY_ROLE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_model_len: int
     members_by_role: _containers.ScalarMap[str, int]
-    def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., members_by_role: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    parent: str
+    source: str
+    def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., members_by_role: _Optional[_Mapping[str, int]] = ..., parent: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ListMembersRequest(_message.Message):
     __slots__ = ("role",)

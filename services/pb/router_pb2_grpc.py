@@ -54,6 +54,16 @@ class RouterServiceStub:
                 request_serializer=stagemesh_dot_v1_dot_router__pb2.ListMembersRequest.SerializeToString,
                 response_deserializer=stagemesh_dot_v1_dot_router__pb2.ListMembersResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/stagemesh.v1.RouterService/LoadAdapter',
+                request_serializer=stagemesh_dot_v1_dot_router__pb2.RouterLoadAdapterRequest.SerializeToString,
+                response_deserializer=stagemesh_dot_v1_dot_router__pb2.RouterLoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/stagemesh.v1.RouterService/UnloadAdapter',
+                request_serializer=stagemesh_dot_v1_dot_router__pb2.RouterUnloadAdapterRequest.SerializeToString,
+                response_deserializer=stagemesh_dot_v1_dot_router__pb2.RouterUnloadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -86,6 +96,23 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """Load a LoRA adapter on every engine (prefill and decode) serving its base model;
+        it is served as a model of its own name from then on. Needs an API key when the
+        router has keys. INVALID_ARGUMENT when it does not fit (every engine refused it),
+        NOT_FOUND for an unknown base model, ALREADY_EXISTS for a name in use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Unload an adapter from every engine that has it. NOT_FOUND when none has it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +135,16 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListMembers,
                     request_deserializer=stagemesh_dot_v1_dot_router__pb2.ListMembersRequest.FromString,
                     response_serializer=stagemesh_dot_v1_dot_router__pb2.ListMembersResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=stagemesh_dot_v1_dot_router__pb2.RouterLoadAdapterRequest.FromString,
+                    response_serializer=stagemesh_dot_v1_dot_router__pb2.RouterLoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=stagemesh_dot_v1_dot_router__pb2.RouterUnloadAdapterRequest.FromString,
+                    response_serializer=stagemesh_dot_v1_dot_router__pb2.RouterUnloadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +255,60 @@ class RouterService:
             '/stagemesh.v1.RouterService/ListMembers',
             stagemesh_dot_v1_dot_router__pb2.ListMembersRequest.SerializeToString,
             stagemesh_dot_v1_dot_router__pb2.ListMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stagemesh.v1.RouterService/LoadAdapter',
+            stagemesh_dot_v1_dot_router__pb2.RouterLoadAdapterRequest.SerializeToString,
+            stagemesh_dot_v1_dot_router__pb2.RouterLoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stagemesh.v1.RouterService/UnloadAdapter',
+            stagemesh_dot_v1_dot_router__pb2.RouterUnloadAdapterRequest.SerializeToString,
+            stagemesh_dot_v1_dot_router__pb2.RouterUnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,142 @@
+"""The LoRA adapters one engine serves, by name.
+
+vLLM keeps adapters by integer id and loads their weights when a batch first needs
+them; the mesh names them (a request's model is the adapter's name). This registry is
+the engine's side of that: which names are loaded, from where, and how many requests
+run with each, so that
+
+- a request for an unknown adapter is refused before vLLM allocates anything;
+- an adapter is checked against the engine (rank, a PEFT directory) before vLLM reads
+  its weights, so the common mistakes get a message that names the setting;
+- unloading is safe: the name is withdrawn at once (new requests are refused and the
+  member record stops listing it), and vLLM drops the weights only once the requests
+  running with it have finished.
+
+No vLLM here: the engine turns an :class:`Adapter` into vLLM's ``LoRARequest``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+from services.errors import AlreadyExists, InvalidRequest, ModelNotFound
+from services.pb import common_pb2
+
+
+@dataclasses.dataclass
+class Adapter:
+    """One loaded adapter and the requests running with it."""
+
+    name: str
+    source: Path
+    rank: int
+    #: vLLM's id for it (unique per engine process, never reused).
+    lora_id: int
+    running: int = 0
+    #: Withdrawn: no new requests; vLLM unloads it once ``running`` reaches 0.
+    unloading: bool = False
+    idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def record(self, parent: str) -> common_pb2.Adapter:
+        return common_pb2.Adapter(name=self.name, parent=parent, source=str(self.source), rank=self.rank)
+
+
+def read_rank(path: Path) -> int:
+    """The LoRA rank in a PEFT directory's adapter_config.json; InvalidRequest when the
+    directory is not a LoRA adapter."""
+    config_file = path / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise InvalidRequest(f"{path} is not a LoRA adapter directory (no adapter_config.json)", "lora_path") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"cannot read {config_file}: {exc}", "lora_path") from None
+    if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise InvalidRequest(f"{config_file} does not describe a LoRA adapter", "lora_path")
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise InvalidRequest(f"{config_file} has no LoRA rank r", "lora_path")
+    return rank
+
+
+class AdapterSet:
+    """The adapters of one engine whose base model is ``base``."""
+
+    def __init__(self, base: str, max_rank: int, enabled: bool) -> None:
+        self.base = base
+        self.max_rank = max_rank
+        self.enabled = enabled
+        self._adapters: dict[str, Adapter] = {}
+        self._ids = itertools.count(1)
+
+    def served(self) -> list[Adapter]:
+        """The adapters requests may use now (not being unloaded)."""
+        return [a for a in self._adapters.values() if not a.unloading]
+
+    def prepare(self, name: str, path: str) -> Adapter | tuple[Path, int]:
+        """Check a load: the loaded adapter when ``name`` is already loaded from ``path``
+        (loading is idempotent), else the resolved directory and rank to load.
+
+        INVALID_ARGUMENT when LoRA is off, the name or directory is unusable, or the
+        rank exceeds the engine's ``--max-lora-rank``; ALREADY_EXISTS when the name is
+        the base model's or another adapter's.
+        """
+        if not self.enabled:
+            raise InvalidRequest("this engine runs without LoRA; start it with --enable-lora or --lora")
+        if not name or name != name.strip() or len(name) > 256:
+            raise InvalidRequest(f"{name!r} is not a usable adapter name", "lora_name")
+        if name == self.base:
+            raise AlreadyExists(f"{name!r} is the base model's name", "lora_name")
+        if not path:
+            raise InvalidRequest("the adapter's path is empty", "lora_path")
+        source = Path(path).expanduser().resolve()
+        loaded = self._adapters.get(name)
+        if loaded is not None:
+            if loaded.source == source and not loaded.unloading:
+                return loaded
+            raise AlreadyExists(f"adapter {name!r} is already loaded from {loaded.source}", "lora_name")
+        rank = read_rank(source)
+        if rank > self.max_rank:
+            raise InvalidRequest(
+                f"adapter {name!r} has rank {rank}; this engine takes at most {self.max_rank} (--max-lora-rank)",
+                "lora_path",
+            )
+        return source, rank
+
+    def add(self, name: str, source: Path, rank: int) -> Adapter:
+        adapter = Adapter(name, source, rank, next(self._ids))
+        adapter.idle.set()
+        self._adapters[name] = adapter
+        return adapter
+
+    def acquire(self, name: str) -> Adapter:
+        """Count a request as running with adapter ``name``; NOT_FOUND when not served."""
+        adapter = self._adapters.get(name)
+        if adapter is None or adapter.unloading:
+            served = ", ".join(a.name for a in self.served()) or "none"
+            raise ModelNotFound(f"adapter {name!r} is not loaded on this engine; adapters: {served}", "model")
+        adapter.running += 1
+        adapter.idle.clear()
+        return adapter
+
+    @staticmethod
+    def release(adapter: Adapter) -> None:
+        adapter.running -= 1
+        if not adapter.running:
+            adapter.idle.set()
+
+    def withdraw(self, name: str) -> Adapter:
+        """Start unloading ``name``: refuse new requests for it. NOT_FOUND when not loaded."""
+        adapter = self._adapters.get(name)
+        if adapter is None or adapter.unloading:
+            raise ModelNotFound(f"adapter {name!r} is not loaded on this engine", "lora_name")
+        adapter.unloading = True
+        return adapter
+
+    def remove(self, adapter: Adapter) -> None:
+        if self._adapters.get(adapter.name) is adapter:
+            del self._adapters[adapter.name]
