@@ -40,8 +40,10 @@ class AdapterControl:
         return [p for p in self._workers.peers.values() if p.role in ENGINE_ROLES and p.serves(model)]
 
     def _base_for(self, name: str, base_model: str) -> str:
-        """The base model a new adapter attaches to; the request's, or the only one."""
-        bases = sorted({m for p in self._workers.peers.values() if p.role in ENGINE_ROLES for m in p.member.models})
+        """The base model a new adapter attaches to: the request's, or else the only one
+        whose engines run with LoRA."""
+        engines = [p for p in self._workers.peers.values() if p.role in ENGINE_ROLES]
+        bases = sorted({m for p in engines for m in p.member.models})
         if base_model:
             if base_model not in bases:
                 raise ModelNotFound(
@@ -49,12 +51,18 @@ class AdapterControl:
                     "base_model",
                 )
             return base_model
-        if len(bases) != 1:
+        with_lora = sorted({m for p in engines if p.member.adapter_slots for m in p.member.models})
+        if len(with_lora) == 1:
+            return with_lora[0]
+        if not with_lora:
             raise InvalidRequest(
-                f"the mesh serves {len(bases)} base models ({', '.join(bases) or 'none'}); name the one "
-                f"adapter {name!r} adapts in base_model", "base_model",
+                f"no engine runs with LoRA (base models: {', '.join(bases) or 'none'}); start engines with "
+                "--enable-lora or --lora"
             )
-        return bases[0]
+        raise InvalidRequest(
+            f"engines of {len(with_lora)} base models run with LoRA ({', '.join(with_lora)}); name the one "
+            f"adapter {name!r} adapts in base_model", "base_model",
+        )
 
     async def load(self, name: str, path: str, base_model: str = "") -> list[str]:
         """Load ``name`` from ``path`` on every engine of its base model; the instance ids
@@ -70,9 +78,7 @@ class AdapterControl:
             raise AlreadyExists(f"adapter {name!r} is already loaded for {existing.parent!r}", "lora_name")
         engines = [p for p in self._engines(base) if p.member.adapter_slots]
         if not engines:
-            raise InvalidRequest(
-                f"no engine serving {base!r} runs with LoRA; start its engines with --enable-lora or --lora"
-            )
+            raise InvalidRequest(f"no engine of {base!r} runs with LoRA; start its engines with --enable-lora or --lora")
         results = await asyncio.gather(*(self._call(p, "load", name, path) for p in engines))
         loaded = [p.member.instance_id for p, error in zip(engines, results) if error is None]
         errors = [error for error in results if error is not None]

@@ -202,10 +202,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     gpus = visible_gpus()
     layout = _layout(args, allowed_cores(), len(gpus))
+    models = args.model or [""]
+    if layout.count("decode") < len(models) and args.decode is None:
+        args.decode = len(models)  # every model needs a decode engine of its own
+        layout = _layout(args, allowed_cores(), len(gpus))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     print(layout.describe(), flush=True)
     home = _home(args)
-    if not args.model:
+    if "" in models:
         prepare_bundled_model(home)
     run_dir = Path(tempfile.mkdtemp(prefix="stagemesh-up-"))  # mode 0700: the key files stay ours
     light_cores = list(layout.light_cores)
@@ -232,7 +236,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--etcd", etcd.endpoint, "--home", str(home), "--metrics-port", "0", "--host", args.host,
         "--mesh-key-file", str(mesh_key_file),
     ]
-    model = ["--model", args.model] if args.model else []
     router = ["--http-port", str(args.http_port)]
     if layout.disagg_min_tokens is not None:
         router += ["--disagg-min-tokens", str(layout.disagg_min_tokens)]
@@ -240,7 +243,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     # (name, module, gRPC port, extra flags, cores, environment). The n-th prefill/decode
     # takes the base port + 2n; each engine owns its cores (services.placement).
     plan: list[tuple[str, str, int, list[str], list[int], dict[str, str]]] = [
-        ("tokenizer", "tokenizer_svc", args.tokenizer_port, model, light_cores, {}),
+        ("tokenizer", "tokenizer_svc", args.tokenizer_port, ["--model", ",".join(args.model)] if args.model else [],
+         light_cores, {}),
         # Keys reach the router through its environment, not its command line (ps shows that).
         ("router", "router_svc", args.router_port, router, light_cores,
          {"STAGEMESH_API_KEY": args.api_key} if args.api_key else {}),
@@ -252,7 +256,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     for i, engine in layout.numbered():
         base = args.prefill_port if engine.role == "prefill" else args.decode_port
         name = engine.role if i == 0 else f"{engine.role}-{i}"
-        flags = [*model, "--cpu-cores", format_cores(engine.cores)]
+        # Engines of each role take the models in turn; the first model's get the adapters.
+        model = models[i % len(models)]
+        flags = ["--model", model] if model else []
+        if model == models[0]:
+            flags += [flag for spec in args.lora for flag in ("--lora", spec)]
+            flags += ["--enable-lora"] if args.enable_lora else []
+        flags += ["--cpu-cores", format_cores(engine.cores)]
         env = {}
         if engine.gpu is not None:
             flags += ["--device", "cuda"]
@@ -369,7 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run etcd and every stage on this host")
-    up.add_argument("--model", default="", help="NAME=PATH or PATH of a HF model directory (default: bundled)")
+    up.add_argument(
+        "--model", action="append", default=[],
+        help="NAME=PATH or PATH of a HF model directory (default: bundled); repeat it to serve several "
+        "base models, the engines of each role taking them in turn (each model gets a decode engine)",
+    )
+    up.add_argument(
+        "--lora", action="append", default=[],
+        help="NAME=PATH of a LoRA adapter (PEFT directory) for the first model's engines, served as model "
+        "NAME; repeat for more. More can be loaded at run time (POST /v1/load_lora_adapter)",
+    )
+    up.add_argument(
+        "--enable-lora", action="store_true",
+        help="LoRA on in the first model's engines without adapters at start, to load them at run time",
+    )
     _add_layout_arguments(up)
     up.add_argument(
         "--host", default="127.0.0.1",

@@ -305,6 +305,18 @@ class RouterClient(_StageClient):
     ) -> router_pb2.RouterGenerateResult:
         return await self._stub.GenerateUnary(request, timeout=timeout, metadata=(*self._auth, *metadata))
 
+    async def load_adapter(self, name: str, path: str, base_model: str = "") -> list[str]:
+        """Load a LoRA adapter on the mesh's engines; the instance ids that loaded it."""
+        reply = await self._stub.LoadAdapter(
+            router_pb2.RouterLoadAdapterRequest(name=name, path=path, base_model=base_model), metadata=self._auth
+        )
+        return list(reply.instances)
+
+    async def unload_adapter(self, name: str) -> list[str]:
+        """Unload a LoRA adapter from every engine that has it."""
+        reply = await self._stub.UnloadAdapter(router_pb2.RouterUnloadAdapterRequest(name=name), metadata=self._auth)
+        return list(reply.instances)
+
     async def list_models(self) -> list[router_pb2.ModelCard]:
         reply = await self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self._timeout, metadata=self._auth)
         return list(reply.models)

@@ -90,6 +90,26 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def make_small_llama(path: Path, tokenizer_dir: Path) -> Path:
+    """A two-layer Llama with 4 heads (2 KV heads), random weights, and the tokenizer
+    from ``tokenizer_dir``: a second model that starts in seconds (and whose heads
+    split over two tensor-parallel ranks, which the bundled model's 9 do not)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True, initializer_range=0.5,  # spread logits: no near-ties in argmax
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def tokenizer_process(
     name: str, etcd_endpoint: str, home: Path, log_dir: Path, *extra: str
 ) -> StageProcess:

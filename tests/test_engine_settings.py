@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from decode_svc.config import DecodeConfig
 from router_svc.dispatch import kv_mismatch
@@ -30,6 +30,7 @@ from tests.conftest import (
     ENGINE_START_TIMEOUT,
     disaggregated,
     engine_process,
+    make_small_llama,
     private_etcd,
     running,
 )
@@ -88,19 +89,7 @@ def own_etcd() -> Iterator[EmbeddedEtcd]:
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
-    """A two-layer Llama with 4 heads (2 KV heads), random weights, the bundled tokenizer."""
-    path = tmp_path_factory.mktemp("small-llama")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True, initializer_range=0.5,  # spread logits: no near-ties in argmax
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return make_small_llama(tmp_path_factory.mktemp("small-llama"), model_dir)
 
 
 async def _members(etcd: EmbeddedEtcd) -> list[common_pb2.Member]:

@@ -6,8 +6,10 @@ the engine's side of that: which names are loaded, from where, and how many requ
 run with each, so that
 
 - a request for an unknown adapter is refused before vLLM allocates anything;
-- an adapter is checked against the engine (rank, a PEFT directory) before vLLM reads
-  its weights, so the common mistakes get a message that names the setting;
+- an adapter is checked against the engine (rank, a PEFT directory, the shapes of the
+  layers it adapts) before vLLM reads its weights, so the common mistakes get a
+  message that names the setting. The shapes matter most: vLLM's CPU and GPU loaders
+  accept an adapter made for another model and fail only when a batch first runs it;
 - unloading is safe: the name is withdrawn at once (new requests are refused and the
   member record stops listing it), and vLLM drops the weights only once the requests
   running with it have finished.
@@ -21,6 +23,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import struct
 from pathlib import Path
 
 from services.errors import AlreadyExists, InvalidRequest, ModelNotFound
@@ -63,11 +66,50 @@ def read_rank(path: Path) -> int:
     return rank
 
 
-class AdapterSet:
-    """The adapters of one engine whose base model is ``base``."""
+#: Float tensors in safetensors headers: their shapes are the layer's (quantized ones are packed).
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+_PEFT_PREFIX = "base_model.model."
 
-    def __init__(self, base: str, max_rank: int, enabled: bool) -> None:
+
+def tensor_shapes(directory: Path) -> dict[str, tuple[str, list[int]]]:
+    """Name -> (dtype, shape) of every tensor in a directory's safetensors files, read
+    from their headers alone (an 8-byte length, then JSON): no weights are loaded."""
+    shapes: dict[str, tuple[str, list[int]]] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with path.open("rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+        shapes.update(
+            (name, (str(entry["dtype"]), list(entry["shape"])))
+            for name, entry in header.items() if name != "__metadata__"
+        )
+    return shapes
+
+
+def misfit(adapter_dir: Path, model_dir: Path) -> str:
+    """Why the adapter cannot apply to the model ("" when nothing says so): a LoRA pair
+    ``A`` (rank x in) and ``B`` (out x rank) must match the base layer's (out x in).
+    Layers the base checkpoint stores otherwise (fused, quantized) are left to vLLM."""
+    base = tensor_shapes(model_dir)
+    for name, (_, shape) in tensor_shapes(adapter_dir).items():
+        module, _, part = name.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
+        weight = base.get(module + ".weight")
+        if weight is None or weight[0] not in _FLOAT_DTYPES or len(shape) != 2 or len(weight[1]) != 2:
+            continue
+        out_features, in_features = weight[1]
+        if part == "A.weight" and shape[1] != in_features:
+            return f"{module} takes {in_features} inputs in the base model, {shape[1]} in the adapter"
+        if part == "B.weight" and shape[0] != out_features:
+            return f"{module} has {out_features} outputs in the base model, {shape[0]} in the adapter"
+    return ""
+
+
+class AdapterSet:
+    """The adapters of one engine whose base model is ``base``, loaded from ``model_dir``."""
+
+    def __init__(self, base: str, model_dir: Path, max_rank: int, enabled: bool) -> None:
         self.base = base
+        self.model_dir = model_dir
         self.max_rank = max_rank
         self.enabled = enabled
         self._adapters: dict[str, Adapter] = {}
@@ -105,6 +147,8 @@ class AdapterSet:
                 f"adapter {name!r} has rank {rank}; this engine takes at most {self.max_rank} (--max-lora-rank)",
                 "lora_path",
             )
+        if reason := misfit(source, self.model_dir):
+            raise InvalidRequest(f"adapter {name!r} does not fit {self.base!r}: {reason}", "lora_path")
         return source, rank
 
     def add(self, name: str, source: Path, rank: int) -> Adapter:

@@ -101,7 +101,7 @@ class EngineRunner:
         self._external_hits = 0
         self._event_dir = tempfile.mkdtemp(prefix="stagemesh-kvev-")
         self._bridge: ZmqKvEventBridge | None = None
-        self.adapters = AdapterSet(model.name, config.max_lora_rank, config.lora_enabled)
+        self.adapters = AdapterSet(model.name, model.path, config.max_lora_rank, config.lora_enabled)
         #: Adapters of the requests running or waiting, as of vLLM's latest stats.
         self._active_adapters: list[str] = []
         self._adapter_lock = asyncio.Lock()
