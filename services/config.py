@@ -188,7 +188,9 @@ def _flag_name(field: dataclasses.Field[Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type[StageConfig]) -> None:
-    """Add one flag per config field; values stay strings until :func:`build_config`."""
+    """Add one flag per config field; values stay strings until :func:`build_config`.
+    A list's flag may be repeated (``--lora a=/p --lora b=/q``) or take a comma list."""
+    hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         env = ENV_PREFIX + field.name.upper()
         default = _default_of(field)
@@ -196,6 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type[StageConfig]
             f"--{_flag_name(field)}",
             dest=field.name,
             default=None,
+            action="append" if typing.get_origin(hints[field.name]) is list else "store",
             metavar=field.name.upper(),
             help=f"{field.metadata.get('help', '')} [env {env}; default {default!r}]",
         )
@@ -219,6 +222,8 @@ def build_config(
             source = ENV_PREFIX + field.name.upper()
         if raw is None:
             continue
+        if isinstance(raw, list) and all(isinstance(part, str) for part in raw):
+            raw = ",".join(raw)  # a repeated flag: every value counts
         if not isinstance(raw, str):
             values[field.name] = raw
             continue

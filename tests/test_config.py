@@ -28,6 +28,9 @@ def test_types_lists_maps_and_booleans() -> None:
     assert config.labels == {"zone": "z1", "host": "h2"}
     assert config.drain_seconds == 2.5
     assert config.instance_id.startswith("tokenizer-")
+    # A list's flag may also be repeated: every value counts, not only the last.
+    repeated = parse_config(TokenizerConfig, ["--model", "a=/m/a", "--model", "/m/b,/m/c"])
+    assert repeated.model == ["a=/m/a", "/m/b", "/m/c"]
 
 
 def test_bad_value_names_its_source() -> None:

@@ -108,3 +108,24 @@ def test_kv_aware_counts_store_blocks_for_prefill_workers_that_use_the_store() -
     assert (choice.peer.key, choice.matched_blocks, choice.reason) == ("b", 8, "store_prefix_hit")
     # Without the store the holder of two blocks wins.
     assert KvAware(index, 4.0 * BLOCK, 8).choose([a, b], hashes).peer.key == "a"
+
+
+def test_a_full_set_of_adapter_slots_counts_as_one_more_request() -> None:
+    """An engine whose LoRA slots are all taken by other adapters makes a request for a
+    new adapter wait for one: in the rank and in the KV-aware cost alike."""
+
+    def lora_peer(key: str, queued: int, active: list[str]) -> Peer:
+        member = common_pb2.Member(
+            instance_id=key, role=common_pb2.ROLE_DECODE, kv_block_size=BLOCK, models=["base"], adapter_slots=1,
+            adapters=[common_pb2.Adapter(name=name, parent="base") for name in ("x", "y")],
+        )
+        load = engine_pb2.Load(running_requests=queued, active_adapters=active)
+        return Peer(key, member, client=None, load=load)  # type: ignore[arg-type]
+
+    busy, other = lora_peer("a", 1, ["x"]), lora_peer("b", 1, ["y"])
+    assert (busy.slot_wait("y"), busy.slot_wait("x"), busy.slot_wait("base")) == (1, 0, 0)
+    assert busy.rank("y") > other.rank("y") and busy.rank("x") < other.rank("x")
+    hashes = chain_hashes(PROMPT, BLOCK)
+    policy = KvAware(index_with({"a": 2, "b": 2}), load_weight=4.0 * BLOCK, max_queue=8)
+    assert policy.choose([busy, other], hashes, "y").peer.key == "b"
+    assert policy.choose([other, busy], hashes, "x").peer.key == "a"
