@@ -37,6 +37,9 @@ class Catalogue:
         self._workers = workers
         self._wait = worker_wait
         self._infos: dict[str, asyncio.Future[tokenizer_pb2.ModelInfo]] = {}
+        #: Called with a name no member serves, before it is refused: a wanted LoRA
+        #: adapter gets loaded (router_svc.adapters.AdapterControl.ensure).
+        self.ensure: Callable[[str], Awaitable[None]] | None = None
         self._decoders: dict[str, asyncio.Future[TokenDecoder]] = {}
 
     async def tokenizer(self, model: str, call: Callable[[TokenizerClient], Awaitable[T]]) -> T:
@@ -82,6 +85,9 @@ class Catalogue:
                 raise Unavailable("the tokenizer member lists no models")
             return tokenizer.member.models[0]
         served = self._names()
+        if name not in served and self.ensure is not None:
+            await self.ensure(name)
+            served = self._names()
         if name not in served:
             raise ModelNotFound(
                 f"model {name!r} is not served here; models: {', '.join(sorted(served)) or 'none'}"

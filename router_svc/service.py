@@ -119,7 +119,10 @@ class RouterStage(Stage):
         self._audit = AuditLog(config.audit_log, config.audit_content, config.audit_max_mib, config.audit_backups)
         self._guard = Guard(config.guard_url, config.guard_fail, config.guard_timeout, config.guard_output)
         pipeline = Pipeline(config, self._workers, policy, self._audit, self._guard)
-        adapters = AdapterControl(self._workers, pipeline.catalogue, config.adapter_load_timeout)
+        self._adapters = adapters = AdapterControl(
+            self._session, self._workers, pipeline.catalogue, config.adapter_load_timeout, config.worker_wait
+        )
+        pipeline.catalogue.ensure = adapters.ensure
         self._servicer = RouterServicer(pipeline, self._workers, index, adapters)
         self._keys = ApiKeys.from_settings(config.api_key, config.api_key_file)
         self._bridge = (
@@ -141,12 +144,14 @@ class RouterStage(Stage):
 
     async def start(self) -> None:
         await self._workers.start()
+        self._adapters.start()
         if self._bridge is not None:
             await self._bridge.start(self._config.http_host or self._config.host, self._config.http_port)
 
     async def stop(self) -> None:
         if self._bridge is not None:
             await self._bridge.stop()
+        await self._adapters.close()
         await self._workers.close()
         await self._session.close()
         await self._guard.close()

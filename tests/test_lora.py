@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -23,10 +24,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from router_svc.adapters import ADAPTERS_PREFIX
 from router_svc.kv_index import KvIndex
-from services.clients import RouterClient
+from services.clients import EngineClient, RouterClient
 from services.engine.adapters import AdapterSet
 from services.errors import AlreadyExists, InvalidRequest, ModelNotFound
+from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
 from services.kv.hashing import ROOT, chain_hashes, chain_root
 from services.model import BUNDLED_NAME
@@ -330,3 +333,34 @@ async def test_adapters_sharing_a_prompt_never_share_kv(
     assert await cached("tone") >= 4 * BLOCK
     assert await metric(lora_mesh, "stagemesh_router_prefix_hit_tokens_total") >= predicted + 4 * BLOCK
     await mesh_client.unload_adapter("calm")
+
+
+@engines
+async def test_wanted_adapters_reach_engines_that_lack_them(
+    lora_mesh: Mesh, own_etcd: EmbeddedEtcd, mesh_client: RouterClient, made: dict[str, Path],
+    model_dir: Path, prompt: list[int],
+) -> None:
+    """Adapters loaded at run time are wanted in etcd: an engine that loses one (as a
+    restarted engine starts without it) gets it back, and a request for a wanted
+    adapter no engine has yet waits for it to be loaded instead of failing."""
+    await mesh_client.load_adapter("terse", str(made["terse"]))
+    async with EngineClient(lora_mesh.decode.grpc_address) as decode:
+        await decode.unload_adapter("terse")
+    deadline = time.monotonic() + 15
+    while list((await adapters_by_role(mesh_client)).values()).count({"tone", "terse"}) < 2:
+        assert time.monotonic() < deadline, await adapters_by_role(mesh_client)
+        await asyncio.sleep(0.2)
+    await mesh_client.unload_adapter("terse")
+
+    # Wanted by another router a moment ago; no engine has it yet.
+    session = EtcdSession([("127.0.0.1", own_etcd.client_port)])
+    try:
+        wanted = common_pb2.Adapter(name="late", parent=BUNDLED_NAME, source=str(made["calm"]))
+        await (await session.client()).put((ADAPTERS_PREFIX + "late").encode(), wanted.SerializeToString())
+    finally:
+        await session.close()
+    await asyncio.sleep(0.3)  # the router's watch of the wanted adapters
+    assert await generate(mesh_client, "late", prompt) == greedy(model_dir, prompt, made["calm"])
+    assert list((await adapters_by_role(mesh_client)).values()).count({"tone", "late"}) == 2
+    await mesh_client.unload_adapter("late")
+    assert all(names == {"tone"} or not names for names in (await adapters_by_role(mesh_client)).values())
