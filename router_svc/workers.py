@@ -228,6 +228,8 @@ class Workers:
             await asyncio.sleep(self._load_interval)
 
     async def _poll(self, peer: Peer) -> None:
+        """One load poll; never raises. A failed poll leaves the load unknown: a poller
+        that died here would leave every later pick blind to load."""
         assert isinstance(peer.client, EngineClient)
         try:
             peer.load = await peer.client.load(timeout=max(self._load_interval * 2, 1.0))
@@ -235,3 +237,5 @@ class Workers:
             peer.load = None
             if error.code() == grpc.StatusCode.UNAVAILABLE and peer.down_until <= time.monotonic():
                 self.mark_down(peer)
+        except grpc.aio.UsageError:  # the member left (an etcd blip) and its channel closed mid-poll
+            peer.load = None

@@ -13,13 +13,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.clients import TokenizerClient, health_status
+from router_svc.workers import Peer, Workers
+from services.clients import EngineClient, TokenizerClient, health_status
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
 from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX, MemberWatcher, role_prefix
 from services.net import free_port
-from services.pb import common_pb2, tokenizer_pb2
+from services.pb import common_pb2, engine_pb2, tokenizer_pb2
 from tests.conftest import STAGE_START_TIMEOUT, tokenizer_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -230,3 +231,17 @@ async def test_a_value_that_does_not_parse_is_skipped(etcd_session: EtcdSession)
     finally:
         await watcher.close()
         await client.delete_prefix(prefix.encode())
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_load_poll_on_a_closed_channel_leaves_the_load_unknown(etcd_session: EtcdSession) -> None:
+    """A member that leaves while its load is being polled has its channel closed under
+    the poll: the poll must not raise, or the router's poller (one task for every
+    engine) would stop and every later pick would be blind to load."""
+    workers = Workers(etcd_session, control_timeout=1.0, load_interval=0.1)
+    client = EngineClient(f"127.0.0.1:{free_port()}")
+    peer = Peer("/stagemesh/v1/members/decode/gone", common_pb2.Member(role=common_pb2.ROLE_DECODE), client,
+                load=engine_pb2.Load(running_requests=1))
+    await client.close()
+    await workers._poll(peer)
+    assert peer.load is None

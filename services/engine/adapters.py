@@ -43,6 +43,8 @@ class Adapter:
     #: Withdrawn: no new requests; vLLM unloads it once ``running`` reaches 0.
     unloading: bool = False
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: The task that unloads it from vLLM once idle (it outlives the call that asked).
+    removal: asyncio.Task[None] | None = None
 
     def record(self, parent: str) -> common_pb2.Adapter:
         return common_pb2.Adapter(name=self.name, parent=parent, source=str(self.source), rank=self.rank)
@@ -172,6 +174,11 @@ class AdapterSet:
         adapter.running -= 1
         if not adapter.running:
             adapter.idle.set()
+
+    def leaving(self, name: str) -> Adapter | None:
+        """The adapter called ``name`` that is being unloaded, if one is."""
+        adapter = self._adapters.get(name)
+        return adapter if adapter is not None and adapter.unloading else None
 
     def withdraw(self, name: str) -> Adapter:
         """Start unloading ``name``: refuse new requests for it. NOT_FOUND when not loaded."""

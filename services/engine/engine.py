@@ -269,6 +269,9 @@ class EngineRunner:
         """Load a LoRA adapter (idempotent for the same name and directory). A bad one
         is refused with the reason; the engine keeps serving."""
         engine = self._engine()
+        leaving = self.adapters.leaving(name)
+        if leaving is not None:  # loaded again while its unload drains: after it
+            await asyncio.shield(self.finish_unload(leaving))
         async with self._adapter_lock:
             prepared = self.adapters.prepare(name, path)
             if isinstance(prepared, Adapter):
@@ -294,12 +297,20 @@ class EngineRunner:
         self._engine()
         return self.adapters.withdraw(name)
 
-    async def unload_adapter(self, adapter: Adapter) -> None:
-        """Second half: once the requests running with it are done, vLLM drops it."""
+    def finish_unload(self, adapter: Adapter) -> asyncio.Task[None]:
+        """Second half: once the requests running with it are done, vLLM drops it. One
+        task per adapter, which runs on when the caller waiting for it goes away."""
+        if adapter.removal is None:
+            adapter.removal = asyncio.create_task(self._remove_when_idle(adapter), name=f"unload {adapter.name}")
+        return adapter.removal
+
+    async def _remove_when_idle(self, adapter: Adapter) -> None:
         await adapter.idle.wait()
         async with self._adapter_lock:
-            await self._engine().remove_lora(adapter.lora_id)
-            self.adapters.remove(adapter)
+            try:
+                await self._engine().remove_lora(adapter.lora_id)
+            finally:
+                self.adapters.remove(adapter)
         log.info("adapter %s unloaded", adapter.name)
 
     @staticmethod

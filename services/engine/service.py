@@ -281,7 +281,7 @@ class EngineServicer:
         runner = self._ready()
         adapter = await runner.withdraw_adapter(request.name)
         await self._publish()
-        await runner.unload_adapter(adapter)
+        await asyncio.shield(runner.finish_unload(adapter))  # a caller that leaves does not stop it
         return engine_pb2.UnloadAdapterResponse()
 
     async def _publish(self) -> None:
