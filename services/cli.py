@@ -118,7 +118,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         health = await asyncio.gather(*(health_status(m.grpc_address) for m in members))
         loads = await asyncio.gather(*(load_of(m) for m in members))
         return [
-            (role_name(m.role), m.instance_id, m.grpc_address, status, ",".join(m.models), load)
+            (role_name(m.role), m.instance_id, m.grpc_address, status,
+             ",".join([*m.models, *(f"+{a.name}" for a in m.adapters)]), load)
             for m, status, load in zip(members, health, loads)
         ]
 
@@ -205,6 +206,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     models = args.model or [""]
     if layout.count("decode") < len(models) and args.decode is None:
         args.decode = len(models)  # every model needs a decode engine of its own
+        if args.prefill is None:  # and a layout without prefill engines stays without
+            args.prefill = layout.count("prefill")
         layout = _layout(args, allowed_cores(), len(gpus))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     print(layout.describe(), flush=True)
