@@ -30,7 +30,14 @@ from router_svc.catalogue import Catalogue
 from router_svc.workers import ENGINE_ROLES, Peer, Workers
 from services.aio import cancel_and_wait
 from services.clients import EngineClient
-from services.errors import AlreadyExists, InvalidRequest, ModelNotFound, StageError, from_rpc_error
+from services.errors import (
+    AlreadyExists,
+    InvalidRequest,
+    ModelNotFound,
+    StageError,
+    Unavailable,
+    from_rpc_error,
+)
 from services.etcd import EtcdSession
 from services.membership import ROOT, MemberWatcher
 from services.pb import common_pb2
@@ -158,9 +165,13 @@ class AdapterControl:
         if not name or not (engines or was_wanted):
             raise ModelNotFound(f"adapter {name!r} is not loaded", "lora_name")
         # No longer wanted first, so that no router loads it again behind this unload.
-        client = await self._session.client()
-        await client.delete((ADAPTERS_PREFIX + name).encode())
+        try:
+            client = await self._session.client()
+            await client.delete((ADAPTERS_PREFIX + name).encode())
+        except Exception as exc:  # noqa: BLE001 - any etcd failure: nothing was unloaded
+            raise Unavailable(f"etcd did not take the unload of {name!r} ({exc}); nothing was unloaded") from None
         await self._wait_view(lambda: name not in self.wanted(), f"adapter {name} not wanted")
+        engines = [p for p in self._engines(name) if name not in p.member.models]  # a reconcile may have added one
         results = await asyncio.gather(*(self._call(p, "unload", name) for p in engines))
         unloaded = [p.member.instance_id for p, error in zip(engines, results) if error is None]
         failed = [error for error in results if error is not None and not isinstance(error, ModelNotFound)]
