@@ -124,15 +124,22 @@ async def small_engines(
     own_etcd: EmbeddedEtcd, home: Path, small_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[StageProcess, StageProcess]]:
     """The small model on a prefill engine of two tensor-parallel ranks (one per core)
-    and on a decode engine of one."""
+    and on a decode engine of one. Its tests are ``isolated``: they run before the
+    session's engines exist. Beside them, the two ranks' multiprocess executor (whose
+    processes spin while they wait) starved this two-core host for tens of seconds in
+    CI (etcd leases ran out). The lease on the prefill's KV is long for the same reason:
+    the test is about where the KV goes, not how fast."""
     log_dir = tmp_path_factory.mktemp("small-engines")
     model = ("--model", f"small={small_model}", "--max-model-len", "2048", "--cpu-cores", "0-1")
-    prefill = engine_process("prefill", own_etcd.endpoint, home, log_dir, *model, "--tensor-parallel-size", "2")
+    prefill = engine_process(
+        "prefill", own_etcd.endpoint, home, log_dir, *model, "--tensor-parallel-size", "2", "--kv-lease-seconds", "120"
+    )
     decode = engine_process("decode", own_etcd.endpoint, home, log_dir, *model)
     async with running(prefill, ENGINE_START_TIMEOUT), running(decode, ENGINE_START_TIMEOUT):
         yield prefill, decode
 
 
+@pytest.mark.isolated
 @pytest.mark.asyncio(loop_scope="session")
 async def test_tensor_parallel_over_two_cores_matches_one_rank(
     own_etcd: EmbeddedEtcd, small_engines: tuple[StageProcess, StageProcess],
@@ -145,6 +152,7 @@ async def test_tensor_parallel_over_two_cores_matches_one_rank(
     assert await _generate(small_engines[0].grpc_address, prompt) == expected
 
 
+@pytest.mark.isolated
 @pytest.mark.asyncio(loop_scope="session")
 async def test_kv_moves_from_two_ranks_to_one(
     small_engines: tuple[StageProcess, StageProcess], small_prompt_and_greedy: tuple[list[int], list[int]],
