@@ -189,18 +189,23 @@ def _flag_name(field: dataclasses.Field[Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type[StageConfig]) -> None:
     """Add one flag per config field; values stay strings until :func:`build_config`.
-    A list's flag may be repeated (``--lora a=/p --lora b=/q``) or take a comma list."""
+    A list's flag may be repeated (``--lora a=/p --lora b=/q``) or take a comma list; a
+    boolean's may stand alone (``--enable-lora``) or take a value (``--kvstore false``)."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         env = ENV_PREFIX + field.name.upper()
         default = _default_of(field)
+        kind = hints[field.name]
+        shape: dict[str, Any] = {"action": "append"} if typing.get_origin(kind) is list else {}
+        if kind is bool:
+            shape = {"nargs": "?", "const": "true"}
         parser.add_argument(
             f"--{_flag_name(field)}",
             dest=field.name,
             default=None,
-            action="append" if typing.get_origin(hints[field.name]) is list else "store",
             metavar=field.name.upper(),
             help=f"{field.metadata.get('help', '')} [env {env}; default {default!r}]",
+            **shape,
         )
 
 

@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from decode_svc.config import DecodeConfig
 from services.config import StageConfig, build_config, parse_config, parse_endpoints
 from services.net import ephemeral_ports, free_port
 from tokenizer_svc.config import TokenizerConfig
@@ -31,6 +32,9 @@ def test_types_lists_maps_and_booleans() -> None:
     # A list's flag may also be repeated: every value counts, not only the last.
     repeated = parse_config(TokenizerConfig, ["--model", "a=/m/a", "--model", "/m/b,/m/c"])
     assert repeated.model == ["a=/m/a", "/m/b", "/m/c"]
+    # A boolean's flag alone means true; with a value, the value.
+    assert parse_config(DecodeConfig, ["--enable-lora"]).enable_lora is True
+    assert parse_config(DecodeConfig, ["--kvstore", "false", "--enable-lora", "no"]).kvstore is False
 
 
 def test_bad_value_names_its_source() -> None:
