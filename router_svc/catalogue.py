@@ -37,10 +37,10 @@ class Catalogue:
         self._workers = workers
         self._wait = worker_wait
         self._infos: dict[str, asyncio.Future[tokenizer_pb2.ModelInfo]] = {}
+        self._decoders: dict[str, asyncio.Future[TokenDecoder]] = {}
         #: Called with a name no member serves, before it is refused: a wanted LoRA
         #: adapter gets loaded (router_svc.adapters.AdapterControl.ensure).
         self.ensure: Callable[[str], Awaitable[None]] | None = None
-        self._decoders: dict[str, asyncio.Future[TokenDecoder]] = {}
 
     async def tokenizer(self, model: str, call: Callable[[TokenizerClient], Awaitable[T]]) -> T:
         """A unary call on the least-loaded tokenizer member of base model ``model``,
@@ -68,9 +68,10 @@ class Catalogue:
         return found
 
     def base(self, name: str) -> str:
-        """The base model of ``name``: its parent for an adapter, else ``name`` itself."""
+        """The base model of ``name``: its parent for an adapter, else ``name`` itself (a
+        base model's name wins over an adapter an engine was started with under it)."""
         adapter = self.adapters().get(name)
-        return adapter.parent if adapter is not None else name
+        return adapter.parent if adapter is not None and name not in self._bases() else name
 
     def _names(self) -> list[str]:
         """Base models, then the adapters of those base models."""
