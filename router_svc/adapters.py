@@ -27,7 +27,7 @@ from collections.abc import Callable
 import grpc
 
 from router_svc.catalogue import Catalogue
-from router_svc.workers import ENGINE_ROLES, Peer, Workers
+from router_svc.workers import Peer, Workers
 from services.aio import cancel_and_wait
 from services.clients import EngineClient
 from services.errors import (
@@ -97,12 +97,12 @@ class AdapterControl:
             await asyncio.sleep(0.05)
 
     def _engines(self, model: str) -> list[Peer]:
-        return [p for p in self._workers.peers.values() if p.role in ENGINE_ROLES and p.serves(model)]
+        return self._workers.engines(model)
 
     def _base_for(self, name: str, base_model: str) -> str:
         """The base model a new adapter attaches to: the request's, or else the only one
         whose engines run with LoRA."""
-        engines = [p for p in self._workers.peers.values() if p.role in ENGINE_ROLES]
+        engines = self._workers.engines()
         bases = sorted({m for p in engines for m in p.member.models})
         if base_model:
             if base_model not in bases:

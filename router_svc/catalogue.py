@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from router_svc.failover import Failover
-from router_svc.workers import ENGINE_ROLES, Peer, Workers
+from router_svc.workers import Peer, Workers
 from services.aio import fetch_once
 from services.clients import TokenizerClient
 from services.detokenizer import TokenDecoder
@@ -61,10 +61,9 @@ class Catalogue:
     def adapters(self) -> dict[str, common_pb2.Adapter]:
         """Every LoRA adapter an engine member lists now, by name."""
         found: dict[str, common_pb2.Adapter] = {}
-        for peer in self._workers.peers.values():
-            if peer.role in ENGINE_ROLES:
-                for adapter in peer.member.adapters:
-                    found.setdefault(adapter.name, adapter)
+        for peer in self._workers.engines():
+            for adapter in peer.member.adapters:
+                found.setdefault(adapter.name, adapter)
         return found
 
     def base(self, name: str) -> str:
@@ -124,9 +123,8 @@ class Catalogue:
             if name in adapters:
                 card.parent, card.source = adapters[name].parent, adapters[name].source
             card.max_model_len = self.max_model_len(name, await self.info(name))
-            for peer in self._workers.peers.values():
-                if peer.role in ENGINE_ROLES and peer.serves(name):
-                    role = role_name(peer.role)
-                    card.members_by_role[role] = card.members_by_role.get(role, 0) + 1
+            for peer in self._workers.engines(name):
+                role = role_name(peer.role)
+                card.members_by_role[role] = card.members_by_role.get(role, 0) + 1
             cards.append(card)
         return cards

@@ -173,6 +173,11 @@ class Workers:
             if role == common_pb2.ROLE_UNSPECIFIED or m.role == role
         ]
 
+    def engines(self, model: str = "") -> list[Peer]:
+        """Every engine member (prefill and decode) serving ``model`` (any model when
+        empty), usable now or not: for views of the mesh, not for picking."""
+        return [p for p in self.peers.values() if p.role in ENGINE_ROLES and p.serves(model)]
+
     def load_of(self, instance_id: str) -> engine_pb2.Load | None:
         for peer in self.peers.values():
             if peer.member.instance_id == instance_id:
@@ -223,8 +228,7 @@ class Workers:
 
     async def _poll_loads(self) -> None:
         while True:
-            engines = [p for p in self.peers.values() if p.role in ENGINE_ROLES]
-            await asyncio.gather(*(self._poll(peer) for peer in engines))
+            await asyncio.gather(*(self._poll(peer) for peer in self.engines()))
             await asyncio.sleep(self._load_interval)
 
     async def _poll(self, peer: Peer) -> None:

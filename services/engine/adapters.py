@@ -88,11 +88,11 @@ def tensor_shapes(directory: Path) -> dict[str, tuple[str, list[int]]]:
     return shapes
 
 
-def misfit(adapter_dir: Path, model_dir: Path) -> str:
-    """Why the adapter cannot apply to the model ("" when nothing says so): a LoRA pair
-    ``A`` (rank x in) and ``B`` (out x rank) must match the base layer's (out x in).
-    Layers the base checkpoint stores otherwise (fused, quantized) are left to vLLM."""
-    base = tensor_shapes(model_dir)
+def misfit(adapter_dir: Path, base: dict[str, tuple[str, list[int]]]) -> str:
+    """Why the adapter cannot apply to the model whose tensor shapes are ``base`` (""
+    when nothing says so): a LoRA pair ``A`` (rank x in) and ``B`` (out x rank) must
+    match the base layer's (out x in). Layers the base checkpoint stores otherwise
+    (fused, quantized) are left to vLLM."""
     for name, (_, shape) in tensor_shapes(adapter_dir).items():
         module, _, part = name.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
         weight = base.get(module + ".weight")
@@ -112,6 +112,8 @@ class AdapterSet:
     def __init__(self, base: str, model_dir: Path, max_rank: int, enabled: bool) -> None:
         self.base = base
         self.model_dir = model_dir
+        #: The base checkpoint's tensor shapes, read at the first load (they never change).
+        self._base_shapes: dict[str, tuple[str, list[int]]] | None = None
         self.max_rank = max_rank
         self.enabled = enabled
         self._adapters: dict[str, Adapter] = {}
@@ -149,7 +151,9 @@ class AdapterSet:
                 f"adapter {name!r} has rank {rank}; this engine takes at most {self.max_rank} (--max-lora-rank)",
                 "lora_path",
             )
-        if reason := misfit(source, self.model_dir):
+        if self._base_shapes is None:
+            self._base_shapes = tensor_shapes(self.model_dir)
+        if reason := misfit(source, self._base_shapes):
             raise InvalidRequest(f"adapter {name!r} does not fit {self.base!r}: {reason}", "lora_path")
         return source, rank
 
