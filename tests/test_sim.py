@@ -104,6 +104,8 @@ def test_profiles_and_profile_files(tmp_path) -> None:
     # Dynamo's published polynomial: 1,000 uncached tokens take about 32 ms.
     assert default.step_seconds(1000, 0, 0.0, 1.0) == pytest.approx((4.21e-7 * 1e6 + 15.18 + 16.5) / 1000)
     assert default.step_seconds(0, 8, 0.5, 2.0) == pytest.approx((-25.74 * 0.25 + 54.01 * 0.5 + 5.74) / 2000)
+    assert default.step_seconds(0, 8, 3.0, 1.0) == pytest.approx((-25.74 + 54.01 + 5.74) / 1000)  # full, capped
+    assert default.transfer_seconds(1000, 23_040, 1.0) == pytest.approx(1000 * 23_040 / 25e9)
     path = tmp_path / "profile.json"
     path.write_text('{"name": "x", "source": "test", "prefill_ms": [0, 0.1, 1], "decode_ms": [0, 0, 7]}')
     assert load_profile(str(path)).step_seconds(0, 1, 0.3, 1.0) == pytest.approx(0.007)

@@ -67,6 +67,7 @@ class SimRunner:
         self._crash_task: asyncio.Task[None] | None = None
         self._tokens: TokenSource | None = None
         self._eos_id: int | None = None
+        self._kv_bytes_per_token = 0
         self._running: set[str] = set()
         self._prefill_engines: dict[str, EngineClient] = {}
         self._rng = random.Random(config.instance_id)
@@ -88,6 +89,7 @@ class SimRunner:
         context = int(model_config.get("max_position_embeddings") or 8192)
         self.max_model_len = min(self.config.max_model_len or context, self.total_blocks * self.block_size)
         self._tokens = TokenSource.for_model(self.model.path, vocab_size)
+        self._kv_bytes_per_token = kv_bytes_per_token(model_config)
         self.events = KvEventLog(self.block_size, replay_window=self.config.kv_event_window)
         pool = BlockPool(self.total_blocks, self.block_size, self.events)
         host, _, port = self.nixl_address.rpartition(":")
@@ -150,7 +152,7 @@ class SimRunner:
             params.logprobs if params.HasField("logprobs") else None,
             prefill_only=bool(params_kv.get("do_remote_decode")),
             transfer_seconds=(
-                self.profile.transfer_seconds(prompt_tokens, self.config.sim_speedup)
+                self.profile.transfer_seconds(prompt_tokens, self._kv_bytes_per_token, self.config.sim_speedup)
                 if params_kv.get("do_remote_prefill") else 0.0
             ),
             fail_after=fail_after(self.config.sim_fail_rate, max_tokens, self._rng),
@@ -256,6 +258,15 @@ class SimRunner:
             await asyncio.sleep(0.02)
         log.error("simulated crash after %d tokens (--sim-exit-after-tokens)", tokens)
         os._exit(70)
+
+
+def kv_bytes_per_token(model_config: dict[str, Any]) -> int:
+    """KV bytes one token takes in a 16-bit cache: layers x 2 (K and V) x KV heads x head
+    size x 2 bytes, from a Hugging Face config (as the mocker reads it)."""
+    heads = int(model_config.get("num_attention_heads") or 1)
+    kv_heads = int(model_config.get("num_key_value_heads") or heads)
+    head_dim = int(model_config.get("head_dim") or int(model_config.get("hidden_size", 0)) // heads)
+    return int(model_config.get("num_hidden_layers", 0)) * 2 * kv_heads * head_dim * 2
 
 
 def _log_release_failure(task: asyncio.Task[list[str]]) -> None:

@@ -165,9 +165,15 @@ class Scheduler:
             if not scheduled:
                 await self._idle(started)
                 continue
-            step = self.profile.step_seconds(prefill_tokens, decoding, self.pool.usage, self.speedup)
+            step = self.profile.step_seconds(prefill_tokens, decoding, self._decode_occupancy(scheduled), self.speedup)
             await asyncio.sleep(max(0.0, started + step - loop.time()))
             self._apply(scheduled)
+
+    def _decode_occupancy(self, scheduled: list[tuple[_Sequence, int]]) -> float:
+        """The tokens of the sequences that emit a token this step over the cache's
+        capacity in tokens (the mocker's "active KV tokens" share)."""
+        active = sum(s.length for s, n in scheduled if s.computed + n >= s.length)
+        return active / (self.pool.num_blocks * self.pool.block_size)
 
     async def _idle(self, now: float) -> None:
         """Wait for a request, a finished transfer or a freed block."""

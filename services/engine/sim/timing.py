@@ -11,7 +11,7 @@ The file format (``--sim-profile PATH``) is JSON::
     {"name": "h100-llama-8b", "source": "measured with ...",
      "prefill_ms": [a, b, c],        # a*N^2 + b*N + c for N uncached tokens in the step
      "decode_ms": [a, b, c],         # a*p^2 + b*p + c for KV occupancy p in [0, 1]
-     "kv_bytes_per_token": 131072,   # for P/D transfer times
+     "kv_bytes_per_token": 131072,   # for P/D transfer times (0 or absent: the model's)
      "transfer_gbps": 25.0}          # KV transfer bandwidth, GB/s
 """
 
@@ -32,25 +32,31 @@ class TimingProfile:
     prefill_ms: tuple[float, float, float]
     #: Quadratic in the KV cache's occupancy p in [0, 1], milliseconds.
     decode_ms: tuple[float, float, float]
-    kv_bytes_per_token: int = 131_072
+    #: Bytes of KV per token moved in a P/D handoff (0: the served model's, from its config).
+    kv_bytes_per_token: int = 0
     transfer_gbps: float = 25.0
 
     def step_seconds(self, prefill_tokens: int, decoding: int, occupancy: float, speedup: float) -> float:
         """Seconds one step takes: a prefill part for its uncached prompt tokens plus a
         decode part when it decodes any sequence (a mixed step pays both, as a chunked
-        prefill batched with decodes does)."""
+        prefill batched with decodes does). ``occupancy`` is the decoding sequences'
+        tokens over the cache's capacity in tokens, and the decode part is at least 1 ms:
+        both as Dynamo's mocker computes them, so the two compare like with like."""
         ms = 0.0
         if prefill_tokens:
             a, b, c = self.prefill_ms
             ms += a * prefill_tokens * prefill_tokens + b * prefill_tokens + c
         if decoding:
             a, b, c = self.decode_ms
-            ms += max(a * occupancy * occupancy + b * occupancy + c, 0.0)
+            p = min(occupancy, 1.0)
+            ms += max(a * p * p + b * p + c, 1.0)
         return ms / 1000.0 / speedup
 
-    def transfer_seconds(self, tokens: int, speedup: float) -> float:
-        """Seconds to move ``tokens`` tokens of KV from a prefill engine to a decode engine."""
-        return tokens * self.kv_bytes_per_token / (self.transfer_gbps * 1e9) / speedup
+    def transfer_seconds(self, tokens: int, bytes_per_token: int, speedup: float) -> float:
+        """Seconds to move ``tokens`` tokens of KV from a prefill engine to a decode engine
+        (``bytes_per_token`` where the profile names none)."""
+        size = self.kv_bytes_per_token or bytes_per_token
+        return tokens * size / (self.transfer_gbps * 1e9) / speedup
 
 
 PROFILES: dict[str, TimingProfile] = {
@@ -92,7 +98,7 @@ def load_profile(name_or_path: str) -> TimingProfile:
             source=str(data.get("source", str(path))),
             prefill_ms=_quadratic(data["prefill_ms"]),
             decode_ms=_quadratic(data["decode_ms"]),
-            kv_bytes_per_token=int(data.get("kv_bytes_per_token", 131_072)),
+            kv_bytes_per_token=int(data.get("kv_bytes_per_token", 0)),
             transfer_gbps=float(data.get("transfer_gbps", 25.0)),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
