@@ -54,7 +54,9 @@ class Result:
 
 
 def _read_usage(line: bytes, result: Result) -> None:
-    usage = json.loads(line[6:]).get("usage") or {}
+    usage = json.loads(line[6:]).get("usage")
+    if not usage:
+        return
     result.output_tokens = int(usage.get("completion_tokens") or 0)
     result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
     result.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
@@ -68,7 +70,7 @@ async def _read_stream(reply: aiohttp.ClientResponse, result: Result, started: f
             continue
         if line.startswith(b"data: [DONE]"):
             break
-        if b'"usage":{' in line:
+        if b'"usage"' in line:  # vLLM and Dynamo write "usage":{, stagemesh "usage": {; null mid-stream
             _read_usage(line, result)
         if line.startswith(b'data: {"error"'):
             error = json.loads(line[6:])["error"]

@@ -33,14 +33,11 @@ def build(target: str, spec: EngineSpec, policy: str, args: argparse.Namespace, 
 
         return DynamoDeployment(spec, policy, args.model_dir, MODEL, log_dir, kv_transfer_gbps=args.kv_transfer_gbps)
     if target == "stagemesh":
-        # ---- stagemesh's side: bench/scale/mesh.py, written with the simulated engine ----
-        # Expected: MeshDeployment(spec, policy, model_dir, model, log_dir, home) implementing
-        # bench.scale.deploy.Deployment, starting etcd, the tokenizer, the router with
-        # ``policy`` and spec.engines (+ spec.prefill) simulated engines, fresh each time.
-        from bench.scale import mesh  # type: ignore[attr-defined]
+        from bench.scale.mesh import MeshDeployment
 
-        deployment: Deployment = mesh.MeshDeployment(spec, policy, args.model_dir, MODEL, log_dir, Path(args.home))
-        return deployment
+        return MeshDeployment(
+            spec, policy, args.model_dir, MODEL, log_dir, Path(args.home), kv_transfer_gbps=args.kv_transfer_gbps
+        )
     raise SystemExit(f"unknown target {target!r} (dynamo, stagemesh)")
 
 
