@@ -132,6 +132,10 @@ class MeshDeployment:
     def _log_tail(self) -> str:
         return "\n".join(f"-- {p.name}:\n{p.log_tail(15)}" for p in self._processes)
 
+    @property
+    def etcd_port(self) -> int:
+        return self._etcd.client_port
+
     async def engine_members(self) -> int:
         """Engine members registered in etcd now."""
         session = EtcdSession([("127.0.0.1", self._etcd.client_port)])

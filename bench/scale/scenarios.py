@@ -110,14 +110,13 @@ async def token_path(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) 
 
 
 async def control_plane(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) -> list[Row]:
-    """Membership churn, reaction time, load-poll cost, index memory: stagemesh's own
-    control plane, measured by ``bench.scale.mesh.control_plane`` (the lead's)."""
+    """Membership reaction, load-poll cost, KV-index decisions: stagemesh's own control
+    plane (bench/scale/control.py)."""
     if args.target != ["stagemesh"]:
         raise SystemExit("the control-plane scenario measures stagemesh's members: --target stagemesh")
-    from bench.scale import mesh  # type: ignore[attr-defined]
+    from bench.scale.control import control_plane as measure_control_plane
 
-    rows: list[Row] = await mesh.control_plane(args, spec, log_dir)
-    return rows
+    return await measure_control_plane(args, spec, log_dir)
 
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace, EngineSpec, Path], Awaitable[list[Row]]]] = {
