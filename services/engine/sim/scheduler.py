@@ -31,6 +31,10 @@ from services.engine.sim.tokens import TokenSource
 from services.errors import Unavailable
 from services.kv.hashing import chain_hashes, chain_root
 
+#: A step that starts later than this after its predecessor was due starts a new schedule
+#: (the loop was busy elsewhere: that time is not made up).
+_LATE_SECONDS = 0.005
+
 
 @dataclasses.dataclass
 class SimRequest:
@@ -158,15 +162,21 @@ class Scheduler:
     async def run(self) -> None:
         """Step for as long as the engine lives."""
         loop = asyncio.get_running_loop()
+        #: When the previous step was due to end. Steps follow that schedule rather than
+        #: the moment a sleep returned: the event loop's timers wake up to a millisecond
+        #: late, and at accelerator pace (steps of a few ms) that would add up.
+        due = 0.0
         while True:
             self._expire_leases()
-            started = loop.time()
-            scheduled, prefill_tokens, decoding = self._schedule(started)
+            now = loop.time()
+            scheduled, prefill_tokens, decoding = self._schedule(now)
             if not scheduled:
-                await self._idle(started)
+                due = 0.0
+                await self._idle(now)
                 continue
             step = self.profile.step_seconds(prefill_tokens, decoding, self._decode_occupancy(scheduled), self.speedup)
-            await asyncio.sleep(max(0.0, started + step - loop.time()))
+            due = (due if now - due < _LATE_SECONDS else now) + step
+            await asyncio.sleep(max(0.0, due - loop.time()))
             self._apply(scheduled)
 
     def _decode_occupancy(self, scheduled: list[tuple[_Sequence, int]]) -> float:
