@@ -206,3 +206,23 @@ async def test_member_churn_under_load_fails_no_request(sim_mesh: SimMesh) -> No
 
     tokens, _ = await asyncio.gather(load(), churn())
     assert tokens == [30] * 96
+
+
+async def test_streams_failing_mid_generation_finish_elsewhere(sim_mesh: SimMesh) -> None:
+    """Engines that fail half their streams part-way (fault injection): every request
+    still completes, with the text of an undisturbed run."""
+    await asyncio.to_thread(sim_mesh.engines["four"].stop)
+    await sim_mesh.wait_members(12)
+    flaky = sim_mesh.engine("flaky", 4, "--sim-fail-rate", "0.5")
+    flaky.start()
+    await flaky.wait_healthy(60)
+    await sim_mesh.wait_members(16)
+    prompts = [f"Fable {i}: a fox and a crow" for i in range(16 * MAX_NUM_SEQS)]
+    decisions = await sim_mesh.metric("stagemesh_router_decisions_total")
+    results = await asyncio.gather(*(complete(sim_mesh, p, 40, stream=True) for p in prompts))
+    assert all(tokens == 40 for _, tokens, _ in results)
+    assert await sim_mesh.metric("stagemesh_router_decisions_total") > decisions + len(prompts)
+    await asyncio.to_thread(flaky.stop)
+    await sim_mesh.wait_members(12)
+    calm = await asyncio.gather(*(complete(sim_mesh, p, 40) for p in prompts))
+    assert [text for text, _, _ in results] == [text for text, _, _ in calm]
