@@ -39,6 +39,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from services.credentials import MESH_KEY_ENV
 from services.engine.adapters import Adapter, AdapterSet
+from services.engine.backend import batches
 from services.engine.config import EngineConfig
 from services.engine.kv_release import END_KV_LEASES
 from services.engine.sampling import to_vllm
@@ -341,8 +342,9 @@ class EngineRunner:
         loading_kv: bool = False,
         cache_salt: str = "",
         adapter: str = "",
-    ) -> AsyncIterator[RequestOutput]:
-        """Run one request, yielding vLLM's delta outputs; leaving early aborts it.
+    ) -> AsyncIterator[list[RequestOutput]]:
+        """Run one request, yielding vLLM's delta outputs in batches (every output made
+        since the caller last took one); leaving early aborts it.
         ``cache_salt`` keeps its prefix-cache blocks apart from other salts' (vLLM's);
         ``adapter`` names the LoRA adapter to run with (vLLM keeps its blocks apart too)."""
         engine = self._engine()
@@ -360,11 +362,9 @@ class EngineRunner:
         )
         finished = False
         try:
-            while (item := await request.outputs.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+            async for batch in batches(request.outputs):
+                finished = batch[-1].finished
+                yield batch
         finally:
             if not finished:
                 await self.abort(request_id)

@@ -134,11 +134,11 @@ class EngineServicer:
         )
         final = None
         try:
-            async for output in runner.stream(
+            async for batch in runner.stream(
                 request_id, request.prompt_token_ids, sampling, cache_salt=request.sampling.cache_salt,
                 adapter=request.adapter,
             ):
-                final = output
+                final = batch[-1]
         except asyncio.CancelledError:
             # The caller left just as the prompt finished: nobody will collect its KV.
             if final is not None and final.finished and final.kv_transfer_params:
@@ -187,51 +187,26 @@ class EngineServicer:
             kv_params = params_from_handle(handle)
         sampling = runner.sampling(request.sampling, len(request.prompt_token_ids), kv_params)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
-        completion_tokens = 0
-        async for output in runner.stream(
+        reply = _Reply(request)
+        interval = runner.config.stream_interval
+        async for batch in runner.stream(
             request_id, request.prompt_token_ids, sampling, loading_kv=kv_params is not None,
             cache_salt=request.sampling.cache_salt, adapter=request.adapter,
         ):
-            sequence = output.outputs[0]
-            if sequence.finish_reason == "error" and kv_params is not None and not completion_tokens:
+            sequence = batch[0].outputs[0]
+            if sequence.finish_reason == "error" and kv_params is not None and not reply.completion_tokens:
                 # vLLM's kv_load_failure_policy "fail": the KV could not be pulled.
                 raise KvNotCollected(
                     f"could not collect KV transfer handle {request.kv_handle.remote_request_id!r} "
                     f"from {request.kv_handle.remote_host}:{request.kv_handle.remote_port}: it is "
                     "unknown or expired, or the prefill worker is gone; prefill again or run aggregated"
                 )
-            completion_tokens += len(sequence.token_ids)
-            reply = engine_pb2.GenerateResponse(token_ids=list(sequence.token_ids))
-            if output.prompt_logprobs:
-                reply.prompt_logprobs.extend(
-                    _position_logprobs(token_id, entry, request.sampling.prompt_logprobs)
-                    for token_id, entry in zip(request.prompt_token_ids, output.prompt_logprobs)
-                    if entry is not None
-                )
-            if sequence.logprobs:
-                reply.logprobs.extend(
-                    _position_logprobs(token_id, entry, request.sampling.logprobs)
-                    for token_id, entry in zip(sequence.token_ids, sequence.logprobs)
-                    if entry is not None
-                )
-            if output.finished:
-                reply.finish_reason = _FINISH_REASONS.get(
-                    sequence.finish_reason or "", common_pb2.FINISH_REASON_STOP
-                )
-                if isinstance(sequence.stop_reason, int):
-                    reply.stop_token_id = sequence.stop_reason
-                elif sequence.finish_reason == "stop" and sequence.token_ids:
-                    # vLLM reports its own EOS with no stop reason (engines get no stop
-                    # strings, so a "stop" without one is always the EOS token).
-                    reply.stop_token_id = sequence.token_ids[-1]
-                reply.usage.CopyFrom(
-                    common_pb2.Usage(
-                        prompt_tokens=len(request.prompt_token_ids),
-                        completion_tokens=completion_tokens,
-                        cached_tokens=int(output.num_cached_tokens or 0),
-                    )
-                )
-            yield reply
+            for output in batch:
+                reply.add(output)
+            # --stream-interval holds ids back until that many are ready (not the first, nor the last).
+            if reply.sent and not batch[-1].finished and len(reply.message.token_ids) < interval:
+                continue
+            yield reply.take()
 
     async def Abort(
         self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -321,6 +296,57 @@ def _position_logprobs(token_id: int, entry: dict[int, Any], top_k: int) -> comm
         chosen=item(token_id) if token_id in entry else common_pb2.TokenLogprob(token_id=token_id),
         top=[item(tid) for tid in ranked[:top_k]],
     )
+
+
+class _Reply:
+    """The next GenerateResponse of a stream, built from one or more engine outputs: ids
+    made while the router was behind travel in one message, with their logprobs, and the
+    finish reason, stop token and usage of the last."""
+
+    def __init__(self, request: engine_pb2.GenerateRequest) -> None:
+        self._request = request
+        self.message = engine_pb2.GenerateResponse()
+        self.completion_tokens = 0
+        self.sent = False
+
+    def add(self, output: Any) -> None:
+        request, message = self._request, self.message
+        sequence = output.outputs[0]
+        self.completion_tokens += len(sequence.token_ids)
+        message.token_ids.extend(sequence.token_ids)
+        if output.prompt_logprobs:
+            message.prompt_logprobs.extend(
+                _position_logprobs(token_id, entry, request.sampling.prompt_logprobs)
+                for token_id, entry in zip(request.prompt_token_ids, output.prompt_logprobs)
+                if entry is not None
+            )
+        if sequence.logprobs:
+            message.logprobs.extend(
+                _position_logprobs(token_id, entry, request.sampling.logprobs)
+                for token_id, entry in zip(sequence.token_ids, sequence.logprobs)
+                if entry is not None
+            )
+        if not output.finished:
+            return
+        message.finish_reason = _FINISH_REASONS.get(sequence.finish_reason or "", common_pb2.FINISH_REASON_STOP)
+        if isinstance(sequence.stop_reason, int):
+            message.stop_token_id = sequence.stop_reason
+        elif sequence.finish_reason == "stop" and sequence.token_ids:
+            # vLLM reports its own EOS with no stop reason (engines get no stop
+            # strings, so a "stop" without one is always the EOS token).
+            message.stop_token_id = sequence.token_ids[-1]
+        message.usage.CopyFrom(
+            common_pb2.Usage(
+                prompt_tokens=len(request.prompt_token_ids),
+                completion_tokens=self.completion_tokens,
+                cached_tokens=int(output.num_cached_tokens or 0),
+            )
+        )
+
+    def take(self) -> engine_pb2.GenerateResponse:
+        message, self.message = self.message, engine_pb2.GenerateResponse()
+        self.sent = True
+        return message
 
 
 class PrefillMembers:

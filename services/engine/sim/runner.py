@@ -29,6 +29,7 @@ from typing import Any
 
 from services.clients import EngineClient
 from services.engine.adapters import Adapter, AdapterSet
+from services.engine.backend import batches
 from services.engine.config import EngineConfig
 from services.engine.lengths import output_budget
 from services.engine.sim.cache import BlockPool
@@ -165,8 +166,8 @@ class SimRunner:
     async def stream(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: SimRequest,
         loading_kv: bool = False, cache_salt: str = "", adapter: str = "",
-    ) -> AsyncIterator[SimOutput]:
-        """Run one request, yielding its outputs; leaving early aborts it."""
+    ) -> AsyncIterator[list[SimOutput]]:
+        """Run one request, yielding its outputs in batches; leaving early aborts it."""
         scheduler = self._ready()
         if request_id in self._running:
             raise InvalidRequest(f"request id {request_id!r} is already running")
@@ -177,14 +178,12 @@ class SimRunner:
         outputs = scheduler.add(sampling)
         finished = False
         try:
-            while (item := await outputs.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                if sampling.kv_source is not None and item.outputs[0].token_ids:
+            async for batch in batches(outputs):
+                finished = batch[-1].finished
+                if sampling.kv_source is not None:
                     self._collected(*sampling.kv_source)  # the KV is in: the prefill engine may free it
                     sampling.kv_source = None
-                yield item
+                yield batch
         finally:
             self._running.discard(request_id)
             if lora is not None:
