@@ -5,6 +5,7 @@ with refusals counted by status."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from functools import partial
@@ -93,8 +94,11 @@ async def server() -> AsyncIterator[str]:
     async def events(request: web.Request, chunks: list[dict[str, object]]) -> web.StreamResponse:
         reply = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await reply.prepare(request)
-        for chunk in chunks:
-            await reply.write(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
+        for chunk in chunks:  # each event in two writes, cut mid-line
+            event = b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+            await reply.write(event[:9])
+            await asyncio.sleep(0.001)
+            await reply.write(event[9:])
         await reply.write(b"data: [DONE]\n\n")
         return reply
 
