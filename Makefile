@@ -6,7 +6,7 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip install --constraint requirements/constraints.txt
 PY := $(VENV)/bin/python
 
-.PHONY: install install-engine up test lint protos check-protos clean bench-env bench-vs-vllm \
+.PHONY: install install-engine up test test-unit lint protos check-protos clean bench-env bench-vs-vllm \
 	bench-dynamo-env
 
 $(VENV)/bin/python:
@@ -41,6 +41,10 @@ up: install-engine
 
 test: install-engine tests/node/node_modules/.package-lock.json
 	$(PY) -m pytest
+
+# The pure-logic tests (marker "unit"): seconds, no process started.
+test-unit: install-engine
+	$(PY) -m pytest -m unit -q
 
 # guidellm, the benchmark client, in an environment of its own: its dependencies are
 # not the engines' (pinned here, as the version the results were measured with).

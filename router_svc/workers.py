@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from router_svc.kv_subscriber import KvSubscriber
+from router_svc.metrics import WORKERS
 from services.aio import cancel_and_wait
 from services.clients import EngineClient, KvStoreClient, TokenizerClient
 from services.errors import Unavailable
@@ -106,6 +107,7 @@ class Workers:
         self._closing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        WORKERS.source = self.states
         self._watcher.start()
         self._poller = asyncio.create_task(self._poll_loads(), name="load poller")
 
@@ -161,6 +163,15 @@ class Workers:
                 await asyncio.sleep(0.1)
         finally:
             await peer.client.close()
+
+    def states(self) -> dict[tuple[str, str], int]:
+        """Members by (role, ``up`` or ``down``), for the workers gauge."""
+        now = time.monotonic()
+        counts: dict[tuple[str, str], int] = {}
+        for peer in self.peers.values():
+            state = (role_name(peer.role), "down" if peer.down_until > now else "up")
+            counts[state] = counts.get(state, 0) + 1
+        return counts
 
     def store_keys(self) -> list[str]:
         """Keys of the KV stores in the mesh (their blocks are in the KV index under them)."""

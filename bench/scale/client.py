@@ -31,8 +31,14 @@ import aiohttp
 
 from bench.scale.workload import Request
 
-#: Chunks that carry no generated text: usage-only, role-only and finish-only events.
-_EMPTY_MARKERS = (b'"choices":[]', b'"text":""', b'"content":""', b'"delta":{}')
+#: Chunks that carry no generated text: usage-only, role-only and finish-only events, as
+#: compact JSON (vLLM, Dynamo) or with Python's default separators (stagemesh).
+_EMPTY_MARKERS = tuple(
+    marker for compact in (b'"choices":[]', b'"text":""', b'"content":""', b'"delta":{}')
+    for marker in (compact, compact.replace(b":", b": ", 1))
+)
+#: The usage event's object (other chunks carry none, or ``"usage":null``).
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
 
@@ -57,7 +63,9 @@ class Result:
 
 
 def _read_usage(line: bytes, result: Result) -> None:
-    usage = json.loads(line[6:]).get("usage") or {}
+    usage = json.loads(line[6:]).get("usage")
+    if not usage:
+        return
     result.output_tokens = int(usage.get("completion_tokens") or 0)
     result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
     result.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
@@ -69,7 +77,7 @@ def _take_line(line: bytes, result: Result, now: float) -> bool:
         return False
     if line.startswith(b"data: [DONE]"):
         return True
-    if b'"usage":{' in line:
+    if any(marker in line for marker in _USAGE_MARKERS):
         _read_usage(line, result)
     if line.startswith(b'data: {"error"'):
         error = json.loads(line[6:])["error"]

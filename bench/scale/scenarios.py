@@ -33,23 +33,12 @@ def build(target: str, spec: EngineSpec, policy: str, args: argparse.Namespace, 
 
         return DynamoDeployment(spec, policy, args.model_dir, MODEL, log_dir, kv_transfer_gbps=args.kv_transfer_gbps)
     if target == "stagemesh":
-        # ---- stagemesh's side: bench/scale/mesh.py, written with the simulated engine ----
-        # Expected: MeshDeployment(spec, policy, model_dir, model, log_dir, home) implementing
-        # bench.scale.deploy.Deployment, starting etcd, the tokenizer, the router with
-        # ``policy`` and spec.engines (+ spec.prefill) simulated engines, fresh each time.
-        deployment: Deployment = _mesh().MeshDeployment(spec, policy, args.model_dir, MODEL, log_dir,
-                                                        Path(args.home))
-        return deployment
+        from bench.scale.mesh import MeshDeployment
+
+        return MeshDeployment(
+            spec, policy, args.model_dir, MODEL, log_dir, Path(args.home), kv_transfer_gbps=args.kv_transfer_gbps
+        )
     raise SystemExit(f"unknown target {target!r} (dynamo, stagemesh)")
-
-
-def _mesh() -> Any:
-    """stagemesh's side of the lab, or a clear exit while it is not written."""
-    try:
-        from bench.scale import mesh  # type: ignore[attr-defined, unused-ignore]
-    except ImportError as error:
-        raise SystemExit(f"--target stagemesh needs bench/scale/mesh.py ({error})") from error
-    return mesh
 
 
 async def measure(deployment: Deployment, drive: Callable[[str], Awaitable[Run]], **labels: Any) -> Row:
@@ -122,12 +111,13 @@ async def token_path(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) 
 
 
 async def control_plane(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) -> list[Row]:
-    """Membership churn, reaction time, load-poll cost, index memory: stagemesh's own
-    control plane, measured by ``bench.scale.mesh.control_plane`` (the lead's)."""
+    """Membership reaction, load-poll cost, KV-index decisions: stagemesh's own control
+    plane (bench/scale/control.py)."""
     if args.target != ["stagemesh"]:
         raise SystemExit("the control-plane scenario measures stagemesh's members: --target stagemesh")
-    rows: list[Row] = await _mesh().control_plane(args, spec, log_dir)
-    return rows
+    from bench.scale.control import control_plane as measure_control_plane
+
+    return await measure_control_plane(args, spec, log_dir)
 
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace, EngineSpec, Path], Awaitable[list[Row]]]] = {
