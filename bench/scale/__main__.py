@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--stream-prompt-tokens", type=int, default=64)
     load.add_argument("--stream-output-tokens", type=int, default=256)
     load.add_argument("--chat", action="store_true", help="token-path through /v1/chat/completions")
+    load.add_argument("--text", action="store_true", help="text prompts instead of token ids (lengths approximate)")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--churn-rounds", type=int, default=3, help="control-plane: join/drain/crash rounds")
     add_output_arguments(parser, DEFAULT_HOME)

@@ -66,6 +66,7 @@ async def routing(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) -> 
     workload = TenantWorkload(
         tenants=args.tenants, prefix_tokens=args.prefix_tokens, query_tokens=args.query_tokens,
         output_tokens=args.output_tokens, qps=tuple(args.qps), step_seconds=args.step_seconds, seed=args.seed,
+        text=args.text,
     )
     rows = []
     for target, policy in targets_and_policies(args):
@@ -88,7 +89,7 @@ async def pd(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) -> list[
         for layout, layout_spec in layouts.items():
             async with build(target, layout_spec, policy, args, log_dir) as deployment:
                 for mix in args.mixes:
-                    workload = PdMix(mix, tuple(args.qps), args.step_seconds, args.seed)
+                    workload = PdMix(mix, tuple(args.qps), args.step_seconds, args.seed, args.text)
                     for rate, schedule in workload.steps(deployment.model):
                         rows.append(await measure(deployment, partial(open_loop, schedule=schedule),
                                                   layout=layout, mix=mix, qps=rate))
