@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds a member that refused a connection is skipped.
 DOWN_SECONDS = 3.0
+#: The batch (--max-num-seqs) against which one running request counts as one unit of
+#: load: a CPU engine's default, where --kv-load-weight and --kv-max-queue were tuned.
+REFERENCE_BATCH = 32
 #: Roles whose members run an engine (and report load).
 ENGINE_ROLES = frozenset({common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE})
 
@@ -77,6 +80,18 @@ class Peer:
         if self.load is None:
             return self.in_flight
         return max(self.in_flight, self.load.running_requests + self.load.waiting_requests)
+
+    def load_units(self) -> float:
+        """Queued work in units of one request on a :data:`REFERENCE_BATCH` engine: each
+        request waiting for a batch slot counts 1, each running one counts the engine's
+        share of that batch. An accelerator engine that runs 256 sequences at once is
+        barely slower with 20 of them running; a CPU engine that runs 32 is (the load
+        weight was tuned there). Waiting is the engine's report, or more when this router
+        has sent more calls than the report shows."""
+        queued = self.queued()
+        running = min(self.load.running_requests if self.load is not None else 0, queued)
+        share = REFERENCE_BATCH / max(REFERENCE_BATCH, self.member.max_concurrency)
+        return (queued - running) + running * share
 
     def rank(self, model: str = "") -> tuple[int, float, int, float]:
         """Sort key, least loaded first: queued work (waiting counts twice, and so does
