@@ -23,6 +23,7 @@ from google.protobuf import descriptor
 from services.engine.backend import EngineBackend
 from services.engine.config import EngineConfig
 from services.engine.metrics import ENGINE_LOADS
+from services.engine.replies import Reply
 from services.errors import InvalidRequest, KvNotCollected, PermissionDenied, Unavailable
 from services.etcd import EtcdSession
 from services.kv.handles import EXTRA_KEYS, HandleSigner, allowed_extra, issuer_mismatch
@@ -31,12 +32,6 @@ from services.model import ModelSpec, resolve_model
 from services.pb import common_pb2, engine_pb2
 from services.server import Stage
 
-_FINISH_REASONS = {
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "abort": common_pb2.FINISH_REASON_ABORT,
-    "error": common_pb2.FINISH_REASON_ERROR,
-}
 # kv_transfer_params keys with a typed home in KvTransferHandle; others travel in extra_json.
 _TYPED_KEYS = {
     "remote_engine_id", "remote_block_ids", "remote_host", "remote_port",
@@ -187,7 +182,7 @@ class EngineServicer:
             kv_params = params_from_handle(handle)
         sampling = runner.sampling(request.sampling, len(request.prompt_token_ids), kv_params)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
-        reply = _Reply(request)
+        reply = Reply(request)
         interval = runner.config.stream_interval
         async for batch in runner.stream(
             request_id, request.prompt_token_ids, sampling, loading_kv=kv_params is not None,
@@ -281,72 +276,6 @@ class EngineServicer:
         now = time.time()
         for request_id in [r for r, (expiry, _) in self._handles.items() if expiry < now]:
             del self._handles[request_id]
-
-
-def _position_logprobs(token_id: int, entry: dict[int, Any], top_k: int) -> common_pb2.PositionLogprobs:
-    """vLLM's {token id: Logprob} at one position: the chosen token, plus the ``top_k``
-    most likely (vLLM adds the chosen token to the top ones when it ranks lower)."""
-
-    def item(tid: int) -> common_pb2.TokenLogprob:
-        value = entry[tid]
-        return common_pb2.TokenLogprob(token_id=tid, logprob=float(value.logprob), rank=int(value.rank or 0))
-
-    ranked = sorted(entry, key=lambda tid: entry[tid].rank or 0)
-    return common_pb2.PositionLogprobs(
-        chosen=item(token_id) if token_id in entry else common_pb2.TokenLogprob(token_id=token_id),
-        top=[item(tid) for tid in ranked[:top_k]],
-    )
-
-
-class _Reply:
-    """The next GenerateResponse of a stream, built from one or more engine outputs: ids
-    made while the router was behind travel in one message, with their logprobs, and the
-    finish reason, stop token and usage of the last."""
-
-    def __init__(self, request: engine_pb2.GenerateRequest) -> None:
-        self._request = request
-        self.message = engine_pb2.GenerateResponse()
-        self.completion_tokens = 0
-        self.sent = False
-
-    def add(self, output: Any) -> None:
-        request, message = self._request, self.message
-        sequence = output.outputs[0]
-        self.completion_tokens += len(sequence.token_ids)
-        message.token_ids.extend(sequence.token_ids)
-        if output.prompt_logprobs:
-            message.prompt_logprobs.extend(
-                _position_logprobs(token_id, entry, request.sampling.prompt_logprobs)
-                for token_id, entry in zip(request.prompt_token_ids, output.prompt_logprobs)
-                if entry is not None
-            )
-        if sequence.logprobs:
-            message.logprobs.extend(
-                _position_logprobs(token_id, entry, request.sampling.logprobs)
-                for token_id, entry in zip(sequence.token_ids, sequence.logprobs)
-                if entry is not None
-            )
-        if not output.finished:
-            return
-        message.finish_reason = _FINISH_REASONS.get(sequence.finish_reason or "", common_pb2.FINISH_REASON_STOP)
-        if isinstance(sequence.stop_reason, int):
-            message.stop_token_id = sequence.stop_reason
-        elif sequence.finish_reason == "stop" and sequence.token_ids:
-            # vLLM reports its own EOS with no stop reason (engines get no stop
-            # strings, so a "stop" without one is always the EOS token).
-            message.stop_token_id = sequence.token_ids[-1]
-        message.usage.CopyFrom(
-            common_pb2.Usage(
-                prompt_tokens=len(request.prompt_token_ids),
-                completion_tokens=self.completion_tokens,
-                cached_tokens=int(output.num_cached_tokens or 0),
-            )
-        )
-
-    def take(self) -> engine_pb2.GenerateResponse:
-        message, self.message = self.message, engine_pb2.GenerateResponse()
-        self.sent = True
-        return message
 
 
 class PrefillMembers:

@@ -34,7 +34,8 @@ from services.engine.config import EngineConfig
 from services.engine.lengths import output_budget
 from services.engine.sim.cache import BlockPool
 from services.engine.sim.outputs import SimOutput
-from services.engine.sim.scheduler import Scheduler, SimRequest, fail_after
+from services.engine.sim.requests import SimRequest, fail_after
+from services.engine.sim.scheduler import Scheduler
 from services.engine.sim.timing import load_profile
 from services.engine.sim.tokens import TokenSource
 from services.errors import InvalidRequest, StageError, Unavailable
