@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from services.clients import EngineClient
-from services.engine.adapters import Adapter, AdapterSet
+from services.engine.adapters import Adapter, AdapterSet, load_configured
 from services.engine.backend import batches
 from services.engine.config import EngineConfig
 from services.engine.lengths import output_budget
@@ -38,7 +38,7 @@ from services.engine.sim.requests import SimRequest, fail_after
 from services.engine.sim.scheduler import Scheduler
 from services.engine.sim.timing import load_profile
 from services.engine.sim.tokens import TokenSource
-from services.errors import InvalidRequest, StageError, Unavailable
+from services.errors import InvalidRequest, Unavailable
 from services.kv.events import KvEventLog
 from services.model import ModelSpec
 from services.pb import common_pb2, engine_pb2
@@ -106,11 +106,7 @@ class SimRunner:
         self._loop_task = asyncio.create_task(self._scheduler.run(), name=f"sim {self.config.instance_id}")
         if self.config.sim_exit_after_tokens:
             self._crash_task = asyncio.create_task(self._crash_after(self.config.sim_exit_after_tokens))
-        for name, path in self.config.lora_adapters():
-            try:
-                await self.load_adapter(name, path)
-            except StageError as exc:
-                raise SystemExit(f"--lora {name}={path}: {exc}") from None
+        await load_configured(self.config.lora_adapters(), self.load_adapter)
         log.info(
             "simulated engine ready: %s, profile %s, block size %d, %d KV blocks, context %d",
             self.model.name, self.profile.name, self.block_size, self.total_blocks, self.max_model_len,
