@@ -8,6 +8,7 @@ import dataclasses
 import random
 
 from services.engine.sim.outputs import SimOutput
+from services.engine.sim.tokens import WINDOW
 from services.kv.hashing import chain_hashes, chain_root
 
 
@@ -75,8 +76,20 @@ class SimSequence:
     def length(self) -> int:
         return len(self.request.prompt) + len(self.tokens)
 
-    def all_tokens(self) -> list[int]:
-        return self.request.prompt + self.tokens
+    def recent(self) -> list[int]:
+        """The last ids of the sequence, as many as decide the next one (not a copy of
+        a prompt of thousands: this runs once per token)."""
+        tokens = self.tokens[-WINDOW:]
+        missing = WINDOW - len(tokens)
+        return self.request.prompt[-missing:] + tokens if missing else tokens
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Ids ``start`` to ``end`` of prompt-then-output, copying only those."""
+        prompt = self.request.prompt
+        if end <= len(prompt):
+            return prompt[start:end]
+        return prompt[start:] + self.tokens[max(0, start - len(prompt)) : end - len(prompt)]
+
 
 
 def fail_after(rate: float, max_tokens: int, rng: random.Random) -> int | None:

@@ -242,14 +242,13 @@ class Scheduler:
         first = sequence.cached_blocks
         if full <= first:
             return
-        tokens = sequence.all_tokens()
         while len(sequence.hashes) < full:
             parent = sequence.hashes[-1] if sequence.hashes else sequence.root
             start = len(sequence.hashes) * size
-            sequence.hashes += chain_hashes(tokens[start : start + size], size, parent)
+            sequence.hashes += chain_hashes(sequence.token_slice(start, start + size), size, parent)
         self.pool.cache(
             sequence.blocks[first:full], sequence.hashes[first:full],
-            sequence.hashes[first - 1] if first else None, tokens[first * size : full * size],
+            sequence.hashes[first - 1] if first else None, sequence.token_slice(first * size, full * size),
             sequence.request.salt if not first else "", sequence.request.adapter if not first else "",
         )
         sequence.cached_blocks = full
@@ -259,14 +258,14 @@ class Scheduler:
         if request.fail_after is not None and len(sequence.tokens) >= request.fail_after:
             self._fail(sequence)
             return
-        context = sequence.all_tokens()
-        token_id = self._tokens.next_id(context, request.seed)
+        position = sequence.length
+        token_id = self._tokens.next_id(sequence.recent(), position, request.seed)
         sequence.tokens.append(token_id)
         self.tokens_out += 1
         reason, stop = self._finish_reason(sequence, token_id)
         logprobs = None
         if request.logprobs is not None:
-            logprobs = [self._position_logprobs(context, token_id, request.logprobs)]
+            logprobs = [self._position_logprobs(position, token_id, request.logprobs)]
         output = SimOutput(
             [SimCompletion([token_id], reason, stop, logprobs)], reason is not None, sequence.cached_tokens
         )
@@ -288,9 +287,9 @@ class Scheduler:
             return "length", None
         return None, None
 
-    def _position_logprobs(self, context: list[int], token_id: int, top: int) -> dict[int, SimLogprob]:
+    def _position_logprobs(self, position: int, token_id: int, top: int) -> dict[int, SimLogprob]:
         """The chosen id ranked first, then ``top`` neighbours with lower log-probabilities."""
-        chosen = self._tokens.logprob(context, token_id) / 8.0
+        chosen = self._tokens.logprob(position, token_id) / 8.0
         ranked = {token_id: SimLogprob(chosen, 1)}
         for rank in range(2, top + 1):
             ranked[(token_id + rank) % self._tokens.vocab_size] = SimLogprob(chosen - rank, rank)
