@@ -91,7 +91,6 @@ class SimSequence:
         return prompt[start:] + self.tokens[max(0, start - len(prompt)) : end - len(prompt)]
 
 
-
 def fail_after(rate: float, max_tokens: int, rng: random.Random) -> int | None:
     """Fault injection: with probability ``rate``, the token count after which a request fails."""
     if rate <= 0 or rng.random() >= rate:
