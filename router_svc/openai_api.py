@@ -9,9 +9,9 @@ README lists every field.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from router_svc.tools import ToolChoice, ToolPlan
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
@@ -275,7 +275,11 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Token ids first and strictly: pydantic's default ("smart") union validated a
+    # 7,000-id prompt against every member, 15 ms per request; left to right it is 0.6.
+    prompt: Annotated[
+        list[StrictInt] | str | list[str] | list[list[StrictInt]], Field(union_mode="left_to_right")
+    ]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
