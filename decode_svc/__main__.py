@@ -2,16 +2,21 @@
 
 from decode_svc.config import DecodeConfig
 from services.config import parse_config
+from services.exits import run_main
 from services.server import run_stage
+
+#: The name the stage goes by in its messages.
+PROG = "stagemesh decode"
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(DecodeConfig, argv, prog="stagemesh decode")
+    config = parse_config(DecodeConfig, argv, prog=PROG)
     config.claim_cores()  # before the engine stack loads: all it starts inherits the cores
+    config.check_ports()  # and before its import's seconds, a taken port is one line
     from decode_svc.stage import DecodeStage  # the engine stack (vLLM, torch): seconds to import
 
     run_stage(config, DecodeStage(config))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, PROG)

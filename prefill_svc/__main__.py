@@ -2,16 +2,21 @@
 
 from prefill_svc.config import PrefillConfig
 from services.config import parse_config
+from services.exits import run_main
 from services.server import run_stage
+
+#: The name the stage goes by in its messages.
+PROG = "stagemesh prefill"
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(PrefillConfig, argv, prog="stagemesh prefill")
+    config = parse_config(PrefillConfig, argv, prog=PROG)
     config.claim_cores()  # before the engine stack loads: all it starts inherits the cores
+    config.check_ports()  # and before its import's seconds, a taken port is one line
     from prefill_svc.stage import PrefillStage  # the engine stack (vLLM, torch): seconds to import
 
     run_stage(config, PrefillStage(config))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, PROG)

@@ -162,12 +162,16 @@ class StageServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         tls = self.credentials.tls
-        if tls is None:
-            self.port = self.server.add_insecure_port(address)
-        else:  # mutual TLS, except on a public stage's port (users hold API keys, not certificates)
-            self.port = self.server.add_secure_port(address, tls.server_credentials(not self.stage.public))
+        try:
+            if tls is None:
+                self.port = self.server.add_insecure_port(address)
+            else:  # mutual TLS, except on a public stage's port (users hold API keys, not certificates)
+                self.port = self.server.add_secure_port(address, tls.server_credentials(not self.stage.public))
+        except RuntimeError:  # grpc's "Failed to bind": taken since run_stage checked
+            self.port = 0
         if self.port == 0:
-            raise SystemExit(f"cannot bind gRPC on {self.config.host}:{self.config.port}")
+            self.config.check_ports()  # one line naming the holder, when it is a taken port
+            raise SystemExit(f"cannot bind gRPC on {address}")
         await self.server.start()
         if self.config.metrics_port >= 0:
             httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
@@ -249,6 +253,7 @@ def run_stage(config: StageConfig, stage: Stage) -> None:
 
     configure_logging(config.log_level, config.log_format, config.ROLE, config.instance_id)
     credentials.install(config.credentials())
+    config.check_ports()
     server = StageServer(config, stage)
     uvloop.run(server.serve())
     if server.exit_code:
