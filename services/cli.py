@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -343,6 +344,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print("stopping...", flush=True)
             stop_mesh(group, etcd, bound, report)
             print("stopped.", flush=True)
+        else:  # nothing started: no logs to keep
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _tls_flags(certs: dict[str, CertFiles], stage: str) -> list[str]:

@@ -20,6 +20,8 @@ EXIT_CONFIG = 78
 FINAL_EXIT_CODES = frozenset({EXIT_USAGE, EXIT_CONFIG})
 #: How every one-line reason of a stage begins (``stagemesh decode: ...``), argparse's too.
 REASON_PREFIX = "stagemesh "
+#: Longest reason shown; the log keeps the whole line.
+_REASON_CHARS = 400
 
 
 class StartFailed(Exception):
@@ -49,7 +51,7 @@ def reason_line(log_tail: str) -> str:
     """The one-line reason in the tail of a stage's log: its last line in the
     ``stagemesh <stage>: ...`` form, else its last line."""
     lines = [line for line in log_tail.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith(REASON_PREFIX):
-            return line
-    return lines[-1] if lines else "(its log is empty)"
+    found = next((line for line in reversed(lines) if line.startswith(REASON_PREFIX)), lines[-1] if lines else "")
+    if len(found) > _REASON_CHARS:  # vLLM lists every architecture it knows, for one it does not
+        found = found[:_REASON_CHARS] + "... (the whole line is in its log)"
+    return found or "(its log is empty)"

@@ -92,6 +92,14 @@ class Stage(abc.ABC):
         return None
 
 
+class _CannotStart(Exception):
+    """A stage's start raised SystemExit: carried through the drain to :func:`run_stage`."""
+
+    def __init__(self, code: str | int | None) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 class StageServer:
     """Runs one :class:`Stage` behind a grpc.aio server, with health, metrics and membership."""
 
@@ -186,7 +194,13 @@ class StageServer:
 
     async def _start_stage(self) -> None:
         started = time.monotonic()
-        await self.stage.start()
+        try:
+            await self.stage.start()
+        except SystemExit as exc:
+            # A setting that cannot work, found while loading (the engine refused the
+            # model). Out of a task, asyncio would end the loop without the drain and
+            # log the task as never retrieved: carried out as an ordinary error instead.
+            raise _CannotStart(exc.code) from None
         log.info("%s ready in %.1fs", common_pb2.Role.Name(self.stage.role), time.monotonic() - started)
         self._started_at = time.time()
         member = self._member()
@@ -255,6 +269,9 @@ def run_stage(config: StageConfig, stage: Stage) -> None:
     credentials.install(config.credentials())
     config.check_ports()
     server = StageServer(config, stage)
-    uvloop.run(server.serve())
+    try:
+        uvloop.run(server.serve())
+    except _CannotStart as exc:
+        raise SystemExit(exc.code) from None
     if server.exit_code:
         raise SystemExit(server.exit_code)
