@@ -43,7 +43,8 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, self._note)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, a hangup stays ignored
+                signal.signal(signum, self._note)
 
     def _note(self, signum: int, frame: object) -> None:
         self.signum = signum

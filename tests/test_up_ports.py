@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -117,6 +118,21 @@ def test_a_bad_model_path_ends_up_with_the_stage_s_own_reason(home: Path, model_
     lines = [line for line in done.stderr.splitlines() if line.startswith("stagemesh up:")]
     assert len(lines) == 1 and "cannot start: stagemesh " in lines[0] and reason in lines[0], done.stderr
     assert "Traceback" not in done.stderr
+    assert not started_for(mesh["etcd"])
+
+
+def test_a_stage_not_ready_by_the_start_timeout_is_named_with_its_log(home: Path, model_dir: Path) -> None:
+    # The engine is still loading when the deadline passes: `up` names it, shows its
+    # log, and stops it mid-load (its whole process group).
+    mesh = mesh_ports()
+    done, took = up(home, mesh, "--start-timeout", "8")
+    assert done.returncode == 1, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("stagemesh up:")]
+    assert "decode" in line.split(" not ready after 8s (--start-timeout)")[0], line
+    assert "--- decode ---" in done.stderr
+    assert re.search(r"\[\s*\d+s\] ready: -; starting: tokenizer, router, ", done.stdout), done.stdout  # progress
+    assert "Traceback" not in done.stderr
+    assert took < 60
     assert not started_for(mesh["etcd"])
 
 
