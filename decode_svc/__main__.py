@@ -2,8 +2,8 @@
 
 from decode_svc.config import DecodeConfig
 from services.config import parse_config
+from services.engine.launch import run_engines
 from services.exits import run_main
-from services.server import run_stage
 
 #: The name the stage goes by in its messages.
 PROG = "stagemesh decode"
@@ -13,9 +13,11 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(DecodeConfig, argv, prog=PROG)
     config.claim_cores()  # before the engine stack loads: all it starts inherits the cores
     config.check_ports()  # and before its import's seconds, a taken port is one line
-    from decode_svc.stage import DecodeStage  # the engine stack (vLLM, torch): seconds to import
+    from decode_svc.stage import (
+        DecodeStage,  # with --engine vllm, vLLM and torch load later: seconds
+    )
 
-    run_stage(config, DecodeStage(config))
+    run_engines(config, DecodeStage)
 
 
 if __name__ == "__main__":

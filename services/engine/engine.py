@@ -41,13 +41,14 @@ from services.credentials import MESH_KEY_ENV
 from services.engine.adapters import Adapter, AdapterSet
 from services.engine.config import EngineConfig
 from services.engine.kv_release import END_KV_LEASES
+from services.engine.sampling import to_vllm
 from services.engine.vllm_events import ZmqKvEventBridge
 from services.errors import InvalidRequest, StageDead, StageError
 from services.kv.events import KvEventLog
 from services.kv.nixl import POLL_MS_ENV
 from services.model import ModelSpec
 from services.net import free_port
-from services.pb import engine_pb2
+from services.pb import common_pb2, engine_pb2
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ class EngineRunner:
             optional["max_model_len"] = self.config.max_model_len
         if self.config.block_size:
             optional["block_size"] = self.config.block_size
+        if self.config.max_num_batched_tokens:
+            optional["max_num_batched_tokens"] = self.config.max_num_batched_tokens
         if self.config.kv_cache_blocks:
             optional["num_gpu_blocks_override"] = self.config.kv_cache_blocks
         if self.config.quantization:
@@ -253,6 +256,19 @@ class EngineRunner:
             for path in Path(self._event_dir).iterdir():
                 path.unlink()
             os.rmdir(self._event_dir)
+
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (its engine core died), or None."""
+        if self.engine is not None and self.engine.errored:
+            return f"the vLLM engine died: {self.engine.dead_error}"
+        return None
+
+    def sampling(
+        self, params: common_pb2.SamplingParams, prompt_tokens: int,
+        kv_transfer_params: dict[str, Any] | None = None, max_tokens: int | None = None,
+    ) -> SamplingParams:
+        """vLLM's sampling parameters for a request (checked; see :func:`to_vllm`)."""
+        return to_vllm(params, prompt_tokens, self.max_model_len, kv_transfer_params, max_tokens)
 
     def check_prompt(self, prompt_token_ids: Sequence[int]) -> None:
         """Reject an empty prompt or ids outside the vocabulary before vLLM sees them."""

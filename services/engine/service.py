@@ -2,7 +2,9 @@
 
 Prefill and decode differ only in their role, their NIXL ``kv_role`` and which calls
 they accept: a prefill member answers ``Prefill``; a decode member answers ``Generate``
-with or without a KV handle. The rest (abort, load, KV events) is the same.
+with or without a KV handle. The rest (abort, load, KV events) is the same. The engine
+inside is vLLM or the simulated engine (``--engine``), behind
+:class:`~services.engine.backend.EngineBackend`; nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -11,24 +13,21 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import grpc
 from google.protobuf import descriptor
-from prometheus_client import REGISTRY
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
+from services.engine.backend import EngineBackend
 from services.engine.config import EngineConfig
-from services.engine.engine import EngineRunner
-from services.engine.sampling import to_vllm
+from services.engine.metrics import ENGINE_LOADS
 from services.errors import InvalidRequest, KvNotCollected, PermissionDenied, Unavailable
 from services.etcd import EtcdSession
 from services.kv.handles import EXTRA_KEYS, HandleSigner, allowed_extra, issuer_mismatch
 from services.membership import MemberWatcher, role_prefix
-from services.model import resolve_model
+from services.model import ModelSpec, resolve_model
 from services.pb import common_pb2, engine_pb2
 from services.server import Stage
 
@@ -98,10 +97,10 @@ def params_from_handle(handle: common_pb2.KvTransferHandle) -> dict[str, Any]:
 
 
 class EngineServicer:
-    """EngineService over an :class:`EngineRunner`."""
+    """EngineService over an :class:`~services.engine.backend.EngineBackend`."""
 
     def __init__(
-        self, runner: EngineRunner, role: int, instance_id: str, signer: HandleSigner,
+        self, runner: EngineBackend, role: int, instance_id: str, signer: HandleSigner,
         issuers: PrefillMembers | None = None, publish: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._runner = runner
@@ -115,7 +114,7 @@ class EngineServicer:
         #: engine's own id for it, which vLLM's connector tracks).
         self._handles: dict[str, tuple[float, str]] = {}
 
-    def _ready(self) -> EngineRunner:
+    def _ready(self) -> EngineBackend:
         if self._runner.events is None:
             raise Unavailable("the engine is still starting")
         return self._runner
@@ -129,8 +128,8 @@ class EngineServicer:
             raise InvalidRequest("Prefill goes to a prefill member; this is a decode member")
         runner.check_prompt(request.prompt_token_ids)
         request_id = request.request_id or f"prefill-{uuid.uuid4().hex}"
-        sampling = to_vllm(
-            request.sampling, len(request.prompt_token_ids), runner.max_model_len,
+        sampling = runner.sampling(
+            request.sampling, len(request.prompt_token_ids),
             kv_transfer_params={"do_remote_decode": True}, max_tokens=1,
         )
         final = None
@@ -186,9 +185,7 @@ class EngineServicer:
                     f"the request has {len(request.prompt_token_ids)}"
                 )
             kv_params = params_from_handle(handle)
-        sampling = to_vllm(
-            request.sampling, len(request.prompt_token_ids), runner.max_model_len, kv_params
-        )
+        sampling = runner.sampling(request.sampling, len(request.prompt_token_ids), kv_params)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         completion_tokens = 0
         async for output in runner.stream(
@@ -326,37 +323,6 @@ def _position_logprobs(token_id: int, entry: dict[int, Any], top_k: int) -> comm
     )
 
 
-class _LoadCollector(Collector):
-    """The engine's load as Prometheus series, read from vLLM's latest scheduler stats
-    at scrape time (the figures the router routes by, for dashboards)."""
-
-    def __init__(self, runner: EngineRunner) -> None:
-        self._runner = runner
-
-    def collect(self) -> Iterator[Metric]:
-        load = self._runner.load(0)
-        requests = GaugeMetricFamily(
-            "stagemesh_engine_requests", "Requests in the engine's scheduler, by state", labels=["state"]
-        )
-        requests.add_metric(["running"], load.running_requests)
-        requests.add_metric(["waiting"], load.waiting_requests)
-        yield requests
-        yield GaugeMetricFamily(
-            "stagemesh_engine_kv_cache_usage", "Fraction of the engine's KV cache blocks in use", value=load.kv_cache_usage
-        )
-        yield GaugeMetricFamily(
-            "stagemesh_engine_prefix_cache_hit_rate", "Share of queried prompt tokens found in the engine's prefix cache",
-            value=load.prefix_cache_hit_rate,
-        )
-        external = CounterMetricFamily(
-            "stagemesh_engine_external_prefix_tokens", "Prompt tokens looked up in the KV store, by outcome",
-            labels=["outcome"],
-        )
-        external.add_metric(["queried"], load.external_prefix_queried_tokens)
-        external.add_metric(["hit"], load.external_prefix_hit_tokens)
-        yield external
-
-
 class PrefillMembers:
     """The mesh's prefill members, followed in etcd: a decode engine pulls KV only from
     the one a handle names, at the address that member registered
@@ -395,7 +361,7 @@ class EngineStage(Stage):
 
     def __init__(self, config: EngineConfig) -> None:
         self._config = config
-        self._runner = EngineRunner(config, resolve_model(config.model, Path(config.home)), self.kv_role)
+        self._runner = _backend(config, resolve_model(config.model, Path(config.home)), self.kv_role)
         signer = HandleSigner(config.credentials().mesh_key)
         self._issuers = PrefillMembers(config.etcd_endpoints) if self.role == common_pb2.ROLE_DECODE else None
         self._servicer = EngineServicer(self._runner, self.role, config.instance_id, signer, self._issuers)
@@ -407,9 +373,10 @@ class EngineStage(Stage):
         if self._issuers is not None:
             self._issuers.start()
         await self._runner.start()
-        REGISTRY.register(_LoadCollector(self._runner))
+        ENGINE_LOADS.add(self._config.instance_id, self._runner)
 
     async def stop(self) -> None:
+        ENGINE_LOADS.remove(self._config.instance_id)
         await self._runner.shutdown()
         if self._issuers is not None:
             await self._issuers.close()
@@ -418,10 +385,7 @@ class EngineStage(Stage):
         self._servicer.publish = publish
 
     def failure(self) -> str | None:
-        engine = self._runner.engine
-        if engine is not None and engine.errored:
-            return f"the vLLM engine died: {engine.dead_error}"
-        return None
+        return self._runner.failure()
 
     def describe(self, member: common_pb2.Member) -> None:
         member.models.append(self._runner.model.name)
@@ -431,9 +395,22 @@ class EngineStage(Stage):
         member.max_model_len = self._runner.max_model_len
         member.nixl_address = self._runner.nixl_address
         member.labels["kvstore"] = "on" if self._runner.uses_kvstore else "off"
+        member.labels["engine"] = self._config.engine
         member.labels.update(self._runner.layout_labels())
         if self._config.lora_enabled:
             member.adapter_slots = self._config.max_loras
             member.adapters.extend(a.record(self._runner.model.name) for a in self._runner.adapters.served())
         assert self._runner.events is not None
         member.kv_event_epoch = self._runner.events.epoch
+
+
+def _backend(config: EngineConfig, model: ModelSpec, kv_role: str) -> EngineBackend:
+    """The engine ``--engine`` names; each is imported only when chosen (vLLM takes
+    seconds to import, and the simulated engine must run where vLLM is not installed)."""
+    if config.engine == "sim":
+        from services.engine.sim.runner import SimRunner
+
+        return SimRunner(config, model, kv_role)
+    from services.engine.engine import EngineRunner
+
+    return EngineRunner(config, model, kv_role)
