@@ -435,7 +435,8 @@ def _wait_for_signal(every: Callable[[], None] | None = None, stop: StopRequest 
     """Block until SIGINT/SIGTERM/SIGHUP, calling ``every`` twice a second meanwhile."""
     from services.mesh_start import StopRequest
 
-    stop = stop or StopRequest()
+    if stop is None:  # (a StopRequest no signal has reached is falsy)
+        stop = StopRequest()
     while not stop:
         if every is not None:
             every()

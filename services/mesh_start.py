@@ -42,9 +42,10 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, a hangup stays ignored
-                signal.signal(signum, self._note)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._note)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup, a hangup stays ignored
+            signal.signal(signal.SIGHUP, self._note)
 
     def _note(self, signum: int, frame: object) -> None:
         self.signum = signum
