@@ -182,8 +182,11 @@ def wait_for(
     found = taken(claims)
     if not found or not (anyone or all(t.holder is not None and t.holder.stagemesh for t in found)):
         return found
-    for t in found:
-        say(f"{t.reason()}: waiting up to {wait:.0f}s for it to be released")
+    holders = sorted({str(t.holder.pid) for t in found if t.holder is not None})
+    say(
+        f"waiting up to {wait:.0f}s for port(s) {', '.join(str(t.claim.port) for t in found)} to be released "
+        f"by pid(s) {', '.join(holders) or '?'}{'' if anyone else ' (a mesh that is stopping?)'}"
+    )
     deadline = time.monotonic() + wait
     while found and time.monotonic() < deadline:
         time.sleep(0.25)

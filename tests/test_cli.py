@@ -19,6 +19,8 @@ import pytest
 from services.launcher import StageProcess, Supervisor
 from services.net import free_port
 from services.placement import allowed_cores, choose_layout, visible_gpus
+from tests.support.up import banner as banner_of
+from tests.support.up import start_up
 
 
 def port_open(port: int) -> bool:
@@ -62,26 +64,6 @@ async def serves_again(client: openai.AsyncOpenAI, timeout: float) -> None:
             await asyncio.sleep(1)
 
 
-def start_up(home: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
-    """`stagemesh up` on these ports, its output (stderr too) on a pipe."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "--home", str(home), "up",
-         *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port)))],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-async def banner_of(up: subprocess.Popen[str], timeout: float = 600) -> list[str]:
-    """The lines `up` prints until it says it is up (it must not exit before)."""
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while not any("Ctrl-C stops everything" in line for line in lines):
-        assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
-        lines.append(await asyncio.to_thread(up.stdout.readline))  # type: ignore[union-attr]
-    return lines
-
-
 @pytest.mark.isolated
 async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path, tmp_path: Path) -> None:
     # `stagemesh up` as the README starts it: the automatic layout for this host (on a
@@ -93,7 +75,7 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
     ports = {name: free_port() for name in ("etcd", "tokenizer", "prefill", "decode", "kvstore", "router", "http")}
     up = start_up(home, ports)
     try:
-        lines = await banner_of(up)
+        lines = await asyncio.to_thread(banner_of, up)
         banner = "".join(lines)
         assert banner.startswith(f"layout {layout.name}: "), banner  # it says what it chose, and why
         for name in ("etcd", "http", *roles):
@@ -140,7 +122,7 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
 
         # Once Ctrl-C returned, the same mesh starts again at once, on the same ports.
         up = start_up(home, ports)
-        await banner_of(up)
+        await asyncio.to_thread(banner_of, up)
         await serves_again(client, timeout=60)
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=120) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,12 +18,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from services import ports
 from services.exits import EXIT_CONFIG, FINAL_EXIT_CODES, StartFailed
 from services.launcher import StageProcess, Supervisor
 from services.net import free_port
+from tests.support.up import banner, start_up, up_command
 
 #: `stagemesh up`'s port settings, by the name in their flag (``--etcd-port``).
 PORT_NAMES = ("etcd", "http", "router", "tokenizer", "prefill", "decode", "kvstore")
@@ -42,11 +45,7 @@ def mesh_ports() -> dict[str, int]:
 def up(home: Path, mesh: dict[str, int], *extra: str) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run `stagemesh up` to its end: what it printed, and how long it took."""
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--home", str(home), "up",
-         *(arg for name, port in mesh.items() for arg in (f"--{name}-port", str(port))), *extra],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
+    done = subprocess.run(up_command(home, mesh, *extra), capture_output=True, text=True, timeout=120, check=False)
     return done, time.monotonic() - started
 
 
@@ -158,6 +157,31 @@ def test_an_engine_that_refuses_its_model_ends_up_with_vllm_s_reason(
     assert "NoSuchModelForCausalLM" in line and len(line) < 600, line
     assert "Traceback" not in done.stderr
     assert not started_for(mesh["etcd"])
+
+
+def test_up_started_while_the_last_one_stops_waits_for_its_ports_and_serves(home: Path, model_dir: Path) -> None:
+    # Simulated engines: the mesh's ports and processes are the real ones, in seconds.
+    mesh = mesh_ports()
+    first = start_up(home, mesh, "--engine", "sim")
+    second: subprocess.Popen[str] | None = None
+    try:
+        banner(first, timeout=120)
+        first.send_signal(signal.SIGINT)
+        second = start_up(home, mesh, "--engine", "sim")  # at once, while the first drains
+        assert first.wait(timeout=60) == 0
+        banner(second, timeout=120)
+        reply = httpx.post(
+            f"http://127.0.0.1:{mesh['http']}/v1/completions",
+            json={"model": "", "prompt": "Once upon a time", "max_tokens": 4}, timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+        second.send_signal(signal.SIGINT)
+        assert second.wait(timeout=60) == 0
+        assert all(ports.bind_error("127.0.0.1", port) is None for port in mesh.values())
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
 
 
 def test_a_stage_alone_on_a_taken_port_is_one_line() -> None:
