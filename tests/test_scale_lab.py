@@ -1,10 +1,11 @@
 """The scale lab's own logic (pure, seconds): its workloads are a function of the seed,
-its percentiles are numpy's, and its client reads a streamed answer (vLLM's and Dynamo's
-event shapes, over real HTTP on loopback) into the right TTFT, chunk and token counts,
+its percentiles are numpy's, and its client reads a streamed answer (vLLM's, Dynamo's and
+stagemesh's event shapes, over real HTTP on loopback) into the right TTFT, chunk and token counts,
 with refusals counted by status."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from functools import partial
@@ -15,6 +16,8 @@ from aiohttp import web
 
 from bench.scale.client import Result, Run, percentile, send, session, summarize
 from bench.scale.workload import Request, TenantWorkload, poisson_arrivals, stream_prompts
+
+pytestmark = pytest.mark.unit
 
 MODEL = "m"
 
@@ -90,11 +93,15 @@ DYNAMO_CHAT_EVENTS: list[dict[str, object]] = [
 
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
-    async def events(request: web.Request, chunks: list[dict[str, object]]) -> web.StreamResponse:
+    async def events(request: web.Request, chunks: list[dict[str, object]], compact: bool = True
+                     ) -> web.StreamResponse:
         reply = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await reply.prepare(request)
-        for chunk in chunks:
-            await reply.write(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
+        for chunk in chunks:  # each event in two writes, cut mid-line
+            event = b"data: " + json.dumps(chunk, separators=(",", ":") if compact else None).encode() + b"\n\n"
+            await reply.write(event[:9])
+            await asyncio.sleep(0.001)
+            await reply.write(event[9:])
         await reply.write(b"data: [DONE]\n\n")
         return reply
 
@@ -104,6 +111,7 @@ async def server() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/v1/completions", partial(events, chunks=VLLM_EVENTS))
     app.router.add_post("/v1/chat/completions", partial(events, chunks=DYNAMO_CHAT_EVENTS))
+    app.router.add_post("/v1/spaced/completions", partial(events, chunks=VLLM_EVENTS, compact=False))
     app.router.add_post("/v1/limited", limited)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -116,10 +124,12 @@ async def server() -> AsyncIterator[str]:
 
 async def test_client_reads_streams_into_tokens_and_usage(server: str) -> None:
     completion, chat = stream_prompts(MODEL, 1, 4, 3, 0)[0], stream_prompts(MODEL, 1, 4, 2, 0, chat=True)[0]
-    limited = Request("limited", b"{}", 4, 2)
+    limited, spaced = Request("limited", b"{}", 4, 2), Request("spaced/completions", completion.body, 4, 3)
     async with session() as http:
-        vllm, dynamo, refused = [await send(http, server, r) for r in (completion, chat, limited)]
+        vllm, dynamo, refused, stagemesh = [await send(http, server, r) for r in (completion, chat, limited, spaced)]
     assert (vllm.status, vllm.chunks, len(vllm.itl), vllm.output_tokens) == (200, 3, 2, 3)
     assert (vllm.prompt_tokens, vllm.cached_tokens) == (9, 4) and vllm.ttft is not None
     assert (dynamo.status, dynamo.chunks, dynamo.output_tokens, dynamo.cached_tokens) == (200, 2, 2, 0)
     assert (refused.status, refused.output_tokens) == (429, 0) and "busy" in refused.error
+    # stagemesh writes JSON with Python's default separators ("usage": {...}, "choices": []).
+    assert (stagemesh.chunks, stagemesh.output_tokens, stagemesh.cached_tokens) == (3, 3, 4)

@@ -14,7 +14,8 @@ from router_svc.kv_index import KvIndex
 from router_svc.kv_subscriber import apply_snapshot
 from services.clients import EngineClient
 from services.engine.sim.cache import BlockPool
-from services.engine.sim.scheduler import Scheduler, SimRequest
+from services.engine.sim.requests import SimRequest
+from services.engine.sim.scheduler import Scheduler
 from services.engine.sim.timing import PROFILES, load_profile
 from services.engine.sim.tokens import TokenSource
 from services.kv.events import KvEventLog, chain_name

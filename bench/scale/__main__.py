@@ -47,6 +47,10 @@ COLUMNS = [
     ("errors", "err", "d"), ("output_tps", "out tok/s", ".0f"), ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
     ("ttft_p90_ms", "TTFT p90 ms", ".0f"), ("ttft_p99_ms", "TTFT p99 ms", ".0f"), ("itl_p50_ms", "ITL p50 ms", ".1f"),
     ("itl_p99_ms", "ITL p99 ms", ".1f"), ("hit_rate", "hit", ".0%"), ("client_core_share", "client core", ".0%"),
+    # control-plane rows
+    ("measure", "measure", ""), ("n", "n", "d"), ("p50_ms", "p50 ms", ".0f"), ("max_ms", "max ms", ".0f"),
+    ("cpu_ms_per_s", "router CPU ms/s", ".1f"), ("cpu_ms_per_poll", "CPU ms/poll", ".3f"),
+    ("index_mib", "index MiB", ".0f"), ("decisions_per_s", "decisions/s", ",.0f"),
 ]
 
 
@@ -87,7 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--stream-prompt-tokens", type=int, default=64)
     load.add_argument("--stream-output-tokens", type=int, default=256)
     load.add_argument("--chat", action="store_true", help="token-path through /v1/chat/completions")
+    load.add_argument("--text", action="store_true", help="text prompts instead of token ids (lengths approximate)")
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--churn-rounds", type=int, default=3, help="control-plane: join/drain/crash rounds")
     add_output_arguments(parser, DEFAULT_HOME)
     args = parser.parse_args(argv)
     if args.policies is None:
@@ -136,13 +142,15 @@ async def main(args: argparse.Namespace) -> None:
     rows = await SCENARIOS[args.scenario](args, spec, log_dir)
     print()
     print_table(rows, [c for c in COLUMNS if any(c[0] in row for row in rows)])
-    print_cpu(rows)
+    measured_steps = args.scenario != "control-plane"
+    if measured_steps:
+        print_cpu(rows)
     host = {"cores": len(allowed_cores()), "cpu": cpu_model(), "machine": platform.machine(),
             "date": time.strftime("%Y-%m-%d")}
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "png", "model_dir")}
     if args.json:
         write_json(Path(args.json), {"host": host, "spec": spec.__dict__, "settings": settings, "rows": rows})
-    if args.png:
+    if args.png and measured_steps:
         plot(Path(args.png), args.scenario, rows, host)
 
 

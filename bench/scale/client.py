@@ -6,8 +6,9 @@ tokens and ``cached_tokens`` from the final usage event, and the HTTP status of 
 (429 apart from the rest). It must never be what limits a run on a two-core host, so:
 
 - bodies arrive serialized (``bench.scale.workload``); the loop only sends bytes;
-- a chunk is classified by byte patterns, not parsed: only the usage event (one per
-  request) and an error event go through ``json.loads``;
+- one wake-up per network read, however many events it holds; an event is classified
+  by byte patterns, not parsed: only the usage event (one per request) and an error
+  event go through ``json.loads``;
 - one session with ``TCPConnector(limit=0)`` (aiohttp's default caps at 100 connections);
 - the run reports the client's own CPU seconds and how late it sent against the schedule.
 
@@ -30,8 +31,14 @@ import aiohttp
 
 from bench.scale.workload import Request
 
-#: Chunks that carry no generated text: usage-only, role-only and finish-only events.
-_EMPTY_MARKERS = (b'"choices":[]', b'"text":""', b'"content":""', b'"delta":{}')
+#: Chunks that carry no generated text: usage-only, role-only and finish-only events, as
+#: compact JSON (vLLM, Dynamo) or with Python's default separators (stagemesh).
+_EMPTY_MARKERS = tuple(
+    marker for compact in (b'"choices":[]', b'"text":""', b'"content":""', b'"delta":{}')
+    for marker in (compact, compact.replace(b":", b": ", 1))
+)
+#: The usage event's object (other chunks carry none, or ``"usage":null``).
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
 
@@ -44,6 +51,8 @@ class Result:
     done: float = 0.0
     itl: list[float] = field(default_factory=list)
     chunks: int = 0
+    #: When the last content chunk arrived (for the next gap).
+    last: float = 0.0
     output_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -54,35 +63,50 @@ class Result:
 
 
 def _read_usage(line: bytes, result: Result) -> None:
-    usage = json.loads(line[6:]).get("usage") or {}
+    usage = json.loads(line[6:]).get("usage")
+    if not usage:
+        return
     result.output_tokens = int(usage.get("completion_tokens") or 0)
     result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
     result.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
+def _take_line(line: bytes, result: Result, now: float) -> bool:
+    """Account one line of the event stream arrived at ``now``; True when the stream ends."""
+    if not line.startswith(b"data: "):
+        return False
+    if line.startswith(b"data: [DONE]"):
+        return True
+    if any(marker in line for marker in _USAGE_MARKERS):
+        _read_usage(line, result)
+    if line.startswith(b'data: {"error"'):
+        error = json.loads(line[6:])["error"]
+        result.status, result.error = -1, str(error.get("message") if isinstance(error, dict) else error)[:200]
+        return True
+    if any(marker in line for marker in _EMPTY_MARKERS):
+        return False
+    if result.ttft is None:
+        result.ttft = now
+    else:
+        result.itl.append(now - result.last)
+    result.last = now
+    result.chunks += 1
+    return False
+
+
 async def _read_stream(reply: aiohttp.ClientResponse, result: Result, started: float) -> None:
-    """Consume one server-sent-event stream into ``result``."""
-    last = 0.0
-    async for line in reply.content:
-        if not line.startswith(b"data: "):
-            continue
-        if line.startswith(b"data: [DONE]"):
-            break
-        if b'"usage":{' in line:
-            _read_usage(line, result)
-        if line.startswith(b'data: {"error"'):
-            error = json.loads(line[6:])["error"]
-            result.status, result.error = -1, str(error.get("message") if isinstance(error, dict) else error)[:200]
-            break
-        if any(marker in line for marker in _EMPTY_MARKERS):
-            continue
+    """Consume one server-sent-event stream into ``result``: one wake-up per network read
+    (whatever it holds), its lines split here; a line cut by a read waits for the next."""
+    pending = b""
+    async for data in reply.content.iter_any():
         now = time.perf_counter() - started
-        if result.ttft is None:
-            result.ttft = now
-        else:
-            result.itl.append(now - last)
-        last = now
-        result.chunks += 1
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            if _take_line(line.rstrip(b"\r"), result, now):
+                return
+    if pending:
+        _take_line(pending.rstrip(b"\r"), result, time.perf_counter() - started)
 
 
 async def send(http: aiohttp.ClientSession, base_url: str, request: Request) -> Result:

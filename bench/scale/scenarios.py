@@ -33,14 +33,11 @@ def build(target: str, spec: EngineSpec, policy: str, args: argparse.Namespace, 
 
         return DynamoDeployment(spec, policy, args.model_dir, MODEL, log_dir, kv_transfer_gbps=args.kv_transfer_gbps)
     if target == "stagemesh":
-        # ---- stagemesh's side: bench/scale/mesh.py, written with the simulated engine ----
-        # Expected: MeshDeployment(spec, policy, model_dir, model, log_dir, home) implementing
-        # bench.scale.deploy.Deployment, starting etcd, the tokenizer, the router with
-        # ``policy`` and spec.engines (+ spec.prefill) simulated engines, fresh each time.
-        from bench.scale import mesh  # type: ignore[attr-defined]
+        from bench.scale.mesh import MeshDeployment
 
-        deployment: Deployment = mesh.MeshDeployment(spec, policy, args.model_dir, MODEL, log_dir, Path(args.home))
-        return deployment
+        return MeshDeployment(
+            spec, policy, args.model_dir, MODEL, log_dir, Path(args.home), kv_transfer_gbps=args.kv_transfer_gbps
+        )
     raise SystemExit(f"unknown target {target!r} (dynamo, stagemesh)")
 
 
@@ -69,6 +66,7 @@ async def routing(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) -> 
     workload = TenantWorkload(
         tenants=args.tenants, prefix_tokens=args.prefix_tokens, query_tokens=args.query_tokens,
         output_tokens=args.output_tokens, qps=tuple(args.qps), step_seconds=args.step_seconds, seed=args.seed,
+        text=args.text,
     )
     rows = []
     for target, policy in targets_and_policies(args):
@@ -91,7 +89,7 @@ async def pd(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) -> list[
         for layout, layout_spec in layouts.items():
             async with build(target, layout_spec, policy, args, log_dir) as deployment:
                 for mix in args.mixes:
-                    workload = PdMix(mix, tuple(args.qps), args.step_seconds, args.seed)
+                    workload = PdMix(mix, tuple(args.qps), args.step_seconds, args.seed, args.text)
                     for rate, schedule in workload.steps(deployment.model):
                         rows.append(await measure(deployment, partial(open_loop, schedule=schedule),
                                                   layout=layout, mix=mix, qps=rate))
@@ -113,14 +111,13 @@ async def token_path(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) 
 
 
 async def control_plane(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) -> list[Row]:
-    """Membership churn, reaction time, load-poll cost, index memory: stagemesh's own
-    control plane, measured by ``bench.scale.mesh.control_plane`` (the lead's)."""
+    """Membership reaction, load-poll cost, KV-index decisions: stagemesh's own control
+    plane (bench/scale/control.py)."""
     if args.target != ["stagemesh"]:
         raise SystemExit("the control-plane scenario measures stagemesh's members: --target stagemesh")
-    from bench.scale import mesh  # type: ignore[attr-defined]
+    from bench.scale.control import control_plane as measure_control_plane
 
-    rows: list[Row] = await mesh.control_plane(args, spec, log_dir)
-    return rows
+    return await measure_control_plane(args, spec, log_dir)
 
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace, EngineSpec, Path], Awaitable[list[Row]]]] = {

@@ -24,9 +24,10 @@ import dataclasses
 import itertools
 import json
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from services.errors import AlreadyExists, InvalidRequest, ModelNotFound
+from services.errors import AlreadyExists, InvalidRequest, ModelNotFound, StageError
 from services.pb import common_pb2
 
 
@@ -195,3 +196,13 @@ class AdapterSet:
     def remove(self, adapter: Adapter) -> None:
         if self._adapters.get(adapter.name) is adapter:
             del self._adapters[adapter.name]
+
+
+async def load_configured(adapters: list[tuple[str, str]], load: Callable[[str, str], Awaitable[Adapter]]) -> None:
+    """Load the ``--lora`` adapters at start; one that does not fit ends the stage with
+    the reason in one line (a misconfigured engine must not join the mesh)."""
+    for name, path in adapters:
+        try:
+            await load(name, path)
+        except StageError as exc:
+            raise SystemExit(f"--lora {name}={path}: {exc}") from None

@@ -10,8 +10,9 @@ no conversion. No torch or vLLM here.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from services.engine.adapters import Adapter, AdapterSet
 from services.engine.config import EngineConfig
@@ -56,8 +57,9 @@ class EngineBackend(Protocol):
     def stream(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: Any,
         loading_kv: bool = False, cache_salt: str = "", adapter: str = "",
-    ) -> AsyncIterator[Any]:
-        """Run one request, yielding delta outputs shaped like vLLM's RequestOutput."""
+    ) -> AsyncIterator[list[Any]]:
+        """Run one request, yielding its delta outputs (shaped like vLLM's RequestOutput)
+        in batches: every output made since the caller last took one (see :func:`batches`)."""
 
     async def abort(self, request_id: str) -> bool: ...
 
@@ -72,3 +74,35 @@ class EngineBackend(Protocol):
     async def withdraw_adapter(self, name: str) -> Adapter: ...
 
     def finish_unload(self, adapter: Adapter) -> Any: ...
+
+
+T = TypeVar("T")
+
+
+async def batches(queue: asyncio.Queue[T | BaseException | None]) -> AsyncIterator[list[T]]:
+    """A request's outputs from its queue (an exception is raised, None ends it), each
+    batch holding every output already queued when the caller asks again.
+
+    This is how an engine stage coalesces: while the router reads promptly, every batch
+    is one output and nothing waits; while it is behind (its gRPC stream's window is
+    full, so the servicer's send waits), outputs pile up here and the next message
+    carries them all. No latency is added to keep up, and no message is sent per token
+    to a consumer that cannot take them.
+    """
+    while True:
+        item = await queue.get()
+        batch: list[T] = []
+        while True:
+            if item is None:
+                if batch:
+                    yield batch
+                return
+            if isinstance(item, BaseException):
+                if batch:
+                    yield batch
+                raise item
+            batch.append(item)
+            if queue.empty():
+                break
+            item = queue.get_nowait()
+        yield batch

@@ -33,6 +33,11 @@ class EngineConfig(NixlStageConfig):
     dtype: str = setting("float32", "weights/activations dtype (float32 is exact on CPU)")
     max_model_len: int = setting(0, "longest sequence in tokens (0: the model's own limit)")
     max_num_seqs: int = setting(32, "most sequences the engine runs at once")
+    stream_interval: int = setting(
+        1,
+        "ids per Generate message at least, but the first and the last (vLLM's --stream-interval); "
+        "whatever it is, ids made while the router is behind travel in one message",
+    )
     max_num_batched_tokens: int = setting(
         0, "most tokens one scheduler step computes, prompt chunks included (0: the engine's default)"
     )
@@ -171,6 +176,8 @@ class EngineConfig(NixlStageConfig):
         self.cpu_cores = format_cores(cores)
         if self.engine not in ("vllm", "sim"):
             raise SystemExit(f"--engine takes vllm or sim, not {self.engine!r}")
+        if self.stream_interval < 1:
+            raise SystemExit(f"--stream-interval must be at least 1, not {self.stream_interval}")
         if self.sim_engines < 1 or self.sim_speedup <= 0 or not 0 <= self.sim_fail_rate <= 1:
             raise SystemExit("--sim-engines must be at least 1, --sim-speedup above 0, --sim-fail-rate in [0, 1]")
         self.check_parallelism()

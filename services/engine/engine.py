@@ -38,12 +38,13 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from services.credentials import MESH_KEY_ENV
-from services.engine.adapters import Adapter, AdapterSet
+from services.engine.adapters import Adapter, AdapterSet, load_configured
+from services.engine.backend import batches
 from services.engine.config import EngineConfig
 from services.engine.kv_release import END_KV_LEASES
 from services.engine.sampling import to_vllm
 from services.engine.vllm_events import ZmqKvEventBridge
-from services.errors import InvalidRequest, StageDead, StageError
+from services.errors import InvalidRequest, StageDead
 from services.kv.events import KvEventLog
 from services.kv.nixl import POLL_MS_ENV
 from services.model import ModelSpec
@@ -171,11 +172,7 @@ class EngineRunner:
         self.events = KvEventLog(self.block_size, replay_window=self.config.kv_event_window)
         self._bridge = ZmqKvEventBridge(endpoint, "kv", self.events)
         self._bridge.start()
-        for name, path in self.config.lora_adapters():
-            try:
-                await self.load_adapter(name, path)
-            except StageError as exc:
-                raise SystemExit(f"--lora {name}={path}: {exc}") from None
+        await load_configured(self.config.lora_adapters(), self.load_adapter)
         log.info(
             "engine ready: %s, block size %d, %d KV blocks, context %d, NIXL side channel %s",
             self.model.name, self.block_size, self.total_blocks, self.max_model_len, self.nixl_address,
@@ -341,8 +338,9 @@ class EngineRunner:
         loading_kv: bool = False,
         cache_salt: str = "",
         adapter: str = "",
-    ) -> AsyncIterator[RequestOutput]:
-        """Run one request, yielding vLLM's delta outputs; leaving early aborts it.
+    ) -> AsyncIterator[list[RequestOutput]]:
+        """Run one request, yielding vLLM's delta outputs in batches (every output made
+        since the caller last took one); leaving early aborts it.
         ``cache_salt`` keeps its prefix-cache blocks apart from other salts' (vLLM's);
         ``adapter`` names the LoRA adapter to run with (vLLM keeps its blocks apart too)."""
         engine = self._engine()
@@ -360,11 +358,9 @@ class EngineRunner:
         )
         finished = False
         try:
-            while (item := await request.outputs.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+            async for batch in batches(request.outputs):
+                finished = batch[-1].finished
+                yield batch
         finally:
             if not finished:
                 await self.abort(request_id)

@@ -23,6 +23,7 @@ from google.protobuf import descriptor
 from services.engine.backend import EngineBackend
 from services.engine.config import EngineConfig
 from services.engine.metrics import ENGINE_LOADS
+from services.engine.replies import Reply
 from services.errors import InvalidRequest, KvNotCollected, PermissionDenied, Unavailable
 from services.etcd import EtcdSession
 from services.kv.handles import EXTRA_KEYS, HandleSigner, allowed_extra, issuer_mismatch
@@ -31,12 +32,6 @@ from services.model import ModelSpec, resolve_model
 from services.pb import common_pb2, engine_pb2
 from services.server import Stage
 
-_FINISH_REASONS = {
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "abort": common_pb2.FINISH_REASON_ABORT,
-    "error": common_pb2.FINISH_REASON_ERROR,
-}
 # kv_transfer_params keys with a typed home in KvTransferHandle; others travel in extra_json.
 _TYPED_KEYS = {
     "remote_engine_id", "remote_block_ids", "remote_host", "remote_port",
@@ -134,11 +129,11 @@ class EngineServicer:
         )
         final = None
         try:
-            async for output in runner.stream(
+            async for batch in runner.stream(
                 request_id, request.prompt_token_ids, sampling, cache_salt=request.sampling.cache_salt,
                 adapter=request.adapter,
             ):
-                final = output
+                final = batch[-1]
         except asyncio.CancelledError:
             # The caller left just as the prompt finished: nobody will collect its KV.
             if final is not None and final.finished and final.kv_transfer_params:
@@ -187,51 +182,26 @@ class EngineServicer:
             kv_params = params_from_handle(handle)
         sampling = runner.sampling(request.sampling, len(request.prompt_token_ids), kv_params)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
-        completion_tokens = 0
-        async for output in runner.stream(
+        reply = Reply(request)
+        interval = runner.config.stream_interval
+        async for batch in runner.stream(
             request_id, request.prompt_token_ids, sampling, loading_kv=kv_params is not None,
             cache_salt=request.sampling.cache_salt, adapter=request.adapter,
         ):
-            sequence = output.outputs[0]
-            if sequence.finish_reason == "error" and kv_params is not None and not completion_tokens:
+            sequence = batch[0].outputs[0]
+            if sequence.finish_reason == "error" and kv_params is not None and not reply.completion_tokens:
                 # vLLM's kv_load_failure_policy "fail": the KV could not be pulled.
                 raise KvNotCollected(
                     f"could not collect KV transfer handle {request.kv_handle.remote_request_id!r} "
                     f"from {request.kv_handle.remote_host}:{request.kv_handle.remote_port}: it is "
                     "unknown or expired, or the prefill worker is gone; prefill again or run aggregated"
                 )
-            completion_tokens += len(sequence.token_ids)
-            reply = engine_pb2.GenerateResponse(token_ids=list(sequence.token_ids))
-            if output.prompt_logprobs:
-                reply.prompt_logprobs.extend(
-                    _position_logprobs(token_id, entry, request.sampling.prompt_logprobs)
-                    for token_id, entry in zip(request.prompt_token_ids, output.prompt_logprobs)
-                    if entry is not None
-                )
-            if sequence.logprobs:
-                reply.logprobs.extend(
-                    _position_logprobs(token_id, entry, request.sampling.logprobs)
-                    for token_id, entry in zip(sequence.token_ids, sequence.logprobs)
-                    if entry is not None
-                )
-            if output.finished:
-                reply.finish_reason = _FINISH_REASONS.get(
-                    sequence.finish_reason or "", common_pb2.FINISH_REASON_STOP
-                )
-                if isinstance(sequence.stop_reason, int):
-                    reply.stop_token_id = sequence.stop_reason
-                elif sequence.finish_reason == "stop" and sequence.token_ids:
-                    # vLLM reports its own EOS with no stop reason (engines get no stop
-                    # strings, so a "stop" without one is always the EOS token).
-                    reply.stop_token_id = sequence.token_ids[-1]
-                reply.usage.CopyFrom(
-                    common_pb2.Usage(
-                        prompt_tokens=len(request.prompt_token_ids),
-                        completion_tokens=completion_tokens,
-                        cached_tokens=int(output.num_cached_tokens or 0),
-                    )
-                )
-            yield reply
+            for output in batch:
+                reply.add(output)
+            # --stream-interval holds ids back until that many are ready (not the first, nor the last).
+            if reply.sent and not batch[-1].finished and len(reply.message.token_ids) < interval:
+                continue
+            yield reply.take()
 
     async def Abort(
         self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -306,21 +276,6 @@ class EngineServicer:
         now = time.time()
         for request_id in [r for r, (expiry, _) in self._handles.items() if expiry < now]:
             del self._handles[request_id]
-
-
-def _position_logprobs(token_id: int, entry: dict[int, Any], top_k: int) -> common_pb2.PositionLogprobs:
-    """vLLM's {token id: Logprob} at one position: the chosen token, plus the ``top_k``
-    most likely (vLLM adds the chosen token to the top ones when it ranks lower)."""
-
-    def item(tid: int) -> common_pb2.TokenLogprob:
-        value = entry[tid]
-        return common_pb2.TokenLogprob(token_id=tid, logprob=float(value.logprob), rank=int(value.rank or 0))
-
-    ranked = sorted(entry, key=lambda tid: entry[tid].rank or 0)
-    return common_pb2.PositionLogprobs(
-        chosen=item(token_id) if token_id in entry else common_pb2.TokenLogprob(token_id=token_id),
-        top=[item(tid) for tid in ranked[:top_k]],
-    )
 
 
 class PrefillMembers:

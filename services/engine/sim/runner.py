@@ -28,15 +28,17 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from services.clients import EngineClient
-from services.engine.adapters import Adapter, AdapterSet
+from services.engine.adapters import Adapter, AdapterSet, load_configured
+from services.engine.backend import batches
 from services.engine.config import EngineConfig
 from services.engine.lengths import output_budget
 from services.engine.sim.cache import BlockPool
 from services.engine.sim.outputs import SimOutput
-from services.engine.sim.scheduler import Scheduler, SimRequest, fail_after
+from services.engine.sim.requests import SimRequest, fail_after
+from services.engine.sim.scheduler import Scheduler
 from services.engine.sim.timing import load_profile
 from services.engine.sim.tokens import TokenSource
-from services.errors import InvalidRequest, StageError, Unavailable
+from services.errors import InvalidRequest, Unavailable
 from services.kv.events import KvEventLog
 from services.model import ModelSpec
 from services.pb import common_pb2, engine_pb2
@@ -104,11 +106,7 @@ class SimRunner:
         self._loop_task = asyncio.create_task(self._scheduler.run(), name=f"sim {self.config.instance_id}")
         if self.config.sim_exit_after_tokens:
             self._crash_task = asyncio.create_task(self._crash_after(self.config.sim_exit_after_tokens))
-        for name, path in self.config.lora_adapters():
-            try:
-                await self.load_adapter(name, path)
-            except StageError as exc:
-                raise SystemExit(f"--lora {name}={path}: {exc}") from None
+        await load_configured(self.config.lora_adapters(), self.load_adapter)
         log.info(
             "simulated engine ready: %s, profile %s, block size %d, %d KV blocks, context %d",
             self.model.name, self.profile.name, self.block_size, self.total_blocks, self.max_model_len,
@@ -165,8 +163,8 @@ class SimRunner:
     async def stream(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: SimRequest,
         loading_kv: bool = False, cache_salt: str = "", adapter: str = "",
-    ) -> AsyncIterator[SimOutput]:
-        """Run one request, yielding its outputs; leaving early aborts it."""
+    ) -> AsyncIterator[list[SimOutput]]:
+        """Run one request, yielding its outputs in batches; leaving early aborts it."""
         scheduler = self._ready()
         if request_id in self._running:
             raise InvalidRequest(f"request id {request_id!r} is already running")
@@ -177,14 +175,12 @@ class SimRunner:
         outputs = scheduler.add(sampling)
         finished = False
         try:
-            while (item := await outputs.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                if sampling.kv_source is not None and item.outputs[0].token_ids:
+            async for batch in batches(outputs):
+                finished = batch[-1].finished
+                if sampling.kv_source is not None:
                     self._collected(*sampling.kv_source)  # the KV is in: the prefill engine may free it
                     sampling.kv_source = None
-                yield item
+                yield batch
         finally:
             self._running.discard(request_id)
             if lora is not None:

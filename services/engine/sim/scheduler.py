@@ -19,85 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
-import random
 import time
 from typing import Any
 
 from services.engine.sim.cache import BlockPool
 from services.engine.sim.outputs import SimCompletion, SimLogprob, SimOutput
+from services.engine.sim.requests import SimRequest, SimSequence
 from services.engine.sim.timing import TimingProfile
 from services.engine.sim.tokens import TokenSource
 from services.errors import Unavailable
-from services.kv.hashing import chain_hashes, chain_root
+from services.kv.hashing import chain_hashes
 
-
-@dataclasses.dataclass
-class SimRequest:
-    """What one request asks of the simulated engine (checked by the runner)."""
-
-    request_id: str
-    prompt: list[int]
-    max_tokens: int
-    min_tokens: int = 0
-    stop_ids: frozenset[int] = frozenset()
-    eos_id: int | None = None
-    ignore_eos: bool = False
-    seed: int = 0
-    logprobs: int | None = None
-    salt: str = ""
-    adapter: str = ""
-    #: The prefill side of P/D: end once the prompt is computed and hold its blocks.
-    prefill_only: bool = False
-    #: The decode side of P/D: the prompt's KV arrives after this many seconds.
-    transfer_seconds: float = 0.0
-    #: Fault injection: fail the stream after this many tokens (None: never).
-    fail_after: int | None = None
-    #: The decode side of P/D: the prefill engine's address and its id for the KV, told
-    #: once the KV is in.
-    kv_source: tuple[str, str] | None = None
-
-
-class _Sequence:
-    """A request's state in the scheduler."""
-
-    __slots__ = (
-        "blocks",
-        "cached_blocks",
-        "cached_tokens",
-        "computed",
-        "done",
-        "first_admission",
-        "hashes",
-        "outputs",
-        "ready_at",
-        "request",
-        "root",
-        "tokens",
-    )
-
-    def __init__(self, request: SimRequest, outputs: asyncio.Queue[SimOutput | BaseException | None], block_size: int) -> None:
-        self.request = request
-        self.tokens: list[int] = []
-        self.blocks: list[int] = []
-        self.root = chain_root(request.salt, request.adapter)
-        #: Chain hashes of the sequence's full blocks (prompt first, then output).
-        self.hashes = chain_hashes(request.prompt, block_size, self.root)
-        #: Leading blocks cached in the pool under those hashes.
-        self.cached_blocks = 0
-        self.computed = 0
-        self.cached_tokens = 0
-        self.outputs = outputs
-        self.ready_at = 0.0
-        self.first_admission = True
-        self.done = False
-
-    @property
-    def length(self) -> int:
-        return len(self.request.prompt) + len(self.tokens)
-
-    def all_tokens(self) -> list[int]:
-        return self.request.prompt + self.tokens
+#: A step that starts later than this after its predecessor was due starts a new schedule
+#: (the loop was busy elsewhere: that time is not made up).
+_LATE_SECONDS = 0.005
 
 
 class Scheduler:
@@ -116,12 +51,12 @@ class Scheduler:
         self._tokens = tokens
         self._kv_params = kv_params or {}
         self._lease_seconds = lease_seconds
-        self.waiting: collections.deque[_Sequence] = collections.deque()
-        self.running: list[_Sequence] = []
-        self.loading: list[_Sequence] = []
+        self.waiting: collections.deque[SimSequence] = collections.deque()
+        self.running: list[SimSequence] = []
+        self.loading: list[SimSequence] = []
         #: Prefill-only requests' blocks held for a decode engine: id -> (expiry, blocks).
         self.held: dict[str, tuple[float, list[int]]] = {}
-        self._by_id: dict[str, _Sequence] = {}
+        self._by_id: dict[str, SimSequence] = {}
         self._wake = asyncio.Event()
         self.tokens_out = 0
         self.preemptions = 0
@@ -129,7 +64,7 @@ class Scheduler:
     def add(self, request: SimRequest) -> asyncio.Queue[SimOutput | BaseException | None]:
         """Queue a request; its outputs (then None) arrive on the returned queue."""
         outputs: asyncio.Queue[SimOutput | BaseException | None] = asyncio.Queue()
-        sequence = _Sequence(request, outputs, self.pool.block_size)
+        sequence = SimSequence(request, outputs, self.pool.block_size)
         self._by_id[request.request_id] = sequence
         self.waiting.append(sequence)
         self._wake.set()
@@ -158,18 +93,24 @@ class Scheduler:
     async def run(self) -> None:
         """Step for as long as the engine lives."""
         loop = asyncio.get_running_loop()
+        #: When the previous step was due to end. Steps follow that schedule rather than
+        #: the moment a sleep returned: the event loop's timers wake up to a millisecond
+        #: late, and at accelerator pace (steps of a few ms) that would add up.
+        due = 0.0
         while True:
             self._expire_leases()
-            started = loop.time()
-            scheduled, prefill_tokens, decoding = self._schedule(started)
+            now = loop.time()
+            scheduled, prefill_tokens, decoding = self._schedule(now)
             if not scheduled:
-                await self._idle(started)
+                due = 0.0
+                await self._idle(now)
                 continue
             step = self.profile.step_seconds(prefill_tokens, decoding, self._decode_occupancy(scheduled), self.speedup)
-            await asyncio.sleep(max(0.0, started + step - loop.time()))
+            due = (due if now - due < _LATE_SECONDS else now) + step
+            await asyncio.sleep(max(0.0, due - loop.time()))
             self._apply(scheduled)
 
-    def _decode_occupancy(self, scheduled: list[tuple[_Sequence, int]]) -> float:
+    def _decode_occupancy(self, scheduled: list[tuple[SimSequence, int]]) -> float:
         """The tokens of the sequences that emit a token this step over the cache's
         capacity in tokens (the mocker's "active KV tokens" share)."""
         active = sum(s.length for s, n in scheduled if s.computed + n >= s.length)
@@ -184,7 +125,7 @@ class Scheduler:
         except TimeoutError:
             pass
 
-    def _schedule(self, now: float) -> tuple[list[tuple[_Sequence, int]], int, int]:
+    def _schedule(self, now: float) -> tuple[list[tuple[SimSequence, int]], int, int]:
         """This step's sequences with the tokens each computes, the uncached prompt tokens
         among them, and how many decode."""
         for sequence in [s for s in self.loading if s.ready_at <= now]:
@@ -192,7 +133,7 @@ class Scheduler:
             self._cache_full_blocks(sequence)
             self.running.append(sequence)
         budget = self.max_num_batched_tokens
-        scheduled: list[tuple[_Sequence, int]] = []
+        scheduled: list[tuple[SimSequence, int]] = []
         preempted = False
         index = 0
         while index < len(self.running) and budget > 0:
@@ -214,7 +155,7 @@ class Scheduler:
         decoding = sum(1 for s, n in scheduled if not (n > 1 or s.computed == 0))
         return scheduled, prefill, decoding
 
-    def _admit(self, scheduled: list[tuple[_Sequence, int]], budget: int, now: float) -> int:
+    def _admit(self, scheduled: list[tuple[SimSequence, int]], budget: int, now: float) -> int:
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             sequence = self.waiting[0]
             if not sequence.blocks and not self._take_cached_prefix(sequence):
@@ -240,7 +181,7 @@ class Scheduler:
             budget -= count
         return budget
 
-    def _take_cached_prefix(self, sequence: _Sequence) -> bool:
+    def _take_cached_prefix(self, sequence: SimSequence) -> bool:
         """Reference the sequence's cached leading blocks, when the blocks for its first
         chunk would fit beside them; False (nothing taken) when they would not. At least
         the last token is always computed, so a fully cached prompt recomputes it."""
@@ -259,7 +200,7 @@ class Scheduler:
             self.pool.record_query(len(sequence.request.prompt), count * size)
         return True
 
-    def _reserve(self, sequence: _Sequence, tokens: int) -> bool:
+    def _reserve(self, sequence: SimSequence, tokens: int) -> bool:
         """Blocks for ``tokens`` tokens of the sequence; False when the pool is short."""
         missing = -(-tokens // self.pool.block_size) - len(sequence.blocks)
         if missing <= 0:
@@ -270,18 +211,18 @@ class Scheduler:
         sequence.blocks += blocks
         return True
 
-    def _unreserve(self, sequence: _Sequence) -> None:
+    def _unreserve(self, sequence: SimSequence) -> None:
         self.pool.free(sequence.blocks)
         sequence.blocks = []
         sequence.cached_blocks = 0
         sequence.computed = 0
 
-    def _preempt(self, sequence: _Sequence) -> None:
+    def _preempt(self, sequence: SimSequence) -> None:
         self._unreserve(sequence)
         self.preemptions += 1
         self.waiting.appendleft(sequence)
 
-    def _apply(self, scheduled: list[tuple[_Sequence, int]]) -> None:
+    def _apply(self, scheduled: list[tuple[SimSequence, int]]) -> None:
         """The step's results: computed tokens, newly full blocks cached, one token each."""
         for sequence, count in scheduled:
             if sequence.done:
@@ -295,37 +236,36 @@ class Scheduler:
             else:
                 self._emit(sequence)
 
-    def _cache_full_blocks(self, sequence: _Sequence) -> None:
+    def _cache_full_blocks(self, sequence: SimSequence) -> None:
         size = self.pool.block_size
         full = min(sequence.computed // size, len(sequence.blocks))
         first = sequence.cached_blocks
         if full <= first:
             return
-        tokens = sequence.all_tokens()
         while len(sequence.hashes) < full:
             parent = sequence.hashes[-1] if sequence.hashes else sequence.root
             start = len(sequence.hashes) * size
-            sequence.hashes += chain_hashes(tokens[start : start + size], size, parent)
+            sequence.hashes += chain_hashes(sequence.token_slice(start, start + size), size, parent)
         self.pool.cache(
             sequence.blocks[first:full], sequence.hashes[first:full],
-            sequence.hashes[first - 1] if first else None, tokens[first * size : full * size],
+            sequence.hashes[first - 1] if first else None, sequence.token_slice(first * size, full * size),
             sequence.request.salt if not first else "", sequence.request.adapter if not first else "",
         )
         sequence.cached_blocks = full
 
-    def _emit(self, sequence: _Sequence) -> None:
+    def _emit(self, sequence: SimSequence) -> None:
         request = sequence.request
         if request.fail_after is not None and len(sequence.tokens) >= request.fail_after:
             self._fail(sequence)
             return
-        context = sequence.all_tokens()
-        token_id = self._tokens.next_id(context, request.seed)
+        position = sequence.length
+        token_id = self._tokens.next_id(sequence.recent(), position, request.seed)
         sequence.tokens.append(token_id)
         self.tokens_out += 1
         reason, stop = self._finish_reason(sequence, token_id)
         logprobs = None
         if request.logprobs is not None:
-            logprobs = [self._position_logprobs(context, token_id, request.logprobs)]
+            logprobs = [self._position_logprobs(position, token_id, request.logprobs)]
         output = SimOutput(
             [SimCompletion([token_id], reason, stop, logprobs)], reason is not None, sequence.cached_tokens
         )
@@ -335,7 +275,7 @@ class Scheduler:
             self.running.remove(sequence)
             self._finish(sequence, output)
 
-    def _finish_reason(self, sequence: _Sequence, token_id: int) -> tuple[str | None, int | None]:
+    def _finish_reason(self, sequence: SimSequence, token_id: int) -> tuple[str | None, int | None]:
         request = sequence.request
         generated = len(sequence.tokens)
         if generated >= request.min_tokens:
@@ -347,15 +287,15 @@ class Scheduler:
             return "length", None
         return None, None
 
-    def _position_logprobs(self, context: list[int], token_id: int, top: int) -> dict[int, SimLogprob]:
+    def _position_logprobs(self, position: int, token_id: int, top: int) -> dict[int, SimLogprob]:
         """The chosen id ranked first, then ``top`` neighbours with lower log-probabilities."""
-        chosen = self._tokens.logprob(context, token_id) / 8.0
+        chosen = self._tokens.logprob(position, token_id) / 8.0
         ranked = {token_id: SimLogprob(chosen, 1)}
         for rank in range(2, top + 1):
             ranked[(token_id + rank) % self._tokens.vocab_size] = SimLogprob(chosen - rank, rank)
         return ranked
 
-    def _hold(self, sequence: _Sequence) -> None:
+    def _hold(self, sequence: SimSequence) -> None:
         """End a prefill-only request, keeping its blocks for the decode engine's pull."""
         self.running.remove(sequence)
         request = sequence.request
@@ -365,11 +305,11 @@ class Scheduler:
         output = SimOutput([SimCompletion([], "length", None)], True, sequence.cached_tokens, kv_transfer_params=params)
         self._finish(sequence, output)
 
-    def _fail(self, sequence: _Sequence) -> None:
+    def _fail(self, sequence: SimSequence) -> None:
         self.running.remove(sequence)
         self._finish(sequence, Unavailable("simulated engine failure (--sim-fail-rate)"))
 
-    def _finish(self, sequence: _Sequence, last: SimOutput | BaseException) -> None:
+    def _finish(self, sequence: SimSequence, last: SimOutput | BaseException) -> None:
         sequence.done = True
         self._by_id.pop(sequence.request.request_id, None)
         self.pool.free(sequence.blocks)
@@ -383,10 +323,3 @@ class Scheduler:
         expired = [r for r, (expiry, _) in self.held.items() if expiry < now]
         if expired:
             self.release(expired)
-
-
-def fail_after(rate: float, max_tokens: int, rng: random.Random) -> int | None:
-    """Fault injection: with probability ``rate``, the token count after which a request fails."""
-    if rate <= 0 or rng.random() >= rate:
-        return None
-    return rng.randrange(max(max_tokens, 1))

@@ -42,16 +42,16 @@ class TokenSource:
             special = [int(token["id"]) for token in added if token.get("special", True)]
         return cls(vocab_size, special)
 
-    def next_id(self, context: Sequence[int], seed: int) -> int:
-        """The id at position ``len(context)`` after ``context``."""
-        value = _mix((seed & _MASK) ^ (len(context) * 0x9E3779B97F4A7C15 & _MASK))
-        for token_id in context[-WINDOW:]:
+    def next_id(self, recent: Sequence[int], position: int, seed: int) -> int:
+        """The id at ``position`` after ``recent``, the (up to :data:`WINDOW`) ids before it."""
+        value = _mix((seed & _MASK) ^ (position * 0x9E3779B97F4A7C15 & _MASK))
+        for token_id in recent[-WINDOW:]:
             value = _mix(value ^ token_id)
         token_id = value % self.vocab_size
         while token_id in self._special:
             token_id = (token_id + 1) % self.vocab_size
         return token_id
 
-    def logprob(self, context: Sequence[int], token_id: int) -> float:
+    def logprob(self, position: int, token_id: int) -> float:
         """A log-probability shape for an id (in (-8, 0]): deterministic, not a model's."""
-        return -(_mix(token_id ^ len(context)) % 8000) / 1000.0
+        return -(_mix(token_id ^ position) % 8000) / 1000.0
