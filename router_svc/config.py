@@ -6,6 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 from services.config import StageConfig, setting
+from services.ports import PortClaim
 
 
 @dataclasses.dataclass
@@ -112,3 +113,7 @@ class RouterConfig(StageConfig):
     )
 
     ROLE: ClassVar[str] = "router"
+
+    def listen_ports(self) -> list[PortClaim]:
+        http = [PortClaim(self.http_port, "--http-port", host=self.http_host or self.host)] if self.http_port > 0 else []
+        return [*super().listen_ports(), *http]

@@ -207,7 +207,10 @@ class HttpBridge:
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # taken since the stage checked its ports: one line, no traceback
+            raise SystemExit(f"cannot bind the HTTP bridge on {host}:{port} (--http-port): {exc.strerror}") from None
         server = site._server  # the bound port has no public accessor
         sockets = server.sockets if isinstance(server, asyncio.Server) else []
         self.port = int(sockets[0].getsockname()[1]) if sockets else port

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 import secrets
-import signal
+import shutil
 import sys
 import tempfile
 import time
@@ -35,8 +35,10 @@ from services.placement import LAYOUTS
 
 if TYPE_CHECKING:
     from services.certs import CertFiles
-    from services.launcher import StageProcess
+    from services.etcd_server import EmbeddedEtcd
+    from services.mesh_start import StopRequest
     from services.placement import Layout
+    from services.ports import PortClaim
 
 #: Stage subcommands and the module each runs; the stage parses its own flags.
 STAGE_MODULES = {
@@ -62,11 +64,20 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 
 def cmd_etcd(args: argparse.Namespace) -> int:
     from services.etcd_server import EmbeddedEtcd
+    from services.exits import StartFailed
+    from services.ports import PortClaim, taken
 
     etcd = EmbeddedEtcd(
         client_port=args.port, data_dir=Path(args.data_dir) if args.data_dir else None, host=args.host
     )
-    etcd.start()
+    try:
+        for port in taken([PortClaim(etcd.client_port, "--port", "etcd", etcd.host)]):
+            raise StartFailed(f"{port.reason()}; stop it, or choose another port with --port")
+        etcd.start()
+    except StartFailed as exc:
+        print(f"stagemesh etcd: {exc}", file=sys.stderr)
+        etcd.stop()
+        return 1
     print(f"etcd on {etcd.endpoint} (data in {etcd.data_dir}); Ctrl-C stops it", flush=True)
     try:
         _wait_for_signal()
@@ -197,10 +208,13 @@ def cmd_layout(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from services.certs import make_certs
     from services.etcd_server import EmbeddedEtcd
+    from services.exits import StartFailed
     from services.launcher import ProcessGroup, StageProcess, Supervisor
+    from services.mesh_start import StopRequest, stop_mesh, supervise_etcd, wait_ready
     from services.model import prepare_bundled_model
     from services.placement import allowed_cores, format_cores, visible_gpus
 
+    _apply_port_offset(args)
     gpus = visible_gpus()
     layout = _layout(args, allowed_cores(), len(gpus))
     models = args.model or [""]
@@ -233,7 +247,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     etcd = EmbeddedEtcd(
         client_port=args.etcd_port, data_dir=run_dir / "etcd", cores=light_cores, tls=certs.get("etcd")
     )
-    etcd.start()
     group = ProcessGroup()
     common = [
         "--etcd", etcd.endpoint, "--home", str(home), "--metrics-port", "0", "--host", args.host,
@@ -275,7 +288,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             flags += ["--device", "cuda"]
             env["CUDA_VISIBLE_DEVICES"] = gpus[engine.gpu]
         plan.append((name, f"{engine.role}_svc", base + 2 * i, flags, list(engine.cores), env))
+    claims = _port_claims(args, etcd, [(name, port) for name, _, port, *_ in plan])
+    stop = StopRequest()  # from here on a signal stops the children in order, never a traceback
+
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    bound: list[PortClaim] = []  # the ports this run holds, to see free again on the way out
     try:
+        _check_ports(claims, report)
+        bound = claims
+        etcd.start()
         stages = [
             group.add(
                 StageProcess(
@@ -286,9 +309,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
             for name, module, port, extra, cores, env in plan
         ]
+        supervisor = Supervisor(stages, report)
         started = time.monotonic()
         print(f"starting {', '.join(name for name, *_ in plan)} (engines take a minute on CPU)...", flush=True)
-        asyncio.run(_wait_all_healthy(stages, timeout=args.start_timeout))
+        if not asyncio.run(wait_ready(stages, supervisor, etcd, args.start_timeout, stop, report)):
+            return 130  # stopped while starting
         endpoints = "".join(f"  {stage.name + ' gRPC':<18}{stage.grpc_address}\n" for stage in stages)
         http = f"http://127.0.0.1:{args.http_port}"
         print(
@@ -306,24 +331,25 @@ def cmd_up(args: argparse.Namespace) -> int:
             "Ctrl-C stops everything.",
             flush=True,
         )
-        def report(line: str) -> None:
-            print(line, file=sys.stderr, flush=True)
-
-        supervisor = Supervisor(stages, report)
 
         def supervise() -> None:
-            if etcd.process is None or etcd.process.poll() is not None:
-                report("etcd exited; starting it again on its data (stages re-register)")
-                etcd.start()
+            supervise_etcd(etcd, report)
             supervisor.check()
 
-        _wait_for_signal(every=supervise)
+        _wait_for_signal(every=supervise, stop=stop)
         return 0
+    except StartFailed as exc:
+        print(f"stagemesh up: {exc}", file=sys.stderr, flush=True)
+        if exc.detail:
+            print(exc.detail, file=sys.stderr, flush=True)
+        return 1
     finally:
-        print("stopping...", flush=True)
-        group.stop_all()
-        etcd.stop(wipe=True)
-        print("stopped.", flush=True)
+        if bound:
+            print("stopping...", flush=True)
+            stop_mesh(group, etcd, bound, report)
+            print("stopped.", flush=True)
+        else:  # nothing started: no logs to keep
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _sim_counts(args: argparse.Namespace) -> tuple[int, int]:
@@ -360,20 +386,57 @@ def _tls_flags(certs: dict[str, CertFiles], stage: str) -> list[str]:
     return files.flags() if files else []
 
 
-async def _wait_all_healthy(stages: list[StageProcess], timeout: float) -> None:
-    await asyncio.gather(*(stage.wait_healthy(timeout) for stage in stages))
+#: `up`'s port settings, each moved by ``--port-offset``.
+_UP_PORTS = ("http_port", "router_port", "etcd_port", "tokenizer_port", "prefill_port", "decode_port", "kvstore_port")
+#: Seconds `up` waits for ports a stopping mesh still holds.
+_PORT_WAIT = 15.0
 
 
-def _wait_for_signal(every: Callable[[], None] | None = None) -> None:
-    """Block until SIGINT/SIGTERM, calling ``every`` twice a second meanwhile."""
-    stop = False
+def _apply_port_offset(args: argparse.Namespace) -> None:
+    """Move every port of `up` by ``--port-offset``: a second mesh beside the first."""
+    for name in _UP_PORTS:
+        port = getattr(args, name)
+        if port and args.port_offset:
+            port += args.port_offset
+            if not 0 < port < 65536:
+                raise SystemExit(f"stagemesh up: --port-offset {args.port_offset} puts --{name.replace('_', '-')} at {port}")
+            setattr(args, name, port)
 
-    def handler(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+def _port_claims(args: argparse.Namespace, etcd: EmbeddedEtcd, stages: list[tuple[str, int]]) -> list[PortClaim]:
+    """Every port `up` binds (its etcd's client port, the router's HTTP port, each
+    stage's gRPC port), with the setting that moves it."""
+    from services.ports import PortClaim
+
+    return [
+        PortClaim(etcd.client_port, "--etcd-port", "etcd", etcd.host),
+        PortClaim(args.http_port, "--http-port", "router HTTP", args.host),
+        *(PortClaim(port, f"--{name.split('-')[0]}-port", f"{name} gRPC", args.host) for name, port in stages),
+    ]
+
+
+def _check_ports(claims: list[PortClaim], report: Callable[[str], None]) -> None:
+    """Every claimed port free, after a short wait for a mesh that is stopping; else
+    :class:`StartFailed` with a line per taken port."""
+    from services import ports
+    from services.exits import StartFailed
+
+    found = ports.wait_for(claims, _PORT_WAIT, report)
+    if found:
+        raise StartFailed(
+            "\nstagemesh up: ".join(
+                f"{t.reason()}; stop it, or move it with {t.claim.setting} (or every port with --port-offset N)"
+                for t in found
+            )
+        )
+
+
+def _wait_for_signal(every: Callable[[], None] | None = None, stop: StopRequest | None = None) -> None:
+    """Block until SIGINT/SIGTERM/SIGHUP, calling ``every`` twice a second meanwhile."""
+    from services.mesh_start import StopRequest
+
+    if stop is None:  # (a StopRequest no signal has reached is falsy)
+        stop = StopRequest()
     while not stop:
         if every is not None:
             every()
@@ -460,7 +523,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV store capacity in MiB (0: no store; default 1024 when the layout has prefill engines, "
         "the store's only users, else none)",
     )
-    up.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for all stages")
+    up.add_argument(
+        "--port-offset", type=int, default=0,
+        help="added to every port above: a second mesh beside the first (e.g. 100: HTTP on 8100, etcd on 2479)",
+    )
+    up.add_argument(
+        "--start-timeout", type=float, default=600.0,
+        help="seconds every stage has to become ready (engines load for a minute or more on CPU); past it "
+        "`up` names the stages still starting and shows their logs",
+    )
     up.set_defaults(func=cmd_up)
 
     placement = sub.add_parser(

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from services.credentials import DEFAULT_SERVER_NAME, MeshCredentials
 from services.net import route_source
+from services.ports import PortClaim, taken
 
 ENV_PREFIX = "STAGEMESH_"
 
@@ -102,6 +103,21 @@ class StageConfig:
         """The etcd endpoints as (host, port) pairs, in the order given."""
         return parse_endpoints(self.etcd)
 
+    def listen_ports(self) -> list[PortClaim]:
+        """The ports this stage will bind that its settings fix (0 picks a free one at
+        bind time), each with its flag: checked before the stage serves."""
+        fixed = [("--port", self.port), ("--metrics-port", self.metrics_port)]
+        return [PortClaim(port, flag, host=self.host) for flag, port in fixed if port > 0]
+
+    def check_ports(self) -> None:
+        """End the stage with one line when a port its settings fix is taken: before it
+        loads anything, not as a bind traceback after."""
+        found = taken(self.listen_ports())
+        if found:
+            raise SystemExit(
+                "; ".join(f"{t.reason()}: stop it, or choose another port with {t.claim.setting}" for t in found)
+            )
+
     def resolve_hosts(self) -> None:
         """Replace ``auto`` addresses with this host's address on the route to etcd.
 
@@ -130,6 +146,10 @@ class NixlStageConfig(StageConfig):
         "longest sleep of NIXL's UCX progress thread when idle, in ms (0: NIXL's own busy "
         "poll, a whole core per agent)",
     )
+
+    def listen_ports(self) -> list[PortClaim]:
+        fixed = [PortClaim(self.nixl_port, "--nixl-port", host=self.nixl_host)] if self.nixl_port > 0 else []
+        return [*super().listen_ports(), *fixed]
 
     def resolve_hosts(self) -> None:
         """The NIXL endpoint binds and is dialled at one address, found like the gRPC one."""

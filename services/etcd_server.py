@@ -7,17 +7,21 @@ instead; nothing else changes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
-import socket
+import ssl
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from services import ports
 from services.certs import CertFiles
+from services.exits import StartFailed
 from services.launcher import child_setup
 from services.net import free_port
 
@@ -75,12 +79,19 @@ class EmbeddedEtcd:
         """``host:port`` for clients."""
         return f"{self.host}:{self.client_port}"
 
+    @property
+    def client_url(self) -> str:
+        """The URL clients (and its health check) reach it at."""
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
+
     def start(self, timeout: float = 20.0) -> None:
-        """Start the server and wait until it accepts client connections."""
+        """Start the server and wait until its own health check passes; raises
+        :class:`StartFailed` (one line, the log's tail as detail) when it exits or
+        does not become healthy."""
         if self.process is not None and self.process.poll() is None:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        client_url = f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
+        client_url = self.client_url
         peer_url = f"http://{self.host}:{self.peer_port}"
         args = [
             *self.wrapper,
@@ -107,16 +118,47 @@ class EmbeddedEtcd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"etcd exited with {self.process.returncode}; log: {self._log_file}"
-                )
-            try:
-                with socket.create_connection((self.host, self.client_port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
+                raise self._exited()
+            if self._healthy() and ports.listens(self.process.pid, self.client_port) is not False:
+                return
+            time.sleep(0.1)
         self.stop()
-        raise TimeoutError(f"etcd did not start within {timeout}s; log: {self._log_file}")
+        raise StartFailed(f"etcd did not become healthy within {timeout:.0f}s (log: {self._log_file})", self.log_tail())
+
+    def _healthy(self) -> bool:
+        """etcd's own health check (``/health`` on the client URL) says it serves.
+
+        An answer proves an etcd serves on the port, and :func:`services.ports.listens`
+        that it is ours: a connect alone once reached another etcd on 2379 while ours
+        had exited on "address already in use".
+        """
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]  # loopback: no proxy
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            context.load_cert_chain(str(self.tls.cert), str(self.tls.key))  # client-auth too
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        try:
+            with urllib.request.build_opener(*handlers).open(f"{self.client_url}/health", timeout=1.0) as reply:
+                return bool(json.loads(reply.read()).get("health") == "true")
+        except (OSError, ValueError):
+            return False
+
+    def _exited(self) -> StartFailed:
+        """Why the etcd just started is gone: a port another process holds, else its log."""
+        assert self.process is not None
+        for port in (self.client_port, self.peer_port):
+            holder = ports.holder(port)
+            if holder is not None:
+                return StartFailed(f"etcd cannot listen on {self.host}:{port}: it is in use by {holder}")
+        return StartFailed(
+            f"etcd exited with code {self.process.returncode} at start (log: {self._log_file})", self.log_tail()
+        )
+
+    def log_tail(self, lines: int = 10) -> str:
+        """The last lines of etcd's log."""
+        if not self._log_file.exists():
+            return ""
+        return "\n".join(self._log_file.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, wipe: bool | None = None) -> None:
         """Stop the server (SIGTERM, then SIGKILL). Removes an owned data dir unless ``wipe=False``."""

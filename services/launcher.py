@@ -10,11 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.clients import health_status
+from services.exits import StartFailed, reason_line
 
 _PR_SET_PDEATHSIG = 1
 
@@ -105,8 +106,17 @@ class StageProcess:
             await asyncio.sleep(0.2)
         raise TimeoutError(f"{self.name} not SERVING after {timeout:.0f}s:\n{self.log_tail()}")
 
+    def reason(self) -> str:
+        """Why the stage exited, in one line: the reason it printed (``stagemesh decode:
+        --model ...``), else its log's last line."""
+        return reason_line(self.log_tail(40))
+
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (graceful drain), then SIGKILL after ``timeout``; returns the exit code."""
+        """SIGTERM (graceful drain), then SIGKILL after ``timeout``; returns the exit code.
+
+        Whatever of its process group outlives the stage (a vLLM engine core whose
+        stage exited before it) is killed too: once this returns, nothing it started runs.
+        """
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -114,7 +124,8 @@ class StageProcess:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.kill()
+                pass
+        self.kill()
         return self.process.returncode
 
     def kill(self) -> None:
@@ -128,8 +139,9 @@ class StageProcess:
         """
         if self.process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.poll() is None or live_processes_in_group(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
         # SIGKILL is delivered but not yet acted on by every member: an engine process
         # releasing gigabytes of registered KV memory takes seconds to exit. The signal is
@@ -245,8 +257,13 @@ class Supervisor:
         self._clock = clock
         self._watch = {stage.name: _Watch(started=clock()) for stage in self._stages}
 
-    def check(self) -> None:
-        """Look at every stage once: note exits, restart those whose backoff is over."""
+    def check(self, give_up_on: Collection[int] = ()) -> None:
+        """Look at every stage once: note exits, restart those whose backoff is over.
+
+        A stage that exited with a code in ``give_up_on`` is not restarted: this raises
+        :class:`StartFailed` with the reason it printed (``stagemesh up`` passes the
+        codes a restart cannot mend while the mesh starts: a port taken, a bad flag).
+        """
         now = self._clock()
         for stage in self._stages:
             watch = self._watch[stage.name]
@@ -257,6 +274,10 @@ class Supervisor:
                     continue
                 code = stage.process.returncode if stage.process is not None else None
                 stage.kill()  # reap what is left of its group
+                if code in give_up_on:
+                    raise StartFailed(
+                        f"{stage.name} cannot start: {stage.reason()} (log: {stage.log_path})"
+                    )
                 delay = min(self._ceiling, self._base * 2**watch.failures)
                 watch.failures += 1
                 watch.restart_at = now + delay

@@ -92,6 +92,14 @@ class Stage(abc.ABC):
         return None
 
 
+class _CannotStart(Exception):
+    """A stage's start raised SystemExit: carried through the drain to :func:`run_stage`."""
+
+    def __init__(self, code: str | int | None) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 class StageServer:
     """Runs one :class:`Stage` behind a grpc.aio server, with health, metrics and membership."""
 
@@ -162,12 +170,16 @@ class StageServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         tls = self.credentials.tls
-        if tls is None:
-            self.port = self.server.add_insecure_port(address)
-        else:  # mutual TLS, except on a public stage's port (users hold API keys, not certificates)
-            self.port = self.server.add_secure_port(address, tls.server_credentials(not self.stage.public))
+        try:
+            if tls is None:
+                self.port = self.server.add_insecure_port(address)
+            else:  # mutual TLS, except on a public stage's port (users hold API keys, not certificates)
+                self.port = self.server.add_secure_port(address, tls.server_credentials(not self.stage.public))
+        except RuntimeError:  # grpc's "Failed to bind": taken since run_stage checked
+            self.port = 0
         if self.port == 0:
-            raise SystemExit(f"cannot bind gRPC on {self.config.host}:{self.config.port}")
+            self.config.check_ports()  # one line naming the holder, when it is a taken port
+            raise SystemExit(f"cannot bind gRPC on {address}")
         await self.server.start()
         if self.config.metrics_port >= 0:
             httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
@@ -182,7 +194,13 @@ class StageServer:
 
     async def _start_stage(self) -> None:
         started = time.monotonic()
-        await self.stage.start()
+        try:
+            await self.stage.start()
+        except SystemExit as exc:
+            # A setting that cannot work, found while loading (the engine refused the
+            # model). Out of a task, asyncio would end the loop without the drain and
+            # log the task as never retrieved: carried out as an ordinary error instead.
+            raise _CannotStart(exc.code) from None
         log.info("%s ready in %.1fs", common_pb2.Role.Name(self.stage.role), time.monotonic() - started)
         self._started_at = time.time()
         member = self._member()
@@ -258,6 +276,8 @@ def run_stages(stages: list[tuple[StageConfig, Stage]]) -> None:
     first = stages[0][0]
     configure_logging(first.log_level, first.log_format, first.ROLE, first.instance_id)
     credentials.install(first.credentials())
+    for config, _ in stages:
+        config.check_ports()
     servers = [StageServer(config, stage) for config, stage in stages]
 
     async def serve_all() -> None:
@@ -273,6 +293,9 @@ def run_stages(stages: list[tuple[StageConfig, Stage]]) -> None:
             loop.add_signal_handler(signum, stop_all)
         await asyncio.gather(*(server.serve() for server in servers))
 
-    uvloop.run(serve_all())
+    try:
+        uvloop.run(serve_all())
+    except _CannotStart as exc:
+        raise SystemExit(exc.code) from None
     if code := max(server.exit_code for server in servers):
         raise SystemExit(code)

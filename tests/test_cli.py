@@ -19,6 +19,8 @@ import pytest
 from services.launcher import StageProcess, Supervisor
 from services.net import free_port
 from services.placement import allowed_cores, choose_layout, visible_gpus
+from tests.support.up import banner as banner_of
+from tests.support.up import start_up
 
 
 def port_open(port: int) -> bool:
@@ -35,8 +37,6 @@ def probe(port: int) -> tuple[int, str]:
     return done.returncode, done.stdout.strip()
 
 
-@pytest.mark.isolated
-@pytest.mark.asyncio(loop_scope="session")
 def stage_pid(role: str, port: int) -> int:
     """The pid of the ``role`` stage serving gRPC on ``port`` (its process group's leader)."""
     wanted = [f"{role}_svc", "--port", str(port)]
@@ -64,6 +64,7 @@ async def serves_again(client: openai.AsyncOpenAI, timeout: float) -> None:
             await asyncio.sleep(1)
 
 
+@pytest.mark.isolated
 async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path, tmp_path: Path) -> None:
     # `stagemesh up` as the README starts it: the automatic layout for this host (on a
     # two-core CI machine, one engine that prefills and decodes on both cores).
@@ -72,18 +73,9 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
     if layout.kvstore:
         roles.append("kvstore")
     ports = {name: free_port() for name in ("etcd", "tokenizer", "prefill", "decode", "kvstore", "router", "http")}
-    up = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block; its output is read on a thread
-        [sys.executable, "-m", "services.cli", "--home", str(home), "up",
-         *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port)))],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    up = start_up(home, ports)
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 600
-        while not any("Ctrl-C stops everything" in line for line in lines):
-            assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
-            lines.append(await asyncio.to_thread(up.stdout.readline))  # type: ignore[union-attr]
+        lines = await asyncio.to_thread(banner_of, up)
         banner = "".join(lines)
         assert banner.startswith(f"layout {layout.name}: "), banner  # it says what it chose, and why
         for name in ("etcd", "http", *roles):
@@ -127,6 +119,13 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
         for name, port in ports.items():
             assert not port_open(port), f"{name} port {port} still open after Ctrl-C"
         assert probe(ports["router"]) == (1, "UNREACHABLE")
+
+        # Once Ctrl-C returned, the same mesh starts again at once, on the same ports.
+        up = start_up(home, ports)
+        await asyncio.to_thread(banner_of, up)
+        await serves_again(client, timeout=60)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=120) == 0
     finally:
         if up.poll() is None:
             up.kill()

@@ -13,7 +13,7 @@ from google.protobuf import descriptor
 
 from services.detokenizer import IncrementalDetokenizer
 from services.errors import InvalidRequest, Unavailable
-from services.model import resolve_model
+from services.model import ModelSpec, resolve_model
 from services.pb import common_pb2, tokenizer_pb2
 from services.server import Stage
 from tokenizer_svc.config import TokenizerConfig
@@ -147,6 +147,14 @@ class TokenizerServicer:
             yield tokenizer_pb2.DecoderChunk(data=serialized[offset : offset + _DECODER_CHUNK_BYTES])
 
 
+def _model(spec: str, home: Path) -> ModelSpec:
+    """The model ``spec`` names; a bad path ends the stage with one line before it serves."""
+    try:
+        return resolve_model(spec, home)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"--model {spec}: {exc}" if spec else str(exc)) from None
+
+
 class TokenizerStage(Stage):
     """The tokenizer stage: loads each configured model's tokenizer, then serves them."""
 
@@ -155,14 +163,13 @@ class TokenizerStage(Stage):
     def __init__(self, config: TokenizerConfig) -> None:
         self._config = config
         self._servicer = TokenizerServicer()
+        self._specs = [_model(spec, Path(config.home)) for spec in (config.model or [""])]
 
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
         return [(tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"], self._servicer)]
 
     async def start(self) -> None:
-        home = Path(self._config.home)
-        specs = [resolve_model(spec, home) for spec in (self._config.model or [""])]
-        tokenizers = await asyncio.to_thread(lambda: [ModelTokenizer(spec) for spec in specs])
+        tokenizers = await asyncio.to_thread(lambda: [ModelTokenizer(spec) for spec in self._specs])
         self._servicer.load(tokenizers)
 
     def describe(self, member: common_pb2.Member) -> None:

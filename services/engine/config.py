@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 from services.config import NixlStageConfig, setting
+from services.model import resolve_model
 from services.placement import (
     PlacementError,
     allowed_cores,
@@ -181,3 +183,12 @@ class EngineConfig(NixlStageConfig):
         self.check_parallelism()
         self.speculative()
         self.lora_adapters()
+        self.check_model()
+
+    def check_model(self) -> None:
+        """``--model`` names a model directory (the bundled one prepared): a bad path
+        ends the stage with one line at once, not a traceback after the engine stack loaded."""
+        try:
+            resolve_model(self.model, Path(self.home))
+        except FileNotFoundError as exc:
+            raise SystemExit(f"--model {self.model}: {exc}" if self.model else str(exc)) from None

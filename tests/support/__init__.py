@@ -1,0 +1,1 @@
+"""Helpers the tests share (processes they start, what they read from them)."""
