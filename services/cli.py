@@ -80,7 +80,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from services.clients import EngineClient, KvStoreClient, health_status
     from services.etcd import EtcdSession
-    from services.membership import MEMBERS_PREFIX, role_name
+    from services.membership import MEMBERS_PREFIX, RecordReader, role_name
     from services.pb import common_pb2
 
     _install_credentials(args)
@@ -96,7 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 )
             if member.role not in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE):
                 return ""
-            async with EngineClient(member.grpc_address) as client:
+            async with EngineClient(member.grpc_address, role=role_name(member.role)) as client:
                 load = await client.load(timeout=2.0)
         except Exception:  # noqa: BLE001 - shown as unknown, the health column says why
             return "?"
@@ -112,9 +112,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             listing = await client.get_prefix(MEMBERS_PREFIX.encode())
         finally:
             await session.close()
-        members = sorted(
-            (common_pb2.Member.FromString(kv.value) for kv in listing), key=lambda m: (m.role, m.grpc_address)
-        )
+        # Only records a holder of the mesh key wrote: status calls each member with the token.
+        records = RecordReader(common_pb2.Member.FromString).read_all(listing)
+        members = sorted(records.values(), key=lambda m: (m.role, m.grpc_address))
         health = await asyncio.gather(*(health_status(m.grpc_address) for m in members))
         loads = await asyncio.gather(*(load_of(m) for m in members))
         return [

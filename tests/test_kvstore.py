@@ -28,6 +28,7 @@ from services.kv.nixl import new_agent, transfer
 from services.kv.shards import SHARDS_PREFIX, ShardMap, ring_points
 from services.kv.store_link import HostBlocks, StoreLink, Target, remote_regions
 from services.launcher import StageProcess
+from services.membership import RecordReader
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.conftest import kvstore_process, private_etcd, running
 
@@ -173,7 +174,7 @@ async def shards(store: StageProcess, store_etcd: EmbeddedEtcd) -> ShardMap:
     try:
         client = await session.client()
         listing = await client.get_prefix(SHARDS_PREFIX.encode())
-        entries = [kvstore_pb2.ShardEntry.FromString(kv.value) for kv in listing]
+        entries = list(RecordReader(kvstore_pb2.ShardEntry.FromString).read_all(listing).values())
     finally:
         await session.close()
     assert len(entries) == 1 and entries[0].grpc_address == store.grpc_address
@@ -398,7 +399,7 @@ async def test_a_store_behind_mutual_tls(home: Path, tmp_path: Path) -> None:
                 listing = await (await session.client()).get_prefix(SHARDS_PREFIX.encode())
             finally:
                 await session.close()
-            shards = ShardMap([kvstore_pb2.ShardEntry.FromString(kv.value) for kv in listing])
+            shards = ShardMap(RecordReader(kvstore_pb2.ShardEntry.FromString).read_all(listing).values())
             client.fill(0, 42)
             assert client.store(shards, [8401]) == 1
             client.memory[:] = 0

@@ -119,7 +119,7 @@ class StoreLink:
         with self._lock:
             stub = self._stubs.get(address)
             if stub is None:
-                chan = credentials.current().dial(grpc, address)
+                chan = credentials.current().dial(grpc, address, "kvstore")
                 self._channels[address] = chan
                 stub = self._stubs[address] = kvstore_pb2_grpc.KvStoreServiceStub(chan)
             return stub

@@ -78,6 +78,20 @@ class Member(_message.Message):
     adapter_slots: int
     def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., grpc_address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., kv_block_size: _Optional[int] = ..., nixl_address: _Optional[str] = ..., max_concurrency: _Optional[int] = ..., kv_capacity_blocks: _Optional[int] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., kv_event_epoch: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_model_len: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ..., adapter_slots: _Optional[int] = ...) -> None: ...
 
+class SignedRecord(_message.Message):
+    __slots__ = ("payload", "key", "lease", "signed_at_ms", "signature")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    key: str
+    lease: int
+    signed_at_ms: int
+    signature: bytes
+    def __init__(self, payload: _Optional[bytes] = ..., key: _Optional[str] = ..., lease: _Optional[int] = ..., signed_at_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class Adapter(_message.Message):
     __slots__ = ("name", "parent", "source", "rank")
     NAME_FIELD_NUMBER: _ClassVar[int]
