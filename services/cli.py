@@ -113,8 +113,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         finally:
             await session.close()
         # Only records a holder of the mesh key wrote: status calls each member with the token.
-        records = RecordReader(common_pb2.Member.FromString).read_all(listing)
-        members = sorted(records.values(), key=lambda m: (m.role, m.grpc_address))
+        reader = RecordReader(common_pb2.Member.FromString)
+        members = sorted(reader.read_all(listing).values(), key=lambda m: (m.role, m.grpc_address))
+        if reader.refused:
+            print(f"stagemesh status: ignored {len(reader.refused)} member record(s) not sealed with this "
+                  f"mesh's key ({', '.join(sorted(set(reader.refused.values())))}); a mesh with a key needs "
+                  "--mesh-key-file or STAGEMESH_MESH_KEY", file=sys.stderr)
         health = await asyncio.gather(*(health_status(m.grpc_address) for m in members))
         loads = await asyncio.gather(*(load_of(m) for m in members))
         return [

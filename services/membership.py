@@ -299,6 +299,11 @@ class RecordReader(Generic[M]):
                 found[key] = record
         return found
 
+    @property
+    def refused(self) -> Mapping[str, str]:
+        """The keys refused now (up to :data:`LOGGED_KEYS_MAX`), with the reason."""
+        return dict(self._refused)
+
     def forget(self, key: str) -> None:
         """``key`` was deleted: log its next refusal again."""
         self._refused.pop(key, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -161,6 +162,16 @@ async def test_a_forged_member_gets_no_call_and_the_router_counts_it(
                 for suffix in (*values, "replayed"):
                     assert log.count(f"ignoring the etcd record {key}-{suffix}:") == 1, suffix
                 assert log.count(f"ignoring the etcd record {ADAPTERS_PREFIX}evil:") == 1
+
+                # The operator's view skips them too, and says so (it calls each member it lists).
+                status = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "services.cli", "status", "--etcd", etcd.endpoint,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )
+                out, err = await asyncio.wait_for(status.communicate(), 60)
+                assert status.returncode == 0, err
+                assert "genuine" in out.decode() and "forged" not in out.decode(), out
+                assert "ignored 5 member record(s)" in err.decode(), err
                 assert intruder.calls == []
             finally:
                 await registration.close()
