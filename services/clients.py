@@ -105,7 +105,8 @@ class _StageClient:
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, role: str = "") -> None:
         self.address = address
-        self._channel = channel(address, role or self.role, self.stage_token)
+        self.role = role or self.role
+        self._channel = channel(address, self.role, self.stage_token)
         self._timeout = timeout
 
     async def close(self) -> None:
