@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -238,6 +239,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         client_port=args.etcd_port, data_dir=run_dir / "etcd", cores=light_cores, tls=certs.get("etcd")
     )
     etcd.start()
+    etcd_users = _etcd_users(etcd.endpoint, run_dir)
+    credentials.install(dataclasses.replace(
+        credentials.current(), etcd_user="client", etcd_password=etcd_users["client"].read_text()
+    ))
     group = ProcessGroup()
     common = [
         "--etcd", etcd.endpoint, "--home", str(home), "--metrics-port", "0", "--host", args.host,
@@ -279,7 +284,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         stages = [
             group.add(
                 StageProcess(
-                    name, module, [*common, *_tls_flags(certs, name), "--port", str(port), *extra],
+                    name, module,
+                    [*common, *_tls_flags(certs, name), *_etcd_flags(etcd_users, name), "--port", str(port), *extra],
                     f"127.0.0.1:{port}", run_dir,
                     env={**os.environ, **env}, cores=cores,
                 )
@@ -301,8 +307,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"  grpcurl {f'-cacert {own.ca} -authority stagemesh' if own else '-plaintext'} "
             f"-d '{{\"text\": \"Once upon a time\"}}' 127.0.0.1:{args.router_port} "
             "stagemesh.v1.RouterService/Generate\n"
-            f"  stagemesh status --etcd {etcd.endpoint} --mesh-key-file {mesh_key_file}"
-            f"{' ' + ' '.join(own.flags()) if own else ''}\n\n"
+            f"  stagemesh status --etcd {etcd.endpoint} --mesh-key-file {mesh_key_file} "
+            f"{' '.join(_etcd_flags(etcd_users, 'client'))}{' ' + ' '.join(own.flags()) if own else ''}\n\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
@@ -324,6 +330,34 @@ def cmd_up(args: argparse.Namespace) -> int:
         group.stop_all()
         etcd.stop(wipe=True)
         print("stopped.", flush=True)
+
+
+def _etcd_users(endpoint: str, run_dir: Path) -> dict[str, Path]:
+    """etcd's authentication on for this run (services.etcd.enable_authentication): a
+    fresh password per role, each in a 0600 file of the run directory; the files by role."""
+    from services.etcd import WRITES, EtcdSession, enable_authentication
+
+    files = {role: run_dir / f"etcd-{role}.password" for role in WRITES}
+    for path in files.values():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(16))
+
+    async def enable() -> None:
+        session = EtcdSession(parse_endpoints(endpoint))
+        try:
+            passwords = {role: path.read_text() for role, path in files.items()}
+            await enable_authentication(await session.client(), passwords, secrets.token_hex(16))
+        finally:
+            await session.close()
+
+    asyncio.run(enable())
+    return files
+
+
+def _etcd_flags(users: dict[str, Path], stage: str) -> list[str]:
+    """A stage's etcd user and password file (``prefill-1`` is the ``prefill`` user)."""
+    role = stage.split("-")[0]
+    return ["--etcd-user", role, "--etcd-password-file", str(users[role])]
 
 
 def _tls_flags(certs: dict[str, CertFiles], stage: str) -> list[str]:
@@ -363,7 +397,7 @@ def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 #: The stage settings a tool presents to the stages with (services/credentials.py).
-_CREDENTIAL_SETTINGS = ("mesh_key_file", "tls_cert", "tls_key", "tls_ca")
+_CREDENTIAL_SETTINGS = ("mesh_key_file", "tls_cert", "tls_key", "tls_ca", "etcd_user", "etcd_password_file")
 
 
 def _add_credential_arguments(parser: argparse.ArgumentParser) -> None:

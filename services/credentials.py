@@ -108,15 +108,19 @@ class Tls:
 
 @dataclasses.dataclass(frozen=True)
 class MeshCredentials:
-    """The mesh key (empty: none) and TLS material (None: plaintext gRPC)."""
+    """The mesh key (empty: none), TLS material (None: plaintext gRPC) and the etcd user
+    (empty: etcd without authentication)."""
 
     mesh_key: bytes = b""
     tls: Tls | None = None
+    etcd_user: str = ""
+    etcd_password: str = ""
 
     @classmethod
     def load(
         cls, mesh_key: str = "", mesh_key_file: str = "", tls_cert: str = "", tls_key: str = "",
-        tls_ca: str = "", tls_server_name: str = DEFAULT_SERVER_NAME,
+        tls_ca: str = "", tls_server_name: str = DEFAULT_SERVER_NAME, etcd_user: str = "",
+        etcd_password_file: str = "",
     ) -> MeshCredentials:
         """From the settings every stage has; a missing or unreadable file ends the process."""
         key = _read(mesh_key_file, "mesh key file").strip() if mesh_key_file else mesh_key.strip().encode()
@@ -130,7 +134,10 @@ class MeshCredentials:
                 _read(tls_cert, "TLS certificate"), _read(tls_key, "TLS key"), _read(tls_ca, "TLS CA"),
                 tls_server_name or DEFAULT_SERVER_NAME,
             )
-        return cls(key, tls)
+        if bool(etcd_user) != bool(etcd_password_file):
+            raise SystemExit("etcd authentication needs --etcd-user and --etcd-password-file together")
+        password = _read(etcd_password_file, "etcd password file").decode().strip() if etcd_password_file else ""
+        return cls(key, tls, etcd_user, password)
 
     @property
     def stage_token(self) -> str:

@@ -22,13 +22,12 @@ import aetcd.exceptions
 
 from services import credentials
 from services.aio import cancel_and_wait
-from services.etcd import EtcdSession
+from services.etcd import ROOT, EtcdSession
 from services.pb import common_pb2
 from services.records import REJECTED, RecordRejected, RecordSigner, kind_of
 
 log = logging.getLogger(__name__)
 
-ROOT = "/stagemesh/v1/"
 MEMBERS_PREFIX = ROOT + "members/"
 
 

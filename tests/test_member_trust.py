@@ -5,12 +5,15 @@ process, and gRPC servers of the test's own that record every call they receive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import re
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+import aetcd
 import grpc
 import httpx
 import pytest
@@ -19,13 +22,14 @@ import pytest_asyncio
 from router_svc.adapters import ADAPTERS_PREFIX
 from services import credentials
 from services.certs import CertFiles, make_certs
+from services.config import parse_endpoints
 from services.credentials import STAGE_TOKEN, MeshCredentials
-from services.etcd import EtcdSession
+from services.etcd import WRITES, EtcdSession, enable_authentication
 from services.etcd_server import EmbeddedEtcd
-from services.membership import MemberWatcher, Registration, member_key
+from services.membership import MemberWatcher, RecordReader, Registration, member_key
 from services.pb import common_pb2, engine_pb2
 from services.records import RecordRejected, RecordSigner
-from tests.conftest import private_etcd, router_process, running
+from tests.conftest import private_etcd, router_process, running, tokenizer_process
 
 #: The router polls engines' load this often (seconds); a member it trusts hears from it within it.
 POLL = 0.2
@@ -273,7 +277,6 @@ async def refused_by_role(etcd: EmbeddedEtcd, home: Path, tmp_path: Path, certs:
     """A tokenizer stage under TLS takes the router's certificate and refuses the KV
     store's: a KV store never calls a tokenizer."""
     from services.pb import tokenizer_pb2, tokenizer_pb2_grpc
-    from tests.conftest import tokenizer_process
 
     stage = tokenizer_process("tokenizer", etcd.endpoint, home, tmp_path, *certs["tokenizer"].flags())
     async with running(stage):
@@ -293,3 +296,56 @@ async def refused_by_role(etcd: EmbeddedEtcd, home: Path, tmp_path: Path, certs:
                     assert "kvstore" in (error.details() or "")
                 else:
                     assert code == grpc.StatusCode.OK, role
+
+
+@contextlib.asynccontextmanager
+async def etcd_as(endpoint: str, user: str = "", password: str = "") -> AsyncIterator[aetcd.Client]:
+    """A connected etcd client of its own, as ``user`` (none: unauthenticated)."""
+    previous = credentials.current()
+    credentials.install(dataclasses.replace(previous, etcd_user=user, etcd_password=password))
+    session = EtcdSession(parse_endpoints(endpoint))
+    try:
+        client = await session.client()
+    finally:
+        credentials.install(previous)
+    try:
+        yield client
+    finally:
+        await session.close()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_with_etcd_authentication_each_role_writes_only_its_own_keys(home: Path, tmp_path: Path) -> None:
+    """As `stagemesh up` runs etcd: without a password nothing under the mesh's tree can
+    be written or deleted, a role writes only its own members' keys, and a real stage
+    with its role's user registers, is seen, and leaves."""
+    passwords = {role: f"{role}-secret" for role in WRITES}
+    with private_etcd() as etcd:
+        async with etcd_as(etcd.endpoint) as root:
+            await enable_authentication(root, passwords, "root-secret")
+        decode_key = "/stagemesh/v1/members/decode/forged"
+        async with etcd_as(etcd.endpoint) as anonymous:
+            with pytest.raises(Exception, match="user name is empty|permission denied|invalid auth"):
+                await anonymous.put(decode_key.encode(), b"x")
+        async with etcd_as(etcd.endpoint, "tokenizer", passwords["tokenizer"]) as tokenizer:
+            with pytest.raises(Exception, match="permission denied"):
+                await tokenizer.put(decode_key.encode(), b"x")
+            with pytest.raises(Exception, match="permission denied"):
+                await tokenizer.put((ADAPTERS_PREFIX + "evil").encode(), b"x")
+        async with etcd_as(etcd.endpoint, "decode", passwords["decode"]) as decode:
+            await decode.put(decode_key.encode(), b"x")  # its own role's key (the seal decides the rest)
+            await decode.delete(decode_key.encode())
+
+        password_file = tmp_path / "tokenizer.password"
+        password_file.write_text(passwords["tokenizer"])
+        stage = tokenizer_process(
+            "tokenizer", etcd.endpoint, home, tmp_path, "--etcd-user", "tokenizer",
+            "--etcd-password-file", str(password_file),
+        )
+        async with running(stage), etcd_as(etcd.endpoint, "client", passwords["client"]) as client:
+            listing = await client.get_prefix(b"/stagemesh/v1/members/tokenizer/")
+            members = RecordReader(common_pb2.Member.FromString).read_all(listing)
+            assert [m.grpc_address for m in members.values()] == [stage.grpc_address]
+        assert stage.process is not None and stage.process.returncode == 0  # its lease revoked, it left cleanly
+        async with etcd_as(etcd.endpoint, "client", passwords["client"]) as client:
+            assert not list(await client.get_prefix(b"/stagemesh/v1/members/"))
