@@ -10,15 +10,20 @@ Two credentials, either or both (docs/deploy.md, "Security model"):
   (``UNAUTHENTICATED``): the engines' Generate, Prefill and KV events, the KV store's
   Reserve, Commit and Evict, the tokenizer. Health checks and reflection stay open, and
   the router's public API takes API keys instead. The token is an HMAC of the key under
-  a fixed label, so a token seen on the wire does not sign handles.
+  a fixed label, so a token seen on the wire does not sign handles. A third key derived
+  from it seals the records stages write to etcd (:mod:`services.records`): a channel
+  carrying the token is only ever made to a member whose record verified.
 - **TLS** (``--tls-cert``, ``--tls-key``, ``--tls-ca``; ``stagemesh certs`` makes a
   development CA and a certificate per stage). Every gRPC server then speaks TLS only, and
   every stage but the router requires a client certificate signed by the mesh CA (mutual
   TLS). The router's port takes clients without one: users hold API keys, not mesh
-  certificates. A client checks a stage's certificate against the mesh's server name
-  (``--tls-server-name``, ``stagemesh`` unless told), not the dialled address: members
-  are found through etcd at addresses nobody knows when certificates are made (container
-  IPs, DHCP). etcd is dialled with the same certificate and checked by its own host name,
+  certificates. A client checks a stage's certificate against a name, not the dialled
+  address: members are found through etcd at addresses nobody knows when certificates
+  are made (container IPs, DHCP). The name is ``<role>.<server name>`` when the caller
+  knows the member's role (the router always does), else the mesh's server name
+  (``--tls-server-name``, ``stagemesh`` unless told). A stage in turn takes internal calls
+  only from the caller roles :data:`CALLERS` lists, read from the caller certificate's
+  URI SAN ``spiffe://stagemesh/role/<role>``. etcd is dialled with the same certificate and checked by its own host name,
   since its address is configuration.
 
 One process, one identity: the entry point installs the credentials once
