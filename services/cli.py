@@ -131,9 +131,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         rows = asyncio.run(collect())
     except (aetcd.exceptions.ClientError, TimeoutError) as exc:
-        print(f"stagemesh status: etcd at {args.etcd} is unreachable ({type(exc).__name__}: "
+        print(f"stagemesh status: etcd at {args.etcd} is unreachable or refused ({type(exc).__name__}: "
               f"{str(exc).splitlines()[0] if str(exc) else 'no answer'}); an etcd with TLS needs "
-              "--tls-cert, --tls-key and --tls-ca", file=sys.stderr)
+              "--tls-cert, --tls-key and --tls-ca, one with users (stagemesh up) --etcd-user and "
+              "--etcd-password-file", file=sys.stderr)
         return 1
     header = ("ROLE", "INSTANCE", "ADDRESS", "HEALTH", "MODELS", "LOAD")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
