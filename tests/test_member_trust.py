@@ -314,33 +314,31 @@ async def etcd_as(endpoint: str, user: str = "", password: str = "") -> AsyncIte
         await session.close()
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
 @pytest.mark.asyncio(loop_scope="session")
-async def test_with_etcd_authentication_each_role_writes_only_its_own_keys(home: Path, tmp_path: Path) -> None:
-    """As `stagemesh up` runs etcd: without a password nothing under the mesh's tree can
-    be written or deleted, a role writes only its own members' keys, and a real stage
-    with its role's user registers, is seen, and leaves."""
+async def test_with_etcd_authentication_each_role_writes_only_its_own_keys(
+    home: Path, tmp_path: Path, tls: bool
+) -> None:
+    """As `stagemesh up` runs etcd (with --tls too): without a password nothing under the
+    mesh's tree can be written or deleted, a role writes only its own members' keys, and
+    a real stage with its role's user registers, is seen, and leaves."""
     passwords = {role: f"{role}-secret" for role in WRITES}
-    with private_etcd() as etcd:
-        async with etcd_as(etcd.endpoint) as root:
-            await enable_authentication(root, passwords, "root-secret")
-        decode_key = "/stagemesh/v1/members/decode/forged"
-        async with etcd_as(etcd.endpoint) as anonymous:
-            with pytest.raises(Exception, match="user name is empty|permission denied|invalid auth"):
-                await anonymous.put(decode_key.encode(), b"x")
-        async with etcd_as(etcd.endpoint, "tokenizer", passwords["tokenizer"]) as tokenizer:
-            with pytest.raises(Exception, match="permission denied"):
-                await tokenizer.put(decode_key.encode(), b"x")
-            with pytest.raises(Exception, match="permission denied"):
-                await tokenizer.put((ADAPTERS_PREFIX + "evil").encode(), b"x")
-        async with etcd_as(etcd.endpoint, "decode", passwords["decode"]) as decode:
-            await decode.put(decode_key.encode(), b"x")  # its own role's key (the seal decides the rest)
-            await decode.delete(decode_key.encode())
-
+    certs = make_certs(tmp_path / "tls") if tls else {}
+    previous = credentials.current()
+    if tls:
+        own = certs["client"]
+        credentials.install(MeshCredentials.load(
+            previous.mesh_key.decode(), tls_cert=str(own.cert), tls_key=str(own.key), tls_ca=str(own.ca)
+        ))
+    etcd = EmbeddedEtcd(client_port=0, tls=certs.get("etcd"))
+    etcd.start()
+    try:
+        await roles_write_only_their_keys(etcd, passwords)
         password_file = tmp_path / "tokenizer.password"
         password_file.write_text(passwords["tokenizer"])
         stage = tokenizer_process(
             "tokenizer", etcd.endpoint, home, tmp_path, "--etcd-user", "tokenizer",
-            "--etcd-password-file", str(password_file),
+            "--etcd-password-file", str(password_file), *(certs["tokenizer"].flags() if tls else ()),
         )
         async with running(stage), etcd_as(etcd.endpoint, "client", passwords["client"]) as client:
             listing = await client.get_prefix(b"/stagemesh/v1/members/tokenizer/")
@@ -349,3 +347,25 @@ async def test_with_etcd_authentication_each_role_writes_only_its_own_keys(home:
         assert stage.process is not None and stage.process.returncode == 0  # its lease revoked, it left cleanly
         async with etcd_as(etcd.endpoint, "client", passwords["client"]) as client:
             assert not list(await client.get_prefix(b"/stagemesh/v1/members/"))
+    finally:
+        etcd.stop()
+        credentials.install(previous)
+
+
+async def roles_write_only_their_keys(etcd: EmbeddedEtcd, passwords: Mapping[str, str]) -> None:
+    """Turn authentication on; then an anonymous client writes nothing, a tokenizer no
+    decode key and no wanted adapter, and a decode its own role's keys."""
+    async with etcd_as(etcd.endpoint) as root:
+        await enable_authentication(root, passwords, "root-secret")
+    decode_key = "/stagemesh/v1/members/decode/forged"
+    async with etcd_as(etcd.endpoint) as anonymous:
+        with pytest.raises(Exception, match="user name is empty|permission denied|invalid auth"):
+            await anonymous.put(decode_key.encode(), b"x")
+    async with etcd_as(etcd.endpoint, "tokenizer", passwords["tokenizer"]) as tokenizer:
+        with pytest.raises(Exception, match="permission denied"):
+            await tokenizer.put(decode_key.encode(), b"x")
+        with pytest.raises(Exception, match="permission denied"):
+            await tokenizer.put((ADAPTERS_PREFIX + "evil").encode(), b"x")
+    async with etcd_as(etcd.endpoint, "decode", passwords["decode"]) as decode:
+        await decode.put(decode_key.encode(), b"x")  # its own role's key (the seal decides the rest)
+        await decode.delete(decode_key.encode())
