@@ -27,6 +27,7 @@ from kvstore_svc.config import KvStoreConfig
 from services.aio import cancel_and_wait
 from services.errors import FailedPrecondition, InvalidRequest, NotFound, Unavailable
 from services.kv.events import KvEventLog, chain_name
+from services.kv.hashing import from_wire, to_wire
 from services.kv.nixl import limit_progress_poll, nixl_api
 from services.kv.shards import ring_points, shard_key
 from services.kv.store_link import WRITTEN_NOTICE
@@ -43,9 +44,15 @@ BLOCKS = Gauge("stagemesh_kvstore_blocks", "KV blocks held by the store", ["stat
 CALLS = Counter("stagemesh_kvstore_calls_blocks", "Blocks named in store calls, by outcome", ["outcome"])
 
 
-def _check_hashes(hashes: Any) -> None:
-    if len(hashes) > MAX_HASHES:
-        raise InvalidRequest(f"{len(hashes)} hashes in one call; at most {MAX_HASHES}")
+def _hashes(names: Any) -> list[int]:
+    """The chain hashes a request names (``chain_names``); InvalidRequest for too many,
+    or for a name that is not 16 bytes."""
+    if len(names) > MAX_HASHES:
+        raise InvalidRequest(f"{len(names)} hashes in one call; at most {MAX_HASHES}")
+    try:
+        return [from_wire(name) for name in names]
+    except ValueError as exc:
+        raise InvalidRequest(f"chain_names: {exc}") from None
 
 
 class KvStoreServicer:
@@ -82,13 +89,13 @@ class KvStoreServicer:
     async def Lookup(self, request: kvstore_pb2.LookupRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.LookupResponse:
         """The longest stored prefix of a hash chain, pinned for the reader."""
         table = self._ready()
-        _check_hashes(request.chain_hashes)
+        hashes = _hashes(request.chain_names)
         pin_seconds = request.pin_seconds if request.pin_seconds > 0 else self._config.pin_seconds
-        hits, pin_id = table.lookup(request.layout, request.chain_hashes, pin_seconds, time.monotonic())
+        hits, pin_id = table.lookup(request.layout, hashes, pin_seconds, time.monotonic())
         CALLS.labels("hit").inc(len(hits))
-        CALLS.labels("miss").inc(len(request.chain_hashes) - len(hits))
+        CALLS.labels("miss").inc(len(hashes) - len(hits))
         return kvstore_pb2.LookupResponse(
-            hits=[kvstore_pb2.BlockSlot(chain_hash=h, slot=s) for h, s in hits],
+            hits=[kvstore_pb2.BlockSlot(chain_name=to_wire(h), slot=s) for h, s in hits],
             pin_id=pin_id,
             target=self._target_for(table) if hits else None,
         )
@@ -101,20 +108,20 @@ class KvStoreServicer:
     async def Reserve(self, request: kvstore_pb2.ReserveRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.ReserveResponse:
         """Slots for the blocks nobody stores or writes yet; the writer fills them over NIXL."""
         table = self._ready()
-        _check_hashes(request.chain_hashes)
+        hashes = _hashes(request.chain_names)
         if not request.layout:
             raise InvalidRequest("Reserve needs the KV layout's name in `layout`")
         try:
             reservation_id, granted = table.reserve(
-                request.layout, request.chain_hashes, request.block_bytes,
+                request.layout, hashes, request.block_bytes,
                 self._config.reservation_seconds, time.monotonic(),
             )
         except LayoutMismatch as exc:
             raise InvalidRequest(str(exc)) from exc
         CALLS.labels("reserved").inc(len(granted))
-        CALLS.labels("not_granted").inc(len(request.chain_hashes) - len(granted))
+        CALLS.labels("not_granted").inc(len(hashes) - len(granted))
         return kvstore_pb2.ReserveResponse(
-            granted=[kvstore_pb2.BlockSlot(chain_hash=h, slot=s) for h, s in granted],
+            granted=[kvstore_pb2.BlockSlot(chain_name=to_wire(h), slot=s) for h, s in granted],
             reservation_id=reservation_id,
             target=self._target_for(table) if granted else None,
         )
@@ -128,10 +135,11 @@ class KvStoreServicer:
         The notification may trail the writer's own "done" a little, so it is awaited.
         """
         table = self._ready()
+        hashes = _hashes(request.chain_names)
         try:
             if not request.abort:
                 await self._await_written(table, request.reservation_id)
-            committed = table.commit(request.reservation_id, request.chain_hashes, request.abort)
+            committed = table.commit(request.reservation_id, hashes, request.abort)
         except KeyError:
             raise NotFound(
                 f"reservation {request.reservation_id!r} is unknown: it was committed already "
@@ -165,8 +173,7 @@ class KvStoreServicer:
     async def Evict(self, request: kvstore_pb2.EvictRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.EvictResponse:
         """Drop stored blocks (pinned blocks and blocks being written stay)."""
         table = self._ready()
-        _check_hashes(request.chain_hashes)
-        evicted = table.evict(request.chain_hashes, request.all)
+        evicted = table.evict(_hashes(request.chain_names), request.all)
         return kvstore_pb2.EvictResponse(evicted=evicted)
 
     async def GetStats(self, request: kvstore_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.Stats:

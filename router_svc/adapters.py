@@ -9,7 +9,10 @@ load finds the adapter, and none is routed to an engine after its unload began.
 
 What was loaded at run time is also written to etcd, under
 ``/stagemesh/v1/adapters/<name>`` without a lease: the mesh's wanted adapters, which
-outlive any router and any engine. Every router reconciles the engines with it: an
+outlive any router and any engine. They are sealed like member records
+(:mod:`services.records`): an intent that no holder of the mesh key wrote under its
+name is ignored and counted, so a process that can only write to etcd cannot make the
+routers load a directory of its choosing on every engine. Every router reconciles the engines with it: an
 engine of the base model that does not list a wanted adapter (it restarted, or joined
 later) gets it loaded. Loads are idempotent on the engines, so several routers doing
 this at once is harmless. A request for a wanted adapter that no engine has loaded
@@ -28,6 +31,7 @@ import grpc
 
 from router_svc.catalogue import Catalogue
 from router_svc.workers import Peer, Workers
+from services import credentials
 from services.aio import cancel_and_wait
 from services.clients import EngineClient
 from services.errors import (
@@ -150,7 +154,8 @@ class AdapterControl:
         wanted = common_pb2.Adapter(name=name, parent=base, source=path)
         try:
             client = await self._session.client()
-            await client.put((ADAPTERS_PREFIX + name).encode(), wanted.SerializeToString())
+            key = ADAPTERS_PREFIX + name
+            await client.put(key.encode(), credentials.current().records.seal(key, wanted.SerializeToString()))
         except Exception as exc:  # noqa: BLE001 - the engines serve it; only later joiners miss it
             log.warning("adapter %s is loaded but not recorded in etcd (%s): engines that join later lack it", name, exc)
         await self._wait_view(lambda: any(p.serves(name) for p in self._engines(name)), f"adapter {name} listed")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from services.kv.hashing import ROOT, block_hash, chain_root
+from services.kv.hashing import ROOT, block_hash, chain_root, from_wire
 from services.pb import common_pb2
 
 
@@ -55,8 +55,11 @@ class KvIndex:
         size = event.block_size
         added: list[int] = []
         for i, engine_hash in enumerate(event.block_hashes):
-            if i < len(event.chain_hashes):
-                parent = event.chain_hashes[i]  # the KV store names blocks by chain hash
+            if i < len(event.chain_names):
+                try:
+                    parent = from_wire(event.chain_names[i])  # the KV store names blocks by chain hash
+                except ValueError:
+                    break  # a malformed record: never index a block under a wrong name
             else:
                 block = event.token_ids[i * size : (i + 1) * size]
                 if size == 0 or len(block) < size:

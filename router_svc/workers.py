@@ -156,7 +156,7 @@ class Workers:
         if member.role == common_pb2.ROLE_TOKENIZER:
             client = TokenizerClient(member.grpc_address, self._control_timeout)
         elif member.role in ENGINE_ROLES:
-            client = EngineClient(member.grpc_address, self._control_timeout)
+            client = EngineClient(member.grpc_address, self._control_timeout, role_name(member.role))
         elif member.role == common_pb2.ROLE_KVSTORE:
             client = KvStoreClient(member.grpc_address, self._control_timeout)  # for its KV events
         else:

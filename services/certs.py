@@ -1,9 +1,14 @@
 """Development certificates for a mesh: one CA and a certificate per stage (``stagemesh certs``).
 
 What :mod:`services.credentials` expects: every certificate is signed by the mesh CA,
-serves as both TLS server and client (a stage is both), and names the mesh's server
-name (``stagemesh``) beside ``localhost``, ``127.0.0.1``, the stage's own name (compose
-dials etcd as ``etcd``) and the hosts given. Keys are ECDSA P-256, which gRPC and etcd
+serves as both TLS server and client (a stage is both), and carries its role twice:
+the URI SAN ``spiffe://stagemesh/role/<role>`` (what a stage checks of its callers)
+and the DNS name ``<role>.stagemesh`` (what a caller checks of a stage it dials as that
+role). A stage's certificate also names the mesh's server name (``stagemesh``), for
+callers that do not know the role, beside ``localhost``, ``127.0.0.1``, the stage's own
+name (compose dials etcd as ``etcd``) and the hosts given. The ``client`` certificate
+(tools, tests) names neither ``stagemesh`` nor any stage role: it cannot serve as a
+stage. Keys are ECDSA P-256, which gRPC and etcd
 both take. Built with ``cryptography`` (pyca), the maintained library for X.509 in
 Python, rather than by driving ``openssl`` (docs/deploy.md lists those steps too).
 
@@ -24,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from services.credentials import DEFAULT_SERVER_NAME
+from services.credentials import DEFAULT_SERVER_NAME, ROLE_URI_PREFIX
 
 #: The certificates ``stagemesh certs`` makes unless told otherwise: every stage, etcd,
 #: and ``client`` for tools (``stagemesh status``, the tests).
@@ -59,9 +64,11 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     )
 
 
-def _alt_names(names: Iterable[str]) -> list[x509.GeneralName]:
-    found: list[x509.GeneralName] = []
-    for name in dict.fromkeys(names):
+def _alt_names(role: str, hosts: Iterable[str]) -> list[x509.GeneralName]:
+    """The role's URI and names (see the module docstring), then ``hosts``."""
+    mesh = [] if role == "client" else [DEFAULT_SERVER_NAME]
+    found: list[x509.GeneralName] = [x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role)]
+    for name in dict.fromkeys([f"{role}.{DEFAULT_SERVER_NAME}", *mesh, role, *hosts]):
         try:
             found.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
@@ -123,7 +130,7 @@ def make_certs(
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(
                 x509.SubjectAlternativeName(
-                    _alt_names([DEFAULT_SERVER_NAME, stage, "localhost", "127.0.0.1", *hosts])
+                    _alt_names(stage, ["localhost", "127.0.0.1", *hosts])
                 ),
                 critical=False,
             )

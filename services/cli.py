@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -91,7 +92,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from services.clients import EngineClient, KvStoreClient, health_status
     from services.etcd import EtcdSession
-    from services.membership import MEMBERS_PREFIX, role_name
+    from services.membership import MEMBERS_PREFIX, RecordReader, role_name
     from services.pb import common_pb2
 
     _install_credentials(args)
@@ -107,7 +108,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 )
             if member.role not in (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE):
                 return ""
-            async with EngineClient(member.grpc_address) as client:
+            async with EngineClient(member.grpc_address, role=role_name(member.role)) as client:
                 load = await client.load(timeout=2.0)
         except Exception:  # noqa: BLE001 - shown as unknown, the health column says why
             return "?"
@@ -123,9 +124,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             listing = await client.get_prefix(MEMBERS_PREFIX.encode())
         finally:
             await session.close()
-        members = sorted(
-            (common_pb2.Member.FromString(kv.value) for kv in listing), key=lambda m: (m.role, m.grpc_address)
-        )
+        # Only records a holder of the mesh key wrote: status calls each member with the token.
+        reader = RecordReader(common_pb2.Member.FromString)
+        members = sorted(reader.read_all(listing).values(), key=lambda m: (m.role, m.grpc_address))
+        if reader.refused:
+            print(f"stagemesh status: ignored {len(reader.refused)} member record(s) not sealed with this "
+                  f"mesh's key ({', '.join(sorted(set(reader.refused.values())))}); a mesh with a key needs "
+                  "--mesh-key-file or STAGEMESH_MESH_KEY", file=sys.stderr)
         health = await asyncio.gather(*(health_status(m.grpc_address) for m in members))
         loads = await asyncio.gather(*(load_of(m) for m in members))
         return [
@@ -137,9 +142,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         rows = asyncio.run(collect())
     except (aetcd.exceptions.ClientError, TimeoutError) as exc:
-        print(f"stagemesh status: etcd at {args.etcd} is unreachable ({type(exc).__name__}: "
+        print(f"stagemesh status: etcd at {args.etcd} is unreachable or refused ({type(exc).__name__}: "
               f"{str(exc).splitlines()[0] if str(exc) else 'no answer'}); an etcd with TLS needs "
-              "--tls-cert, --tls-key and --tls-ca", file=sys.stderr)
+              "--tls-cert, --tls-key and --tls-ca, one with users (stagemesh up) --etcd-user and "
+              "--etcd-password-file", file=sys.stderr)
         return 1
     header = ("ROLE", "INSTANCE", "ADDRESS", "HEALTH", "MODELS", "LOAD")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
@@ -299,10 +305,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         _check_ports(claims, report)
         bound = claims
         etcd.start()
+        etcd_users = _etcd_users(etcd.endpoint, run_dir)
+        credentials.install(dataclasses.replace(
+            credentials.current(), etcd_user="client", etcd_password=etcd_users["client"].read_text()
+        ))
         stages = [
             group.add(
                 StageProcess(
-                    name, module, [*common, *_tls_flags(certs, name), "--port", str(port), *extra],
+                    name, module,
+                    [*common, *_tls_flags(certs, name), *_etcd_flags(etcd_users, name), "--port", str(port), *extra],
                     f"127.0.0.1:{port}", run_dir,
                     env={**os.environ, **env}, cores=cores,
                 )
@@ -326,8 +337,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"  grpcurl {f'-cacert {own.ca} -authority stagemesh' if own else '-plaintext'} "
             f"-d '{{\"text\": \"Once upon a time\"}}' 127.0.0.1:{args.router_port} "
             "stagemesh.v1.RouterService/Generate\n"
-            f"  stagemesh status --etcd {etcd.endpoint} --mesh-key-file {mesh_key_file}"
-            f"{' ' + ' '.join(own.flags()) if own else ''}\n\n"
+            f"  stagemesh status --etcd {etcd.endpoint} --mesh-key-file {mesh_key_file} "
+            f"{' '.join(_etcd_flags(etcd_users, 'client'))}{' ' + ' '.join(own.flags()) if own else ''}\n\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
@@ -378,6 +389,34 @@ def _sim_plan(args: argparse.Namespace) -> list[_Planned]:
         if count:
             plan.append((role, f"{role}_svc", port, [*sim, "--sim-engines", str(count)], [], {}))
     return plan
+
+
+def _etcd_users(endpoint: str, run_dir: Path) -> dict[str, Path]:
+    """etcd's authentication on for this run (services.etcd.enable_authentication): a
+    fresh password per role, each in a 0600 file of the run directory; the files by role."""
+    from services.etcd import WRITES, EtcdSession, enable_authentication
+
+    files = {role: run_dir / f"etcd-{role}.password" for role in WRITES}
+    for path in files.values():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(16))
+
+    async def enable() -> None:
+        session = EtcdSession(parse_endpoints(endpoint))
+        try:
+            passwords = {role: path.read_text() for role, path in files.items()}
+            await enable_authentication(await session.client(), passwords, secrets.token_hex(16))
+        finally:
+            await session.close()
+
+    asyncio.run(enable())
+    return files
+
+
+def _etcd_flags(users: dict[str, Path], stage: str) -> list[str]:
+    """A stage's etcd user and password file (``prefill-1`` is the ``prefill`` user)."""
+    role = stage.split("-")[0]
+    return ["--etcd-user", role, "--etcd-password-file", str(users[role])]
 
 
 def _tls_flags(certs: dict[str, CertFiles], stage: str) -> list[str]:
@@ -454,7 +493,7 @@ def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 #: The stage settings a tool presents to the stages with (services/credentials.py).
-_CREDENTIAL_SETTINGS = ("mesh_key_file", "tls_cert", "tls_key", "tls_ca")
+_CREDENTIAL_SETTINGS = ("mesh_key_file", "tls_cert", "tls_key", "tls_ca", "etcd_user", "etcd_password_file")
 
 
 def _add_credential_arguments(parser: argparse.ArgumentParser) -> None:

@@ -62,20 +62,27 @@ class _StampStreamStream(_Stamp, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(client_call_details), request_iterator)
 
 
-def channel(address: str) -> grpc.aio.Channel:
+def channel(address: str, role: str = "", stage_token: bool = True) -> grpc.aio.Channel:
     """A channel to a stage that presents this process's mesh credentials
     (:mod:`services.credentials`): TLS when configured, the stage token when there is a
-    mesh key, and the mesh's message-size limits."""
+    mesh key (and ``stage_token``), and the mesh's message-size limits.
+
+    ``address`` must come from a member record that verified (:mod:`services.records`)
+    or from the operator: the token goes to whoever listens there. Under TLS the stage's
+    certificate must name ``role`` when it is given (see
+    :meth:`~services.credentials.Tls.name_of`)."""
     creds = credentials.current()
     stamps = (_StampUnaryUnary, _StampUnaryStream, _StampStreamUnary, _StampStreamStream)
-    interceptors = [stamp(creds.call_metadata) for stamp in stamps] if creds.call_metadata else None
-    channel: grpc.aio.Channel = creds.dial(grpc.aio, address, interceptors=interceptors)
+    metadata = creds.call_metadata if stage_token else ()
+    interceptors = [stamp(metadata) for stamp in stamps] if metadata else None
+    channel: grpc.aio.Channel = creds.dial(grpc.aio, address, role, interceptors=interceptors)
     return channel
 
 
 async def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
-    """The stage's grpc.health.v1 status name, or ``UNREACHABLE`` when it does not answer."""
-    async with channel(address) as chan:
+    """The stage's grpc.health.v1 status name, or ``UNREACHABLE`` when it does not answer.
+    Health is open on every stage, so the call carries no stage token."""
+    async with channel(address, stage_token=False) as chan:
         try:
             reply = await health_pb2_grpc.HealthStub(chan).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -86,11 +93,20 @@ async def health_status(address: str, service: str = "", timeout: float = 2.0) -
 
 
 class _StageClient:
-    """A channel to one stage member, closed with the client (use ``async with``)."""
+    """A channel to one stage member, closed with the client (use ``async with``).
 
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    ``role`` is the role the member must hold (under TLS, its certificate must name it);
+    each client class knows its own but the engine's, which the caller names."""
+
+    #: The role of the stages this client calls ("" when the caller says).
+    role = ""
+    #: Whether calls carry the stage token (internal APIs), or not (the router's public API).
+    stage_token = True
+
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, role: str = "") -> None:
         self.address = address
-        self._channel = channel(address)
+        self.role = role or self.role
+        self._channel = channel(address, self.role, self.stage_token)
         self._timeout = timeout
 
     async def close(self) -> None:
@@ -105,6 +121,8 @@ class _StageClient:
 
 class TokenizerClient(_StageClient):
     """Client of the tokenizer stage (TokenizerService)."""
+
+    role = "tokenizer"
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__(address, timeout)
@@ -209,6 +227,7 @@ class KvStoreClient(_KvEventSource):
     """Client of a KV store's control API (the bytes move over NIXL, see kvstore_client)."""
 
     _stub: kvstore_pb2_grpc.KvStoreServiceStub
+    role = "kvstore"
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__(address, timeout)
@@ -219,12 +238,14 @@ class KvStoreClient(_KvEventSource):
 
 
 class EngineClient(_KvEventSource):
-    """Client of an engine stage (EngineService): prefill or decode member."""
+    """Client of an engine stage (EngineService): prefill or decode member. The router
+    names the member's ``role`` (``prefill`` or ``decode``), so that under TLS only a
+    certificate of that role serves; without it, any stage certificate of the mesh does."""
 
     _stub: engine_pb2_grpc.EngineServiceStub
 
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        super().__init__(address, timeout)
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, role: str = "") -> None:
+        super().__init__(address, timeout, role)
         self._stub = engine_pb2_grpc.EngineServiceStub(self._channel)
 
     async def prefill(
@@ -281,7 +302,11 @@ class EngineClient(_KvEventSource):
 
 
 class RouterClient(_StageClient):
-    """Client of the router's public API (RouterService); ``api_key`` goes with every call."""
+    """Client of the router's public API (RouterService); ``api_key`` goes with every call,
+    the stage token never (the API is public: users hold keys, not the mesh's secret)."""
+
+    role = "router"
+    stage_token = False
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, api_key: str = "") -> None:
         super().__init__(address, timeout)

@@ -84,6 +84,11 @@ class StageConfig:
     tls_server_name: str = setting(
         DEFAULT_SERVER_NAME, "the name in every stage certificate, checked in place of the dialled address"
     )
+    etcd_user: str = setting(
+        "", "the etcd user this stage authenticates as, when etcd has authentication on (stagemesh up "
+        "makes one per role); empty: none"
+    )
+    etcd_password_file: str = setting("", "a file holding --etcd-user's password")
 
     #: Role name used in etcd keys and logs; set by each stage's subclass.
     ROLE: typing.ClassVar[str] = ""
@@ -95,7 +100,8 @@ class StageConfig:
     def credentials(self) -> MeshCredentials:
         """The mesh key and TLS material these settings name (files read now)."""
         return MeshCredentials.load(
-            self.mesh_key, self.mesh_key_file, self.tls_cert, self.tls_key, self.tls_ca, self.tls_server_name
+            self.mesh_key, self.mesh_key_file, self.tls_cert, self.tls_key, self.tls_ca, self.tls_server_name,
+            self.etcd_user, self.etcd_password_file,
         )
 
     @property

@@ -10,15 +10,20 @@ Two credentials, either or both (docs/deploy.md, "Security model"):
   (``UNAUTHENTICATED``): the engines' Generate, Prefill and KV events, the KV store's
   Reserve, Commit and Evict, the tokenizer. Health checks and reflection stay open, and
   the router's public API takes API keys instead. The token is an HMAC of the key under
-  a fixed label, so a token seen on the wire does not sign handles.
+  a fixed label, so a token seen on the wire does not sign handles. A third key derived
+  from it seals the records stages write to etcd (:mod:`services.records`): a channel
+  carrying the token is only ever made to a member whose record verified.
 - **TLS** (``--tls-cert``, ``--tls-key``, ``--tls-ca``; ``stagemesh certs`` makes a
   development CA and a certificate per stage). Every gRPC server then speaks TLS only, and
   every stage but the router requires a client certificate signed by the mesh CA (mutual
   TLS). The router's port takes clients without one: users hold API keys, not mesh
-  certificates. A client checks a stage's certificate against the mesh's server name
-  (``--tls-server-name``, ``stagemesh`` unless told), not the dialled address: members
-  are found through etcd at addresses nobody knows when certificates are made (container
-  IPs, DHCP). etcd is dialled with the same certificate and checked by its own host name,
+  certificates. A client checks a stage's certificate against a name, not the dialled
+  address: members are found through etcd at addresses nobody knows when certificates
+  are made (container IPs, DHCP). The name is ``<role>.<server name>`` when the caller
+  knows the member's role (the router always does), else the mesh's server name
+  (``--tls-server-name``, ``stagemesh`` unless told). A stage in turn takes internal calls
+  only from the caller roles :data:`CALLERS` lists, read from the caller certificate's
+  URI SAN ``spiffe://stagemesh/role/<role>``. etcd is dialled with the same certificate and checked by its own host name,
   since its address is configuration.
 
 One process, one identity: the entry point installs the credentials once
@@ -30,6 +35,7 @@ configuration in Envoy or Dynamo.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -38,7 +44,8 @@ from typing import Any
 
 import grpc
 
-from services.errors import Unauthenticated
+from services.errors import PermissionDenied, Unauthenticated
+from services.records import RecordSigner
 
 #: The environment variable of the mesh key (what ``stagemesh up`` and compose set).
 MESH_KEY_ENV = "STAGEMESH_MESH_KEY"
@@ -48,6 +55,20 @@ STAGE_TOKEN = "stagemesh-stage-token"
 _TOKEN_LABEL = b"stagemesh/v1/stage-token"
 #: The name every mesh certificate carries, checked in place of the dialled address.
 DEFAULT_SERVER_NAME = "stagemesh"
+#: A certificate's role is the URI SAN ``spiffe://stagemesh/role/<role>`` (servers
+#: check a caller's); a stage's certificate also names ``<role>.<server name>`` (clients
+#: check the server's by that name: a router dials a decode member as ``decode.stagemesh``).
+ROLE_URI_PREFIX = "spiffe://stagemesh/role/"
+#: The certificate roles that may call each stage's internal API under mutual TLS. The
+#: router calls every stage; engines call the KV store (their KV connector); ``client``
+#: is the operator's tools (``stagemesh status``, tests). No stage calls an engine but
+#: the router, and the router's own API is public (API keys), so it has no entry.
+CALLERS: Mapping[str, frozenset[str]] = {
+    "tokenizer": frozenset({"router", "client"}),
+    "prefill": frozenset({"router", "client"}),
+    "decode": frozenset({"router", "client"}),
+    "kvstore": frozenset({"router", "prefill", "decode", "client"}),
+}
 
 #: gRPC's message-size limits, the same on every channel and server of the mesh.
 MESSAGE_LIMITS = [
@@ -83,18 +104,28 @@ class Tls:
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
 
+    def name_of(self, role: str = "") -> str:
+        """The name a server's certificate must carry: ``<role>.<server name>`` for a
+        stage of a known role, so a certificate of another role (``client`` above all)
+        cannot serve in its place; the mesh's name alone when the role is not known."""
+        return f"{role}.{self.server_name}" if role else self.server_name
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshCredentials:
-    """The mesh key (empty: none) and TLS material (None: plaintext gRPC)."""
+    """The mesh key (empty: none), TLS material (None: plaintext gRPC) and the etcd user
+    (empty: etcd without authentication)."""
 
     mesh_key: bytes = b""
     tls: Tls | None = None
+    etcd_user: str = ""
+    etcd_password: str = ""
 
     @classmethod
     def load(
         cls, mesh_key: str = "", mesh_key_file: str = "", tls_cert: str = "", tls_key: str = "",
-        tls_ca: str = "", tls_server_name: str = DEFAULT_SERVER_NAME,
+        tls_ca: str = "", tls_server_name: str = DEFAULT_SERVER_NAME, etcd_user: str = "",
+        etcd_password_file: str = "",
     ) -> MeshCredentials:
         """From the settings every stage has; a missing or unreadable file ends the process."""
         key = _read(mesh_key_file, "mesh key file").strip() if mesh_key_file else mesh_key.strip().encode()
@@ -108,7 +139,10 @@ class MeshCredentials:
                 _read(tls_cert, "TLS certificate"), _read(tls_key, "TLS key"), _read(tls_ca, "TLS CA"),
                 tls_server_name or DEFAULT_SERVER_NAME,
             )
-        return cls(key, tls)
+        if bool(etcd_user) != bool(etcd_password_file):
+            raise SystemExit("etcd authentication needs --etcd-user and --etcd-password-file together")
+        password = _read(etcd_password_file, "etcd password file").decode().strip() if etcd_password_file else ""
+        return cls(key, tls, etcd_user, password)
 
     @property
     def stage_token(self) -> str:
@@ -116,6 +150,11 @@ class MeshCredentials:
         if not self.mesh_key:
             return ""
         return hmac.new(self.mesh_key, _TOKEN_LABEL, hashlib.sha256).hexdigest()
+
+    @functools.cached_property
+    def records(self) -> RecordSigner:
+        """Seals and opens this mesh's etcd records (:mod:`services.records`)."""
+        return RecordSigner(self.mesh_key)
 
     @property
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -134,18 +173,38 @@ class MeshCredentials:
         if not hmac.compare_digest(token.encode(), presented.encode()):
             raise Unauthenticated("the stage credential is not this mesh's (a different mesh key?)")
 
-    def channel_options(self) -> list[tuple[str, Any]]:
-        """Channel options: message limits, and the name a stage's certificate is checked against."""
+    def check_peer_role(self, stage_role: str, auth_context: Mapping[str, Iterable[bytes]]) -> None:
+        """Under mutual TLS, PermissionDenied unless the caller's certificate names a role
+        that may call a ``stage_role`` stage (:data:`CALLERS`); nothing to check in
+        plaintext (the stage token is the credential there) or on a public stage."""
+        allowed = CALLERS.get(stage_role)
+        if self.tls is None or allowed is None:
+            return
+        uris = [uri.decode(errors="replace") for uri in auth_context.get("peer_uri", ())]
+        roles = {uri.removeprefix(ROLE_URI_PREFIX) for uri in uris if uri.startswith(ROLE_URI_PREFIX)}
+        if not roles & allowed:
+            named = ", ".join(sorted(roles)) or f"no role (no {ROLE_URI_PREFIX}<role> URI SAN)"
+            raise PermissionDenied(
+                f"the caller's certificate names {named}; a {stage_role} stage takes calls from "
+                f"{', '.join(sorted(allowed))} certificates"
+            )
+
+    def channel_options(self, role: str = "") -> list[tuple[str, Any]]:
+        """Channel options: message limits, and the name a stage's certificate is checked
+        against (its role's name when ``role`` is given, see :meth:`Tls.name_of`)."""
         if self.tls is None:
             return list(MESSAGE_LIMITS)
-        return [*MESSAGE_LIMITS, ("grpc.ssl_target_name_override", self.tls.server_name)]
+        return [*MESSAGE_LIMITS, ("grpc.ssl_target_name_override", self.tls.name_of(role))]
 
-    def dial(self, api: Any, address: str, **extra: Any) -> Any:
+    def dial(self, api: Any, address: str, role: str = "", **extra: Any) -> Any:
         """A channel to a stage through ``api``, ``grpc`` or ``grpc.aio`` (their channel
-        factories take the same arguments): TLS when configured, the mesh's options."""
+        factories take the same arguments): TLS when configured, the mesh's options.
+        ``role`` (``decode``, ``kvstore``...) is what the stage at ``address`` must be:
+        under TLS its certificate must name that role."""
+        options = self.channel_options(role)
         if self.tls is None:
-            return api.insecure_channel(address, options=self.channel_options(), **extra)
-        return api.secure_channel(address, self.tls.channel_credentials(), options=self.channel_options(), **extra)
+            return api.insecure_channel(address, options=options, **extra)
+        return api.secure_channel(address, self.tls.channel_credentials(), options=options, **extra)
 
 
 _installed = MeshCredentials()

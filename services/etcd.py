@@ -1,4 +1,5 @@
-"""The mesh's etcd client: a session that fails over between endpoints.
+"""The mesh's etcd client: a session that fails over between endpoints, and etcd's own
+authentication for the mesh (:func:`enable_authentication`).
 
 The embedded server for development lives in :mod:`services.etcd_server`.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
 import aetcd
 import grpc
@@ -16,6 +18,19 @@ from services import credentials
 from services.credentials import Tls
 
 log = logging.getLogger(__name__)
+
+#: The tree every stagemesh key lives under.
+ROOT = "/stagemesh/v1/"
+#: What each etcd user may write under it once authentication is on (every user reads
+#: the whole tree). ``client`` is the operator's tools: read only.
+WRITES: Mapping[str, tuple[str, ...]] = {
+    "tokenizer": ("members/tokenizer/",),
+    "prefill": ("members/prefill/",),
+    "decode": ("members/decode/",),
+    "kvstore": ("members/kvstore/", "kvstore/shards/"),
+    "router": ("members/router/", "adapters/"),
+    "client": (),
+}
 
 
 class _TlsClient(aetcd.Client):
@@ -27,8 +42,8 @@ class _TlsClient(aetcd.Client):
     certificate is made.
     """
 
-    def __init__(self, tls: Tls, host: str, port: int, timeout: float) -> None:
-        super().__init__(host=host, port=port, timeout=timeout)
+    def __init__(self, tls: Tls, host: str, port: int, timeout: float, user: str | None, password: str | None) -> None:
+        super().__init__(host=host, port=port, username=user, password=password, timeout=timeout)
         self._tls = tls
 
     async def connect(self) -> None:
@@ -37,6 +52,10 @@ class _TlsClient(aetcd.Client):
         self.channel = grpc.aio.secure_channel(
             f"{self._host}:{self._port}", self._tls.channel_credentials(), options=list(self._options.items())
         )
+        if self._username is not None and self._password is not None:  # as aetcd's own connect does
+            request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+            reply = await rpc.AuthStub(self.channel).Authenticate(request, timeout=self._timeout)
+            self.metadata = (("token", reply.token),)
         self.kvstub = rpc.KVStub(self.channel)
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)
@@ -49,8 +68,10 @@ class EtcdSession:
     """An aetcd client bound to one of several endpoints, replaced on failure.
 
     aetcd talks to one host; this class adds what a stage needs on top: TLS with the
-    process's certificate when it has one, try the endpoints in turn, and :meth:`reset` after an error so the next call starts a
-    fresh channel on the next endpoint (an etcd member that restarted or died).
+    process's certificate when it has one, its etcd user when etcd has authentication on,
+    try the endpoints in turn, and :meth:`reset` after an error so the next call starts a
+    fresh channel on the next endpoint (an etcd member that restarted or died), and
+    authenticates again.
     """
 
     def __init__(self, endpoints: list[tuple[str, int]], timeout: float = 5.0) -> None:
@@ -70,10 +91,11 @@ class EtcdSession:
             if self._client is None:
                 host, port = self._endpoints[self._next % len(self._endpoints)]
                 self._next += 1
-                tls = credentials.current().tls
+                creds = credentials.current()
+                user, password = (creds.etcd_user, creds.etcd_password) if creds.etcd_user else (None, None)
                 client = (
-                    aetcd.Client(host=host, port=port, timeout=self._timeout) if tls is None
-                    else _TlsClient(tls, host, port, self._timeout)
+                    aetcd.Client(host=host, port=port, username=user, password=password, timeout=self._timeout)
+                    if creds.tls is None else _TlsClient(creds.tls, host, port, self._timeout, user, password)
                 )
                 await client.connect()
                 self._client = client
@@ -110,3 +132,27 @@ class EtcdSession:
             await self._close(dropped)
         if client is not None:
             await self._close(client)
+
+
+def _prefix(key: str, kind: int) -> rpc.Permission:
+    end = key[:-1] + chr(ord(key[-1]) + 1)  # etcd's range end of a prefix
+    return rpc.Permission(permType=kind, key=key.encode(), range_end=end.encode())
+
+
+async def enable_authentication(client: aetcd.Client, passwords: Mapping[str, str], root_password: str) -> None:
+    """Turn etcd's own authentication on, with a user and a role for each role of
+    ``passwords`` that reads the mesh's tree and writes only its :data:`WRITES`, and a
+    root user. Then a process without a password can neither register, nor delete a
+    member, nor write a wanted adapter; and a tokenizer cannot write a decode member's
+    key. Through etcd's gRPC API, so no password is ever on a command line."""
+    auth = rpc.AuthStub(client.channel)
+    await auth.UserAdd(rpc.AuthUserAddRequest(name="root", password=root_password))
+    await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"))
+    for role, password in passwords.items():
+        await auth.RoleAdd(rpc.AuthRoleAddRequest(name=role))
+        grants = [_prefix(ROOT, rpc.Permission.READ), *(_prefix(ROOT + path, rpc.Permission.READWRITE) for path in WRITES[role])]
+        for grant in grants:
+            await auth.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name=role, perm=grant))
+        await auth.UserAdd(rpc.AuthUserAddRequest(name=role, password=password))
+        await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=role, role=role))
+    await auth.AuthEnable(rpc.AuthEnableRequest())

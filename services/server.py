@@ -37,9 +37,9 @@ from services.config import StageConfig
 from services.credentials import MESSAGE_LIMITS, CallGuard
 from services.etcd import EtcdSession
 from services.log import configure_logging
-from services.membership import Registration
+from services.membership import Registration, role_name
 from services.pb import common_pb2
-from services.rpc import register_service
+from services.rpc import Authorize, register_service
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,19 @@ class StageServer:
         finally:
             await self._drain()
 
+    def _authorize(self) -> Authorize | None:
+        """Under mutual TLS, a check of each caller's certificate role (a public stage and
+        a plaintext mesh have none: API keys and the stage token are their credentials)."""
+        if self.credentials.tls is None or self.stage.public:
+            return None
+        role, check = role_name(self.stage.role), self.credentials.check_peer_role
+        return lambda context: check(role, context.auth_context())
+
     async def _start_server(self) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        authorize = self._authorize()
         for service, servicer in self.stage.services():
-            methods = register_service(self.server, service, servicer)
+            methods = register_service(self.server, service, servicer, authorize)
             self._service_names.append(service.full_name)
             log.debug("serving %s: %s", service.full_name, ", ".join(methods))
         reflection.enable_server_reflection(

@@ -93,9 +93,17 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
         # A short prompt is not worth a NIXL handoff in any automatic layout.
         assert 'stagemesh_router_sequences_total{mode="aggregated"} 1.0' in metrics
 
-        status = subprocess.run(  # noqa: ASYNC221 - the test waits on nothing else meanwhile
+        # etcd takes only the mesh's users: status as the banner says to run it, and without
+        # a user it is refused.
+        command = next(line.split() for line in lines if line.strip().startswith("stagemesh status"))
+        assert "--etcd-user" in command, banner
+        anonymous = subprocess.run(  # noqa: ASYNC221 - the test waits on nothing else meanwhile
             [sys.executable, "-m", "services.cli", "status", "--etcd", f"127.0.0.1:{ports['etcd']}"],
             capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert anonymous.returncode == 1 and "--etcd-user" in anonymous.stderr, anonymous.stderr
+        status = subprocess.run(  # noqa: ASYNC221 - the test waits on nothing else meanwhile
+            [sys.executable, "-m", "services.cli", *command[1:]], capture_output=True, text=True, timeout=60, check=False,
         )
         assert status.returncode == 0, status.stderr
         rows = status.stdout.splitlines()

@@ -24,7 +24,7 @@ from services.config import build_config
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
 from services.launcher import StageProcess
-from services.membership import MEMBERS_PREFIX
+from services.membership import MEMBERS_PREFIX, RecordReader
 from services.pb import common_pb2
 from tests.conftest import (
     ENGINE_START_TIMEOUT,
@@ -99,7 +99,7 @@ async def _members(etcd: EmbeddedEtcd) -> list[common_pb2.Member]:
         listing = await (await session.client()).get_prefix(MEMBERS_PREFIX.encode())
     finally:
         await session.close()
-    return [common_pb2.Member.FromString(kv.value) for kv in listing]
+    return list(RecordReader(common_pb2.Member.FromString).read_all(listing).values())
 
 
 async def _generate(address: str, prompt: list[int]) -> list[int]:

@@ -19,7 +19,7 @@ from services.clients import EngineClient
 from services.etcd import EtcdSession
 from services.kv.handles import HandleSigner
 from services.launcher import cpu_seconds, live_processes_in_group
-from services.membership import MEMBERS_PREFIX
+from services.membership import MEMBERS_PREFIX, RecordReader
 from services.pb import common_pb2
 from tests.conftest import MESH_KEY, PREFILL_LEASE_SECONDS, disaggregated
 
@@ -344,7 +344,7 @@ async def test_engines_register_their_kv_facts(
     deadline = time.monotonic() + 10  # one lease TTL, should a keep-alive have been late
     while True:
         listing = await (await etcd_session.client()).get_prefix(MEMBERS_PREFIX.encode())
-        parsed = [common_pb2.Member.FromString(kv.value) for kv in listing]
+        parsed = RecordReader(common_pb2.Member.FromString).read_all(listing).values()
         members = {member.grpc_address: member for member in parsed}
         if addresses <= set(members) or time.monotonic() > deadline:
             break

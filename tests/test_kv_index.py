@@ -4,8 +4,10 @@ prefix per worker, and the memory cap evicts the least recently used blocks."""
 
 from __future__ import annotations
 
+import hashlib
+
 from router_svc.kv_index import KvIndex
-from services.kv.hashing import chain_hashes
+from services.kv.hashing import block_hash, chain_hashes, from_wire, to_wire
 from services.pb import common_pb2
 
 BLOCK = 4
@@ -24,6 +26,18 @@ def test_chain_hashes_name_prefixes() -> None:
     assert chain_hashes(list(range(7)), BLOCK) == a[:1]  # a partial block has no hash
     # The same block after a different prefix is a different block.
     assert chain_hashes(list(range(4, 8)), BLOCK)[0] != a[1]
+
+
+def test_block_names_are_128_bits_as_specified() -> None:
+    """The spec in bytes (services/kv/hashing.py), so any language computes the same
+    names: the first 16 bytes of SHA-256 over the parent's 16 bytes and the ids as
+    little-endian uint32, read little-endian. 128 bits: no 2**32 birthday collisions."""
+    first, second = chain_hashes(list(range(8)), BLOCK)
+    ids = b"".join(i.to_bytes(4, "little") for i in range(4, 8))
+    digest = hashlib.sha256(first.to_bytes(16, "little") + ids).digest()
+    assert second == int.from_bytes(digest[:16], "little") == block_hash(first, [4, 5, 6, 7])
+    assert first.bit_length() > 64 or second.bit_length() > 64
+    assert from_wire(to_wire(second)) == second and len(to_wire(second)) == 16
 
 
 def test_match_finds_the_longest_held_prefix_per_worker() -> None:
@@ -47,9 +61,11 @@ def test_match_finds_the_longest_held_prefix_per_worker() -> None:
 def test_router_hashes_from_the_publisher_are_trusted() -> None:
     index = KvIndex()
     index.stored("kv", common_pb2.BlockStored(
-        block_hashes=[b"k1"], token_ids=[1, 2, 3, 4], block_size=BLOCK, chain_hashes=[42]
+        block_hashes=[b"k1"], token_ids=[1, 2, 3, 4], block_size=BLOCK, chain_names=[to_wire(42)]
     ))
     assert index.match([42], ["kv"]) == {"kv": 1}
+    index.stored("kv", common_pb2.BlockStored(block_hashes=[b"k2"], chain_names=[(43).to_bytes(8, "little")]))
+    assert index.match([43], ["kv"]) == {"kv": 0}  # a name of the wrong width is not indexed
 
 
 def test_partial_or_malformed_records_are_not_indexed() -> None:

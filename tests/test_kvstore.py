@@ -24,10 +24,12 @@ from services.clients import channel
 from services.credentials import MeshCredentials
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
+from services.kv.hashing import from_wire, to_wire
 from services.kv.nixl import new_agent, transfer
 from services.kv.shards import SHARDS_PREFIX, ShardMap, ring_points
 from services.kv.store_link import HostBlocks, StoreLink, Target, remote_regions
 from services.launcher import StageProcess
+from services.membership import RecordReader
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.conftest import kvstore_process, private_etcd, running
 
@@ -173,7 +175,7 @@ async def shards(store: StageProcess, store_etcd: EmbeddedEtcd) -> ShardMap:
     try:
         client = await session.client()
         listing = await client.get_prefix(SHARDS_PREFIX.encode())
-        entries = [kvstore_pb2.ShardEntry.FromString(kv.value) for kv in listing]
+        entries = list(RecordReader(kvstore_pb2.ShardEntry.FromString).read_all(listing).values())
     finally:
         await session.close()
     assert len(entries) == 1 and entries[0].grpc_address == store.grpc_address
@@ -244,7 +246,7 @@ async def test_full_store_evicts_least_recently_used(shards: ShardMap, store: St
                     if event.HasField("block_removed"):
                         removed |= {int.from_bytes(h, "little") for h in event.block_removed.block_hashes}
                     if event.HasField("block_stored"):
-                        stored |= set(event.block_stored.chain_hashes)
+                        stored |= {from_wire(name) for name in event.block_stored.chain_names}
                     events.append(event)
                 if len(removed) >= 4:
                     break
@@ -307,12 +309,16 @@ async def test_bad_calls_get_clear_errors(store: StageProcess) -> None:
             await stub.Commit(kvstore_pb2.CommitRequest(reservation_id="nope"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=[1], block_bytes=1 << 40))
+            await stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_names=[to_wire(1)], block_bytes=1 << 40))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "bytes" in (caught.value.details() or "")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Lookup(kvstore_pb2.LookupRequest(layout=LAYOUT, chain_hashes=list(range(9000))))
+            await stub.Lookup(kvstore_pb2.LookupRequest(layout=LAYOUT, chain_names=map(to_wire, range(9000))))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # a 64-bit name, as before names were 128 bits
+            await stub.Lookup(kvstore_pb2.LookupRequest(layout=LAYOUT, chain_names=[(1).to_bytes(8, "little")]))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "16 bytes" in (caught.value.details() or "")
         assert (await stub.GetStats(kvstore_pb2.StatsRequest())).capacity_blocks >= CAPACITY_BLOCKS
 
 
@@ -326,7 +332,7 @@ async def test_a_commit_without_a_completed_write_is_never_served(shards: ShardM
         stub = client.link.stub(address)
         hashes = [8101, 8102]
         bare = stub.Reserve(
-            kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=hashes[:1], block_bytes=BLOCK), metadata=member()
+            kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_names=[to_wire(hashes[0])], block_bytes=BLOCK), metadata=member()
         )
         assert bare.granted
         with pytest.raises(grpc.RpcError) as caught:
@@ -335,7 +341,7 @@ async def test_a_commit_without_a_completed_write_is_never_served(shards: ShardM
         assert "no completed NIXL write" in (caught.value.details() or "")
         # Bytes that did land, but without the writer's notice, are not proof either.
         unproven = stub.Reserve(
-            kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=hashes[1:], block_bytes=BLOCK), metadata=member()
+            kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_names=[to_wire(hashes[1])], block_bytes=BLOCK), metadata=member()
         )
         target = Target.of(unproven.target)
         remote = remote_regions(target, unproven.granted[0].slot, client.regions(0))
@@ -364,7 +370,7 @@ async def test_admin_and_event_calls_need_the_stage_credential(shards: ShardMap,
             for call in (
                 stub.Evict(kvstore_pb2.EvictRequest(all=True)),
                 stub.GetKvSnapshot(common_pb2.KvSnapshotRequest()),
-                stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_hashes=[8302], block_bytes=BLOCK)),
+                stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_names=[to_wire(8302)], block_bytes=BLOCK)),
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await call
@@ -398,7 +404,7 @@ async def test_a_store_behind_mutual_tls(home: Path, tmp_path: Path) -> None:
                 listing = await (await session.client()).get_prefix(SHARDS_PREFIX.encode())
             finally:
                 await session.close()
-            shards = ShardMap([kvstore_pb2.ShardEntry.FromString(kv.value) for kv in listing])
+            shards = ShardMap(RecordReader(kvstore_pb2.ShardEntry.FromString).read_all(listing).values())
             client.fill(0, 42)
             assert client.store(shards, [8401]) == 1
             client.memory[:] = 0

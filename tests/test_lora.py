@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from router_svc.adapters import ADAPTERS_PREFIX
 from router_svc.kv_index import KvIndex
+from services import credentials
 from services.clients import EngineClient, RouterClient
 from services.engine.adapters import AdapterSet
 from services.errors import AlreadyExists, InvalidRequest, ModelNotFound
@@ -356,7 +357,8 @@ async def test_wanted_adapters_reach_engines_that_lack_them(
     session = EtcdSession([("127.0.0.1", own_etcd.client_port)])
     try:
         wanted = common_pb2.Adapter(name="late", parent=BUNDLED_NAME, source=str(made["calm"]))
-        await (await session.client()).put((ADAPTERS_PREFIX + "late").encode(), wanted.SerializeToString())
+        key = ADAPTERS_PREFIX + "late"  # sealed with the mesh key, as a router writes it
+        await (await session.client()).put(key.encode(), credentials.current().records.seal(key, wanted.SerializeToString()))
     finally:
         await session.close()
     await asyncio.sleep(0.3)  # the router's watch of the wanted adapters

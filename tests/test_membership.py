@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from router_svc.workers import Peer, Workers
+from services import credentials
 from services.clients import EngineClient, TokenizerClient, health_status
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
@@ -217,15 +218,16 @@ async def test_a_value_that_does_not_parse_is_skipped(etcd_session: EtcdSession)
     prefix = f"/stagemesh-test/{time.monotonic_ns()}/"
     client = await etcd_session.client()
     good = common_pb2.Member(instance_id="good", role=common_pb2.ROLE_TOKENIZER)
+    seal = credentials.current().records.seal
     await client.put(f"{prefix}bad".encode(), b"\xff\xfe not a protobuf")
-    await client.put(f"{prefix}good".encode(), good.SerializeToString())
+    await client.put(f"{prefix}good".encode(), seal(f"{prefix}good", good.SerializeToString()))
     watcher = await watch(etcd_session, prefix)
     try:
         await watcher.wait_for(lambda m: f"{prefix}good" in m, timeout=10)
         assert set(watcher.members) == {f"{prefix}good"}
-        await client.put(f"{prefix}worse".encode(), b"\x0a\xff")
+        await client.put(f"{prefix}worse".encode(), seal(f"{prefix}worse", b"\x0a\xff"))  # a record, not a Member
         later = common_pb2.Member(instance_id="later", role=common_pb2.ROLE_TOKENIZER)
-        await client.put(f"{prefix}later".encode(), later.SerializeToString())
+        await client.put(f"{prefix}later".encode(), seal(f"{prefix}later", later.SerializeToString()))
         await watcher.wait_for(lambda m: f"{prefix}later" in m, timeout=10)
         assert set(watcher.members) == {f"{prefix}good", f"{prefix}later"}
     finally:

@@ -14,7 +14,7 @@ import yaml
 
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
-from services.membership import MEMBERS_PREFIX
+from services.membership import MEMBERS_PREFIX, RecordReader
 from services.pb import common_pb2
 from tests.conftest import Mesh, kvstore_process, private_etcd, running
 
@@ -53,7 +53,7 @@ async def test_every_dashboard_query_names_a_real_metric(
         listing = await (await session.client()).get_prefix(MEMBERS_PREFIX.encode())
     finally:
         await session.close()
-    members = [common_pb2.Member.FromString(kv.value) for kv in listing]
+    members = list(RecordReader(common_pb2.Member.FromString).read_all(listing).values())
     urls = [f"{mesh.http_url}/metrics"]
     urls += [f"http://{m.metrics_address}/metrics" for m in members if m.metrics_address]
     names: set[str] = set()

@@ -27,7 +27,7 @@ from services.credentials import DEFAULT_SERVER_NAME, MeshCredentials
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
 from services.launcher import StageProcess
-from services.membership import MEMBERS_PREFIX
+from services.membership import MEMBERS_PREFIX, RecordReader
 from services.pb import common_pb2
 from tests.conftest import STAGE_START_TIMEOUT, skip_unless_required
 from tests.netns import Hosts, unavailable
@@ -100,7 +100,8 @@ async def test_prefill_and_decode_on_different_hosts(
             listing = await (await session.client()).get_prefix(MEMBERS_PREFIX.encode())
         finally:
             await session.close()
-        members = {common_pb2.Role.Name(m.role): m for m in map(common_pb2.Member.FromString, (kv.value for kv in listing))}
+        records = RecordReader(common_pb2.Member.FromString).read_all(listing)
+        members = {common_pb2.Role.Name(m.role): m for m in records.values()}
         assert members["ROLE_PREFILL"].grpc_address == f"{hosts.address['prefill']}:50053"
         assert members["ROLE_PREFILL"].nixl_address.startswith(f"{hosts.address['prefill']}:")
         assert members["ROLE_DECODE"].grpc_address == f"{hosts.address['decode']}:50054"

@@ -10,7 +10,7 @@ from router_svc.affinity import SessionAffinity
 from router_svc.kv_index import KvIndex
 from router_svc.policy import KvAware, LeastLoad, RoundRobin
 from router_svc.workers import Peer
-from services.kv.hashing import chain_hashes
+from services.kv.hashing import chain_hashes, to_wire
 from services.pb import common_pb2, engine_pb2
 
 pytestmark = pytest.mark.unit
@@ -97,7 +97,7 @@ def test_kv_aware_counts_store_blocks_for_prefill_workers_that_use_the_store() -
     hashes = chain_hashes(PROMPT, BLOCK)
     index = index_with({"a": 2})
     index.stored("store", common_pb2.BlockStored(
-        block_hashes=[h.to_bytes(8, "little") for h in hashes[:8]], chain_hashes=hashes[:8]
+        block_hashes=[to_wire(h) for h in hashes[:8]], chain_names=[to_wire(h) for h in hashes[:8]]
     ))
 
     def prefill(key: str, queued: int, store: str) -> Peer:

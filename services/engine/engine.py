@@ -203,6 +203,7 @@ class EngineRunner:
                     "mesh_key_file": self.config.mesh_key_file, "tls_cert": self.config.tls_cert,
                     "tls_key": self.config.tls_key, "tls_ca": self.config.tls_ca,
                     "tls_server_name": self.config.tls_server_name,
+                    "etcd_user": self.config.etcd_user, "etcd_password_file": self.config.etcd_password_file,
                 },
             },
         }

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from services.kv.hashing import to_wire
 from services.pb import common_pb2
 
 #: Batch of events sent per stream message at most.
@@ -35,8 +36,8 @@ class _Block:
 
 
 def chain_name(chain_hash: int) -> bytes:
-    """The publisher hash a chain-hash-addressed block goes by in events."""
-    return chain_hash.to_bytes(8, "little")
+    """The publisher hash a chain-hash-addressed block goes by in events: its wire name."""
+    return to_wire(chain_hash)
 
 
 class KvEventLog:
@@ -83,14 +84,14 @@ class KvEventLog:
 
     def stored_chains(self, chain_hashes: list[int]) -> None:
         """Record blocks known by their chain hashes only (the KV store's), one event each
-        way: the publisher's hash is the chain hash's 8 little-endian bytes."""
+        way: the publisher's hash is the chain hash's wire name (16 little-endian bytes)."""
         names = [chain_name(h) for h in chain_hashes]
         for name, chain_hash in zip(names, chain_hashes):
             self._blocks[name] = _Block(b"", [], chain_hash)
         self._append(
             common_pb2.KvEvent(
                 block_stored=common_pb2.BlockStored(
-                    block_hashes=names, chain_hashes=chain_hashes, block_size=self.block_size
+                    block_hashes=names, chain_names=names, block_size=self.block_size
                 )
             )
         )
@@ -114,7 +115,7 @@ class KvEventLog:
                 common_pb2.BlockStored(
                     block_hashes=[block_hash], parent_block_hash=block.parent,
                     token_ids=block.token_ids, block_size=self.block_size,
-                    chain_hashes=[] if block.chain_hash is None else [block.chain_hash],
+                    chain_names=[] if block.chain_hash is None else [to_wire(block.chain_hash)],
                     cache_salt=block.salt, adapter=block.adapter,
                 )
                 for block_hash, block in self._blocks.items()

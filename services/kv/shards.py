@@ -31,6 +31,8 @@ SHARDS_PREFIX = ROOT + "kvstore/shards/"
 
 #: Ring points per store: enough that ranges come out within a few percent of even.
 DEFAULT_VNODES = 64
+#: The ring is 64 bits; a (128-bit) chain hash sits at its low 64 bits, as even as the rest.
+RING_MASK = (1 << 64) - 1
 
 
 def ring_points(instance_id: str, vnodes: int = DEFAULT_VNODES) -> list[int]:
@@ -68,7 +70,7 @@ class ShardMap:
         """The instance id of the store that owns ``chain_hash``; LookupError on an empty map."""
         if not self._points:
             raise LookupError("no KV store in the shard map")
-        index = bisect.bisect_left(self._points, chain_hash)
+        index = bisect.bisect_left(self._points, chain_hash & RING_MASK)
         return self._owners[index % len(self._points)]
 
     def split(self, hashes: Sequence[int]) -> dict[str, list[int]]:

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from services import credentials
+from services.kv.hashing import from_wire, to_wire
 from services.kv.nixl import TransferError, transfer
 from services.kv.shards import ShardMap
 from services.pb import kvstore_pb2, kvstore_pb2_grpc
@@ -119,7 +120,7 @@ class StoreLink:
         with self._lock:
             stub = self._stubs.get(address)
             if stub is None:
-                chan = credentials.current().dial(grpc, address)
+                chan = credentials.current().dial(grpc, address, "kvstore")
                 self._channels[address] = chan
                 stub = self._stubs[address] = kvstore_pb2_grpc.KvStoreServiceStub(chan)
             return stub
@@ -154,13 +155,14 @@ class StoreLink:
         for address, owned in shards.split(hashes).items():
             reply = self._call(
                 address, "Lookup",
-                kvstore_pb2.LookupRequest(layout=layout, chain_hashes=owned, pin_seconds=pin_seconds),
+                kvstore_pb2.LookupRequest(layout=layout, chain_names=map(to_wire, owned), pin_seconds=pin_seconds),
             )
             if reply.pin_id:
                 pins.append((address, reply.pin_id))
             target = Target.of(reply.target)
             for slot in reply.hits:
-                found[slot.chain_hash] = Hit(slot.chain_hash, address, slot.slot, target)
+                chain_hash = from_wire(slot.chain_name)
+                found[chain_hash] = Hit(chain_hash, address, slot.slot, target)
         hits = []
         for chain_hash in hashes:
             hit = found.get(chain_hash)
@@ -206,11 +208,11 @@ class StoreLink:
         for address, owned in shards.split(hashes).items():
             reservation = self._call(
                 address, "Reserve",
-                kvstore_pb2.ReserveRequest(layout=layout, chain_hashes=owned, block_bytes=block_bytes),
+                kvstore_pb2.ReserveRequest(layout=layout, chain_names=map(to_wire, owned), block_bytes=block_bytes),
             )
             if reservation.granted:
                 committed += self._write_and_commit(
-                    address, reservation, [regions(position[slot.chain_hash]) for slot in reservation.granted]
+                    address, reservation, [regions(position[from_wire(slot.chain_name)]) for slot in reservation.granted]
                 )
         return committed
 

@@ -78,6 +78,20 @@ class Member(_message.Message):
     adapter_slots: int
     def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., grpc_address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., kv_block_size: _Optional[int] = ..., nixl_address: _Optional[str] = ..., max_concurrency: _Optional[int] = ..., kv_capacity_blocks: _Optional[int] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., kv_event_epoch: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_model_len: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ..., adapter_slots: _Optional[int] = ...) -> None: ...
 
+class SignedRecord(_message.Message):
+    __slots__ = ("payload", "key", "lease", "signed_at_ms", "signature")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    key: str
+    lease: int
+    signed_at_ms: int
+    signature: bytes
+    def __init__(self, payload: _Optional[bytes] = ..., key: _Optional[str] = ..., lease: _Optional[int] = ..., signed_at_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class Adapter(_message.Message):
     __slots__ = ("name", "parent", "source", "rank")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -240,7 +254,7 @@ class KvEvent(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., timestamp: _Optional[float] = ..., block_stored: _Optional[_Union[BlockStored, _Mapping]] = ..., block_removed: _Optional[_Union[BlockRemoved, _Mapping]] = ..., all_blocks_cleared: _Optional[_Union[AllBlocksCleared, _Mapping]] = ...) -> None: ...
 
 class BlockStored(_message.Message):
-    __slots__ = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "chain_hashes", "cache_salt", "adapter")
+    __slots__ = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "chain_hashes", "cache_salt", "adapter", "chain_names")
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     PARENT_BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +262,7 @@ class BlockStored(_message.Message):
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_NAMES_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     parent_block_hash: bytes
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -255,7 +270,8 @@ class BlockStored(_message.Message):
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     cache_salt: str
     adapter: str
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., parent_block_hash: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+    chain_names: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., parent_block_hash: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., adapter: _Optional[str] = ..., chain_names: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class BlockRemoved(_message.Message):
     __slots__ = ("block_hashes", "chain_hashes")

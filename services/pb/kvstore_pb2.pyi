@@ -8,22 +8,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class BlockSlot(_message.Message):
-    __slots__ = ("chain_hash", "slot")
+    __slots__ = ("chain_hash", "slot", "chain_name")
     CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_NAME_FIELD_NUMBER: _ClassVar[int]
     chain_hash: int
     slot: int
-    def __init__(self, chain_hash: _Optional[int] = ..., slot: _Optional[int] = ...) -> None: ...
+    chain_name: bytes
+    def __init__(self, chain_hash: _Optional[int] = ..., slot: _Optional[int] = ..., chain_name: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("layout", "chain_hashes", "pin_seconds")
+    __slots__ = ("layout", "chain_hashes", "pin_seconds", "chain_names")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     PIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_NAMES_FIELD_NUMBER: _ClassVar[int]
     layout: str
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     pin_seconds: float
-    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., pin_seconds: _Optional[float] = ...) -> None: ...
+    chain_names: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., pin_seconds: _Optional[float] = ..., chain_names: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hits", "pin_id", "target")
@@ -46,14 +50,16 @@ class ReleaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("layout", "chain_hashes", "block_bytes")
+    __slots__ = ("layout", "chain_hashes", "block_bytes", "chain_names")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_NAMES_FIELD_NUMBER: _ClassVar[int]
     layout: str
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     block_bytes: int
-    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+    chain_names: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., chain_names: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("granted", "reservation_id", "target")
@@ -66,14 +72,16 @@ class ReserveResponse(_message.Message):
     def __init__(self, granted: _Optional[_Iterable[_Union[BlockSlot, _Mapping]]] = ..., reservation_id: _Optional[str] = ..., target: _Optional[_Union[NixlTarget, _Mapping]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("reservation_id", "chain_hashes", "abort")
+    __slots__ = ("reservation_id", "chain_hashes", "abort", "chain_names")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_NAMES_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     abort: bool
-    def __init__(self, reservation_id: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., abort: _Optional[bool] = ...) -> None: ...
+    chain_names: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, reservation_id: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., abort: _Optional[bool] = ..., chain_names: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ("committed",)
@@ -82,12 +90,14 @@ class CommitResponse(_message.Message):
     def __init__(self, committed: _Optional[int] = ...) -> None: ...
 
 class EvictRequest(_message.Message):
-    __slots__ = ("chain_hashes", "all")
+    __slots__ = ("chain_hashes", "all", "chain_names")
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     ALL_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_NAMES_FIELD_NUMBER: _ClassVar[int]
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     all: bool
-    def __init__(self, chain_hashes: _Optional[_Iterable[int]] = ..., all: _Optional[bool] = ...) -> None: ...
+    chain_names: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, chain_hashes: _Optional[_Iterable[int]] = ..., all: _Optional[bool] = ..., chain_names: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class EvictResponse(_message.Message):
     __slots__ = ("evicted",)
