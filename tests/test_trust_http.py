@@ -253,11 +253,11 @@ async def test_admission_counts_sequences_and_whole_answers_are_bounded(keyed: K
         fan_out = await http.post("/v1/completions", headers=_as(A), json={
             "model": "", "prompt": ["hi"] * 256, "n": 16, "max_tokens": 1})
         assert fan_out.status_code == 400 and "4096 sequences" in fan_out.text, fan_out.text
-        # 16 sequences of 64 tokens with 20 alternatives each: more than the 1 MiB held whole.
-        body = {"model": "", "prompt": "Once upon a time", "n": 16, "max_tokens": 64, "logprobs": 20,
+        # 16 sequences of 192 tokens with 20 alternatives each: ~1.2 MiB, past the 1 MiB held whole.
+        body = {"model": "", "prompt": "Once upon a time", "n": 16, "max_tokens": 192, "logprobs": 20,
                 "ignore_eos": True, "temperature": 1.0}
         whole = await http.post("/v1/completions", headers=_as(A), json=body)
-        assert whole.status_code == 400 and "stream: true" in whole.text, whole.text
+        assert whole.status_code == 400 and "stream: true" in whole.text, whole.text[:300]
         streamed = await http.post("/v1/completions", headers=_as(A), json=body | {"stream": True})
         assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
         assert '"error"' not in streamed.text
