@@ -285,11 +285,12 @@ class HttpBridge:
 
     @staticmethod
     def _card(card: router_pb2.ModelCard) -> dict[str, Any]:
-        """vLLM's model card: an adapter names its base model as ``parent`` and its
-        directory as ``root``; a base model has no parent."""
+        """vLLM's model card: an adapter names its base model as ``parent``; a base model
+        has no parent. ``root`` is the name: where an adapter lives on the engines' hosts
+        is not the callers' business."""
         return {
             "id": card.name, "object": "model", "created": 0, "owned_by": "stagemesh",
-            "root": card.source or card.name, "parent": card.parent or None,
+            "root": card.name, "parent": card.parent or None,
             "max_model_len": card.max_model_len,
         }
 

@@ -25,7 +25,8 @@ from router_svc.responses import ResponsesRequest
 from services.auth import ApiKeys, open_api_refusal
 from services.clients import EngineClient, RouterClient
 from services.credentials import MESSAGE_LIMITS
-from services.errors import InvalidRequest, NotFound, PermissionDenied
+from services.engine.adapters import AdapterSet
+from services.errors import FailedPrecondition, InvalidRequest, NotFound, PermissionDenied
 from services.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2, router_pb2_grpc
 from tests.conftest import Mesh, router_process, running, skip_unless_required
@@ -347,3 +348,25 @@ async def test_a_refused_grpc_call_is_not_received_whole(keyed: Keyed) -> None:
         sockets = (await ss.communicate())[0].decode()
     received = sum(int(n) for n in re.findall(r"bytes_received:(\d+)", sockets))
     assert 0 < received < 16 << 20, received
+
+
+def test_run_time_adapters_come_only_from_the_lora_root(tmp_path: Path) -> None:
+    """Checked in the engine's registry before any file is read; a cap on how many."""
+    root, outside = tmp_path / "adapters", tmp_path / "elsewhere"
+    for directory in (root / "one", root / "two", root / "three", outside / "x"):
+        directory.mkdir(parents=True)
+        (directory / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (root / "escape").symlink_to(outside / "x")
+    adapters = AdapterSet("base", tmp_path, max_rank=16, enabled=True, root=str(root), max_adapters=2)
+    for path in (str(outside / "x"), "../elsewhere/x", "escape", "/etc"):
+        with pytest.raises(InvalidRequest, match="--lora-root"):
+            adapters.prepare("a", path)
+    for name in ("one", "two"):
+        prepared = adapters.prepare(name, name)
+        assert isinstance(prepared, tuple) and prepared[0] == (root / name).resolve()
+        adapters.add(name, *prepared)
+    with pytest.raises(FailedPrecondition, match="--max-adapters"):
+        adapters.prepare("three", "three")
+    with pytest.raises(InvalidRequest, match="--lora-root"):  # no root: nothing loads at run time
+        AdapterSet("base", tmp_path, 16, True).prepare("one", str(root / "one"))
+    assert isinstance(AdapterSet("base", tmp_path, 16, True).prepare("x", str(outside / "x"), at_run_time=False), tuple)
