@@ -141,6 +141,11 @@ class RouterStage(Stage):
         bound = [config.host] + ([http_host] if config.http_port >= 0 else [])
         if refusal := open_api_refusal(self._keys, bound, config.allow_open):
             raise SystemExit(refusal)
+        if config.metrics_need_key and config.metrics_port >= 0:
+            raise SystemExit(
+                "--metrics-need-key: the stage's --metrics-port would serve /metrics without a key; "
+                "set --metrics-port -1 and scrape the HTTP bridge's /metrics with a key"
+            )
         self._servicer = RouterServicer(pipeline, self._workers, index, adapters, self._keys)
         responses = ResponseStore(
             config.responses_max, config.responses_ttl, config.responses_max_mib << 20, config.responses_key_mib << 20
