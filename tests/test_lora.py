@@ -94,15 +94,15 @@ def test_adapter_registry_checks_before_vllm(tmp_path: Path) -> None:
     narrow = tmp_path / "narrow"
     narrow.mkdir()
     (narrow / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-    adapters = AdapterSet("base", tmp_path, max_rank=16, enabled=True)
+    adapters = AdapterSet("base", tmp_path, max_rank=16, enabled=True, root=str(tmp_path))
     with pytest.raises(InvalidRequest, match="rank 64; this engine takes at most 16"):
         adapters.prepare("w", str(wide))
-    with pytest.raises(InvalidRequest, match="no adapter_config.json"):
+    with pytest.raises(InvalidRequest, match="with an adapter_config.json"):
         adapters.prepare("x", str(tmp_path))
     with pytest.raises(AlreadyExists):
         adapters.prepare("base", str(narrow))
     with pytest.raises(InvalidRequest, match="without LoRA"):
-        AdapterSet("base", tmp_path, 16, enabled=False).prepare("n", str(narrow))
+        AdapterSet("base", tmp_path, 16, enabled=False, root=str(tmp_path)).prepare("n", str(narrow))
     assert adapters.prepare("n", str(narrow)) == (narrow.resolve(), 8)
     loaded = adapters.add("n", narrow.resolve(), 8)
     assert adapters.prepare("n", str(narrow)) is loaded  # loading again is a no-op
