@@ -6,7 +6,8 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip install --constraint requirements/constraints.txt
 PY := $(VENV)/bin/python
 
-.PHONY: install install-engine up test lint protos check-protos clean bench-env bench-vs-vllm
+.PHONY: install install-engine up test test-unit lint protos check-protos clean bench-env bench-vs-vllm \
+	bench-dynamo-env
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,10 @@ up: install-engine
 test: install-engine tests/node/node_modules/.package-lock.json
 	$(PY) -m pytest
 
+# The pure-logic tests (marker "unit"): seconds, no process started.
+test-unit: install-engine
+	$(PY) -m pytest -m unit -q
+
 # guidellm, the benchmark client, in an environment of its own: its dependencies are
 # not the engines' (pinned here, as the version the results were measured with).
 GUIDELLM_VENV ?= .venv-guidellm
@@ -56,6 +61,23 @@ bench-env: $(GUIDELLM_VENV)/.installed install-engine
 bench-vs-vllm: bench-env
 	$(PY) -m bench.vs_vllm --guidellm $(GUIDELLM_VENV)/bin/guidellm \
 		--json bench/results/vs-vllm.json --png bench/results/vs-vllm.png
+
+# NVIDIA Dynamo (the scale lab's peer, bench/scale/dynamo.py) in an environment of its own.
+# `pip install ai-dynamo` fails here (its dependency aisimulate downloads from an unreachable
+# index, and only the planner needs it), so: the runtime with the wheel's other dependencies,
+# then ai-dynamo itself without dependencies. Pinned as the version the results were measured with.
+DYNAMO_VENV ?= .venv-dynamo
+$(DYNAMO_VENV)/.installed:
+	$(PYTHON) -m venv $(DYNAMO_VENV)
+	$(DYNAMO_VENV)/bin/pip install --quiet ai-dynamo-runtime==1.6.1 'aiohttp<4.0,>=3.14.3' \
+		'msgspec>=0.19.0' 'prometheus-client<1.0,>=0.23.1' 'pyzmq>=26.0.0' \
+		'transformers>=4.56.0' 'zstandard<1.0,>=0.23.0' 'kubernetes<33.0.0,>=32.0.1' \
+		'redis<9.0.0,>=6.2.0' tqdm certifi typing-extensions
+	$(DYNAMO_VENV)/bin/pip install --quiet --no-deps ai-dynamo==1.6.1
+	$(DYNAMO_VENV)/bin/python -c "import dynamo.frontend, dynamo.mocker; print('dynamo ok')"
+	touch $@
+
+bench-dynamo-env: $(DYNAMO_VENV)/.installed
 
 # ruff, then mypy over the stages, services, benchmarks and tests (settings in pyproject.toml;
 # the generated services/pb is excluded). The engine stack is typed at our boundary.

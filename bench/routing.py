@@ -11,6 +11,7 @@ the prompt's blocks, then find each worker's longest held prefix. Runs on one co
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 from pathlib import Path
@@ -45,6 +46,51 @@ def fill(index: KvIndex, workers: int, blocks: int, prefixes: list[list[int]], r
     return time.perf_counter() - started
 
 
+def rss_mib() -> float:
+    """This process's resident memory, MiB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(workers: int, blocks: int, prompt_blocks: int = 64, decisions: int = 20_000) -> dict[str, float]:
+    """Fill an index with ``blocks`` entries over ``workers`` workers, then time
+    ``decisions`` routing lookups (hash the prompt, match every worker)."""
+    rng = random.Random(7)
+    prefixes = [[rng.randrange(49152) for _ in range(BLOCK_SIZE * 48)] for _ in range(32)]
+    before = rss_mib()
+    index = KvIndex(max_blocks=blocks)
+    fill_seconds = fill(index, workers, blocks, prefixes, rng)
+    memory = rss_mib() - before
+    names = index.workers()
+    # Prompts: a shared system prompt then the user's own turn (prefix hits of 48 blocks).
+    prompts = [
+        rng.choice(prefixes) + [rng.randrange(49152) for _ in range(BLOCK_SIZE * (prompt_blocks - 48))]
+        for _ in range(256)
+    ]
+    matched = 0
+    started = time.perf_counter()
+    for i in range(decisions):
+        hashes = chain_hashes(prompts[i % len(prompts)], BLOCK_SIZE)
+        matched += max(index.match(hashes, names).values())
+    seconds = time.perf_counter() - started
+    return {
+        "workers": len(names),
+        "entries": len(index),
+        "fill_s": fill_seconds,
+        "index_mib": memory,
+        "decisions_per_s": decisions / seconds,
+        "us_per_decision": seconds / decisions * 1e6,
+        "mean_matched_blocks": matched / decisions,
+    }
+
+
+COLUMNS = [
+    ("workers", "workers", "d"), ("entries", "index entries", ",d"), ("fill_s", "fill s", ".1f"),
+    ("index_mib", "index MiB", ".0f"), ("decisions_per_s", "decisions/s", ",.0f"),
+    ("us_per_decision", "us/decision", ".1f"), ("mean_matched_blocks", "matched blocks", ".1f"),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=64)
@@ -53,36 +99,8 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=20_000)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-
-    rng = random.Random(7)
-    prefixes = [[rng.randrange(49152) for _ in range(BLOCK_SIZE * 48)] for _ in range(32)]
-    index = KvIndex(max_blocks=args.blocks)
-    fill_seconds = fill(index, args.workers, args.blocks, prefixes, rng)
-    names = index.workers()
-    # Prompts: a shared system prompt then the user's own turn (prefix hits of 48 blocks).
-    prompts = [
-        rng.choice(prefixes) + [rng.randrange(49152) for _ in range(BLOCK_SIZE * (args.prompt_blocks - 48))]
-        for _ in range(256)
-    ]
-    matched = 0
-    started = time.perf_counter()
-    for i in range(args.decisions):
-        hashes = chain_hashes(prompts[i % len(prompts)], BLOCK_SIZE)
-        matched += max(index.match(hashes, names).values())
-    seconds = time.perf_counter() - started
-    row = {
-        "workers": len(names),
-        "entries": len(index),
-        "fill_s": fill_seconds,
-        "decisions_per_s": args.decisions / seconds,
-        "us_per_decision": seconds / args.decisions * 1e6,
-        "mean_matched_blocks": matched / args.decisions,
-    }
-    print_table([row], [
-        ("workers", "workers", "d"), ("entries", "index entries", ",d"), ("fill_s", "fill s", ".1f"),
-        ("decisions_per_s", "decisions/s", ",.0f"), ("us_per_decision", "us/decision", ".1f"),
-        ("mean_matched_blocks", "matched blocks", ".1f"),
-    ])
+    row = measure(args.workers, args.blocks, args.prompt_blocks, args.decisions)
+    print_table([row], COLUMNS)
     if args.json:
         write_json(args.json, {"benchmark": "routing", "block_size": BLOCK_SIZE, **vars(args), "json": None, **row})
 

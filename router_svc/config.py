@@ -89,11 +89,13 @@ class RouterConfig(StageConfig):
         "kv_aware", "how workers are picked: round_robin, least_load or kv_aware"
     )
     kv_load_weight: float = setting(
-        512.0, "kv_aware: prompt tokens to compute that one queued request on a worker weighs as much as"
+        512.0,
+        "kv_aware: prompt tokens to compute that one unit of load on a worker weighs as much as (a "
+        "request waiting there, or one running on a 32-sequence engine; see docs/design.md)",
     )
     kv_max_queue: int = setting(
         8,
-        "a worker with this many requests queued loses its prefix preference (kv_aware); "
+        "a worker with this many units of load loses its prefix preference (kv_aware); "
         "a prefill pool where all have it is saturated, and prompts are prefilled locally",
     )
     session_ttl: float = setting(

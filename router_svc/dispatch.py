@@ -266,7 +266,7 @@ class Dispatcher:
             return None, 0, 0, None
         failover = Failover(self._workers, common_pb2.ROLE_PREFILL, prompt.model, self._config.worker_wait)
         while candidates := failover.usable():
-            if all(p.queued() >= self._config.kv_max_queue for p in candidates):
+            if all(p.load_units() >= self._config.kv_max_queue for p in candidates):
                 DECISIONS.labels(self._policy.name, "disaggregation", "local_prefill_saturated").inc()
                 return None, 0, 0, None
             choice = self._choose(common_pb2.ROLE_PREFILL, candidates, prompt, sequence_id)
@@ -329,7 +329,7 @@ class Dispatcher:
         holds is counted as for any other choice.
         """
         pinned = self._affinity.get(prompt.session_id, role)
-        sticky = [p for p in candidates if p.key == pinned and p.queued() < self._config.kv_max_queue]
+        sticky = [p for p in candidates if p.key == pinned and p.load_units() < self._config.kv_max_queue]
         choice = self._policy.choose(
             sticky or candidates, prompt.hashes(candidates[0].member.kv_block_size), prompt.model
         )

@@ -92,7 +92,8 @@ class KvIndex:
         """For each candidate, how many leading blocks of ``hashes`` it holds.
 
         Walks the prompt's blocks once, narrowing the set of workers still matching,
-        so the cost is the matched prefix length times the workers that share it.
+        one set intersection per matched block; each worker's depth is written once, when it
+        leaves the walk.
         """
         matched = dict.fromkeys(candidates, 0)
         active = set(matched)
@@ -101,12 +102,16 @@ class KvIndex:
             holders = self._holders.get(chain)
             if not holders:
                 break
-            active &= holders
-            if not active:
-                break
+            still = active & holders
+            if len(still) < len(active):  # workers leave the walk: their depth is final
+                for worker in active - still:
+                    matched[worker] = depth
+                active = still
+                if not active:
+                    break
             depth += 1
-            for worker in active:
-                matched[worker] = depth
+        for worker in active:
+            matched[worker] = depth
         self._touch(hashes[:depth])
         return matched
 

@@ -7,8 +7,11 @@ to look up what a series means and where it is counted.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 SEQUENCES = Counter(
     "stagemesh_router_sequences_total",
@@ -95,3 +98,24 @@ class SequenceClock:
 
     def finished(self) -> None:
         END_TO_END.observe(time.monotonic() - self._arrived)
+
+
+class WorkerStates(Collector):
+    """Members the router knows, by role and state, counted at scrape time: ``up``, or
+    ``down`` (refused a connection and skipped for a few seconds). How soon a join, a
+    drain or a crash shows here is the control plane's reaction time (bench.scale)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[tuple[str, str], int]] | None = None
+        REGISTRY.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "stagemesh_router_workers", "Members the router routes to, by role and state", labels=["role", "state"]
+        )
+        for (role, state), count in sorted((self.source() if self.source else {}).items()):
+            family.add_metric([role, state], count)
+        yield family
+
+
+WORKERS = WorkerStates()

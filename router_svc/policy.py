@@ -6,11 +6,14 @@ Three policies, chosen with ``--router-policy``:
 - ``least_load``: least queued work, then KV-cache use;
 - ``kv_aware`` (default): the lowest cost, where cost is the prompt tokens the worker
   would have to compute (those in blocks it does not already hold, per the KV index)
-  plus ``--kv-load-weight`` tokens for every request queued or running there (and one
-  more when a LoRA adapter's request would wait there for an adapter slot). So a
-  worker holding a long prefix wins unless it is that much busier. Both terms are in
-  tokens, so the balance does not shift with the engines' KV block size. A worker whose queue
-  reaches ``--kv-max-queue`` is passed over for the least-loaded one while any is
+  plus ``--kv-load-weight`` tokens for every unit of load there (and one more when a
+  LoRA adapter's request would wait there for an adapter slot). A unit is a request
+  waiting for a batch slot, or a running request on an engine with a 32-sequence
+  batch; on a wider engine a running request counts its share of 32 (``Peer.load_units``:
+  an accelerator running 256 sequences is barely slowed by 20 of them). So a worker
+  holding a long prefix wins unless it is that much busier. Both terms are in tokens,
+  so the balance does not shift with the engines' KV block size. A worker whose load
+  reaches ``--kv-max-queue`` units is passed over for the least-loaded one while any is
   below it, so a hot prefix cannot pile everything onto one worker. Blocks in the
   mesh's KV store count as held by every prefill worker that uses the store (its
   member label ``kvstore=on``): loading them costs a NIXL read, not a forward pass.
@@ -95,13 +98,13 @@ class KvAware:
         best_match = max(matched.values(), default=0)
         if best_match == 0:
             return Choice(candidates[0], 0, "least_load_no_prefix")
-        roomy = [p for p in candidates if p.queued() < self.max_queue]
+        roomy = [p for p in candidates if p.load_units() < self.max_queue]
         if not roomy:
             return Choice(candidates[0], matched[candidates[0].key], "all_overloaded")
 
         def cost(peer: Peer) -> float:
             uncached = (len(hashes) - matched[peer.key]) * peer.member.kv_block_size
-            return uncached + self.load_weight * (peer.queued() + peer.slot_wait(model))
+            return uncached + self.load_weight * (peer.load_units() + peer.slot_wait(model))
 
         chosen = min(roomy, key=cost)  # candidates come least loaded first: ties go to the idler
         reason = "prefix_hit" if matched[chosen.key] == best_match else "load_over_prefix"

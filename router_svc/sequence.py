@@ -1,7 +1,7 @@
 """One sequence of a request: the engine's generated ids in, the caller's deltas out.
 
 Detokenizing in the router (with the decoder the tokenizer stage exports) keeps each
-generated token to one message in and one out: through the tokenizer's Detokenize
+engine message to one message in and one out: through the tokenizer's Detokenize
 stream it cost two more messages and a hop, the largest share of the router's
 per-token cost (docs/design.md, "Where detokenization runs"). Stop strings are found
 here for the same reason; when one ends the sequence, the engine's stream is
@@ -53,6 +53,7 @@ class Sequence:
         self._index = index
         self._return_token_ids = return_token_ids
         self._include_stop = sampling.include_stop_str_in_output
+        self._has_stops = bool(sampling.stop)
         #: Stop tokens generated but kept out of the text (counted, not shown).
         self._hidden = 0
         self._detokenizer = decoder.detokenizer(
@@ -62,29 +63,47 @@ class Sequence:
             sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") else True,
         )
 
+    def _push(self, ids: list[int]) -> tuple[str, int]:
+        """The text ``ids`` complete, and how many of them were used: all, or with stop
+        strings those up to the one that completed a stop (then pushed one at a time)."""
+        detokenizer = self._detokenizer
+        if len(ids) < 2 or not self._has_stops:
+            return detokenizer.push(ids), len(ids)
+        text = ""
+        for used, token_id in enumerate(ids, 1):
+            text += detokenizer.push([token_id])
+            if detokenizer.stopped:
+                return text, used
+        return text, len(ids)
+
     @property
     def completion_tokens(self) -> int:
         """Tokens generated so far (up to the stop string, when one ended the sequence)."""
         return self._detokenizer.num_tokens + self._hidden
 
     def delta(self, reply: engine_pb2.GenerateResponse) -> router_pb2.RouterGenerateResponse:
-        """The caller's delta for one engine reply; ``finish_reason`` set on the last one."""
+        """The caller's delta for one engine reply; ``finish_reason`` set on the last one.
+
+        A reply may carry several ids (the engine coalesces while the router is behind).
+        When a stop string ends the sequence inside it, the ids after the one that
+        completed the stop are dropped with their logprobs, so text, usage and logprobs
+        read as they would have one id per reply."""
         detokenizer = self._detokenizer
         ids = list(reply.token_ids)
         stopped_by_token = reply.HasField("stop_token_id") and ids and ids[-1] == reply.stop_token_id
-        if stopped_by_token and not self._include_stop:
-            # As vLLM: the token that ended the sequence is not part of its text, which
-            # matters once special tokens are shown (skip_special_tokens false).
-            ids.pop()
-            self._hidden += not detokenizer.stopped
-        text = detokenizer.push(ids)
+        # As vLLM: the token that ended the sequence is not part of its text, which
+        # matters once special tokens are shown (skip_special_tokens false).
+        hide_last = stopped_by_token and not self._include_stop
+        text, used = self._push(ids[:-1] if hide_last else ids)
+        kept = used if detokenizer.stopped else len(ids)
+        self._hidden += bool(hide_last and not detokenizer.stopped)
         if reply.finish_reason and not detokenizer.stopped:
             text += detokenizer.finish()
         delta = router_pb2.RouterGenerateResponse(index=self._index, text=text)
         if self._return_token_ids:
-            delta.token_ids.extend(reply.token_ids)
+            delta.token_ids.extend(reply.token_ids[:kept])
         if reply.logprobs:
-            delta.logprobs.extend(reply.logprobs)
+            delta.logprobs.extend(reply.logprobs[:kept])
             _name_tokens(self._decoder, delta.logprobs)
         if reply.prompt_logprobs:
             delta.prompt_logprobs.extend(reply.prompt_logprobs)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from router_svc.kv_subscriber import KvSubscriber
+from router_svc.metrics import WORKERS
 from services.aio import cancel_and_wait
 from services.clients import EngineClient, KvStoreClient, TokenizerClient
 from services.errors import Unavailable
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds a member that refused a connection is skipped.
 DOWN_SECONDS = 3.0
+#: The batch (--max-num-seqs) against which one running request counts as one unit of
+#: load: a CPU engine's default, where --kv-load-weight and --kv-max-queue were tuned.
+REFERENCE_BATCH = 32
 #: Roles whose members run an engine (and report load).
 ENGINE_ROLES = frozenset({common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE})
 
@@ -77,6 +81,18 @@ class Peer:
             return self.in_flight
         return max(self.in_flight, self.load.running_requests + self.load.waiting_requests)
 
+    def load_units(self) -> float:
+        """Queued work in units of one request on a :data:`REFERENCE_BATCH` engine: each
+        request waiting for a batch slot counts 1, each running one counts the engine's
+        share of that batch. An accelerator engine that runs 256 sequences at once is
+        barely slower with 20 of them running; a CPU engine that runs 32 is (the load
+        weight was tuned there). Waiting is the engine's report, or more when this router
+        has sent more calls than the report shows."""
+        queued = self.queued()
+        running = min(self.load.running_requests if self.load is not None else 0, queued)
+        share = REFERENCE_BATCH / max(REFERENCE_BATCH, self.member.max_concurrency)
+        return (queued - running) + running * share
+
     def rank(self, model: str = "") -> tuple[int, float, int, float]:
         """Sort key, least loaded first: queued work (waiting counts twice, and so does
         waiting for an adapter slot), KV-cache use, then a random tie-break."""
@@ -106,6 +122,7 @@ class Workers:
         self._closing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        WORKERS.source = self.states
         self._watcher.start()
         self._poller = asyncio.create_task(self._poll_loads(), name="load poller")
 
@@ -161,6 +178,15 @@ class Workers:
                 await asyncio.sleep(0.1)
         finally:
             await peer.client.close()
+
+    def states(self) -> dict[tuple[str, str], int]:
+        """Members by (role, ``up`` or ``down``), for the workers gauge."""
+        now = time.monotonic()
+        counts: dict[tuple[str, str], int] = {}
+        for peer in self.peers.values():
+            state = (role_name(peer.role), "down" if peer.down_until > now else "up")
+            counts[state] = counts.get(state, 0) + 1
+        return counts
 
     def store_keys(self) -> list[str]:
         """Keys of the KV stores in the mesh (their blocks are in the KV index under them)."""

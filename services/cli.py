@@ -220,7 +220,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             args.prefill = layout.count("prefill")
         layout = _layout(args, allowed_cores(), len(gpus))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    print(layout.describe(), flush=True)
+    print(_describe_sim(args) if args.engine == "sim" else layout.describe(), flush=True)
     home = _home(args)
     if "" in models:
         prepare_bundled_model(home)
@@ -252,7 +252,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     router = ["--http-port", str(args.http_port)] + (["--allow-open"] if args.allow_open else [])
     if layout.disagg_min_tokens is not None:
         router += ["--disagg-min-tokens", str(layout.disagg_min_tokens)]
-    kvstore_mib = args.kvstore_mib if args.kvstore_mib is not None else (1024 if layout.kvstore else 0)
+    # Simulated engines hold no tensors to store.
+    kvstore_mib = args.kvstore_mib if args.kvstore_mib is not None else (
+        1024 if layout.kvstore and args.engine != "sim" else 0
+    )
     # (name, module, gRPC port, extra flags, cores, environment). The n-th prefill/decode
     # takes the base port + 2n; each engine owns its cores (services.placement).
     plan: list[tuple[str, str, int, list[str], list[int], dict[str, str]]] = [
@@ -265,7 +268,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         plan.append(
             ("kvstore", "kvstore_svc", args.kvstore_port, ["--capacity-mib", str(kvstore_mib)], light_cores, {})
         )
-    for i, engine in layout.numbered():
+    plan += _sim_plan(args) if args.engine == "sim" else []
+    for i, engine in [] if args.engine == "sim" else layout.numbered():
         base = args.prefill_port if engine.role == "prefill" else args.decode_port
         name = engine.role if i == 0 else f"{engine.role}-{i}"
         # Engines of each role take the models in turn; the first model's get the adapters.
@@ -329,6 +333,34 @@ def cmd_up(args: argparse.Namespace) -> int:
         group.stop_all()
         etcd.stop(wipe=True)
         print("stopped.", flush=True)
+
+
+def _sim_counts(args: argparse.Namespace) -> tuple[int, int]:
+    """Simulated prefill and decode engines: ``--prefill``/``--decode``, else one decode."""
+    return args.prefill or 0, 1 if args.decode is None else args.decode
+
+
+def _describe_sim(args: argparse.Namespace) -> str:
+    prefill, decode = _sim_counts(args)
+    return (
+        f"simulated engines ({args.sim_profile}, speedup {args.sim_speedup:g}): {prefill} prefill, "
+        f"{decode} decode, one process per role; they compute no model (see docs/design.md)"
+    )
+
+
+#: A stage ``up`` starts: name, module, gRPC port, extra flags, cores, environment.
+_Planned = tuple[str, str, int, list[str], list[int], dict[str, str]]
+
+
+def _sim_plan(args: argparse.Namespace) -> list[_Planned]:
+    """``--engine sim``: one process per role holding all its simulated engines
+    (``--sim-engines``), on the light stages' cores: they compute nothing."""
+    sim = ["--engine", "sim", "--sim-profile", args.sim_profile, "--sim-speedup", str(args.sim_speedup)]
+    plan: list[_Planned] = []
+    for role, count, port in zip(("prefill", "decode"), _sim_counts(args), (args.prefill_port, args.decode_port)):
+        if count:
+            plan.append((role, f"{role}_svc", port, [*sim, "--sim-engines", str(count)], [], {}))
+    return plan
 
 
 def _tls_flags(certs: dict[str, CertFiles], stage: str) -> list[str]:
@@ -406,6 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA on in the first model's engines without adapters at start, to load them at run time",
     )
     _add_layout_arguments(up)
+    up.add_argument(
+        "--engine", choices=("vllm", "sim"), default="vllm",
+        help="sim: simulated engines that compute no model, for width (--prefill/--decode of them, "
+        "one process per role; see docs/design.md)",
+    )
+    up.add_argument("--sim-profile", default="dynamo-default", help="sim: timing profile name or JSON file")
+    up.add_argument("--sim-speedup", type=float, default=1.0, help="sim: divide simulated times by this")
     up.add_argument(
         "--host", default="127.0.0.1",
         help="address every stage binds (gRPC and HTTP); 0.0.0.0 serves other hosts too (see docs/deploy.md)",

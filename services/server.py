@@ -106,7 +106,7 @@ class StageServer:
         self._service_names: list[str] = []
         self.credentials = credentials.current()
 
-    def _build(self) -> None:
+    def build(self) -> None:
         """Create the loop-bound objects; runs inside the event loop that serves."""
         guards: list[grpc.aio.ServerInterceptor] = []
         if not self.stage.public:
@@ -125,12 +125,12 @@ class StageServer:
         """The address other stages dial: the advertised host with the bound port."""
         return f"{self.config.advertise_host}:{self.port}"
 
+    def stop(self) -> None:
+        """Begin draining (what SIGTERM does)."""
+        self._stopping.set()
+
     async def serve(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, drain and stop."""
-        self._build()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stopping.set)
+        """Start, serve until :meth:`stop` (SIGTERM/SIGINT), drain and stop."""
         await self._start_server()
         try:
             start_task = asyncio.create_task(self._start_stage())
@@ -245,11 +245,34 @@ class StageServer:
 
 def run_stage(config: StageConfig, stage: Stage) -> None:
     """Entry point shared by every stage's ``__main__``: logging, uvloop, serve."""
+    run_stages([(config, stage)])
+
+
+def run_stages(stages: list[tuple[StageConfig, Stage]]) -> None:
+    """Serve several stages in one process (simulated engines, ``--sim-engines``): each
+    has its own server, lease and member record, and all drain on SIGTERM/SIGINT. One
+    that fails leaves the mesh alone; the process ends when all have stopped, with the
+    worst exit code."""
     import uvloop
 
-    configure_logging(config.log_level, config.log_format, config.ROLE, config.instance_id)
-    credentials.install(config.credentials())
-    server = StageServer(config, stage)
-    uvloop.run(server.serve())
-    if server.exit_code:
-        raise SystemExit(server.exit_code)
+    first = stages[0][0]
+    configure_logging(first.log_level, first.log_format, first.ROLE, first.instance_id)
+    credentials.install(first.credentials())
+    servers = [StageServer(config, stage) for config, stage in stages]
+
+    async def serve_all() -> None:
+        loop = asyncio.get_running_loop()
+        for server in servers:
+            server.build()
+
+        def stop_all() -> None:
+            for server in servers:
+                server.stop()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_all)
+        await asyncio.gather(*(server.serve() for server in servers))
+
+    uvloop.run(serve_all())
+    if code := max(server.exit_code for server in servers):
+        raise SystemExit(code)

@@ -4,12 +4,16 @@ baselines ignore the cache."""
 
 from __future__ import annotations
 
+import pytest
+
 from router_svc.affinity import SessionAffinity
 from router_svc.kv_index import KvIndex
 from router_svc.policy import KvAware, LeastLoad, RoundRobin
 from router_svc.workers import Peer
 from services.kv.hashing import chain_hashes
 from services.pb import common_pb2, engine_pb2
+
+pytestmark = pytest.mark.unit
 
 BLOCK = 4
 PROMPT = list(range(40))  # 10 blocks
@@ -129,3 +133,20 @@ def test_a_full_set_of_adapter_slots_counts_as_one_more_request() -> None:
     policy = KvAware(index_with({"a": 2, "b": 2}), load_weight=4.0 * BLOCK, max_queue=8)
     assert policy.choose([busy, other], hashes, "y").peer.key == "b"
     assert policy.choose([other, busy], hashes, "x").peer.key == "a"
+
+
+def test_kv_aware_weighs_running_requests_by_the_engines_batch() -> None:
+    """Twenty running requests pass an engine that runs 32 at once over its queue limit;
+    on one that runs 256 they are a fraction of its batch, and its prefix still wins."""
+    hashes = chain_hashes(PROMPT, BLOCK)
+    idle, busy = peer("a", 0), peer("b", 20)
+    policy = KvAware(index_with({"b": 10}), load_weight=1.0, max_queue=8)
+    busy.member.max_concurrency = 32
+    assert policy.choose([idle, busy], hashes).peer.key == "a"
+    busy.member.max_concurrency = 256
+    assert busy.load_units() == 20 * 32 / 256
+    assert (policy.choose([idle, busy], hashes).peer.key, policy.choose([idle, busy], hashes).reason) == (
+        "b", "prefix_hit"
+    )
+    busy.load = engine_pb2.Load(running_requests=20, waiting_requests=3)  # 3 wait for a slot: full units
+    assert busy.load_units() == 3 + 20 * 32 / 256

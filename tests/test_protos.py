@@ -46,10 +46,12 @@ def test_check_fails_when_generated_code_is_edited(tmp_path: Path) -> None:
 
 
 def test_light_stages_do_not_import_torch_or_vllm() -> None:
-    """The router, the tokenizer and the KV store (NIXL bindings included) stay torch-free."""
+    """The router, the tokenizer, the KV store (NIXL bindings included) and the engine stages
+    with the simulated engine stay torch-free."""
     code = (
         "import sys, services.server, services.clients, services.membership, tokenizer_svc.service,"
-        " router_svc.service, kvstore_svc.service, services.kv.store_link, services.kv.nixl;"
+        " router_svc.service, kvstore_svc.service, services.kv.store_link, services.kv.nixl,"
+        " decode_svc.stage, prefill_svc.stage, services.engine.sim.runner, services.engine.launch;"
         "services.kv.nixl.new_agent('probe');"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'vllm'});"
         "print(bad); sys.exit(1 if bad else 0)"

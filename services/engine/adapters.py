@@ -25,9 +25,16 @@ import itertools
 import json
 import os
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from services.errors import AlreadyExists, FailedPrecondition, InvalidRequest, ModelNotFound
+from services.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidRequest,
+    ModelNotFound,
+    StageError,
+)
 from services.pb import common_pb2
 
 
@@ -222,3 +229,16 @@ class AdapterSet:
     def remove(self, adapter: Adapter) -> None:
         if self._adapters.get(adapter.name) is adapter:
             del self._adapters[adapter.name]
+
+
+async def load_configured(
+    adapters: list[tuple[str, str]], load: Callable[[str, str, bool], Awaitable[Adapter]]
+) -> None:
+    """Load the ``--lora`` adapters at start (the operator's own: not held to
+    ``--lora-root``); one that does not fit ends the stage with the reason in one line
+    (a misconfigured engine must not join the mesh)."""
+    for name, path in adapters:
+        try:
+            await load(name, path, False)
+        except StageError as exc:
+            raise SystemExit(f"--lora {name}={path}: {exc}") from None

@@ -20,11 +20,25 @@ from services.placement import (
 class EngineConfig(NixlStageConfig):
     """stagemesh engine stage: a vLLM engine behind gRPC, KV handed over NIXL."""
 
+    engine: str = setting(
+        "vllm",
+        "vllm, or sim: a simulated engine that computes no model (vLLM's scheduler shape, a real "
+        "prefix cache and KV events, step times from --sim-profile), for width: routing research, "
+        "capacity planning and tests at 32+ engines on a small host",
+    )
     model: str = setting("", "model to serve: NAME=PATH or PATH (default: the bundled model)")
     device: str = setting("cpu", "cpu or cuda; the rest of the setup follows from it")
     dtype: str = setting("float32", "weights/activations dtype (float32 is exact on CPU)")
     max_model_len: int = setting(0, "longest sequence in tokens (0: the model's own limit)")
     max_num_seqs: int = setting(32, "most sequences the engine runs at once")
+    stream_interval: int = setting(
+        1,
+        "ids per Generate message at least, but the first and the last (vLLM's --stream-interval); "
+        "whatever it is, ids made while the router is behind travel in one message",
+    )
+    max_num_batched_tokens: int = setting(
+        0, "most tokens one scheduler step computes, prompt chunks included (0: the engine's default)"
+    )
     kv_cache_gib: int = setting(1, "CPU: GiB of host memory for the KV cache (whole GiB)")
     kv_cache_blocks: int = setting(
         0, "KV cache size in blocks, overriding the size from memory (0: from memory); caps the cache"
@@ -77,6 +91,20 @@ class EngineConfig(NixlStageConfig):
     speculative_config: str = setting(
         "", 'vLLM speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3} '
         'or {"model": "PATH", "num_speculative_tokens": 4}; empty: off',
+    )
+
+    sim_profile: str = setting(
+        "dynamo-default",
+        "sim: the step-time model, a named profile (dynamo-default, pace-10ms) or a JSON profile file",
+    )
+    sim_speedup: float = setting(1.0, "sim: divide every simulated step and transfer time by this")
+    sim_engines: int = setting(
+        1, "sim: engines this process runs, each with its own gRPC port (counting up from --port), "
+        "lease and member record",
+    )
+    sim_fail_rate: float = setting(0.0, "sim: share of requests that fail mid-stream (fault injection)")
+    sim_exit_after_tokens: int = setting(
+        0, "sim: the process exits abruptly, as in a crash, once its engines emitted this many tokens (0: never)"
     )
 
     @property
@@ -152,6 +180,12 @@ class EngineConfig(NixlStageConfig):
             raise SystemExit(str(exc)) from None
         take_cores(cores)
         self.cpu_cores = format_cores(cores)
+        if self.engine not in ("vllm", "sim"):
+            raise SystemExit(f"--engine takes vllm or sim, not {self.engine!r}")
+        if self.stream_interval < 1:
+            raise SystemExit(f"--stream-interval must be at least 1, not {self.stream_interval}")
+        if self.sim_engines < 1 or self.sim_speedup <= 0 or not 0 <= self.sim_fail_rate <= 1:
+            raise SystemExit("--sim-engines must be at least 1, --sim-speedup above 0, --sim-fail-rate in [0, 1]")
         self.check_parallelism()
         self.speculative()
         self.lora_adapters()

@@ -38,16 +38,18 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from services.credentials import MESH_KEY_ENV
-from services.engine.adapters import Adapter, AdapterSet
+from services.engine.adapters import Adapter, AdapterSet, load_configured
+from services.engine.backend import batches
 from services.engine.config import EngineConfig
 from services.engine.kv_release import END_KV_LEASES
+from services.engine.sampling import to_vllm
 from services.engine.vllm_events import ZmqKvEventBridge
-from services.errors import InvalidRequest, StageDead, StageError
+from services.errors import InvalidRequest, StageDead
 from services.kv.events import KvEventLog
 from services.kv.nixl import POLL_MS_ENV
 from services.model import ModelSpec
 from services.net import free_port
-from services.pb import engine_pb2
+from services.pb import common_pb2, engine_pb2
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ class EngineRunner:
             optional["max_model_len"] = self.config.max_model_len
         if self.config.block_size:
             optional["block_size"] = self.config.block_size
+        if self.config.max_num_batched_tokens:
+            optional["max_num_batched_tokens"] = self.config.max_num_batched_tokens
         if self.config.kv_cache_blocks:
             optional["num_gpu_blocks_override"] = self.config.kv_cache_blocks
         if self.config.quantization:
@@ -170,11 +174,7 @@ class EngineRunner:
         self.events = KvEventLog(self.block_size, replay_window=self.config.kv_event_window)
         self._bridge = ZmqKvEventBridge(endpoint, "kv", self.events)
         self._bridge.start()
-        for name, path in self.config.lora_adapters():
-            try:
-                await self.load_adapter(name, path, at_run_time=False)
-            except StageError as exc:
-                raise SystemExit(f"--lora {name}={path}: {exc}") from None
+        await load_configured(self.config.lora_adapters(), self.load_adapter)
         log.info(
             "engine ready: %s, block size %d, %d KV blocks, context %d, NIXL side channel %s",
             self.model.name, self.block_size, self.total_blocks, self.max_model_len, self.nixl_address,
@@ -256,6 +256,19 @@ class EngineRunner:
                 path.unlink()
             os.rmdir(self._event_dir)
 
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (its engine core died), or None."""
+        if self.engine is not None and self.engine.errored:
+            return f"the vLLM engine died: {self.engine.dead_error}"
+        return None
+
+    def sampling(
+        self, params: common_pb2.SamplingParams, prompt_tokens: int,
+        kv_transfer_params: dict[str, Any] | None = None, max_tokens: int | None = None,
+    ) -> SamplingParams:
+        """vLLM's sampling parameters for a request (checked; see :func:`to_vllm`)."""
+        return to_vllm(params, prompt_tokens, self.max_model_len, kv_transfer_params, max_tokens)
+
     def check_prompt(self, prompt_token_ids: Sequence[int]) -> None:
         """Reject an empty prompt or ids outside the vocabulary before vLLM sees them."""
         if not prompt_token_ids:
@@ -328,8 +341,9 @@ class EngineRunner:
         loading_kv: bool = False,
         cache_salt: str = "",
         adapter: str = "",
-    ) -> AsyncIterator[RequestOutput]:
-        """Run one request, yielding vLLM's delta outputs; leaving early aborts it.
+    ) -> AsyncIterator[list[RequestOutput]]:
+        """Run one request, yielding vLLM's delta outputs in batches (every output made
+        since the caller last took one); leaving early aborts it.
         ``cache_salt`` keeps its prefix-cache blocks apart from other salts' (vLLM's);
         ``adapter`` names the LoRA adapter to run with (vLLM keeps its blocks apart too)."""
         engine = self._engine()
@@ -347,11 +361,9 @@ class EngineRunner:
         )
         finished = False
         try:
-            while (item := await request.outputs.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+            async for batch in batches(request.outputs):
+                finished = batch[-1].finished
+                yield batch
         finally:
             if not finished:
                 await self.abort(request_id)

@@ -9,6 +9,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+from services.engine.lengths import output_budget
 from services.errors import InvalidRequest
 from services.pb import common_pb2
 
@@ -24,23 +25,13 @@ def to_vllm(
 
     ``max_tokens`` overrides the request's (prefill runs with 1, and its token is
     discarded: the decode engine samples the first token, so only it applies the output
-    constraints). An unset max_tokens means "up to the context limit"; one that would
-    pass the limit is capped there and the sequence ends with finish reason LENGTH.
+    constraints); the limits are :func:`~services.engine.lengths.output_budget`'s.
     """
     prefill = max_tokens is not None
-    room = max_model_len - prompt_tokens
-    if room < 1:
-        raise InvalidRequest(
-            f"prompt has {prompt_tokens} tokens; the model allows at most {max_model_len - 1} "
-            f"(context length {max_model_len}, leaving room for one generated token)"
-        )
-    if max_tokens is None:
-        if params.HasField("max_tokens") and params.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be at least 1, got {params.max_tokens}")
-        max_tokens = params.max_tokens if params.HasField("max_tokens") else room
+    max_tokens, min_tokens = output_budget(params, prompt_tokens, max_model_len, max_tokens)
     kwargs: dict[str, Any] = {
-        "max_tokens": min(max_tokens, room),
-        "min_tokens": min(params.min_tokens, max_tokens),
+        "max_tokens": max_tokens,
+        "min_tokens": min_tokens,
         "stop_token_ids": list(params.stop_token_ids),
         "ignore_eos": params.ignore_eos,
         "output_kind": RequestOutputKind.DELTA,

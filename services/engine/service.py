@@ -2,7 +2,9 @@
 
 Prefill and decode differ only in their role, their NIXL ``kv_role`` and which calls
 they accept: a prefill member answers ``Prefill``; a decode member answers ``Generate``
-with or without a KV handle. The rest (abort, load, KV events) is the same.
+with or without a KV handle. The rest (abort, load, KV events) is the same. The engine
+inside is vLLM or the simulated engine (``--engine``), behind
+:class:`~services.engine.backend.EngineBackend`; nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -11,33 +13,25 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import grpc
 from google.protobuf import descriptor
-from prometheus_client import REGISTRY
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
+from services.engine.backend import EngineBackend
 from services.engine.config import EngineConfig
-from services.engine.engine import EngineRunner
-from services.engine.sampling import to_vllm
+from services.engine.metrics import ENGINE_LOADS
+from services.engine.replies import Reply
 from services.errors import InvalidRequest, KvNotCollected, PermissionDenied, Unavailable
 from services.etcd import EtcdSession
 from services.kv.handles import EXTRA_KEYS, HandleSigner, allowed_extra, issuer_mismatch
 from services.membership import MemberWatcher, role_prefix
-from services.model import resolve_model
+from services.model import ModelSpec, resolve_model
 from services.pb import common_pb2, engine_pb2
 from services.server import Stage
 
-_FINISH_REASONS = {
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "abort": common_pb2.FINISH_REASON_ABORT,
-    "error": common_pb2.FINISH_REASON_ERROR,
-}
 # kv_transfer_params keys with a typed home in KvTransferHandle; others travel in extra_json.
 _TYPED_KEYS = {
     "remote_engine_id", "remote_block_ids", "remote_host", "remote_port",
@@ -98,10 +92,10 @@ def params_from_handle(handle: common_pb2.KvTransferHandle) -> dict[str, Any]:
 
 
 class EngineServicer:
-    """EngineService over an :class:`EngineRunner`."""
+    """EngineService over an :class:`~services.engine.backend.EngineBackend`."""
 
     def __init__(
-        self, runner: EngineRunner, role: int, instance_id: str, signer: HandleSigner,
+        self, runner: EngineBackend, role: int, instance_id: str, signer: HandleSigner,
         issuers: PrefillMembers | None = None, publish: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._runner = runner
@@ -115,7 +109,7 @@ class EngineServicer:
         #: engine's own id for it, which vLLM's connector tracks).
         self._handles: dict[str, tuple[float, str]] = {}
 
-    def _ready(self) -> EngineRunner:
+    def _ready(self) -> EngineBackend:
         if self._runner.events is None:
             raise Unavailable("the engine is still starting")
         return self._runner
@@ -129,17 +123,17 @@ class EngineServicer:
             raise InvalidRequest("Prefill goes to a prefill member; this is a decode member")
         runner.check_prompt(request.prompt_token_ids)
         request_id = request.request_id or f"prefill-{uuid.uuid4().hex}"
-        sampling = to_vllm(
-            request.sampling, len(request.prompt_token_ids), runner.max_model_len,
+        sampling = runner.sampling(
+            request.sampling, len(request.prompt_token_ids),
             kv_transfer_params={"do_remote_decode": True}, max_tokens=1,
         )
         final = None
         try:
-            async for output in runner.stream(
+            async for batch in runner.stream(
                 request_id, request.prompt_token_ids, sampling, cache_salt=request.sampling.cache_salt,
                 adapter=request.adapter,
             ):
-                final = output
+                final = batch[-1]
         except asyncio.CancelledError:
             # The caller left just as the prompt finished: nobody will collect its KV.
             if final is not None and final.finished and final.kv_transfer_params:
@@ -186,55 +180,28 @@ class EngineServicer:
                     f"the request has {len(request.prompt_token_ids)}"
                 )
             kv_params = params_from_handle(handle)
-        sampling = to_vllm(
-            request.sampling, len(request.prompt_token_ids), runner.max_model_len, kv_params
-        )
+        sampling = runner.sampling(request.sampling, len(request.prompt_token_ids), kv_params)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
-        completion_tokens = 0
-        async for output in runner.stream(
+        reply = Reply(request)
+        interval = runner.config.stream_interval
+        async for batch in runner.stream(
             request_id, request.prompt_token_ids, sampling, loading_kv=kv_params is not None,
             cache_salt=request.sampling.cache_salt, adapter=request.adapter,
         ):
-            sequence = output.outputs[0]
-            if sequence.finish_reason == "error" and kv_params is not None and not completion_tokens:
+            sequence = batch[0].outputs[0]
+            if sequence.finish_reason == "error" and kv_params is not None and not reply.completion_tokens:
                 # vLLM's kv_load_failure_policy "fail": the KV could not be pulled.
                 raise KvNotCollected(
                     f"could not collect KV transfer handle {request.kv_handle.remote_request_id!r} "
                     f"from {request.kv_handle.remote_host}:{request.kv_handle.remote_port}: it is "
                     "unknown or expired, or the prefill worker is gone; prefill again or run aggregated"
                 )
-            completion_tokens += len(sequence.token_ids)
-            reply = engine_pb2.GenerateResponse(token_ids=list(sequence.token_ids))
-            if output.prompt_logprobs:
-                reply.prompt_logprobs.extend(
-                    _position_logprobs(token_id, entry, request.sampling.prompt_logprobs)
-                    for token_id, entry in zip(request.prompt_token_ids, output.prompt_logprobs)
-                    if entry is not None
-                )
-            if sequence.logprobs:
-                reply.logprobs.extend(
-                    _position_logprobs(token_id, entry, request.sampling.logprobs)
-                    for token_id, entry in zip(sequence.token_ids, sequence.logprobs)
-                    if entry is not None
-                )
-            if output.finished:
-                reply.finish_reason = _FINISH_REASONS.get(
-                    sequence.finish_reason or "", common_pb2.FINISH_REASON_STOP
-                )
-                if isinstance(sequence.stop_reason, int):
-                    reply.stop_token_id = sequence.stop_reason
-                elif sequence.finish_reason == "stop" and sequence.token_ids:
-                    # vLLM reports its own EOS with no stop reason (engines get no stop
-                    # strings, so a "stop" without one is always the EOS token).
-                    reply.stop_token_id = sequence.token_ids[-1]
-                reply.usage.CopyFrom(
-                    common_pb2.Usage(
-                        prompt_tokens=len(request.prompt_token_ids),
-                        completion_tokens=completion_tokens,
-                        cached_tokens=int(output.num_cached_tokens or 0),
-                    )
-                )
-            yield reply
+            for output in batch:
+                reply.add(output)
+            # --stream-interval holds ids back until that many are ready (not the first, nor the last).
+            if reply.sent and not batch[-1].finished and len(reply.message.token_ids) < interval:
+                continue
+            yield reply.take()
 
     async def Abort(
         self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -311,52 +278,6 @@ class EngineServicer:
             del self._handles[request_id]
 
 
-def _position_logprobs(token_id: int, entry: dict[int, Any], top_k: int) -> common_pb2.PositionLogprobs:
-    """vLLM's {token id: Logprob} at one position: the chosen token, plus the ``top_k``
-    most likely (vLLM adds the chosen token to the top ones when it ranks lower)."""
-
-    def item(tid: int) -> common_pb2.TokenLogprob:
-        value = entry[tid]
-        return common_pb2.TokenLogprob(token_id=tid, logprob=float(value.logprob), rank=int(value.rank or 0))
-
-    ranked = sorted(entry, key=lambda tid: entry[tid].rank or 0)
-    return common_pb2.PositionLogprobs(
-        chosen=item(token_id) if token_id in entry else common_pb2.TokenLogprob(token_id=token_id),
-        top=[item(tid) for tid in ranked[:top_k]],
-    )
-
-
-class _LoadCollector(Collector):
-    """The engine's load as Prometheus series, read from vLLM's latest scheduler stats
-    at scrape time (the figures the router routes by, for dashboards)."""
-
-    def __init__(self, runner: EngineRunner) -> None:
-        self._runner = runner
-
-    def collect(self) -> Iterator[Metric]:
-        load = self._runner.load(0)
-        requests = GaugeMetricFamily(
-            "stagemesh_engine_requests", "Requests in the engine's scheduler, by state", labels=["state"]
-        )
-        requests.add_metric(["running"], load.running_requests)
-        requests.add_metric(["waiting"], load.waiting_requests)
-        yield requests
-        yield GaugeMetricFamily(
-            "stagemesh_engine_kv_cache_usage", "Fraction of the engine's KV cache blocks in use", value=load.kv_cache_usage
-        )
-        yield GaugeMetricFamily(
-            "stagemesh_engine_prefix_cache_hit_rate", "Share of queried prompt tokens found in the engine's prefix cache",
-            value=load.prefix_cache_hit_rate,
-        )
-        external = CounterMetricFamily(
-            "stagemesh_engine_external_prefix_tokens", "Prompt tokens looked up in the KV store, by outcome",
-            labels=["outcome"],
-        )
-        external.add_metric(["queried"], load.external_prefix_queried_tokens)
-        external.add_metric(["hit"], load.external_prefix_hit_tokens)
-        yield external
-
-
 class PrefillMembers:
     """The mesh's prefill members, followed in etcd: a decode engine pulls KV only from
     the one a handle names, at the address that member registered
@@ -395,7 +316,7 @@ class EngineStage(Stage):
 
     def __init__(self, config: EngineConfig) -> None:
         self._config = config
-        self._runner = EngineRunner(config, resolve_model(config.model, Path(config.home)), self.kv_role)
+        self._runner = _backend(config, resolve_model(config.model, Path(config.home)), self.kv_role)
         signer = HandleSigner(config.credentials().mesh_key)
         self._issuers = PrefillMembers(config.etcd_endpoints) if self.role == common_pb2.ROLE_DECODE else None
         self._servicer = EngineServicer(self._runner, self.role, config.instance_id, signer, self._issuers)
@@ -407,9 +328,10 @@ class EngineStage(Stage):
         if self._issuers is not None:
             self._issuers.start()
         await self._runner.start()
-        REGISTRY.register(_LoadCollector(self._runner))
+        ENGINE_LOADS.add(self._config.instance_id, self._runner)
 
     async def stop(self) -> None:
+        ENGINE_LOADS.remove(self._config.instance_id)
         await self._runner.shutdown()
         if self._issuers is not None:
             await self._issuers.close()
@@ -418,10 +340,7 @@ class EngineStage(Stage):
         self._servicer.publish = publish
 
     def failure(self) -> str | None:
-        engine = self._runner.engine
-        if engine is not None and engine.errored:
-            return f"the vLLM engine died: {engine.dead_error}"
-        return None
+        return self._runner.failure()
 
     def describe(self, member: common_pb2.Member) -> None:
         member.models.append(self._runner.model.name)
@@ -431,9 +350,22 @@ class EngineStage(Stage):
         member.max_model_len = self._runner.max_model_len
         member.nixl_address = self._runner.nixl_address
         member.labels["kvstore"] = "on" if self._runner.uses_kvstore else "off"
+        member.labels["engine"] = self._config.engine
         member.labels.update(self._runner.layout_labels())
         if self._config.lora_enabled:
             member.adapter_slots = self._config.max_loras
             member.adapters.extend(a.record(self._runner.model.name) for a in self._runner.adapters.served())
         assert self._runner.events is not None
         member.kv_event_epoch = self._runner.events.epoch
+
+
+def _backend(config: EngineConfig, model: ModelSpec, kv_role: str) -> EngineBackend:
+    """The engine ``--engine`` names; each is imported only when chosen (vLLM takes
+    seconds to import, and the simulated engine must run where vLLM is not installed)."""
+    if config.engine == "sim":
+        from services.engine.sim.runner import SimRunner
+
+        return SimRunner(config, model, kv_role)
+    from services.engine.engine import EngineRunner
+
+    return EngineRunner(config, model, kv_role)

@@ -1,0 +1,1 @@
+"""The scale lab (``python -m bench.scale``): simulated engines at width, NVIDIA Dynamo beside."""

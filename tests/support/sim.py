@@ -1,0 +1,106 @@
+"""A mesh of simulated engines for tests: its own etcd, tokenizer and router (the
+session's vLLM mesh must not see these engines), engines started and stopped at will,
+and the official OpenAI SDK as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+
+from services.etcd import EtcdSession
+from services.etcd_server import EmbeddedEtcd
+from services.launcher import StageProcess
+from services.membership import role_prefix
+from services.net import free_port
+from services.pb import common_pb2
+from tests.conftest import private_etcd, router_process, running, tokenizer_process
+
+#: Each simulated engine runs this many sequences at once.
+MAX_NUM_SEQS = 4
+
+
+@dataclass
+class SimMesh:
+    """Simulated decode engines behind a real etcd, tokenizer and router."""
+
+    etcd: EmbeddedEtcd
+    home: Path
+    log_dir: Path
+    client: openai.AsyncOpenAI
+    engines: dict[str, StageProcess] = field(default_factory=dict)
+
+    def engine(self, name: str, count: int, *extra: str) -> StageProcess:
+        """A process of ``count`` simulated decode engines at an accelerator's pace (not started)."""
+        port = free_port()
+        process = StageProcess(
+            name, "decode_svc",
+            ["--engine", "sim", "--sim-engines", str(count), "--sim-profile", "pace-10ms",
+             "--max-num-seqs", str(MAX_NUM_SEQS), "--port", str(port), "--etcd", self.etcd.endpoint,
+             "--home", str(self.home), "--metrics-port", "-1", "--grace-seconds", "30", *extra],
+            f"127.0.0.1:{port}", self.log_dir,
+        )
+        self.engines[name] = process
+        return process
+
+    async def complete(self, prompt: str, max_tokens: int, stream: bool = False) -> tuple[str, int, int]:
+        """Text, completion tokens and engine-reported cached prompt tokens of one completion."""
+        if not stream:
+            reply = await self.client.completions.create(model="", prompt=prompt, max_tokens=max_tokens)
+            assert reply.usage is not None
+            details = reply.usage.prompt_tokens_details
+            return reply.choices[0].text, reply.usage.completion_tokens, (details.cached_tokens or 0) if details else 0
+        text, usage = "", None
+        chunks = await self.client.completions.create(
+            model="", prompt=prompt, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True}
+        )
+        async for chunk in chunks:
+            text += "".join(choice.text for choice in chunk.choices)
+            usage = chunk.usage or usage
+        assert usage is not None
+        return text, usage.completion_tokens, 0
+
+    async def metric(self, name: str) -> float:
+        """A counter of the router's, summed over its labels."""
+        async with httpx.AsyncClient(base_url=str(self.client.base_url).removesuffix("v1/")) as http:
+            text = (await http.get("/metrics")).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+    async def decode_members(self) -> int:
+        session = EtcdSession([("127.0.0.1", self.etcd.client_port)])
+        try:
+            listing = await (await session.client()).get_prefix(role_prefix(common_pb2.ROLE_DECODE).encode())
+            return len(list(listing))
+        finally:
+            await session.close()
+
+    async def wait_members(self, count: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (found := await self.decode_members()) != count:
+            assert time.monotonic() < deadline, f"{found} decode members, not {count}"
+            await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def sim_mesh(home: Path, log_dir: Path, engines: dict[str, int], *router_flags: str) -> AsyncIterator[SimMesh]:
+    """A mesh with ``engines`` (process name: engine count) started, stopped on the way out."""
+    with private_etcd() as etcd:
+        tokenizer = tokenizer_process("sim-tokenizer", etcd.endpoint, home, log_dir)
+        router, http_port = router_process(etcd.endpoint, home, log_dir, "--worker-wait", "5", *router_flags)
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0, timeout=120
+        )
+        mesh = SimMesh(etcd, home, log_dir, client)
+        async with contextlib.AsyncExitStack() as stack:
+            for stage in (tokenizer, router, *(mesh.engine(name, count) for name, count in engines.items())):
+                await stack.enter_async_context(running(stage))
+            await mesh.wait_members(sum(engines.values()))
+            yield mesh
+            for process in mesh.engines.values():
+                process.stop()
