@@ -122,7 +122,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "prefill": stage("prefill", "prefill_svc", "--cpu-cores", "0"),
             "decode": stage("decode", "decode_svc", "--cpu-cores", "1"),
             "decode-2": stage("decode-2", "decode_svc", "--cpu-cores", "1"),
-            "router": stage("router", "router_svc", "--http-port", str(http_port)),
+            "router": stage("router", "router_svc", "--http-port", str(http_port), "--host", "127.0.0.1"),
         }
         await asyncio.gather(*(s.wait_healthy(900) for s in stages.values()))
         await asyncio.sleep(3)  # the router's first load polls

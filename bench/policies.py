@@ -290,7 +290,10 @@ async def run(args: argparse.Namespace) -> None:
 
         async def start_router(policy: str) -> tuple[StageProcess, str]:
             http_port = free_port()
-            router = stage(f"router-{policy}", "router_svc", "--http-port", str(http_port), "--router-policy", policy)
+            router = stage(
+                f"router-{policy}", "router_svc", "--http-port", str(http_port), "--router-policy", policy,
+                "--host", "127.0.0.1",
+            )
             await router.wait_healthy(120)
             await asyncio.sleep(2)  # the router's first load polls and KV snapshots
             return router, f"http://127.0.0.1:{http_port}"

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 import time
@@ -40,6 +41,16 @@ class _Line(logging.Formatter):
         return str(record.msg)
 
 
+class _PrivateFile(logging.handlers.RotatingFileHandler):
+    """A rotating file only its owner may read (0600, whatever the umask): it holds
+    prompts, or at least their digests and who sent them."""
+
+    def _open(self) -> Any:
+        descriptor = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(descriptor, 0o600)  # a file made earlier under a looser umask, too
+        return open(descriptor, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 class AuditLog:
     """Where audit lines go; a disabled log (no path) records nothing and costs nothing."""
 
@@ -57,9 +68,7 @@ class AuditLog:
             handler = logging.StreamHandler(sys.stdout)
         else:
             try:
-                handler = logging.handlers.RotatingFileHandler(
-                    path, maxBytes=max_mib << 20, backupCount=backups, encoding="utf-8"
-                )
+                handler = _PrivateFile(path, maxBytes=max_mib << 20, backupCount=backups, encoding="utf-8")
             except OSError as exc:
                 raise SystemExit(f"--audit-log: cannot open {path}: {exc.strerror}") from None
         handler.setFormatter(_Line())

@@ -121,7 +121,9 @@ class Catalogue:
         for name in self._names():
             card = router_pb2.ModelCard(name=name)
             if name in adapters:
-                card.parent, card.source = adapters[name].parent, adapters[name].source
+                # Its parent, never its directory: where adapters live on the engines'
+                # hosts is not the callers' business (card.source stays empty).
+                card.parent = adapters[name].parent
             card.max_model_len = self.max_model_len(name, await self.info(name))
             for peer in self._workers.engines(name):
                 role = role_name(peer.role)

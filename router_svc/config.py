@@ -22,7 +22,38 @@ class RouterConfig(StageConfig):
         "API keys clients must send (Authorization: Bearer KEY, over HTTP and gRPC), "
         "comma-separated; empty with no --api-key-file: the APIs are open",
     )
-    api_key_file: str = setting("", "a file of API keys, one per line (# comments), added to --api-key")
+    api_key_file: str = setting(
+        "", "a file of API keys, one per line (# comments; 'KEY admin' for an admin key), added to --api-key"
+    )
+    admin_key: str = setting(
+        "", "API keys that may also change the mesh (load and unload adapters), comma-separated; "
+        "--api-key keys may only run inference"
+    )
+    allow_open: bool = setting(
+        False, "serve the APIs without API keys on an address other hosts reach (refused unless set)"
+    )
+    allowed_origins: list[str] = setting(
+        [], "browser origins (scheme://host[:port], or *) the HTTP bridge serves, with CORS headers; "
+        "requests from any other Origin get 403"
+    )
+    allowed_hosts: list[str] = setting(
+        [], "Host header names the HTTP bridge answers besides localhost, 127.0.0.1 and [::1] when it "
+        "binds loopback (against DNS rebinding); when set, checked on any address"
+    )
+    http_idle_timeout: float = setting(
+        15.0, "seconds an HTTP connection may sit idle, or take to send a request's headers, before it is closed"
+    )
+    http_max_connections: int = setting(
+        4096, "most open HTTP connections; past it new ones are closed at once"
+    )
+    share_prefix_cache: bool = setting(
+        False, "let different API keys share prefix-cache blocks (one tenant); by default each key's "
+        "prompts are salted apart, so no key learns what another sent"
+    )
+    max_result_mib: int = setting(
+        64, "largest non-streamed answer (text, ids and logprobs) the router holds for one request, MiB; "
+        "larger: stream it"
+    )
     metrics_need_key: bool = setting(False, "HTTP /metrics needs an API key too (/health never does)")
     audit_log: str = setting("", "write one JSON line per request here ('-': stdout; empty: no audit log)")
     audit_content: str = setting(
@@ -97,6 +128,10 @@ class RouterConfig(StageConfig):
     )
     responses_max: int = setting(1000, "most stored responses kept for previous_response_id and retrieval")
     responses_ttl: float = setting(3600.0, "seconds a stored response is kept")
+    responses_max_mib: int = setting(512, "most memory all stored responses may take, MiB (oldest go first)")
+    responses_key_mib: int = setting(
+        64, "most memory one API key's stored responses may take, MiB (its oldest go first)"
+    )
     max_constraint_chars: int = setting(
         65_536, "longest output constraint (JSON schema, regex, grammar, all choices), in characters"
     )

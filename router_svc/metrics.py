@@ -48,6 +48,10 @@ PREFIX_HIT_TOKENS = Counter(
     "stagemesh_router_prefix_hit_tokens_total",
     "Prompt tokens the chosen prefilling worker already held, per the router's KV index",
 )
+RESPONSES_STORED_BYTES = Gauge(
+    "stagemesh_router_responses_stored_bytes",
+    "What the stored Responses API responses are counted as, in bytes (bounded by --responses-max-mib)",
+)
 INDEX_ENTRIES = Gauge(
     "stagemesh_router_kv_index_entries", "(block, worker) entries in the router's KV index"
 )

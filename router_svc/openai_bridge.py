@@ -29,8 +29,11 @@ from pydantic import BaseModel, ValidationError
 
 from router_svc.adapters import AdapterControl
 from router_svc.affinity import SESSION_HEADER
+from router_svc.http_errors import ApiError
+from router_svc.http_guard import ConnectionCap, Connections, RequestGuard
 from router_svc.openai_api import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     LoadLoraAdapterRequest,
@@ -38,11 +41,10 @@ from router_svc.openai_api import (
     UnloadLoraAdapterRequest,
 )
 from router_svc.pipeline import Generation, Pipeline
+from router_svc.response_store import ResponseStore, Stored
 from router_svc.responses import (
     ResponseEvents,
     ResponsesRequest,
-    ResponseStore,
-    Stored,
     answer_messages,
     finish,
     new_id,
@@ -50,57 +52,24 @@ from router_svc.responses import (
     skeleton,
 )
 from router_svc.tools import Extracted, ParserChoice, ToolPlan, ToolStream
-from services.auth import ApiKeys
+from services.auth import ApiKeys, Caller
 from services.errors import StageError
 from services.pb import common_pb2, router_pb2
 
 log = logging.getLogger(__name__)
 
+#: Seconds between sweeps of expired stored responses.
+_SWEEP_SECONDS = 30.0
 #: Content codings aiohttp decodes (any other would reach the JSON parser still encoded).
 _CODINGS = frozenset({"", "identity", "gzip", "deflate"})
+
+#: The request's :class:`Caller`, set by the API-key middleware.
+CALLER = web.RequestKey("caller", Caller)
 
 _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
 }
-
-
-class ApiError(Exception):
-    """An error answered with OpenAI's error body."""
-
-    def __init__(
-        self,
-        status: HTTPStatus,
-        message: str,
-        code: str | None = None,
-        param: str | None = None,
-        kind: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.status = status
-        self.code = code
-        self.param = param
-        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-        if kind is None and status == HTTPStatus.NOT_FOUND:
-            self.kind = "not_found_error"
-
-    @classmethod
-    def from_stage(cls, error: StageError) -> ApiError:
-        """The answer to a mesh error: everything comes from its kind (services.errors)."""
-        return cls(
-            error.http_status, str(error), error.openai_code, error.param, error.openai_type, error.retry_after
-        )
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> web.Response:
-        headers = {} if self.retry_after is None else {hdrs.RETRY_AFTER: str(max(1, round(self.retry_after)))}
-        if self.status == HTTPStatus.UNAUTHORIZED:
-            headers[hdrs.WWW_AUTHENTICATE] = "Bearer"
-        return web.json_response(self.body(), status=int(self.status), headers=headers)
 
 
 def _parse(model: type[BaseModel], raw: bytes) -> Any:
@@ -170,8 +139,12 @@ class HttpBridge:
         parsers: ParserChoice | None = None,
         responses: ResponseStore | None = None,
         adapters: AdapterControl | None = None,
+        guard: RequestGuard | None = None,
+        connections: Connections | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._guard = guard or RequestGuard("127.0.0.1", (), ())
+        self._connections = connections or Connections()
         self._adapters = adapters
         self._parsers = parsers or ParserChoice("hermes", {})
         self._responses = responses or ResponseStore(1000, 3600.0)
@@ -182,10 +155,14 @@ class HttpBridge:
         #: Paths served without a key: health always (load balancers), metrics unless asked.
         self._open_paths = {"/health", "/metrics"} if open_metrics else {"/health"}
         self._runner: web.AppRunner | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self._max_body, middlewares=[self._errors, self._authorized])
+        app = web.Application(
+            client_max_size=self._max_body, middlewares=[self._errors, self._guard.middleware, self._authorized, self._guard.json_bodies]
+        )
+        self._guard.install(app)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/responses", self._create_response)
@@ -204,8 +181,12 @@ class HttpBridge:
         return app
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(
+            self.app(), handler_cancellation=True, access_log=None, keepalive_timeout=self._connections.idle_timeout
+        )
         await self._runner.setup()
+        assert self._runner.server is not None
+        ConnectionCap(self._runner.server, self._connections.max_connections)
         site = web.TCPSite(self._runner, host, port)
         try:
             await site.start()
@@ -215,8 +196,17 @@ class HttpBridge:
         sockets = server.sockets if isinstance(server, asyncio.Server) else []
         self.port = int(sockets[0].getsockname()[1]) if sockets else port
         log.info("OpenAI-compatible HTTP on %s:%d", host, self.port)
+        self._sweeper = asyncio.create_task(self._sweep_responses(), name="responses-sweeper")
+
+    async def _sweep_responses(self) -> None:
+        """Expired responses leave memory even when nobody asks for them."""
+        while True:
+            await asyncio.sleep(_SWEEP_SECONDS)
+            self._responses.sweep()
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for task in list(self._background):
             task.cancel()
         if self._background:
@@ -249,9 +239,10 @@ class HttpBridge:
     async def _authorized(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """The API key, checked before the body is read (401 with OpenAI's body)."""
+        """The API key, checked before the body is read (401 with OpenAI's body); the
+        caller it names is kept on the request."""
         if request.path not in self._open_paths:
-            self._keys.check(request.headers.get(hdrs.AUTHORIZATION))
+            request[CALLER] = self._keys.check(request.headers.get(hdrs.AUTHORIZATION))
         return await handler(request)
 
     async def _body(self, request: web.Request, model: type[BaseModel]) -> Any:
@@ -297,16 +288,18 @@ class HttpBridge:
 
     @staticmethod
     def _card(card: router_pb2.ModelCard) -> dict[str, Any]:
-        """vLLM's model card: an adapter names its base model as ``parent`` and its
-        directory as ``root``; a base model has no parent."""
+        """vLLM's model card: an adapter names its base model as ``parent``; a base model
+        has no parent. ``root`` is the name: where an adapter lives on the engines' hosts
+        is not the callers' business."""
         return {
             "id": card.name, "object": "model", "created": 0, "owned_by": "stagemesh",
-            "root": card.source or card.name, "parent": card.parent or None,
+            "root": card.name, "parent": card.parent or None,
             "max_model_len": card.max_model_len,
         }
 
     async def _load_adapter(self, request: web.Request) -> web.Response:
         """vLLM's /v1/load_lora_adapter: on every engine of the base model (behind the API key)."""
+        request[CALLER].require_admin("loading an adapter")
         body: LoadLoraAdapterRequest = await self._body(request, LoadLoraAdapterRequest)
         assert self._adapters is not None
         await self._adapters.load(body.lora_name, body.lora_path, body.base_model)
@@ -314,6 +307,7 @@ class HttpBridge:
 
     async def _unload_adapter(self, request: web.Request) -> web.Response:
         """vLLM's /v1/unload_lora_adapter: from every engine that has it."""
+        request[CALLER].require_admin("unloading an adapter")
         body: UnloadLoraAdapterRequest = await self._body(request, UnloadLoraAdapterRequest)
         assert self._adapters is not None
         await self._adapters.unload(body.lora_name)
@@ -338,24 +332,21 @@ class HttpBridge:
 
     async def _create_response(self, request: web.Request) -> web.StreamResponse:
         body: ResponsesRequest = await self._body(request, ResponsesRequest)
+        owner = _caller(request)
+        if not isinstance(body.input, str):  # before the items become messages
+            self._pipeline.limits.check_items(len(body.input), "input")
         try:
-            chat, conversation = body.to_chat(self._responses.history(body.previous_response_id))
+            chat, conversation = body.to_chat(self._responses.history(body.previous_response_id, owner))
         except ValidationError as exc:  # what the chat form of the request refuses
             raise ApiError(HTTPStatus.BAD_REQUEST, exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
         plan = await self._plan(chat)
         call = _to_grpc(functools.partial(chat.to_grpc, plan))
         response_id = new_id("resp")
+        if body.store:  # too large to keep: refused before any work is done
+            self._responses.fits(Stored(skeleton(body, response_id, body.model, "queued"), conversation, 0.0, owner))
         if body.background:
-            model = await self._pipeline.catalogue.resolve(chat.model)
-            entry = Stored(skeleton(body, response_id, model, "queued"), conversation, time.monotonic())
-            entry.task = asyncio.create_task(
-                self._generate_in_background(entry, call, plan, _caller(request)), name=response_id
-            )
-            self._background.add(entry.task)
-            entry.task.add_done_callback(self._background.discard)
-            self._responses.put(entry)
-            return web.json_response(entry.response)
-        async with self._pipeline.start([call], self._pipeline.deadline(), _caller(request)) as generation:
+            return await self._start_in_background(body, response_id, call, conversation, plan, owner)
+        async with self._pipeline.start([call], self._pipeline.deadline(), owner) as generation:
             response = skeleton(body, response_id, generation.model, "in_progress")
             if body.stream:
                 stream, items = await self._response_events(request, generation, ResponseEvents(response), plan)
@@ -364,15 +355,42 @@ class HttpBridge:
                 items, reason = _response_output(result.completions[0], plan)
                 finish(response, items, reason, result.usage)
         if body.store and response["status"] in ("completed", "incomplete"):
-            self._responses.put(Stored(response, conversation + answer_messages(items), time.monotonic()))
+            entry = Stored(response, conversation + answer_messages(items), time.monotonic(), owner)
+            try:
+                self._responses.put(entry)
+            except StageError as exc:  # its output made it too large: answered, not kept
+                log.warning("response %s is not stored: %s", response_id, exc)
         return stream if body.stream else web.json_response(response)
 
+    async def _start_in_background(
+        self, body: ResponsesRequest, response_id: str, call: router_pb2.RouterGenerateRequest,
+        conversation: list[ChatMessage], plan: ToolPlan | None, owner: str,
+    ) -> web.Response:
+        """Start a background response and answer once the mesh has checked, admitted and
+        tokenized it: a request the mesh refuses gets its status now and is not stored."""
+        entry = Stored(skeleton(body, response_id, body.model, "queued"), conversation, time.monotonic(), owner)
+        started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._generate_in_background(entry, call, plan, started), name=response_id)
+        task.add_done_callback(lambda _: started.cancel())  # a no-op once it has started
+        try:
+            entry.response["model"] = await started
+            entry.task = task
+            self._responses.put(entry)
+        except BaseException:
+            task.cancel()
+            raise
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return web.json_response(entry.response)
+
     async def _generate_in_background(
-        self, entry: Stored, call: router_pb2.RouterGenerateRequest, plan: ToolPlan | None, caller: str
+        self, entry: Stored, call: router_pb2.RouterGenerateRequest, plan: ToolPlan | None,
+        started: asyncio.Future[str],
     ) -> None:
         response = entry.response
         try:
-            async with self._pipeline.start([call], self._pipeline.deadline(), caller) as generation:
+            async with self._pipeline.start([call], self._pipeline.deadline(), entry.owner) as generation:
+                started.set_result(generation.model)
                 response["status"] = "in_progress"
                 result = await generation.result()
             items, reason = _response_output(result.completions[0], plan)
@@ -381,9 +399,13 @@ class HttpBridge:
         except asyncio.CancelledError:
             response["status"] = "cancelled"  # the engines aborted the work with the calls
         except StageError as exc:
+            if not started.done():  # refused before it started: the request's answer
+                started.set_exception(exc)
+                return
             _failed(response, exc)
         finally:
             entry.task = None
+        self._responses.update(entry)  # its output counts now
 
     async def _response_events(
         self, request: web.Request, generation: Generation, events: ResponseEvents, plan: ToolPlan | None
@@ -420,16 +442,16 @@ class HttpBridge:
         return response, events.items
 
     async def _retrieve_response(self, request: web.Request) -> web.Response:
-        return web.json_response(self._responses.get(request.match_info["id"]).response)
+        return web.json_response(self._responses.get(request.match_info["id"], _caller(request)).response)
 
     async def _delete_response(self, request: web.Request) -> web.Response:
         response_id = request.match_info["id"]
-        self._responses.delete(response_id)
+        self._responses.delete(response_id, _caller(request))
         return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
     async def _cancel_response(self, request: web.Request) -> web.Response:
         """Cancel a background response (OpenAI cancels only those); it ends ``cancelled``."""
-        entry = self._responses.get(request.match_info["id"])
+        entry = self._responses.get(request.match_info["id"], _caller(request))
         if not entry.response["background"]:
             raise ApiError(HTTPStatus.BAD_REQUEST, "only background responses can be cancelled")
         if (task := entry.task) is not None:
@@ -690,5 +712,5 @@ def _to_grpc(build: Callable[[], router_pb2.RouterGenerateRequest]) -> router_pb
 
 
 def _caller(request: web.Request) -> str:
-    """The id of the API key the request came with (for the audit log)."""
-    return ApiKeys.key_id(request.headers.get(hdrs.AUTHORIZATION))
+    """The id of the API key the request came with (audit, tenancy, ownership)."""
+    return request[CALLER].key_id

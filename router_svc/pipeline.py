@@ -45,6 +45,7 @@ from router_svc.sequence import Sequence as SequenceRun
 from router_svc.sequence import has_content, sampling_for
 from router_svc.workers import Workers
 from services.aio import merge
+from services.auth import tenant_salt
 from services.errors import InvalidRequest, Overloaded, StageError
 from services.pb import common_pb2, router_pb2
 
@@ -65,8 +66,10 @@ class Pipeline:
         self.catalogue = Catalogue(workers, config.worker_wait)
         self.limits = Limits.from_config(config)
         self._dispatch = Dispatcher(config, workers, policy)
-        #: Requests in progress per model (admitted by :meth:`start`, not yet finished).
+        #: Sequences in progress per model (admitted by :meth:`start`, not yet finished).
         self._admitted: dict[str, int] = {}
+        #: The most a non-streamed answer may hold (``--max-result-mib``).
+        self.max_result_bytes = config.max_result_mib << 20
 
     def deadline(self, client_remaining: float | None = None) -> float:
         """Monotonic deadline of a request: the configured limit or the client's, if shorter."""
@@ -104,8 +107,11 @@ class Pipeline:
                 # The guard sees each checked prompt; what it rewrites is checked again.
                 requests = [await self.guard.check_input(request, request_id, caller) for request in requests]
                 n = max(self.limits.check(request) for request in requests)
+            if caller and not self._config.share_prefix_cache:
+                for request in requests:  # after the guard: it sees what the client sent
+                    request.sampling.cache_salt = salted(caller, request.sampling.cache_salt)
             model = await self.catalogue.resolve(requests[0].model)
-            with self._admission(model):
+            with self._admission(model, len(requests) * n):
                 prompts = [await prepare(self.catalogue, request, model) for request in requests]
                 generation = Generation(self, list(zip(requests, prompts, strict=True)), n, request_id, deadline, caller)
                 yield generation
@@ -118,26 +124,33 @@ class Pipeline:
             raise
 
     @contextlib.contextmanager
-    def _admission(self, model: str) -> Iterator[None]:
-        """Count a request against its model's bound: what the model's decode members run
-        at once plus ``--max-queued-requests``. Past it: 429 / RESOURCE_EXHAUSTED."""
+    def _admission(self, model: str, sequences: int) -> Iterator[None]:
+        """Count a request's sequences (prompts × n: what the engines run) against its
+        model's bound: what the model's decode members run at once plus
+        ``--max-queued-requests``. Past it: 429 / RESOURCE_EXHAUSTED; a request larger
+        than the whole bound can never start, and is a 400."""
         running = sum(
             p.member.max_concurrency for p in self._workers.candidates(common_pb2.ROLE_DECODE, model)
         )
         bound = running + self._config.max_queued_requests
-        admitted = self._admitted.get(model, 0)
-        if admitted >= bound:
-            raise Overloaded(
-                f"{model!r} has {admitted} requests in progress, as many as its engines run at "
-                f"once ({running}) plus the router's queue ({self._config.max_queued_requests}); "
-                "try again shortly"
+        if sequences > bound:
+            raise InvalidRequest(
+                f"the request asks for {sequences} sequences (prompts × n); {model!r} admits at most "
+                f"{bound} at once", "n",
             )
-        self._admitted[model] = admitted + 1
+        admitted = self._admitted.get(model, 0)
+        if admitted + sequences > bound:
+            raise Overloaded(
+                f"{model!r} has {admitted} sequences in progress; with this request's {sequences} that is "
+                f"more than its engines run at once ({running}) plus the router's queue "
+                f"({self._config.max_queued_requests}); try again shortly"
+            )
+        self._admitted[model] = admitted + sequences
         IN_PROGRESS.labels(model).inc()
         try:
             yield
         finally:
-            self._admitted[model] -= 1
+            self._admitted[model] -= sequences
             IN_PROGRESS.labels(model).dec()
 
     async def run_sequence(
@@ -191,6 +204,13 @@ class Pipeline:
                             sequence_id, error, len(generated))
 
 
+def salted(caller: str, requested: str) -> str:
+    """The cache_salt a caller's request runs with: its key's tenant salt, and the salt
+    the request asked for, if any (tenants stay apart whatever salts they choose)."""
+    tenant = tenant_salt(caller)
+    return f"{tenant}:{requested}" if requested else tenant
+
+
 @dataclass
 class Attempt:
     """What one decode attempt of a sequence is asked to do."""
@@ -233,6 +253,9 @@ class Generation:
         self._n = n
         self._deadline = deadline
         self.request_id = request_id
+        #: What the engines know the request's sequences by: a keyed caller's ids are
+        #: named under its key, so no caller can take or block another's id.
+        self._engine_id = f"{caller}.{request_id}" if caller else request_id
         self.model = prompts[0][1].model
         #: Outputs the request asked for: prompts times n.
         self.choices = len(prompts) * n
@@ -242,7 +265,7 @@ class Generation:
         workers: list[str] = []
         streams = [
             self._pipeline.run_sequence(
-                request, prompt, i, p * self._n + i, f"{self.request_id}-{p * self._n + i}",
+                request, prompt, i, p * self._n + i, f"{self._engine_id}-{p * self._n + i}",
                 self._deadline, usage, workers,
             )
             for p, (request, prompt) in enumerate(self._prompts)
@@ -276,14 +299,22 @@ class Generation:
         yield router_pb2.RouterGenerateResponse(usage=usage, request_id=self.request_id)
 
     async def result(self) -> router_pb2.RouterGenerateResult:
-        """The whole result at once: each sequence's deltas joined."""
+        """The whole result at once: each sequence's deltas joined, up to
+        ``--max-result-mib`` (larger answers must be streamed)."""
         result = router_pb2.RouterGenerateResult(model=self.model, request_id=self.request_id)
         completions = [router_pb2.Completion(index=i) for i in range(self.choices)]
+        held, bound = 0, self._pipeline.max_result_bytes
         async with contextlib.aclosing(aiter(self)) as deltas:
             async for delta in deltas:
                 if delta.HasField("usage"):
                     result.usage.CopyFrom(delta.usage)
                     continue
+                held += delta.ByteSize()
+                if held > bound:
+                    raise InvalidRequest(
+                        f"the answer is larger than the {bound >> 20} MiB the router holds for a "
+                        "request that is not streamed; ask for it streamed (stream: true)"
+                    )
                 completion = completions[delta.index]
                 completion.text += delta.text
                 completion.token_ids.extend(delta.token_ids)

@@ -73,6 +73,11 @@ class Limits:
         if prompts > self.batch:
             raise InvalidRequest(f"a request may batch at most {self.batch} prompts, got {prompts}", "prompt")
 
+    def check_items(self, count: int, param: str) -> None:
+        """A list of conversation items (messages, Responses input items) is within ``--max-messages``."""
+        if count > self.messages:
+            raise InvalidRequest(f"a request may carry at most {self.messages} {param} items, got {count}", param)
+
     def check_chat(self, chat: tokenizer_pb2.ChatInput) -> None:
         """The limits on a conversation, for generation and for a bare tokenization."""
         if len(chat.tools_json) > self.constraint_chars:
@@ -95,6 +100,8 @@ class Limits:
         for name, value in ids:
             if len(value) > self.id_chars:
                 raise InvalidRequest(f"the {name} has {len(value)} characters; at most {self.id_chars}")
+            if not value.isprintable():  # ids reach logs and engines: no control characters
+                raise InvalidRequest(f"the {name} must be printable text")
         sampling = request.sampling
         if len(sampling.stop) > self.stops or len(sampling.stop_token_ids) > self.stops:
             raise InvalidRequest(f"at most {self.stops} stop strings and {self.stops} stop token ids", "stop")

@@ -6,20 +6,20 @@ system message, input items as messages, flat function tools as chat tools, ``te
 as ``response_format``), so tool calls, constraints and sampling behave exactly as on
 ``/v1/chat/completions``. What the Responses API adds is state: ``previous_response_id``
 continues a stored conversation. The router keeps recent responses in memory, bounded
-in number and age (``--responses-max``, ``--responses-ttl``); ``store: false`` keeps
-nothing. A router restart forgets them (they are a convenience, not a database).
+in number, age and bytes (``--responses-max``, ``--responses-ttl``,
+``--responses-max-mib``, and ``--responses-key-mib`` for each API key); ``store: false``
+keeps nothing (:mod:`router_svc.response_store`). Bodies are checked before anything
+is stored: ``metadata`` has OpenAI's limits (16 keys of at most 64 characters, values of
+at most 512), ``input`` at most ``--max-messages`` items.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from router_svc.openai_api import (
     ApiBody,
@@ -29,8 +29,11 @@ from router_svc.openai_api import (
     ToolCallBody,
 )
 from router_svc.tools import Extracted, ToolCall
-from services.errors import InvalidRequest, NotFound
+from services.errors import InvalidRequest
 from services.pb import common_pb2
+
+#: OpenAI's limits on a response's metadata.
+METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
 
 class TextFormat(ApiBody):
@@ -63,6 +66,20 @@ class ResponsesRequest(ApiBody):
     text: TextOptions = Field(default_factory=TextOptions)
     metadata: dict[str, str] | None = None
     user: str | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _openai_metadata_limits(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is None:
+            return None
+        if len(metadata) > METADATA_KEYS:
+            raise ValueError(f"metadata may have at most {METADATA_KEYS} keys, got {len(metadata)}")
+        for key, value in metadata.items():
+            if len(key) > METADATA_KEY_CHARS:
+                raise ValueError(f"metadata keys may have at most {METADATA_KEY_CHARS} characters")
+            if len(value) > METADATA_VALUE_CHARS:
+                raise ValueError(f"metadata values may have at most {METADATA_VALUE_CHARS} characters")
+        return metadata
 
     @model_validator(mode="after")
     def _background_is_stored(self) -> ResponsesRequest:
@@ -226,54 +243,6 @@ def answer_messages(items: list[dict[str, Any]]) -> list[ChatMessage]:
         for item in items if item["type"] == "function_call"
     ]
     return [ChatMessage.model_validate({"role": "assistant", "content": text or None, "tool_calls": calls or None})]
-
-
-@dataclass
-class Stored:
-    response: dict[str, Any]
-    conversation: list[ChatMessage]
-    stored_at: float
-    #: A background response's generation, while it runs (cancel cancels it).
-    task: asyncio.Task[None] | None = None
-
-
-class ResponseStore:
-    """Recent responses by id, for ``previous_response_id``, retrieval and cancel."""
-
-    def __init__(self, max_entries: int, ttl: float) -> None:
-        self._entries: OrderedDict[str, Stored] = OrderedDict()
-        self._max = max_entries
-        self._ttl = ttl
-
-    def put(self, entry: Stored) -> None:
-        self._entries[entry.response["id"]] = entry
-        self._entries.move_to_end(entry.response["id"])
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
-
-    def get(self, response_id: str) -> Stored:
-        entry = self._entries.get(response_id)
-        if entry is not None and time.monotonic() - entry.stored_at > self._ttl:
-            del self._entries[response_id]
-            entry = None
-        if entry is None:
-            raise NotFound(f"response {response_id!r} is not stored here (never stored, expired, or deleted)", "response_id")
-        return entry
-
-    def history(self, response_id: str | None) -> list[ChatMessage]:
-        """The conversation a ``previous_response_id`` continues (empty for none)."""
-        if response_id is None:
-            return []
-        entry = self.get(response_id)
-        if entry.response["status"] not in ("completed", "incomplete"):
-            raise InvalidRequest(f"response {response_id!r} is {entry.response['status']}; it cannot be continued")
-        return entry.conversation
-
-    def delete(self, response_id: str) -> None:
-        entry = self.get(response_id)
-        if entry.task is not None:
-            entry.task.cancel()
-        del self._entries[response_id]
 
 
 class ResponseEvents:

@@ -14,16 +14,17 @@ from router_svc.affinity import SESSION_HEADER
 from router_svc.audit import AuditLog
 from router_svc.config import RouterConfig
 from router_svc.guard import Guard
+from router_svc.http_guard import Connections, RequestGuard
 from router_svc.kv_index import KvIndex
 from router_svc.kv_subscriber import KvSubscriber
-from router_svc.metrics import INDEX_ENTRIES
+from router_svc.metrics import INDEX_ENTRIES, RESPONSES_STORED_BYTES
 from router_svc.openai_bridge import HttpBridge
 from router_svc.pipeline import Pipeline
 from router_svc.policy import make_policy
-from router_svc.responses import ResponseStore
+from router_svc.response_store import ResponseStore
 from router_svc.tools import ParserChoice
 from router_svc.workers import ENGINE_ROLES, Workers
-from services.auth import AUTHORIZATION, ApiKeys
+from services.auth import AUTHORIZATION, ApiKeys, Caller, open_api_refusal
 from services.clients import health_status
 from services.credentials import CallGuard
 from services.etcd import EtcdSession
@@ -35,7 +36,10 @@ from services.server import Stage
 class RouterServicer:
     """The mesh's public gRPC API."""
 
-    def __init__(self, pipeline: Pipeline, workers: Workers, index: KvIndex, adapters: AdapterControl) -> None:
+    def __init__(
+        self, pipeline: Pipeline, workers: Workers, index: KvIndex, adapters: AdapterControl, keys: ApiKeys
+    ) -> None:
+        self._keys = keys
         self._pipeline = pipeline
         self._workers = workers
         self._index = index
@@ -46,7 +50,8 @@ class RouterServicer:
     ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         """Stream text deltas; the last message carries the usage totals."""
         deadline = self._pipeline.deadline(context.time_remaining())
-        async with self._pipeline.start([_with_session(request, context)], deadline, _caller(context)) as generation:
+        caller = self._caller(context)
+        async with self._pipeline.start([_with_session(request, context)], deadline, caller.key_id) as generation:
             async for delta in generation:
                 yield delta
 
@@ -55,7 +60,8 @@ class RouterServicer:
     ) -> router_pb2.RouterGenerateResult:
         """The whole result in one reply."""
         deadline = self._pipeline.deadline(context.time_remaining())
-        async with self._pipeline.start([_with_session(request, context)], deadline, _caller(context)) as generation:
+        caller = self._caller(context)
+        async with self._pipeline.start([_with_session(request, context)], deadline, caller.key_id) as generation:
             return await generation.result()
 
     async def ListModels(
@@ -66,14 +72,16 @@ class RouterServicer:
     async def LoadAdapter(
         self, request: router_pb2.RouterLoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouterLoadAdapterResponse:
-        """Load a LoRA adapter on every engine of its base model."""
+        """Load a LoRA adapter on every engine of its base model (admin keys only)."""
+        self._caller(context).require_admin("loading an adapter")
         instances = await self._adapters.load(request.name, request.path, request.base_model)
         return router_pb2.RouterLoadAdapterResponse(instances=instances)
 
     async def UnloadAdapter(
         self, request: router_pb2.RouterUnloadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouterUnloadAdapterResponse:
-        """Unload a LoRA adapter from every engine that has it."""
+        """Unload a LoRA adapter from every engine that has it (admin keys only)."""
+        self._caller(context).require_admin("unloading an adapter")
         return router_pb2.RouterUnloadAdapterResponse(instances=await self._adapters.unload(request.name))
 
     async def ListMembers(
@@ -91,6 +99,11 @@ class RouterServicer:
                 if (load := workers.load_of(member.instance_id)) is not None:
                     entry.load.CopyFrom(load)
         return reply
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        """Who the call came from (its key was checked by the CallGuard already)."""
+        value = dict(context.invocation_metadata() or ()).get(AUTHORIZATION)
+        return self._keys.check(value if isinstance(value, str) else None)
 
 
 class RouterStage(Stage):
@@ -123,13 +136,29 @@ class RouterStage(Stage):
             self._session, self._workers, pipeline.catalogue, config.adapter_load_timeout, config.worker_wait
         )
         pipeline.catalogue.ensure = adapters.ensure
-        self._servicer = RouterServicer(pipeline, self._workers, index, adapters)
-        self._keys = ApiKeys.from_settings(config.api_key, config.api_key_file)
+        self._keys = ApiKeys.from_settings(config.api_key, config.api_key_file, config.admin_key)
+        http_host = config.http_host or config.host
+        bound = [config.host] + ([http_host] if config.http_port >= 0 else [])
+        if refusal := open_api_refusal(self._keys, bound, config.allow_open):
+            raise SystemExit(refusal)
+        if config.metrics_need_key and config.metrics_port >= 0:
+            raise SystemExit(
+                "--metrics-need-key: the stage's --metrics-port would serve /metrics without a key; "
+                "set --metrics-port -1 and scrape the HTTP bridge's /metrics with a key"
+            )
+        self._servicer = RouterServicer(pipeline, self._workers, index, adapters, self._keys)
+        responses = ResponseStore(
+            config.responses_max, config.responses_ttl, config.responses_max_mib << 20, config.responses_key_mib << 20
+        )
+        RESPONSES_STORED_BYTES.set_function(lambda: responses.bytes)
         self._bridge = (
             HttpBridge(
                 pipeline, config.max_body_mib, self._keys, open_metrics=not config.metrics_need_key,
                 parsers=ParserChoice(config.tool_call_parser, config.tool_call_parsers),
-                responses=ResponseStore(config.responses_max, config.responses_ttl), adapters=adapters,
+                responses=responses,
+                adapters=adapters,
+                guard=RequestGuard(http_host, config.allowed_origins, config.allowed_hosts),
+                connections=Connections(config.http_idle_timeout, config.http_max_connections),
             )
             if config.http_port >= 0 else None
         )
@@ -161,13 +190,6 @@ class RouterStage(Stage):
         # Operators and `stagemesh status` find the HTTP bridge here.
         if self._bridge is not None:
             member.labels["http_address"] = f"{self._config.advertise_host}:{self._bridge.port}"
-
-
-def _caller(context: grpc.aio.ServicerContext) -> str:
-    """The id of the API key the call came with (for the audit log)."""
-    metadata = dict(context.invocation_metadata() or ())
-    value = metadata.get(AUTHORIZATION)
-    return ApiKeys.key_id(value if isinstance(value, str) else None)
 
 
 def _with_session(

@@ -211,6 +211,16 @@ def cmd_layout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router_keys(args: argparse.Namespace) -> dict[str, str]:
+    """The router's key settings, as environment. Keys typed on ``up``'s own command line
+    stay visible in its argv (Python cannot rewrite the process's command line), so say so."""
+    if args.api_key and args.api_key != os.environ.get("STAGEMESH_API_KEY", ""):
+        print("warning: --api-key on a command line is visible to every local user (ps); prefer "
+              "STAGEMESH_API_KEY or --api-key-file", file=sys.stderr)
+    keys = {"STAGEMESH_API_KEY": args.api_key, "STAGEMESH_API_KEY_FILE": args.api_key_file}
+    return {name: value for name, value in keys.items() if value}
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from services.certs import make_certs
     from services.etcd_server import EmbeddedEtcd
@@ -258,7 +268,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--etcd", etcd.endpoint, "--home", str(home), "--metrics-port", "0", "--host", args.host,
         "--mesh-key-file", str(mesh_key_file),
     ]
-    router = ["--http-port", str(args.http_port)]
+    router = ["--http-port", str(args.http_port)] + (["--allow-open"] if args.allow_open else [])
     if layout.disagg_min_tokens is not None:
         router += ["--disagg-min-tokens", str(layout.disagg_min_tokens)]
     # Simulated engines hold no tensors to store.
@@ -271,8 +281,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         ("tokenizer", "tokenizer_svc", args.tokenizer_port, ["--model", ",".join(args.model)] if args.model else [],
          light_cores, {}),
         # Keys reach the router through its environment, not its command line (ps shows that).
-        ("router", "router_svc", args.router_port, router, light_cores,
-         {"STAGEMESH_API_KEY": args.api_key} if args.api_key else {}),
+        ("router", "router_svc", args.router_port, router, light_cores, _router_keys(args)),
     ]
     if kvstore_mib > 0:
         plan.append(
@@ -544,7 +553,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--api-key", default=os.environ.get("STAGEMESH_API_KEY", ""),
-        help="API keys the router's HTTP and gRPC APIs require, comma-separated [env STAGEMESH_API_KEY; default: none]",
+        help="API keys the router's HTTP and gRPC APIs require, comma-separated; on a command line ps shows "
+        "them: prefer the environment or --api-key-file [env STAGEMESH_API_KEY; default: none]",
+    )
+    up.add_argument(
+        "--api-key-file", default=os.environ.get("STAGEMESH_API_KEY_FILE", ""),
+        help="a file of API keys, one per line ('KEY admin' may also load adapters) [env STAGEMESH_API_KEY_FILE]",
+    )
+    up.add_argument(
+        "--allow-open", action="store_true",
+        help="with --host other than loopback and no key: serve the APIs open on purpose",
     )
     up.add_argument(
         "--tls", action="store_true",

@@ -246,25 +246,24 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return handler
 
 
-def _ignored(data: bytes) -> None:
-    return None
-
-
 def _refusing(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only answers ``error``."""
+    """A handler that answers ``error`` without receiving the request.
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    It is a request-streaming handler whatever the method's shape: gRPC's server reads
+    a unary request whole (up to the 64 MiB message limit) before it calls the handler,
+    but hands a streaming handler an iterator it reads only when asked. The wire is the
+    same for both shapes (a unary request is a stream of one message), so the client
+    sees only the status, and the unread message stays in the transport's flow-control
+    window until the stream is reset."""
+
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(error.code, str(error), trailing_metadata=error.trailing_metadata())
-
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await refuse(request, context)
         yield  # pragma: no cover - abort raises; this makes it an async generator
 
-    options = {"request_deserializer": _ignored, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse, **options)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **options)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, **options)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, **options)
+    return grpc.stream_stream_rpc_method_handler(
+        refuse, request_deserializer=_ignored, response_serializer=handler.response_serializer
+    )
+
+
+def _ignored(data: bytes) -> None:
+    return None

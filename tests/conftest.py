@@ -278,7 +278,7 @@ def router_process(etcd_endpoint: str, home: Path, log_dir: Path, *extra: str) -
         "router",
         "router_svc",
         ["--port", str(port), "--http-port", str(http_port), "--etcd", etcd_endpoint,
-         "--home", str(home), "--metrics-port", "0", *extra],
+         "--home", str(home), "--metrics-port", "0", "--host", "127.0.0.1", *extra],
         f"127.0.0.1:{port}",
         log_dir,
     )

@@ -110,5 +110,13 @@ def test_content_modes_and_rotation(tmp_path: Path) -> None:
     assert [f.name for f in files] == ["rotated.jsonl", "rotated.jsonl.1", "rotated.jsonl.2"]
     assert all(f.stat().st_size <= (1 << 20) + 200_000 for f in files)
     assert _lines(rotated)[-1]["request_id"] == "r29"  # the newest line is in the live file
+    # Only the router's user may read what it audits: new files, rotated ones, and one
+    # that was there before under a looser mode.
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o600}
+    loose = tmp_path / "loose.jsonl"
+    loose.write_text("")
+    loose.chmod(0o644)
+    AuditLog(str(loose), "none").close()
+    assert loose.stat().st_mode & 0o777 == 0o600
     with pytest.raises(SystemExit, match="--audit-content"):
         AuditLog("", "everything")

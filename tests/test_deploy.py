@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from router_svc.config import RouterConfig
+from services.auth import ApiKeys, open_api_refusal
 from services.certs import STAGES
 from services.cli import STAGE_MODULES, build_parser
 from services.config import build_config
@@ -271,3 +273,40 @@ def test_systemd_units_run_real_commands_with_real_settings() -> None:
     for key in env_keys(UNITS / "etcd.env"):
         flag = key.removeprefix("ETCD_").lower().replace("_", "-")
         assert flag in etcd_flags, f"etcd.env: etcd has no --{flag}"
+
+
+def _interpolated(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${NAME:-default}`` interpolation, as ``docker compose config`` renders it."""
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+
+
+def _router_refusal(environment: dict[str, str]) -> str:
+    """What the real router says at start about an open API, for this environment."""
+    config = build_config(RouterConfig, environ=environment)
+    keys = ApiKeys.from_settings(config.api_key, "", config.admin_key)  # a key file is read at start
+    keys = keys or (ApiKeys(["from-the-file"]) if config.api_key_file else keys)
+    return open_api_refusal(keys, [config.host, config.http_host or config.host], config.allow_open)
+
+
+def test_deployments_refuse_an_open_api_on_a_wide_address() -> None:
+    """compose and the systemd unit, rendered with their defaults: the router binds every
+    address, so without a key it refuses to start, naming --allow-open; compose publishes
+    it on loopback only."""
+    router = load(COMPOSE)["services"]["router"]
+
+    def compose_env(env: dict[str, str]) -> dict[str, str]:
+        return {key: _interpolated(str(value), env) for key, value in router["environment"].items()}
+
+    assert "--allow-open" in _router_refusal(compose_env({}))
+    assert not _router_refusal(compose_env({"STAGEMESH_API_KEY": "k"}))
+    assert not _router_refusal(compose_env({"STAGEMESH_ALLOW_OPEN": "true"}))
+    assert all(_interpolated(port, {}).startswith("127.0.0.1:") for port in router["ports"])
+
+    unit = UNITS / "stagemesh-router.service"
+    unit_env = dict(pair.split("=", 1) for line in unit_values(unit, "Environment") for pair in line.split())
+    shared = dict(line.split("=", 1) for line in (UNITS / "stagemesh.env").read_text().splitlines() if re.match(r"^[A-Z_]+=", line))
+    environment = {**unit_env, **shared}
+    assert environment["STAGEMESH_API_KEY_FILE"] == "/etc/stagemesh/api-keys"
+    assert not _router_refusal(environment)
+    assert "--allow-open" in _router_refusal({k: v for k, v in environment.items() if k != "STAGEMESH_API_KEY_FILE"})
+    assert "LimitNOFILE=65536" in unit.read_text().splitlines()

@@ -95,15 +95,15 @@ def test_adapter_registry_checks_before_vllm(tmp_path: Path) -> None:
     narrow = tmp_path / "narrow"
     narrow.mkdir()
     (narrow / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-    adapters = AdapterSet("base", tmp_path, max_rank=16, enabled=True)
+    adapters = AdapterSet("base", tmp_path, max_rank=16, enabled=True, root=str(tmp_path))
     with pytest.raises(InvalidRequest, match="rank 64; this engine takes at most 16"):
         adapters.prepare("w", str(wide))
-    with pytest.raises(InvalidRequest, match="no adapter_config.json"):
+    with pytest.raises(InvalidRequest, match="with an adapter_config.json"):
         adapters.prepare("x", str(tmp_path))
     with pytest.raises(AlreadyExists):
         adapters.prepare("base", str(narrow))
     with pytest.raises(InvalidRequest, match="without LoRA"):
-        AdapterSet("base", tmp_path, 16, enabled=False).prepare("n", str(narrow))
+        AdapterSet("base", tmp_path, 16, enabled=False, root=str(tmp_path)).prepare("n", str(narrow))
     assert adapters.prepare("n", str(narrow)) == (narrow.resolve(), 8)
     loaded = adapters.add("n", narrow.resolve(), 8)
     assert adapters.prepare("n", str(narrow)) is loaded  # loading again is a no-op
@@ -181,7 +181,8 @@ async def lora_mesh(
 ) -> AsyncIterator[Mesh]:
     log_dir = tmp_path_factory.mktemp("lora-mesh")
     endpoint = own_etcd.endpoint
-    bundled = ("--lora", f"tone={made['tone']}", "--block-size", str(BLOCK))
+    # Run-time loads come from the adapters' directory (--lora-root) and nowhere else.
+    bundled = ("--lora", f"tone={made['tone']}", "--block-size", str(BLOCK), "--lora-root", str(made["tone"].parent))
     tokenizer = tokenizer_process(
         "tokenizer", endpoint, home, log_dir, "--model", f"{BUNDLED_NAME}={model_dir},small={made['small']}"
     )
@@ -231,7 +232,7 @@ async def test_adapter_served_under_its_name_matches_peft(
     model_dir: Path, prompt: list[int],
 ) -> None:
     cards = {card["id"]: card for card in (await http.get("/v1/models")).json()["data"]}
-    assert cards["tone"]["parent"] == BUNDLED_NAME and cards["tone"]["root"] == str(made["tone"].resolve())
+    assert cards["tone"]["parent"] == BUNDLED_NAME and cards["tone"]["root"] == "tone"  # no directory is shown
     assert cards[BUNDLED_NAME]["parent"] is None and cards["small"]["parent"] is None
     disaggregated = await metric(lora_mesh, 'stagemesh_router_sequences_total{mode="disaggregated"}')
     assert await generate(mesh_client, "tone", prompt) == greedy(model_dir, prompt, made["tone"])
@@ -295,8 +296,12 @@ async def test_adapters_that_do_not_fit_are_refused_and_engines_keep_serving(
     assert wide.status_code == 400 and "rank 32" in wide.json()["error"]["message"]
     misfit = await load({"lora_name": "misfit", "lora_path": str(made["misfit"])})
     assert misfit.status_code == 400 and "does not fit" in misfit.json()["error"]["message"], misfit.text
-    nowhere = await load({"lora_name": "nowhere", "lora_path": "/nonexistent/adapter"})
-    assert nowhere.status_code == 400 and "adapter_config.json" in nowhere.json()["error"]["message"]
+    # Outside --lora-root, existing or not: one answer, and nothing there is read.
+    for outside in ("/nonexistent/adapter", "/etc", str(made["tone"].parent / ".." / "elsewhere")):
+        refused = await load({"lora_name": "nowhere", "lora_path": outside})
+        assert refused.status_code == 400 and "--lora-root" in refused.json()["error"]["message"], outside
+    missing = await load({"lora_name": "nowhere", "lora_path": str(made["tone"].parent / "no-such-adapter")})
+    assert missing.status_code == 400 and "adapter_config.json" in missing.json()["error"]["message"]
     unknown_base = await load({"lora_name": "x", "lora_path": str(made["calm"]), "base_model": "nonesuch"})
     assert unknown_base.status_code == 404
     taken = await load({"lora_name": "small", "lora_path": str(made["calm"])})

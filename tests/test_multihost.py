@@ -87,7 +87,8 @@ async def test_prefill_and_decode_on_different_hosts(
         prefill = start("prefill", "prefill", "--cpu-cores", "0", *engine_flags)
         decode = start("decode", "decode", "--cpu-cores", "1", *engine_flags)
         tokenizer = start("tokenizer", "front")
-        router = start("router", "front", "--worker-wait", "10")
+        # Keyless on an address other hosts reach: only on purpose (--allow-open).
+        router = start("router", "front", "--worker-wait", "10", "--allow-open")
         await asyncio.gather(
             prefill.wait_healthy(ENGINE_START_TIMEOUT), decode.wait_healthy(ENGINE_START_TIMEOUT),
             tokenizer.wait_healthy(STAGE_START_TIMEOUT), router.wait_healthy(STAGE_START_TIMEOUT),

@@ -101,7 +101,7 @@ class MeshDeployment:
         self.tokenizer = self.stage("tokenizer", "tokenizer_svc", *self._model_flag)
         self.router = self.stage(
             "router", "router_svc", "--http-port", str(self.http_port), "--router-policy", self._policy,
-            "--max-queued-requests", str(self._max_queued),
+            "--max-queued-requests", str(self._max_queued), "--host", "127.0.0.1",
         )
         for role, count in (("decode", self.spec.engines), ("prefill", self.spec.prefill)):
             for index, start in enumerate(range(0, count, ENGINES_PER_PROCESS)):

@@ -23,11 +23,18 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import os
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from services.errors import AlreadyExists, InvalidRequest, ModelNotFound, StageError
+from services.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidRequest,
+    ModelNotFound,
+    StageError,
+)
 from services.pb import common_pb2
 
 
@@ -57,10 +64,10 @@ def read_rank(path: Path) -> int:
     config_file = path / "adapter_config.json"
     try:
         config = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise InvalidRequest(f"{path} is not a LoRA adapter directory (no adapter_config.json)", "lora_path") from None
-    except (OSError, ValueError) as exc:
-        raise InvalidRequest(f"cannot read {config_file}: {exc}", "lora_path") from None
+    except (OSError, ValueError):  # one answer whatever the cause: it says nothing about the path
+        raise InvalidRequest(
+            f"{path} is not a readable LoRA adapter directory (with an adapter_config.json)", "lora_path"
+        ) from None
     if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise InvalidRequest(f"{config_file} does not describe a LoRA adapter", "lora_path")
     rank = config.get("r")
@@ -110,8 +117,13 @@ def misfit(adapter_dir: Path, base: dict[str, tuple[str, list[int]]]) -> str:
 class AdapterSet:
     """The adapters of one engine whose base model is ``base``, loaded from ``model_dir``."""
 
-    def __init__(self, base: str, model_dir: Path, max_rank: int, enabled: bool) -> None:
+    def __init__(
+        self, base: str, model_dir: Path, max_rank: int, enabled: bool, root: str = "", max_adapters: int = 64
+    ) -> None:
         self.base = base
+        #: Where run-time loads may come from (None: nowhere), and how many may be held.
+        self.root = Path(root).expanduser().resolve() if root else None
+        self.max_adapters = max_adapters
         self.model_dir = model_dir
         #: The base checkpoint's tensor shapes, read at the first load (they never change).
         self._base_shapes: dict[str, tuple[str, list[int]]] | None = None
@@ -124,13 +136,15 @@ class AdapterSet:
         """The adapters requests may use now (not being unloaded)."""
         return [a for a in self._adapters.values() if not a.unloading]
 
-    def prepare(self, name: str, path: str) -> Adapter | tuple[Path, int]:
+    def prepare(self, name: str, path: str, at_run_time: bool = True) -> Adapter | tuple[Path, int]:
         """Check a load: the loaded adapter when ``name`` is already loaded from ``path``
         (loading is idempotent), else the resolved directory and rank to load.
 
-        INVALID_ARGUMENT when LoRA is off, the name or directory is unusable, or the
-        rank exceeds the engine's ``--max-lora-rank``; ALREADY_EXISTS when the name is
-        the base model's or another adapter's.
+        INVALID_ARGUMENT when LoRA is off, the name or directory is unusable, a run-time
+        load's directory is not under ``--lora-root`` (checked before anything is read,
+        then again once symbolic links are resolved), or the rank exceeds the engine's
+        ``--max-lora-rank``; ALREADY_EXISTS when the name is the base model's or another
+        adapter's; FAILED_PRECONDITION when ``--max-adapters`` are loaded.
         """
         if not self.enabled:
             raise InvalidRequest("this engine runs without LoRA; start it with --enable-lora or --lora")
@@ -138,14 +152,23 @@ class AdapterSet:
             raise InvalidRequest(f"{name!r} is not a usable adapter name", "lora_name")
         if name == self.base:
             raise AlreadyExists(f"{name!r} is the base model's name", "lora_name")
-        if not path:
-            raise InvalidRequest("the adapter's path is empty", "lora_path")
-        source = Path(path).expanduser().resolve()
+        if not path or len(path) > 4096:
+            raise InvalidRequest("the adapter's path is empty or too long", "lora_path")
+        candidate = Path(path).expanduser()
+        if at_run_time:  # lexically first (nothing outside is touched), then with links resolved
+            candidate = Path(os.path.normpath(self._inside_root(self.root and self.root / candidate)))
+        source = candidate.resolve()
+        if at_run_time:
+            self._inside_root(source)
         loaded = self._adapters.get(name)
         if loaded is not None:
             if loaded.source == source and not loaded.unloading:
                 return loaded
             raise AlreadyExists(f"adapter {name!r} is already loaded from {loaded.source}", "lora_name")
+        if len(self._adapters) >= self.max_adapters:
+            raise FailedPrecondition(
+                f"this engine holds {len(self._adapters)} adapters, its most (--max-adapters); unload one first"
+            )
         rank = read_rank(source)
         if rank > self.max_rank:
             raise InvalidRequest(
@@ -157,6 +180,16 @@ class AdapterSet:
         if reason := misfit(source, self._base_shapes):
             raise InvalidRequest(f"adapter {name!r} does not fit {self.base!r}: {reason}", "lora_path")
         return source, rank
+
+    def _inside_root(self, path: Path | None) -> Path:
+        """``path`` when it lies under ``--lora-root``; one refusal for any other (or none set)."""
+        if path is not None:
+            path = Path(os.path.normpath(path))
+        if self.root is None or path is None or not path.is_relative_to(self.root):
+            raise InvalidRequest(
+                "adapters load at run time only from directories under the engine's --lora-root", "lora_path"
+            )
+        return path
 
     def add(self, name: str, source: Path, rank: int) -> Adapter:
         adapter = Adapter(name, source, rank, next(self._ids))
@@ -198,11 +231,14 @@ class AdapterSet:
             del self._adapters[adapter.name]
 
 
-async def load_configured(adapters: list[tuple[str, str]], load: Callable[[str, str], Awaitable[Adapter]]) -> None:
-    """Load the ``--lora`` adapters at start; one that does not fit ends the stage with
-    the reason in one line (a misconfigured engine must not join the mesh)."""
+async def load_configured(
+    adapters: list[tuple[str, str]], load: Callable[[str, str, bool], Awaitable[Adapter]]
+) -> None:
+    """Load the ``--lora`` adapters at start (the operator's own: not held to
+    ``--lora-root``); one that does not fit ends the stage with the reason in one line
+    (a misconfigured engine must not join the mesh)."""
     for name, path in adapters:
         try:
-            await load(name, path)
+            await load(name, path, False)
         except StageError as exc:
             raise SystemExit(f"--lora {name}={path}: {exc}") from None

@@ -82,6 +82,14 @@ class EngineConfig(NixlStageConfig):
     enable_lora: bool = setting(False, "LoRA on with no adapters at start (load them at run time); implied by --lora")
     max_loras: int = setting(4, "LoRA: adapters one batch runs at once (vLLM's max_loras)")
     max_lora_rank: int = setting(16, "LoRA: the largest adapter rank the engine takes (1, 8, 16, 32, 64, ...)")
+    lora_root: str = setting(
+        "", "LoRA: the directory adapters loaded at run time (load_lora_adapter) must be under; empty: "
+        "run-time loads are refused (--lora adapters, given at start, may be anywhere)",
+    )
+    max_adapters: int = setting(
+        64, "LoRA: most adapters the engine holds at once (its member record lists each, and etcd "
+        "takes at most 1.5 MiB a value)",
+    )
     speculative_config: str = setting(
         "", 'vLLM speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3} '
         'or {"model": "PATH", "num_speculative_tokens": 4}; empty: off',

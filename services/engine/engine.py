@@ -103,7 +103,9 @@ class EngineRunner:
         self._external_hits = 0
         self._event_dir = tempfile.mkdtemp(prefix="stagemesh-kvev-")
         self._bridge: ZmqKvEventBridge | None = None
-        self.adapters = AdapterSet(model.name, model.path, config.max_lora_rank, config.lora_enabled)
+        self.adapters = AdapterSet(
+            model.name, model.path, config.max_lora_rank, config.lora_enabled, config.lora_root, config.max_adapters
+        )
         #: Adapters of the requests running or waiting, as of vLLM's latest stats.
         self._active_adapters: list[str] = []
         self._adapter_lock = asyncio.Lock()
@@ -279,15 +281,16 @@ class EngineRunner:
                     f"(size {self.vocab_size})"
                 )
 
-    async def load_adapter(self, name: str, path: str) -> Adapter:
+    async def load_adapter(self, name: str, path: str, at_run_time: bool = True) -> Adapter:
         """Load a LoRA adapter (idempotent for the same name and directory). A bad one
-        is refused with the reason; the engine keeps serving."""
+        is refused with the reason; the engine keeps serving. Run-time loads come only
+        from under ``--lora-root`` (start-time ones are the operator's ``--lora``)."""
         engine = self._engine()
         leaving = self.adapters.leaving(name)
         if leaving is not None:  # loaded again while its unload drains: after it
             await asyncio.shield(self.finish_unload(leaving))
         async with self._adapter_lock:
-            prepared = self.adapters.prepare(name, path)
+            prepared = self.adapters.prepare(name, path, at_run_time)
             if isinstance(prepared, Adapter):
                 return prepared
             source, rank = prepared

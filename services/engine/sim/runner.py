@@ -63,7 +63,9 @@ class SimRunner:
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         self.total_blocks = config.kv_cache_blocks or DEFAULT_BLOCKS
         self.max_model_len = 0
-        self.adapters = AdapterSet(model.name, model.path, config.max_lora_rank, config.lora_enabled)
+        self.adapters = AdapterSet(
+            model.name, model.path, config.max_lora_rank, config.lora_enabled, config.lora_root, config.max_adapters
+        )
         self._scheduler: Scheduler | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._crash_task: asyncio.Task[None] | None = None
@@ -223,10 +225,11 @@ class SimRunner:
             "sim_profile": self.profile.name,
         }
 
-    async def load_adapter(self, name: str, path: str) -> Adapter:
+    async def load_adapter(self, name: str, path: str, at_run_time: bool = True) -> Adapter:
         """Check an adapter as a vLLM engine would (PEFT format, rank, shapes against the
-        base checkpoint) and serve it; nothing is computed with it."""
-        prepared = self.adapters.prepare(name, path)
+        base checkpoint, run-time loads under ``--lora-root``) and serve it; nothing is
+        computed with it."""
+        prepared = self.adapters.prepare(name, path, at_run_time)
         if isinstance(prepared, Adapter):
             return prepared
         return self.adapters.add(name, *prepared)
