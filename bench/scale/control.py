@@ -68,10 +68,11 @@ class Timeline:
             await asyncio.sleep(0.02)
         raise TimeoutError(f"the router never showed {count} decode members up")
 
-    async def etcd_settles(self, present: bool, count: int, since: float) -> float:
+    async def etcd_settles(self, present: bool, count: int, since: float, timeout: float = 60.0) -> float:
         """When etcd had ``count`` distinct decode keys put (or deleted) after ``since``
         (a member's record may be written more than once)."""
-        while True:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             first: dict[str, float] = {}
             for at, key, put in self.etcd:
                 if at >= since and put == present:
@@ -79,6 +80,7 @@ class Timeline:
             if len(first) >= count:
                 return sorted(first.values())[count - 1]
             await asyncio.sleep(0.01)
+        raise TimeoutError(f"etcd never showed {count} decode keys {'put' if present else 'deleted'}")
 
 
 async def reactions(mesh: MeshDeployment, rounds: int) -> list[Row]:
