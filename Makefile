@@ -40,7 +40,7 @@ up: install-engine
 	$(VENV)/bin/stagemesh up
 
 test: install-engine tests/node/node_modules/.package-lock.json
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 # The pure-logic tests (marker "unit"): seconds, no process started.
 test-unit: install-engine
