@@ -27,7 +27,7 @@ from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
 from services.exits import FINAL_EXIT_CODES, StartFailed
 from services.launcher import ProcessGroup, StageProcess, Supervisor
-from services.membership import MEMBERS_PREFIX
+from services.membership import MEMBERS_PREFIX, RecordReader
 from services.pb import common_pb2
 
 #: Seconds between two looks at the starting stages.
@@ -99,7 +99,8 @@ async def _registered(session: EtcdSession) -> set[str]:
     except Exception:  # noqa: BLE001 - etcd restarting or slow: not ready yet, not a failure
         await session.reset()
         return set()
-    return {common_pb2.Member.FromString(kv.value).grpc_address for kv in listing}
+    # Sealed records (services/records.py): read as every watcher reads them.
+    return {member.grpc_address for member in RecordReader(common_pb2.Member.FromString).read_all(listing).values()}
 
 
 async def _ready(stages: Sequence[StageProcess], session: EtcdSession) -> list[StageProcess]:
