@@ -30,14 +30,17 @@ async def mesh(home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFac
         yield started
 
 
-TENANT_PREFIX = " ".join(f"Tenant {{}} rule {i}: answer in kind, briefly and with care." for i in range(24))
+#: About 1,000 tokens: longer than the router's load weight (512 tokens per queued request),
+#: so a holder whose last load report still shows the previous request keeps the prefix.
+RULES = 72
+TENANT_PREFIX = " ".join(f"Tenant {{}} rule {i}: answer in kind, briefly and with care." for i in range(RULES))
 
 
 async def test_a_repeated_prefix_lands_where_it_is_cached(mesh: SimMesh) -> None:
     """Each tenant's second and later requests reuse its prefix on the engine that holds it:
     with 16 engines, chance alone would find it one time in sixteen."""
     for tenant in range(4):
-        prefix = TENANT_PREFIX.format(*[tenant] * 24)
+        prefix = TENANT_PREFIX.format(*[tenant] * RULES)
         _, _, cached = await mesh.complete(f"{prefix} First question?", 2)
         assert cached == 0
         await asyncio.sleep(0.3)  # the engine's KV events reach the router's index (a stream, not the reply)
