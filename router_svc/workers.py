@@ -53,6 +53,9 @@ class Peer:
     load: engine_pb2.Load | None = None
     #: Calls this router has open on the member.
     in_flight: int = 0
+    #: Calls of this router's that ended on the member since its last load report: the
+    #: report still counts them (it lags up to a poll interval).
+    ended_since_report: int = 0
     #: time.monotonic() until which the member is skipped.
     down_until: float = 0.0
     _rank_salt: float = field(default_factory=random.random)
@@ -75,11 +78,13 @@ class Peer:
         return int(model not in active and len(active) >= self.member.adapter_slots)
 
     def queued(self) -> int:
-        """Requests running or waiting there: the engine's last report, or the calls this
-        router has open on it if that is more (the report lags a burst)."""
+        """Requests running or waiting there: the engine's last report less this router's
+        calls that ended since, or the calls this router has open on it if that is more
+        (the report lags a burst, and the end of one)."""
         if self.load is None:
             return self.in_flight
-        return max(self.in_flight, self.load.running_requests + self.load.waiting_requests)
+        reported = self.load.running_requests + self.load.waiting_requests - self.ended_since_report
+        return max(self.in_flight, reported)
 
     def load_units(self) -> float:
         """Queued work in units of one request on a :data:`REFERENCE_BATCH` engine: each
@@ -251,6 +256,7 @@ class Workers:
             yield peer
         finally:
             peer.in_flight -= 1
+            peer.ended_since_report += 1
 
     async def _poll_loads(self) -> None:
         while True:
@@ -262,7 +268,9 @@ class Workers:
         that died here would leave every later pick blind to load."""
         assert isinstance(peer.client, EngineClient)
         try:
+            ended = peer.ended_since_report
             peer.load = await peer.client.load(timeout=max(self._load_interval * 2, 1.0))
+            peer.ended_since_report -= ended  # those the report already leaves out
         except grpc.aio.AioRpcError as error:
             peer.load = None
             if error.code() == grpc.StatusCode.UNAVAILABLE and peer.down_until <= time.monotonic():

@@ -150,3 +150,15 @@ def test_kv_aware_weighs_running_requests_by_the_engines_batch() -> None:
     )
     busy.load = engine_pb2.Load(running_requests=20, waiting_requests=3)  # 3 wait for a slot: full units
     assert busy.load_units() == 3 + 20 * 32 / 256
+
+
+def test_a_load_report_does_not_count_calls_that_ended_since() -> None:
+    """The holder's last report still shows the request that just finished there; the
+    router knows it ended, so the next request with its prefix goes there anyway."""
+    hashes = chain_hashes(PROMPT, BLOCK)
+    idle, holder = peer("a", 0), peer("b", 1)
+    policy = KvAware(index_with({"b": 8}), load_weight=100.0 * BLOCK, max_queue=8)
+    assert policy.choose([idle, holder], hashes).peer.key == "a"  # one request there outweighs the prefix
+    holder.ended_since_report = 1
+    assert holder.queued() == 0
+    assert policy.choose([idle, holder], hashes).peer.key == "b"
