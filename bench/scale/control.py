@@ -26,6 +26,8 @@ import aiohttp
 from bench.routing import measure as measure_index
 from bench.scale.deploy import EngineSpec
 from bench.scale.mesh import MeshDeployment
+from services import credentials
+from services.credentials import MeshCredentials
 from services.etcd import EtcdSession
 from services.launcher import cpu_seconds
 from services.membership import MemberWatcher, role_prefix
@@ -85,6 +87,8 @@ class Timeline:
 
 async def reactions(mesh: MeshDeployment, rounds: int) -> list[Row]:
     """Join, drain and crash ``rounds`` times each; the router's reaction in ms."""
+    # The members' records are sealed under the mesh key: this process reads them as a stage.
+    credentials.install(MeshCredentials(mesh_key=mesh.mesh_key.encode()))
     session = EtcdSession([("127.0.0.1", mesh.etcd_port)])
     timeline = Timeline()
     watcher: MemberWatcher[common_pb2.Member] = MemberWatcher(

@@ -133,6 +133,11 @@ class MeshDeployment:
         return "\n".join(f"-- {p.name}:\n{p.log_tail(15)}" for p in self._processes)
 
     @property
+    def mesh_key(self) -> str:
+        """The mesh key the stages share (a reader of their sealed etcd records needs it)."""
+        return self._env[MESH_KEY_ENV]
+
+    @property
     def etcd_port(self) -> int:
         return self._etcd.client_port
 
