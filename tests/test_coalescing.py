@@ -63,12 +63,7 @@ async def test_coalesced_and_uncoalesced_streams_read_the_same(home: Path, model
         # Stop strings that straddle the fifth and sixth messages' text.
         stops = [text[len(text) // 3 : len(text) // 3 + 6] for text in (r["text"] for r in plain)]
         plain_stopped = [await read(mesh, p, s) for p, s in zip(PROMPTS, stops)]
-        await asyncio.to_thread(mesh.engines["plain"].stop)
-        await mesh.wait_members(0)
-        wide = mesh.engine("wide", 1, "--stream-interval", "5")
-        wide.start()
-        await wide.wait_healthy(60)
-        await mesh.wait_members(1)
+        await mesh.replace("plain", "wide", 1, 1, "--stream-interval", "5")
         coalesced = [await read(mesh, p) for p in PROMPTS]
         coalesced_stopped = [await read(mesh, p, s) for p, s in zip(PROMPTS, stops)]
     for before, after in zip(plain + plain_stopped, coalesced + coalesced_stopped):

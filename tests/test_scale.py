@@ -78,17 +78,7 @@ async def test_four_engines_killed_at_once_lose_no_stream(mesh: SimMesh) -> None
     assert await mesh.metric("stagemesh_router_decisions_total") > decisions + len(prompts)
     calm = await asyncio.gather(*(mesh.complete(p, 60) for p in prompts))
     assert [text for text, _, _ in results] == [text for text, _, _ in calm]
-    await restart(mesh, "four", 4)
-
-
-async def restart(mesh: SimMesh, name: str, count: int) -> None:
-    old = mesh.engines[name]
-    old.stop()
-    await mesh.wait_members(16 - count)
-    replacement = mesh.engine(name, count)
-    replacement.start()
-    await replacement.wait_healthy(60)
-    await mesh.wait_members(16)
+    await mesh.replace("four", "four", 4, 16)
 
 
 async def test_member_churn_under_load_fails_no_request(mesh: SimMesh) -> None:
@@ -127,12 +117,7 @@ async def test_member_churn_under_load_fails_no_request(mesh: SimMesh) -> None:
 async def test_streams_failing_mid_generation_finish_elsewhere(mesh: SimMesh) -> None:
     """Engines that fail half their streams part-way (fault injection): every request
     still completes, with the text of an undisturbed run."""
-    await asyncio.to_thread(mesh.engines["four"].stop)
-    await mesh.wait_members(12)
-    flaky = mesh.engine("flaky", 4, "--sim-fail-rate", "0.5")
-    flaky.start()
-    await flaky.wait_healthy(60)
-    await mesh.wait_members(16)
+    flaky = await mesh.replace("four", "flaky", 4, 16, "--sim-fail-rate", "0.5")
     prompts = [f"Fable {i}: a fox and a crow" for i in range(16 * MAX_NUM_SEQS)]
     decisions = await mesh.metric("stagemesh_router_decisions_total")
     results = await asyncio.gather(*(mesh.complete(p, 40, stream=True) for p in prompts))

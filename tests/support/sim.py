@@ -49,6 +49,18 @@ class SimMesh:
         self.engines[name] = process
         return process
 
+    async def replace(self, old: str, new: str, count: int, members: int, *extra: str) -> StageProcess:
+        """Drain the process ``old`` (``count`` engines; a killed one's leases run out),
+        then start ``count`` engines as ``new`` in its place; returns once etcd lists the
+        mesh's ``members`` decode engines again."""
+        await asyncio.to_thread(self.engines.pop(old).stop)
+        await self.wait_members(members - count)
+        replacement = self.engine(new, count, *extra)
+        replacement.start()
+        await replacement.wait_healthy(60)
+        await self.wait_members(members)
+        return replacement
+
     async def complete(self, prompt: str, max_tokens: int, stream: bool = False) -> tuple[str, int, int]:
         """Text, completion tokens and engine-reported cached prompt tokens of one completion."""
         if not stream:
