@@ -49,7 +49,9 @@ def fresh_prompt(length: int, rng: random.Random) -> list[int]:
 
 
 async def timed_generate(
-    engine: EngineClient, prompt: list[int], params: common_pb2.SamplingParams,
+    engine: EngineClient,
+    prompt: list[int],
+    params: common_pb2.SamplingParams,
     handle: common_pb2.KvTransferHandle | None = None,
 ) -> tuple[float, float, int]:
     """(time to first token, mean inter-token latency, tokens) of one Generate."""
@@ -65,7 +67,13 @@ async def timed_generate(
     return first, (last - first) / max(tokens - 1, 1), tokens
 
 
-async def measure(args: argparse.Namespace, prefill: EngineClient, decode: EngineClient, per_token: int, block_size: int) -> list[dict[str, Any]]:
+async def measure(
+    args: argparse.Namespace,
+    prefill: EngineClient,
+    decode: EngineClient,
+    per_token: int,
+    block_size: int,
+) -> list[dict[str, Any]]:
     rng = random.Random(0)
     params = common_pb2.SamplingParams(temperature=0, max_tokens=args.output, ignore_eos=True)
     warm = fresh_prompt(32, rng)  # first calls pay one-off costs (NIXL handshake)
@@ -87,14 +95,26 @@ async def measure(args: argparse.Namespace, prefill: EngineClient, decode: Engin
         await timed_generate(decode, alone_prompt, params)
         alone_e2e = time.perf_counter() - start
 
-        rows.append({
-            "prompt_tokens": length, "prefill_s": prefill_s, "handoff_s": handoff,
-            "decode_ttft_s": ttft, "itl_ms": itl * 1000, "kv_blocks": blocks,
-            "kv_mb": kv_bytes / 1e6, "kv_bytes": kv_bytes, "handoff_gbps": kv_bytes / handoff / 1e9,
-            "split_e2e_s": split_e2e, "alone_e2e_s": alone_e2e,
-        })
-        print(f"  {length:>5} tokens: prefill {prefill_s:.2f}s, handoff {handoff * 1000:.1f} ms, "
-              f"{kv_bytes / 1e6:.1f} MB at {kv_bytes / handoff / 1e9:.2f} GB/s", flush=True)
+        rows.append(
+            {
+                "prompt_tokens": length,
+                "prefill_s": prefill_s,
+                "handoff_s": handoff,
+                "decode_ttft_s": ttft,
+                "itl_ms": itl * 1000,
+                "kv_blocks": blocks,
+                "kv_mb": kv_bytes / 1e6,
+                "kv_bytes": kv_bytes,
+                "handoff_gbps": kv_bytes / handoff / 1e9,
+                "split_e2e_s": split_e2e,
+                "alone_e2e_s": alone_e2e,
+            }
+        )
+        print(
+            f"  {length:>5} tokens: prefill {prefill_s:.2f}s, handoff {handoff * 1000:.1f} ms, "
+            f"{kv_bytes / 1e6:.1f} MB at {kv_bytes / handoff / 1e9:.2f} GB/s",
+            flush=True,
+        )
     return rows
 
 
@@ -110,15 +130,36 @@ async def run(args: argparse.Namespace) -> None:
         stages = []
         for role, core in (("prefill", "0"), ("decode", "1")):
             port = free_port()
-            stages.append(group.add(StageProcess(
-                role, f"{role}_svc",
-                ["--port", str(port), "--etcd", etcd.endpoint, "--home", str(home),
-                 "--cpu-cores", core, "--kv-cache-gib", "2", "--max-model-len", str(args.max_model_len)],
-                f"127.0.0.1:{port}", log_dir,
-            )))
+            stages.append(
+                group.add(
+                    StageProcess(
+                        role,
+                        f"{role}_svc",
+                        [
+                            "--port",
+                            str(port),
+                            "--etcd",
+                            etcd.endpoint,
+                            "--home",
+                            str(home),
+                            "--cpu-cores",
+                            core,
+                            "--kv-cache-gib",
+                            "2",
+                            "--max-model-len",
+                            str(args.max_model_len),
+                        ],
+                        f"127.0.0.1:{port}",
+                        log_dir,
+                    )
+                )
+            )
         print(f"starting engines (logs in {log_dir})...", flush=True)
         await asyncio.gather(*(stage.wait_healthy(600) for stage in stages))
-        async with EngineClient(stages[0].grpc_address) as prefill, EngineClient(stages[1].grpc_address) as decode:
+        async with (
+            EngineClient(stages[0].grpc_address) as prefill,
+            EngineClient(stages[1].grpc_address) as decode,
+        ):
             block_size = (await decode.load()).kv_block_size
             rows = await measure(args, prefill, decode, per_token, block_size)
     finally:
@@ -128,29 +169,55 @@ async def run(args: argparse.Namespace) -> None:
     for row in rows:
         row["raw_nixl_gbps"] = raw_copy_gbps(row["kv_bytes"])
 
-    print(f"\nKV handoff prefill -> decode over NIXL ({per_token} KV bytes/token, block {block_size}, "
-          f"{args.output} output tokens)")
-    print_table(rows, [
-        ("prompt_tokens", "prompt", "d"), ("prefill_s", "prefill s", ".3f"),
-        ("handoff_s", "handoff s", ".4f"), ("kv_mb", "KV MB", ".1f"),
-        ("handoff_gbps", "handoff GB/s", ".2f"), ("raw_nixl_gbps", "raw NIXL GB/s", ".2f"),
-        ("itl_ms", "ITL ms", ".1f"), ("split_e2e_s", "split e2e s", ".2f"),
-        ("alone_e2e_s", "one engine e2e s", ".2f"),
-    ])
+    print(
+        f"\nKV handoff prefill -> decode over NIXL ({per_token} KV bytes/token, block {block_size}, "
+        f"{args.output} output tokens)"
+    )
+    print_table(
+        rows,
+        [
+            ("prompt_tokens", "prompt", "d"),
+            ("prefill_s", "prefill s", ".3f"),
+            ("handoff_s", "handoff s", ".4f"),
+            ("kv_mb", "KV MB", ".1f"),
+            ("handoff_gbps", "handoff GB/s", ".2f"),
+            ("raw_nixl_gbps", "raw NIXL GB/s", ".2f"),
+            ("itl_ms", "ITL ms", ".1f"),
+            ("split_e2e_s", "split e2e s", ".2f"),
+            ("alone_e2e_s", "one engine e2e s", ".2f"),
+        ],
+    )
     if args.json:
-        write_json(Path(args.json), {"benchmark": "engines", "output_tokens": args.output,
-                                     "kv_bytes_per_token": per_token, "rows": rows})
+        write_json(
+            Path(args.json),
+            {
+                "benchmark": "engines",
+                "output_tokens": args.output,
+                "kv_bytes_per_token": per_token,
+                "rows": rows,
+            },
+        )
     if args.png:
         xs = [float(r["prompt_tokens"]) for r in rows]
-        write_png(Path(args.png), "P/D handoff: achieved vs raw NIXL", "prompt tokens",
-                  {"handoff GB/s": (xs, [r["handoff_gbps"] for r in rows]),
-                   "raw NIXL GB/s": (xs, [r["raw_nixl_gbps"] for r in rows])}, "GB/s")
+        write_png(
+            Path(args.png),
+            "P/D handoff: achieved vs raw NIXL",
+            "prompt tokens",
+            {
+                "handoff GB/s": (xs, [r["handoff_gbps"] for r in rows]),
+                "raw NIXL GB/s": (xs, [r["raw_nixl_gbps"] for r in rows]),
+            },
+            "GB/s",
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[64, 256, 1024, 4096, 8000])
+    parser.add_argument(
+        "--lengths",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[64, 256, 1024, 4096, 8000],
+    )
     parser.add_argument("--output", type=int, default=32, help="tokens generated per request")
     parser.add_argument("--max-model-len", type=int, default=8192, help="engine context length")
     add_output_arguments(parser, DEFAULT_HOME)

@@ -41,10 +41,13 @@ from services.pb import common_pb2, router_pb2
 STAGES = ("decode", "prefill", "tokenizer", "router")
 
 
-async def stream(router: RouterClient, prompt: str, max_tokens: int, started: asyncio.Event) -> dict[str, Any]:
+async def stream(
+    router: RouterClient, prompt: str, max_tokens: int, started: asyncio.Event
+) -> dict[str, Any]:
     """One greedy stream: its ids, its end-to-end seconds, and the error if it failed."""
     request = router_pb2.RouterGenerateRequest(
-        text=prompt, return_token_ids=True,
+        text=prompt,
+        return_token_ids=True,
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
     )
     begun = time.monotonic()
@@ -65,7 +68,9 @@ async def burst(
     """Every prompt streamed at once; ``victim`` is killed once half have a token."""
     events = [asyncio.Event() for _ in prompts]
     async with RouterClient(router_address) as router:
-        tasks = [asyncio.create_task(stream(router, p, max_tokens, e)) for p, e in zip(prompts, events)]
+        tasks = [
+            asyncio.create_task(stream(router, p, max_tokens, e)) for p, e in zip(prompts, events)
+        ]
         if victim is not None:
             while sum(e.is_set() for e in events) < len(prompts) // 2:
                 await asyncio.sleep(0.02)
@@ -76,11 +81,16 @@ async def burst(
 async def migrations(http_url: str) -> float:
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"{http_url}/metrics")).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("stagemesh_router_migrations_total "))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("stagemesh_router_migrations_total ")
+    )
 
 
-def summary(stage: str, unbroken: list[dict[str, Any]], faulted: list[dict[str, Any]], migrated: float) -> dict[str, Any]:
+def summary(
+    stage: str, unbroken: list[dict[str, Any]], faulted: list[dict[str, Any]], migrated: float
+) -> dict[str, Any]:
     done = [r for r in faulted if r["error"] is None]
     return {
         "stage": stage,
@@ -88,7 +98,9 @@ def summary(stage: str, unbroken: list[dict[str, Any]], faulted: list[dict[str, 
         "completed": len(done),
         "failed": len(faulted) - len(done),
         "migrated": int(migrated),
-        "differing": sum(r["ids"] != u["ids"] for r, u in zip(faulted, unbroken) if r["error"] is None),
+        "differing": sum(
+            r["ids"] != u["ids"] for r, u in zip(faulted, unbroken) if r["error"] is None
+        ),
         "e2e_p50_s": statistics.median(r["e2e"] for r in unbroken),
         "e2e_max_s": max(r["e2e"] for r in unbroken),
         "fault_e2e_p50_s": statistics.median(r["e2e"] for r in done) if done else None,
@@ -108,11 +120,25 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     def stage(name: str, module: str, *extra: str) -> StageProcess:
         port = free_port()
-        return group.add(StageProcess(
-            name, module, ["--port", str(port), "--etcd", etcd.endpoint, "--home", str(home),
-                           "--metrics-port", "0", *extra],
-            f"127.0.0.1:{port}", log_dir,
-        ))
+        return group.add(
+            StageProcess(
+                name,
+                module,
+                [
+                    "--port",
+                    str(port),
+                    "--etcd",
+                    etcd.endpoint,
+                    "--home",
+                    str(home),
+                    "--metrics-port",
+                    "0",
+                    *extra,
+                ],
+                f"127.0.0.1:{port}",
+                log_dir,
+            )
+        )
 
     rows = []
     try:
@@ -122,12 +148,16 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "prefill": stage("prefill", "prefill_svc", "--cpu-cores", "0"),
             "decode": stage("decode", "decode_svc", "--cpu-cores", "1"),
             "decode-2": stage("decode-2", "decode_svc", "--cpu-cores", "1"),
-            "router": stage("router", "router_svc", "--http-port", str(http_port), "--host", "127.0.0.1"),
+            "router": stage(
+                "router", "router_svc", "--http-port", str(http_port), "--host", "127.0.0.1"
+            ),
         }
         await asyncio.gather(*(s.wait_healthy(900) for s in stages.values()))
         await asyncio.sleep(3)  # the router's first load polls
         router_address, http_url = stages["router"].grpc_address, f"http://127.0.0.1:{http_port}"
-        prompts = [f"Report {i}: the weather over the northern sea today is" for i in range(args.streams)]
+        prompts = [
+            f"Report {i}: the weather over the northern sea today is" for i in range(args.streams)
+        ]
         for name in args.stages:
             unbroken = await burst(router_address, prompts, args.max_tokens, None)
             before = await migrations(http_url)
@@ -148,8 +178,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--stages", type=lambda s: [x for x in s.split(",") if x], default=list(STAGES),
-                        help=f"comma-separated, of {', '.join(STAGES)}")
+    parser.add_argument(
+        "--stages",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=list(STAGES),
+        help=f"comma-separated, of {', '.join(STAGES)}",
+    )
     add_output_arguments(parser, DEFAULT_HOME)
     args = parser.parse_args()
     unknown = set(args.stages) - set(STAGES)
@@ -157,16 +191,32 @@ def main() -> None:
         parser.error(f"unknown stages: {', '.join(sorted(unknown))}")
     with contextlib.suppress(KeyboardInterrupt):
         rows = asyncio.run(run(args))
-        print(f"\nKilling one stage under {args.streams} concurrent greedy streams of {args.max_tokens} tokens")
-        print_table(rows, [
-            ("stage", "killed", "s"), ("completed", "completed", "d"), ("failed", "failed", "d"),
-            ("migrated", "migrated", "d"), ("differing", "differing ids", "d"),
-            ("e2e_p50_s", "e2e p50 s", ".2f"), ("fault_e2e_p50_s", "with fault p50 s", ".2f"),
-            ("e2e_max_s", "e2e max s", ".2f"), ("fault_e2e_max_s", "with fault max s", ".2f"),
-        ])
+        print(
+            f"\nKilling one stage under {args.streams} concurrent greedy streams of {args.max_tokens} tokens"
+        )
+        print_table(
+            rows,
+            [
+                ("stage", "killed", "s"),
+                ("completed", "completed", "d"),
+                ("failed", "failed", "d"),
+                ("migrated", "migrated", "d"),
+                ("differing", "differing ids", "d"),
+                ("e2e_p50_s", "e2e p50 s", ".2f"),
+                ("fault_e2e_p50_s", "with fault p50 s", ".2f"),
+                ("e2e_max_s", "e2e max s", ".2f"),
+                ("fault_e2e_max_s", "with fault max s", ".2f"),
+            ],
+        )
         if args.json:
-            write_json(Path(args.json), {"benchmark": "faults", "settings": {
-                k: v for k, v in vars(args).items() if k not in ("json", "png")}, "rows": rows})
+            write_json(
+                Path(args.json),
+                {
+                    "benchmark": "faults",
+                    "settings": {k: v for k, v in vars(args).items() if k not in ("json", "png")},
+                    "rows": rows,
+                },
+            )
 
 
 if __name__ == "__main__":

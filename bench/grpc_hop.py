@@ -51,27 +51,40 @@ def _sent_at(ids: Any) -> int:
 
 async def _serve(service: str, method: str, handler: Any, port: int) -> None:
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(service, {method: handler})]
+    )
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
 
 
 async def source(port: int, messages: int, gap: float) -> None:
-    async def stream(request: engine_pb2.GenerateRequest, context: Any) -> AsyncIterator[engine_pb2.GenerateResponse]:
+    async def stream(
+        request: engine_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         for _ in range(messages):
             await asyncio.sleep(gap)
             yield engine_pb2.GenerateResponse(token_ids=_stamp())
 
-    await _serve("bench.Source", "Stream", grpc.unary_stream_rpc_method_handler(
-        stream, engine_pb2.GenerateRequest.FromString, engine_pb2.GenerateResponse.SerializeToString,
-    ), port)
+    await _serve(
+        "bench.Source",
+        "Stream",
+        grpc.unary_stream_rpc_method_handler(
+            stream,
+            engine_pb2.GenerateRequest.FromString,
+            engine_pb2.GenerateResponse.SerializeToString,
+        ),
+        port,
+    )
 
 
 async def forwarder(port: int, upstream: str) -> None:
     chan = channel(upstream)
     open_upstream = chan.unary_stream(
-        _SOURCE, engine_pb2.GenerateRequest.SerializeToString, engine_pb2.GenerateResponse.FromString
+        _SOURCE,
+        engine_pb2.GenerateRequest.SerializeToString,
+        engine_pb2.GenerateResponse.FromString,
     )
 
     async def stream(
@@ -82,15 +95,24 @@ async def forwarder(port: int, upstream: str) -> None:
             assert isinstance(reply, engine_pb2.GenerateResponse)
             yield router_pb2.RouterGenerateResponse(text=" token", token_ids=reply.token_ids)
 
-    await _serve("bench.Forwarder", "Stream", grpc.unary_stream_rpc_method_handler(
-        stream, engine_pb2.GenerateRequest.FromString, router_pb2.RouterGenerateResponse.SerializeToString,
-    ), port)
+    await _serve(
+        "bench.Forwarder",
+        "Stream",
+        grpc.unary_stream_rpc_method_handler(
+            stream,
+            engine_pb2.GenerateRequest.FromString,
+            router_pb2.RouterGenerateResponse.SerializeToString,
+        ),
+        port,
+    )
 
 
 async def _latencies(address: str, method: str, reply_type: Any) -> tuple[list[float], float]:
     """Each message's latency (ms) over one stream, and the stream's duration (s)."""
     async with channel(address) as chan:
-        call = chan.unary_stream(method, engine_pb2.GenerateRequest.SerializeToString, reply_type.FromString)
+        call = chan.unary_stream(
+            method, engine_pb2.GenerateRequest.SerializeToString, reply_type.FromString
+        )
         latencies = []
         started = time.perf_counter()
         async for reply in call(engine_pb2.GenerateRequest()):
@@ -100,23 +122,33 @@ async def _latencies(address: str, method: str, reply_type: Any) -> tuple[list[f
 
 def _summary(path: str, latencies: list[float]) -> dict[str, Any]:
     ordered = sorted(latencies)
-    return {"path": path, "latency_p50_ms": statistics.median(ordered),
-            "latency_p90_ms": ordered[int(len(ordered) * 0.9)]}
+    return {
+        "path": path,
+        "latency_p50_ms": statistics.median(ordered),
+        "latency_p90_ms": ordered[int(len(ordered) * 0.9)],
+    }
 
 
-async def measure(direct_address: str, forwarded_address: str, forwarder_pid: int) -> dict[str, Any]:
+async def measure(
+    direct_address: str, forwarded_address: str, forwarder_pid: int
+) -> dict[str, Any]:
     for address in (direct_address, forwarded_address):  # up
         async with channel(address) as chan:
             await asyncio.wait_for(chan.channel_ready(), 30)
     await _latencies(forwarded_address, _FORWARDER, router_pb2.RouterGenerateResponse)  # warm
     direct, _ = await _latencies(direct_address, _SOURCE, engine_pb2.GenerateResponse)
     before = cpu_seconds([forwarder_pid])
-    forwarded, duration = await _latencies(forwarded_address, _FORWARDER, router_pb2.RouterGenerateResponse)
+    forwarded, duration = await _latencies(
+        forwarded_address, _FORWARDER, router_pb2.RouterGenerateResponse
+    )
     busy = cpu_seconds([forwarder_pid]) - before
     before = cpu_seconds([forwarder_pid])
     await asyncio.sleep(duration)
     idle = cpu_seconds([forwarder_pid]) - before
-    rows = [_summary("source -> client", direct), _summary("source -> forwarder -> client", forwarded)]
+    rows = [
+        _summary("source -> client", direct),
+        _summary("source -> forwarder -> client", forwarded),
+    ]
     return {
         "rows": rows,
         "hop_added_ms": rows[1]["latency_p50_ms"] - rows[0]["latency_p50_ms"],
@@ -127,7 +159,9 @@ async def measure(direct_address: str, forwarded_address: str, forwarder_pid: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200)
-    parser.add_argument("--gap-ms", type=float, default=50.0, help="time between messages at the source")
+    parser.add_argument(
+        "--gap-ms", type=float, default=50.0, help="time between messages at the source"
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--serve-source", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--serve-forwarder", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -140,22 +174,48 @@ def main() -> None:
         uvloop.run(forwarder(args.serve_forwarder, args.upstream))
         return
     source_port, forwarder_port = free_port(), free_port()
-    me = [sys.executable, "-m", "bench.grpc_hop", "--messages", str(args.messages), "--gap-ms", str(args.gap_ms)]
+    me = [
+        sys.executable,
+        "-m",
+        "bench.grpc_hop",
+        "--messages",
+        str(args.messages),
+        "--gap-ms",
+        str(args.gap_ms),
+    ]
     processes = [
         subprocess.Popen([*me, "--serve-source", str(source_port)]),
-        subprocess.Popen([*me, "--serve-forwarder", str(forwarder_port), "--upstream", f"127.0.0.1:{source_port}"]),
+        subprocess.Popen(
+            [
+                *me,
+                "--serve-forwarder",
+                str(forwarder_port),
+                "--upstream",
+                f"127.0.0.1:{source_port}",
+            ]
+        ),
     ]
     try:
-        result = uvloop.run(measure(f"127.0.0.1:{source_port}", f"127.0.0.1:{forwarder_port}", processes[1].pid))
+        result = uvloop.run(
+            measure(f"127.0.0.1:{source_port}", f"127.0.0.1:{forwarder_port}", processes[1].pid)
+        )
     finally:
         for process in processes:
             process.kill()
             process.wait()
     print(f"\nOne grpc.aio hop, {args.messages} messages {args.gap_ms:g} ms apart")
-    print_table(result["rows"], [("path", "path", "s"), ("latency_p50_ms", "latency p50 ms", ".3f"),
-                                 ("latency_p90_ms", "latency p90 ms", ".3f")])
-    print(f"added by the hop (p50): {result['hop_added_ms']:.3f} ms; "
-          f"forwarder CPU: {result['forwarder_cpu_ms_per_message']:.3f} ms per message")
+    print_table(
+        result["rows"],
+        [
+            ("path", "path", "s"),
+            ("latency_p50_ms", "latency p50 ms", ".3f"),
+            ("latency_p90_ms", "latency p90 ms", ".3f"),
+        ],
+    )
+    print(
+        f"added by the hop (p50): {result['hop_added_ms']:.3f} ms; "
+        f"forwarder CPU: {result['forwarder_cpu_ms_per_message']:.3f} ms per message"
+    )
     if args.json:
         settings = {"messages": args.messages, "gap_ms": args.gap_ms}
         write_json(Path(args.json), {"benchmark": "grpc_hop", "settings": settings, **result})

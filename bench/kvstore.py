@@ -61,7 +61,9 @@ async def _external_hits(address: str) -> int:
         return int((await engine.load()).external_prefix_hit_tokens)
 
 
-async def measure_ttft(args: argparse.Namespace, store: str, a: str, b: str) -> list[dict[str, Any]]:
+async def measure_ttft(
+    args: argparse.Namespace, store: str, a: str, b: str
+) -> list[dict[str, Any]]:
     rng = random.Random(0)
     await _ttft(b, fresh_prompt(64, rng))  # one-off costs (first NIXL use, warm-up)
     await _ttft(a, fresh_prompt(64, rng))
@@ -77,21 +79,39 @@ async def measure_ttft(args: argparse.Namespace, store: str, a: str, b: str) -> 
         hits_before = await _external_hits(b)
         loaded = await _ttft(b, shared + fresh_prompt(args.question, rng))
         loaded_tokens = await _external_hits(b) - hits_before
-        rows.append({
-            "trial": trial, "prefix_tokens": args.prefix, "recomputed_ttft_s": recomputed,
-            "loaded_ttft_s": loaded, "speedup": recomputed / loaded, "loaded_tokens": loaded_tokens,
-            "store_blocks": stored_before,
-        })
-        print(f"  trial {trial}: recomputed {recomputed * 1000:.0f} ms, loaded {loaded * 1000:.0f} ms "
-              f"({loaded_tokens} tokens from the store), {recomputed / loaded:.1f}x", flush=True)
+        rows.append(
+            {
+                "trial": trial,
+                "prefix_tokens": args.prefix,
+                "recomputed_ttft_s": recomputed,
+                "loaded_ttft_s": loaded,
+                "speedup": recomputed / loaded,
+                "loaded_tokens": loaded_tokens,
+                "store_blocks": stored_before,
+            }
+        )
+        print(
+            f"  trial {trial}: recomputed {recomputed * 1000:.0f} ms, loaded {loaded * 1000:.0f} ms "
+            f"({loaded_tokens} tokens from the store), {recomputed / loaded:.1f}x",
+            flush=True,
+        )
     return rows
 
 
-def measure_nixl(store_address: str, instance_id: str, block_bytes: int, total_mib: int) -> dict[str, float]:
+def measure_nixl(
+    store_address: str, instance_id: str, block_bytes: int, total_mib: int
+) -> dict[str, float]:
     """Store write and read GB/s from this process's agent, for blocks of ``block_bytes``."""
     blocks = max(1, (total_mib << 20) // block_bytes)
-    shards = ShardMap([kvstore_pb2.ShardEntry(instance_id=instance_id, grpc_address=store_address,
-                                              ring_points=ring_points(instance_id))])
+    shards = ShardMap(
+        [
+            kvstore_pb2.ShardEntry(
+                instance_id=instance_id,
+                grpc_address=store_address,
+                ring_points=ring_points(instance_id),
+            )
+        ]
+    )
     host = HostBlocks(new_agent("bench-client"), blocks, block_bytes)
     link = StoreLink(host.agent, rpc_timeout=30, transfer_timeout=60)
     try:
@@ -107,10 +127,16 @@ def measure_nixl(store_address: str, instance_id: str, block_bytes: int, total_m
         read_s = time.perf_counter() - start
         link.release(prefix)
         if written != blocks or len(prefix.hits) != blocks or not bool((host.memory == 7).all()):
-            raise RuntimeError(f"store round trip lost data: wrote {written}/{blocks}, read {len(prefix.hits)}")
+            raise RuntimeError(
+                f"store round trip lost data: wrote {written}/{blocks}, read {len(prefix.hits)}"
+            )
         nbytes = blocks * block_bytes
-        return {"bytes": nbytes, "store_write_gbps": nbytes / write_s / 1e9,
-                "store_read_gbps": nbytes / read_s / 1e9, "raw_nixl_gbps": raw_copy_gbps(nbytes)}
+        return {
+            "bytes": nbytes,
+            "store_write_gbps": nbytes / write_s / 1e9,
+            "store_read_gbps": nbytes / read_s / 1e9,
+            "raw_nixl_gbps": raw_copy_gbps(nbytes),
+        }
     finally:
         link.close()
         host.close()
@@ -125,58 +151,124 @@ async def run(args: argparse.Namespace) -> None:
     group = ProcessGroup()
     try:
         store_port = free_port()
-        store = group.add(StageProcess(
-            "kvstore", "kvstore_svc",
-            ["--port", str(store_port), "--etcd", etcd.endpoint, "--home", str(home),
-             "--capacity-mib", str(args.capacity_mib), "--instance-id", "kvstore-bench"],
-            f"127.0.0.1:{store_port}", log_dir,
-        ))
+        store = group.add(
+            StageProcess(
+                "kvstore",
+                "kvstore_svc",
+                [
+                    "--port",
+                    str(store_port),
+                    "--etcd",
+                    etcd.endpoint,
+                    "--home",
+                    str(home),
+                    "--capacity-mib",
+                    str(args.capacity_mib),
+                    "--instance-id",
+                    "kvstore-bench",
+                ],
+                f"127.0.0.1:{store_port}",
+                log_dir,
+            )
+        )
         await store.wait_healthy(120)
         engines = []
         for name, core in (("prefill-a", "0"), ("prefill-b", "1")):
             port = free_port()
-            engines.append(group.add(StageProcess(
-                name, "prefill_svc",
-                ["--port", str(port), "--etcd", etcd.endpoint, "--home", str(home), "--cpu-cores", core,
-                 "--kv-cache-gib", "2", "--max-model-len", str(args.max_model_len), "--instance-id", name,
-                 *(["--block-size", str(args.block_size)] if args.block_size else [])],
-                f"127.0.0.1:{port}", log_dir,
-            )))
+            engines.append(
+                group.add(
+                    StageProcess(
+                        name,
+                        "prefill_svc",
+                        [
+                            "--port",
+                            str(port),
+                            "--etcd",
+                            etcd.endpoint,
+                            "--home",
+                            str(home),
+                            "--cpu-cores",
+                            core,
+                            "--kv-cache-gib",
+                            "2",
+                            "--max-model-len",
+                            str(args.max_model_len),
+                            "--instance-id",
+                            name,
+                            *(["--block-size", str(args.block_size)] if args.block_size else []),
+                        ],
+                        f"127.0.0.1:{port}",
+                        log_dir,
+                    )
+                )
+            )
         print(f"starting the store and two engines (logs in {log_dir})...", flush=True)
         await asyncio.gather(*(engine.wait_healthy(600) for engine in engines))
-        rows = await measure_ttft(args, store.grpc_address, engines[0].grpc_address, engines[1].grpc_address)
+        rows = await measure_ttft(
+            args, store.grpc_address, engines[0].grpc_address, engines[1].grpc_address
+        )
         block_bytes = int((await _store_stats(store.grpc_address)).block_bytes)
         for engine in engines:  # the store's own NIXL paths, with no engine competing
             await asyncio.to_thread(engine.stop)
-        nixl = await asyncio.to_thread(measure_nixl, store.grpc_address, "kvstore-bench", block_bytes, args.nixl_mib)
+        nixl = await asyncio.to_thread(
+            measure_nixl, store.grpc_address, "kvstore-bench", block_bytes, args.nixl_mib
+        )
     finally:
         group.stop_all()
         etcd.stop()
 
     recomputed = statistics.median(r["recomputed_ttft_s"] for r in rows)
     loaded = statistics.median(r["loaded_ttft_s"] for r in rows)
-    print(f"\nTTFT for a {args.prefix}-token shared prefix + {args.question}-token question on a cold engine")
-    print_table(rows, [
-        ("trial", "trial", "d"), ("recomputed_ttft_s", "recomputed s", ".3f"),
-        ("loaded_ttft_s", "loaded s", ".3f"), ("speedup", "speedup", ".1f"),
-        ("loaded_tokens", "tokens loaded", "d"),
-    ])
-    print(f"median: recomputed {recomputed * 1000:.0f} ms, loaded {loaded * 1000:.0f} ms, "
-          f"{recomputed / loaded:.1f}x (target >= 10x)")
-    print(f"\nstore NIXL throughput, {nixl['bytes'] / 1e6:.0f} MB in blocks of {block_bytes / 1e6:.2f} MB:")
-    print(f"  write {nixl['store_write_gbps']:.2f} GB/s, read {nixl['store_read_gbps']:.2f} GB/s, "
-          f"raw NIXL copy {nixl['raw_nixl_gbps']:.2f} GB/s")
-    payload = {"benchmark": "kvstore", "prefix_tokens": args.prefix, "question_tokens": args.question,
-               "block_size": args.block_size or "default",
-               "rows": rows, "median_recomputed_ttft_s": recomputed, "median_loaded_ttft_s": loaded,
-               "speedup": recomputed / loaded, "block_bytes": block_bytes, "nixl": nixl}
+    print(
+        f"\nTTFT for a {args.prefix}-token shared prefix + {args.question}-token question on a cold engine"
+    )
+    print_table(
+        rows,
+        [
+            ("trial", "trial", "d"),
+            ("recomputed_ttft_s", "recomputed s", ".3f"),
+            ("loaded_ttft_s", "loaded s", ".3f"),
+            ("speedup", "speedup", ".1f"),
+            ("loaded_tokens", "tokens loaded", "d"),
+        ],
+    )
+    print(
+        f"median: recomputed {recomputed * 1000:.0f} ms, loaded {loaded * 1000:.0f} ms, "
+        f"{recomputed / loaded:.1f}x (target >= 10x)"
+    )
+    print(
+        f"\nstore NIXL throughput, {nixl['bytes'] / 1e6:.0f} MB in blocks of {block_bytes / 1e6:.2f} MB:"
+    )
+    print(
+        f"  write {nixl['store_write_gbps']:.2f} GB/s, read {nixl['store_read_gbps']:.2f} GB/s, "
+        f"raw NIXL copy {nixl['raw_nixl_gbps']:.2f} GB/s"
+    )
+    payload = {
+        "benchmark": "kvstore",
+        "prefix_tokens": args.prefix,
+        "question_tokens": args.question,
+        "block_size": args.block_size or "default",
+        "rows": rows,
+        "median_recomputed_ttft_s": recomputed,
+        "median_loaded_ttft_s": loaded,
+        "speedup": recomputed / loaded,
+        "block_bytes": block_bytes,
+        "nixl": nixl,
+    }
     if args.json:
         write_json(Path(args.json), payload)
     if args.png:
         xs = [float(r["trial"] + 1) for r in rows]
-        write_png(Path(args.png), f"TTFT, {args.prefix}-token shared prefix", "trial",
-                  {"recomputed": (xs, [r["recomputed_ttft_s"] for r in rows]),
-                   "loaded from the KV store": (xs, [r["loaded_ttft_s"] for r in rows])}, "seconds")
+        write_png(
+            Path(args.png),
+            f"TTFT, {args.prefix}-token shared prefix",
+            "trial",
+            {
+                "recomputed": (xs, [r["recomputed_ttft_s"] for r in rows]),
+                "loaded from the KV store": (xs, [r["loaded_ttft_s"] for r in rows]),
+            },
+            "seconds",
+        )
 
 
 def main() -> None:
@@ -185,10 +277,16 @@ def main() -> None:
     parser.add_argument("--question", type=int, default=16, help="tokens after the shared prefix")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--capacity-mib", type=int, default=2048, help="store capacity")
-    parser.add_argument("--nixl-mib", type=int, default=256, help="bytes moved in the NIXL measurement")
+    parser.add_argument(
+        "--nixl-mib", type=int, default=256, help="bytes moved in the NIXL measurement"
+    )
     parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--block-size", type=int, default=0,
-                        help="engines' KV block size in tokens (0: the engines' default, 128 on CPU)")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=0,
+        help="engines' KV block size in tokens (0: the engines' default, 128 on CPU)",
+    )
     add_output_arguments(parser, DEFAULT_HOME)
     asyncio.run(run(parser.parse_args()))
 

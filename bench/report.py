@@ -20,7 +20,12 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
     """Print rows as an aligned table; columns are (key, header, format spec)."""
     cells = [[header for _, header, _ in columns]]
     for row in rows:
-        cells.append([format(row[key], spec) if row.get(key) is not None else "-" for key, _, spec in columns])
+        cells.append(
+            [
+                format(row[key], spec) if row.get(key) is not None else "-"
+                for key, _, spec in columns
+            ]
+        )
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     for line in cells:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
@@ -32,7 +37,13 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
-def write_png(path: Path, title: str, x_label: str, series: dict[str, tuple[list[float], list[float]]], y_label: str) -> None:
+def write_png(
+    path: Path,
+    title: str,
+    x_label: str,
+    series: dict[str, tuple[list[float], list[float]]],
+    y_label: str,
+) -> None:
     """One line per series; needs matplotlib (pip install -e '.[bench]')."""
     try:
         import matplotlib

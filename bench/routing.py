@@ -24,7 +24,9 @@ from services.pb import common_pb2
 BLOCK_SIZE = 16
 
 
-def fill(index: KvIndex, workers: int, blocks: int, prefixes: list[list[int]], rng: random.Random) -> float:
+def fill(
+    index: KvIndex, workers: int, blocks: int, prefixes: list[list[int]], rng: random.Random
+) -> float:
     """Store shared prefixes on a quarter of the workers each, then unique chains; seconds taken."""
     started = time.perf_counter()
     engine_id = 0
@@ -34,7 +36,10 @@ def fill(index: KvIndex, workers: int, blocks: int, prefixes: list[list[int]], r
         count = len(ids) // BLOCK_SIZE
         hashes = [(engine_id + i).to_bytes(8, "little") for i in range(count)]
         engine_id += count
-        index.stored(worker, common_pb2.BlockStored(block_hashes=hashes, token_ids=ids, block_size=BLOCK_SIZE))
+        index.stored(
+            worker,
+            common_pb2.BlockStored(block_hashes=hashes, token_ids=ids, block_size=BLOCK_SIZE),
+        )
 
     names = [f"decode-{w}" for w in range(workers)]
     for prefix in prefixes:
@@ -52,7 +57,9 @@ def rss_mib() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(workers: int, blocks: int, prompt_blocks: int = 64, decisions: int = 20_000) -> dict[str, float]:
+def measure(
+    workers: int, blocks: int, prompt_blocks: int = 64, decisions: int = 20_000
+) -> dict[str, float]:
     """Fill an index with ``blocks`` entries over ``workers`` workers, then time
     ``decisions`` routing lookups (hash the prompt, match every worker)."""
     rng = random.Random(7)
@@ -64,7 +71,8 @@ def measure(workers: int, blocks: int, prompt_blocks: int = 64, decisions: int =
     names = index.workers()
     # Prompts: a shared system prompt then the user's own turn (prefix hits of 48 blocks).
     prompts = [
-        rng.choice(prefixes) + [rng.randrange(49152) for _ in range(BLOCK_SIZE * (prompt_blocks - 48))]
+        rng.choice(prefixes)
+        + [rng.randrange(49152) for _ in range(BLOCK_SIZE * (prompt_blocks - 48))]
         for _ in range(256)
     ]
     matched = 0
@@ -85,9 +93,13 @@ def measure(workers: int, blocks: int, prompt_blocks: int = 64, decisions: int =
 
 
 COLUMNS = [
-    ("workers", "workers", "d"), ("entries", "index entries", ",d"), ("fill_s", "fill s", ".1f"),
-    ("index_mib", "index MiB", ".0f"), ("decisions_per_s", "decisions/s", ",.0f"),
-    ("us_per_decision", "us/decision", ".1f"), ("mean_matched_blocks", "matched blocks", ".1f"),
+    ("workers", "workers", "d"),
+    ("entries", "index entries", ",d"),
+    ("fill_s", "fill s", ".1f"),
+    ("index_mib", "index MiB", ".0f"),
+    ("decisions_per_s", "decisions/s", ",.0f"),
+    ("us_per_decision", "us/decision", ".1f"),
+    ("mean_matched_blocks", "matched blocks", ".1f"),
 ]
 
 
@@ -102,7 +114,10 @@ def main() -> None:
     row = measure(args.workers, args.blocks, args.prompt_blocks, args.decisions)
     print_table([row], COLUMNS)
     if args.json:
-        write_json(args.json, {"benchmark": "routing", "block_size": BLOCK_SIZE, **vars(args), "json": None, **row})
+        write_json(
+            args.json,
+            {"benchmark": "routing", "block_size": BLOCK_SIZE, **vars(args), "json": None, **row},
+        )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,13 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 GUIDELLM = Path(".venv-guidellm/bin/guidellm")
 SCENARIOS: dict[str, dict[str, Any]] = {
     "multiturn": {
-        "data": {"prompt_tokens": 200, "output_tokens": 32, "turns": 3, "prefix_tokens": 256, "prefix_count": 4},
+        "data": {
+            "prompt_tokens": 200,
+            "output_tokens": 32,
+            "turns": 3,
+            "prefix_tokens": 256,
+            "prefix_count": 4,
+        },
         "streams": 4,
     },
     "long": {"data": {"prompt_tokens": 1024, "output_tokens": 64}, "streams": 4},
@@ -76,10 +82,15 @@ MESH_LAYOUTS: dict[str, tuple[str, int | None, int | None]] = {
 }
 SERVERS = ("vllm", "vllm-tuned", *MESH_LAYOUTS)
 COLUMNS = [
-    ("server", "server", ""), ("requests", "requests", "d"), ("output_tps", "out tok/s", ".1f"),
-    ("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("ttft_p95_ms", "TTFT p95 ms", ".0f"),
-    ("itl_p50_ms", "ITL p50 ms", ".1f"), ("e2e_p50_s", "e2e p50 s", ".2f"),
-    ("tps_ratio", "tok/s vs vllm", ".2f"), ("ttft_ratio", "TTFT p50 vs vllm", ".2f"),
+    ("server", "server", ""),
+    ("requests", "requests", "d"),
+    ("output_tps", "out tok/s", ".1f"),
+    ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
+    ("ttft_p95_ms", "TTFT p95 ms", ".0f"),
+    ("itl_p50_ms", "ITL p50 ms", ".1f"),
+    ("e2e_p50_s", "e2e p50 s", ".2f"),
+    ("tps_ratio", "tok/s vs vllm", ".2f"),
+    ("ttft_ratio", "TTFT p50 vs vllm", ".2f"),
 ]
 
 
@@ -100,19 +111,44 @@ class Server:
 class PlainVllm(Server):
     """vLLM's own OpenAI server on this host; ``tuned`` gives it the mesh engine's settings."""
 
-    def __init__(self, name: str, model_dir: Path, log_dir: Path, kv_gib: int, max_model_len: int, tuned: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        model_dir: Path,
+        log_dir: Path,
+        kv_gib: int,
+        max_model_len: int,
+        tuned: bool,
+    ) -> None:
         self.name = name
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
         cores = allowed_cores()
         if tuned:  # what services/engine does for an engine that owns every core
-            env.update(VLLM_CPU_OMP_THREADS_BIND=format_cores(cores), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+            env.update(
+                VLLM_CPU_OMP_THREADS_BIND=format_cores(cores), VLLM_ENABLE_V1_MULTIPROCESSING="0"
+            )
         self._process = StageProcess(
-            name, "vllm.entrypoints.openai.api_server",
-            ["--model", str(model_dir), "--served-model-name", MODEL_NAME, "--dtype", "float32",
-             "--max-model-len", str(max_model_len), "--port", str(port), "--enable-prefix-caching"],
-            "", log_dir, env=env, cores=cores if tuned else None,
+            name,
+            "vllm.entrypoints.openai.api_server",
+            [
+                "--model",
+                str(model_dir),
+                "--served-model-name",
+                MODEL_NAME,
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                str(max_model_len),
+                "--port",
+                str(port),
+                "--enable-prefix-caching",
+            ],
+            "",
+            log_dir,
+            env=env,
+            cores=cores if tuned else None,
         )
 
     async def start(self) -> None:
@@ -129,10 +165,19 @@ class Mesh(Server):
 
     def __init__(self, name: str, home: Path, log_dir: Path, flags: list[str]) -> None:
         self.name = name
-        self._ports = {role: free_port() for role in ("etcd", "tokenizer", "prefill", "decode", "kvstore", "router", "http")}
+        self._ports = {
+            role: free_port()
+            for role in ("etcd", "tokenizer", "prefill", "decode", "kvstore", "router", "http")
+        }
         self.url = f"http://127.0.0.1:{self._ports['http']}"
         self._command = [
-            sys.executable, "-m", "services.cli", "--home", str(home), "up", *flags,
+            sys.executable,
+            "-m",
+            "services.cli",
+            "--home",
+            str(home),
+            "up",
+            *flags,
             *(arg for role, port in self._ports.items() for arg in (f"--{role}-port", str(port))),
         ]
         self._log_path = log_dir / f"{name}.log"
@@ -149,7 +194,9 @@ class Mesh(Server):
         def tail() -> str:
             return "\n".join(self._log_path.read_text(errors="replace").splitlines()[-30:])
 
-        await wait_for_http(self.url, lambda: self._process is not None and self._process.poll() is None, tail)
+        await wait_for_http(
+            self.url, lambda: self._process is not None and self._process.poll() is None, tail
+        )
         print(tail().split("starting")[0].strip(), flush=True)  # the layout it chose
 
     def stop(self) -> None:
@@ -165,7 +212,11 @@ class Mesh(Server):
 async def wait_for_http(url: str, alive: Any, log_tail: Any, timeout: float = 900) -> None:
     """Until a chat completion succeeds (the first one also warms the engine up)."""
     deadline = time.monotonic() + timeout
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8}
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "Hello!"}],
+        "max_tokens": 8,
+    }
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         while True:
             if not alive() or time.monotonic() > deadline:
@@ -201,7 +252,10 @@ def process_label(pid: int) -> str:
     words = [word.decode(errors="replace") for word in argv]
     if "-m" in words and words.index("-m") + 1 < len(words):
         module = words[words.index("-m") + 1]
-        return {"services.cli": "stagemesh up", "vllm.entrypoints.openai.api_server": "vllm api server"}.get(module, module)
+        return {
+            "services.cli": "stagemesh up",
+            "vllm.entrypoints.openai.api_server": "vllm api server",
+        }.get(module, module)
     stat = process_stat(pid)
     return stat[0] if stat else "?"
 
@@ -247,7 +301,8 @@ def profiled(server: Server) -> Iterator[dict[str, Any]]:
     cores_after, cpu_after = core_times(), process_cpu(server.pid)
     client_after = children_cpu()
     profile["core_busy"] = {
-        core: (cores_after[core][0] - cores_before[core][0]) / max(1, cores_after[core][1] - cores_before[core][1])
+        core: (cores_after[core][0] - cores_before[core][0])
+        / max(1, cores_after[core][1] - cores_before[core][1])
         for core in cores_after
     }
     profile["process_cpu_s"] = {
@@ -259,13 +314,19 @@ def profiled(server: Server) -> Iterator[dict[str, Any]]:
     profile["seconds"] = round(elapsed, 1)
 
 
-def run_guidellm(server: Server, scenario: str, args: argparse.Namespace, model_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run_guidellm(
+    server: Server, scenario: str, args: argparse.Namespace, model_dir: Path, out_dir: Path
+) -> dict[str, Any]:
     """One guidellm run; the raw report goes to ``out_dir``, the summary is returned."""
     spec = SCENARIOS[scenario]
     config = {
         "spec": {
-            "backend": {"kind": "openai_http", "target": server.url, "request_format": "/v1/chat/completions",
-                        "model": MODEL_NAME},
+            "backend": {
+                "kind": "openai_http",
+                "target": server.url,
+                "request_format": "/v1/chat/completions",
+                "model": MODEL_NAME,
+            },
             "tokenizer": {"kind": "huggingface_auto", "model": str(model_dir)},
             "profile": {"kind": "concurrent"},
             "data": [{"kind": "synthetic_text", **spec["data"]}],
@@ -278,9 +339,19 @@ def run_guidellm(server: Server, scenario: str, args: argparse.Namespace, model_
     config_path.write_text(json.dumps(config, indent=2))
     with open(out_dir / f"{server.name}-{scenario}.guidellm.log", "wb") as log:
         subprocess.run(
-            [str(args.guidellm), "run", "-c", str(config_path), "--disable-console-interactive",
-             "--output", f"kind=json,path={report_path}"],
-            stdout=log, stderr=subprocess.STDOUT, check=True, timeout=args.duration + 600,
+            [
+                str(args.guidellm),
+                "run",
+                "-c",
+                str(config_path),
+                "--disable-console-interactive",
+                "--output",
+                f"kind=json,path={report_path}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=True,
+            timeout=args.duration + 600,
         )
     metrics = json.loads(report_path.read_text())["benchmarks"][0]["metrics"]
 
@@ -300,7 +371,9 @@ def run_guidellm(server: Server, scenario: str, args: argparse.Namespace, model_
     }
 
 
-def build_servers(args: argparse.Namespace, home: Path, model_dir: Path, log_dir: Path) -> list[Server]:
+def build_servers(
+    args: argparse.Namespace, home: Path, model_dir: Path, log_dir: Path
+) -> list[Server]:
     """The servers asked for; a mesh layout with the same engines as the automatic one
     runs once, as ``mesh``."""
     cores, gpus = allowed_cores(), len(visible_gpus())
@@ -308,12 +381,23 @@ def build_servers(args: argparse.Namespace, home: Path, model_dir: Path, log_dir
     servers: list[Server] = []
     for name in args.servers:
         if name in ("vllm", "vllm-tuned"):
-            servers.append(PlainVllm(name, model_dir, log_dir, len(auto.engines), args.max_model_len, name == "vllm-tuned"))
+            servers.append(
+                PlainVllm(
+                    name,
+                    model_dir,
+                    log_dir,
+                    len(auto.engines),
+                    args.max_model_len,
+                    name == "vllm-tuned",
+                )
+            )
             continue
         layout, prefill, decode = MESH_LAYOUTS[name]
         same = choose_layout(cores, gpus, layout, prefill, decode).engines == auto.engines
         if name != "mesh" and "mesh" in args.servers and same:
-            print(f"{name}: the same engines as the automatic layout on this host; measured once, as 'mesh'")
+            print(
+                f"{name}: the same engines as the automatic layout on this host; measured once, as 'mesh'"
+            )
             continue
         flags = ["--layout", layout]
         flags += ["--prefill", str(prefill)] if prefill is not None else []
@@ -339,33 +423,58 @@ async def run(args: argparse.Namespace) -> None:
         try:
             for scenario in args.scenarios:
                 with profiled(server) as profile:
-                    row = await asyncio.to_thread(run_guidellm, server, scenario, args, model_dir, out_dir)
+                    row = await asyncio.to_thread(
+                        run_guidellm, server, scenario, args, model_dir, out_dir
+                    )
                 results[scenario].append(row)
                 profiles[f"{server.name}/{scenario}"] = profile
-                print(f"   {scenario}: {row['requests']} requests, {row['output_tps']:.1f} tok/s, "
-                      f"TTFT p50 {row['ttft_p50_ms']:.0f} ms; cores busy "
-                      + ", ".join(f"{core} {share:.0%}" for core, share in profile["core_busy"].items()), flush=True)
+                print(
+                    f"   {scenario}: {row['requests']} requests, {row['output_tps']:.1f} tok/s, "
+                    f"TTFT p50 {row['ttft_p50_ms']:.0f} ms; cores busy "
+                    + ", ".join(
+                        f"{core} {share:.0%}" for core, share in profile["core_busy"].items()
+                    ),
+                    flush=True,
+                )
         finally:
             server.stop()
     for scenario, rows in results.items():
         base = next((row for row in rows if row["server"] == "vllm"), None)
         for row in rows:
-            row["tps_ratio"] = row["output_tps"] / base["output_tps"] if base and base["output_tps"] else None
-            row["ttft_ratio"] = row["ttft_p50_ms"] / base["ttft_p50_ms"] if base and base["ttft_p50_ms"] else None
+            row["tps_ratio"] = (
+                row["output_tps"] / base["output_tps"] if base and base["output_tps"] else None
+            )
+            row["ttft_ratio"] = (
+                row["ttft_p50_ms"] / base["ttft_p50_ms"] if base and base["ttft_p50_ms"] else None
+            )
         spec = SCENARIOS[scenario]
-        print(f"\n{scenario}: {spec['data']}, {spec['streams']} streams, {args.duration} s per server")
+        print(
+            f"\n{scenario}: {spec['data']}, {spec['streams']} streams, {args.duration} s per server"
+        )
         print_table(rows, COLUMNS)
-    print("\nwhere the time went (CPU seconds per process during each run; the client is guidellm):")
+    print(
+        "\nwhere the time went (CPU seconds per process during each run; the client is guidellm):"
+    )
     for key, profile in profiles.items():
-        processes = ", ".join(f"{label} {seconds:.1f}" for label, seconds in profile["process_cpu_s"].items())
+        processes = ", ".join(
+            f"{label} {seconds:.1f}" for label, seconds in profile["process_cpu_s"].items()
+        )
         print(f"  {key}: {processes}; client {profile['client_cpu_s']:.1f}")
     host = {
-        "cores": len(allowed_cores()), "gpus": len(visible_gpus()), "machine": platform.machine(),
-        "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d"),
+        "cores": len(allowed_cores()),
+        "gpus": len(visible_gpus()),
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "date": time.strftime("%Y-%m-%d"),
         "layout": choose_layout(allowed_cores(), len(visible_gpus())).describe(),
     }
-    payload = {"host": host, "duration_s": args.duration, "scenarios": SCENARIOS, "results": results,
-               "profiles": profiles}
+    payload = {
+        "host": host,
+        "duration_s": args.duration,
+        "scenarios": SCENARIOS,
+        "results": results,
+        "profiles": profiles,
+    }
     if args.json:
         write_json(Path(args.json), payload)
     if args.png:
@@ -392,12 +501,20 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]], host: dict[str, A
     figure, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 7), squeeze=False)
     for column, (scenario, rows) in enumerate(results.items()):
         names = [row["server"] for row in rows]
-        for line, (key, label) in enumerate((("output_tps", "output tok/s"), ("ttft_p50_ms", "TTFT p50 (ms)"))):
+        for line, (key, label) in enumerate(
+            (("output_tps", "output tok/s"), ("ttft_p50_ms", "TTFT p50 (ms)"))
+        ):
             ax = axes[line][column]
-            ax.bar(names, [row[key] for row in rows], color=["#888" if n.startswith("vllm") else "#2a7" for n in names])
+            ax.bar(
+                names,
+                [row[key] for row in rows],
+                color=["#888" if n.startswith("vllm") else "#2a7" for n in names],
+            )
             ax.set_title(f"{scenario}: {label}")
             ax.tick_params(axis="x", rotation=20)
-    figure.suptitle(f"stagemesh vs plain vLLM, {host['cores']} cores ({host['cpu']}), {host['date']}")
+    figure.suptitle(
+        f"stagemesh vs plain vLLM, {host['cores']} cores ({host['cpu']}), {host['date']}"
+    )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -406,11 +523,21 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]], host: dict[str, A
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", type=lambda s: [n for n in s.split(",") if n], default=["vllm", "vllm-tuned", "mesh"],
-                        help=f"comma-separated, from {', '.join(SERVERS)}")
-    parser.add_argument("--scenarios", type=lambda s: [n for n in s.split(",") if n], default=list(SCENARIOS),
-                        help=f"comma-separated, from {', '.join(SCENARIOS)}")
-    parser.add_argument("--duration", type=int, default=90, help="seconds guidellm drives each server per scenario")
+    parser.add_argument(
+        "--servers",
+        type=lambda s: [n for n in s.split(",") if n],
+        default=["vllm", "vllm-tuned", "mesh"],
+        help=f"comma-separated, from {', '.join(SERVERS)}",
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=lambda s: [n for n in s.split(",") if n],
+        default=list(SCENARIOS),
+        help=f"comma-separated, from {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--duration", type=int, default=90, help="seconds guidellm drives each server per scenario"
+    )
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--guidellm", type=Path, default=GUIDELLM, help="the guidellm command")
     add_output_arguments(parser, DEFAULT_HOME)

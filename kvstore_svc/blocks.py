@@ -95,7 +95,9 @@ class BlockTable:
     def capacity(self) -> int:
         return self.stats.capacity_blocks
 
-    def lookup(self, layout: str, hashes: Sequence[int], pin_seconds: float, now: float) -> tuple[list[tuple[int, int]], str]:
+    def lookup(
+        self, layout: str, hashes: Sequence[int], pin_seconds: float, now: float
+    ) -> tuple[list[tuple[int, int]], str]:
         """The longest committed prefix of ``hashes`` as ``(hash, slot)``, pinned.
 
         Returns the hits and the pin's id ("" when nothing was hit).

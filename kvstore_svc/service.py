@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 MAX_HASHES = 8192
 
 BLOCKS = Gauge("stagemesh_kvstore_blocks", "KV blocks held by the store", ["state"])
-CALLS = Counter("stagemesh_kvstore_calls_blocks", "Blocks named in store calls, by outcome", ["outcome"])
+CALLS = Counter(
+    "stagemesh_kvstore_calls_blocks", "Blocks named in store calls, by outcome", ["outcome"]
+)
 
 
 def _hashes(names: Any) -> list[int]:
@@ -66,7 +68,10 @@ class KvStoreServicer:
         self._notices: Callable[[], dict[str, list[bytes]]] = dict
 
     def attach(
-        self, table: BlockTable, target: kvstore_pb2.NixlTarget, notices: Callable[[], dict[str, list[bytes]]]
+        self,
+        table: BlockTable,
+        target: kvstore_pb2.NixlTarget,
+        notices: Callable[[], dict[str, list[bytes]]],
     ) -> None:
         """Serve ``table``'s pool at ``target``; ``notices`` drains the NIXL agent's new
         notifications (by sending agent)."""
@@ -86,7 +91,9 @@ class KvStoreServicer:
         target.slot_bytes = table.slot_bytes
         return target
 
-    async def Lookup(self, request: kvstore_pb2.LookupRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.LookupResponse:
+    async def Lookup(
+        self, request: kvstore_pb2.LookupRequest, context: grpc.aio.ServicerContext
+    ) -> kvstore_pb2.LookupResponse:
         """The longest stored prefix of a hash chain, pinned for the reader."""
         table = self._ready()
         hashes = _hashes(request.chain_names)
@@ -100,12 +107,16 @@ class KvStoreServicer:
             target=self._target_for(table) if hits else None,
         )
 
-    async def Release(self, request: kvstore_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.ReleaseResponse:
+    async def Release(
+        self, request: kvstore_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> kvstore_pb2.ReleaseResponse:
         """Unpin a lookup's hits; an unknown pin (expired already) is not an error."""
         self._ready().release(request.pin_id)
         return kvstore_pb2.ReleaseResponse()
 
-    async def Reserve(self, request: kvstore_pb2.ReserveRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.ReserveResponse:
+    async def Reserve(
+        self, request: kvstore_pb2.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> kvstore_pb2.ReserveResponse:
         """Slots for the blocks nobody stores or writes yet; the writer fills them over NIXL."""
         table = self._ready()
         hashes = _hashes(request.chain_names)
@@ -113,8 +124,11 @@ class KvStoreServicer:
             raise InvalidRequest("Reserve needs the KV layout's name in `layout`")
         try:
             reservation_id, granted = table.reserve(
-                request.layout, hashes, request.block_bytes,
-                self._config.reservation_seconds, time.monotonic(),
+                request.layout,
+                hashes,
+                request.block_bytes,
+                self._config.reservation_seconds,
+                time.monotonic(),
             )
         except LayoutMismatch as exc:
             raise InvalidRequest(str(exc)) from exc
@@ -126,7 +140,9 @@ class KvStoreServicer:
             target=self._target_for(table) if granted else None,
         )
 
-    async def Commit(self, request: kvstore_pb2.CommitRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.CommitResponse:
+    async def Commit(
+        self, request: kvstore_pb2.CommitRequest, context: grpc.aio.ServicerContext
+    ) -> kvstore_pb2.CommitResponse:
         """Make written blocks readable, or abandon the reservation.
 
         Blocks become readable only once the store's NIXL agent has the writer's
@@ -164,19 +180,23 @@ class KvStoreServicer:
             for notices in self._notices().values():
                 for notice in notices:
                     if notice.startswith(WRITTEN_NOTICE):
-                        table.written(notice[len(WRITTEN_NOTICE):].decode(errors="replace"))
+                        table.written(notice[len(WRITTEN_NOTICE) :].decode(errors="replace"))
             if table.is_written(reservation_id) or time.monotonic() >= deadline:
                 return
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    async def Evict(self, request: kvstore_pb2.EvictRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.EvictResponse:
+    async def Evict(
+        self, request: kvstore_pb2.EvictRequest, context: grpc.aio.ServicerContext
+    ) -> kvstore_pb2.EvictResponse:
         """Drop stored blocks (pinned blocks and blocks being written stay)."""
         table = self._ready()
         evicted = table.evict(_hashes(request.chain_names), request.all)
         return kvstore_pb2.EvictResponse(evicted=evicted)
 
-    async def GetStats(self, request: kvstore_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.Stats:
+    async def GetStats(
+        self, request: kvstore_pb2.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> kvstore_pb2.Stats:
         table = self._ready()
         stats = table.snapshot()
         return kvstore_pb2.Stats(
@@ -190,14 +210,17 @@ class KvStoreServicer:
             block_bytes=table.slot_bytes,
         )
 
-    async def StreamKvEvents(self, request: common_pb2.KvEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.KvEventsResponse]:
+    async def StreamKvEvents(
+        self, request: common_pb2.KvEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.KvEventsResponse]:
         """The store's block events, shaped like an engine's, with chain hashes filled in."""
         async for reply in self.events.subscribe(request.epoch, request.after_sequence):
             yield reply
 
-    async def GetKvSnapshot(self, request: common_pb2.KvSnapshotRequest, context: grpc.aio.ServicerContext) -> common_pb2.KvSnapshot:
+    async def GetKvSnapshot(
+        self, request: common_pb2.KvSnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.KvSnapshot:
         return self.events.snapshot()
-
 
 
 class KvStoreStage(Stage):
@@ -238,7 +261,9 @@ class KvStoreStage(Stage):
         )
         self._pool = np.empty(region_bytes, dtype=np.uint8)
         address = int(self._pool.ctypes.data)
-        self._registration = self._agent.register_memory([(address, region_bytes, 0, "kvstore")], "DRAM")
+        self._registration = self._agent.register_memory(
+            [(address, region_bytes, 0, "kvstore")], "DRAM"
+        )
         target = kvstore_pb2.NixlTarget(
             agent_name=self.agent_name,
             agent_metadata=self._agent.get_agent_metadata(),
@@ -258,7 +283,12 @@ class KvStoreStage(Stage):
         BLOCKS.labels("pinned").set_function(lambda: table.snapshot().pinned_blocks)
         BLOCKS.labels("capacity").set_function(lambda: table.capacity)
         self._expiry = asyncio.create_task(self._expire(table), name="kvstore-expiry")
-        log.info("KV store pool: %d MiB at 0x%x, NIXL agent %s", self._config.capacity_mib, address, self.agent_name)
+        log.info(
+            "KV store pool: %d MiB at 0x%x, NIXL agent %s",
+            self._config.capacity_mib,
+            address,
+            self.agent_name,
+        )
 
     async def _expire(self, table: BlockTable) -> None:
         while True:

@@ -63,7 +63,12 @@ class AdapterControl:
     the wanted adapters in etcd that keep engines that join later in line."""
 
     def __init__(
-        self, session: EtcdSession, workers: Workers, catalogue: Catalogue, load_timeout: float, wait: float
+        self,
+        session: EtcdSession,
+        workers: Workers,
+        catalogue: Catalogue,
+        load_timeout: float,
+        wait: float,
     ) -> None:
         self._session = session
         self._workers = workers
@@ -125,7 +130,8 @@ class AdapterControl:
             )
         raise InvalidRequest(
             f"engines of {len(with_lora)} base models run with LoRA ({', '.join(with_lora)}); name the one "
-            f"adapter {name!r} adapts in base_model", "base_model",
+            f"adapter {name!r} adapts in base_model",
+            "base_model",
         )
 
     async def load(self, name: str, path: str, base_model: str = "") -> list[str]:
@@ -139,10 +145,14 @@ class AdapterControl:
             raise AlreadyExists(f"{name!r} is the name of a base model", "lora_name")
         existing = self._catalogue.adapters().get(name) or self.wanted().get(name)
         if existing is not None and existing.parent != base:
-            raise AlreadyExists(f"adapter {name!r} is already loaded for {existing.parent!r}", "lora_name")
+            raise AlreadyExists(
+                f"adapter {name!r} is already loaded for {existing.parent!r}", "lora_name"
+            )
         engines = [p for p in self._engines(base) if p.member.adapter_slots]
         if not engines:
-            raise InvalidRequest(f"no engine of {base!r} runs with LoRA; start its engines with --enable-lora or --lora")
+            raise InvalidRequest(
+                f"no engine of {base!r} runs with LoRA; start its engines with --enable-lora or --lora"
+            )
         results = await asyncio.gather(*(self._call(p, "load", name, path) for p in engines))
         loaded = [p.member.instance_id for p, error in zip(engines, results) if error is None]
         errors = [error for error in results if error is not None]
@@ -155,10 +165,18 @@ class AdapterControl:
         try:
             client = await self._session.client()
             key = ADAPTERS_PREFIX + name
-            await client.put(key.encode(), credentials.current().records.seal(key, wanted.SerializeToString()))
+            await client.put(
+                key.encode(), credentials.current().records.seal(key, wanted.SerializeToString())
+            )
         except Exception as exc:  # noqa: BLE001 - the engines serve it; only later joiners miss it
-            log.warning("adapter %s is loaded but not recorded in etcd (%s): engines that join later lack it", name, exc)
-        await self._wait_view(lambda: any(p.serves(name) for p in self._engines(name)), f"adapter {name} listed")
+            log.warning(
+                "adapter %s is loaded but not recorded in etcd (%s): engines that join later lack it",
+                name,
+                exc,
+            )
+        await self._wait_view(
+            lambda: any(p.serves(name) for p in self._engines(name)), f"adapter {name} listed"
+        )
         log.info("adapter %s (%s) loaded from %s on %s", name, base, path, ", ".join(loaded))
         return loaded
 
@@ -174,16 +192,24 @@ class AdapterControl:
             client = await self._session.client()
             await client.delete((ADAPTERS_PREFIX + name).encode())
         except Exception as exc:  # noqa: BLE001 - any etcd failure: nothing was unloaded
-            raise Unavailable(f"etcd did not take the unload of {name!r} ({exc}); nothing was unloaded") from None
+            raise Unavailable(
+                f"etcd did not take the unload of {name!r} ({exc}); nothing was unloaded"
+            ) from None
         await self._wait_view(lambda: name not in self.wanted(), f"adapter {name} not wanted")
-        engines = [p for p in self._engines(name) if name not in p.member.models]  # a reconcile may have added one
+        engines = [
+            p for p in self._engines(name) if name not in p.member.models
+        ]  # a reconcile may have added one
         results = await asyncio.gather(*(self._call(p, "unload", name) for p in engines))
         unloaded = [p.member.instance_id for p, error in zip(engines, results) if error is None]
-        failed = [error for error in results if error is not None and not isinstance(error, ModelNotFound)]
+        failed = [
+            error for error in results if error is not None and not isinstance(error, ModelNotFound)
+        ]
         if failed:
             raise failed[0]
         await self._wait_view(lambda: not self._engines(name), f"adapter {name} withdrawn")
-        log.info("adapter %s unloaded from %s", name, ", ".join(unloaded) or "no engine (already gone)")
+        log.info(
+            "adapter %s unloaded from %s", name, ", ".join(unloaded) or "no engine (already gone)"
+        )
         return unloaded
 
     async def _reconcile_loop(self) -> None:
@@ -201,17 +227,29 @@ class AdapterControl:
         and do not list it (one that refused it is asked again after RETRY_SECONDS)."""
         now = time.monotonic()
         work = [
-            (peer, adapter) for adapter in self.wanted().values() for peer in self._engines(adapter.parent)
-            if peer.member.adapter_slots and not peer.serves(adapter.name)
+            (peer, adapter)
+            for adapter in self.wanted().values()
+            for peer in self._engines(adapter.parent)
+            if peer.member.adapter_slots
+            and not peer.serves(adapter.name)
             and self._retry_at.get((peer.key, adapter.name), 0.0) <= now
         ]
         results = await asyncio.gather(*(self._call(p, "load", a.name, a.source) for p, a in work))
         for (peer, adapter), error in zip(work, results):
             if error is None:
-                log.info("adapter %s loaded on %s, which did not have it", adapter.name, peer.member.instance_id)
+                log.info(
+                    "adapter %s loaded on %s, which did not have it",
+                    adapter.name,
+                    peer.member.instance_id,
+                )
             else:
                 self._retry_at[(peer.key, adapter.name)] = now + RETRY_SECONDS
-                log.warning("adapter %s could not be loaded on %s: %s", adapter.name, peer.member.instance_id, error)
+                log.warning(
+                    "adapter %s could not be loaded on %s: %s",
+                    adapter.name,
+                    peer.member.instance_id,
+                    error,
+                )
 
     async def _call(self, peer: Peer, action: str, name: str, path: str = "") -> StageError | None:
         """One engine's load or unload; its failure as an error value (None: done)."""

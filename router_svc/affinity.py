@@ -22,7 +22,9 @@ SESSION_HEADER = "x-session-id"
 class SessionAffinity:
     """Remembers, per (session, role), the key of the worker last chosen."""
 
-    def __init__(self, ttl: float, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, ttl: float, capacity: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ttl = ttl
         self.capacity = capacity
         self._clock = clock

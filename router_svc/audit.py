@@ -54,9 +54,13 @@ class _PrivateFile(logging.handlers.RotatingFileHandler):
 class AuditLog:
     """Where audit lines go; a disabled log (no path) records nothing and costs nothing."""
 
-    def __init__(self, path: str, content: str = "hash", max_mib: int = 100, backups: int = 5) -> None:
+    def __init__(
+        self, path: str, content: str = "hash", max_mib: int = 100, backups: int = 5
+    ) -> None:
         if content not in CONTENT_MODES:
-            raise SystemExit(f"--audit-content must be one of {', '.join(CONTENT_MODES)}, not {content!r}")
+            raise SystemExit(
+                f"--audit-content must be one of {', '.join(CONTENT_MODES)}, not {content!r}"
+            )
         self.content = content
         self._listener: logging.handlers.QueueListener | None = None
         self._logger = logging.getLogger("stagemesh.audit")
@@ -68,7 +72,9 @@ class AuditLog:
             handler = logging.StreamHandler(sys.stdout)
         else:
             try:
-                handler = _PrivateFile(path, maxBytes=max_mib << 20, backupCount=backups, encoding="utf-8")
+                handler = _PrivateFile(
+                    path, maxBytes=max_mib << 20, backupCount=backups, encoding="utf-8"
+                )
             except OSError as exc:
                 raise SystemExit(f"--audit-log: cannot open {path}: {exc.strerror}") from None
         handler.setFormatter(_Line())
@@ -87,7 +93,11 @@ class AuditLog:
             return value
         if self.content == "none":
             return None
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+        text = (
+            value
+            if isinstance(value, str)
+            else json.dumps(value, sort_keys=True, ensure_ascii=False)
+        )
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
     def record(

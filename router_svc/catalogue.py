@@ -54,9 +54,13 @@ class Catalogue:
 
     def _bases(self) -> list[str]:
         """Every model a tokenizer member serves, in the order members list them."""
-        return list(dict.fromkeys(
-            m for p in self._workers.candidates(common_pb2.ROLE_TOKENIZER) for m in p.member.models
-        ))
+        return list(
+            dict.fromkeys(
+                m
+                for p in self._workers.candidates(common_pb2.ROLE_TOKENIZER)
+                for m in p.member.models
+            )
+        )
 
     def adapters(self) -> dict[str, common_pb2.Adapter]:
         """Every LoRA adapter an engine member lists now, by name."""
@@ -75,7 +79,9 @@ class Catalogue:
     def _names(self) -> list[str]:
         """Base models, then the adapters of those base models."""
         bases = self._bases()
-        return bases + [name for name, a in self.adapters().items() if a.parent in bases and name not in bases]
+        return bases + [
+            name for name, a in self.adapters().items() if a.parent in bases and name not in bases
+        ]
 
     async def resolve(self, name: str) -> str:
         """The model a request names (empty: the mesh's default); NOT_FOUND when none serves it."""
@@ -98,17 +104,22 @@ class Catalogue:
         """The model's facts (an adapter's are its parent's), from a tokenizer member on
         the base model's first request."""
         base = self.base(model)
-        return await fetch_once(self._infos, base, lambda: self.tokenizer(base, lambda c: c.model_info(base)))
+        return await fetch_once(
+            self._infos, base, lambda: self.tokenizer(base, lambda c: c.model_info(base))
+        )
 
     async def decoder(self, model: str) -> TokenDecoder:
         """The model's decoder (an adapter's is its parent's), fetched once per base model."""
         base = self.base(model)
-        return await fetch_once(self._decoders, base, lambda: self.tokenizer(base, lambda c: c.decoder(base)))
+        return await fetch_once(
+            self._decoders, base, lambda: self.tokenizer(base, lambda c: c.decoder(base))
+        )
 
     def max_model_len(self, model: str, info: tokenizer_pb2.ModelInfo) -> int:
         """The shortest context any engine serving ``model`` accepts (the tokenizer's if none say)."""
         lengths = [
-            p.member.max_model_len for p in self._workers.peers.values()
+            p.member.max_model_len
+            for p in self._workers.peers.values()
             if p.member.max_model_len and p.serves(model)
         ]
         return min(lengths, default=info.max_model_len)

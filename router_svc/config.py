@@ -23,50 +23,68 @@ class RouterConfig(StageConfig):
         "comma-separated; empty with no --api-key-file: the APIs are open",
     )
     api_key_file: str = setting(
-        "", "a file of API keys, one per line (# comments; 'KEY admin' for an admin key), added to --api-key"
+        "",
+        "a file of API keys, one per line (# comments; 'KEY admin' for an admin key), added to --api-key",
     )
     admin_key: str = setting(
-        "", "API keys that may also change the mesh (load and unload adapters), comma-separated; "
-        "--api-key keys may only run inference"
+        "",
+        "API keys that may also change the mesh (load and unload adapters), comma-separated; "
+        "--api-key keys may only run inference",
     )
     allow_open: bool = setting(
-        False, "serve the APIs without API keys on an address other hosts reach (refused unless set)"
+        False,
+        "serve the APIs without API keys on an address other hosts reach (refused unless set)",
     )
     allowed_origins: list[str] = setting(
-        [], "browser origins (scheme://host[:port], or *) the HTTP bridge serves, with CORS headers; "
-        "requests from any other Origin get 403"
+        [],
+        "browser origins (scheme://host[:port], or *) the HTTP bridge serves, with CORS headers; "
+        "requests from any other Origin get 403",
     )
     allowed_hosts: list[str] = setting(
-        [], "Host header names the HTTP bridge answers besides localhost, 127.0.0.1 and [::1] when it "
-        "binds loopback (against DNS rebinding); when set, checked on any address"
+        [],
+        "Host header names the HTTP bridge answers besides localhost, 127.0.0.1 and [::1] when it "
+        "binds loopback (against DNS rebinding); when set, checked on any address",
     )
     http_idle_timeout: float = setting(
-        15.0, "seconds an HTTP connection may sit idle, or take to send a request's headers, before it is closed"
+        15.0,
+        "seconds an HTTP connection may sit idle, or take to send a request's headers, before it is closed",
     )
     http_max_connections: int = setting(
         4096, "most open HTTP connections; past it new ones are closed at once"
     )
     share_prefix_cache: bool = setting(
-        False, "let different API keys share prefix-cache blocks (one tenant); by default each key's "
-        "prompts are salted apart, so no key learns what another sent"
+        False,
+        "let different API keys share prefix-cache blocks (one tenant); by default each key's "
+        "prompts are salted apart, so no key learns what another sent",
     )
     max_result_mib: int = setting(
-        64, "largest non-streamed answer (text, ids and logprobs) the router holds for one request, MiB; "
-        "larger: stream it"
+        64,
+        "largest non-streamed answer (text, ids and logprobs) the router holds for one request, MiB; "
+        "larger: stream it",
     )
-    metrics_need_key: bool = setting(False, "HTTP /metrics needs an API key too (/health never does)")
-    audit_log: str = setting("", "write one JSON line per request here ('-': stdout; empty: no audit log)")
+    metrics_need_key: bool = setting(
+        False, "HTTP /metrics needs an API key too (/health never does)"
+    )
+    audit_log: str = setting(
+        "", "write one JSON line per request here ('-': stdout; empty: no audit log)"
+    )
     audit_content: str = setting(
-        "hash", "how the audit log keeps prompts and outputs: full (the text), hash (SHA-256) or none"
+        "hash",
+        "how the audit log keeps prompts and outputs: full (the text), hash (SHA-256) or none",
     )
     audit_max_mib: int = setting(100, "size at which the audit log file is rotated, MiB")
     audit_backups: int = setting(5, "rotated audit log files kept")
     guard_url: str = setting(
-        "", "HTTP URL of a guard service that allows, denies or rewrites each request before inference (router_svc/guard.py)"
+        "",
+        "HTTP URL of a guard service that allows, denies or rewrites each request before inference (router_svc/guard.py)",
     )
     guard_output: bool = setting(False, "also ask the guard about each result as it completes")
-    guard_fail: str = setting("closed", "when the guard fails: closed (refuse the request, 503) or open (serve it)")
-    guard_timeout: float = setting(2.0, "seconds the guard has to answer before it counts as failed")
+    guard_fail: str = setting(
+        "closed", "when the guard fails: closed (refuse the request, 503) or open (serve it)"
+    )
+    guard_timeout: float = setting(
+        2.0, "seconds the guard has to answer before it counts as failed"
+    )
     request_timeout: float = setting(
         600.0, "seconds a whole generation may take unless the client sets a shorter deadline"
     )
@@ -83,7 +101,8 @@ class RouterConfig(StageConfig):
         "shorter than this are prefilled by the decode worker itself (0: always remote)",
     )
     adapter_load_timeout: float = setting(
-        120.0, "seconds an engine gets to load a LoRA adapter, or to finish its requests before unloading it"
+        120.0,
+        "seconds an engine gets to load a LoRA adapter, or to finish its requests before unloading it",
     )
     load_interval: float = setting(1.0, "seconds between polls of each engine's load")
     router_policy: str = setting(
@@ -104,7 +123,9 @@ class RouterConfig(StageConfig):
         "seconds a session key (session_id, x-session-id) keeps sending its requests to the "
         "worker that served it last (0 disables affinity)",
     )
-    max_sessions: int = setting(100_000, "cap on remembered sessions (least recently used go first)")
+    max_sessions: int = setting(
+        100_000, "cap on remembered sessions (least recently used go first)"
+    )
     kv_index_max_blocks: int = setting(1_000_000, "cap on (block, worker) entries in the KV index")
     migration_limit: int = setting(
         3,
@@ -126,16 +147,23 @@ class RouterConfig(StageConfig):
     tool_call_parsers: dict[str, str] = setting(
         {}, "per-model parsers, MODEL=PARSER,... (models not named use --tool-call-parser)"
     )
-    responses_max: int = setting(1000, "most stored responses kept for previous_response_id and retrieval")
+    responses_max: int = setting(
+        1000, "most stored responses kept for previous_response_id and retrieval"
+    )
     responses_ttl: float = setting(3600.0, "seconds a stored response is kept")
-    responses_max_mib: int = setting(512, "most memory all stored responses may take, MiB (oldest go first)")
+    responses_max_mib: int = setting(
+        512, "most memory all stored responses may take, MiB (oldest go first)"
+    )
     responses_key_mib: int = setting(
         64, "most memory one API key's stored responses may take, MiB (its oldest go first)"
     )
     max_constraint_chars: int = setting(
-        65_536, "longest output constraint (JSON schema, regex, grammar, all choices), in characters"
+        65_536,
+        "longest output constraint (JSON schema, regex, grammar, all choices), in characters",
     )
-    max_id_chars: int = setting(256, "longest request_id or session id (x-session-id), in characters")
+    max_id_chars: int = setting(
+        256, "longest request_id or session id (x-session-id), in characters"
+    )
     max_tokens_limit: int = setting(
         0,
         "largest max_tokens a request may ask for, and the default when it sets none "
@@ -150,5 +178,9 @@ class RouterConfig(StageConfig):
     ROLE: ClassVar[str] = "router"
 
     def listen_ports(self) -> list[PortClaim]:
-        http = [PortClaim(self.http_port, "--http-port", host=self.http_host or self.host)] if self.http_port > 0 else []
+        http = (
+            [PortClaim(self.http_port, "--http-port", host=self.http_host or self.host)]
+            if self.http_port > 0
+            else []
+        )
         return [*super().listen_ports(), *http]

@@ -34,7 +34,9 @@ def check_constraint(constraint: common_pb2.StructuredOutputs, max_chars: int) -
         return
     text = "".join(constraint.choice.options) if kind == "choice" else getattr(constraint, kind)
     if len(text) > max_chars:
-        raise InvalidRequest(f"the {kind} constraint has {len(text)} characters; at most {max_chars}", _PARAM)
+        raise InvalidRequest(
+            f"the {kind} constraint has {len(text)} characters; at most {max_chars}", _PARAM
+        )
     if kind == "json_schema":
         schema = json_schema(constraint.json_schema)
         _compile("json_schema", json.dumps(schema), "JSON schema")
@@ -61,7 +63,9 @@ def json_schema(text: str) -> dict[str, Any] | bool:
     if not isinstance(schema, dict | bool):
         raise InvalidRequest("a JSON schema must be an object or a boolean", _PARAM)
     try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+        jsonschema.validators.validator_for(
+            schema, default=jsonschema.Draft202012Validator
+        ).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise InvalidRequest(f"invalid JSON schema: {exc.message}", _PARAM) from None
     return schema

@@ -136,12 +136,17 @@ def kv_mismatch(prefill: common_pb2.Member, decode: common_pb2.Member) -> str:
     other (vLLM's NixlConnector splits or joins heads between ranks for dense models).
     Members that do not say (older engines) count as the defaults: TP 1, PP 1.
     """
+
     def size(member: common_pb2.Member, key: str) -> int:
         return int(member.labels.get(key, "1") or "1")
 
     if prefill.labels.get("kv_dtype", "") != decode.labels.get("kv_dtype", ""):
         return "kv_dtype"
-    if prefill.kv_block_size and decode.kv_block_size and prefill.kv_block_size != decode.kv_block_size:
+    if (
+        prefill.kv_block_size
+        and decode.kv_block_size
+        and prefill.kv_block_size != decode.kv_block_size
+    ):
         return "block_size"
     if size(prefill, "pipeline_parallel_size") != size(decode, "pipeline_parallel_size"):
         return "pipeline_parallel"
@@ -173,18 +178,28 @@ class Dispatcher:
         decode engine collects is released on the prefill worker as soon as that is
         known (:class:`KvLease`), not when its lease runs out.
         """
-        handle, cached, prefill_hit, lease = await self._prefill(prompt, sampling, sequence_id, deadline)
-        failover = Failover(self._workers, common_pb2.ROLE_DECODE, prompt.model, self._config.worker_wait)
+        handle, cached, prefill_hit, lease = await self._prefill(
+            prompt, sampling, sequence_id, deadline
+        )
+        failover = Failover(
+            self._workers, common_pb2.ROLE_DECODE, prompt.model, self._config.worker_wait
+        )
         try:
             while True:
                 candidates = await failover.candidates()
                 if lease is not None and handle is not None:
                     # Only a decode engine whose KV layout takes the prefill's KV may pull it.
-                    fitting = [c for c in candidates if not kv_mismatch(lease.peer.member, c.member)]
+                    fitting = [
+                        c for c in candidates if not kv_mismatch(lease.peer.member, c.member)
+                    ]
                     if not fitting:
                         reason = kv_mismatch(lease.peer.member, candidates[0].member)
-                        log.warning("%s: no decode worker takes KV from %s (%s differs); decoding aggregated",
-                                    sequence_id, lease.peer.member.instance_id, reason)
+                        log.warning(
+                            "%s: no decode worker takes KV from %s (%s differs); decoding aggregated",
+                            sequence_id,
+                            lease.peer.member.instance_id,
+                            reason,
+                        )
                         PREFILL_FALLBACKS.labels("layout_mismatch").inc()
                         handle, cached = None, 0
                         self._release(lease)
@@ -196,7 +211,11 @@ class Dispatcher:
                 assert isinstance(peer.client, EngineClient)
                 async with self._workers.using(peer):
                     call = peer.client.generate(
-                        prompt.token_ids, sampling, handle, request_id=sequence_id, timeout=remaining(deadline),
+                        prompt.token_ids,
+                        sampling,
+                        handle,
+                        request_id=sequence_id,
+                        timeout=remaining(deadline),
                         adapter=prompt.adapter,
                     )
                     if lease is not None:
@@ -212,7 +231,10 @@ class Dispatcher:
                                 lease.reading = isinstance(error, (Unavailable, DeadlineExceeded))
                             # Not collected: expired or gone, or refused (the engines' mesh
                             # keys differ: a misconfiguration, logged, but not a lost request).
-                            collect_failed = isinstance(error, KvNotCollected | PermissionDenied) and handle is not None
+                            collect_failed = (
+                                isinstance(error, KvNotCollected | PermissionDenied)
+                                and handle is not None
+                            )
                             if not collect_failed and not failover.retry(peer, error):
                                 raise
                             if handle is not None:  # it could not collect it, or it failed
@@ -222,23 +244,39 @@ class Dispatcher:
                                 log.warning("%s: %s; decoding aggregated", sequence_id, error)
                                 reason = "decode_failed"
                                 if collect_failed:
-                                    reason = "handle_refused" if isinstance(error, PermissionDenied) else "kv_not_collected"
+                                    reason = (
+                                        "handle_refused"
+                                        if isinstance(error, PermissionDenied)
+                                        else "kv_not_collected"
+                                    )
                                 PREFILL_FALLBACKS.labels(reason).inc()
                                 handle, cached = None, 0
                                 self._release(lease)
                                 lease = None
                             continue
-                        prefill_instance = lease.peer.member.instance_id if lease is not None and handle is not None else ""
+                        prefill_instance = (
+                            lease.peer.member.instance_id
+                            if lease is not None and handle is not None
+                            else ""
+                        )
                         lease = None  # collected: the decode engine's read notification frees it
-                        SEQUENCES.labels("disaggregated" if handle is not None else "aggregated").inc()
+                        SEQUENCES.labels(
+                            "disaggregated" if handle is not None else "aggregated"
+                        ).inc()
                         # Counted once, for the worker that computed the prompt.
                         PREFIX_HIT_TOKENS.inc(
-                            prefill_hit if handle is not None else choice.matched_blocks * peer.member.kv_block_size
+                            prefill_hit
+                            if handle is not None
+                            else choice.matched_blocks * peer.member.kv_block_size
                         )
                         try:
-                            yield Decoding(peer, call, first, cached, handle is not None, prefill_instance)
+                            yield Decoding(
+                                peer, call, first, cached, handle is not None, prefill_instance
+                            )
                         except StageError as error:
-                            if error.retry_elsewhere:  # the stream broke: no new work goes there for now
+                            if (
+                                error.retry_elsewhere
+                            ):  # the stream broke: no new work goes there for now
                                 self._workers.mark_down(peer)
                             raise
                         return
@@ -261,13 +299,19 @@ class Dispatcher:
         the prefill pool is not saturated; otherwise the decode worker computes it.
         """
         PROMPT_TOKENS.inc(len(prompt.token_ids))
-        if sampling.HasField("prompt_logprobs"):  # logits of the prompt: only an engine computing it has them
+        if sampling.HasField(
+            "prompt_logprobs"
+        ):  # logits of the prompt: only an engine computing it has them
             DECISIONS.labels(self._policy.name, "disaggregation", "local_prompt_logprobs").inc()
             return None, 0, 0, None
-        failover = Failover(self._workers, common_pb2.ROLE_PREFILL, prompt.model, self._config.worker_wait)
+        failover = Failover(
+            self._workers, common_pb2.ROLE_PREFILL, prompt.model, self._config.worker_wait
+        )
         while candidates := failover.usable():
             if all(p.load_units() >= self._config.kv_max_queue for p in candidates):
-                DECISIONS.labels(self._policy.name, "disaggregation", "local_prefill_saturated").inc()
+                DECISIONS.labels(
+                    self._policy.name, "disaggregation", "local_prefill_saturated"
+                ).inc()
                 return None, 0, 0, None
             choice = self._choose(common_pb2.ROLE_PREFILL, candidates, prompt, sequence_id)
             peer = choice.peer
@@ -282,7 +326,10 @@ class Dispatcher:
             async with self._workers.using(peer):
                 try:
                     reply = await peer.client.prefill(
-                        prompt.token_ids, sampling, request_id=lease.request_id, timeout=timeout,
+                        prompt.token_ids,
+                        sampling,
+                        request_id=lease.request_id,
+                        timeout=timeout,
                         adapter=prompt.adapter,
                     )
                 except grpc.aio.AioRpcError as rpc_error:
@@ -293,7 +340,12 @@ class Dispatcher:
                     self._release(lease)  # the caller left; the prefill may have finished
                     raise
                 else:
-                    return reply.handle, reply.cached_tokens, len(prompt.token_ids) - uncached, lease
+                    return (
+                        reply.handle,
+                        reply.cached_tokens,
+                        len(prompt.token_ids) - uncached,
+                        lease,
+                    )
             if isinstance(error, InvalidRequest):
                 raise error
             if not failover.retry(peer, error) or not failover.usable():
@@ -316,12 +368,17 @@ class Dispatcher:
         assert isinstance(lease.peer.client, EngineClient)
         try:
             released = await lease.peer.client.abort(lease.request_id)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as error:  # gone or closed: its lease ends it
+        except (
+            grpc.aio.AioRpcError,
+            grpc.aio.UsageError,
+        ) as error:  # gone or closed: its lease ends it
             log.debug("%s: KV release not delivered: %s", lease.request_id, error)
             return
         KV_RELEASES.labels("released" if released else "not_held").inc()
 
-    def _choose(self, role: int, candidates: list[Peer], prompt: Prompt, sequence_id: str) -> Choice:
+    def _choose(
+        self, role: int, candidates: list[Peer], prompt: Prompt, sequence_id: str
+    ) -> Choice:
         """Apply session affinity, then the routing policy; count and log the decision.
 
         A session goes back to its last worker while that worker is a candidate and its
@@ -329,7 +386,9 @@ class Dispatcher:
         holds is counted as for any other choice.
         """
         pinned = self._affinity.get(prompt.session_id, role)
-        sticky = [p for p in candidates if p.key == pinned and p.load_units() < self._config.kv_max_queue]
+        sticky = [
+            p for p in candidates if p.key == pinned and p.load_units() < self._config.kv_max_queue
+        ]
         choice = self._policy.choose(
             sticky or candidates, prompt.hashes(candidates[0].member.kv_block_size), prompt.model
         )
@@ -338,8 +397,13 @@ class Dispatcher:
         self._affinity.remember(prompt.session_id, role, choice.peer.key)
         DECISIONS.labels(self._policy.name, role_name(role), choice.reason).inc()
         log.debug(
-            "%s: %s -> %s (%s, %d prefix blocks, %d queued)", sequence_id, role_name(role),
-            choice.peer.member.instance_id, choice.reason, choice.matched_blocks, choice.peer.queued(),
+            "%s: %s -> %s (%s, %d prefix blocks, %d queued)",
+            sequence_id,
+            role_name(role),
+            choice.peer.member.instance_id,
+            choice.reason,
+            choice.matched_blocks,
+            choice.peer.queued(),
         )
         return choice
 
@@ -375,5 +439,7 @@ _GAVE_UP = {common_pb2.FINISH_REASON_ABORT: "aborted", common_pb2.FINISH_REASON_
 def checked_reply(reply: engine_pb2.GenerateResponse, where: str) -> engine_pb2.GenerateResponse:
     """The reply, unless the engine ended the sequence without finishing it."""
     if reply.finish_reason in _GAVE_UP:
-        raise Unavailable(f"{where}: the engine {_GAVE_UP[reply.finish_reason]} the sequence before it finished")
+        raise Unavailable(
+            f"{where}: the engine {_GAVE_UP[reply.finish_reason]} the sequence before it finished"
+        )
     return reply

@@ -69,7 +69,9 @@ def denial(status: int, message: str) -> StageError:
 class Guard:
     """A client of the guard service; without a URL every check allows at once."""
 
-    def __init__(self, url: str, fail: str = "closed", timeout: float = 2.0, output: bool = False) -> None:
+    def __init__(
+        self, url: str, fail: str = "closed", timeout: float = 2.0, output: bool = False
+    ) -> None:
         if fail not in FAIL_POLICIES:
             raise SystemExit(f"--guard-fail must be open or closed, not {fail!r}")
         self.url = url
@@ -96,10 +98,16 @@ class Guard:
                     raise GuardError(f"the guard answered HTTP {reply.status}")
                 answer = await reply.json(content_type=None)
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-            raise GuardError(f"the guard at {self.url} failed: {exc or type(exc).__name__}") from exc
+            raise GuardError(
+                f"the guard at {self.url} failed: {exc or type(exc).__name__}"
+            ) from exc
         finally:
             GUARD_SECONDS.labels(phase).observe(time.perf_counter() - started)
-        if not isinstance(answer, dict) or answer.get("decision") not in ("allow", "deny", "rewrite"):
+        if not isinstance(answer, dict) or answer.get("decision") not in (
+            "allow",
+            "deny",
+            "rewrite",
+        ):
             raise GuardError(f"the guard's answer has no valid decision: {str(answer)[:200]}")
         return answer
 
@@ -113,14 +121,22 @@ class Guard:
         if answer is None or answer["decision"] == "allow":
             return request
         try:
-            rewritten = json_format.ParseDict(answer.get("request", {}), router_pb2.RouterGenerateRequest())
+            rewritten = json_format.ParseDict(
+                answer.get("request", {}), router_pb2.RouterGenerateRequest()
+            )
         except json_format.ParseError as exc:
-            return self._failed("input", GuardError(f"the guard's rewrite is not a request: {exc}"), request)
+            return self._failed(
+                "input", GuardError(f"the guard's rewrite is not a request: {exc}"), request
+            )
         rewritten.request_id = request.request_id
         return rewritten
 
     async def check_output(
-        self, request: router_pb2.RouterGenerateRequest, request_id: str, key_id: str, model: str,
+        self,
+        request: router_pb2.RouterGenerateRequest,
+        request_id: str,
+        key_id: str,
+        model: str,
         outputs: Sequence[str],
     ) -> None:
         """Raise when the guard denies a completed result (with the output phase on)."""
@@ -128,14 +144,22 @@ class Guard:
             await self._decide("output", request, request_id, key_id, model, outputs=list(outputs))
 
     async def _decide(
-        self, phase: str, request: router_pb2.RouterGenerateRequest, request_id: str, key_id: str, model: str,
+        self,
+        phase: str,
+        request: router_pb2.RouterGenerateRequest,
+        request_id: str,
+        key_id: str,
+        model: str,
         **extra: Any,
     ) -> dict[str, Any] | None:
         """The guard's answer about ``request``, counted: a denial raises its error; None
         when the guard failed and the policy is open."""
         check = {
-            "request_id": request_id, "api_key_id": key_id, "model": model,
-            "request": json_format.MessageToDict(request, preserving_proto_field_name=True), **extra,
+            "request_id": request_id,
+            "api_key_id": key_id,
+            "model": model,
+            "request": json_format.MessageToDict(request, preserving_proto_field_name=True),
+            **extra,
         }
         try:
             answer = await self._ask(phase, check)
@@ -152,4 +176,6 @@ class Guard:
         log.warning("%s (guard-fail %s)", error, "open" if self.fail_open else "closed")
         if self.fail_open:
             return fallback
-        raise Unavailable(f"the request guard is unavailable, and the mesh refuses unguarded requests: {error}")
+        raise Unavailable(
+            f"the request guard is unavailable, and the mesh refuses unguarded requests: {error}"
+        )

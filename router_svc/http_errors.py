@@ -36,14 +36,30 @@ class ApiError(Exception):
     def from_stage(cls, error: StageError) -> ApiError:
         """The answer to a mesh error: everything comes from its kind (services.errors)."""
         return cls(
-            error.http_status, str(error), error.openai_code, error.param, error.openai_type, error.retry_after
+            error.http_status,
+            str(error),
+            error.openai_code,
+            error.param,
+            error.openai_type,
+            error.retry_after,
         )
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": str(self),
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> web.Response:
-        headers = {} if self.retry_after is None else {hdrs.RETRY_AFTER: str(max(1, round(self.retry_after)))}
+        headers = (
+            {}
+            if self.retry_after is None
+            else {hdrs.RETRY_AFTER: str(max(1, round(self.retry_after)))}
+        )
         if self.status == HTTPStatus.UNAUTHORIZED:
             headers[hdrs.WWW_AUTHENTICATE] = "Bearer"
         return web.json_response(self.body(), status=int(self.status), headers=headers)

@@ -61,7 +61,9 @@ def _host_name(host: str) -> str:
 class RequestGuard:
     """The origin, host and content-type checks, as one aiohttp middleware."""
 
-    def __init__(self, bind_host: str, allowed_origins: Iterable[str], allowed_hosts: Iterable[str]) -> None:
+    def __init__(
+        self, bind_host: str, allowed_origins: Iterable[str], allowed_hosts: Iterable[str]
+    ) -> None:
         self._origins = {o.strip().rstrip("/").lower() for o in allowed_origins if o.strip()}
         self._any_origin = "*" in self._origins
         extra = {h.strip().lower() for h in allowed_hosts if h.strip()}
@@ -93,18 +95,28 @@ class RequestGuard:
                     kind="permission_error",
                 )
             request[_ORIGIN_KEY] = origin
-            if request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers:
-                return web.Response(status=HTTPStatus.NO_CONTENT, headers={
-                    hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, DELETE, OPTIONS",
-                    hdrs.ACCESS_CONTROL_ALLOW_HEADERS: _CORS_HEADERS,
-                    hdrs.ACCESS_CONTROL_MAX_AGE: "600",
-                })
+            if (
+                request.method == hdrs.METH_OPTIONS
+                and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
+            ):
+                return web.Response(
+                    status=HTTPStatus.NO_CONTENT,
+                    headers={
+                        hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, DELETE, OPTIONS",
+                        hdrs.ACCESS_CONTROL_ALLOW_HEADERS: _CORS_HEADERS,
+                        hdrs.ACCESS_CONTROL_MAX_AGE: "600",
+                    },
+                )
         return await handler(request)
 
     @web.middleware
     async def json_bodies(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """415 for a body not sent as JSON (after the API key: a caller without one learns nothing)."""
-        if request.method in _WITH_BODY and request.body_exists and request.content_type != "application/json":
+        if (
+            request.method in _WITH_BODY
+            and request.body_exists
+            and request.content_type != "application/json"
+        ):
             raise ApiError(
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                 f"the body must be JSON sent as 'Content-Type: application/json', not {request.content_type!r}",
@@ -142,18 +154,25 @@ class ConnectionCap:
         self.refused = 0
         made, lost = server.connection_made, server.connection_lost
 
-        def connection_made(handler: web_protocol.RequestHandler, transport: asyncio.Transport) -> None:
+        def connection_made(
+            handler: web_protocol.RequestHandler, transport: asyncio.Transport
+        ) -> None:
             made(handler, transport)
             self._open += 1
             if self._open > limit:
                 self.refused += 1
                 if self.refused == 1 or self.refused % 1000 == 0:
-                    log.warning("HTTP connections past --http-max-connections (%d): closed (%d so far)",
-                                limit, self.refused)
+                    log.warning(
+                        "HTTP connections past --http-max-connections (%d): closed (%d so far)",
+                        limit,
+                        self.refused,
+                    )
                 handler.force_close()
                 transport.close()
 
-        def connection_lost(handler: web_protocol.RequestHandler, exc: BaseException | None = None) -> None:
+        def connection_lost(
+            handler: web_protocol.RequestHandler, exc: BaseException | None = None
+        ) -> None:
             self._open -= 1
             lost(handler, exc)
 

@@ -57,7 +57,9 @@ class KvIndex:
         for i, engine_hash in enumerate(event.block_hashes):
             if i < len(event.chain_names):
                 try:
-                    parent = from_wire(event.chain_names[i])  # the KV store names blocks by chain hash
+                    parent = from_wire(
+                        event.chain_names[i]
+                    )  # the KV store names blocks by chain hash
                 except ValueError:
                     break  # a malformed record: never index a block under a wrong name
             else:

@@ -63,7 +63,9 @@ class KvSubscriber:
 
     def follow(self, worker: str, client: EngineClient | KvStoreClient) -> None:
         if worker not in self._tasks:
-            self._tasks[worker] = asyncio.create_task(self._follow(worker, client), name=f"kv events {worker}")
+            self._tasks[worker] = asyncio.create_task(
+                self._follow(worker, client), name=f"kv events {worker}"
+            )
 
     async def forget(self, worker: str) -> None:
         await cancel_and_wait(self._tasks.pop(worker, None))
@@ -83,7 +85,9 @@ class KvSubscriber:
                         snapshot = await client.kv_snapshot()
                         apply_snapshot(self.index, worker, snapshot)
                         epoch, sequence = snapshot.epoch, snapshot.sequence
-                        log.debug("%s: KV index resynced, %d blocks", worker, self.index.blocks_of(worker))
+                        log.debug(
+                            "%s: KV index resynced, %d blocks", worker, self.index.blocks_of(worker)
+                        )
                         break  # resume the stream after the snapshot
                     for event in reply.events:
                         index_event(self.index, worker, event)

@@ -111,7 +111,9 @@ class WorkerStates(Collector):
 
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
-            "stagemesh_router_workers", "Members the router routes to, by role and state", labels=["role", "state"]
+            "stagemesh_router_workers",
+            "Members the router routes to, by role and state",
+            labels=["role", "state"],
         )
         for (role, state), count in sorted((self.source() if self.source else {}).items()):
             family.add_metric([role, state], count)

@@ -39,7 +39,9 @@ class ResponseFormat(ApiBody):
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+        if self.type == "json_schema" and (
+            self.json_schema is None or self.json_schema.schema_ is None
+        ):
             raise ValueError("response_format json_schema needs json_schema.schema")
         return self
 
@@ -56,7 +58,11 @@ class StructuredOutputsBody(ApiBody):
 
     @model_validator(mode="after")
     def _one_constraint(self) -> StructuredOutputsBody:
-        given = [v for v in (self.json_, self.regex, self.choice, self.grammar, self.json_object) if v is not None]
+        given = [
+            v
+            for v in (self.json_, self.regex, self.choice, self.grammar, self.json_object)
+            if v is not None
+        ]
         if len(given) != 1:
             raise ValueError("set exactly one of json, regex, choice, grammar and json_object")
         return self
@@ -147,7 +153,9 @@ class _Sampling(ApiBody):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def to_sampling(self, max_tokens: int | None, logprobs: int | None) -> common_pb2.SamplingParams:
+    def to_sampling(
+        self, max_tokens: int | None, logprobs: int | None
+    ) -> common_pb2.SamplingParams:
         sampling = common_pb2.SamplingParams(
             stop=self.stops(),
             stop_token_ids=self.stop_token_ids,
@@ -215,7 +223,9 @@ class ChatMessage(ApiBody):
             name=self.name or "",
             tool_call_id=self.tool_call_id or "",
             tool_calls=[
-                tokenizer_pb2.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+                tokenizer_pb2.ToolCall(
+                    id=c.id, name=c.function.name, arguments=c.function.arguments
+                )
                 for c in self.tool_calls or []
             ],
         )
@@ -254,7 +264,9 @@ class ChatCompletionRequest(_Sampling):
         sampling = self.to_sampling(self.max_completion_tokens or self.max_tokens, logprobs)
         if plan is not None and (constraint := plan.constraint()) is not None:
             if sampling.HasField("structured_outputs"):
-                raise ValueError("a named or required tool_choice cannot be combined with an output format")
+                raise ValueError(
+                    "a named or required tool_choice cannot be combined with an output format"
+                )
             sampling.structured_outputs.CopyFrom(constraint)
         if plan is not None and plan.shows_special_tokens:
             sampling.skip_special_tokens = False
@@ -288,7 +300,9 @@ class CompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _refuse_completion_unsupported(self) -> CompletionRequest:
         if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs is not supported (it needs the prompt's log-probabilities)")
+            raise ValueError(
+                "echo with logprobs is not supported (it needs the prompt's log-probabilities)"
+            )
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of not in (None, self.n):
@@ -309,7 +323,9 @@ class CompletionRequest(_Sampling):
     def to_grpc(self, prompt: str | list[int]) -> router_pb2.RouterGenerateRequest:
         request = router_pb2.RouterGenerateRequest(
             model=self.model,
-            sampling=self.to_sampling(self.max_tokens if self.max_tokens is not None else 16, self.logprobs),
+            sampling=self.to_sampling(
+                self.max_tokens if self.max_tokens is not None else 16, self.logprobs
+            ),
             n=self.n,
             return_token_ids=self.return_token_ids,
         )
@@ -340,17 +356,21 @@ class TokenizeRequest(ApiBody):
 
     def to_grpc(self, model: str) -> tokenizer_pb2.TokenizeRequest:
         request = tokenizer_pb2.TokenizeRequest(
-            model=model, add_special_tokens=self.add_special_tokens, return_token_strings=self.return_token_strs
+            model=model,
+            add_special_tokens=self.add_special_tokens,
+            return_token_strings=self.return_token_strs,
         )
         if self.prompt is not None:
             request.text = self.prompt
         else:
-            request.chat.CopyFrom(tokenizer_pb2.ChatInput(
-                messages=[m.to_grpc() for m in self.messages or []],
-                add_generation_prompt=self.add_generation_prompt,
-                continue_final_message=self.continue_final_message,
-                tools_json=json.dumps(self.tools) if self.tools else "",
-            ))
+            request.chat.CopyFrom(
+                tokenizer_pb2.ChatInput(
+                    messages=[m.to_grpc() for m in self.messages or []],
+                    add_generation_prompt=self.add_generation_prompt,
+                    continue_final_message=self.continue_final_message,
+                    tools_json=json.dumps(self.tools) if self.tools else "",
+                )
+            )
         return request
 
 

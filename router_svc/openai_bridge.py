@@ -79,7 +79,9 @@ def _parse(model: type[BaseModel], raw: bytes) -> Any:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         if first["type"] == "json_invalid":
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {first['msg']}") from None
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {first['msg']}"
+            ) from None
         message = first["msg"].removeprefix("Value error, ")
         raise ApiError(
             HTTPStatus.BAD_REQUEST, f"{where}: {message}" if where else message, param=where or None
@@ -102,7 +104,8 @@ def _token_entry(entry: common_pb2.TokenLogprob) -> dict[str, Any]:
 def _chat_logprobs(positions: list[common_pb2.PositionLogprobs]) -> dict[str, Any]:
     return {
         "content": [
-            {**_token_entry(p.chosen), "top_logprobs": [_token_entry(t) for t in p.top]} for p in positions
+            {**_token_entry(p.chosen), "top_logprobs": [_token_entry(t) for t in p.top]}
+            for p in positions
         ]
     }
 
@@ -160,7 +163,13 @@ class HttpBridge:
 
     def app(self) -> web.Application:
         app = web.Application(
-            client_max_size=self._max_body, middlewares=[self._errors, self._guard.middleware, self._authorized, self._guard.json_bodies]
+            client_max_size=self._max_body,
+            middlewares=[
+                self._errors,
+                self._guard.middleware,
+                self._authorized,
+                self._guard.json_bodies,
+            ],
         )
         self._guard.install(app)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -182,7 +191,10 @@ class HttpBridge:
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(
-            self.app(), handler_cancellation=True, access_log=None, keepalive_timeout=self._connections.idle_timeout
+            self.app(),
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=self._connections.idle_timeout,
         )
         await self._runner.setup()
         assert self._runner.server is not None
@@ -191,7 +203,9 @@ class HttpBridge:
         try:
             await site.start()
         except OSError as exc:  # taken since the stage checked its ports: one line, no traceback
-            raise SystemExit(f"cannot bind the HTTP bridge on {host}:{port} (--http-port): {exc.strerror}") from None
+            raise SystemExit(
+                f"cannot bind the HTTP bridge on {host}:{port} (--http-port): {exc.strerror}"
+            ) from None
         server = site._server  # the bound port has no public accessor
         sockets = server.sockets if isinstance(server, asyncio.Server) else []
         self.port = int(sockets[0].getsockname()[1]) if sockets else port
@@ -227,13 +241,16 @@ class HttpBridge:
             return ApiError.from_stage(exc).response()
         except web.HTTPRequestEntityTooLarge:
             return ApiError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request body is larger than {self._max_body} bytes"
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the request body is larger than {self._max_body} bytes",
             ).response()
         except web.HTTPException as exc:
             return ApiError(HTTPStatus(exc.status), exc.reason).response()
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
-            return ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the router log").response()
+            return ApiError(
+                HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the router log"
+            ).response()
 
     @web.middleware
     async def _authorized(
@@ -269,7 +286,9 @@ class HttpBridge:
     async def _health(self, request: web.Request) -> web.Response:
         """200 when a tokenizer and a decode member are reachable, else 503 saying what is missing."""
         if missing := self._pipeline.missing_roles():
-            return ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"no {' or '.join(missing)} member").response()
+            return ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE, f"no {' or '.join(missing)} member"
+            ).response()
         return web.json_response({"status": "ok"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -284,7 +303,9 @@ class HttpBridge:
         for card in await self._pipeline.catalogue.cards():
             if card.name == name:
                 return web.json_response(self._card(card))
-        raise ApiError(HTTPStatus.NOT_FOUND, f"model {name!r} is not served here", "model_not_found")
+        raise ApiError(
+            HTTPStatus.NOT_FOUND, f"model {name!r} is not served here", "model_not_found"
+        )
 
     @staticmethod
     def _card(card: router_pb2.ModelCard) -> dict[str, Any]:
@@ -292,8 +313,12 @@ class HttpBridge:
         has no parent. ``root`` is the name: where an adapter lives on the engines' hosts
         is not the callers' business."""
         return {
-            "id": card.name, "object": "model", "created": 0, "owned_by": "stagemesh",
-            "root": card.name, "parent": card.parent or None,
+            "id": card.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "stagemesh",
+            "root": card.name,
+            "parent": card.parent or None,
             "max_model_len": card.max_model_len,
         }
 
@@ -336,20 +361,30 @@ class HttpBridge:
         if not isinstance(body.input, str):  # before the items become messages
             self._pipeline.limits.check_items(len(body.input), "input")
         try:
-            chat, conversation = body.to_chat(self._responses.history(body.previous_response_id, owner))
+            chat, conversation = body.to_chat(
+                self._responses.history(body.previous_response_id, owner)
+            )
         except ValidationError as exc:  # what the chat form of the request refuses
-            raise ApiError(HTTPStatus.BAD_REQUEST, exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, exc.errors()[0]["msg"].removeprefix("Value error, ")
+            ) from None
         plan = await self._plan(chat)
         call = _to_grpc(functools.partial(chat.to_grpc, plan))
         response_id = new_id("resp")
         if body.store:  # too large to keep: refused before any work is done
-            self._responses.fits(Stored(skeleton(body, response_id, body.model, "queued"), conversation, 0.0, owner))
+            self._responses.fits(
+                Stored(skeleton(body, response_id, body.model, "queued"), conversation, 0.0, owner)
+            )
         if body.background:
-            return await self._start_in_background(body, response_id, call, conversation, plan, owner)
+            return await self._start_in_background(
+                body, response_id, call, conversation, plan, owner
+            )
         async with self._pipeline.start([call], self._pipeline.deadline(), owner) as generation:
             response = skeleton(body, response_id, generation.model, "in_progress")
             if body.stream:
-                stream, items = await self._response_events(request, generation, ResponseEvents(response), plan)
+                stream, items = await self._response_events(
+                    request, generation, ResponseEvents(response), plan
+                )
             else:
                 result = await generation.result()
                 items, reason = _response_output(result.completions[0], plan)
@@ -363,14 +398,23 @@ class HttpBridge:
         return stream if body.stream else web.json_response(response)
 
     async def _start_in_background(
-        self, body: ResponsesRequest, response_id: str, call: router_pb2.RouterGenerateRequest,
-        conversation: list[ChatMessage], plan: ToolPlan | None, owner: str,
+        self,
+        body: ResponsesRequest,
+        response_id: str,
+        call: router_pb2.RouterGenerateRequest,
+        conversation: list[ChatMessage],
+        plan: ToolPlan | None,
+        owner: str,
     ) -> web.Response:
         """Start a background response and answer once the mesh has checked, admitted and
         tokenized it: a request the mesh refuses gets its status now and is not stored."""
-        entry = Stored(skeleton(body, response_id, body.model, "queued"), conversation, time.monotonic(), owner)
+        entry = Stored(
+            skeleton(body, response_id, body.model, "queued"), conversation, time.monotonic(), owner
+        )
         started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._generate_in_background(entry, call, plan, started), name=response_id)
+        task = asyncio.create_task(
+            self._generate_in_background(entry, call, plan, started), name=response_id
+        )
         task.add_done_callback(lambda _: started.cancel())  # a no-op once it has started
         try:
             entry.response["model"] = await started
@@ -384,12 +428,17 @@ class HttpBridge:
         return web.json_response(entry.response)
 
     async def _generate_in_background(
-        self, entry: Stored, call: router_pb2.RouterGenerateRequest, plan: ToolPlan | None,
+        self,
+        entry: Stored,
+        call: router_pb2.RouterGenerateRequest,
+        plan: ToolPlan | None,
         started: asyncio.Future[str],
     ) -> None:
         response = entry.response
         try:
-            async with self._pipeline.start([call], self._pipeline.deadline(), entry.owner) as generation:
+            async with self._pipeline.start(
+                [call], self._pipeline.deadline(), entry.owner
+            ) as generation:
                 started.set_result(generation.model)
                 response["status"] = "in_progress"
                 result = await generation.result()
@@ -408,14 +457,20 @@ class HttpBridge:
         self._responses.update(entry)  # its output counts now
 
     async def _response_events(
-        self, request: web.Request, generation: Generation, events: ResponseEvents, plan: ToolPlan | None
+        self,
+        request: web.Request,
+        generation: Generation,
+        events: ResponseEvents,
+        plan: ToolPlan | None,
     ) -> tuple[web.StreamResponse, list[dict[str, Any]]]:
         """The response as the SDK's server-sent events; the first delta is awaited before
         the headers, so a request that cannot start keeps its status."""
         tools = plan.stream() if plan is not None else None
         async with contextlib.aclosing(aiter(generation)) as deltas:
             first = await anext(deltas)
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            response = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
             await response.prepare(request)
             out = events.start()
             reason = "stop"
@@ -437,12 +492,16 @@ class HttpBridge:
             except StageError as exc:
                 log.warning("response %s failed after it started: %s", events.response["id"], exc)
                 _failed(events.response, exc)
-                await response.write(_event_bytes({"type": "response.failed", "response": events.response}))
+                await response.write(
+                    _event_bytes({"type": "response.failed", "response": events.response})
+                )
             await response.write_eof()
         return response, events.items
 
     async def _retrieve_response(self, request: web.Request) -> web.Response:
-        return web.json_response(self._responses.get(request.match_info["id"], _caller(request)).response)
+        return web.json_response(
+            self._responses.get(request.match_info["id"], _caller(request)).response
+        )
 
     async def _delete_response(self, request: web.Request) -> web.Response:
         response_id = request.match_info["id"]
@@ -466,8 +525,13 @@ class HttpBridge:
         calls = [_to_grpc(functools.partial(body.to_grpc, prompt)) for prompt in prompts]
         echo = None
         if body.echo:  # the prompt's text, once per prompt (ids are decoded as the output is)
-            decoder = await self._pipeline.catalogue.decoder(await self._pipeline.catalogue.resolve(body.model))
-            echo = [p if isinstance(p, str) else decoder.decode(p, body.skip_special_tokens) for p in prompts]
+            decoder = await self._pipeline.catalogue.decoder(
+                await self._pipeline.catalogue.resolve(body.model)
+            )
+            echo = [
+                p if isinstance(p, str) else decoder.decode(p, body.skip_special_tokens)
+                for p in prompts
+            ]
         return await self._serve(request, body, calls, chat=False, echo=echo)
 
     async def _tokenize(self, request: web.Request) -> web.Response:
@@ -477,14 +541,18 @@ class HttpBridge:
         model = await catalogue.resolve(body.model)
         message = body.to_grpc(catalogue.base(model))
         self._pipeline.limits.check_chat(message.chat)
-        reply = await catalogue.tokenizer(message.model, lambda client: client.tokenize_request(message))
+        reply = await catalogue.tokenizer(
+            message.model, lambda client: client.tokenize_request(message)
+        )
         info = await catalogue.info(model)
-        return web.json_response({
-            "count": len(reply.token_ids),
-            "max_model_len": catalogue.max_model_len(model, info),
-            "tokens": list(reply.token_ids),
-            "token_strs": list(reply.token_strings) if body.return_token_strs else None,
-        })
+        return web.json_response(
+            {
+                "count": len(reply.token_ids),
+                "max_model_len": catalogue.max_model_len(model, info),
+                "tokens": list(reply.token_ids),
+                "token_strs": list(reply.token_strings) if body.return_token_strs else None,
+            }
+        )
 
     async def _detokenize(self, request: web.Request) -> web.Response:
         """vLLM's /detokenize: the text of ids, decoded in the router as generated text is."""
@@ -494,7 +562,8 @@ class HttpBridge:
         info = await catalogue.info(model)
         if outside := [t for t in body.tokens if not 0 <= t < info.vocab_size]:
             raise ApiError(
-                HTTPStatus.BAD_REQUEST, f"token id {outside[0]} is outside the vocabulary (size {info.vocab_size})",
+                HTTPStatus.BAD_REQUEST,
+                f"token id {outside[0]} is outside the vocabulary (size {info.vocab_size})",
                 param="tokens",
             )
         return web.json_response({"prompt": (await catalogue.decoder(model)).decode(body.tokens)})
@@ -513,17 +582,28 @@ class HttpBridge:
         """Start the body's generation (completions may batch several prompts) and answer."""
         session = request.headers.get(SESSION_HEADER, "")
         if not session.isprintable() or session != session.encode(errors="replace").decode():
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"the {SESSION_HEADER} header must be printable UTF-8 text")
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"the {SESSION_HEADER} header must be printable UTF-8 text"
+            )
         for call in calls:
             call.session_id = session
-        async with self._pipeline.start(calls, self._pipeline.deadline(), _caller(request)) as generation:
+        async with self._pipeline.start(
+            calls, self._pipeline.deadline(), _caller(request)
+        ) as generation:
             response_id = ("chatcmpl-" if chat else "cmpl-") + generation.request_id
             created = int(time.time())
             # Echoed prompt text per output: outputs run prompt-major, n per prompt.
             echoes = [text for text in echo for _ in range(body.n)] if echo else None
             if body.stream:
                 return await self._stream(
-                    request, generation, response_id, created, chat, body.include_usage, plan, echoes
+                    request,
+                    generation,
+                    response_id,
+                    created,
+                    chat,
+                    body.include_usage,
+                    plan,
+                    echoes,
                 )
             return await self._whole(generation, response_id, created, chat, plan, echoes)
 
@@ -555,11 +635,15 @@ class HttpBridge:
                         "content": found.content,
                         "tool_calls": [call.render() for call in found.calls],
                     }
-                    choice["finish_reason"] = plan.finish_reason(bool(found.calls), choice["finish_reason"])
+                    choice["finish_reason"] = plan.finish_reason(
+                        bool(found.calls), choice["finish_reason"]
+                    )
                 choice["logprobs"] = _chat_logprobs(positions) if wants_logprobs else None
             else:
                 choice["text"] = (echoes[completion.index] if echoes else "") + completion.text
-                choice["logprobs"] = _CompletionLogprobs().render(positions) if wants_logprobs else None
+                choice["logprobs"] = (
+                    _CompletionLogprobs().render(positions) if wants_logprobs else None
+                )
             if completion.token_ids:
                 choice["token_ids"] = list(completion.token_ids)
             if completion.prompt_logprobs and not chat:
@@ -573,7 +657,9 @@ class HttpBridge:
             "choices": out,
             "usage": _usage(result.usage),
         }
-        if chat and result.completions and result.completions[0].prompt_logprobs:  # vLLM's place for it
+        if (
+            chat and result.completions and result.completions[0].prompt_logprobs
+        ):  # vLLM's place for it
             body["prompt_logprobs"] = _prompt_logprobs(result.completions[0].prompt_logprobs)
         return web.json_response(body)
 
@@ -623,13 +709,19 @@ class HttpBridge:
                 if delta.index not in started:
                     started.add(delta.index)
                     choice["delta"]["role"] = "assistant"
-                choice["logprobs"] = _chat_logprobs(list(delta.logprobs)) if delta.logprobs else None
+                choice["logprobs"] = (
+                    _chat_logprobs(list(delta.logprobs)) if delta.logprobs else None
+                )
             else:
                 first_of_choice = delta.index not in started
                 started.add(delta.index)
-                choice["text"] = (echoes[delta.index] if echoes and first_of_choice else "") + delta.text
+                choice["text"] = (
+                    echoes[delta.index] if echoes and first_of_choice else ""
+                ) + delta.text
                 renderer = offsets.setdefault(delta.index, _CompletionLogprobs())
-                choice["logprobs"] = renderer.render(list(delta.logprobs)) if delta.logprobs else None
+                choice["logprobs"] = (
+                    renderer.render(list(delta.logprobs)) if delta.logprobs else None
+                )
             if delta.token_ids:
                 choice["token_ids"] = list(delta.token_ids)
             choice["finish_reason"] = finish
@@ -661,20 +753,26 @@ class HttpBridge:
         return response
 
 
-def _prompt_logprobs(positions: Sequence[common_pb2.PositionLogprobs]) -> list[dict[str, Any] | None]:
+def _prompt_logprobs(
+    positions: Sequence[common_pb2.PositionLogprobs],
+) -> list[dict[str, Any] | None]:
     """vLLM's prompt_logprobs: None for the first token, then per position every token
     it reports (the prompt's own and the top ones) keyed by id."""
     rendered: list[dict[str, Any] | None] = [None]
     for position in positions:
         entries = {e.token_id: e for e in (position.chosen, *position.top)}
-        rendered.append({
-            str(token_id): {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.token}
-            for token_id, e in entries.items()
-        })
+        rendered.append(
+            {
+                str(token_id): {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.token}
+                for token_id, e in entries.items()
+            }
+        )
     return rendered
 
 
-def _response_output(completion: router_pb2.Completion, plan: ToolPlan | None) -> tuple[list[dict[str, Any]], str]:
+def _response_output(
+    completion: router_pb2.Completion, plan: ToolPlan | None
+) -> tuple[list[dict[str, Any]], str]:
     """A finished completion's Responses output items and finish reason."""
     found = plan.extract(completion.text) if plan is not None else Extracted(completion.text, [])
     return output_items(found), _FINISH.get(completion.finish_reason, "stop")
@@ -688,7 +786,11 @@ def _failed(response: dict[str, Any], exc: StageError) -> None:
 
 
 def _event_bytes(event: dict[str, Any]) -> bytes:
-    return f"event: {event['type']}\ndata: ".encode() + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+    return (
+        f"event: {event['type']}\ndata: ".encode()
+        + json.dumps(event, ensure_ascii=False).encode()
+        + b"\n\n"
+    )
 
 
 def _merged(fields: list[dict[str, Any]]) -> dict[str, Any]:
@@ -703,7 +805,9 @@ def _merged(fields: list[dict[str, Any]]) -> dict[str, Any]:
     return delta
 
 
-def _to_grpc(build: Callable[[], router_pb2.RouterGenerateRequest]) -> router_pb2.RouterGenerateRequest:
+def _to_grpc(
+    build: Callable[[], router_pb2.RouterGenerateRequest],
+) -> router_pb2.RouterGenerateRequest:
     """Build the gRPC request; values protobuf refuses (negative ids, out-of-range ints) are 400s."""
     try:
         return build()

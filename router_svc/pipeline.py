@@ -56,8 +56,12 @@ class Pipeline:
     """Runs requests through the mesh's stages; shared by the gRPC API and the HTTP bridge."""
 
     def __init__(
-        self, config: RouterConfig, workers: Workers, policy: Policy,
-        audit: AuditLog | None = None, guard: Guard | None = None,
+        self,
+        config: RouterConfig,
+        workers: Workers,
+        policy: Policy,
+        audit: AuditLog | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self._config = config
         self.audit = audit or AuditLog("")
@@ -85,7 +89,10 @@ class Pipeline:
 
     @contextlib.asynccontextmanager
     async def start(
-        self, requests: Sequence[router_pb2.RouterGenerateRequest], deadline: float, caller: str = ""
+        self,
+        requests: Sequence[router_pb2.RouterGenerateRequest],
+        deadline: float,
+        caller: str = "",
     ) -> AsyncIterator[Generation]:
         """Check, admit and prepare a request: one message, or several that differ only in
         their input (a batch of prompts, as OpenAI's completions take). Raises before
@@ -105,7 +112,10 @@ class Pipeline:
             n = max(self.limits.check(request) for request in requests)
             if self.guard:
                 # The guard sees each checked prompt; what it rewrites is checked again.
-                requests = [await self.guard.check_input(request, request_id, caller) for request in requests]
+                requests = [
+                    await self.guard.check_input(request, request_id, caller)
+                    for request in requests
+                ]
                 n = max(self.limits.check(request) for request in requests)
             if caller and not self._config.share_prefix_cache:
                 for request in requests:  # after the guard: it sees what the client sent
@@ -113,13 +123,23 @@ class Pipeline:
             model = await self.catalogue.resolve(requests[0].model)
             with self._admission(model, len(requests) * n):
                 prompts = [await prepare(self.catalogue, request, model) for request in requests]
-                generation = Generation(self, list(zip(requests, prompts, strict=True)), n, request_id, deadline, caller)
+                generation = Generation(
+                    self, list(zip(requests, prompts, strict=True)), n, request_id, deadline, caller
+                )
                 yield generation
         except StageError as error:
             if generation is None:
                 self.audit.record(
-                    request_id=request_id, key_id=caller, model=requests[0].model, requests=requests, outputs=[],
-                    finish_reasons=[], usage=common_pb2.Usage(), started=started, workers=[], error=error,
+                    request_id=request_id,
+                    key_id=caller,
+                    model=requests[0].model,
+                    requests=requests,
+                    outputs=[],
+                    finish_reasons=[],
+                    usage=common_pb2.Usage(),
+                    started=started,
+                    workers=[],
+                    error=error,
                 )
             raise
 
@@ -130,13 +150,15 @@ class Pipeline:
         ``--max-queued-requests``. Past it: 429 / RESOURCE_EXHAUSTED; a request larger
         than the whole bound can never start, and is a 400."""
         running = sum(
-            p.member.max_concurrency for p in self._workers.candidates(common_pb2.ROLE_DECODE, model)
+            p.member.max_concurrency
+            for p in self._workers.candidates(common_pb2.ROLE_DECODE, model)
         )
         bound = running + self._config.max_queued_requests
         if sequences > bound:
             raise InvalidRequest(
                 f"the request asks for {sequences} sequences (prompts × n); {model!r} admits at most "
-                f"{bound} at once", "n",
+                f"{bound} at once",
+                "n",
             )
         admitted = self._admitted.get(model, 0)
         if admitted + sequences > bound:
@@ -169,7 +191,11 @@ class Pipeline:
         added to ``workers``."""
         sampling = sampling_for(request, prompt, sample)
         run = SequenceRun(
-            prompt, sampling, await self.catalogue.decoder(prompt.model), choice, request.return_token_ids
+            prompt,
+            sampling,
+            await self.catalogue.decoder(prompt.model),
+            choice,
+            request.return_token_ids,
         )
         clock = SequenceClock(prompt.arrived)
         generated: list[int] = []
@@ -177,7 +203,9 @@ class Pipeline:
             attempt = continuation(prompt, sampling, generated)
             attempt_id = sequence_id if not migration else f"{sequence_id}-m{migration}"
             try:
-                async with self._dispatch.decoding(attempt.prompt, attempt.sampling, attempt_id, deadline) as decoding:
+                async with self._dispatch.decoding(
+                    attempt.prompt, attempt.sampling, attempt_id, deadline
+                ) as decoding:
                     workers.extend(decoding.workers())
                     async for reply in decoding.replies():
                         generated.extend(reply.token_ids)
@@ -197,11 +225,17 @@ class Pipeline:
                 # A constrained sequence cannot be continued elsewhere: the grammar would
                 # start over at the tokens already generated.
                 constrained = sampling.HasField("structured_outputs")
-                if constrained or not (generated and error.retry_elsewhere and migration < self._config.migration_limit):
+                if constrained or not (
+                    generated and error.retry_elsewhere and migration < self._config.migration_limit
+                ):
                     raise
                 MIGRATIONS.inc()
-                log.warning("%s: %s after %d tokens; migrating it to another decode worker",
-                            sequence_id, error, len(generated))
+                log.warning(
+                    "%s: %s after %d tokens; migrating it to another decode worker",
+                    sequence_id,
+                    error,
+                    len(generated),
+                )
 
 
 def salted(caller: str, requested: str) -> str:
@@ -219,7 +253,9 @@ class Attempt:
     sampling: common_pb2.SamplingParams
 
 
-def continuation(prompt: Prompt, sampling: common_pb2.SamplingParams, generated: list[int]) -> Attempt:
+def continuation(
+    prompt: Prompt, sampling: common_pb2.SamplingParams, generated: list[int]
+) -> Attempt:
     """The attempt that carries on a sequence after ``generated`` tokens: the prompt plus
     those tokens, with what is left of the token budget and the same sampling settings.
     A greedy sequence so continued is the one an unbroken run would have produced."""
@@ -265,8 +301,14 @@ class Generation:
         workers: list[str] = []
         streams = [
             self._pipeline.run_sequence(
-                request, prompt, i, p * self._n + i, f"{self._engine_id}-{p * self._n + i}",
-                self._deadline, usage, workers,
+                request,
+                prompt,
+                i,
+                p * self._n + i,
+                f"{self._engine_id}-{p * self._n + i}",
+                self._deadline,
+                usage,
+                workers,
             )
             for p, (request, prompt) in enumerate(self._prompts)
             for i in range(self._n)
@@ -286,15 +328,24 @@ class Generation:
                         if delta.finish_reason:
                             reasons[delta.index] = common_pb2.FinishReason.Name(delta.finish_reason)
                     yield delta
-            await guard.check_output(self._prompts[0][0], self.request_id, self._caller, self.model, outputs)
+            await guard.check_output(
+                self._prompts[0][0], self.request_id, self._caller, self.model, outputs
+            )
         except BaseException as exc:  # recorded (a cancelled request too), then raised on
             error = exc
             raise
         finally:
             audit.record(
-                request_id=self.request_id, key_id=self._caller, model=self.model,
-                requests=[request for request, _ in self._prompts], outputs=outputs, finish_reasons=reasons,
-                usage=usage, started=started, workers=workers, error=error,
+                request_id=self.request_id,
+                key_id=self._caller,
+                model=self.model,
+                requests=[request for request, _ in self._prompts],
+                outputs=outputs,
+                finish_reasons=reasons,
+                usage=usage,
+                started=started,
+                workers=workers,
+                error=error,
             )
         yield router_pb2.RouterGenerateResponse(usage=usage, request_id=self.request_id)
 

@@ -34,6 +34,7 @@ from services.pb import common_pb2
 
 POLICIES = ("round_robin", "least_load", "kv_aware")
 
+
 @dataclass(frozen=True)
 class Choice:
     peer: Peer
@@ -77,7 +78,10 @@ class KvAware:
     name = "kv_aware"
 
     def __init__(
-        self, index: KvIndex, load_weight: float, max_queue: int,
+        self,
+        index: KvIndex,
+        load_weight: float,
+        max_queue: int,
         stores: Callable[[], list[str]] = list,
     ) -> None:
         self.index = index
@@ -116,7 +120,10 @@ class KvAware:
 
 
 def make_policy(
-    name: str, index: KvIndex, load_weight: float, max_queue: int,
+    name: str,
+    index: KvIndex,
+    load_weight: float,
+    max_queue: int,
     stores: Callable[[], list[str]] = list,
 ) -> Policy:
     if name == "round_robin":

@@ -42,7 +42,9 @@ class Prompt:
         if block_size <= 0:
             return []
         if block_size not in self._hashes:
-            self._hashes[block_size] = chain_hashes(self.token_ids, block_size, chain_root(self.salt, self.adapter))
+            self._hashes[block_size] = chain_hashes(
+                self.token_ids, block_size, chain_root(self.salt, self.adapter)
+            )
         return self._hashes[block_size]
 
 
@@ -64,29 +66,41 @@ class Limits:
     @classmethod
     def from_config(cls, config: RouterConfig) -> Limits:
         return cls(
-            config.max_n, config.max_batch, config.max_stops, config.max_stop_chars,
-            config.max_messages, config.max_id_chars, config.max_tokens_limit, config.max_logit_bias,
+            config.max_n,
+            config.max_batch,
+            config.max_stops,
+            config.max_stop_chars,
+            config.max_messages,
+            config.max_id_chars,
+            config.max_tokens_limit,
+            config.max_logit_bias,
             config.max_constraint_chars,
         )
 
     def check_batch(self, prompts: int) -> None:
         if prompts > self.batch:
-            raise InvalidRequest(f"a request may batch at most {self.batch} prompts, got {prompts}", "prompt")
+            raise InvalidRequest(
+                f"a request may batch at most {self.batch} prompts, got {prompts}", "prompt"
+            )
 
     def check_items(self, count: int, param: str) -> None:
         """A list of conversation items (messages, Responses input items) is within ``--max-messages``."""
         if count > self.messages:
-            raise InvalidRequest(f"a request may carry at most {self.messages} {param} items, got {count}", param)
+            raise InvalidRequest(
+                f"a request may carry at most {self.messages} {param} items, got {count}", param
+            )
 
     def check_chat(self, chat: tokenizer_pb2.ChatInput) -> None:
         """The limits on a conversation, for generation and for a bare tokenization."""
         if len(chat.tools_json) > self.constraint_chars:
             raise InvalidRequest(
-                f"the tools take {len(chat.tools_json)} characters; at most {self.constraint_chars}", "tools"
+                f"the tools take {len(chat.tools_json)} characters; at most {self.constraint_chars}",
+                "tools",
             )
         if len(chat.messages) > self.messages:
             raise InvalidRequest(
-                f"a request may carry at most {self.messages} messages, got {len(chat.messages)}", "messages"
+                f"a request may carry at most {self.messages} messages, got {len(chat.messages)}",
+                "messages",
             )
 
     def check(self, request: router_pb2.RouterGenerateRequest) -> int:
@@ -95,27 +109,40 @@ class Limits:
         n = request.n or 1
         if n > self.n:
             raise InvalidRequest(f"n must be between 1 and {self.n}, got {n}", "n")
-        ids = (("request_id", request.request_id), ("session id", request.session_id),
-               ("cache_salt", request.sampling.cache_salt))
+        ids = (
+            ("request_id", request.request_id),
+            ("session id", request.session_id),
+            ("cache_salt", request.sampling.cache_salt),
+        )
         for name, value in ids:
             if len(value) > self.id_chars:
-                raise InvalidRequest(f"the {name} has {len(value)} characters; at most {self.id_chars}")
+                raise InvalidRequest(
+                    f"the {name} has {len(value)} characters; at most {self.id_chars}"
+                )
             if not value.isprintable():  # ids reach logs and engines: no control characters
                 raise InvalidRequest(f"the {name} must be printable text")
         sampling = request.sampling
         if len(sampling.stop) > self.stops or len(sampling.stop_token_ids) > self.stops:
-            raise InvalidRequest(f"at most {self.stops} stop strings and {self.stops} stop token ids", "stop")
+            raise InvalidRequest(
+                f"at most {self.stops} stop strings and {self.stops} stop token ids", "stop"
+            )
         if any(len(stop) > self.stop_chars for stop in sampling.stop):
-            raise InvalidRequest(f"a stop string may have at most {self.stop_chars} characters", "stop")
+            raise InvalidRequest(
+                f"a stop string may have at most {self.stop_chars} characters", "stop"
+            )
         if len(sampling.logit_bias) > self.logit_bias:
             raise InvalidRequest(
-                f"logit_bias may name at most {self.logit_bias} tokens, got {len(sampling.logit_bias)}", "logit_bias"
+                f"logit_bias may name at most {self.logit_bias} tokens, got {len(sampling.logit_bias)}",
+                "logit_bias",
             )
         if any(not -100 <= bias <= 100 for bias in sampling.logit_bias.values()):  # NaN fails too
             raise InvalidRequest("logit_bias values must be between -100 and 100", "logit_bias")
-        if len(sampling.bad_words) > self.stops or any(len(w) > self.stop_chars for w in sampling.bad_words):
+        if len(sampling.bad_words) > self.stops or any(
+            len(w) > self.stop_chars for w in sampling.bad_words
+        ):
             raise InvalidRequest(
-                f"at most {self.stops} bad_words of at most {self.stop_chars} characters each", "bad_words"
+                f"at most {self.stops} bad_words of at most {self.stop_chars} characters each",
+                "bad_words",
             )
         if sampling.HasField("structured_outputs"):
             check_constraint(sampling.structured_outputs, self.constraint_chars)
@@ -125,12 +152,15 @@ class Limits:
                 sampling.max_tokens = self.max_tokens  # "up to the context" is more than allowed
             elif sampling.max_tokens > self.max_tokens:
                 raise InvalidRequest(
-                    f"max_tokens must be at most {self.max_tokens}, got {sampling.max_tokens}", "max_tokens"
+                    f"max_tokens must be at most {self.max_tokens}, got {sampling.max_tokens}",
+                    "max_tokens",
                 )
         return n
 
 
-async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateRequest, model: str) -> Prompt:
+async def prepare(
+    catalogue: Catalogue, request: router_pb2.RouterGenerateRequest, model: str
+) -> Prompt:
     """Tokenize (or check the ids) for the resolved ``model`` and check the length. An
     adapter is tokenized as its base model."""
     arrived = time.monotonic()
@@ -138,16 +168,27 @@ async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateReques
     info = await catalogue.info(model)
     limit = catalogue.max_model_len(model, info)
     sampling = request.sampling
-    for name, ids in (("logit_bias", sampling.logit_bias), ("allowed_token_ids", sampling.allowed_token_ids)):
+    for name, ids in (
+        ("logit_bias", sampling.logit_bias),
+        ("allowed_token_ids", sampling.allowed_token_ids),
+    ):
         outside = [t for t in ids if t >= info.vocab_size]
         if outside:
             raise InvalidRequest(
-                f"{name} names token id {outside[0]}, outside the vocabulary (size {info.vocab_size})", name
+                f"{name} names token id {outside[0]}, outside the vocabulary (size {info.vocab_size})",
+                name,
             )
     kind = request.WhichOneof("input")
-    chars = len(request.text) if kind == "text" else (
-        len(request.chat.tools_json)
-        + sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in request.chat.messages)
+    chars = (
+        len(request.text)
+        if kind == "text"
+        else (
+            len(request.chat.tools_json)
+            + sum(
+                len(m.content) + sum(len(c.arguments) for c in m.tool_calls)
+                for m in request.chat.messages
+            )
+        )
     )
     if info.max_token_chars and chars > limit * info.max_token_chars:
         # Certainly too long: refuse before the tokenizer spends seconds on it.
@@ -161,7 +202,9 @@ async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateReques
         reply = await catalogue.tokenizer(base, lambda c: c.tokenize(request.text, base))
         ids = list(reply.token_ids)
     elif kind == "chat":
-        reply = await catalogue.tokenizer(base, lambda c: c.tokenize_conversation(request.chat, base))
+        reply = await catalogue.tokenizer(
+            base, lambda c: c.tokenize_conversation(request.chat, base)
+        )
         ids = list(reply.token_ids)
     elif kind == "token_ids":
         ids = list(request.token_ids.ids)
@@ -181,5 +224,11 @@ async def prepare(catalogue: Catalogue, request: router_pb2.RouterGenerateReques
             f"(context length {limit}, with room for one generated token)"
         )
     return Prompt(
-        model, ids, info, arrived, request.session_id, request.sampling.cache_salt, "" if base == model else model
+        model,
+        ids,
+        info,
+        arrived,
+        request.session_id,
+        request.sampling.cache_salt,
+        "" if base == model else model,
     )

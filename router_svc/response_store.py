@@ -46,7 +46,8 @@ class Stored:
         with an earlier response of the same conversation are counted again, which only
         errs on the safe side."""
         text = sum(
-            len(m.text()) + sum(len(c.function.arguments) + len(c.function.name) for c in m.tool_calls or [])
+            len(m.text())
+            + sum(len(c.function.arguments) + len(c.function.name) for c in m.tool_calls or [])
             for m in self.conversation
         )
         return 2 * len(json.dumps(self.response)) + text + _MESSAGE_BYTES * len(self.conversation)
@@ -150,7 +151,10 @@ class ResponseStore:
             self._forget(response_id)
             entry = None
         if entry is None or not hmac.compare_digest(entry.owner, owner):
-            raise NotFound(f"response {response_id!r} is not stored here (never stored, expired, or deleted)", "response_id")
+            raise NotFound(
+                f"response {response_id!r} is not stored here (never stored, expired, or deleted)",
+                "response_id",
+            )
         return entry
 
     def history(self, response_id: str | None, owner: str) -> list[ChatMessage]:
@@ -159,7 +163,9 @@ class ResponseStore:
             return []
         entry = self.get(response_id, owner)
         if entry.response["status"] not in ("completed", "incomplete"):
-            raise InvalidRequest(f"response {response_id!r} is {entry.response['status']}; it cannot be continued")
+            raise InvalidRequest(
+                f"response {response_id!r} is {entry.response['status']}; it cannot be continued"
+            )
         return entry.conversation
 
     def delete(self, response_id: str, owner: str) -> None:

@@ -78,7 +78,9 @@ class ResponsesRequest(ApiBody):
             if len(key) > METADATA_KEY_CHARS:
                 raise ValueError(f"metadata keys may have at most {METADATA_KEY_CHARS} characters")
             if len(value) > METADATA_VALUE_CHARS:
-                raise ValueError(f"metadata values may have at most {METADATA_VALUE_CHARS} characters")
+                raise ValueError(
+                    f"metadata values may have at most {METADATA_VALUE_CHARS} characters"
+                )
         return metadata
 
     @model_validator(mode="after")
@@ -96,8 +98,14 @@ class ResponsesRequest(ApiBody):
         converted = []
         for position, tool in enumerate(self.tools):
             if tool.get("type") != "function":
-                raise InvalidRequest(f"tools[{position}]: only function tools are supported", "tools")
-            function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
+                raise InvalidRequest(
+                    f"tools[{position}]: only function tools are supported", "tools"
+                )
+            function = {
+                key: tool[key]
+                for key in ("name", "description", "parameters", "strict")
+                if key in tool
+            }
             converted.append({"type": "function", "function": function})
         return converted
 
@@ -107,11 +115,15 @@ class ResponsesRequest(ApiBody):
             return {"type": "function", "function": {"name": choice.get("name")}}
         return choice
 
-    def to_chat(self, history: list[ChatMessage]) -> tuple[ChatCompletionRequest, list[ChatMessage]]:
+    def to_chat(
+        self, history: list[ChatMessage]
+    ) -> tuple[ChatCompletionRequest, list[ChatMessage]]:
         """The chat request this response request means, and the conversation (history
         and input, without the instructions) to store with its answer."""
         conversation = [*history, *input_messages(self.input)]
-        system = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        system = (
+            [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        )
         fmt = self.text.format
         body: dict[str, Any] = {
             "model": self.model,
@@ -125,9 +137,14 @@ class ResponsesRequest(ApiBody):
             "user": self.user,
         }
         if fmt.type == "json_schema":
-            body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict,
-            }}
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": fmt.name,
+                    "schema": fmt.schema_,
+                    "strict": fmt.strict,
+                },
+            }
         elif fmt.type == "json_object":
             body["response_format"] = {"type": "json_object"}
         return ChatCompletionRequest.model_validate(body), conversation
@@ -139,9 +156,15 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
+            if not isinstance(part, dict) or part.get("type") not in (
+                "input_text",
+                "output_text",
+                "text",
+            ):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise InvalidRequest(f"{where}: content parts of type {kind!r} are not supported", "input")
+                raise InvalidRequest(
+                    f"{where}: content parts of type {kind!r} are not supported", "input"
+                )
             parts.append(str(part.get("text", "")))
         return "".join(parts)
     raise InvalidRequest(f"{where}: content must be text or a list of text parts", "input")
@@ -162,16 +185,22 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
         elif kind == "function_call":
             call = ToolCallBody(
                 id=str(item.get("call_id", "")),
-                function=FunctionCallBody(name=str(item.get("name", "")), arguments=str(item.get("arguments", ""))),
+                function=FunctionCallBody(
+                    name=str(item.get("name", "")), arguments=str(item.get("arguments", ""))
+                ),
             )
             if not messages or messages[-1].role != "assistant":  # calls join their assistant turn
                 messages.append(ChatMessage(role="assistant"))
             messages[-1].tool_calls = [*(messages[-1].tool_calls or []), call]
         elif kind == "function_call_output":
             output = _text(item.get("output", ""), where)
-            messages.append(ChatMessage(role="tool", tool_call_id=str(item.get("call_id", "")), content=output))
+            messages.append(
+                ChatMessage(role="tool", tool_call_id=str(item.get("call_id", "")), content=output)
+            )
         else:
-            raise InvalidRequest(f"{where}: input items of type {kind!r} are not supported", "input")
+            raise InvalidRequest(
+                f"{where}: input items of type {kind!r} are not supported", "input"
+            )
     if not messages:
         raise InvalidRequest("input is empty", "input")
     return messages
@@ -183,15 +212,24 @@ def new_id(prefix: str) -> str:
 
 def message_item(text: str, status: str = "completed") -> dict[str, Any]:
     return {
-        "type": "message", "id": new_id("msg"), "status": status, "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else [],
+        "type": "message",
+        "id": new_id("msg"),
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}]
+        if status == "completed"
+        else [],
     }
 
 
 def call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
     return {
-        "type": "function_call", "id": new_id("fc"), "call_id": call.id or new_id("call"),
-        "name": call.name, "arguments": call.arguments, "status": status,
+        "type": "function_call",
+        "id": new_id("fc"),
+        "call_id": call.id or new_id("call"),
+        "name": call.name,
+        "arguments": call.arguments,
+        "status": status,
     }
 
 
@@ -213,18 +251,33 @@ def usage(counts: common_pb2.Usage) -> dict[str, Any]:
 def skeleton(body: ResponsesRequest, response_id: str, model: str, status: str) -> dict[str, Any]:
     """A response object before (or without) its output."""
     return {
-        "id": response_id, "object": "response", "created_at": int(time.time()), "status": status,
-        "model": model, "output": [], "usage": None, "error": None, "incomplete_details": None,
-        "instructions": body.instructions, "previous_response_id": body.previous_response_id,
-        "tools": body.tools or [], "tool_choice": body.tool_choice or "auto",
-        "parallel_tool_calls": body.parallel_tool_calls, "temperature": body.temperature,
-        "top_p": body.top_p, "max_output_tokens": body.max_output_tokens, "store": body.store,
-        "background": body.background, "metadata": body.metadata or {},
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "model": model,
+        "output": [],
+        "usage": None,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.instructions,
+        "previous_response_id": body.previous_response_id,
+        "tools": body.tools or [],
+        "tool_choice": body.tool_choice or "auto",
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "max_output_tokens": body.max_output_tokens,
+        "store": body.store,
+        "background": body.background,
+        "metadata": body.metadata or {},
         "text": {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)},
     }
 
 
-def finish(response: dict[str, Any], items: list[dict[str, Any]], reason: str, counts: common_pb2.Usage) -> None:
+def finish(
+    response: dict[str, Any], items: list[dict[str, Any]], reason: str, counts: common_pb2.Usage
+) -> None:
     """Complete ``response`` with its output (``incomplete`` when max_output_tokens cut it)."""
     response["output"] = items
     response["usage"] = usage(counts)
@@ -237,12 +290,23 @@ def finish(response: dict[str, Any], items: list[dict[str, Any]], reason: str, c
 
 def answer_messages(items: list[dict[str, Any]]) -> list[ChatMessage]:
     """The assistant turn a response's output adds to its conversation."""
-    text = "".join(part["text"] for item in items if item["type"] == "message" for part in item["content"])
+    text = "".join(
+        part["text"] for item in items if item["type"] == "message" for part in item["content"]
+    )
     calls = [
-        {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
-        for item in items if item["type"] == "function_call"
+        {
+            "id": item["call_id"],
+            "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]},
+        }
+        for item in items
+        if item["type"] == "function_call"
     ]
-    return [ChatMessage.model_validate({"role": "assistant", "content": text or None, "tool_calls": calls or None})]
+    return [
+        ChatMessage.model_validate(
+            {"role": "assistant", "content": text or None, "tool_calls": calls or None}
+        )
+    ]
 
 
 class ResponseEvents:
@@ -284,7 +348,11 @@ class ResponseEvents:
         events = self.close()
         self.items.append(item)
         self._open = item
-        return events + [self._event("response.output_item.added", output_index=len(self.items) - 1, item=dict(item))]
+        return events + [
+            self._event(
+                "response.output_item.added", output_index=len(self.items) - 1, item=dict(item)
+            )
+        ]
 
     def _text(self, text: str) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
@@ -292,26 +360,40 @@ class ResponseEvents:
             events += self._add(message_item("", status="in_progress"))
             assert self._open is not None
             self._open["content"] = [{"type": "output_text", "text": "", "annotations": []}]
-            events.append(self._event(
-                "response.content_part.added", **self._where(self._open), content_index=0,
-                part={"type": "output_text", "text": "", "annotations": []},
-            ))
+            events.append(
+                self._event(
+                    "response.content_part.added",
+                    **self._where(self._open),
+                    content_index=0,
+                    part={"type": "output_text", "text": "", "annotations": []},
+                )
+            )
         assert self._open is not None
         self._open["content"][0]["text"] += text
-        return events + [self._event("response.output_text.delta", **self._where(self._open), content_index=0, delta=text)]
+        return events + [
+            self._event(
+                "response.output_text.delta", **self._where(self._open), content_index=0, delta=text
+            )
+        ]
 
     def _call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
         item = self._calls.get(call["index"])
         function = call.get("function", {})
         if item is None:
-            item = call_item(ToolCall(function.get("name", ""), "", call.get("id", "")), status="in_progress")
+            item = call_item(
+                ToolCall(function.get("name", ""), "", call.get("id", "")), status="in_progress"
+            )
             self._calls[call["index"]] = item
             events += self._add(item)
         piece = function.get("arguments") or ""
         if piece:
             item["arguments"] += piece
-            events.append(self._event("response.function_call_arguments.delta", **self._where(item), delta=piece))
+            events.append(
+                self._event(
+                    "response.function_call_arguments.delta", **self._where(item), delta=piece
+                )
+            )
         return events
 
     def close(self) -> list[dict[str, Any]]:
@@ -324,15 +406,31 @@ class ResponseEvents:
         if item["type"] == "message":
             part = item["content"][0]
             events = [
-                self._event("response.output_text.done", **where, content_index=0, text=part["text"]),
-                self._event("response.content_part.done", **where, content_index=0, part=dict(part)),
+                self._event(
+                    "response.output_text.done", **where, content_index=0, text=part["text"]
+                ),
+                self._event(
+                    "response.content_part.done", **where, content_index=0, part=dict(part)
+                ),
             ]
         else:
-            events = [self._event("response.function_call_arguments.done", **where, arguments=item["arguments"])]
-        return events + [self._event("response.output_item.done", output_index=where["output_index"], item=dict(item))]
+            events = [
+                self._event(
+                    "response.function_call_arguments.done", **where, arguments=item["arguments"]
+                )
+            ]
+        return events + [
+            self._event(
+                "response.output_item.done", output_index=where["output_index"], item=dict(item)
+            )
+        ]
 
     def completed(self, reason: str, counts: common_pb2.Usage) -> list[dict[str, Any]]:
         events = self.close()
         finish(self.response, self.items, reason, counts)
-        kind = "response.completed" if self.response["status"] == "completed" else "response.incomplete"
+        kind = (
+            "response.completed"
+            if self.response["status"] == "completed"
+            else "response.incomplete"
+        )
         return events + [self._event(kind, response=self.response)]

@@ -90,7 +90,9 @@ class Sequence:
         read as they would have one id per reply."""
         detokenizer = self._detokenizer
         ids = list(reply.token_ids)
-        stopped_by_token = reply.HasField("stop_token_id") and ids and ids[-1] == reply.stop_token_id
+        stopped_by_token = (
+            reply.HasField("stop_token_id") and ids and ids[-1] == reply.stop_token_id
+        )
         # As vLLM: the token that ended the sequence is not part of its text, which
         # matters once special tokens are shown (skip_special_tokens false).
         hide_last = stopped_by_token and not self._include_stop
@@ -121,7 +123,13 @@ class Sequence:
 
 def has_content(delta: router_pb2.RouterGenerateResponse) -> bool:
     """Whether a delta carries anything for the caller (a held-back partial stop does not)."""
-    return bool(delta.text or delta.token_ids or delta.logprobs or delta.prompt_logprobs or delta.finish_reason)
+    return bool(
+        delta.text
+        or delta.token_ids
+        or delta.logprobs
+        or delta.prompt_logprobs
+        or delta.finish_reason
+    )
 
 
 def _name_tokens(decoder: TokenDecoder, logprobs: Iterable[common_pb2.PositionLogprobs]) -> None:

@@ -37,7 +37,12 @@ class RouterServicer:
     """The mesh's public gRPC API."""
 
     def __init__(
-        self, pipeline: Pipeline, workers: Workers, index: KvIndex, adapters: AdapterControl, keys: ApiKeys
+        self,
+        pipeline: Pipeline,
+        workers: Workers,
+        index: KvIndex,
+        adapters: AdapterControl,
+        keys: ApiKeys,
     ) -> None:
         self._keys = keys
         self._pipeline = pipeline
@@ -51,7 +56,9 @@ class RouterServicer:
         """Stream text deltas; the last message carries the usage totals."""
         deadline = self._pipeline.deadline(context.time_remaining())
         caller = self._caller(context)
-        async with self._pipeline.start([_with_session(request, context)], deadline, caller.key_id) as generation:
+        async with self._pipeline.start(
+            [_with_session(request, context)], deadline, caller.key_id
+        ) as generation:
             async for delta in generation:
                 yield delta
 
@@ -61,7 +68,9 @@ class RouterServicer:
         """The whole result in one reply."""
         deadline = self._pipeline.deadline(context.time_remaining())
         caller = self._caller(context)
-        async with self._pipeline.start([_with_session(request, context)], deadline, caller.key_id) as generation:
+        async with self._pipeline.start(
+            [_with_session(request, context)], deadline, caller.key_id
+        ) as generation:
             return await generation.result()
 
     async def ListModels(
@@ -82,7 +91,9 @@ class RouterServicer:
     ) -> router_pb2.RouterUnloadAdapterResponse:
         """Unload a LoRA adapter from every engine that has it (admin keys only)."""
         self._caller(context).require_admin("unloading an adapter")
-        return router_pb2.RouterUnloadAdapterResponse(instances=await self._adapters.unload(request.name))
+        return router_pb2.RouterUnloadAdapterResponse(
+            instances=await self._adapters.unload(request.name)
+        )
 
     async def ListMembers(
         self, request: router_pb2.ListMembersRequest, context: grpc.aio.ServicerContext
@@ -90,7 +101,9 @@ class RouterServicer:
         """Members as etcd lists them, each with a fresh health check and its last load."""
         workers = self._workers
         members = sorted(workers.members(request.role), key=lambda m: (m.role, m.grpc_address))
-        health = await asyncio.gather(*(health_status(m.grpc_address, timeout=1.0) for m in members))
+        health = await asyncio.gather(
+            *(health_status(m.grpc_address, timeout=1.0) for m in members)
+        )
         reply = router_pb2.ListMembersResponse()
         for member, status in zip(members, health):
             entry = reply.members.add(member=member, health=status)
@@ -118,22 +131,36 @@ class RouterStage(Stage):
         index = KvIndex(config.kv_index_max_blocks)
         INDEX_ENTRIES.set_function(lambda: len(index))
         self._workers = Workers(
-            self._session, config.control_timeout, config.load_interval, KvSubscriber(index),
+            self._session,
+            config.control_timeout,
+            config.load_interval,
+            KvSubscriber(index),
             # A leaving member drains for as long as a stage of ours would.
             release_after=config.drain_seconds + config.grace_seconds,
         )
         try:
             policy = make_policy(
-                config.router_policy, index, config.kv_load_weight, config.kv_max_queue,
+                config.router_policy,
+                index,
+                config.kv_load_weight,
+                config.kv_max_queue,
                 self._workers.store_keys,
             )
         except ValueError as exc:
             raise SystemExit(f"--router-policy: {exc}") from None
-        self._audit = AuditLog(config.audit_log, config.audit_content, config.audit_max_mib, config.audit_backups)
-        self._guard = Guard(config.guard_url, config.guard_fail, config.guard_timeout, config.guard_output)
+        self._audit = AuditLog(
+            config.audit_log, config.audit_content, config.audit_max_mib, config.audit_backups
+        )
+        self._guard = Guard(
+            config.guard_url, config.guard_fail, config.guard_timeout, config.guard_output
+        )
         pipeline = Pipeline(config, self._workers, policy, self._audit, self._guard)
         self._adapters = adapters = AdapterControl(
-            self._session, self._workers, pipeline.catalogue, config.adapter_load_timeout, config.worker_wait
+            self._session,
+            self._workers,
+            pipeline.catalogue,
+            config.adapter_load_timeout,
+            config.worker_wait,
         )
         pipeline.catalogue.ensure = adapters.ensure
         self._keys = ApiKeys.from_settings(config.api_key, config.api_key_file, config.admin_key)
@@ -148,19 +175,26 @@ class RouterStage(Stage):
             )
         self._servicer = RouterServicer(pipeline, self._workers, index, adapters, self._keys)
         responses = ResponseStore(
-            config.responses_max, config.responses_ttl, config.responses_max_mib << 20, config.responses_key_mib << 20
+            config.responses_max,
+            config.responses_ttl,
+            config.responses_max_mib << 20,
+            config.responses_key_mib << 20,
         )
         RESPONSES_STORED_BYTES.set_function(lambda: responses.bytes)
         self._bridge = (
             HttpBridge(
-                pipeline, config.max_body_mib, self._keys, open_metrics=not config.metrics_need_key,
+                pipeline,
+                config.max_body_mib,
+                self._keys,
+                open_metrics=not config.metrics_need_key,
                 parsers=ParserChoice(config.tool_call_parser, config.tool_call_parsers),
                 responses=responses,
                 adapters=adapters,
                 guard=RequestGuard(http_host, config.allowed_origins, config.allowed_hosts),
                 connections=Connections(config.http_idle_timeout, config.http_max_connections),
             )
-            if config.http_port >= 0 else None
+            if config.http_port >= 0
+            else None
         )
 
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
@@ -169,13 +203,20 @@ class RouterStage(Stage):
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         if not self._keys:
             return []
-        return [CallGuard(self._keys.check_metadata, [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name])]
+        return [
+            CallGuard(
+                self._keys.check_metadata,
+                [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name],
+            )
+        ]
 
     async def start(self) -> None:
         await self._workers.start()
         self._adapters.start()
         if self._bridge is not None:
-            await self._bridge.start(self._config.http_host or self._config.host, self._config.http_port)
+            await self._bridge.start(
+                self._config.http_host or self._config.host, self._config.http_port
+            )
 
     async def stop(self) -> None:
         if self._bridge is not None:

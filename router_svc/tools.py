@@ -93,7 +93,10 @@ class HermesParser(ToolParser):
         if self.start not in text:
             return Extracted(text, [])
         try:
-            calls = [_call(json.loads(closed or open_), "arguments") for closed, open_ in self._calls.findall(text)]
+            calls = [
+                _call(json.loads(closed or open_), "arguments")
+                for closed, open_ in self._calls.findall(text)
+            ]
         except (ValueError, KeyError, TypeError):  # one malformed call: the text is content
             return Extracted(text, [])
         return Extracted(text[: text.find(self.start)] or None, calls)
@@ -119,7 +122,7 @@ class Llama3JsonParser(ToolParser):
             if match.start() <= end:  # inside an object already read
                 continue
             try:
-                obj, length = self._decoder.raw_decode(text[match.start():])
+                obj, length = self._decoder.raw_decode(text[match.start() :])
                 end = match.start() + length
                 calls.append(_call(obj, "arguments", "parameters"))
             except (ValueError, KeyError, TypeError):
@@ -130,7 +133,9 @@ class Llama3JsonParser(ToolParser):
         return _Llama3Stream(self)
 
 
-PARSERS: dict[str, type[ToolParser]] = {parser.name: parser for parser in (HermesParser, Llama3JsonParser)}
+PARSERS: dict[str, type[ToolParser]] = {
+    parser.name: parser for parser in (HermesParser, Llama3JsonParser)
+}
 
 
 class ParserChoice:
@@ -139,7 +144,9 @@ class ParserChoice:
     def __init__(self, default: str, per_model: dict[str, str]) -> None:
         for name in (default, *per_model.values()):
             if name not in PARSERS:
-                raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}")
+                raise ValueError(
+                    f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}"
+                )
         self._default = PARSERS[default]()
         self._per_model = {model: PARSERS[name]() for model, name in per_model.items()}
 
@@ -189,16 +196,19 @@ class _HermesStream(ToolStream):
                 if at < 0:
                     return out
                 out += self._close(self._buffer[:at])
-                self._buffer = self._buffer[at + len(end):].lstrip()  # between calls: not content
+                self._buffer = self._buffer[at + len(end) :].lstrip()  # between calls: not content
                 self._in_call = False
                 continue
             at = self._buffer.find(start)
             if at < 0:
                 keep = partial_marker_length(self._buffer, (start,))
-                sendable, self._buffer = self._buffer[: len(self._buffer) - keep], self._buffer[len(self._buffer) - keep:]
+                sendable, self._buffer = (
+                    self._buffer[: len(self._buffer) - keep],
+                    self._buffer[len(self._buffer) - keep :],
+                )
                 return out + _content(sendable)
             out += _content(self._buffer[:at])
-            self._buffer = self._buffer[at + len(start):]
+            self._buffer = self._buffer[at + len(start) :]
             self._in_call = True
 
     def finish(self) -> list[dict[str, Any]]:
@@ -310,7 +320,11 @@ class ToolPlan:
 
     @classmethod
     def build(
-        cls, tools: list[dict[str, Any]], choice: ToolChoice | None, parallel: bool, parser: ToolParser
+        cls,
+        tools: list[dict[str, Any]],
+        choice: ToolChoice | None,
+        parallel: bool,
+        parser: ToolParser,
     ) -> ToolPlan | None:
         """The plan, or None when the request has no tools; InvalidRequest for a choice
         that names no tool, or tools without names."""
@@ -321,9 +335,15 @@ class ToolPlan:
                 raise InvalidRequest(f"tools[{position}] must be a function with a name", "tools")
             names.append(function["name"])
         if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            name = (
+                (choice.get("function") or {}).get("name")
+                if choice.get("type") == "function"
+                else None
+            )
             if name not in names:
-                raise InvalidRequest(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+                raise InvalidRequest(
+                    f"tool_choice names {name!r}, which is not among the tools", "tool_choice"
+                )
             return cls(tools, "named", parser, str(name))
         if choice is not None and not tools and choice != "none":
             raise InvalidRequest(f"tool_choice {choice!r} needs tools", "tool_choice")
@@ -345,7 +365,10 @@ class ToolPlan:
         alternatives = [
             {
                 "type": "object",
-                "properties": {"name": {"type": "string", "enum": [name]}, "parameters": self._schema(name)},
+                "properties": {
+                    "name": {"type": "string", "enum": [name]},
+                    "parameters": self._schema(name),
+                },
                 "required": ["name", "parameters"],
             }
             for name in (t["function"]["name"] for t in self.tools)
@@ -384,4 +407,8 @@ class ToolPlan:
     def finish_reason(self, called: bool, reason: str) -> str:
         """OpenAI's finish reason: ``tool_calls`` when the model chose to call (a named
         choice, which the caller forced, keeps ``stop`` as OpenAI's does)."""
-        return "tool_calls" if called and reason == "stop" and self.mode in ("auto", "required") else reason
+        return (
+            "tool_calls"
+            if called and reason == "stop" and self.mode in ("auto", "required")
+            else reason
+        )

@@ -67,7 +67,11 @@ class Peer:
     def serves(self, model: str) -> bool:
         """Whether requests for ``model`` may come here: its base model, or a LoRA
         adapter it has loaded."""
-        return not model or model in self.member.models or any(a.name == model for a in self.member.adapters)
+        return (
+            not model
+            or model in self.member.models
+            or any(a.name == model for a in self.member.adapters)
+        )
 
     def slot_wait(self, model: str) -> int:
         """1 when a request for adapter ``model`` would wait here for an adapter slot:
@@ -103,7 +107,12 @@ class Peer:
         waiting for an adapter slot), KV-cache use, then a random tie-break."""
         waiting = self.load.waiting_requests if self.load is not None else 0
         usage = self.load.kv_cache_usage if self.load is not None else 0.0
-        return (self.queued() + waiting + self.slot_wait(model), usage, self.in_flight, self._rank_salt)
+        return (
+            self.queued() + waiting + self.slot_wait(model),
+            usage,
+            self.in_flight,
+            self._rank_salt,
+        )
 
 
 class Workers:
@@ -117,7 +126,9 @@ class Workers:
         kv_events: KvSubscriber | None = None,
         release_after: float = 31.0,
     ) -> None:
-        self._watcher: MemberWatcher[common_pb2.Member] = MemberWatcher(session, on_change=self._on_change)
+        self._watcher: MemberWatcher[common_pb2.Member] = MemberWatcher(
+            session, on_change=self._on_change
+        )
         self._kv_events = kv_events
         self._control_timeout = control_timeout
         self._load_interval = load_interval
@@ -161,7 +172,9 @@ class Workers:
         if member.role == common_pb2.ROLE_TOKENIZER:
             client = TokenizerClient(member.grpc_address, self._control_timeout)
         elif member.role in ENGINE_ROLES:
-            client = EngineClient(member.grpc_address, self._control_timeout, role_name(member.role))
+            client = EngineClient(
+                member.grpc_address, self._control_timeout, role_name(member.role)
+            )
         elif member.role == common_pb2.ROLE_KVSTORE:
             client = KvStoreClient(member.grpc_address, self._control_timeout)  # for its KV events
         else:
@@ -200,7 +213,8 @@ class Workers:
     def members(self, role: int = common_pb2.ROLE_UNSPECIFIED) -> list[common_pb2.Member]:
         """Every registered member (all roles, including those the router does not call)."""
         return [
-            m for m in self._watcher.members.values()
+            m
+            for m in self._watcher.members.values()
             if role == common_pb2.ROLE_UNSPECIFIED or m.role == role
         ]
 
@@ -215,11 +229,14 @@ class Workers:
                 return peer.load
         return None
 
-    def candidates(self, role: int, model: str = "", exclude: frozenset[str] = frozenset()) -> list[Peer]:
+    def candidates(
+        self, role: int, model: str = "", exclude: frozenset[str] = frozenset()
+    ) -> list[Peer]:
         """Usable members of ``role`` serving ``model``, least loaded first."""
         now = time.monotonic()
         usable = [
-            p for p in self.peers.values()
+            p
+            for p in self.peers.values()
             if p.role == role and p.serves(model) and p.key not in exclude and p.down_until <= now
         ]
         return sorted(usable, key=lambda peer: peer.rank(model))
@@ -246,7 +263,12 @@ class Workers:
     def mark_down(self, peer: Peer) -> None:
         """Skip a member that refused a connection for a few seconds."""
         peer.down_until = time.monotonic() + DOWN_SECONDS
-        log.warning("%s at %s is unreachable; skipping it for %.0fs", peer.key, peer.member.grpc_address, DOWN_SECONDS)
+        log.warning(
+            "%s at %s is unreachable; skipping it for %.0fs",
+            peer.key,
+            peer.member.grpc_address,
+            DOWN_SECONDS,
+        )
 
     @contextlib.asynccontextmanager
     async def using(self, peer: Peer) -> AsyncIterator[Peer]:
@@ -275,5 +297,7 @@ class Workers:
             peer.load = None
             if error.code() == grpc.StatusCode.UNAVAILABLE and peer.down_until <= time.monotonic():
                 self.mark_down(peer)
-        except grpc.aio.UsageError:  # the member left (an etcd blip) and its channel closed mid-poll
+        except (
+            grpc.aio.UsageError
+        ):  # the member left (an etcd blip) and its channel closed mid-poll
             peer.load = None

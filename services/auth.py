@@ -59,7 +59,9 @@ class Caller:
     def require_admin(self, what: str) -> None:
         """Raise :class:`PermissionDenied` unless this caller's key has the admin scope."""
         if not self.admin:
-            raise PermissionDenied(f"{what} needs an admin key (--admin-key, or 'KEY admin' in --api-key-file)")
+            raise PermissionDenied(
+                f"{what} needs an admin key (--admin-key, or 'KEY admin' in --api-key-file)"
+            )
 
 
 def _secret() -> bytes:
@@ -70,14 +72,16 @@ def key_id(authorization: str | None) -> str:
     """A short, non-reversible name for the key a caller sent (for logs, audit, ownership)."""
     if not authorization or not authorization.lower().startswith(_SCHEME):
         return ""
-    key = authorization[len(_SCHEME):].strip().encode()
+    key = authorization[len(_SCHEME) :].strip().encode()
     return hmac.new(_secret(), b"stagemesh/v1/key-id:" + key, hashlib.sha256).hexdigest()[:16]
 
 
 def tenant_salt(caller_id: str) -> str:
     """The prefix-cache salt of a key's tenant: derived from its id under the mesh's
     secret, so it is the same on every router of the mesh and reveals neither."""
-    return hmac.new(_secret(), b"stagemesh/v1/cache-salt:" + caller_id.encode(), hashlib.sha256).hexdigest()[:32]
+    return hmac.new(
+        _secret(), b"stagemesh/v1/cache-salt:" + caller_id.encode(), hashlib.sha256
+    ).hexdigest()[:32]
 
 
 def _key_line(line: str, where: str) -> tuple[str, bool]:
@@ -106,15 +110,25 @@ class ApiKeys:
         admins = [k for k in admin_keys.split(",") if k.strip()]
         for flag, raw, parsed in (("--api-key", keys, found), ("--admin-key", admin_keys, admins)):
             if raw and not parsed:
-                raise SystemExit(f"{flag} is set but holds no key (blank); give a key, or leave it unset")
+                raise SystemExit(
+                    f"{flag} is set but holds no key (blank); give a key, or leave it unset"
+                )
         if key_file:
             try:
                 text = Path(key_file).read_text()
             except OSError as exc:
-                raise SystemExit(f"--api-key-file: cannot read {key_file}: {exc.strerror}") from None
-            lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+                raise SystemExit(
+                    f"--api-key-file: cannot read {key_file}: {exc.strerror}"
+                ) from None
+            lines = [
+                line
+                for line in text.splitlines()
+                if line.strip() and not line.lstrip().startswith("#")
+            ]
             if not lines:
-                raise SystemExit(f"--api-key-file {key_file} holds no key (empty, or only comments)")
+                raise SystemExit(
+                    f"--api-key-file {key_file} holds no key (empty, or only comments)"
+                )
             for number, line in enumerate(lines, 1):
                 key, admin = _key_line(line, f"--api-key-file {key_file}, key {number}")
                 (admins if admin else found).append(key)
@@ -130,7 +144,7 @@ class ApiKeys:
             return Caller()  # an open API has one tenant, its operator
         if not authorization or not authorization.lower().startswith(_SCHEME):
             raise Unauthenticated("no API key: send the header 'Authorization: Bearer <key>'")
-        presented = authorization[len(_SCHEME):].strip().encode()
+        presented = authorization[len(_SCHEME) :].strip().encode()
         matched, admin = False, False
         for key, is_admin in self._keys.items():
             same = hmac.compare_digest(key, presented)

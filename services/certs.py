@@ -50,17 +50,23 @@ class CertFiles:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "stagemesh"),
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-    ])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "stagemesh"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.write_bytes(b"")
     path.chmod(0o600)  # before the key is in it
     path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     )
 
 
@@ -82,7 +88,9 @@ def _ca(out: Path, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     if cert_path.exists() and key_path.exists():
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise SystemExit(f"{key_path}: not an ECDSA key (stagemesh certs makes its own CA; or use openssl)")
+            raise SystemExit(
+                f"{key_path}: not an ECDSA key (stagemesh certs makes its own CA; or use openssl)"
+            )
         return x509.load_pem_x509_certificate(cert_path.read_bytes()), key
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -97,9 +105,15 @@ def _ca(out: Path, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -111,7 +125,10 @@ def _ca(out: Path, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
 
 
 def make_certs(
-    out: Path, hosts: Sequence[str] = (), stages: Sequence[str] = STAGES, days: int = 365,
+    out: Path,
+    hosts: Sequence[str] = (),
+    stages: Sequence[str] = STAGES,
+    days: int = 365,
 ) -> dict[str, CertFiles]:
     """A CA (kept when ``out`` has one) and a certificate per stage in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -129,13 +146,13 @@ def make_certs(
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(
-                x509.SubjectAlternativeName(
-                    _alt_names(stage, ["localhost", "127.0.0.1", *hosts])
-                ),
+                x509.SubjectAlternativeName(_alt_names(stage, ["localhost", "127.0.0.1", *hosts])),
                 critical=False,
             )
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
                 critical=False,
             )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

@@ -1,15 +1,15 @@
 """The ``stagemesh`` command: run the embedded mesh, prepare models, run single stages.
 
-    stagemesh up                 etcd + every stage on this host, with the bundled model
-    stagemesh model prepare      turn the bundled GGUF into a float32 HF model directory
-    stagemesh status             members registered in etcd, with their health and load
-    stagemesh health ADDRESS     exit 0 if the stage at ADDRESS is SERVING (container probes)
-    stagemesh certs --out DIR    a development CA and a TLS certificate per stage
-    stagemesh etcd               the embedded etcd server alone (foreground)
-    stagemesh tokenizer [...]    one tokenizer stage (flags: stagemesh tokenizer --help)
-    stagemesh prefill [...]      one prefill engine stage
-    stagemesh decode [...]       one decode engine stage
-    stagemesh router [...]       one router stage (gRPC API and OpenAI HTTP bridge)
+stagemesh up                 etcd + every stage on this host, with the bundled model
+stagemesh model prepare      turn the bundled GGUF into a float32 HF model directory
+stagemesh status             members registered in etcd, with their health and load
+stagemesh health ADDRESS     exit 0 if the stage at ADDRESS is SERVING (container probes)
+stagemesh certs --out DIR    a development CA and a TLS certificate per stage
+stagemesh etcd               the embedded etcd server alone (foreground)
+stagemesh tokenizer [...]    one tokenizer stage (flags: stagemesh tokenizer --help)
+stagemesh prefill [...]      one prefill engine stage
+stagemesh decode [...]       one decode engine stage
+stagemesh router [...]       one router stage (gRPC API and OpenAI HTTP bridge)
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def cmd_etcd(args: argparse.Namespace) -> int:
     from services.ports import PortClaim, taken
 
     etcd = EmbeddedEtcd(
-        client_port=args.port, data_dir=Path(args.data_dir) if args.data_dir else None, host=args.host
+        client_port=args.port,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        host=args.host,
     )
     try:
         for port in taken([PortClaim(etcd.client_port, "--port", "etcd", etcd.host)]):
@@ -96,6 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from services.pb import common_pb2
 
     _install_credentials(args)
+
     async def load_of(member: common_pb2.Member) -> str:
         try:
             if member.role == common_pb2.ROLE_KVSTORE:
@@ -128,24 +131,36 @@ def cmd_status(args: argparse.Namespace) -> int:
         reader = RecordReader(common_pb2.Member.FromString)
         members = sorted(reader.read_all(listing).values(), key=lambda m: (m.role, m.grpc_address))
         if reader.refused:
-            print(f"stagemesh status: ignored {len(reader.refused)} member record(s) not sealed with this "
-                  f"mesh's key ({', '.join(sorted(set(reader.refused.values())))}); a mesh with a key needs "
-                  "--mesh-key-file or STAGEMESH_MESH_KEY", file=sys.stderr)
+            print(
+                f"stagemesh status: ignored {len(reader.refused)} member record(s) not sealed with this "
+                f"mesh's key ({', '.join(sorted(set(reader.refused.values())))}); a mesh with a key needs "
+                "--mesh-key-file or STAGEMESH_MESH_KEY",
+                file=sys.stderr,
+            )
         health = await asyncio.gather(*(health_status(m.grpc_address) for m in members))
         loads = await asyncio.gather(*(load_of(m) for m in members))
         return [
-            (role_name(m.role), m.instance_id, m.grpc_address, status,
-             ",".join([*m.models, *(f"+{a.name}" for a in m.adapters)]), load)
+            (
+                role_name(m.role),
+                m.instance_id,
+                m.grpc_address,
+                status,
+                ",".join([*m.models, *(f"+{a.name}" for a in m.adapters)]),
+                load,
+            )
             for m, status, load in zip(members, health, loads)
         ]
 
     try:
         rows = asyncio.run(collect())
     except (aetcd.exceptions.ClientError, TimeoutError) as exc:
-        print(f"stagemesh status: etcd at {args.etcd} is unreachable or refused ({type(exc).__name__}: "
-              f"{str(exc).splitlines()[0] if str(exc) else 'no answer'}); an etcd with TLS needs "
-              "--tls-cert, --tls-key and --tls-ca, one with users (stagemesh up) --etcd-user and "
-              "--etcd-password-file", file=sys.stderr)
+        print(
+            f"stagemesh status: etcd at {args.etcd} is unreachable or refused ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no answer'}); an etcd with TLS needs "
+            "--tls-cert, --tls-key and --tls-ca, one with users (stagemesh up) --etcd-user and "
+            "--etcd-password-file",
+            file=sys.stderr,
+        )
         return 1
     header = ("ROLE", "INSTANCE", "ADDRESS", "HEALTH", "MODELS", "LOAD")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
@@ -192,13 +207,19 @@ def cmd_layout(args: argparse.Namespace) -> int:
     layout = _layout(args, cores, args.gpus if args.gpus is not None else len(visible_gpus()))
     print(layout.describe())
     light = format_cores(layout.light_cores)
-    print("\nsystemd: one drop-in per unit, /etc/systemd/system/<unit>.d/cores.conf ([Service] then this line)")
+    print(
+        "\nsystemd: one drop-in per unit, /etc/systemd/system/<unit>.d/cores.conf ([Service] then this line)"
+    )
     for unit in ("stagemesh-etcd", "stagemesh-tokenizer", "stagemesh-router", "stagemesh-kvstore"):
         if unit != "stagemesh-kvstore" or layout.kvstore:
             print(f"  {unit + '.service':<32} CPUAffinity={light}")
     for i, engine in layout.numbered():
         unit = f"stagemesh-{engine.role}@{i}.service"
-        gpu = f"   (and CUDA_VISIBLE_DEVICES={engine.gpu} in its env file)" if engine.gpu is not None else ""
+        gpu = (
+            f"   (and CUDA_VISIBLE_DEVICES={engine.gpu} in its env file)"
+            if engine.gpu is not None
+            else ""
+        )
         print(f"  {unit:<32} CPUAffinity={format_cores(engine.cores)}{gpu}")
     print("\ncompose: in .env beside compose.yaml (replicas of a service share its cores)")
     for role in ("prefill", "decode"):
@@ -215,8 +236,11 @@ def _router_keys(args: argparse.Namespace) -> dict[str, str]:
     """The router's key settings, as environment. Keys typed on ``up``'s own command line
     stay visible in its argv (Python cannot rewrite the process's command line), so say so."""
     if args.api_key and args.api_key != os.environ.get("STAGEMESH_API_KEY", ""):
-        print("warning: --api-key on a command line is visible to every local user (ps); prefer "
-              "STAGEMESH_API_KEY or --api-key-file", file=sys.stderr)
+        print(
+            "warning: --api-key on a command line is visible to every local user (ps); prefer "
+            "STAGEMESH_API_KEY or --api-key-file",
+            file=sys.stderr,
+        )
     keys = {"STAGEMESH_API_KEY": args.api_key, "STAGEMESH_API_KEY_FILE": args.api_key_file}
     return {name: value for name, value in keys.items() if value}
 
@@ -256,36 +280,64 @@ def cmd_up(args: argparse.Namespace) -> int:
     own = certs.get("client")
     credentials.install(
         MeshCredentials.load(
-            mesh_key_file=str(mesh_key_file), tls_cert=str(own.cert) if own else "",
-            tls_key=str(own.key) if own else "", tls_ca=str(own.ca) if own else "",
+            mesh_key_file=str(mesh_key_file),
+            tls_cert=str(own.cert) if own else "",
+            tls_key=str(own.key) if own else "",
+            tls_ca=str(own.ca) if own else "",
         )
     )
     etcd = EmbeddedEtcd(
-        client_port=args.etcd_port, data_dir=run_dir / "etcd", cores=light_cores, tls=certs.get("etcd")
+        client_port=args.etcd_port,
+        data_dir=run_dir / "etcd",
+        cores=light_cores,
+        tls=certs.get("etcd"),
     )
     group = ProcessGroup()
     common = [
-        "--etcd", etcd.endpoint, "--home", str(home), "--metrics-port", "0", "--host", args.host,
-        "--mesh-key-file", str(mesh_key_file),
+        "--etcd",
+        etcd.endpoint,
+        "--home",
+        str(home),
+        "--metrics-port",
+        "0",
+        "--host",
+        args.host,
+        "--mesh-key-file",
+        str(mesh_key_file),
     ]
     router = ["--http-port", str(args.http_port)] + (["--allow-open"] if args.allow_open else [])
     if layout.disagg_min_tokens is not None:
         router += ["--disagg-min-tokens", str(layout.disagg_min_tokens)]
     # Simulated engines hold no tensors to store.
-    kvstore_mib = args.kvstore_mib if args.kvstore_mib is not None else (
-        1024 if layout.kvstore and args.engine != "sim" else 0
+    kvstore_mib = (
+        args.kvstore_mib
+        if args.kvstore_mib is not None
+        else (1024 if layout.kvstore and args.engine != "sim" else 0)
     )
     # (name, module, gRPC port, extra flags, cores, environment). The n-th prefill/decode
     # takes the base port + 2n; each engine owns its cores (services.placement).
     plan: list[tuple[str, str, int, list[str], list[int], dict[str, str]]] = [
-        ("tokenizer", "tokenizer_svc", args.tokenizer_port, ["--model", ",".join(args.model)] if args.model else [],
-         light_cores, {}),
+        (
+            "tokenizer",
+            "tokenizer_svc",
+            args.tokenizer_port,
+            ["--model", ",".join(args.model)] if args.model else [],
+            light_cores,
+            {},
+        ),
         # Keys reach the router through its environment, not its command line (ps shows that).
         ("router", "router_svc", args.router_port, router, light_cores, _router_keys(args)),
     ]
     if kvstore_mib > 0:
         plan.append(
-            ("kvstore", "kvstore_svc", args.kvstore_port, ["--capacity-mib", str(kvstore_mib)], light_cores, {})
+            (
+                "kvstore",
+                "kvstore_svc",
+                args.kvstore_port,
+                ["--capacity-mib", str(kvstore_mib)],
+                light_cores,
+                {},
+            )
         )
     plan += _sim_plan(args) if args.engine == "sim" else []
     for i, engine in [] if args.engine == "sim" else layout.numbered():
@@ -315,26 +367,45 @@ def cmd_up(args: argparse.Namespace) -> int:
         bound = claims
         etcd.start()
         etcd_users = _etcd_users(etcd.endpoint, run_dir)
-        credentials.install(dataclasses.replace(
-            credentials.current(), etcd_user="client", etcd_password=etcd_users["client"].read_text()
-        ))
+        credentials.install(
+            dataclasses.replace(
+                credentials.current(),
+                etcd_user="client",
+                etcd_password=etcd_users["client"].read_text(),
+            )
+        )
         stages = [
             group.add(
                 StageProcess(
-                    name, module,
-                    [*common, *_tls_flags(certs, name), *_etcd_flags(etcd_users, name), "--port", str(port), *extra],
-                    f"127.0.0.1:{port}", run_dir,
-                    env={**os.environ, **env}, cores=cores,
+                    name,
+                    module,
+                    [
+                        *common,
+                        *_tls_flags(certs, name),
+                        *_etcd_flags(etcd_users, name),
+                        "--port",
+                        str(port),
+                        *extra,
+                    ],
+                    f"127.0.0.1:{port}",
+                    run_dir,
+                    env={**os.environ, **env},
+                    cores=cores,
                 )
             )
             for name, module, port, extra, cores, env in plan
         ]
         supervisor = Supervisor(stages, report)
         started = time.monotonic()
-        print(f"starting {', '.join(name for name, *_ in plan)} (engines take a minute on CPU)...", flush=True)
+        print(
+            f"starting {', '.join(name for name, *_ in plan)} (engines take a minute on CPU)...",
+            flush=True,
+        )
         if not asyncio.run(wait_ready(stages, supervisor, etcd, args.start_timeout, stop, report)):
             return 130  # stopped while starting
-        endpoints = "".join(f"  {stage.name + ' gRPC':<18}{stage.grpc_address}\n" for stage in stages)
+        endpoints = "".join(
+            f"  {stage.name + ' gRPC':<18}{stage.grpc_address}\n" for stage in stages
+        )
         http = f"http://127.0.0.1:{args.http_port}"
         print(
             f"\nstagemesh is up in {time.monotonic() - started:.1f}s (logs in {run_dir})\n"
@@ -342,9 +413,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"  {'etcd':<18}{etcd.endpoint}\n{endpoints}\n"
             "try it:\n"
             f"  curl {http}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-            "    -d '{\"model\": \"\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'\n"
+            '    -d \'{"model": "", "messages": [{"role": "user", "content": "What is the capital of France?"}]}\'\n'
             f"  grpcurl {f'-cacert {own.ca} -authority stagemesh' if own else '-plaintext'} "
-            f"-d '{{\"text\": \"Once upon a time\"}}' 127.0.0.1:{args.router_port} "
+            f'-d \'{{"text": "Once upon a time"}}\' 127.0.0.1:{args.router_port} '
             "stagemesh.v1.RouterService/Generate\n"
             f"  stagemesh status --etcd {etcd.endpoint} --mesh-key-file {mesh_key_file} "
             f"{' '.join(_etcd_flags(etcd_users, 'client'))}{' ' + ' '.join(own.flags()) if own else ''}\n\n"
@@ -392,9 +463,18 @@ _Planned = tuple[str, str, int, list[str], list[int], dict[str, str]]
 def _sim_plan(args: argparse.Namespace) -> list[_Planned]:
     """``--engine sim``: one process per role holding all its simulated engines
     (``--sim-engines``), on the light stages' cores: they compute nothing."""
-    sim = ["--engine", "sim", "--sim-profile", args.sim_profile, "--sim-speedup", str(args.sim_speedup)]
+    sim = [
+        "--engine",
+        "sim",
+        "--sim-profile",
+        args.sim_profile,
+        "--sim-speedup",
+        str(args.sim_speedup),
+    ]
     plan: list[_Planned] = []
-    for role, count, port in zip(("prefill", "decode"), _sim_counts(args), (args.prefill_port, args.decode_port)):
+    for role, count, port in zip(
+        ("prefill", "decode"), _sim_counts(args), (args.prefill_port, args.decode_port)
+    ):
         if count:
             plan.append((role, f"{role}_svc", port, [*sim, "--sim-engines", str(count)], [], {}))
     return plan
@@ -435,7 +515,15 @@ def _tls_flags(certs: dict[str, CertFiles], stage: str) -> list[str]:
 
 
 #: `up`'s port settings, each moved by ``--port-offset``.
-_UP_PORTS = ("http_port", "router_port", "etcd_port", "tokenizer_port", "prefill_port", "decode_port", "kvstore_port")
+_UP_PORTS = (
+    "http_port",
+    "router_port",
+    "etcd_port",
+    "tokenizer_port",
+    "prefill_port",
+    "decode_port",
+    "kvstore_port",
+)
 #: Seconds `up` waits for ports a stopping mesh still holds.
 _PORT_WAIT = 15.0
 
@@ -447,11 +535,15 @@ def _apply_port_offset(args: argparse.Namespace) -> None:
         if port and args.port_offset:
             port += args.port_offset
             if not 0 < port < 65536:
-                raise SystemExit(f"stagemesh up: --port-offset {args.port_offset} puts --{name.replace('_', '-')} at {port}")
+                raise SystemExit(
+                    f"stagemesh up: --port-offset {args.port_offset} puts --{name.replace('_', '-')} at {port}"
+                )
             setattr(args, name, port)
 
 
-def _port_claims(args: argparse.Namespace, etcd: EmbeddedEtcd, stages: list[tuple[str, int]]) -> list[PortClaim]:
+def _port_claims(
+    args: argparse.Namespace, etcd: EmbeddedEtcd, stages: list[tuple[str, int]]
+) -> list[PortClaim]:
     """Every port `up` binds (its etcd's client port, the router's HTTP port, each
     stage's gRPC port), with the setting that moves it."""
     from services.ports import PortClaim
@@ -459,7 +551,10 @@ def _port_claims(args: argparse.Namespace, etcd: EmbeddedEtcd, stages: list[tupl
     return [
         PortClaim(etcd.client_port, "--etcd-port", "etcd", etcd.host),
         PortClaim(args.http_port, "--http-port", "router HTTP", args.host),
-        *(PortClaim(port, f"--{name.split('-')[0]}-port", f"{name} gRPC", args.host) for name, port in stages),
+        *(
+            PortClaim(port, f"--{name.split('-')[0]}-port", f"{name} gRPC", args.host)
+            for name, port in stages
+        ),
     ]
 
 
@@ -479,7 +574,9 @@ def _check_ports(claims: list[PortClaim], report: Callable[[str], None]) -> None
         )
 
 
-def _wait_for_signal(every: Callable[[], None] | None = None, stop: StopRequest | None = None) -> None:
+def _wait_for_signal(
+    every: Callable[[], None] | None = None, stop: StopRequest | None = None
+) -> None:
     """Block until SIGINT/SIGTERM/SIGHUP, calling ``every`` twice a second meanwhile."""
     from services.mesh_start import StopRequest
 
@@ -493,22 +590,37 @@ def _wait_for_signal(every: Callable[[], None] | None = None, stop: StopRequest 
 
 def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--layout", choices=LAYOUTS, default="auto",
+        "--layout",
+        choices=LAYOUTS,
+        default="auto",
         help="auto: engines and roles from this host's cores and GPUs (printed at start); "
         "aggregated: engines that prefill and decode; pd: separate prefill engines",
     )
-    parser.add_argument("--prefill", type=int, default=None, help="prefill engines to run (overrides the layout's)")
-    parser.add_argument("--decode", type=int, default=None, help="decode engines to run (overrides the layout's)")
+    parser.add_argument(
+        "--prefill", type=int, default=None, help="prefill engines to run (overrides the layout's)"
+    )
+    parser.add_argument(
+        "--decode", type=int, default=None, help="decode engines to run (overrides the layout's)"
+    )
 
 
 #: The stage settings a tool presents to the stages with (services/credentials.py).
-_CREDENTIAL_SETTINGS = ("mesh_key_file", "tls_cert", "tls_key", "tls_ca", "etcd_user", "etcd_password_file")
+_CREDENTIAL_SETTINGS = (
+    "mesh_key_file",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "etcd_user",
+    "etcd_password_file",
+)
 
 
 def _add_credential_arguments(parser: argparse.ArgumentParser) -> None:
     """The mesh credentials a tool presents to the stages, as each stage takes them."""
     for name in _CREDENTIAL_SETTINGS:
-        parser.add_argument(f"--{name.replace('_', '-')}", default=None, help=f"[env {ENV_PREFIX}{name.upper()}]")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", default=None, help=f"[env {ENV_PREFIX}{name.upper()}]"
+        )
 
 
 def _install_credentials(args: argparse.Namespace) -> None:
@@ -520,52 +632,70 @@ def _install_credentials(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagemesh", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--home", default=None, help=f"state directory [env {ENV_PREFIX}HOME; default {DEFAULT_HOME}]"
+        "--home",
+        default=None,
+        help=f"state directory [env {ENV_PREFIX}HOME; default {DEFAULT_HOME}]",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run etcd and every stage on this host")
     up.add_argument(
-        "--model", action="append", default=[],
+        "--model",
+        action="append",
+        default=[],
         help="NAME=PATH or PATH of a HF model directory (default: bundled); repeat it to serve several "
         "base models, the engines of each role taking them in turn (each model gets a decode engine)",
     )
     up.add_argument(
-        "--lora", action="append", default=[],
+        "--lora",
+        action="append",
+        default=[],
         help="NAME=PATH of a LoRA adapter (PEFT directory) for the first model's engines, served as model "
         "NAME; repeat for more. More can be loaded at run time (POST /v1/load_lora_adapter)",
     )
     up.add_argument(
-        "--enable-lora", action="store_true",
+        "--enable-lora",
+        action="store_true",
         help="LoRA on in the first model's engines without adapters at start, to load them at run time",
     )
     _add_layout_arguments(up)
     up.add_argument(
-        "--engine", choices=("vllm", "sim"), default="vllm",
+        "--engine",
+        choices=("vllm", "sim"),
+        default="vllm",
         help="sim: simulated engines that compute no model, for width (--prefill/--decode of them, "
         "one process per role; see docs/design.md)",
     )
-    up.add_argument("--sim-profile", default="dynamo-default", help="sim: timing profile name or JSON file")
-    up.add_argument("--sim-speedup", type=float, default=1.0, help="sim: divide simulated times by this")
     up.add_argument(
-        "--host", default="127.0.0.1",
+        "--sim-profile", default="dynamo-default", help="sim: timing profile name or JSON file"
+    )
+    up.add_argument(
+        "--sim-speedup", type=float, default=1.0, help="sim: divide simulated times by this"
+    )
+    up.add_argument(
+        "--host",
+        default="127.0.0.1",
         help="address every stage binds (gRPC and HTTP); 0.0.0.0 serves other hosts too (see docs/deploy.md)",
     )
     up.add_argument(
-        "--api-key", default=os.environ.get("STAGEMESH_API_KEY", ""),
+        "--api-key",
+        default=os.environ.get("STAGEMESH_API_KEY", ""),
         help="API keys the router's HTTP and gRPC APIs require, comma-separated; on a command line ps shows "
         "them: prefer the environment or --api-key-file [env STAGEMESH_API_KEY; default: none]",
     )
     up.add_argument(
-        "--api-key-file", default=os.environ.get("STAGEMESH_API_KEY_FILE", ""),
+        "--api-key-file",
+        default=os.environ.get("STAGEMESH_API_KEY_FILE", ""),
         help="a file of API keys, one per line ('KEY admin' may also load adapters) [env STAGEMESH_API_KEY_FILE]",
     )
     up.add_argument(
-        "--allow-open", action="store_true",
+        "--allow-open",
+        action="store_true",
         help="with --host other than loopback and no key: serve the APIs open on purpose",
     )
     up.add_argument(
-        "--tls", action="store_true",
+        "--tls",
+        action="store_true",
         help="mutual TLS between the stages and to etcd, with a development CA made for this run (in its log dir)",
     )
     up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port")
@@ -576,30 +706,43 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-port", type=int, default=50054)
     up.add_argument("--kvstore-port", type=int, default=50050)
     up.add_argument(
-        "--kvstore-mib", type=int, default=None,
+        "--kvstore-mib",
+        type=int,
+        default=None,
         help="KV store capacity in MiB (0: no store; default 1024 when the layout has prefill engines, "
         "the store's only users, else none)",
     )
     up.add_argument(
-        "--port-offset", type=int, default=0,
+        "--port-offset",
+        type=int,
+        default=0,
         help="added to every port above: a second mesh beside the first (e.g. 100: HTTP on 8100, etcd on 2479)",
     )
     up.add_argument(
-        "--start-timeout", type=float, default=600.0,
+        "--start-timeout",
+        type=float,
+        default=600.0,
         help="seconds every stage has to become ready (engines load for a minute or more on CPU); past it "
         "`up` names the stages still starting and shows their logs",
     )
     up.set_defaults(func=cmd_up)
 
     placement = sub.add_parser(
-        "layout", help="the engines, roles and cores `up` would choose here, as compose and systemd settings"
+        "layout",
+        help="the engines, roles and cores `up` would choose here, as compose and systemd settings",
     )
     _add_layout_arguments(placement)
-    placement.add_argument("--cores", type=int, default=0, help="plan for a host with this many cores (0: this one)")
-    placement.add_argument("--gpus", type=int, default=None, help="plan for this many GPUs (default: this host's)")
+    placement.add_argument(
+        "--cores", type=int, default=0, help="plan for a host with this many cores (0: this one)"
+    )
+    placement.add_argument(
+        "--gpus", type=int, default=None, help="plan for this many GPUs (default: this host's)"
+    )
     placement.set_defaults(func=cmd_layout)
 
-    model = sub.add_parser("model", help="manage models").add_subparsers(dest="action", required=True)
+    model = sub.add_parser("model", help="manage models").add_subparsers(
+        dest="action", required=True
+    )
     prepare = model.add_parser("prepare", help="prepare the bundled model (float32 HF directory)")
     prepare.add_argument("--force", action="store_true", help="prepare again even if present")
     prepare.set_defaults(func=cmd_model_prepare)
@@ -610,17 +753,28 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     certs = sub.add_parser("certs", help="make a development CA and a TLS certificate per stage")
-    certs.add_argument("--out", required=True, help="directory for ca.pem and <stage>.pem / <stage>-key.pem")
     certs.add_argument(
-        "--host", action="append", default=[],
+        "--out", required=True, help="directory for ca.pem and <stage>.pem / <stage>-key.pem"
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
         help="a host name or address the stages are dialled at (repeat; localhost and 127.0.0.1 are always in)",
     )
-    certs.add_argument("--stage", action="append", default=[], help=f"only these certificates (default: {', '.join(STAGES)})")
+    certs.add_argument(
+        "--stage",
+        action="append",
+        default=[],
+        help=f"only these certificates (default: {', '.join(STAGES)})",
+    )
     certs.add_argument("--days", type=int, default=365, help="validity of the certificates")
     certs.set_defaults(func=cmd_certs)
 
     probe = sub.add_parser("health", help="check one stage's gRPC health (exit 0 when SERVING)")
-    probe.add_argument("address", nargs="?", default="127.0.0.1:50051", help="host:port of the stage")
+    probe.add_argument(
+        "address", nargs="?", default="127.0.0.1:50051", help="host:port of the stage"
+    )
     probe.add_argument("--service", default="", help="health service name ('' is the whole stage)")
     probe.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
     _add_credential_arguments(probe)
@@ -633,7 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     etcd.set_defaults(func=cmd_etcd)
 
     for name in STAGE_MODULES:
-        sub.add_parser(name, help=f"run one {name} stage (see: stagemesh {name} --help)", add_help=False)
+        sub.add_parser(
+            name, help=f"run one {name} stage (see: stagemesh {name} --help)", add_help=False
+        )
     return parser
 
 

@@ -43,22 +43,36 @@ class _Stamp:
 
 
 class _StampUnaryUnary(_Stamp, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         return await continuation(self._details(client_call_details), request)
 
 
 class _StampUnaryStream(_Stamp, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         return await continuation(self._details(client_call_details), request)
 
 
 class _StampStreamUnary(_Stamp, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request_iterator: Any) -> Any:
+    async def intercept_stream_unary(
+        self,
+        continuation: Any,
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
 
 class _StampStreamStream(_Stamp, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request_iterator: Any) -> Any:
+    async def intercept_stream_stream(
+        self,
+        continuation: Any,
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
 
@@ -164,7 +178,9 @@ class TokenizerClient(_StageClient):
         """Token ids of a whole chat input (messages with tool calls, and the tools)."""
         return await self.tokenize_request(tokenizer_pb2.TokenizeRequest(model=model, chat=chat))
 
-    async def tokenize_request(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResponse:
+    async def tokenize_request(
+        self, request: tokenizer_pb2.TokenizeRequest
+    ) -> tokenizer_pb2.TokenizeResponse:
         """The Tokenize call itself, for a request built elsewhere (the HTTP /tokenize)."""
         return await self._stub.Tokenize(request, timeout=self._timeout)
 
@@ -203,7 +219,9 @@ class TokenizerClient(_StageClient):
 
     async def decoder(self, model: str = "") -> TokenDecoder:
         """The model's decoder, to detokenize locally (rebuilt off the event loop)."""
-        call = self._stub.GetDecoder(tokenizer_pb2.ModelInfoRequest(model=model), timeout=self._timeout)
+        call = self._stub.GetDecoder(
+            tokenizer_pb2.ModelInfoRequest(model=model), timeout=self._timeout
+        )
         serialized = b"".join([chunk.data async for chunk in call])
         return await asyncio.to_thread(TokenDecoder.from_json, serialized.decode())
 
@@ -259,7 +277,10 @@ class EngineClient(_KvEventSource):
         """Compute the prompt's KV on this (prefill) member; returns the transfer handle."""
         return await self._stub.Prefill(
             engine_pb2.PrefillRequest(
-                request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling, adapter=adapter
+                request_id=request_id,
+                prompt_token_ids=prompt_token_ids,
+                sampling=sampling,
+                adapter=adapter,
             ),
             timeout=timeout,
         )
@@ -275,7 +296,10 @@ class EngineClient(_KvEventSource):
     ) -> grpc.aio.UnaryStreamCall:
         """Stream generated ids (iterate the call; cancel it to abort the request)."""
         request = engine_pb2.GenerateRequest(
-            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling, adapter=adapter
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling=sampling,
+            adapter=adapter,
         )
         if kv_handle is not None:
             request.kv_handle.CopyFrom(kv_handle)
@@ -290,7 +314,9 @@ class EngineClient(_KvEventSource):
     async def load(self, timeout: float | None = None) -> engine_pb2.Load:
         return await self._stub.GetLoad(engine_pb2.LoadRequest(), timeout=timeout or self._timeout)
 
-    async def load_adapter(self, name: str, path: str, timeout: float | None = None) -> common_pb2.Adapter:
+    async def load_adapter(
+        self, name: str, path: str, timeout: float | None = None
+    ) -> common_pb2.Adapter:
         """Load a LoRA adapter on this engine (vLLM reads its weights: seconds)."""
         return await self._stub.LoadAdapter(
             engine_pb2.LoadAdapterRequest(name=name, path=path), timeout=timeout or self._timeout
@@ -311,7 +337,9 @@ class RouterClient(_StageClient):
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, api_key: str = "") -> None:
         super().__init__(address, timeout)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
-        self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._auth: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        )
 
     def generate(
         self,
@@ -328,27 +356,37 @@ class RouterClient(_StageClient):
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> router_pb2.RouterGenerateResult:
-        return await self._stub.GenerateUnary(request, timeout=timeout, metadata=(*self._auth, *metadata))
+        return await self._stub.GenerateUnary(
+            request, timeout=timeout, metadata=(*self._auth, *metadata)
+        )
 
     async def load_adapter(self, name: str, path: str, base_model: str = "") -> list[str]:
         """Load a LoRA adapter on the mesh's engines; the instance ids that loaded it."""
         reply = await self._stub.LoadAdapter(
-            router_pb2.RouterLoadAdapterRequest(name=name, path=path, base_model=base_model), metadata=self._auth
+            router_pb2.RouterLoadAdapterRequest(name=name, path=path, base_model=base_model),
+            metadata=self._auth,
         )
         return list(reply.instances)
 
     async def unload_adapter(self, name: str) -> list[str]:
         """Unload a LoRA adapter from every engine that has it."""
-        reply = await self._stub.UnloadAdapter(router_pb2.RouterUnloadAdapterRequest(name=name), metadata=self._auth)
+        reply = await self._stub.UnloadAdapter(
+            router_pb2.RouterUnloadAdapterRequest(name=name), metadata=self._auth
+        )
         return list(reply.instances)
 
     async def list_models(self) -> list[router_pb2.ModelCard]:
-        reply = await self._stub.ListModels(router_pb2.ListModelsRequest(), timeout=self._timeout, metadata=self._auth)
+        reply = await self._stub.ListModels(
+            router_pb2.ListModelsRequest(), timeout=self._timeout, metadata=self._auth
+        )
         return list(reply.models)
 
-    async def list_members(self, role: int = common_pb2.ROLE_UNSPECIFIED) -> list[router_pb2.MemberStatus]:
+    async def list_members(
+        self, role: int = common_pb2.ROLE_UNSPECIFIED
+    ) -> list[router_pb2.MemberStatus]:
         reply = await self._stub.ListMembers(
-            router_pb2.ListMembersRequest(role=common_pb2.Role.ValueType(role)), timeout=self._timeout,
+            router_pb2.ListMembersRequest(role=common_pb2.Role.ValueType(role)),
+            timeout=self._timeout,
             metadata=self._auth,
         )
         return list(reply.members)

@@ -56,7 +56,8 @@ class StageConfig:
     metrics_port: int = setting(-1, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     etcd: str = setting("127.0.0.1:2379", "comma-separated etcd endpoints (host:port)")
     lease_ttl: int = setting(
-        10, "seconds the stage's etcd lease lives without a keep-alive (a crashed stage leaves the mesh after it)"
+        10,
+        "seconds the stage's etcd lease lives without a keep-alive (a crashed stage leaves the mesh after it)",
     )
     drain_seconds: float = setting(
         1.0, "on SIGTERM, seconds spent NOT_SERVING and deregistered before refusing new calls"
@@ -77,16 +78,21 @@ class StageConfig:
     )
     mesh_key_file: str = setting("", "a file holding the mesh key (overrides --mesh-key)")
     tls_cert: str = setting(
-        "", "this stage's certificate (PEM, signed by --tls-ca): gRPC then speaks mutual TLS, etcd too"
+        "",
+        "this stage's certificate (PEM, signed by --tls-ca): gRPC then speaks mutual TLS, etcd too",
     )
     tls_key: str = setting("", "the private key of --tls-cert (PEM)")
-    tls_ca: str = setting("", "the mesh CA (PEM): peers and etcd must present certificates it signed")
+    tls_ca: str = setting(
+        "", "the mesh CA (PEM): peers and etcd must present certificates it signed"
+    )
     tls_server_name: str = setting(
-        DEFAULT_SERVER_NAME, "the name in every stage certificate, checked in place of the dialled address"
+        DEFAULT_SERVER_NAME,
+        "the name in every stage certificate, checked in place of the dialled address",
     )
     etcd_user: str = setting(
-        "", "the etcd user this stage authenticates as, when etcd has authentication on (stagemesh up "
-        "makes one per role); empty: none"
+        "",
+        "the etcd user this stage authenticates as, when etcd has authentication on (stagemesh up "
+        "makes one per role); empty: none",
     )
     etcd_password_file: str = setting("", "a file holding --etcd-user's password")
 
@@ -100,8 +106,14 @@ class StageConfig:
     def credentials(self) -> MeshCredentials:
         """The mesh key and TLS material these settings name (files read now)."""
         return MeshCredentials.load(
-            self.mesh_key, self.mesh_key_file, self.tls_cert, self.tls_key, self.tls_ca, self.tls_server_name,
-            self.etcd_user, self.etcd_password_file,
+            self.mesh_key,
+            self.mesh_key_file,
+            self.tls_cert,
+            self.tls_key,
+            self.tls_ca,
+            self.tls_server_name,
+            self.etcd_user,
+            self.etcd_password_file,
         )
 
     @property
@@ -121,7 +133,10 @@ class StageConfig:
         found = taken(self.listen_ports())
         if found:
             raise SystemExit(
-                "; ".join(f"{t.reason()}: stop it, or choose another port with {t.claim.setting}" for t in found)
+                "; ".join(
+                    f"{t.reason()}: stop it, or choose another port with {t.claim.setting}"
+                    for t in found
+                )
             )
 
     def resolve_hosts(self) -> None:
@@ -135,7 +150,6 @@ class StageConfig:
         """
         if self.advertise_host == AUTO_HOST:
             self.advertise_host = route_source(self.etcd_endpoints)
-
 
 
 @dataclasses.dataclass
@@ -154,7 +168,11 @@ class NixlStageConfig(StageConfig):
     )
 
     def listen_ports(self) -> list[PortClaim]:
-        fixed = [PortClaim(self.nixl_port, "--nixl-port", host=self.nixl_host)] if self.nixl_port > 0 else []
+        fixed = (
+            [PortClaim(self.nixl_port, "--nixl-port", host=self.nixl_host)]
+            if self.nixl_port > 0
+            else []
+        )
         return [*super().listen_ports(), *fixed]
 
     def resolve_hosts(self) -> None:
@@ -162,6 +180,7 @@ class NixlStageConfig(StageConfig):
         super().resolve_hosts()
         if self.nixl_host == AUTO_HOST:
             self.nixl_host = route_source(self.etcd_endpoints)
+
 
 def parse_endpoints(spec: str) -> list[tuple[str, int]]:
     """Parse ``host:port,host:port`` into pairs; a missing port means 2379."""
@@ -276,4 +295,3 @@ def parse_config(
     config = build_config(config_cls, parser.parse_args(argv))
     config.resolve_hosts()
     return config
-

@@ -98,11 +98,15 @@ class Tls:
 
     def server_credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(
-            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=require_client_cert
+            [(self.key, self.cert)],
+            root_certificates=self.ca,
+            require_client_auth=require_client_cert,
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
 
     def name_of(self, role: str = "") -> str:
         """The name a server's certificate must carry: ``<role>.<server name>`` for a
@@ -123,25 +127,45 @@ class MeshCredentials:
 
     @classmethod
     def load(
-        cls, mesh_key: str = "", mesh_key_file: str = "", tls_cert: str = "", tls_key: str = "",
-        tls_ca: str = "", tls_server_name: str = DEFAULT_SERVER_NAME, etcd_user: str = "",
+        cls,
+        mesh_key: str = "",
+        mesh_key_file: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+        tls_ca: str = "",
+        tls_server_name: str = DEFAULT_SERVER_NAME,
+        etcd_user: str = "",
         etcd_password_file: str = "",
     ) -> MeshCredentials:
         """From the settings every stage has; a missing or unreadable file ends the process."""
-        key = _read(mesh_key_file, "mesh key file").strip() if mesh_key_file else mesh_key.strip().encode()
+        key = (
+            _read(mesh_key_file, "mesh key file").strip()
+            if mesh_key_file
+            else mesh_key.strip().encode()
+        )
         given = {"--tls-cert": tls_cert, "--tls-key": tls_key, "--tls-ca": tls_ca}
         if any(given.values()) and not all(given.values()):
             missing = ", ".join(flag for flag, value in given.items() if not value)
-            raise SystemExit(f"TLS needs --tls-cert, --tls-key and --tls-ca together; missing {missing}")
+            raise SystemExit(
+                f"TLS needs --tls-cert, --tls-key and --tls-ca together; missing {missing}"
+            )
         tls = None
         if tls_cert:
             tls = Tls(
-                _read(tls_cert, "TLS certificate"), _read(tls_key, "TLS key"), _read(tls_ca, "TLS CA"),
+                _read(tls_cert, "TLS certificate"),
+                _read(tls_key, "TLS key"),
+                _read(tls_ca, "TLS CA"),
                 tls_server_name or DEFAULT_SERVER_NAME,
             )
         if bool(etcd_user) != bool(etcd_password_file):
-            raise SystemExit("etcd authentication needs --etcd-user and --etcd-password-file together")
-        password = _read(etcd_password_file, "etcd password file").decode().strip() if etcd_password_file else ""
+            raise SystemExit(
+                "etcd authentication needs --etcd-user and --etcd-password-file together"
+            )
+        password = (
+            _read(etcd_password_file, "etcd password file").decode().strip()
+            if etcd_password_file
+            else ""
+        )
         return cls(key, tls, etcd_user, password)
 
     @property
@@ -181,7 +205,9 @@ class MeshCredentials:
         if self.tls is None or allowed is None:
             return
         uris = [uri.decode(errors="replace") for uri in auth_context.get("peer_uri", ())]
-        roles = {uri.removeprefix(ROLE_URI_PREFIX) for uri in uris if uri.startswith(ROLE_URI_PREFIX)}
+        roles = {
+            uri.removeprefix(ROLE_URI_PREFIX) for uri in uris if uri.startswith(ROLE_URI_PREFIX)
+        }
         if not roles & allowed:
             named = ", ".join(sorted(roles)) or f"no role (no {ROLE_URI_PREFIX}<role> URI SAN)"
             raise PermissionDenied(

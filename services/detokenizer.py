@@ -149,7 +149,7 @@ class IncrementalDetokenizer:
         else:
             end = len(self._text) - partial_marker_length(self._text, self._stop, self._released)
         self._released = max(end, start)
-        return self._text[start:self._released]
+        return self._text[start : self._released]
 
     def _find_stop(self, start: int) -> tuple[int, str] | None:
         """Earliest stop-string match at or after ``start`` (earlier text was checked before)."""

@@ -42,7 +42,9 @@ class _TlsClient(aetcd.Client):
     certificate is made.
     """
 
-    def __init__(self, tls: Tls, host: str, port: int, timeout: float, user: str | None, password: str | None) -> None:
+    def __init__(
+        self, tls: Tls, host: str, port: int, timeout: float, user: str | None, password: str | None
+    ) -> None:
         super().__init__(host=host, port=port, username=user, password=password, timeout=timeout)
         self._tls = tls
 
@@ -50,7 +52,9 @@ class _TlsClient(aetcd.Client):
         if self._connected.is_set():
             return
         self.channel = grpc.aio.secure_channel(
-            f"{self._host}:{self._port}", self._tls.channel_credentials(), options=list(self._options.items())
+            f"{self._host}:{self._port}",
+            self._tls.channel_credentials(),
+            options=list(self._options.items()),
         )
         if self._username is not None and self._password is not None:  # as aetcd's own connect does
             request = rpc.AuthenticateRequest(name=self._username, password=self._password)
@@ -60,7 +64,9 @@ class _TlsClient(aetcd.Client):
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
         self._connected.set()
 
 
@@ -92,10 +98,19 @@ class EtcdSession:
                 host, port = self._endpoints[self._next % len(self._endpoints)]
                 self._next += 1
                 creds = credentials.current()
-                user, password = (creds.etcd_user, creds.etcd_password) if creds.etcd_user else (None, None)
+                user, password = (
+                    (creds.etcd_user, creds.etcd_password) if creds.etcd_user else (None, None)
+                )
                 client = (
-                    aetcd.Client(host=host, port=port, username=user, password=password, timeout=self._timeout)
-                    if creds.tls is None else _TlsClient(creds.tls, host, port, self._timeout, user, password)
+                    aetcd.Client(
+                        host=host,
+                        port=port,
+                        username=user,
+                        password=password,
+                        timeout=self._timeout,
+                    )
+                    if creds.tls is None
+                    else _TlsClient(creds.tls, host, port, self._timeout, user, password)
                 )
                 await client.connect()
                 self._client = client
@@ -139,7 +154,9 @@ def _prefix(key: str, kind: int) -> rpc.Permission:
     return rpc.Permission(permType=kind, key=key.encode(), range_end=end.encode())
 
 
-async def enable_authentication(client: aetcd.Client, passwords: Mapping[str, str], root_password: str) -> None:
+async def enable_authentication(
+    client: aetcd.Client, passwords: Mapping[str, str], root_password: str
+) -> None:
     """Turn etcd's own authentication on, with a user and a role for each role of
     ``passwords`` that reads the mesh's tree and writes only its :data:`WRITES`, and a
     root user. Then a process without a password can neither register, nor delete a
@@ -150,9 +167,14 @@ async def enable_authentication(client: aetcd.Client, passwords: Mapping[str, st
     await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"))
     for role, password in passwords.items():
         await auth.RoleAdd(rpc.AuthRoleAddRequest(name=role))
-        grants = [_prefix(ROOT, rpc.Permission.READ), *(_prefix(ROOT + path, rpc.Permission.READWRITE) for path in WRITES[role])]
+        grants = [
+            _prefix(ROOT, rpc.Permission.READ),
+            *(_prefix(ROOT + path, rpc.Permission.READWRITE) for path in WRITES[role]),
+        ]
         for grant in grants:
-            await auth.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name=role, perm=grant))
+            await auth.RoleGrantPermission(
+                rpc.AuthRoleGrantPermissionRequest(name=role, perm=grant)
+            )
         await auth.UserAdd(rpc.AuthUserAddRequest(name=role, password=password))
         await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=role, role=role))
     await auth.AuthEnable(rpc.AuthEnableRequest())

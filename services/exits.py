@@ -51,7 +51,10 @@ def reason_line(log_tail: str) -> str:
     """The one-line reason in the tail of a stage's log: its last line in the
     ``stagemesh <stage>: ...`` form, else its last line."""
     lines = [line for line in log_tail.splitlines() if line.strip()]
-    found = next((line for line in reversed(lines) if line.startswith(REASON_PREFIX)), lines[-1] if lines else "")
+    found = next(
+        (line for line in reversed(lines) if line.startswith(REASON_PREFIX)),
+        lines[-1] if lines else "",
+    )
     if len(found) > _REASON_CHARS:  # vLLM lists every architecture it knows, for one it does not
         found = found[:_REASON_CHARS] + "... (the whole line is in its log)"
     return found or "(its log is empty)"

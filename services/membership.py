@@ -105,7 +105,9 @@ class Registration:
                 await asyncio.wait_for(client.revoke_lease(self._lease_id), timeout=2.0)
                 log.info("deregistered %s", self.key)
             except Exception as exc:  # noqa: BLE001 - etcd down: the lease expires on its own
-                log.warning("could not revoke lease (%s); key expires in %ss", _describe(exc), self._ttl)
+                log.warning(
+                    "could not revoke lease (%s); key expires in %ss", _describe(exc), self._ttl
+                )
             self._lease_id = None
         self.registered.clear()
 
@@ -205,16 +207,16 @@ class MemberWatcher(Generic[M]):
         await cancel_and_wait(self._task)
         self._task = None
 
-    async def wait_for(
-        self, predicate: Callable[[dict[str, M]], bool], timeout: float
-    ) -> None:
+    async def wait_for(self, predicate: Callable[[dict[str, M]], bool], timeout: float) -> None:
         """Wait until ``predicate(members)`` holds; raises TimeoutError after ``timeout``."""
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(lambda: predicate(self.members)), timeout)
 
     async def _run(self) -> None:
         # _sync_and_watch only ever ends by raising, so this retries for the watcher's life.
-        await _retrying(self._sync_and_watch, self._session, self._retry, f"watch of {self._prefix}")
+        await _retrying(
+            self._sync_and_watch, self._session, self._retry, f"watch of {self._prefix}"
+        )
 
     async def _sync_and_watch(self) -> None:
         client = await self._session.client()
@@ -272,16 +274,23 @@ class RecordReader(Generic[M]):
         """The record under ``key``, or None (as if absent) when it must be ignored: one
         bad value, written by hand, by another version or by an outsider, must neither
         count nor freeze the view."""
-        signer = self._signer or credentials.current().records  # the process's identity, as installed
+        signer = (
+            self._signer or credentials.current().records
+        )  # the process's identity, as installed
         try:
             payload = signer.open(key, value, lease)
             try:
                 record = self._parse(payload)
             except Exception as exc:  # noqa: BLE001 - any parser's failure means "not a record"
-                raise RecordRejected("malformed", f"its payload does not parse ({type(exc).__name__})") from None
+                raise RecordRejected(
+                    "malformed", f"its payload does not parse ({type(exc).__name__})"
+                ) from None
         except RecordRejected as rejected:
             REJECTED.labels(kind_of(key), rejected.reason).inc()
-            if self._refused.get(key) != rejected.reason and len(self._refused) < self.LOGGED_KEYS_MAX:
+            if (
+                self._refused.get(key) != rejected.reason
+                and len(self._refused) < self.LOGGED_KEYS_MAX
+            ):
                 self._refused[key] = rejected.reason
                 log.warning("ignoring the etcd record %s: %s", key, rejected)
             return None

@@ -44,7 +44,9 @@ class StopRequest:
         self.signum: int | None = None
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._note)
-        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup, a hangup stays ignored
+        if (
+            signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+        ):  # under nohup, a hangup stays ignored
             signal.signal(signal.SIGHUP, self._note)
 
     def _note(self, signum: int, frame: object) -> None:
@@ -100,13 +102,18 @@ async def _registered(session: EtcdSession) -> set[str]:
         await session.reset()
         return set()
     # Sealed records (services/records.py): read as every watcher reads them.
-    return {member.grpc_address for member in RecordReader(common_pb2.Member.FromString).read_all(listing).values()}
+    return {
+        member.grpc_address
+        for member in RecordReader(common_pb2.Member.FromString).read_all(listing).values()
+    }
 
 
 async def _ready(stages: Sequence[StageProcess], session: EtcdSession) -> list[StageProcess]:
     """The stages that prove they are ready: SERVING, and registered in our etcd."""
     alive = [stage for stage in stages if stage.alive()]
-    health = await asyncio.gather(*(health_status(stage.grpc_address, timeout=1.0) for stage in alive))
+    health = await asyncio.gather(
+        *(health_status(stage.grpc_address, timeout=1.0) for stage in alive)
+    )
     serving = [stage for stage, status in zip(alive, health) if status == "SERVING"]
     if not serving:
         return []
@@ -138,7 +145,9 @@ async def wait_ready(
             for stage in await _ready(pending, session):
                 pending.remove(stage)
             elapsed = time.monotonic() - started
-            progress.update([s.name for s in stages if s not in pending], [s.name for s in pending], elapsed)
+            progress.update(
+                [s.name for s in stages if s not in pending], [s.name for s in pending], elapsed
+            )
             if pending and elapsed > timeout:
                 progress.done()
                 raise StartFailed(
@@ -155,7 +164,10 @@ async def wait_ready(
 
 
 def stop_mesh(
-    group: ProcessGroup, etcd: EmbeddedEtcd, claims: Sequence[ports.PortClaim], say: Callable[[str], None]
+    group: ProcessGroup,
+    etcd: EmbeddedEtcd,
+    claims: Sequence[ports.PortClaim],
+    say: Callable[[str], None],
 ) -> None:
     """Stop every stage (its whole process group), then etcd, then wait for the mesh's
     ports to be free; a port something else still holds is named."""

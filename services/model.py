@@ -92,10 +92,17 @@ def prepare_bundled_model(home: Path, force: bool = False) -> Path:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    steps = ["locate GGUF", "load tokenizer", "dequantize weights", "write model", "write tokenizer"]
+    steps = [
+        "locate GGUF",
+        "load tokenizer",
+        "dequantize weights",
+        "write model",
+        "write tokenizer",
+    ]
     work = target.with_name(target.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     with tqdm(total=len(steps), desc="prepare " + BUNDLED_NAME, unit="step") as progress:
+
         def step(index: int) -> None:
             progress.set_postfix_str(steps[index])
 

@@ -56,7 +56,9 @@ def route_source(endpoints: Sequence[tuple[str, int]]) -> str:
     problems = []
     for host, port in endpoints:
         try:
-            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_DGRAM
+            )[0]
             with socket.socket(family, kind, proto) as probe:
                 probe.connect(address)
                 return str(probe.getsockname()[0])

@@ -165,7 +165,9 @@ class Layout:
         for engine in self.engines:
             gpu = f", GPU {engine.gpu}" if engine.gpu is not None else ""
             lines.append(f"  {engine.role:<8} cores {format_cores(engine.cores)}{gpu}")
-        lines.append(f"  {'light':<8} cores {format_cores(self.light_cores)} (etcd, tokenizer, router, KV store)")
+        lines.append(
+            f"  {'light':<8} cores {format_cores(self.light_cores)} (etcd, tokenizer, router, KV store)"
+        )
         return "\n".join(lines)
 
 
@@ -230,7 +232,10 @@ def choose_layout(
         if len(roles) > gpus:
             raise PlacementError(f"{len(roles)} engines asked for, but only {gpus} GPU(s)")
         shares = split_cores(engine_cores or cores, len(roles), at_most=GPU_ENGINE_CORES)
-        slots = [EngineSlot(role, tuple(share), gpu) for gpu, (role, share) in enumerate(zip(roles, shares))]
+        slots = [
+            EngineSlot(role, tuple(share), gpu)
+            for gpu, (role, share) in enumerate(zip(roles, shares))
+        ]
     else:
         shares = split_cores(engine_cores, len(roles))
         slots = [EngineSlot(role, tuple(share)) for role, share in zip(roles, shares)]

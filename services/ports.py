@@ -99,7 +99,11 @@ def _listening_inodes(port: int, net: Path) -> set[str]:
             continue
         for row in rows:
             fields = row.split()
-            if len(fields) > 9 and fields[3] == _LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if (
+                len(fields) > 9
+                and fields[3] == _LISTEN
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
                 inodes.add(fields[9])
     return inodes
 
@@ -126,7 +130,9 @@ def _command(pid: int, width: int = 80) -> str:
     except OSError:
         return "?"
     words = [arg.decode(errors="replace") for arg in argv]
-    command = " ".join(" ".join([Path(words[0]).name, *words[1:]]).split())  # its name, not path; one line
+    command = " ".join(
+        " ".join([Path(words[0]).name, *words[1:]]).split()
+    )  # its name, not path; one line
     return command if len(command) <= width else command[: width - 3] + "..."
 
 

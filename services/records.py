@@ -60,7 +60,9 @@ class RecordSigner:
     accepts everything)."""
 
     def __init__(self, mesh_key: bytes) -> None:
-        self._key = hmac.new(mesh_key, _RECORD_KEY_LABEL, hashlib.sha256).digest() if mesh_key else b""
+        self._key = (
+            hmac.new(mesh_key, _RECORD_KEY_LABEL, hashlib.sha256).digest() if mesh_key else b""
+        )
 
     @property
     def enabled(self) -> bool:
@@ -68,15 +70,22 @@ class RecordSigner:
 
     def _mac(self, record: common_pb2.SignedRecord) -> bytes:
         key = record.key.encode()
-        message = b"".join((
-            _DOMAIN, struct.pack(">I", len(key)), key, struct.pack(">qq", record.lease, record.signed_at_ms),
-            record.payload,
-        ))
+        message = b"".join(
+            (
+                _DOMAIN,
+                struct.pack(">I", len(key)),
+                key,
+                struct.pack(">qq", record.lease, record.signed_at_ms),
+                record.payload,
+            )
+        )
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
     def seal(self, key: str, payload: bytes, lease: int = 0) -> bytes:
         """The value to write under etcd ``key`` (with ``lease``, 0 for none)."""
-        record = common_pb2.SignedRecord(payload=payload, key=key, lease=lease, signed_at_ms=int(time.time() * 1000))
+        record = common_pb2.SignedRecord(
+            payload=payload, key=key, lease=lease, signed_at_ms=int(time.time() * 1000)
+        )
         if self._key:
             record.signature = self._mac(record)
         return record.SerializeToString()
@@ -87,13 +96,19 @@ class RecordSigner:
         try:
             record = common_pb2.SignedRecord.FromString(value)
         except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: not a record
-            raise RecordRejected("malformed", f"not a stagemesh record ({type(exc).__name__})") from None
+            raise RecordRejected(
+                "malformed", f"not a stagemesh record ({type(exc).__name__})"
+            ) from None
         if not self._key:
             return record.payload
         if not record.signature:
-            raise RecordRejected("unsigned", "unsigned: its writer did not prove it holds the mesh key")
+            raise RecordRejected(
+                "unsigned", "unsigned: its writer did not prove it holds the mesh key"
+            )
         if not hmac.compare_digest(record.signature, self._mac(record)):
-            raise RecordRejected("bad_signature", "its signature does not hold (another mesh key, or altered)")
+            raise RecordRejected(
+                "bad_signature", "its signature does not hold (another mesh key, or altered)"
+            )
         if record.key != key or record.lease != lease:
             raise RecordRejected(
                 "replayed",

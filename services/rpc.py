@@ -35,7 +35,9 @@ from services.errors import InvalidRequest, StageError
 log = logging.getLogger(__name__)
 
 RPC_CALLS = Counter(
-    "stagemesh_grpc_calls_total", "gRPC calls handled, by method and status code", ["method", "code"]
+    "stagemesh_grpc_calls_total",
+    "gRPC calls handled, by method and status code",
+    ["method", "code"],
 )
 RPC_SECONDS = Histogram(
     "stagemesh_grpc_call_seconds",
@@ -139,7 +141,9 @@ def _wrap_unary(
         async with _guarded(method_name, context), _ending(request, streaming_request):
             if authorize is not None:
                 authorize(context)
-            return await impl(_checked_stream(request) if streaming_request else _check(request), context)
+            return await impl(
+                _checked_stream(request) if streaming_request else _check(request), context
+            )
 
     return handler
 
@@ -151,14 +155,18 @@ def _wrap_stream(
         async with _guarded(method_name, context), _ending(request, streaming_request):
             if authorize is not None:
                 authorize(context)
-            async for item in impl(_checked_stream(request) if streaming_request else _check(request), context):
+            async for item in impl(
+                _checked_stream(request) if streaming_request else _check(request), context
+            ):
                 yield item
 
     return handler
 
 
 def register_service(
-    server: grpc.aio.Server, service: descriptor.ServiceDescriptor, servicer: object,
+    server: grpc.aio.Server,
+    service: descriptor.ServiceDescriptor,
+    servicer: object,
     authorize: Authorize | None = None,
 ) -> list[str]:
     """Add ``servicer``'s async methods for ``service`` to ``server``; returns their names.
@@ -179,10 +187,18 @@ def register_service(
         }
         if method.server_streaming:
             wrapped = _wrap_stream(full_name, impl, method.client_streaming, authorize)
-            factory = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_stream_rpc_method_handler
+            factory = (
+                grpc.stream_stream_rpc_method_handler
+                if method.client_streaming
+                else grpc.unary_stream_rpc_method_handler
+            )
         else:
             wrapped = _wrap_unary(full_name, impl, method.client_streaming, authorize)
-            factory = grpc.stream_unary_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+            factory = (
+                grpc.stream_unary_rpc_method_handler
+                if method.client_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
         handlers[method.name] = factory(wrapped, **kwargs)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)

@@ -143,7 +143,9 @@ class StageServer:
         try:
             start_task = asyncio.create_task(self._start_stage())
             stop_task = asyncio.create_task(self._stopping.wait())
-            done, _ = await asyncio.wait({start_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {start_task, stop_task}, return_when=asyncio.FIRST_COMPLETED
+            )
             if start_task in done:
                 start_task.result()  # a failed start ends the process with its error
                 watchdog = asyncio.create_task(self._watch_failure())
@@ -172,8 +174,11 @@ class StageServer:
             self._service_names.append(service.full_name)
             log.debug("serving %s: %s", service.full_name, ", ".join(methods))
         reflection.enable_server_reflection(
-            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *self._service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -183,7 +188,9 @@ class StageServer:
             if tls is None:
                 self.port = self.server.add_insecure_port(address)
             else:  # mutual TLS, except on a public stage's port (users hold API keys, not certificates)
-                self.port = self.server.add_secure_port(address, tls.server_credentials(not self.stage.public))
+                self.port = self.server.add_secure_port(
+                    address, tls.server_credentials(not self.stage.public)
+                )
         except RuntimeError:  # grpc's "Failed to bind": taken since run_stage checked
             self.port = 0
         if self.port == 0:
@@ -197,7 +204,10 @@ class StageServer:
         STAGE_INFO.info({"role": role, "instance": self.config.instance_id, "version": __version__})
         log.info(
             "gRPC%s on %s:%d (advertised %s), metrics on %s",
-            " (TLS)" if tls else "", self.config.host, self.port, self.grpc_address,
+            " (TLS)" if tls else "",
+            self.config.host,
+            self.port,
+            self.grpc_address,
             f":{self.metrics_port}" if self.metrics_port else "off",
         )
 
@@ -210,7 +220,9 @@ class StageServer:
             # model). Out of a task, asyncio would end the loop without the drain and
             # log the task as never retrieved: carried out as an ordinary error instead.
             raise _CannotStart(exc.code) from None
-        log.info("%s ready in %.1fs", common_pb2.Role.Name(self.stage.role), time.monotonic() - started)
+        log.info(
+            "%s ready in %.1fs", common_pb2.Role.Name(self.stage.role), time.monotonic() - started
+        )
         self._started_at = time.time()
         member = self._member()
         self.registration = Registration(

@@ -99,10 +99,17 @@ def make_small_llama(path: Path, tokenizer_dir: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True, initializer_range=0.5,  # spread logits: no near-ties in argmax
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.5,  # spread logits: no near-ties in argmax
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
@@ -118,7 +125,17 @@ def tokenizer_process(
     return StageProcess(
         name,
         "tokenizer_svc",
-        ["--port", str(port), "--etcd", etcd_endpoint, "--home", str(home), "--log-level", "DEBUG", *extra],
+        [
+            "--port",
+            str(port),
+            "--etcd",
+            etcd_endpoint,
+            "--home",
+            str(home),
+            "--log-level",
+            "DEBUG",
+            *extra,
+        ],
         f"127.0.0.1:{port}",
         log_dir,
     )
@@ -137,7 +154,9 @@ async def tokenizer_stage(
 
 
 @contextlib.asynccontextmanager
-async def running(stage: StageProcess, timeout: float = STAGE_START_TIMEOUT) -> AsyncIterator[StageProcess]:
+async def running(
+    stage: StageProcess, timeout: float = STAGE_START_TIMEOUT
+) -> AsyncIterator[StageProcess]:
     """Start a stage, wait until it is SERVING, and stop it on the way out."""
     stage.start()
     try:
@@ -147,14 +166,30 @@ async def running(stage: StageProcess, timeout: float = STAGE_START_TIMEOUT) -> 
         stage.stop()
 
 
-def kvstore_process(etcd_endpoint: str, home: Path, log_dir: Path, capacity_mib: int) -> StageProcess:
+def kvstore_process(
+    etcd_endpoint: str, home: Path, log_dir: Path, capacity_mib: int
+) -> StageProcess:
     """A KV store stage on a free port (not started)."""
     port = free_port()
     return StageProcess(
-        "kvstore", "kvstore_svc",
-        ["--port", str(port), "--etcd", etcd_endpoint, "--home", str(home),
-         "--capacity-mib", str(capacity_mib), "--log-level", "DEBUG", "--metrics-port", "0"],
-        f"127.0.0.1:{port}", log_dir,
+        "kvstore",
+        "kvstore_svc",
+        [
+            "--port",
+            str(port),
+            "--etcd",
+            etcd_endpoint,
+            "--home",
+            str(home),
+            "--capacity-mib",
+            str(capacity_mib),
+            "--log-level",
+            "DEBUG",
+            "--metrics-port",
+            "0",
+        ],
+        f"127.0.0.1:{port}",
+        log_dir,
     )
 
 
@@ -177,14 +212,29 @@ ENGINE_START_TIMEOUT = 420.0
 PREFILL_LEASE_SECONDS = 8
 
 
-def engine_process(role: str, etcd_endpoint: str, home: Path, log_dir: Path, *extra: str) -> StageProcess:
+def engine_process(
+    role: str, etcd_endpoint: str, home: Path, log_dir: Path, *extra: str
+) -> StageProcess:
     """An engine stage process (prefill_svc or decode_svc) on free ports (not started)."""
     port = free_port()
     return StageProcess(
         role,
         f"{role}_svc",
-        ["--port", str(port), "--etcd", etcd_endpoint, "--home", str(home),
-         "--kv-cache-gib", "1", "--max-model-len", "4096", "--metrics-port", "0", *extra],
+        [
+            "--port",
+            str(port),
+            "--etcd",
+            etcd_endpoint,
+            "--home",
+            str(home),
+            "--kv-cache-gib",
+            "1",
+            "--max-model-len",
+            "4096",
+            "--metrics-port",
+            "0",
+            *extra,
+        ],
         f"127.0.0.1:{port}",
         log_dir,
     )
@@ -197,8 +247,14 @@ async def engine_stages(
     """One prefill and one decode stage for the session, each pinned to its own core."""
     log_dir = tmp_path_factory.mktemp("engine-logs")
     prefill = engine_process(
-        "prefill", etcd.endpoint, home, log_dir,
-        "--cpu-cores", "0", "--kv-lease-seconds", str(PREFILL_LEASE_SECONDS),
+        "prefill",
+        etcd.endpoint,
+        home,
+        log_dir,
+        "--cpu-cores",
+        "0",
+        "--kv-lease-seconds",
+        str(PREFILL_LEASE_SECONDS),
     )
     decode = engine_process("decode", etcd.endpoint, home, log_dir, "--cpu-cores", "1")
     prefill.start()
@@ -226,7 +282,10 @@ async def decode(engine_stages: tuple[StageProcess, StageProcess]) -> AsyncItera
 
 
 async def disaggregated(
-    prefill: EngineClient, decode: EngineClient, prompt: list[int], params: common_pb2.SamplingParams
+    prefill: EngineClient,
+    decode: EngineClient,
+    prompt: list[int],
+    params: common_pb2.SamplingParams,
 ) -> tuple[list[int], engine_pb2.PrefillResponse]:
     """Prefill on one engine, decode on the other with the handle; the generated ids.
 
@@ -240,7 +299,11 @@ async def disaggregated(
     for attempt in range(3):
         prefilled = await prefill.prefill(prompt, params)
         try:
-            ids = [t async for reply in decode.generate(prompt, params, kv_handle=prefilled.handle) for t in reply.token_ids]
+            ids = [
+                t
+                async for reply in decode.generate(prompt, params, kv_handle=prefilled.handle)
+                for t in reply.token_ids
+            ]
             return ids, prefilled
         except grpc.aio.AioRpcError as error:
             if attempt == 2 or error.code() != grpc.StatusCode.NOT_FOUND:
@@ -264,21 +327,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class Mesh:
     """The session's router stage in front of the session tokenizer and engines."""
 
-    def __init__(self, router: StageProcess, http_port: int, prefill: StageProcess, decode: StageProcess) -> None:
+    def __init__(
+        self, router: StageProcess, http_port: int, prefill: StageProcess, decode: StageProcess
+    ) -> None:
         self.router = router
         self.http_url = f"http://127.0.0.1:{http_port}"
         self.prefill = prefill
         self.decode = decode
 
 
-def router_process(etcd_endpoint: str, home: Path, log_dir: Path, *extra: str) -> tuple[StageProcess, int]:
+def router_process(
+    etcd_endpoint: str, home: Path, log_dir: Path, *extra: str
+) -> tuple[StageProcess, int]:
     """A router stage on free ports (not started), and its HTTP port."""
     port, http_port = free_port(), free_port()
     router = StageProcess(
         "router",
         "router_svc",
-        ["--port", str(port), "--http-port", str(http_port), "--etcd", etcd_endpoint,
-         "--home", str(home), "--metrics-port", "0", "--host", "127.0.0.1", *extra],
+        [
+            "--port",
+            str(port),
+            "--http-port",
+            str(http_port),
+            "--etcd",
+            etcd_endpoint,
+            "--home",
+            str(home),
+            "--metrics-port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            *extra,
+        ],
         f"127.0.0.1:{port}",
         log_dir,
     )
@@ -295,7 +375,13 @@ async def mesh(
 ) -> AsyncIterator[Mesh]:
     """A router over the session's stages: the whole mesh, started once."""
     router, http_port = router_process(
-        etcd.endpoint, home, tmp_path_factory.mktemp("router-logs"), "--worker-wait", "3", "--log-level", "DEBUG"
+        etcd.endpoint,
+        home,
+        tmp_path_factory.mktemp("router-logs"),
+        "--worker-wait",
+        "3",
+        "--log-level",
+        "DEBUG",
     )
     async with running(router):
         yield Mesh(router, http_port, *engine_stages)
@@ -310,4 +396,6 @@ async def router(mesh: Mesh) -> AsyncIterator[RouterClient]:
 @pytest.fixture(scope="session")
 def client(mesh: Mesh) -> openai.AsyncOpenAI:
     """The official OpenAI SDK pointed at the mesh's HTTP bridge."""
-    return openai.AsyncOpenAI(base_url=f"{mesh.http_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai.AsyncOpenAI(
+        base_url=f"{mesh.http_url}/v1", api_key="unused", max_retries=0, timeout=300
+    )

@@ -28,12 +28,21 @@ from tests.test_router import STORY, post
     [
         ({"model": "", "prompt": ["hi"] * 257}, "at most 256 prompts"),
         ({"model": "", "prompt": [[1, 2]] * 300}, "at most 256 prompts"),
-        ({"model": "", "prompt": "hi", "stop": [f"s{i}" for i in range(17)]}, "at most 16 stop strings"),
+        (
+            {"model": "", "prompt": "hi", "stop": [f"s{i}" for i in range(17)]},
+            "at most 16 stop strings",
+        ),
         ({"model": "", "prompt": "hi", "stop_token_ids": list(range(17))}, "16 stop token ids"),
         ({"model": "", "prompt": "hi", "stop": "x" * 257}, "at most 256 characters"),
-        ({"model": "", "messages": [{"role": "user", "content": "hi"}] * 2049}, "at most 2048 messages"),
+        (
+            {"model": "", "messages": [{"role": "user", "content": "hi"}] * 2049},
+            "at most 2048 messages",
+        ),
         ({"model": "", "prompt": "hi", "n": 2**31}, "n must be between 1 and 16"),
-        ({"model": "", "messages": [{"role": "user", "content": "hi"}], "n": 2**31}, "n must be between"),
+        (
+            {"model": "", "messages": [{"role": "user", "content": "hi"}], "n": 2**31},
+            "n must be between",
+        ),
         ({"model": "", "prompt": "hi", "n": 2**40}, "invalid value"),
     ],
 )
@@ -58,7 +67,9 @@ async def test_bad_headers_and_encodings_are_4xx(mesh: Mesh) -> None:
         # One connection per case: after a body it could not decode, the server closes it.
         async with httpx.AsyncClient(base_url=mesh.http_url, timeout=120) as http:
             reply = await http.post(
-                "/v1/completions", content=content, headers={b"Content-Type": b"application/json", **headers}
+                "/v1/completions",
+                content=content,
+                headers={b"Content-Type": b"application/json", **headers},
             )
         assert reply.status_code == status, (headers, reply.text)
         if fragment:
@@ -70,7 +81,9 @@ async def test_grpc_limits_are_invalid_argument(router: RouterClient) -> None:
         router_pb2.RouterGenerateRequest(text="hi", n=2**31),
         router_pb2.RouterGenerateRequest(text="hi", request_id="r" * 257),
         router_pb2.RouterGenerateRequest(text="hi", session_id="s" * 257),
-        router_pb2.RouterGenerateRequest(text="hi", sampling=common_pb2.SamplingParams(stop=["x"] * 17)),
+        router_pb2.RouterGenerateRequest(
+            text="hi", sampling=common_pb2.SamplingParams(stop=["x"] * 17)
+        ),
     ]
     for request in cases:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -85,19 +98,26 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-async def test_oversized_asks_leave_the_router_small(client: openai.AsyncOpenAI, mesh: Mesh) -> None:
+async def test_oversized_asks_leave_the_router_small(
+    client: openai.AsyncOpenAI, mesh: Mesh
+) -> None:
     """What once grew the router to 17 GB (n = 2^31) now costs nothing; good requests
     sent at the same time succeed."""
     before = rss_mib(mesh.router.pid)
-    good = asyncio.create_task(client.completions.create(model="", prompt=STORY, temperature=0, max_tokens=12))
+    good = asyncio.create_task(
+        client.completions.create(model="", prompt=STORY, temperature=0, max_tokens=12)
+    )
     bad: list[dict[str, object]] = [
         {"model": "", "messages": [{"role": "user", "content": "hi"}], "n": 2**31 - 1},
         {"model": "", "prompt": ["x"] * 100_000},
         {"model": "", "prompt": "hi", "stop": ["y" * 1000] * 1000},
     ]
-    replies = await asyncio.gather(*(
-        post(mesh, "/v1/chat/completions" if "messages" in b else "/v1/completions", b) for b in bad * 5
-    ))
+    replies = await asyncio.gather(
+        *(
+            post(mesh, "/v1/chat/completions" if "messages" in b else "/v1/completions", b)
+            for b in bad * 5
+        )
+    )
     assert [r.status_code for r in replies] == [400] * len(replies)
     usage = (await good).usage
     assert usage is not None and usage.completion_tokens == 12
@@ -116,13 +136,17 @@ async def strict_router(
         yield f"http://127.0.0.1:{http_port}", router.grpc_address
 
 
-async def test_a_full_queue_is_429_with_retry_after(strict_router: tuple[str, str], router: RouterClient) -> None:
+async def test_a_full_queue_is_429_with_retry_after(
+    strict_router: tuple[str, str], router: RouterClient
+) -> None:
     http_url, grpc_address = strict_router
     members = await router.list_members(common_pb2.ROLE_DECODE)
     capacity = sum(m.member.max_concurrency for m in members)
     body = {"model": "", "prompt": STORY, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=http_url, timeout=300) as http:
-        replies = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(capacity + 8)))
+        replies = await asyncio.gather(
+            *(http.post("/v1/completions", json=body) for _ in range(capacity + 8))
+        )
         statuses = [r.status_code for r in replies]
         assert set(statuses) == {200, 429}, statuses
         assert statuses.count(200) >= capacity // 2  # the queue bound is what was passed, no less
@@ -134,9 +158,15 @@ async def test_a_full_queue_is_429_with_retry_after(strict_router: tuple[str, st
         assert (await http.post("/v1/completions", json=body)).status_code == 200
 
     async with RouterClient(grpc_address) as strict:
-        calls = [strict.generate_unary(router_pb2.RouterGenerateRequest(
-            text=STORY, sampling=common_pb2.SamplingParams(max_tokens=24, ignore_eos=True)), timeout=300)
-            for _ in range(capacity + 8)]
+        calls = [
+            strict.generate_unary(
+                router_pb2.RouterGenerateRequest(
+                    text=STORY, sampling=common_pb2.SamplingParams(max_tokens=24, ignore_eos=True)
+                ),
+                timeout=300,
+            )
+            for _ in range(capacity + 8)
+        ]
         results = await asyncio.gather(*calls, return_exceptions=True)
     codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
     assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}

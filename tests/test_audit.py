@@ -27,26 +27,44 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_router_writes_a_line_per_request(etcd: EmbeddedEtcd, home: Path, mesh: Mesh, tmp_path: Path) -> None:
+async def test_router_writes_a_line_per_request(
+    etcd: EmbeddedEtcd, home: Path, mesh: Mesh, tmp_path: Path
+) -> None:
     audit = tmp_path / "audit.jsonl"
     router, http_port = router_process(
-        etcd.endpoint, home, tmp_path, "--audit-log", str(audit), "--audit-content", "full", "--worker-wait", "3"
+        etcd.endpoint,
+        home,
+        tmp_path,
+        "--audit-log",
+        str(audit),
+        "--audit-content",
+        "full",
+        "--worker-wait",
+        "3",
     )
     router.env["STAGEMESH_API_KEY"] = "audited-key"
     async with running(router):
         client = openai.AsyncOpenAI(
-            base_url=f"http://127.0.0.1:{http_port}/v1", api_key="audited-key", max_retries=0, timeout=300
+            base_url=f"http://127.0.0.1:{http_port}/v1",
+            api_key="audited-key",
+            max_retries=0,
+            timeout=300,
         )
         chat = await client.chat.completions.create(
             model="", messages=[{"role": "user", "content": PROMPT}], max_tokens=5, temperature=0
         )
-        stream = await client.completions.create(model="", prompt=PROMPT, max_tokens=4, temperature=0, stream=True)
+        stream = await client.completions.create(
+            model="", prompt=PROMPT, max_tokens=4, temperature=0, stream=True
+        )
         streamed = "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
         async with RouterClient(router.grpc_address, api_key="audited-key") as grpc_client:
-            result = await grpc_client.generate_unary(router_pb2.RouterGenerateRequest(
-                token_ids=router_pb2.TokenIds(ids=[1, 2, 3]), sampling=common_pb2.SamplingParams(max_tokens=3, temperature=0),
-                request_id="audited-grpc",
-            ))
+            result = await grpc_client.generate_unary(
+                router_pb2.RouterGenerateRequest(
+                    token_ids=router_pb2.TokenIds(ids=[1, 2, 3]),
+                    sampling=common_pb2.SamplingParams(max_tokens=3, temperature=0),
+                    request_id="audited-grpc",
+                )
+            )
         with pytest.raises(openai.NotFoundError):  # refused before it started: audited all the same
             await client.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
     # The router has stopped: every line is on disk.
@@ -82,14 +100,26 @@ def test_content_modes_and_rotation(tmp_path: Path) -> None:
     usage = common_pb2.Usage(prompt_tokens=3, completion_tokens=2)
     for mode, expect_input, expect_output in (
         ("full", "secret prompt", "an answer"),
-        ("hash", "sha256:" + hashlib.sha256(b"secret prompt").hexdigest(), "sha256:" + hashlib.sha256(b"an answer").hexdigest()),
+        (
+            "hash",
+            "sha256:" + hashlib.sha256(b"secret prompt").hexdigest(),
+            "sha256:" + hashlib.sha256(b"an answer").hexdigest(),
+        ),
         ("none", None, None),
     ):
         path = tmp_path / f"{mode}.jsonl"
         log = AuditLog(str(path), mode)
         log.record(
-            request_id="r1", key_id="k", model="m", requests=[request], outputs=["an answer"],
-            finish_reasons=["FINISH_REASON_STOP"], usage=usage, started=0.0, workers=["decode:d"], error=None,
+            request_id="r1",
+            key_id="k",
+            model="m",
+            requests=[request],
+            outputs=["an answer"],
+            finish_reasons=["FINISH_REASON_STOP"],
+            usage=usage,
+            started=0.0,
+            workers=["decode:d"],
+            error=None,
         )
         log.close()
         (line,) = _lines(path)
@@ -102,8 +132,16 @@ def test_content_modes_and_rotation(tmp_path: Path) -> None:
     big = router_pb2.RouterGenerateRequest(text="x" * 100_000)
     for i in range(30):  # ~3 MB of lines through a 1 MiB file
         log.record(
-            request_id=f"r{i}", key_id="", model="m", requests=[big], outputs=[""], finish_reasons=[""],
-            usage=usage, started=0.0, workers=[], error=None,
+            request_id=f"r{i}",
+            key_id="",
+            model="m",
+            requests=[big],
+            outputs=[""],
+            finish_reasons=[""],
+            usage=usage,
+            started=0.0,
+            workers=[],
+            error=None,
         )
     log.close()
     files = sorted(tmp_path.glob("rotated.jsonl*"))

@@ -37,7 +37,15 @@ def test_keys_are_checked_whole_and_by_scheme(tmp_path: Path) -> None:
     keys = ApiKeys(KEYS)
     keys.check("Bearer key-one")
     keys.check("bearer  key-two ")  # the scheme is case-insensitive, spaces are not the key
-    for bad in (None, "", "key-one", "Basic key-one", "Bearer key", "Bearer key-one-more", "Bearer "):
+    for bad in (
+        None,
+        "",
+        "key-one",
+        "Basic key-one",
+        "Bearer key",
+        "Bearer key-one-more",
+        "Bearer ",
+    ):
         with pytest.raises(Unauthenticated):
             keys.check(bad)
     ApiKeys([""]).check(None)  # no keys: the API is open
@@ -52,7 +60,11 @@ def test_keys_are_checked_whole_and_by_scheme(tmp_path: Path) -> None:
         from_both.check("Bearer # the team's keys")
     with pytest.raises(SystemExit, match="--api-key-file"):
         ApiKeys.from_settings("", str(tmp_path / "missing"))
-    assert ApiKeys.key_id("Bearer key-one") == ApiKeys.key_id("Bearer key-one") != ApiKeys.key_id("Bearer key-two")
+    assert (
+        ApiKeys.key_id("Bearer key-one")
+        == ApiKeys.key_id("Bearer key-one")
+        != ApiKeys.key_id("Bearer key-two")
+    )
     assert "key-one" not in ApiKeys.key_id("Bearer key-one")
 
 
@@ -88,15 +100,21 @@ async def test_http_needs_a_valid_key(keyed_router: tuple[str, str]) -> None:
     async with openai.AsyncOpenAI(base_url=f"{http_url}/v1", api_key="wrong", max_retries=0) as sdk:
         with pytest.raises(openai.AuthenticationError):
             await sdk.completions.create(model="", prompt="The sea is", max_tokens=4)
-    async with openai.AsyncOpenAI(base_url=f"{http_url}/v1", api_key="key-two", max_retries=0, timeout=120) as sdk:
-        completion = await sdk.completions.create(model="", prompt="The sea is", max_tokens=4, temperature=0)
+    async with openai.AsyncOpenAI(
+        base_url=f"{http_url}/v1", api_key="key-two", max_retries=0, timeout=120
+    ) as sdk:
+        completion = await sdk.completions.create(
+            model="", prompt="The sea is", max_tokens=4, temperature=0
+        )
         assert completion.usage is not None and completion.usage.completion_tokens == 4
 
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_grpc_needs_a_valid_key(keyed_router: tuple[str, str]) -> None:
     _, grpc_address = keyed_router
-    request = router_pb2.RouterGenerateRequest(text="The sea is", sampling=common_pb2.SamplingParams(max_tokens=4))
+    request = router_pb2.RouterGenerateRequest(
+        text="The sea is", sampling=common_pb2.SamplingParams(max_tokens=4)
+    )
     for key in ("", "wrong"):
         async with RouterClient(grpc_address, api_key=key) as client:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -130,11 +148,15 @@ async def test_internal_stage_apis_serve_only_mesh_members(
             calls = [
                 engine.GetKvSnapshot(common_pb2.KvSnapshotRequest(), metadata=metadata),
                 engine.GetLoad(engine_pb2.LoadRequest(), metadata=metadata),
-                engine.Prefill(engine_pb2.PrefillRequest(prompt_token_ids=[1, 2, 3]), metadata=metadata),
+                engine.Prefill(
+                    engine_pb2.PrefillRequest(prompt_token_ids=[1, 2, 3]), metadata=metadata
+                ),
             ]
             streams = [
                 engine.StreamKvEvents(common_pb2.KvEventsRequest(), metadata=metadata),
-                engine.Generate(engine_pb2.GenerateRequest(prompt_token_ids=[1, 2, 3]), metadata=metadata),
+                engine.Generate(
+                    engine_pb2.GenerateRequest(prompt_token_ids=[1, 2, 3]), metadata=metadata
+                ),
             ]
             for call in calls:
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -158,15 +180,23 @@ async def test_internal_stage_apis_serve_only_mesh_members(
 
 def test_a_handle_must_name_a_current_prefill_member() -> None:
     members = [
-        common_pb2.Member(instance_id="prefill-a", role=common_pb2.ROLE_PREFILL, nixl_address="10.0.0.2:5600"),
-        common_pb2.Member(instance_id="prefill-b", role=common_pb2.ROLE_PREFILL, nixl_address="10.0.0.3:5600"),
+        common_pb2.Member(
+            instance_id="prefill-a", role=common_pb2.ROLE_PREFILL, nixl_address="10.0.0.2:5600"
+        ),
+        common_pb2.Member(
+            instance_id="prefill-b", role=common_pb2.ROLE_PREFILL, nixl_address="10.0.0.3:5600"
+        ),
     ]
 
     def handle(instance: str, host: str, port: int) -> common_pb2.KvTransferHandle:
-        return common_pb2.KvTransferHandle(prefill_instance_id=instance, remote_host=host, remote_port=port)
+        return common_pb2.KvTransferHandle(
+            prefill_instance_id=instance, remote_host=host, remote_port=port
+        )
 
     assert issuer_mismatch(handle("prefill-a", "10.0.0.2", 5600), members) == ""
     assert "not 10.0.0.3:5600" in issuer_mismatch(handle("prefill-a", "10.0.0.3", 5600), members)
-    assert "no current prefill member is prefill-c" in issuer_mismatch(handle("prefill-c", "10.0.0.2", 5600), members)
+    assert "no current prefill member is prefill-c" in issuer_mismatch(
+        handle("prefill-c", "10.0.0.2", 5600), members
+    )
     assert issuer_mismatch(handle("", "10.0.0.2", 5600), members)
     assert issuer_mismatch(handle("prefill-a", "10.0.0.2", 5600), []) != ""

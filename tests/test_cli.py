@@ -32,7 +32,10 @@ def probe(port: int) -> tuple[int, str]:
     """``stagemesh health``: its exit code and what it printed."""
     done = subprocess.run(
         [sys.executable, "-m", "services.cli", "health", f"127.0.0.1:{port}"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     return done.returncode, done.stdout.strip()
 
@@ -45,7 +48,7 @@ def stage_pid(role: str, port: int) -> int:
             argv = (entry / "cmdline").read_bytes().decode().split("\0")
         except OSError:
             continue
-        if wanted[0] in argv and any(argv[i:i + 2] == wanted[1:] for i in range(len(argv))):
+        if wanted[0] in argv and any(argv[i : i + 2] == wanted[1:] for i in range(len(argv))):
             return int(entry.name)
     raise AssertionError(f"no {role} stage on port {port}")
 
@@ -65,27 +68,38 @@ async def serves_again(client: openai.AsyncOpenAI, timeout: float) -> None:
 
 
 @pytest.mark.isolated
-async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path, tmp_path: Path) -> None:
+async def test_up_serves_and_ctrl_c_stops_everything(
+    home: Path, model_dir: Path, tmp_path: Path
+) -> None:
     # `stagemesh up` as the README starts it: the automatic layout for this host (on a
     # two-core CI machine, one engine that prefills and decodes on both cores).
     layout = choose_layout(allowed_cores(), len(visible_gpus()))
     roles = ["tokenizer", "router", *sorted({engine.role for engine in layout.engines})]
     if layout.kvstore:
         roles.append("kvstore")
-    ports = {name: free_port() for name in ("etcd", "tokenizer", "prefill", "decode", "kvstore", "router", "http")}
+    ports = {
+        name: free_port()
+        for name in ("etcd", "tokenizer", "prefill", "decode", "kvstore", "router", "http")
+    }
     up = start_up(home, ports)
     try:
         lines = await asyncio.to_thread(banner_of, up)
         banner = "".join(lines)
-        assert banner.startswith(f"layout {layout.name}: "), banner  # it says what it chose, and why
+        assert banner.startswith(f"layout {layout.name}: "), (
+            banner
+        )  # it says what it chose, and why
         for name in ("etcd", "http", *roles):
             assert f"127.0.0.1:{ports[name]}" in banner, name
 
         # The whole mesh answers through the router.
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{ports['http']}/v1", api_key="unused")
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{ports['http']}/v1", api_key="unused"
+        )
         reply = await client.chat.completions.create(
-            model="", messages=[{"role": "user", "content": "What is the capital of France?"}],
-            temperature=0, max_tokens=12,
+            model="",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=12,
         )
         assert "Paris" in (reply.choices[0].message.content or "")
         async with httpx.AsyncClient() as http:
@@ -95,21 +109,39 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
 
         # etcd takes only the mesh's users: status as the banner says to run it, and without
         # a user it is refused.
-        command = next(line.split() for line in lines if line.strip().startswith("stagemesh status"))
+        command = next(
+            line.split() for line in lines if line.strip().startswith("stagemesh status")
+        )
         assert "--etcd-user" in command, banner
         anonymous = subprocess.run(  # noqa: ASYNC221 - the test waits on nothing else meanwhile
-            [sys.executable, "-m", "services.cli", "status", "--etcd", f"127.0.0.1:{ports['etcd']}"],
-            capture_output=True, text=True, timeout=60, check=False,
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "status",
+                "--etcd",
+                f"127.0.0.1:{ports['etcd']}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert anonymous.returncode == 1 and "--etcd-user" in anonymous.stderr, anonymous.stderr
         status = subprocess.run(  # noqa: ASYNC221 - the test waits on nothing else meanwhile
-            [sys.executable, "-m", "services.cli", *command[1:]], capture_output=True, text=True, timeout=60, check=False,
+            [sys.executable, "-m", "services.cli", *command[1:]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert status.returncode == 0, status.stderr
         rows = status.stdout.splitlines()
         for role in roles:
             assert any(line.startswith(role) and "SERVING" in line for line in rows), status.stdout
-        assert any(line.startswith("decode") and "run 0 wait 0" in line for line in rows), status.stdout
+        assert any(line.startswith("decode") and "run 0 wait 0" in line for line in rows), (
+            status.stdout
+        )
         assert probe(ports["router"]) == (0, "SERVING")  # the containers' health check
 
         # Supervision: a stage killed outright comes back, and nobody has to act.
@@ -142,7 +174,10 @@ async def test_up_serves_and_ctrl_c_stops_everything(home: Path, model_dir: Path
 def test_status_without_etcd_is_one_line() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "services.cli", "status", "--etcd", f"127.0.0.1:{free_port()}"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "etcd at 127.0.0.1:" in done.stderr, done.stderr
@@ -152,7 +187,10 @@ def test_status_without_etcd_is_one_line() -> None:
 def test_layout_prints_the_same_placement_for_systemd_and_compose() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "services.cli", "layout", "--layout", "pd", "--cores", "16"],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert done.stdout.startswith("layout pd: 16 cores"), done.stdout
     assert "stagemesh-router.service         CPUAffinity=0\n" in done.stdout
@@ -166,10 +204,15 @@ def test_a_core_outside_the_allowed_set_stops_an_engine_at_once(home: Path) -> N
     beyond = max(allowed_cores()) + 1
     done = subprocess.run(
         [sys.executable, "-m", "decode_svc", "--home", str(home), "--cpu-cores", f"0-{beyond}"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode != 0
-    assert f"core(s) {beyond} are outside the cores this process may use" in done.stderr, done.stderr
+    assert f"core(s) {beyond} are outside the cores this process may use" in done.stderr, (
+        done.stderr
+    )
 
 
 def test_stages_do_not_outlive_a_killed_launcher() -> None:
@@ -183,7 +226,10 @@ def test_stages_do_not_outlive_a_killed_launcher() -> None:
     launcher.kill()
     launcher.wait()
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] not in "ZX":
+    while (
+        Path(f"/proc/{child}").exists()
+        and Path(f"/proc/{child}/stat").read_text().split()[2] not in "ZX"
+    ):
         assert time.monotonic() < deadline, "etcd outlived its launcher"
         time.sleep(0.1)
 

@@ -41,7 +41,12 @@ async def test_batches_carry_everything_already_queued() -> None:
 async def read(mesh: SimMesh, prompt: str, stop: str | None = None) -> dict[str, Any]:
     """One streamed completion with logprobs, as a client reads it."""
     chunks = await mesh.client.completions.create(
-        model="", prompt=prompt, max_tokens=40, logprobs=2, stop=stop, stream=True,
+        model="",
+        prompt=prompt,
+        max_tokens=40,
+        logprobs=2,
+        stop=stop,
+        stream=True,
         stream_options={"include_usage": True},
     )
     seen: dict[str, Any] = {"text": "", "token_logprobs": [], "top": [], "events": 0, "usage": None}
@@ -57,7 +62,9 @@ async def read(mesh: SimMesh, prompt: str, stop: str | None = None) -> dict[str,
     return seen
 
 
-async def test_coalesced_and_uncoalesced_streams_read_the_same(home: Path, model_dir: Path, tmp_path: Path) -> None:
+async def test_coalesced_and_uncoalesced_streams_read_the_same(
+    home: Path, model_dir: Path, tmp_path: Path
+) -> None:
     async with sim_mesh(home, tmp_path, {"plain": 1}) as mesh:
         plain = [await read(mesh, p) for p in PROMPTS]
         # Stop strings that straddle the fifth and sixth messages' text.
@@ -67,7 +74,9 @@ async def test_coalesced_and_uncoalesced_streams_read_the_same(home: Path, model
         coalesced = [await read(mesh, p) for p in PROMPTS]
         coalesced_stopped = [await read(mesh, p, s) for p, s in zip(PROMPTS, stops)]
     for before, after in zip(plain + plain_stopped, coalesced + coalesced_stopped):
-        assert {k: v for k, v in after.items() if k != "events"} == {k: v for k, v in before.items() if k != "events"}
+        assert {k: v for k, v in after.items() if k != "events"} == {
+            k: v for k, v in before.items() if k != "events"
+        }
     for before, after, stop in zip(plain, plain_stopped, stops):
         assert after["text"] == before["text"][: before["text"].index(stop)]
     # Five ids per engine message: far fewer events reach the client.

@@ -34,7 +34,9 @@ def test_types_lists_maps_and_booleans() -> None:
     assert repeated.model == ["a=/m/a", "/m/b", "/m/c"]
     # A boolean's flag alone means true; with a value, the value.
     assert parse_config(DecodeConfig, ["--enable-lora"]).enable_lora is True
-    assert parse_config(DecodeConfig, ["--kvstore", "false", "--enable-lora", "no"]).kvstore is False
+    assert (
+        parse_config(DecodeConfig, ["--kvstore", "false", "--enable-lora", "no"]).kvstore is False
+    )
 
 
 def test_bad_value_names_its_source() -> None:
@@ -46,7 +48,9 @@ def test_bad_value_names_its_source() -> None:
 
 def test_etcd_endpoints() -> None:
     assert parse_endpoints("10.0.0.1:2379, http://etcd-b:2380,etcd-c") == [
-        ("10.0.0.1", 2379), ("etcd-b", 2380), ("etcd-c", 2379),
+        ("10.0.0.1", 2379),
+        ("etcd-b", 2380),
+        ("etcd-c", 2379),
     ]
     with pytest.raises(ValueError):
         parse_endpoints(" , ")
@@ -58,9 +62,13 @@ def test_auto_addresses_follow_the_route_to_etcd() -> None:
 
     config = parse_config(EngineConfig, ["--etcd", "127.0.0.1:2379"])
     assert (config.advertise_host, config.nixl_host) == ("127.0.0.1", "127.0.0.1")
-    pinned = parse_config(EngineConfig, ["--etcd", "127.0.0.1:2379", "--advertise-host", "10.1.2.3"])
+    pinned = parse_config(
+        EngineConfig, ["--etcd", "127.0.0.1:2379", "--advertise-host", "10.1.2.3"]
+    )
     assert pinned.advertise_host == "10.1.2.3"
-    assert build_config(StageConfig, {}, environ={}).advertise_host == "auto"  # resolved at the entry point
+    assert (
+        build_config(StageConfig, {}, environ={}).advertise_host == "auto"
+    )  # resolved at the entry point
 
 
 def test_free_port_is_picked_below_the_ephemeral_range() -> None:

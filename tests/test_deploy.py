@@ -45,7 +45,11 @@ def accepted(*command: str) -> tuple[frozenset[str], dict[str, str]]:
     accepts, read from the real entry point's ``--help``."""
     done = subprocess.run(
         [sys.executable, "-m", "services.cli", *command, "--help"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "10000"}, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "10000"},
+        check=False,
     )
     assert done.returncode == 0, f"stagemesh {' '.join(command)} --help failed:\n{done.stderr}"
     flags = frozenset(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", done.stdout))
@@ -58,7 +62,11 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def our_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: s for name, s in compose["services"].items() if str(s.get("image", "")).startswith("stagemesh-")}
+    return {
+        name: s
+        for name, s in compose["services"].items()
+        if str(s.get("image", "")).startswith("stagemesh-")
+    }
 
 
 def test_stagemesh_is_the_installed_command() -> None:
@@ -69,30 +77,58 @@ def test_stagemesh_is_the_installed_command() -> None:
 
 def test_compose_files_follow_the_compose_specification(tmp_path: Path) -> None:
     check = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
-    done = subprocess.run([*check, str(COMPOSE), str(COMPOSE_GPU)], capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [*check, str(COMPOSE), str(COMPOSE_GPU)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     # The check has teeth: a misspelt key fails it.
     broken = tmp_path / "compose.yaml"
     broken.write_text(COMPOSE.read_text().replace("stop_grace_period:", "stop_grace_periods:", 1))
-    assert subprocess.run([*check, str(broken)], capture_output=True, timeout=120, check=False).returncode != 0
+    assert (
+        subprocess.run(
+            [*check, str(broken)], capture_output=True, timeout=120, check=False
+        ).returncode
+        != 0
+    )
 
 
 def test_compose_stages_agree_with_their_config() -> None:
     compose = load(COMPOSE)
     etcd_command = " ".join(compose["services"]["etcd"]["command"])
-    etcd_port = int(re.search(r"--listen-client-urls=https://0\.0\.0\.0:(\d+)", etcd_command).group(1))  # type: ignore[union-attr]
+    etcd_port = int(
+        re.search(r"--listen-client-urls=https://0\.0\.0\.0:(\d+)", etcd_command).group(1)
+    )  # type: ignore[union-attr]
     # etcd serves only clients with a certificate from the mesh CA the certs job makes.
-    assert {"--client-cert-auth", "--trusted-ca-file=/tls/ca.pem", "--cert-file=/tls/etcd.pem"} <= set(compose["services"]["etcd"]["command"])
-    assert compose["services"]["etcd"]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    assert {
+        "--client-cert-auth",
+        "--trusted-ca-file=/tls/ca.pem",
+        "--cert-file=/tls/etcd.pem",
+    } <= set(compose["services"]["etcd"]["command"])
+    assert (
+        compose["services"]["etcd"]["depends_on"]["certs"]["condition"]
+        == "service_completed_successfully"
+    )
     services = our_services(compose)
-    assert {"certs", "model", "tokenizer", "prefill", "decode", "kvstore", "router"} <= set(services)
+    assert {"certs", "model", "tokenizer", "prefill", "decode", "kvstore", "router"} <= set(
+        services
+    )
     made = set(STAGES)
     for name, service in services.items():
         command = service["command"]
         if command[0] not in STAGE_MODULES:
             # The one-shot jobs: the model, and the certificates every stage and etcd use.
-            assert command in (["model", "prepare"], ["certs", "--out", "/var/lib/stagemesh/tls", "--host", "etcd"]), name
-            assert build_parser().parse_args(command).func.__name__ == f"cmd_{'model_prepare' if command[0] == 'model' else 'certs'}"
+            assert command in (
+                ["model", "prepare"],
+                ["certs", "--out", "/var/lib/stagemesh/tls", "--host", "etcd"],
+            ), name
+            assert (
+                build_parser().parse_args(command).func.__name__
+                == f"cmd_{'model_prepare' if command[0] == 'model' else 'certs'}"
+            )
             continue
         flags, variables = accepted(command[0])
         given = [arg.split("=", 1)[0] for arg in command[1:] if arg.startswith("--")]
@@ -106,7 +142,9 @@ def test_compose_stages_agree_with_their_config() -> None:
         assert service["depends_on"]["etcd"]["condition"] == "service_healthy", name
         assert service["depends_on"]["model"]["condition"] == "service_completed_successfully", name
         assert "models:/var/lib/stagemesh/models" in service["volumes"], name
-        assert "STAGEMESH_ADVERTISE_HOST" not in environment, f"{name}: replicas must advertise their own address"
+        assert "STAGEMESH_ADVERTISE_HOST" not in environment, (
+            f"{name}: replicas must advertise their own address"
+        )
         # Mutual TLS with the stage's own certificate, and the mesh key, on every stage.
         tls = "/var/lib/stagemesh/tls"
         assert environment["STAGEMESH_TLS_CERT"] == f"{tls}/{name}.pem" and name in made, name
@@ -116,12 +154,21 @@ def test_compose_stages_agree_with_their_config() -> None:
         assert f"tls:{tls}:ro" in service["volumes"], name
 
         port = int(environment.get("STAGEMESH_PORT", variables["STAGEMESH_PORT"]))
-        assert service["healthcheck"]["test"] == ["CMD", "stagemesh", "health", f"127.0.0.1:{port}"], name
+        assert service["healthcheck"]["test"] == [
+            "CMD",
+            "stagemesh",
+            "health",
+            f"127.0.0.1:{port}",
+        ], name
         listening = {port}
         if "STAGEMESH_HTTP_PORT" in variables:
-            listening.add(int(environment.get("STAGEMESH_HTTP_PORT", variables["STAGEMESH_HTTP_PORT"])))
+            listening.add(
+                int(environment.get("STAGEMESH_HTTP_PORT", variables["STAGEMESH_HTTP_PORT"]))
+            )
         published = {int(str(mapping).rsplit(":", 1)[1]) for mapping in service.get("ports", [])}
-        assert published <= listening, f"{name} publishes {published - listening}, which it does not listen on"
+        assert published <= listening, (
+            f"{name} publishes {published - listening}, which it does not listen on"
+        )
     assert {int(str(p).rsplit(":", 1)[1]) for p in services["router"]["ports"]} == {50051, 8000}
 
 
@@ -130,7 +177,12 @@ def test_compose_images_split_light_and_engine_stages() -> None:
     services = our_services(load(COMPOSE))
     dockerfile = {name: s["build"]["dockerfile"] for name, s in services.items()}
     assert dockerfile["tokenizer"] == dockerfile["router"] == "docker/light.Dockerfile"
-    assert dockerfile["prefill"] == dockerfile["decode"] == dockerfile["model"] == "docker/engine.Dockerfile"
+    assert (
+        dockerfile["prefill"]
+        == dockerfile["decode"]
+        == dockerfile["model"]
+        == "docker/engine.Dockerfile"
+    )
     assert services["prefill"]["shm_size"] and services["decode"]["shm_size"]
 
 
@@ -150,7 +202,14 @@ def test_gpu_override_changes_only_engines() -> None:
 def test_gpu_parallel_example_sets_real_engine_settings() -> None:
     """What runs only on GPUs is an example whose settings the engines really take."""
     example = ROOT / "compose.gpu-parallel.yaml"
-    check = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(example)]
+    check = [
+        sys.executable,
+        "-m",
+        "check_jsonschema",
+        "--builtin-schema",
+        "vendor.compose-spec",
+        str(example),
+    ]
     done = subprocess.run(check, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     services = load(example)["services"]
@@ -163,28 +222,47 @@ def test_gpu_parallel_example_sets_real_engine_settings() -> None:
         config.speculative()
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert len(device["device_ids"]) == config.world_size, role  # a GPU per rank
-    assert build_config(EngineConfig, {}, environ=services["decode"]["environment"]).speculative() == {
-        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+    assert build_config(
+        EngineConfig, {}, environ=services["decode"]["environment"]
+    ).speculative() == {
+        "method": "ngram",
+        "num_speculative_tokens": 4,
+        "prompt_lookup_max": 4,
     }
     keys = env_keys(UNITS / "decode-1.env")
     assert keys <= set(accepted("decode")[1]) | {"CUDA_VISIBLE_DEVICES"}
-    values = dict(line.split("=", 1) for line in (UNITS / "decode-1.env").read_text().splitlines() if line and not line.startswith("#"))
-    gpu = build_config(EngineConfig, {}, environ={k: v for k, v in values.items() if k.startswith("STAGEMESH_")})
-    assert gpu.speculative() == {"model": "/var/lib/stagemesh/models/draft", "num_speculative_tokens": 4}
+    values = dict(
+        line.split("=", 1)
+        for line in (UNITS / "decode-1.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    gpu = build_config(
+        EngineConfig, {}, environ={k: v for k, v in values.items() if k.startswith("STAGEMESH_")}
+    )
+    assert gpu.speculative() == {
+        "model": "/var/lib/stagemesh/models/draft",
+        "num_speculative_tokens": 4,
+    }
     assert len(values["CUDA_VISIBLE_DEVICES"].split(",")) == gpu.world_size
 
 
 def logical_lines(path: Path) -> list[str]:
     """A Dockerfile's instructions, continuation lines joined, comments dropped."""
     text = re.sub(r"\\\n", " ", path.read_text())
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 @pytest.mark.parametrize("name", ["light", "engine"])
 def test_dockerfiles_are_pinned_multi_stage_and_non_root(name: str) -> None:
     lines = logical_lines(ROOT / "docker" / f"{name}.Dockerfile")
     base = next(line.split("=", 1)[1] for line in lines if line.startswith("ARG PYTHON_IMAGE="))
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), f"base image not pinned to a release: {base}"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), (
+        f"base image not pinned to a release: {base}"
+    )
     assert sum(line.startswith("FROM ") for line in lines) == 2  # build stage + runtime stage
     assert [line for line in lines if line.startswith("USER ")][-1] == "USER stagemesh"
     assert 'ENTRYPOINT ["stagemesh"]' in lines
@@ -194,11 +272,19 @@ def test_dockerfiles_are_pinned_multi_stage_and_non_root(name: str) -> None:
             for source in sources:
                 assert (ROOT / source).exists(), f"{name}: COPY of missing {source}"
     packages = {p.name for p in ROOT.glob("*_svc")} | {"services"}
-    copied = {line.split()[1].rstrip("/") for line in lines if line.startswith("COPY ") and "--from=" not in line}
+    copied = {
+        line.split()[1].rstrip("/")
+        for line in lines
+        if line.startswith("COPY ") and "--from=" not in line
+    }
     assert packages <= copied, f"{name} image lacks {packages - copied}"
-    install = next(re.finditer(r"pip install ([^&]*)", next(line for line in lines if "pip install" in line)))
+    install = next(
+        re.finditer(r"pip install ([^&]*)", next(line for line in lines if "pip install" in line))
+    )
     if name == "light":
-        assert install.group(1).split()[-1] == "."  # the package alone, no extras: no torch, no vLLM
+        assert (
+            install.group(1).split()[-1] == "."
+        )  # the package alone, no extras: no torch, no vLLM
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
 
@@ -208,11 +294,19 @@ def unit_files() -> list[Path]:
 
 
 def unit_values(path: Path, key: str) -> list[str]:
-    return [line.split("=", 1)[1] for line in path.read_text().splitlines() if line.startswith(f"{key}=")]
+    return [
+        line.split("=", 1)[1]
+        for line in path.read_text().splitlines()
+        if line.startswith(f"{key}=")
+    ]
 
 
 def env_keys(path: Path) -> set[str]:
-    return {line.split("=", 1)[0] for line in path.read_text().splitlines() if re.match(r"^[A-Z_]+=", line)}
+    return {
+        line.split("=", 1)[0]
+        for line in path.read_text().splitlines()
+        if re.match(r"^[A-Z_]+=", line)
+    }
 
 
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -228,10 +322,15 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         names.append(str(tmp_path / name))
     done = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", *names],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     # verify only warns (exit 0) about unknown keys and bad values: any output is a failure.
-    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), (
+        done.stdout + done.stderr
+    )
 
 
 def test_systemd_units_run_real_commands_with_real_settings() -> None:
@@ -242,7 +341,9 @@ def test_systemd_units_run_real_commands_with_real_settings() -> None:
         (exec_start,) = unit_values(unit, "ExecStart")
         program, *args = exec_start.split()
         assert program.startswith(INSTALL_BIN + "/"), unit.name
-        assert (Path(sys.executable).parent / Path(program).name).exists(), f"{unit.name}: no {program} in a venv"
+        assert (Path(sys.executable).parent / Path(program).name).exists(), (
+            f"{unit.name}: no {program} in a venv"
+        )
         if Path(program).name == "etcd":
             assert unit_values(unit, "EnvironmentFile") == ["/etc/stagemesh/etcd.env"]
             continue
@@ -250,25 +351,45 @@ def test_systemd_units_run_real_commands_with_real_settings() -> None:
         assert subcommand in STAGE_MODULES, unit.name
         stage_units[subcommand] = unit
         # Sandboxed, ordered after etcd, restarted on failure, given time to drain.
-        for setting in ("User=stagemesh", "NoNewPrivileges=yes", "ProtectSystem=strict", "Restart=on-failure"):
+        for setting in (
+            "User=stagemesh",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "Restart=on-failure",
+        ):
             assert setting in unit.read_text().splitlines(), f"{unit.name} lacks {setting}"
         assert "stagemesh-etcd.service" in " ".join(unit_values(unit, "After")), unit.name
         _, variables = accepted(subcommand)
         (stop,) = unit_values(unit, "TimeoutStopSec")
-        drain = float(variables["STAGEMESH_DRAIN_SECONDS"]) + float(variables["STAGEMESH_GRACE_SECONDS"])
-        assert float(stop.rstrip("s")) > drain, f"{unit.name}: TimeoutStopSec {stop} cuts the {drain:.0f}s drain short"
+        drain = float(variables["STAGEMESH_DRAIN_SECONDS"]) + float(
+            variables["STAGEMESH_GRACE_SECONDS"]
+        )
+        assert float(stop.rstrip("s")) > drain, (
+            f"{unit.name}: TimeoutStopSec {stop} cuts the {drain:.0f}s drain short"
+        )
     assert set(stage_units) == set(STAGE_MODULES)
-    assert "@" in stage_units["prefill"].name and "@" in stage_units["decode"].name  # several per host
+    assert (
+        "@" in stage_units["prefill"].name and "@" in stage_units["decode"].name
+    )  # several per host
 
     # The example environment files name settings the stages (or etcd) really have.
     shared = env_keys(UNITS / "stagemesh.env")
     for subcommand in STAGE_MODULES:
-        assert shared <= set(accepted(subcommand)[1]), f"stagemesh.env: {subcommand} lacks {shared - set(accepted(subcommand)[1])}"
+        assert shared <= set(accepted(subcommand)[1]), (
+            f"stagemesh.env: {subcommand} lacks {shared - set(accepted(subcommand)[1])}"
+        )
     for role in ("prefill", "decode"):
         keys = env_keys(UNITS / f"{role}-0.env")
-        assert keys <= set(accepted(role)[1]), f"{role}-0.env: unknown {keys - set(accepted(role)[1])}"
+        assert keys <= set(accepted(role)[1]), (
+            f"{role}-0.env: unknown {keys - set(accepted(role)[1])}"
+        )
     etcd_help = subprocess.run(
-        [str(Path(sys.executable).parent / "etcd"), "--help"], capture_output=True, text=True, timeout=60, check=False)
+        [str(Path(sys.executable).parent / "etcd"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     etcd_flags = set(re.findall(r"--([a-z][a-z0-9-]*)", etcd_help.stdout + etcd_help.stderr))
     for key in env_keys(UNITS / "etcd.env"):
         flag = key.removeprefix("ETCD_").lower().replace("_", "-")
@@ -277,13 +398,17 @@ def test_systemd_units_run_real_commands_with_real_settings() -> None:
 
 def _interpolated(value: str, env: dict[str, str]) -> str:
     """Compose's ``${NAME:-default}`` interpolation, as ``docker compose config`` renders it."""
-    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+    return re.sub(
+        r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m.group(1)) or (m.group(2) or ""), value
+    )
 
 
 def _router_refusal(environment: dict[str, str]) -> str:
     """What the real router says at start about an open API, for this environment."""
     config = build_config(RouterConfig, environ=environment)
-    keys = ApiKeys.from_settings(config.api_key, "", config.admin_key)  # a key file is read at start
+    keys = ApiKeys.from_settings(
+        config.api_key, "", config.admin_key
+    )  # a key file is read at start
     keys = keys or (ApiKeys(["from-the-file"]) if config.api_key_file else keys)
     return open_api_refusal(keys, [config.host, config.http_host or config.host], config.allow_open)
 
@@ -303,10 +428,18 @@ def test_deployments_refuse_an_open_api_on_a_wide_address() -> None:
     assert all(_interpolated(port, {}).startswith("127.0.0.1:") for port in router["ports"])
 
     unit = UNITS / "stagemesh-router.service"
-    unit_env = dict(pair.split("=", 1) for line in unit_values(unit, "Environment") for pair in line.split())
-    shared = dict(line.split("=", 1) for line in (UNITS / "stagemesh.env").read_text().splitlines() if re.match(r"^[A-Z_]+=", line))
+    unit_env = dict(
+        pair.split("=", 1) for line in unit_values(unit, "Environment") for pair in line.split()
+    )
+    shared = dict(
+        line.split("=", 1)
+        for line in (UNITS / "stagemesh.env").read_text().splitlines()
+        if re.match(r"^[A-Z_]+=", line)
+    )
     environment = {**unit_env, **shared}
     assert environment["STAGEMESH_API_KEY_FILE"] == "/etc/stagemesh/api-keys"
     assert not _router_refusal(environment)
-    assert "--allow-open" in _router_refusal({k: v for k, v in environment.items() if k != "STAGEMESH_API_KEY_FILE"})
+    assert "--allow-open" in _router_refusal(
+        {k: v for k, v in environment.items() if k != "STAGEMESH_API_KEY_FILE"}
+    )
     assert "LimitNOFILE=65536" in unit.read_text().splitlines()

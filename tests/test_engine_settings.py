@@ -48,21 +48,35 @@ def test_settings_are_checked_before_the_engine_starts() -> None:
     config.check_parallelism()
     assert config.rank_cores() == "0-1|2-3" and config.world_size == 2
     with pytest.raises(SystemExit, match="need at least as many cores"):
-        build_config(DecodeConfig, {"tensor_parallel_size": "2", "cpu_cores": "0"}).check_parallelism()
+        build_config(
+            DecodeConfig, {"tensor_parallel_size": "2", "cpu_cores": "0"}
+        ).check_parallelism()
     with pytest.raises(SystemExit, match="--pipeline-parallel-size must be at least 1"):
         build_config(DecodeConfig, {"pipeline_parallel_size": "0"}).check_parallelism()
     assert build_config(DecodeConfig, {}).speculative() is None
     spec = '{"method": "ngram", "num_speculative_tokens": 3}'
-    assert build_config(DecodeConfig, {"speculative_config": spec}).speculative() == json.loads(spec)
-    for bad, message in (("{ngram", "not JSON"), ('{"num_speculative_tokens": 3}', "method"), ("[1]", "method")):
+    assert build_config(DecodeConfig, {"speculative_config": spec}).speculative() == json.loads(
+        spec
+    )
+    for bad, message in (
+        ("{ngram", "not JSON"),
+        ('{"num_speculative_tokens": 3}', "method"),
+        ("[1]", "method"),
+    ):
         with pytest.raises(SystemExit, match=message):
             build_config(DecodeConfig, {"speculative_config": bad}).speculative()
 
 
-def _member(tp: int = 1, pp: int = 1, kv_dtype: str = "float32", block: int = 128) -> common_pb2.Member:
+def _member(
+    tp: int = 1, pp: int = 1, kv_dtype: str = "float32", block: int = 128
+) -> common_pb2.Member:
     return common_pb2.Member(
         kv_block_size=block,
-        labels={"tensor_parallel_size": str(tp), "pipeline_parallel_size": str(pp), "kv_dtype": kv_dtype},
+        labels={
+            "tensor_parallel_size": str(tp),
+            "pipeline_parallel_size": str(pp),
+            "kv_dtype": kv_dtype,
+        },
     )
 
 
@@ -115,7 +129,7 @@ def small_prompt_and_greedy(small_model: Path) -> tuple[list[int], list[int]]:
     reference = AutoModelForCausalLM.from_pretrained(small_model, dtype=torch.float32)
     expected = reference.generate(
         torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens, do_sample=False, eos_token_id=None
-    )[0, len(prompt):].tolist()
+    )[0, len(prompt) :].tolist()
     return prompt, expected
 
 
@@ -132,7 +146,15 @@ async def small_engines(
     log_dir = tmp_path_factory.mktemp("small-engines")
     model = ("--model", f"small={small_model}", "--max-model-len", "2048", "--cpu-cores", "0-1")
     prefill = engine_process(
-        "prefill", own_etcd.endpoint, home, log_dir, *model, "--tensor-parallel-size", "2", "--kv-lease-seconds", "120"
+        "prefill",
+        own_etcd.endpoint,
+        home,
+        log_dir,
+        *model,
+        "--tensor-parallel-size",
+        "2",
+        "--kv-lease-seconds",
+        "120",
     )
     decode = engine_process("decode", own_etcd.endpoint, home, log_dir, *model)
     async with running(prefill, ENGINE_START_TIMEOUT), running(decode, ENGINE_START_TIMEOUT):
@@ -142,7 +164,8 @@ async def small_engines(
 @pytest.mark.isolated
 @pytest.mark.asyncio(loop_scope="session")
 async def test_tensor_parallel_over_two_cores_matches_one_rank(
-    own_etcd: EmbeddedEtcd, small_engines: tuple[StageProcess, StageProcess],
+    own_etcd: EmbeddedEtcd,
+    small_engines: tuple[StageProcess, StageProcess],
     small_prompt_and_greedy: tuple[list[int], list[int]],
 ) -> None:
     prompt, expected = small_prompt_and_greedy
@@ -155,13 +178,16 @@ async def test_tensor_parallel_over_two_cores_matches_one_rank(
 @pytest.mark.isolated
 @pytest.mark.asyncio(loop_scope="session")
 async def test_kv_moves_from_two_ranks_to_one(
-    small_engines: tuple[StageProcess, StageProcess], small_prompt_and_greedy: tuple[list[int], list[int]],
+    small_engines: tuple[StageProcess, StageProcess],
+    small_prompt_and_greedy: tuple[list[int], list[int]],
 ) -> None:
     """Prefill on two tensor-parallel ranks, decode on one: the KV crosses over NIXL and
     the decode continues it exactly (the router pairs such layouts: kv_mismatch)."""
     prompt, expected = small_prompt_and_greedy
-    async with EngineClient(small_engines[0].grpc_address, timeout=300) as prefill, \
-            EngineClient(small_engines[1].grpc_address, timeout=300) as decode:
+    async with (
+        EngineClient(small_engines[0].grpc_address, timeout=300) as prefill,
+        EngineClient(small_engines[1].grpc_address, timeout=300) as decode,
+    ):
         ids, prefilled = await disaggregated(prefill, decode, prompt, GREEDY)
     assert prefilled.handle.remote_block_ids
     assert ids == expected
@@ -173,9 +199,18 @@ async def test_ngram_speculative_decoding_keeps_greedy_output(
 ) -> None:
     prompt = hf_tokenizer(REPEATING).input_ids  # type: ignore[operator]
     plain = [t async for reply in decode.generate(prompt, GREEDY) for t in reply.token_ids]
-    speculative = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3})
+    speculative = json.dumps(
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+    )
     stage = engine_process(
-        "decode", own_etcd.endpoint, home, tmp_path, "--speculative-config", speculative, "--cpu-cores", "0-1",
+        "decode",
+        own_etcd.endpoint,
+        home,
+        tmp_path,
+        "--speculative-config",
+        speculative,
+        "--cpu-cores",
+        "0-1",
     )
     async with running(stage, ENGINE_START_TIMEOUT):
         speculating = [m for m in await _members(own_etcd) if m.grpc_address == stage.grpc_address]
@@ -183,13 +218,31 @@ async def test_ngram_speculative_decoding_keeps_greedy_output(
         assert await _generate(stage.grpc_address, prompt) == plain
 
 
-def test_settings_the_model_cannot_take_end_the_stage_with_the_reason(own_etcd: EmbeddedEtcd, home: Path) -> None:
+def test_settings_the_model_cannot_take_end_the_stage_with_the_reason(
+    own_etcd: EmbeddedEtcd, home: Path
+) -> None:
     """The bundled model's 9 attention heads do not split over 2 ranks: vLLM says so, and
     the stage exits with that one line, not a traceback."""
     done = subprocess.run(
-        [sys.executable, "-m", "decode_svc", "--etcd", own_etcd.endpoint, "--home", str(home), "--port", "0",
-         "--tensor-parallel-size", "2", "--cpu-cores", "0-1"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "decode_svc",
+            "--etcd",
+            own_etcd.endpoint,
+            "--home",
+            str(home),
+            "--port",
+            "0",
+            "--tensor-parallel-size",
+            "2",
+            "--cpu-cores",
+            "0-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode != 0
     assert "the engine cannot start with these settings on cpu" in done.stderr

@@ -36,6 +36,7 @@ PASSAGE = (
 
 def reference_prompts(hf_tokenizer) -> dict[str, list[int]]:
     """Prompts from one token to several KV blocks (the CPU block size is 128)."""
+
     def chat(text: str) -> list[int]:
         rendered = hf_tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
@@ -73,10 +74,13 @@ def hf_greedy(model_dir: Path, hf_tokenizer):
     def generate(ids: list[int]) -> list[int]:
         with torch.no_grad():
             out = model.generate(
-                torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                eos_token_id=hf_tokenizer.eos_token_id, pad_token_id=hf_tokenizer.eos_token_id,
+                torch.tensor([ids]),
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                eos_token_id=hf_tokenizer.eos_token_id,
+                pad_token_id=hf_tokenizer.eos_token_id,
             )
-        return out[0, len(ids):].tolist()
+        return out[0, len(ids) :].tolist()
 
     return generate
 
@@ -199,7 +203,9 @@ async def test_abort_of_a_finished_prefill_frees_its_blocks_at_once(prefill: Eng
     released = time.monotonic()
     assert await prefill.abort("released-early") == ["released-early"]
     while (await prefill.load()).kv_cache_usage > baseline:
-        assert time.monotonic() - released < PREFILL_LEASE_SECONDS / 2, "blocks kept until the lease"
+        assert time.monotonic() - released < PREFILL_LEASE_SECONDS / 2, (
+            "blocks kept until the lease"
+        )
         await asyncio.sleep(0.1)
     assert await prefill.abort("released-early") == []  # nothing left to release
 
@@ -231,7 +237,9 @@ async def test_kv_events_report_stored_blocks_and_resume(decode: EngineClient) -
     resumed.cancel()
     assert not reply.resync_required
     assert reply.events[0].sequence == last_sequence + 1
-    assert any(e.block_stored.token_ids[:block] == [3000 + i for i in range(block)] for e in reply.events)
+    assert any(
+        e.block_stored.token_ids[:block] == [3000 + i for i in range(block)] for e in reply.events
+    )
 
     # A stale epoch is told to resync from a snapshot.
     stale = decode.kv_events(snapshot.epoch + 1, 5)
@@ -244,9 +252,19 @@ async def test_kv_events_report_stored_blocks_and_resume(decode: EngineClient) -
     [
         ([], GREEDY, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
         ([1, 10**6], GREEDY, grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
-        ([1, 2], common_pb2.SamplingParams(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be at least 1"),
+        (
+            [1, 2],
+            common_pb2.SamplingParams(max_tokens=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens must be at least 1",
+        ),
         ([5] * 4096, GREEDY, grpc.StatusCode.INVALID_ARGUMENT, "the model allows at most 4095"),
-        ([1, 2], common_pb2.SamplingParams(temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (
+            [1, 2],
+            common_pb2.SamplingParams(temperature=-1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
         ([1, 2], common_pb2.SamplingParams(top_p=0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     ],
     ids=["empty", "out-of-vocab", "max-tokens-0", "too-long", "bad-temperature", "bad-top-p"],
@@ -263,14 +281,23 @@ async def test_bad_requests_are_rejected_clearly(
 async def test_bad_handles_are_not_found(decode: EngineClient, prefill: EngineClient) -> None:
     signer = HandleSigner(MESH_KEY.encode())  # issued by a key holder, but expired or unknown
     expired = common_pb2.KvTransferHandle(
-        remote_engine_id="e", remote_block_ids=[1], remote_host="127.0.0.1", remote_port=9,
-        remote_request_id="old", num_tokens=2, expires_at=time.time() - 3,
+        remote_engine_id="e",
+        remote_block_ids=[1],
+        remote_host="127.0.0.1",
+        remote_port=9,
+        remote_request_id="old",
+        num_tokens=2,
+        expires_at=time.time() - 3,
     )
     # A current prefill member's address, but an engine id it does not have.
     issuer = (await prefill.prefill([1, 2])).handle
     unknown = common_pb2.KvTransferHandle(
-        remote_engine_id="no-such-engine", remote_block_ids=[1], remote_host=issuer.remote_host,
-        remote_port=issuer.remote_port, remote_request_id="ghost", num_tokens=2,
+        remote_engine_id="no-such-engine",
+        remote_block_ids=[1],
+        remote_host=issuer.remote_host,
+        remote_port=issuer.remote_port,
+        remote_request_id="ghost",
+        num_tokens=2,
         prefill_instance_id=issuer.prefill_instance_id,
     )
     for handle, message in ((expired, "expired"), (unknown, "could not collect")):
@@ -298,7 +325,9 @@ async def test_forged_handles_are_refused_and_never_transfer(
     real = (await prefill.prefill(ids, GREEDY)).handle
     assert real.signature
 
-    def forged(change: Callable[[common_pb2.KvTransferHandle], None]) -> common_pb2.KvTransferHandle:
+    def forged(
+        change: Callable[[common_pb2.KvTransferHandle], None],
+    ) -> common_pb2.KvTransferHandle:
         handle = common_pb2.KvTransferHandle()
         handle.CopyFrom(real)
         change(handle)
@@ -332,14 +361,15 @@ async def test_forged_handles_are_refused_and_never_transfer(
     HandleSigner(MESH_KEY.encode()).sign(smuggled)  # even from a key holder: unknown keys stay out
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(decode.generate(ids, GREEDY, kv_handle=smuggled, timeout=60))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "kv_connector_override" in caught.value.details()
+    assert (
+        caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "kv_connector_override" in caught.value.details()
+    )
     collected, _ = await collect(decode.generate(ids, GREEDY, kv_handle=real, timeout=120))
     assert collected == alone
 
 
-async def test_engines_register_their_kv_facts(
-    engine_stages, etcd_session: EtcdSession
-) -> None:
+async def test_engines_register_their_kv_facts(engine_stages, etcd_session: EtcdSession) -> None:
     addresses = {stage.grpc_address for stage in engine_stages}
     deadline = time.monotonic() + 10  # one lease TTL, should a keep-alive have been late
     while True:
@@ -376,7 +406,9 @@ async def test_idle_engines_leave_their_cores_free(engine_stages) -> None:
             used = cpu_seconds(pids) - start
             if used < 0.25 * window:
                 break
-            assert time.monotonic() < deadline, f"{stage.name} never idle: {used:.2f} CPU s in {window} s"
+            assert time.monotonic() < deadline, (
+                f"{stage.name} never idle: {used:.2f} CPU s in {window} s"
+            )
 
 
 def allowed_cores_of_every_thread(pgid: int) -> dict[str, set[int]]:
@@ -408,12 +440,16 @@ async def test_engine_processes_and_threads_stay_on_their_cores(engine_stages) -
         assert not strays, f"{stage.name}: threads allowed off core {core}: {strays}"
 
 
-async def test_two_engines_on_one_host_make_progress_together(prefill, decode, hf_tokenizer) -> None:
+async def test_two_engines_on_one_host_make_progress_together(
+    prefill, decode, hf_tokenizer
+) -> None:
     # Four streams sent to each engine at the same moment. When the engines' helper
     # threads floated over both cores, one engine's first tokens came only after the
     # other engine had finished (6.4 s instead of 0.3 s).
     prompts = [
-        hf_tokenizer.encode(f"Story {i}: once upon a time, in a town by the sea,", add_special_tokens=False)
+        hf_tokenizer.encode(
+            f"Story {i}: once upon a time, in a town by the sea,", add_special_tokens=False
+        )
         for i in range(4)
     ]
     params = common_pb2.SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)

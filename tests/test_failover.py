@@ -20,7 +20,9 @@ from services.pb import common_pb2, engine_pb2, tokenizer_pb2
 def workers_with(count: int) -> Workers:
     workers = Workers(EtcdSession([("127.0.0.1", 1)]), control_timeout=1.0, load_interval=1.0)
     for i in range(count):
-        member = common_pb2.Member(instance_id=f"t{i}", role=common_pb2.ROLE_TOKENIZER, models=["m"])
+        member = common_pb2.Member(
+            instance_id=f"t{i}", role=common_pb2.ROLE_TOKENIZER, models=["m"]
+        )
         workers.peers[f"t{i}"] = Peer(f"t{i}", member, client=None)  # type: ignore[arg-type]
     return workers
 
@@ -65,7 +67,9 @@ async def test_a_refused_connection_moves_on_and_a_bad_request_does_not() -> Non
 
     with pytest.raises(InvalidRequest):
         await Failover(workers, common_pb2.ROLE_TOKENIZER, "m", wait=0.1).call(bad)
-    assert len(workers.candidates(common_pb2.ROLE_TOKENIZER, "m")) == 2  # only the refusing one is aside
+    assert (
+        len(workers.candidates(common_pb2.ROLE_TOKENIZER, "m")) == 2
+    )  # only the refusing one is aside
 
 
 async def test_no_member_left_is_unavailable() -> None:
@@ -78,8 +82,14 @@ def test_an_engine_that_gave_up_is_never_an_answer() -> None:
     caller sees (5xx, an SSE error event, a gRPC status), never a normal ending."""
     for finish in (common_pb2.FINISH_REASON_ABORT, common_pb2.FINISH_REASON_ERROR):
         with pytest.raises(Unavailable, match="decode d1: the engine .* the sequence"):
-            checked_reply(engine_pb2.GenerateResponse(token_ids=[5], finish_reason=finish), "decode d1")
-    for finish in (common_pb2.FINISH_REASON_UNSPECIFIED, common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH):
+            checked_reply(
+                engine_pb2.GenerateResponse(token_ids=[5], finish_reason=finish), "decode d1"
+            )
+    for finish in (
+        common_pb2.FINISH_REASON_UNSPECIFIED,
+        common_pb2.FINISH_REASON_STOP,
+        common_pb2.FINISH_REASON_LENGTH,
+    ):
         reply = engine_pb2.GenerateResponse(token_ids=[5], finish_reason=finish)
         assert checked_reply(reply, "decode d1") is reply
 

@@ -47,7 +47,9 @@ async def sequences(mesh: Mesh, mode: str) -> float:
 
 
 async def ask(client: openai.AsyncOpenAI) -> str:
-    reply = await client.chat.completions.create(model="", messages=QUESTION, temperature=0, max_tokens=16)
+    reply = await client.chat.completions.create(
+        model="", messages=QUESTION, temperature=0, max_tokens=16
+    )
     return reply.choices[0].message.content or ""
 
 
@@ -55,10 +57,13 @@ STREAMS = 32
 PROMPTS = [f"Story number {i}: once upon a time, in a kingdom by the sea," for i in range(STREAMS)]
 
 
-async def greedy(router: RouterClient, prompt: str, started: Callable[[], None] = lambda: None) -> list[int]:
+async def greedy(
+    router: RouterClient, prompt: str, started: Callable[[], None] = lambda: None
+) -> list[int]:
     """A greedy stream's generated ids; ``started`` is called at its first token."""
     request = router_pb2.RouterGenerateRequest(
-        text=prompt, return_token_ids=True,
+        text=prompt,
+        return_token_ids=True,
         sampling=common_pb2.SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
     )
     ids: list[int] = []
@@ -69,7 +74,9 @@ async def greedy(router: RouterClient, prompt: str, started: Callable[[], None] 
     return ids
 
 
-async def under_streams(router: RouterClient, fault: Callable[[], None], after_started: int) -> list[list[int]]:
+async def under_streams(
+    router: RouterClient, fault: Callable[[], None], after_started: int
+) -> list[list[int]]:
     """Every prompt streamed at once; ``fault`` strikes once ``after_started`` have tokens."""
     count = 0
     struck = asyncio.Event()
@@ -89,12 +96,16 @@ async def under_streams(router: RouterClient, fault: Callable[[], None], after_s
 async def listed(router: RouterClient, stage: StageProcess, role: int) -> None:
     """Wait until the router lists ``stage`` among the members of ``role``."""
     deadline = time.monotonic() + 30
-    while stage.grpc_address not in {m.member.grpc_address for m in await router.list_members(role)}:
+    while stage.grpc_address not in {
+        m.member.grpc_address for m in await router.list_members(role)
+    }:
         assert time.monotonic() < deadline, f"{stage.name} never joined the router's view"
         await asyncio.sleep(0.2)
 
 
-async def second_decode(etcd: EmbeddedEtcd, home: Path, log_dir: Path, router: RouterClient) -> StageProcess:
+async def second_decode(
+    etcd: EmbeddedEtcd, home: Path, log_dir: Path, router: RouterClient
+) -> StageProcess:
     """Another decode engine beside the session's, started and known to the router."""
     stage = engine_process("decode", etcd.endpoint, home, log_dir, "--cpu-cores", "1")
     stage.start()
@@ -117,12 +128,19 @@ async def test_router_drained_mid_stream_loses_no_stream(
     """SIGTERM of a router: it leaves etcd and refuses new calls, but the streams already
     open on it, over gRPC and HTTP, run to their end; then it exits 0."""
     second, http_port = router_process(etcd.endpoint, home, tmp_path, "--worker-wait", "3")
-    http = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+    http = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0
+    )
     async with running(second), RouterClient(second.grpc_address) as client, http:
 
         async def http_stream(prompt: str) -> tuple[str, str | None]:
             stream = await http.completions.create(
-                model="", prompt=prompt, max_tokens=32, temperature=0, stream=True, extra_body={"ignore_eos": True}
+                model="",
+                prompt=prompt,
+                max_tokens=32,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
             )
             text, finish = "", None
             async for chunk in stream:
@@ -132,21 +150,32 @@ async def test_router_drained_mid_stream_loses_no_stream(
 
         assert second.process is not None
         process = second.process
-        grpc_streams = under_streams(client, lambda: process.send_signal(signal.SIGTERM), STREAMS // 2)
-        drained, *over_http = await asyncio.gather(grpc_streams, *(http_stream(p) for p in PROMPTS[:4]))
+        grpc_streams = under_streams(
+            client, lambda: process.send_signal(signal.SIGTERM), STREAMS // 2
+        )
+        drained, *over_http = await asyncio.gather(
+            grpc_streams, *(http_stream(p) for p in PROMPTS[:4])
+        )
         assert drained == unbroken
         assert all(text and finish == "length" for text, finish in over_http), over_http
         assert process.wait(timeout=60) == 0
 
 
 async def test_decode_drained_or_killed_mid_stream_loses_no_stream(
-    unbroken: list[list[int]], router: RouterClient, decode: EngineClient, mesh: Mesh,
-    etcd: EmbeddedEtcd, home: Path, tmp_path: Path,
+    unbroken: list[list[int]],
+    router: RouterClient,
+    decode: EngineClient,
+    mesh: Mesh,
+    etcd: EmbeddedEtcd,
+    home: Path,
+    tmp_path: Path,
 ) -> None:
     # SIGTERM: the member leaves etcd and is no longer picked, but its streams run on.
     stage = await second_decode(etcd, home, tmp_path, router)
     assert stage.process is not None
-    drained = await under_streams(router, lambda: stage.process.send_signal(signal.SIGTERM), STREAMS // 2)  # type: ignore[union-attr]
+    drained = await under_streams(
+        router, lambda: stage.process.send_signal(signal.SIGTERM), STREAMS // 2
+    )  # type: ignore[union-attr]
     assert drained == unbroken
     assert stage.process.wait(timeout=60) == 0
 
@@ -155,7 +184,9 @@ async def test_decode_drained_or_killed_mid_stream_loses_no_stream(
     # answer: the sequence carries on on the other decode engine, token-exact.
     migrations = await metric(mesh, "stagemesh_router_migrations_total")
     request = router_pb2.RouterGenerateRequest(
-        request_id="aborted-by-an-engine", text=PROMPTS[0], return_token_ids=True,
+        request_id="aborted-by-an-engine",
+        text=PROMPTS[0],
+        return_token_ids=True,
         sampling=common_pb2.SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
     )
     ids: list[int] = []
@@ -163,7 +194,10 @@ async def test_decode_drained_or_killed_mid_stream_loses_no_stream(
         async for delta in router.generate(request, timeout=600):
             ids.extend(delta.token_ids)
             if 4 <= len(ids) < 4 + len(delta.token_ids):
-                aborted = [*await decode.abort("aborted-by-an-engine-0"), *await other.abort("aborted-by-an-engine-0")]
+                aborted = [
+                    *await decode.abort("aborted-by-an-engine-0"),
+                    *await other.abort("aborted-by-an-engine-0"),
+                ]
                 assert aborted == ["aborted-by-an-engine-0"]
     assert ids == unbroken[0]
     assert await metric(mesh, "stagemesh_router_migrations_total") == migrations + 1
@@ -198,7 +232,9 @@ async def test_dead_decode_is_503_then_recovers(
     # Nobody will collect that prompt's KV: the router released it on the prefill
     # worker at once, well inside the lease the engine would otherwise wait out.
     while await metric(mesh, 'stagemesh_router_kv_releases_total{outcome="released"}') == released:
-        assert time.monotonic() - started < 30 + PREFILL_LEASE_SECONDS / 2, "the KV was not released"
+        assert time.monotonic() - started < 30 + PREFILL_LEASE_SECONDS / 2, (
+            "the KV was not released"
+        )
         await asyncio.sleep(0.1)
     assert (await prefill.load()).kv_cache_usage <= held_before
 
@@ -223,7 +259,9 @@ async def test_prefill_drained_or_killed_mid_stream_loses_no_stream(
     await listed(router, mesh.prefill, common_pb2.ROLE_PREFILL)
 
     async def prefill_work() -> float:  # sequences prefilled there, or sent there and fallen back
-        return await sequences(mesh, "disaggregated") + await metric(mesh, "stagemesh_router_prefill_fallbacks_total")
+        return await sequences(mesh, "disaggregated") + await metric(
+            mesh, "stagemesh_router_prefill_fallbacks_total"
+        )
 
     before = await prefill_work()
     killed = await under_streams(router, mesh.prefill.kill, 1)
@@ -241,11 +279,15 @@ async def test_prefill_drained_or_killed_mid_stream_loses_no_stream(
     while await router.list_members(common_pb2.ROLE_PREFILL):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.5)
-    decode_blocks = sum(m.kv_blocks_indexed for m in await router.list_members(common_pb2.ROLE_DECODE))
+    decode_blocks = sum(
+        m.kv_blocks_indexed for m in await router.list_members(common_pb2.ROLE_DECODE)
+    )
     assert await metric(mesh, "stagemesh_router_kv_index_entries") == decode_blocks
 
 
-async def test_serving_goes_on_while_etcd_is_down(client, router: RouterClient, etcd: EmbeddedEtcd) -> None:
+async def test_serving_goes_on_while_etcd_is_down(
+    client, router: RouterClient, etcd: EmbeddedEtcd
+) -> None:
     """etcd stopped for 30 s under a steady load: the router serves on the membership it
     last saw, every request succeeds, and every member is listed again once etcd is back."""
     members = {m.member.instance_id for m in await router.list_members()}
@@ -255,7 +297,9 @@ async def test_serving_goes_on_while_etcd_is_down(client, router: RouterClient, 
         until = time.monotonic() + 30
         while time.monotonic() < until:
             try:
-                reply = await client.completions.create(model="", prompt="The sea is", max_tokens=4, temperature=0)
+                reply = await client.completions.create(
+                    model="", prompt="The sea is", max_tokens=4, temperature=0
+                )
                 served += reply.usage is not None
             except openai.APIError:
                 failures += 1
@@ -266,4 +310,6 @@ async def test_serving_goes_on_while_etcd_is_down(client, router: RouterClient, 
     while {m.member.instance_id for m in await router.list_members()} != members:
         assert time.monotonic() < deadline, "members did not come back"
         await asyncio.sleep(0.5)
-    assert (await client.completions.create(model="", prompt="The sea is", max_tokens=4)).usage is not None
+    assert (
+        await client.completions.create(model="", prompt="The sea is", max_tokens=4)
+    ).usage is not None

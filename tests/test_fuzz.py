@@ -27,13 +27,58 @@ from tests.conftest import Mesh, router_process, running
 SEED = 20261202
 #: Values a fuzzed field may take: wrong types, edges, huge and odd text.
 JUNK: list[Any] = [
-    None, True, -1, 0, 1, 2**31, 2**64, -(2**63), 1.5, float("1e308"), "", "3", "\x00", "é" * 3,
-    "\ud800", "x" * 70_000, [], [None], [1, "a"], {}, {"a": 1}, [[1, 2]], [-5], ["s"] * 40,
-    {"type": "text", "text": 5}, [{"role": "user"}], [{"role": 7, "content": "hi"}],
+    None,
+    True,
+    -1,
+    0,
+    1,
+    2**31,
+    2**64,
+    -(2**63),
+    1.5,
+    float("1e308"),
+    "",
+    "3",
+    "\x00",
+    "é" * 3,
+    "\ud800",
+    "x" * 70_000,
+    [],
+    [None],
+    [1, "a"],
+    {},
+    {"a": 1},
+    [[1, 2]],
+    [-5],
+    ["s"] * 40,
+    {"type": "text", "text": 5},
+    [{"role": "user"}],
+    [{"role": 7, "content": "hi"}],
 ]
-FIELDS = ["model", "prompt", "messages", "n", "max_tokens", "temperature", "top_p", "top_k", "stop",
-          "stop_token_ids", "seed", "logprobs", "top_logprobs", "stream", "stream_options", "min_tokens",
-          "ignore_eos", "presence_penalty", "logit_bias", "best_of", "echo", "response_format"]
+FIELDS = [
+    "model",
+    "prompt",
+    "messages",
+    "n",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop",
+    "stop_token_ids",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "stream",
+    "stream_options",
+    "min_tokens",
+    "ignore_eos",
+    "presence_penalty",
+    "logit_bias",
+    "best_of",
+    "echo",
+    "response_format",
+]
 PATHS = ["/v1/completions", "/v1/chat/completions"]
 
 
@@ -68,7 +113,9 @@ async def slow_body(raw: bytes) -> AsyncIterator[bytes]:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def fuzz_router(etcd: EmbeddedEtcd, home: Path, mesh: Mesh, tmp_path: Path) -> AsyncIterator[tuple[str, StageProcess]]:
+async def fuzz_router(
+    etcd: EmbeddedEtcd, home: Path, mesh: Mesh, tmp_path: Path
+) -> AsyncIterator[tuple[str, StageProcess]]:
     router, http_port = router_process(etcd.endpoint, home, tmp_path, "--max-tokens-limit", "4")
     async with running(router):
         yield f"http://127.0.0.1:{http_port}", router
@@ -95,12 +142,16 @@ async def test_fuzzed_requests_never_get_a_500(fuzz_router: tuple[str, StageProc
                             statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
                         return
                     content: bytes | AsyncIterator[bytes] = slow_body(raw) if mode < 0.1 else raw
-                    reply = await http.post(path, content=content, headers={"Content-Type": "application/json"})
+                    reply = await http.post(
+                        path, content=content, headers={"Content-Type": "application/json"}
+                    )
                 except httpx.TransportError:
                     return  # the server closing a connection it could not read is fine
             statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
             if reply.status_code >= 500:
-                server_errors.append(f"{reply.status_code} {path} {raw[:200]!r}: {reply.text[:300]}")
+                server_errors.append(
+                    f"{reply.status_code} {path} {raw[:200]!r}: {reply.text[:300]}"
+                )
             elif reply.status_code != 200:
                 assert reply.json()["error"]["message"], reply.text
 
@@ -140,5 +191,7 @@ async def test_fuzzed_requests_never_get_a_500(fuzz_router: tuple[str, StageProc
 
     assert router.alive()
     async with httpx.AsyncClient(base_url=http_url, timeout=120) as http:
-        good = await http.post("/v1/completions", json={"model": "", "prompt": "The sea is", "max_tokens": 3})
+        good = await http.post(
+            "/v1/completions", json={"model": "", "prompt": "The sea is", "max_tokens": 3}
+        )
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 3

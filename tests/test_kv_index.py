@@ -13,7 +13,9 @@ from services.pb import common_pb2
 BLOCK = 4
 
 
-def stored(ids: list[int], engine_hashes: list[bytes], parent: bytes = b"") -> common_pb2.BlockStored:
+def stored(
+    ids: list[int], engine_hashes: list[bytes], parent: bytes = b""
+) -> common_pb2.BlockStored:
     return common_pb2.BlockStored(
         block_hashes=engine_hashes, parent_block_hash=parent, token_ids=ids, block_size=BLOCK
     )
@@ -60,11 +62,19 @@ def test_match_finds_the_longest_held_prefix_per_worker() -> None:
 
 def test_router_hashes_from_the_publisher_are_trusted() -> None:
     index = KvIndex()
-    index.stored("kv", common_pb2.BlockStored(
-        block_hashes=[b"k1"], token_ids=[1, 2, 3, 4], block_size=BLOCK, chain_names=[to_wire(42)]
-    ))
+    index.stored(
+        "kv",
+        common_pb2.BlockStored(
+            block_hashes=[b"k1"],
+            token_ids=[1, 2, 3, 4],
+            block_size=BLOCK,
+            chain_names=[to_wire(42)],
+        ),
+    )
     assert index.match([42], ["kv"]) == {"kv": 1}
-    index.stored("kv", common_pb2.BlockStored(block_hashes=[b"k2"], chain_names=[(43).to_bytes(8, "little")]))
+    index.stored(
+        "kv", common_pb2.BlockStored(block_hashes=[b"k2"], chain_names=[(43).to_bytes(8, "little")])
+    )
     assert index.match([43], ["kv"]) == {"kv": 0}  # a name of the wrong width is not indexed
 
 
@@ -98,9 +108,18 @@ def test_salted_blocks_match_only_their_salt() -> None:
 
     log = KvEventLog(block_size=4)
     prompt = list(range(8))
-    apply_vllm_event(log, {"type": "BlockStored", "block_hashes": [b"s1", b"s2"], "parent_block_hash": None,
-                           "token_ids": prompt, "block_size": 4, "lora_name": None,
-                           "extra_keys": [("tenant-a",), None]})
+    apply_vllm_event(
+        log,
+        {
+            "type": "BlockStored",
+            "block_hashes": [b"s1", b"s2"],
+            "parent_block_hash": None,
+            "token_ids": prompt,
+            "block_size": 4,
+            "lora_name": None,
+            "extra_keys": [("tenant-a",), None],
+        },
+    )
     first, second = log.snapshot().blocks
     assert first.cache_salt == "tenant-a" and not first.parent_block_hash and not second.cache_salt
     index = KvIndex()

@@ -107,7 +107,12 @@ def test_table_refuses_a_commit_whose_write_it_never_saw() -> None:
 
 
 def test_shard_map_is_consistent_hashing() -> None:
-    entries = [kvstore_pb2.ShardEntry(instance_id=f"s{i}", grpc_address=f"h:{i}", ring_points=ring_points(f"s{i}")) for i in range(3)]
+    entries = [
+        kvstore_pb2.ShardEntry(
+            instance_id=f"s{i}", grpc_address=f"h:{i}", ring_points=ring_points(f"s{i}")
+        )
+        for i in range(3)
+    ]
     three = ShardMap(entries)
     two = ShardMap(entries[:2])
     hashes = list(np.random.default_rng(0).integers(0, 2**63, size=3000, dtype=np.int64))
@@ -145,7 +150,9 @@ class Client:
         self.block(index)[:] = value
 
     def store(self, shards: ShardMap, hashes: list[int], first_index: int = 0) -> int:
-        return self.link.store(shards, LAYOUT, hashes, BLOCK, lambda i: self.regions(first_index + i))
+        return self.link.store(
+            shards, LAYOUT, hashes, BLOCK, lambda i: self.regions(first_index + i)
+        )
 
     def close(self) -> None:
         self.link.close()
@@ -160,9 +167,14 @@ def store_etcd() -> Iterator[EmbeddedEtcd]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def store(store_etcd: EmbeddedEtcd, home: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[StageProcess]:
+async def store(
+    store_etcd: EmbeddedEtcd, home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[StageProcess]:
     stage = kvstore_process(
-        store_etcd.endpoint, home, tmp_path_factory.mktemp("kvstore-logs"), CAPACITY_BLOCKS * BLOCK >> 20
+        store_etcd.endpoint,
+        home,
+        tmp_path_factory.mktemp("kvstore-logs"),
+        CAPACITY_BLOCKS * BLOCK >> 20,
     )
     async with running(stage):
         yield stage
@@ -187,7 +199,6 @@ async def shards(store: StageProcess, store_etcd: EmbeddedEtcd) -> ShardMap:
 def evict_all(store: StageProcess) -> Iterator[None]:
     yield
     with grpc.insecure_channel(store.grpc_address) as chan:
-
         kvstore_pb2_grpc.KvStoreServiceStub(chan).Evict(
             kvstore_pb2.EvictRequest(all=True), timeout=5, metadata=member()
         )
@@ -198,7 +209,9 @@ def stats(link: StoreLink, address: str) -> kvstore_pb2.Stats:
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_blocks_round_trip_over_nixl(shards: ShardMap, store: StageProcess, evict_all: None) -> None:
+async def test_blocks_round_trip_over_nixl(
+    shards: ShardMap, store: StageProcess, evict_all: None
+) -> None:
     writer, reader = Client("writer", 4), Client("reader", 4)
     try:
         for i in range(4):
@@ -218,11 +231,12 @@ async def test_blocks_round_trip_over_nixl(shards: ShardMap, store: StageProcess
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_full_store_evicts_least_recently_used(shards: ShardMap, store: StageProcess, evict_all: None) -> None:
+async def test_full_store_evicts_least_recently_used(
+    shards: ShardMap, store: StageProcess, evict_all: None
+) -> None:
     client = Client("filler", CAPACITY_BLOCKS + 4)
     events: list[common_pb2.KvEvent] = []
     try:
-
         async with channel(store.grpc_address) as chan:
             stub = kvstore_pb2_grpc.KvStoreServiceStub(chan)
             start = await stub.GetKvSnapshot(common_pb2.KvSnapshotRequest())
@@ -244,7 +258,9 @@ async def test_full_store_evicts_least_recently_used(shards: ShardMap, store: St
                 assert not reply.resync_required
                 for event in reply.events:
                     if event.HasField("block_removed"):
-                        removed |= {int.from_bytes(h, "little") for h in event.block_removed.block_hashes}
+                        removed |= {
+                            int.from_bytes(h, "little") for h in event.block_removed.block_hashes
+                        }
                     if event.HasField("block_stored"):
                         stored |= {from_wire(name) for name in event.block_stored.chain_names}
                     events.append(event)
@@ -270,7 +286,9 @@ async def test_full_store_evicts_least_recently_used(shards: ShardMap, store: St
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_concurrent_writers_of_the_same_blocks_leave_one_intact_copy(shards: ShardMap, store: StageProcess, evict_all: None) -> None:
+async def test_concurrent_writers_of_the_same_blocks_leave_one_intact_copy(
+    shards: ShardMap, store: StageProcess, evict_all: None
+) -> None:
     writers = [Client(f"racer{i}", 8) for i in range(2)]
     hashes = list(range(7000, 7008))
     for index, writer in enumerate(writers):
@@ -294,7 +312,9 @@ async def test_concurrent_writers_of_the_same_blocks_leave_one_intact_copy(shard
         reader.link.release(prefix)
         for i in range(8):
             block = reader.block(i)
-            assert block[0] in (50, 51) and np.all(block == block[0]), "a block mixes two writers' bytes"
+            assert block[0] in (50, 51) and np.all(block == block[0]), (
+                "a block mixes two writers' bytes"
+            )
     finally:
         for writer in writers:
             writer.close()
@@ -309,21 +329,33 @@ async def test_bad_calls_get_clear_errors(store: StageProcess) -> None:
             await stub.Commit(kvstore_pb2.CommitRequest(reservation_id="nope"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_names=[to_wire(1)], block_bytes=1 << 40))
+            await stub.Reserve(
+                kvstore_pb2.ReserveRequest(
+                    layout=LAYOUT, chain_names=[to_wire(1)], block_bytes=1 << 40
+                )
+            )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "bytes" in (caught.value.details() or "")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Lookup(kvstore_pb2.LookupRequest(layout=LAYOUT, chain_names=map(to_wire, range(9000))))
+            await stub.Lookup(
+                kvstore_pb2.LookupRequest(layout=LAYOUT, chain_names=map(to_wire, range(9000)))
+            )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        with pytest.raises(grpc.aio.AioRpcError) as caught:  # a 64-bit name, as before names were 128 bits
-            await stub.Lookup(kvstore_pb2.LookupRequest(layout=LAYOUT, chain_names=[(1).to_bytes(8, "little")]))
+        with pytest.raises(
+            grpc.aio.AioRpcError
+        ) as caught:  # a 64-bit name, as before names were 128 bits
+            await stub.Lookup(
+                kvstore_pb2.LookupRequest(layout=LAYOUT, chain_names=[(1).to_bytes(8, "little")])
+            )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "16 bytes" in (caught.value.details() or "")
         assert (await stub.GetStats(kvstore_pb2.StatsRequest())).capacity_blocks >= CAPACITY_BLOCKS
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_a_commit_without_a_completed_write_is_never_served(shards: ShardMap, store: StageProcess, evict_all: None) -> None:
+async def test_a_commit_without_a_completed_write_is_never_served(
+    shards: ShardMap, store: StageProcess, evict_all: None
+) -> None:
     """Reserve + Commit alone, or a write the store was never notified of, publishes nothing."""
     client = Client("forger", 2)
     address = store.grpc_address
@@ -332,23 +364,40 @@ async def test_a_commit_without_a_completed_write_is_never_served(shards: ShardM
         stub = client.link.stub(address)
         hashes = [8101, 8102]
         bare = stub.Reserve(
-            kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_names=[to_wire(hashes[0])], block_bytes=BLOCK), metadata=member()
+            kvstore_pb2.ReserveRequest(
+                layout=LAYOUT, chain_names=[to_wire(hashes[0])], block_bytes=BLOCK
+            ),
+            metadata=member(),
         )
         assert bare.granted
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Commit(kvstore_pb2.CommitRequest(reservation_id=bare.reservation_id), metadata=member())
+            stub.Commit(
+                kvstore_pb2.CommitRequest(reservation_id=bare.reservation_id), metadata=member()
+            )
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "no completed NIXL write" in (caught.value.details() or "")
         # Bytes that did land, but without the writer's notice, are not proof either.
         unproven = stub.Reserve(
-            kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_names=[to_wire(hashes[1])], block_bytes=BLOCK), metadata=member()
+            kvstore_pb2.ReserveRequest(
+                layout=LAYOUT, chain_names=[to_wire(hashes[1])], block_bytes=BLOCK
+            ),
+            metadata=member(),
         )
         target = Target.of(unproven.target)
         remote = remote_regions(target, unproven.granted[0].slot, client.regions(0))
         client.link.agent.add_remote_agent(target.agent_metadata)
-        transfer(client.link.agent, "WRITE", [(a, n, 0) for a, n in client.regions(0)], remote, target.agent_name, 10.0)
+        transfer(
+            client.link.agent,
+            "WRITE",
+            [(a, n, 0) for a, n in client.regions(0)],
+            remote,
+            target.agent_name,
+            10.0,
+        )
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Commit(kvstore_pb2.CommitRequest(reservation_id=unproven.reservation_id), metadata=member())
+            stub.Commit(
+                kvstore_pb2.CommitRequest(reservation_id=unproven.reservation_id), metadata=member()
+            )
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert client.link.lookup(shards, LAYOUT, hashes).hits == []
         # The protocol's own path (write with the notice, then Commit) stores both.
@@ -361,7 +410,9 @@ async def test_a_commit_without_a_completed_write_is_never_served(shards: ShardM
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_admin_and_event_calls_need_the_stage_credential(shards: ShardMap, store: StageProcess, evict_all: None) -> None:
+async def test_admin_and_event_calls_need_the_stage_credential(
+    shards: ShardMap, store: StageProcess, evict_all: None
+) -> None:
     client = Client("keeper", 1)
     try:
         assert client.store(shards, [8301]) == 1
@@ -370,7 +421,11 @@ async def test_admin_and_event_calls_need_the_stage_credential(shards: ShardMap,
             for call in (
                 stub.Evict(kvstore_pb2.EvictRequest(all=True)),
                 stub.GetKvSnapshot(common_pb2.KvSnapshotRequest()),
-                stub.Reserve(kvstore_pb2.ReserveRequest(layout=LAYOUT, chain_names=[to_wire(8302)], block_bytes=BLOCK)),
+                stub.Reserve(
+                    kvstore_pb2.ReserveRequest(
+                        layout=LAYOUT, chain_names=[to_wire(8302)], block_bytes=BLOCK
+                    )
+                ),
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await call
@@ -393,9 +448,14 @@ async def test_a_store_behind_mutual_tls(home: Path, tmp_path: Path) -> None:
     stage = kvstore_process(etcd.endpoint, home, tmp_path, CAPACITY_BLOCKS * BLOCK >> 20)
     stage.args += certs["kvstore"].flags()
     own = certs["client"]
-    credentials.install(MeshCredentials.load(
-        previous.mesh_key.decode(), tls_cert=str(own.cert), tls_key=str(own.key), tls_ca=str(own.ca)
-    ))
+    credentials.install(
+        MeshCredentials.load(
+            previous.mesh_key.decode(),
+            tls_cert=str(own.cert),
+            tls_key=str(own.key),
+            tls_ca=str(own.ca),
+        )
+    )
     client = Client("tls-client", 1)
     try:
         async with running(stage):
@@ -404,7 +464,9 @@ async def test_a_store_behind_mutual_tls(home: Path, tmp_path: Path) -> None:
                 listing = await (await session.client()).get_prefix(SHARDS_PREFIX.encode())
             finally:
                 await session.close()
-            shards = ShardMap(RecordReader(kvstore_pb2.ShardEntry.FromString).read_all(listing).values())
+            shards = ShardMap(
+                RecordReader(kvstore_pb2.ShardEntry.FromString).read_all(listing).values()
+            )
             client.fill(0, 42)
             assert client.store(shards, [8401]) == 1
             client.memory[:] = 0

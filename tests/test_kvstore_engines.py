@@ -41,20 +41,42 @@ class StoreMesh:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def store_mesh(home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[StoreMesh]:
+async def store_mesh(
+    home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[StoreMesh]:
     """Its own etcd, a store, and two prefill engines on one core each."""
     log_dir = tmp_path_factory.mktemp("kvstore-engine-logs")
     with private_etcd() as etcd:
         store = kvstore_process(etcd.endpoint, home, log_dir, capacity_mib=512)
-        a = engine_process("prefill", etcd.endpoint, home, log_dir, "--cpu-cores", "0", "--instance-id", "prefill-a")
-        b = engine_process("prefill", etcd.endpoint, home, log_dir, "--cpu-cores", "1", "--instance-id", "prefill-b")
+        a = engine_process(
+            "prefill",
+            etcd.endpoint,
+            home,
+            log_dir,
+            "--cpu-cores",
+            "0",
+            "--instance-id",
+            "prefill-a",
+        )
+        b = engine_process(
+            "prefill",
+            etcd.endpoint,
+            home,
+            log_dir,
+            "--cpu-cores",
+            "1",
+            "--instance-id",
+            "prefill-b",
+        )
         a.log_path = log_dir / "prefill-a.log"
         b.log_path = log_dir / "prefill-b.log"
         async with running(store):
             try:
                 a.start()
                 b.start()
-                await asyncio.gather(a.wait_healthy(ENGINE_START_TIMEOUT), b.wait_healthy(ENGINE_START_TIMEOUT))
+                await asyncio.gather(
+                    a.wait_healthy(ENGINE_START_TIMEOUT), b.wait_healthy(ENGINE_START_TIMEOUT)
+                )
                 yield StoreMesh(store, a, b)
             finally:
                 a.stop()
@@ -86,7 +108,9 @@ async def test_prefix_computed_on_one_engine_is_loaded_on_another(store_mesh: St
     before_a = await load(store_mesh.a.grpc_address)
     expected = await generate(store_mesh.a.grpc_address, prompt)
     after_a = await load(store_mesh.a.grpc_address)
-    assert after_a.external_prefix_hit_tokens == before_a.external_prefix_hit_tokens  # A computed it all
+    assert (
+        after_a.external_prefix_hit_tokens == before_a.external_prefix_hit_tokens
+    )  # A computed it all
     block = after_a.kv_block_size
     full_blocks = (len(prompt) - 1) // block
     # Writes leave A in the background; wait for them to be committed.
@@ -120,10 +144,14 @@ async def test_two_engines_writing_the_same_prefix_store_it_once(store_mesh: Sto
         await asyncio.sleep(0.1)
     await asyncio.sleep(1.0)  # let a duplicate write, if any, land too
     used = (await store_stats(store_mesh.store.grpc_address)).used_blocks
-    assert used - before == full_blocks, f"{used - before} blocks stored for {full_blocks} distinct ones"
+    assert used - before == full_blocks, (
+        f"{used - before} blocks stored for {full_blocks} distinct ones"
+    )
 
 
-async def store_fault_under_load(store_mesh: StoreMesh, seed: int, fault: Callable[[], None]) -> list[int]:
+async def store_fault_under_load(
+    store_mesh: StoreMesh, seed: int, fault: Callable[[], None]
+) -> list[int]:
     """A prefix computed on A (so in the store), then five requests on B that load it,
     with ``fault`` struck at the store while they run: each must answer in full, and the
     one for the prefix alone as A did. Returns A's answer."""
@@ -131,7 +159,9 @@ async def store_fault_under_load(store_mesh: StoreMesh, seed: int, fault: Callab
     expected = await generate(store_mesh.a.grpc_address, shared)  # in the store now
     await asyncio.sleep(1.0)
     prompts = [shared + long_prompt(10 * seed + i, 40) for i in range(4)]
-    tasks = [asyncio.create_task(generate(store_mesh.b.grpc_address, p)) for p in [*prompts, shared]]
+    tasks = [
+        asyncio.create_task(generate(store_mesh.b.grpc_address, p)) for p in [*prompts, shared]
+    ]
     await asyncio.sleep(0.5)
     fault()
     results = await asyncio.gather(*tasks)

@@ -87,8 +87,12 @@ async def recorders() -> AsyncIterator[tuple[Recorder, Recorder]]:
 def decode_member(instance: str, address: str) -> common_pb2.Member:
     """A decode member as an engine would describe itself, claiming room to spare."""
     return common_pb2.Member(
-        instance_id=instance, role=common_pb2.ROLE_DECODE, grpc_address=address, models=["any"],
-        kv_block_size=16, max_concurrency=100_000,
+        instance_id=instance,
+        role=common_pb2.ROLE_DECODE,
+        grpc_address=address,
+        models=["any"],
+        kv_block_size=16,
+        max_concurrency=100_000,
     )
 
 
@@ -127,10 +131,19 @@ async def test_a_forged_member_gets_no_call_and_the_router_counts_it(
                 forged = decode_member("forged", intruder.address)
                 key = member_key(forged)
                 values = {  # key suffix: (value, the reason it is refused)
-                    "unsigned": (RecordSigner(b"").seal(key, forged.SerializeToString(), lease.id), "unsigned"),
-                    "bare": (forged.SerializeToString(), "unsigned"),  # a Member, as before records were sealed
+                    "unsigned": (
+                        RecordSigner(b"").seal(key, forged.SerializeToString(), lease.id),
+                        "unsigned",
+                    ),
+                    "bare": (
+                        forged.SerializeToString(),
+                        "unsigned",
+                    ),  # a Member, as before records were sealed
                     "other-mesh": (
-                        RecordSigner(b"another mesh").seal(key, forged.SerializeToString(), lease.id), "bad_signature"
+                        RecordSigner(b"another mesh").seal(
+                            key, forged.SerializeToString(), lease.id
+                        ),
+                        "bad_signature",
                     ),
                     "garbage": (b"\xff\xfe not a record", "malformed"),
                 }
@@ -148,16 +161,36 @@ async def test_a_forged_member_gets_no_call_and_the_router_counts_it(
 
                 deadline = time.monotonic() + 10
                 while "/stagemesh.v1.EngineService/GetLoad" not in genuine.with_token():
-                    assert time.monotonic() < deadline, f"the genuine member was never polled: {genuine.calls}"
+                    assert time.monotonic() < deadline, (
+                        f"the genuine member was never polled: {genuine.calls}"
+                    )
                     await asyncio.sleep(0.05)
-                await asyncio.sleep(POLL * 10)  # ten more polls for the forged ones to be called, if trusted
+                await asyncio.sleep(
+                    POLL * 10
+                )  # ten more polls for the forged ones to be called, if trusted
                 assert intruder.calls == []
 
                 async with httpx.AsyncClient(timeout=10) as http:
                     page = (await http.get(f"http://127.0.0.1:{http_port}/metrics")).text
                 for reason in ("unsigned", "bad_signature", "malformed", "replayed"):
-                    assert metric(page, "stagemesh_etcd_records_rejected_total", kind="members", reason=reason) >= 1
-                assert metric(page, "stagemesh_etcd_records_rejected_total", kind="adapters", reason="unsigned") >= 1
+                    assert (
+                        metric(
+                            page,
+                            "stagemesh_etcd_records_rejected_total",
+                            kind="members",
+                            reason=reason,
+                        )
+                        >= 1
+                    )
+                assert (
+                    metric(
+                        page,
+                        "stagemesh_etcd_records_rejected_total",
+                        kind="adapters",
+                        reason="unsigned",
+                    )
+                    >= 1
+                )
 
                 # Written again, a refused key is counted again but not logged again.
                 await client.put(f"{key}-unsigned".encode(), values["unsigned"][0], lease=lease.id)
@@ -169,8 +202,14 @@ async def test_a_forged_member_gets_no_call_and_the_router_counts_it(
 
                 # The operator's view skips them too, and says so (it calls each member it lists).
                 status = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "services.cli", "status", "--etcd", etcd.endpoint,
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    sys.executable,
+                    "-m",
+                    "services.cli",
+                    "status",
+                    "--etcd",
+                    etcd.endpoint,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
                 )
                 out, err = await asyncio.wait_for(status.communicate(), 60)
                 assert status.returncode == 0, err
@@ -196,11 +235,15 @@ async def test_a_record_counts_only_under_its_own_key_and_lease(etcd_session: Et
     sealed = signer.seal(prefix + "a", member.SerializeToString(), lease.id)
     await client.put((prefix + "a").encode(), sealed, lease=lease.id)
     await client.put((prefix + "b").encode(), sealed, lease=lease.id)  # another key
-    watcher: MemberWatcher[common_pb2.Member] = MemberWatcher(etcd_session, prefix, retry_seconds=0.2)
+    watcher: MemberWatcher[common_pb2.Member] = MemberWatcher(
+        etcd_session, prefix, retry_seconds=0.2
+    )
     watcher.start()
     try:
         await watcher.wait_for(lambda m: prefix + "a" in m, timeout=10)
-        await client.put((prefix + "a").encode(), sealed, lease=other_lease.id)  # the right key, another lease
+        await client.put(
+            (prefix + "a").encode(), sealed, lease=other_lease.id
+        )  # the right key, another lease
         await watcher.wait_for(lambda m: prefix + "a" not in m, timeout=10)
         await client.put((prefix + "a").encode(), sealed, lease=lease.id)
         await watcher.wait_for(lambda m: prefix + "a" in m, timeout=10)
@@ -222,7 +265,9 @@ def test_records_are_sealed_under_a_key_of_their_own() -> None:
     for forger in (RecordSigner(mesh.stage_token.encode()), RecordSigner(b"k" * 2)):
         with pytest.raises(RecordRejected, match="signature does not hold"):
             mesh.records.open("/k", forger.seal("/k", payload, 7), 7)
-    assert RecordSigner(b"").open("/elsewhere", sealed, 0) == payload  # a development mesh takes all
+    assert (
+        RecordSigner(b"").open("/elsewhere", sealed, 0) == payload
+    )  # a development mesh takes all
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -236,9 +281,14 @@ async def test_under_tls_only_a_certificate_of_the_members_role_serves(
     certs = make_certs(tmp_path / "tls")
     previous = credentials.current()
     client_tls = certs["client"]
-    credentials.install(MeshCredentials.load(
-        previous.mesh_key.decode(), tls_cert=str(client_tls.cert), tls_key=str(client_tls.key), tls_ca=str(client_tls.ca)
-    ))
+    credentials.install(
+        MeshCredentials.load(
+            previous.mesh_key.decode(),
+            tls_cert=str(client_tls.cert),
+            tls_key=str(client_tls.key),
+            tls_ca=str(client_tls.ca),
+        )
+    )
     as_client, as_decode = Recorder(certs["client"]), Recorder(certs["decode"])
     for recorder in (as_client, as_decode):
         await recorder.start()
@@ -258,7 +308,9 @@ async def test_under_tls_only_a_certificate_of_the_members_role_serves(
                 await registration.start()
             deadline = time.monotonic() + 10
             while "/stagemesh.v1.EngineService/GetLoad" not in as_decode.with_token():
-                assert time.monotonic() < deadline, f"the decode-certificate member was never polled: {as_decode.calls}"
+                assert time.monotonic() < deadline, (
+                    f"the decode-certificate member was never polled: {as_decode.calls}"
+                )
                 await asyncio.sleep(0.05)
             await asyncio.sleep(POLL * 10)
             assert as_client.calls == []
@@ -273,17 +325,26 @@ async def test_under_tls_only_a_certificate_of_the_members_role_serves(
         credentials.install(previous)
 
 
-async def refused_by_role(etcd: EmbeddedEtcd, home: Path, tmp_path: Path, certs: Mapping[str, CertFiles]) -> None:
+async def refused_by_role(
+    etcd: EmbeddedEtcd, home: Path, tmp_path: Path, certs: Mapping[str, CertFiles]
+) -> None:
     """A tokenizer stage under TLS takes the router's certificate and refuses the KV
     store's: a KV store never calls a tokenizer."""
     from services.pb import tokenizer_pb2, tokenizer_pb2_grpc
 
-    stage = tokenizer_process("tokenizer", etcd.endpoint, home, tmp_path, *certs["tokenizer"].flags())
+    stage = tokenizer_process(
+        "tokenizer", etcd.endpoint, home, tmp_path, *certs["tokenizer"].flags()
+    )
     async with running(stage):
         token = credentials.current().call_metadata
-        for role, code in (("router", grpc.StatusCode.OK), ("kvstore", grpc.StatusCode.PERMISSION_DENIED)):
+        for role, code in (
+            ("router", grpc.StatusCode.OK),
+            ("kvstore", grpc.StatusCode.PERMISSION_DENIED),
+        ):
             files = certs[role]
-            creds = grpc.ssl_channel_credentials(files.ca.read_bytes(), files.key.read_bytes(), files.cert.read_bytes())
+            creds = grpc.ssl_channel_credentials(
+                files.ca.read_bytes(), files.key.read_bytes(), files.cert.read_bytes()
+            )
             options = [("grpc.ssl_target_name_override", "tokenizer.stagemesh")]
             async with grpc.aio.secure_channel(stage.grpc_address, creds, options=options) as chan:
                 call = tokenizer_pb2_grpc.TokenizerServiceStub(chan).Tokenize(
@@ -327,9 +388,14 @@ async def test_with_etcd_authentication_each_role_writes_only_its_own_keys(
     previous = credentials.current()
     if tls:
         own = certs["client"]
-        credentials.install(MeshCredentials.load(
-            previous.mesh_key.decode(), tls_cert=str(own.cert), tls_key=str(own.key), tls_ca=str(own.ca)
-        ))
+        credentials.install(
+            MeshCredentials.load(
+                previous.mesh_key.decode(),
+                tls_cert=str(own.cert),
+                tls_key=str(own.key),
+                tls_ca=str(own.ca),
+            )
+        )
     etcd = EmbeddedEtcd(client_port=0, tls=certs.get("etcd"))
     etcd.start()
     try:
@@ -337,14 +403,23 @@ async def test_with_etcd_authentication_each_role_writes_only_its_own_keys(
         password_file = tmp_path / "tokenizer.password"
         password_file.write_text(passwords["tokenizer"])
         stage = tokenizer_process(
-            "tokenizer", etcd.endpoint, home, tmp_path, "--etcd-user", "tokenizer",
-            "--etcd-password-file", str(password_file), *(certs["tokenizer"].flags() if tls else ()),
+            "tokenizer",
+            etcd.endpoint,
+            home,
+            tmp_path,
+            "--etcd-user",
+            "tokenizer",
+            "--etcd-password-file",
+            str(password_file),
+            *(certs["tokenizer"].flags() if tls else ()),
         )
         async with running(stage), etcd_as(etcd.endpoint, "client", passwords["client"]) as client:
             listing = await client.get_prefix(b"/stagemesh/v1/members/tokenizer/")
             members = RecordReader(common_pb2.Member.FromString).read_all(listing)
             assert [m.grpc_address for m in members.values()] == [stage.grpc_address]
-        assert stage.process is not None and stage.process.returncode == 0  # its lease revoked, it left cleanly
+        assert (
+            stage.process is not None and stage.process.returncode == 0
+        )  # its lease revoked, it left cleanly
         async with etcd_as(etcd.endpoint, "client", passwords["client"]) as client:
             assert not list(await client.get_prefix(b"/stagemesh/v1/members/"))
     finally:
@@ -367,5 +442,7 @@ async def roles_write_only_their_keys(etcd: EmbeddedEtcd, passwords: Mapping[str
         with pytest.raises(Exception, match="permission denied"):
             await tokenizer.put((ADAPTERS_PREFIX + "evil").encode(), b"x")
     async with etcd_as(etcd.endpoint, "decode", passwords["decode"]) as decode:
-        await decode.put(decode_key.encode(), b"x")  # its own role's key (the seal decides the rest)
+        await decode.put(
+            decode_key.encode(), b"x"
+        )  # its own role's key (the seal decides the rest)
         await decode.delete(decode_key.encode())

@@ -58,7 +58,9 @@ async def registered_instances(session: EtcdSession) -> set[str]:
     return {kv.key.decode().rsplit("/", 1)[1] for kv in listing}
 
 
-def own_stage(name: str, etcd: EmbeddedEtcd, home: Path, log_dir: Path, *extra: str) -> StageProcess:
+def own_stage(
+    name: str, etcd: EmbeddedEtcd, home: Path, log_dir: Path, *extra: str
+) -> StageProcess:
     return tokenizer_process(
         name, etcd.endpoint, home, log_dir, "--instance-id", f"{name}-{time.monotonic_ns()}", *extra
     )
@@ -70,7 +72,9 @@ async def test_registered_member_appears_under_the_prefix(
     watcher = await watch(etcd_session, role_prefix(common_pb2.ROLE_TOKENIZER))
     try:
         await watcher.wait_for(lambda m: len(m) >= 1, timeout=10)
-        members = [m for m in watcher.members.values() if m.grpc_address == tokenizer_stage.grpc_address]
+        members = [
+            m for m in watcher.members.values() if m.grpc_address == tokenizer_stage.grpc_address
+        ]
         assert len(members) == 1
         member = members[0]
         assert member.role == common_pb2.ROLE_TOKENIZER
@@ -81,7 +85,9 @@ async def test_registered_member_appears_under_the_prefix(
         assert key == f"/stagemesh/v1/members/tokenizer/{member.instance_id}"
         # The advertised metrics endpoint serves the stage's Prometheus figures.
         metrics = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://{member.metrics_address}/metrics", timeout=5).read()
+            lambda: urllib.request.urlopen(
+                f"http://{member.metrics_address}/metrics", timeout=5
+            ).read()
         )
         assert b'stagemesh_stage_info{instance="' + member.instance_id.encode() in metrics
         assert b"stagemesh_grpc_calls_total" in metrics
@@ -210,8 +216,6 @@ async def test_drain_on_sigterm(
         await watcher.close()
 
 
-
-
 async def test_a_value_that_does_not_parse_is_skipped(etcd_session: EtcdSession) -> None:
     """A bad value under the prefix (by hand, or from another version) is logged and
     skipped; it never freezes the view, at the first listing or in the watch."""
@@ -225,9 +229,13 @@ async def test_a_value_that_does_not_parse_is_skipped(etcd_session: EtcdSession)
     try:
         await watcher.wait_for(lambda m: f"{prefix}good" in m, timeout=10)
         assert set(watcher.members) == {f"{prefix}good"}
-        await client.put(f"{prefix}worse".encode(), seal(f"{prefix}worse", b"\x0a\xff"))  # a record, not a Member
+        await client.put(
+            f"{prefix}worse".encode(), seal(f"{prefix}worse", b"\x0a\xff")
+        )  # a record, not a Member
         later = common_pb2.Member(instance_id="later", role=common_pb2.ROLE_TOKENIZER)
-        await client.put(f"{prefix}later".encode(), seal(f"{prefix}later", later.SerializeToString()))
+        await client.put(
+            f"{prefix}later".encode(), seal(f"{prefix}later", later.SerializeToString())
+        )
         await watcher.wait_for(lambda m: f"{prefix}later" in m, timeout=10)
         assert set(watcher.members) == {f"{prefix}good", f"{prefix}later"}
     finally:
@@ -236,14 +244,20 @@ async def test_a_value_that_does_not_parse_is_skipped(etcd_session: EtcdSession)
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_a_load_poll_on_a_closed_channel_leaves_the_load_unknown(etcd_session: EtcdSession) -> None:
+async def test_a_load_poll_on_a_closed_channel_leaves_the_load_unknown(
+    etcd_session: EtcdSession,
+) -> None:
     """A member that leaves while its load is being polled has its channel closed under
     the poll: the poll must not raise, or the router's poller (one task for every
     engine) would stop and every later pick would be blind to load."""
     workers = Workers(etcd_session, control_timeout=1.0, load_interval=0.1)
     client = EngineClient(f"127.0.0.1:{free_port()}")
-    peer = Peer("/stagemesh/v1/members/decode/gone", common_pb2.Member(role=common_pb2.ROLE_DECODE), client,
-                load=engine_pb2.Load(running_requests=1))
+    peer = Peer(
+        "/stagemesh/v1/members/decode/gone",
+        common_pb2.Member(role=common_pb2.ROLE_DECODE),
+        client,
+        load=engine_pb2.Load(running_requests=1),
+    )
     await client.close()
     await workers._poll(peer)
     assert peer.load is None

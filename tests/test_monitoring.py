@@ -66,7 +66,9 @@ async def test_every_dashboard_query_names_a_real_metric(
             async with running(store):
                 port = int(re.search(r"metrics on :(\d+)", store.log_path.read_text()).group(1))  # type: ignore[union-attr]
                 names |= exported((await http.get(f"http://127.0.0.1:{port}/metrics")).text)
-    assert {common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE} <= {m.role for m in members if m.metrics_address}
+    assert {common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE} <= {
+        m.role for m in members if m.metrics_address
+    }
     missing = queried_metrics() - names
     assert not missing, f"the dashboard queries metrics no stage exports: {sorted(missing)}"
 
@@ -85,7 +87,9 @@ def test_scrape_configs_match_the_deployments() -> None:
         assert services[name]["profiles"] == ["monitoring"], name
     mounted = " ".join(services["grafana"]["volumes"])
     assert "./deploy/monitoring/grafana/dashboards:/var/lib/grafana/dashboards" in mounted
-    provider = yaml.safe_load((MONITORING / "grafana" / "provisioning" / "dashboards" / "stagemesh.yml").read_text())
+    provider = yaml.safe_load(
+        (MONITORING / "grafana" / "provisioning" / "dashboards" / "stagemesh.yml").read_text()
+    )
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
     systemd = yaml.safe_load((MONITORING / "prometheus-systemd.yml").read_text())
     assert {job["job_name"] for job in systemd["scrape_configs"]} == set(jobs)

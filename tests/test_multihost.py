@@ -64,19 +64,32 @@ async def test_prefill_and_decode_on_different_hosts(
     # This process is a mesh member too (it probes health and reads etcd): the client
     # certificate, and the key the stages take from the environment (tests/conftest.py).
     client_tls = certs["client"]
-    credentials.install(MeshCredentials.load(
-        previous.mesh_key.decode(), tls_cert=str(client_tls.cert), tls_key=str(client_tls.key), tls_ca=str(client_tls.ca)
-    ))
+    credentials.install(
+        MeshCredentials.load(
+            previous.mesh_key.decode(),
+            tls_cert=str(client_tls.cert),
+            tls_key=str(client_tls.key),
+            tls_ca=str(client_tls.ca),
+        )
+    )
     etcd = EmbeddedEtcd(
-        client_port=2379, peer_port=2380, host=hosts.address["etcd"], wrapper=hosts.wrapper("etcd"), tls=certs["etcd"]
+        client_port=2379,
+        peer_port=2380,
+        host=hosts.address["etcd"],
+        wrapper=hosts.wrapper("etcd"),
+        tls=certs["etcd"],
     )
     etcd.start()
     stages: list[StageProcess] = []
 
     def start(role: str, host: str, *extra: str) -> StageProcess:
         stage = StageProcess(
-            role, f"{role}_svc", ["--etcd", etcd.endpoint, "--home", str(home), *certs[role].flags(), *extra],
-            f"{hosts.address[host]}:{DEFAULT_PORTS[role]}", tmp_path, wrapper=hosts.wrapper(host),
+            role,
+            f"{role}_svc",
+            ["--etcd", etcd.endpoint, "--home", str(home), *certs[role].flags(), *extra],
+            f"{hosts.address[host]}:{DEFAULT_PORTS[role]}",
+            tmp_path,
+            wrapper=hosts.wrapper(host),
         )
         stage.start()
         stages.append(stage)
@@ -90,8 +103,10 @@ async def test_prefill_and_decode_on_different_hosts(
         # Keyless on an address other hosts reach: only on purpose (--allow-open).
         router = start("router", "front", "--worker-wait", "10", "--allow-open")
         await asyncio.gather(
-            prefill.wait_healthy(ENGINE_START_TIMEOUT), decode.wait_healthy(ENGINE_START_TIMEOUT),
-            tokenizer.wait_healthy(STAGE_START_TIMEOUT), router.wait_healthy(STAGE_START_TIMEOUT),
+            prefill.wait_healthy(ENGINE_START_TIMEOUT),
+            decode.wait_healthy(ENGINE_START_TIMEOUT),
+            tokenizer.wait_healthy(STAGE_START_TIMEOUT),
+            router.wait_healthy(STAGE_START_TIMEOUT),
         )
 
         # Each member advertises its own host's address, found from the route to etcd,
@@ -110,10 +125,14 @@ async def test_prefill_and_decode_on_different_hosts(
         assert members["ROLE_ROUTER"].grpc_address == f"{hosts.address['front']}:50051"
 
         http_url = f"http://{hosts.address['front']}:8000"
-        client = openai.AsyncOpenAI(base_url=f"{http_url}/v1", api_key="unused", max_retries=0, timeout=300)
+        client = openai.AsyncOpenAI(
+            base_url=f"{http_url}/v1", api_key="unused", max_retries=0, timeout=300
+        )
         reply = await client.chat.completions.create(
-            model="", messages=[{"role": "user", "content": "What is the capital of France?"}],
-            temperature=0, max_tokens=12,
+            model="",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=12,
         )
         assert "Paris" in (reply.choices[0].message.content or "")
 
@@ -128,7 +147,9 @@ async def test_prefill_and_decode_on_different_hosts(
         # with another CA's certificate, not without one. The router's public port takes
         # TLS clients without a certificate (users hold API keys), never plaintext.
         mesh_ca = client_tls.ca.read_bytes()
-        foreign = grpc.ssl_channel_credentials(mesh_ca, outsider.key.read_bytes(), outsider.cert.read_bytes())
+        foreign = grpc.ssl_channel_credentials(
+            mesh_ca, outsider.key.read_bytes(), outsider.cert.read_bytes()
+        )
         anonymous = grpc.ssl_channel_credentials(mesh_ca)
         for stage in (prefill, decode, tokenizer):
             for creds in (None, foreign, anonymous):
@@ -150,10 +171,16 @@ async def test_prefill_and_decode_on_different_hosts(
 async def _health(address: str, creds: grpc.ChannelCredentials | None) -> str:
     """A health check over plaintext (``creds`` None) or TLS: the status, or "refused"."""
     options = [("grpc.ssl_target_name_override", DEFAULT_SERVER_NAME)]
-    chan = grpc.aio.insecure_channel(address) if creds is None else grpc.aio.secure_channel(address, creds, options)
+    chan = (
+        grpc.aio.insecure_channel(address)
+        if creds is None
+        else grpc.aio.secure_channel(address, creds, options)
+    )
     async with chan:
         try:
-            reply = await health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            reply = await health_pb2_grpc.HealthStub(chan).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
         except grpc.aio.AioRpcError:
             return "refused"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

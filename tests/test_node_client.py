@@ -23,18 +23,27 @@ PROMPT = "The three primary colors are"
 async def test_node_grpc_client_generates(mesh: Mesh, router: RouterClient) -> None:
     node = shutil.which("node")
     assert node, "Node.js is needed for this test (the README's install lists it)"
-    assert (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(), "run: npm ci --prefix tests/node"
+    assert (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(), (
+        "run: npm ci --prefix tests/node"
+    )
     process = await asyncio.create_subprocess_exec(
-        node, str(NODE_DIR / "generate.js"), mesh.router.grpc_address, PROMPT, "12",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        node,
+        str(NODE_DIR / "generate.js"),
+        mesh.router.grpc_address,
+        PROMPT,
+        "12",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=300)
     assert process.returncode == 0, err.decode()
     reply = json.loads(out.decode().strip().splitlines()[-1])
 
-    expected = await router.generate_unary(router_pb2.RouterGenerateRequest(
-        text=PROMPT, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=12)
-    ))
+    expected = await router.generate_unary(
+        router_pb2.RouterGenerateRequest(
+            text=PROMPT, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=12)
+        )
+    )
     assert reply["text"] == expected.completions[0].text and reply["text"]
     assert reply["finish"] == "FINISH_REASON_LENGTH"
     assert reply["usage"]["completion_tokens"] == 12

@@ -44,7 +44,9 @@ def test_core_lists_round_trip() -> None:
 def test_a_core_outside_the_allowed_set_is_named() -> None:
     assert check_cores("", [0, 1]) == [0, 1]  # empty: every allowed core
     assert check_cores("1", [0, 1]) == [1]
-    with pytest.raises(PlacementError, match=r"core\(s\) 2-3 are outside the cores this process may use \(0-1"):
+    with pytest.raises(
+        PlacementError, match=r"core\(s\) 2-3 are outside the cores this process may use \(0-1"
+    ):
         check_cores("0-3", [0, 1])
 
 
@@ -93,7 +95,9 @@ def test_gpus_get_one_engine_each() -> None:
 def test_overrides() -> None:
     pd = choose_layout([0, 1], layout="pd")
     assert [(e.role, e.cores) for e in pd.engines] == [("prefill", (0,)), ("decode", (1,))]
-    assert pd.kvstore and pd.disagg_min_tokens is None  # an asked-for layout keeps the router's default
+    assert (
+        pd.kvstore and pd.disagg_min_tokens is None
+    )  # an asked-for layout keeps the router's default
     aggregated = choose_layout(range(64), layout="aggregated")
     assert aggregated.count("prefill") == 0 and aggregated.count("decode") == 7
     counted = choose_layout([0, 1], prefill=0, decode=2)

@@ -29,23 +29,35 @@ def index_with(holdings: dict[str, int]) -> KvIndex:
     index = KvIndex()
     for key, blocks in holdings.items():
         ids = PROMPT[: blocks * BLOCK]
-        index.stored(key, common_pb2.BlockStored(
-            block_hashes=[f"{key}{i}".encode() for i in range(blocks)], token_ids=ids, block_size=BLOCK
-        ))
+        index.stored(
+            key,
+            common_pb2.BlockStored(
+                block_hashes=[f"{key}{i}".encode() for i in range(blocks)],
+                token_ids=ids,
+                block_size=BLOCK,
+            ),
+        )
     return index
 
 
 def test_kv_aware_prefers_the_prefix_holder() -> None:
     hashes = chain_hashes(PROMPT, BLOCK)
     a, b = peer("a", 0), peer("b", 1)
-    choice = KvAware(index_with({"b": 8}), load_weight=4.0 * BLOCK, max_queue=8).choose([a, b], hashes)
+    choice = KvAware(index_with({"b": 8}), load_weight=4.0 * BLOCK, max_queue=8).choose(
+        [a, b], hashes
+    )
     assert (choice.peer.key, choice.matched_blocks, choice.reason) == ("b", 8, "prefix_hit")
 
 
 def test_kv_aware_weighs_load_against_prefix() -> None:
     hashes = chain_hashes(PROMPT, BLOCK)
-    a, b = peer("a", 0), peer("b", 3)  # b saves 2 blocks but has 3 more requests (12 blocks' worth of tokens)
-    choice = KvAware(index_with({"b": 2}), load_weight=4.0 * BLOCK, max_queue=8).choose([a, b], hashes)
+    a, b = (
+        peer("a", 0),
+        peer("b", 3),
+    )  # b saves 2 blocks but has 3 more requests (12 blocks' worth of tokens)
+    choice = KvAware(index_with({"b": 2}), load_weight=4.0 * BLOCK, max_queue=8).choose(
+        [a, b], hashes
+    )
     assert (choice.peer.key, choice.reason) == ("a", "load_over_prefix")
 
 
@@ -54,7 +66,9 @@ def test_kv_aware_falls_back_when_the_holder_is_overloaded() -> None:
     a, b = peer("a", 2), peer("b", 8)
     choice = KvAware(index_with({"b": 10}), load_weight=0.0, max_queue=8).choose([a, b], hashes)
     assert (choice.peer.key, choice.reason) == ("a", "overloaded_fallback")
-    everyone_busy = KvAware(index_with({"b": 10}), load_weight=0.0, max_queue=1).choose([a, b], hashes)
+    everyone_busy = KvAware(index_with({"b": 10}), load_weight=0.0, max_queue=1).choose(
+        [a, b], hashes
+    )
     assert everyone_busy.reason == "all_overloaded"
 
 
@@ -85,7 +99,9 @@ def test_session_affinity_expires_and_is_capped() -> None:
     affinity.remember("bob", common_pb2.ROLE_DECODE, "w2")
     affinity.remember("carol", common_pb2.ROLE_DECODE, "w1")
     assert len(affinity) == 2 and affinity.get("bob", common_pb2.ROLE_DECODE) == "w2"
-    affinity.remember("dave", common_pb2.ROLE_DECODE, "w2")  # over capacity: bob, least recent, goes
+    affinity.remember(
+        "dave", common_pb2.ROLE_DECODE, "w2"
+    )  # over capacity: bob, least recent, goes
     assert affinity.get("bob", common_pb2.ROLE_DECODE) is None
     assert affinity.get("carol", common_pb2.ROLE_DECODE) == "w1"
     assert SessionAffinity(ttl=0, capacity=9).get("bob", common_pb2.ROLE_DECODE) is None
@@ -96,13 +112,20 @@ def test_kv_aware_counts_store_blocks_for_prefill_workers_that_use_the_store() -
     prefill worker with the store on, and by no other worker."""
     hashes = chain_hashes(PROMPT, BLOCK)
     index = index_with({"a": 2})
-    index.stored("store", common_pb2.BlockStored(
-        block_hashes=[to_wire(h) for h in hashes[:8]], chain_names=[to_wire(h) for h in hashes[:8]]
-    ))
+    index.stored(
+        "store",
+        common_pb2.BlockStored(
+            block_hashes=[to_wire(h) for h in hashes[:8]],
+            chain_names=[to_wire(h) for h in hashes[:8]],
+        ),
+    )
 
     def prefill(key: str, queued: int, store: str) -> Peer:
         member = common_pb2.Member(
-            instance_id=key, role=common_pb2.ROLE_PREFILL, kv_block_size=BLOCK, labels={"kvstore": store}
+            instance_id=key,
+            role=common_pb2.ROLE_PREFILL,
+            kv_block_size=BLOCK,
+            labels={"kvstore": store},
         )
         return Peer(key, member, client=None, load=engine_pb2.Load(running_requests=queued))  # type: ignore[arg-type]
 
@@ -120,7 +143,11 @@ def test_a_full_set_of_adapter_slots_counts_as_one_more_request() -> None:
 
     def lora_peer(key: str, queued: int, active: list[str]) -> Peer:
         member = common_pb2.Member(
-            instance_id=key, role=common_pb2.ROLE_DECODE, kv_block_size=BLOCK, models=["base"], adapter_slots=1,
+            instance_id=key,
+            role=common_pb2.ROLE_DECODE,
+            kv_block_size=BLOCK,
+            models=["base"],
+            adapter_slots=1,
             adapters=[common_pb2.Adapter(name=name, parent="base") for name in ("x", "y")],
         )
         load = engine_pb2.Load(running_requests=queued, active_adapters=active)
@@ -145,10 +172,13 @@ def test_kv_aware_weighs_running_requests_by_the_engines_batch() -> None:
     assert policy.choose([idle, busy], hashes).peer.key == "a"
     busy.member.max_concurrency = 256
     assert busy.load_units() == 20 * 32 / 256
-    assert (policy.choose([idle, busy], hashes).peer.key, policy.choose([idle, busy], hashes).reason) == (
-        "b", "prefix_hit"
-    )
-    busy.load = engine_pb2.Load(running_requests=20, waiting_requests=3)  # 3 wait for a slot: full units
+    assert (
+        policy.choose([idle, busy], hashes).peer.key,
+        policy.choose([idle, busy], hashes).reason,
+    ) == ("b", "prefix_hit")
+    busy.load = engine_pb2.Load(
+        running_requests=20, waiting_requests=3
+    )  # 3 wait for a slot: full units
     assert busy.load_units() == 3 + 20 * 32 / 256
 
 
@@ -158,7 +188,9 @@ def test_a_load_report_does_not_count_calls_that_ended_since() -> None:
     hashes = chain_hashes(PROMPT, BLOCK)
     idle, holder = peer("a", 0), peer("b", 1)
     policy = KvAware(index_with({"b": 8}), load_weight=100.0 * BLOCK, max_queue=8)
-    assert policy.choose([idle, holder], hashes).peer.key == "a"  # one request there outweighs the prefix
+    assert (
+        policy.choose([idle, holder], hashes).peer.key == "a"
+    )  # one request there outweighs the prefix
     holder.ended_since_report = 1
     assert holder.queued() == 0
     assert policy.choose([idle, holder], hashes).peer.key == "b"

@@ -15,7 +15,11 @@ REPO = Path(__file__).resolve().parent.parent
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "services.protogen", "--check", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -28,9 +32,11 @@ def test_check_fails_when_a_proto_changes_without_regeneration(tmp_path: Path) -
     protos = tmp_path / "protos"
     shutil.copytree(PROTO_ROOT, protos)
     common = protos / "stagemesh" / "v1" / "common.proto"
-    common.write_text(common.read_text().replace(
-        "message Usage {", "message Usage {\n  uint32 reasoning_tokens = 99;"
-    ))
+    common.write_text(
+        common.read_text().replace(
+            "message Usage {", "message Usage {\n  uint32 reasoning_tokens = 99;"
+        )
+    )
     result = run_check("--protos", str(protos))
     assert result.returncode == 1
     assert "common_pb2.py" in result.stderr and "stale" in result.stderr
@@ -56,7 +62,9 @@ def test_light_stages_do_not_import_torch_or_vllm() -> None:
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'vllm'});"
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -68,5 +76,7 @@ def test_the_kv_store_imports_only_what_it_uses() -> None:
         " 'services.etcd_server', 'services.detokenizer', 'tokenizers', 'transformers'});"
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -41,7 +41,9 @@ async def test_chat_matches_the_engine_alone(client, decode, tokenizer, mesh: Me
     expected_ids, expected = await engine_alone(decode, tokenizer, ids, 24)
     assert "Paris" in expected
 
-    reply = await client.chat.completions.create(model="", messages=QUESTION, temperature=0, max_tokens=24)
+    reply = await client.chat.completions.create(
+        model="", messages=QUESTION, temperature=0, max_tokens=24
+    )
     assert reply.choices[0].message.content == expected
     assert reply.choices[0].message.role == "assistant"
     assert reply.usage.prompt_tokens == len(ids)
@@ -49,14 +51,26 @@ async def test_chat_matches_the_engine_alone(client, decode, tokenizer, mesh: Me
     assert reply.usage.completion_tokens == len(expected_ids) + (1 if eos_stop else 0)
     assert reply.model == (await tokenizer.model_info()).model
 
-    chunks = [c async for c in await client.chat.completions.create(
-        model=reply.model, messages=QUESTION, temperature=0, max_tokens=24,
-        stream=True, stream_options={"include_usage": True},
-    )]
+    chunks = [
+        c
+        async for c in await client.chat.completions.create(
+            model=reply.model,
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    ]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[
+        0
+    ].finish_reason
+    assert (
+        chunks[-1].choices == []
+        and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    )
 
 
 async def test_completions_match_the_engine_alone(client, decode, tokenizer) -> None:
@@ -66,12 +80,17 @@ async def test_completions_match_the_engine_alone(client, decode, tokenizer) -> 
     assert reply.choices[0].text == expected
     assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 20
     assert reply.choices[0].finish_reason == "length"
-    streamed = [c async for c in await client.completions.create(
-        model="", prompt=STORY, temperature=0, max_tokens=20, stream=True
-    )]
+    streamed = [
+        c
+        async for c in await client.completions.create(
+            model="", prompt=STORY, temperature=0, max_tokens=20, stream=True
+        )
+    ]
     assert "".join(c.choices[0].text for c in streamed) == expected
     # Token ids in, several prompts in one call: choices come prompt-major.
-    batch = await client.completions.create(model="", prompt=[ids, ids[:5]], temperature=0, max_tokens=20)
+    batch = await client.completions.create(
+        model="", prompt=[ids, ids[:5]], temperature=0, max_tokens=20
+    )
     assert [c.index for c in batch.choices] == [0, 1]
     assert batch.choices[0].text == expected
 
@@ -98,8 +117,12 @@ async def test_stop_string_cuts_exactly(client, decode, tokenizer) -> None:
 async def test_n_with_seed_is_reproducible(client) -> None:
     async def sample() -> list[str]:
         reply = await client.chat.completions.create(
-            model="", messages=[{"role": "user", "content": "Invent a name for a new planet."}],
-            n=2, seed=1234, temperature=1.5, max_tokens=24,
+            model="",
+            messages=[{"role": "user", "content": "Invent a name for a new planet."}],
+            n=2,
+            seed=1234,
+            temperature=1.5,
+            max_tokens=24,
         )
         assert [c.index for c in reply.choices] == [0, 1]
         assert reply.usage.completion_tokens == 48 or all(c.finish_reason for c in reply.choices)
@@ -131,7 +154,9 @@ async def test_models_health_and_metrics(client, mesh: Mesh) -> None:
     assert "stagemesh_router_sequences_total" in metrics
 
 
-async def test_grpc_generate_text_chat_and_token_ids(router: RouterClient, decode, tokenizer) -> None:
+async def test_grpc_generate_text_chat_and_token_ids(
+    router: RouterClient, decode, tokenizer
+) -> None:
     ids = list((await tokenizer.tokenize(STORY)).token_ids)
     expected_ids, expected = await engine_alone(decode, tokenizer, ids, 16)
     greedy = common_pb2.SamplingParams(temperature=0, max_tokens=16)
@@ -144,10 +169,14 @@ async def test_grpc_generate_text_chat_and_token_ids(router: RouterClient, decod
         deltas = [d async for d in router.generate(request)]
         assert "".join(d.text for d in deltas) == expected
         assert [t for d in deltas for t in d.token_ids] == expected_ids
-        assert deltas[-1].usage.prompt_tokens == len(ids) and deltas[-1].usage.completion_tokens == 16
+        assert (
+            deltas[-1].usage.prompt_tokens == len(ids) and deltas[-1].usage.completion_tokens == 16
+        )
         assert deltas[-2].finish_reason == common_pb2.FINISH_REASON_LENGTH
     chat = router_pb2.RouterGenerateRequest(
-        chat=tokenizer_pb2.ChatInput(messages=[tokenizer_pb2.ChatMessage(role="user", content=QUESTION_TEXT)]),
+        chat=tokenizer_pb2.ChatInput(
+            messages=[tokenizer_pb2.ChatMessage(role="user", content=QUESTION_TEXT)]
+        ),
         sampling=greedy,
     )
     result = await router.generate_unary(chat)
@@ -160,7 +189,9 @@ async def test_grpc_lists_models_and_members(router: RouterClient) -> None:
     assert card.members_by_role["prefill"] >= 1 and card.members_by_role["decode"] >= 1
     members = await router.list_members(common_pb2.ROLE_DECODE)
     assert members and all(m.member.role == common_pb2.ROLE_DECODE for m in members)
-    assert any(m.health == "SERVING" and m.HasField("load") and m.load.kv_block_size for m in members)
+    assert any(
+        m.health == "SERVING" and m.HasField("load") and m.load.kv_block_size for m in members
+    )
 
 
 async def engines_idle(*engines: EngineClient, timeout: float = 30.0) -> None:
@@ -173,7 +204,9 @@ async def engines_idle(*engines: EngineClient, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.2)
 
 
-async def test_cancelling_a_stream_frees_every_engine(client, router: RouterClient, prefill, decode) -> None:
+async def test_cancelling_a_stream_frees_every_engine(
+    client, router: RouterClient, prefill, decode
+) -> None:
     long = {"temperature": 0, "max_tokens": 2000, "extra_body": {"ignore_eos": True}}
     stream = await client.completions.create(model="", prompt=STORY, stream=True, **long)
     received = 0
@@ -186,9 +219,12 @@ async def test_cancelling_a_stream_frees_every_engine(client, router: RouterClie
     assert loads.running_requests <= 1  # it was running; now it must stop
     await engines_idle(prefill, decode)
 
-    call = router.generate(router_pb2.RouterGenerateRequest(
-        text=STORY, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
-    ))
+    call = router.generate(
+        router_pb2.RouterGenerateRequest(
+            text=STORY,
+            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True),
+        )
+    )
     async for delta in call:
         if delta.text:
             break
@@ -215,15 +251,31 @@ async def post(mesh: Mesh, path: str, body: bytes | dict[str, object]) -> httpx.
         ({"model": "", "prompt": "word " * 250_000}, 400, "context length"),
         ({"model": "", "prompt": [10**9]}, 400, "vocabulary"),
         ({"model": "", "prompt": [-5]}, 400, "invalid value"),
-        ({"model": "", "prompt": "hi", "logit_bias": {"the": 5}}, 400, "logit_bias keys must be token ids"),
+        (
+            {"model": "", "prompt": "hi", "logit_bias": {"the": 5}},
+            400,
+            "logit_bias keys must be token ids",
+        ),
         ({"model": "", "prompt": "hi", "logit_bias": {"1": 500}}, 400, "between -100 and 100"),
-        ({"model": "", "prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "outside the vocabulary"),
-        ({"model": "", "prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "at most 300 tokens"),
+        (
+            {"model": "", "prompt": "hi", "logit_bias": {"99999999": 1}},
+            400,
+            "outside the vocabulary",
+        ),
+        (
+            {"model": "", "prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}},
+            400,
+            "at most 300 tokens",
+        ),
         ({"model": "", "prompt": "hi", "n": 1000}, 400, "n must be"),
     ],
 )
 async def test_bad_requests_get_clear_errors(mesh: Mesh, body, status: int, fragment: str) -> None:
-    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    path = (
+        "/v1/chat/completions"
+        if isinstance(body, dict) and "messages" in body
+        else "/v1/completions"
+    )
     reply = await post(mesh, path, body)
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
@@ -235,7 +287,9 @@ async def test_bad_requests_do_not_disturb_good_ones(client, mesh: Mesh) -> None
         client.completions.create(model="", prompt=STORY, temperature=0, max_tokens=20)
     )
     bad = [post(mesh, "/v1/completions", b"{") for _ in range(10)]
-    bad += [post(mesh, "/v1/completions", {"model": "", "prompt": "x" * 1_000_000}) for _ in range(2)]
+    bad += [
+        post(mesh, "/v1/completions", {"model": "", "prompt": "x" * 1_000_000}) for _ in range(2)
+    ]
     replies = await asyncio.gather(*bad)
     assert all(r.status_code == 400 for r in replies)
     assert (await good).usage.completion_tokens == 20
@@ -244,21 +298,32 @@ async def test_bad_requests_do_not_disturb_good_ones(client, mesh: Mesh) -> None
     assert mesh.router.alive()
 
 
-async def test_logit_bias_bans_and_forces_tokens(client, router: RouterClient, hf_tokenizer) -> None:
+async def test_logit_bias_bans_and_forces_tokens(
+    client, router: RouterClient, hf_tokenizer
+) -> None:
     """-100 bans the token greedy decoding would pick; +100 makes a token the pick."""
     request = router_pb2.RouterGenerateRequest(
-        text=STORY, return_token_ids=True, sampling=common_pb2.SamplingParams(max_tokens=6, temperature=0)
+        text=STORY,
+        return_token_ids=True,
+        sampling=common_pb2.SamplingParams(max_tokens=6, temperature=0),
     )
     first = (await router.generate_unary(request, timeout=120)).completions[0].token_ids[0]
     banned = await client.completions.create(
-        model="", prompt=STORY, max_tokens=6, temperature=0, logit_bias={str(first): -100},
+        model="",
+        prompt=STORY,
+        max_tokens=6,
+        temperature=0,
+        logit_bias={str(first): -100},
         extra_body={"return_token_ids": True},
     )
     ids = (banned.choices[0].model_extra or {})["token_ids"]
     assert ids and first not in ids
     forced = await client.chat.completions.create(
-        model="", messages=[{"role": "developer", "content": "Answer briefly."}, *QUESTION],
-        max_tokens=3, temperature=0, logit_bias={"2000": 100},
+        model="",
+        messages=[{"role": "developer", "content": "Answer briefly."}, *QUESTION],
+        max_tokens=3,
+        temperature=0,
+        logit_bias={"2000": 100},
     )
     assert forced.choices[0].message.content == hf_tokenizer.decode([2000] * 3)
     request.sampling.logit_bias[2000] = 100
@@ -271,8 +336,12 @@ async def test_grpc_errors_keep_their_codes(router: RouterClient) -> None:
     cases = [
         (router_pb2.RouterGenerateRequest(model="nope", text="hi"), grpc.StatusCode.NOT_FOUND),
         (router_pb2.RouterGenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT),
-        (router_pb2.RouterGenerateRequest(text="hi", sampling=common_pb2.SamplingParams(top_p=5)),
-         grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            router_pb2.RouterGenerateRequest(
+                text="hi", sampling=common_pb2.SamplingParams(top_p=5)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ]
     for request, code in cases:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -287,8 +356,12 @@ async def metric(mesh: Mesh, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-async def test_kv_index_follows_the_engines_and_routes_by_prefix(client, router: RouterClient, mesh: Mesh) -> None:
-    prompt = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60))
+async def test_kv_index_follows_the_engines_and_routes_by_prefix(
+    client, router: RouterClient, mesh: Mesh
+) -> None:
+    prompt = " ".join(
+        f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60)
+    )
     await client.completions.create(model="", prompt=prompt, temperature=0, max_tokens=2)
     deadline = time.monotonic() + 15
     while True:  # the prefill engine's BlockStored events reach the router's index
@@ -297,12 +370,21 @@ async def test_kv_index_follows_the_engines_and_routes_by_prefix(client, router:
             break
         assert time.monotonic() < deadline, members
         await asyncio.sleep(0.2)
-    hits = await metric(mesh, 'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="prefill"}')
+    hits = await metric(
+        mesh,
+        'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="prefill"}',
+    )
     hit_tokens = await metric(mesh, "stagemesh_router_prefix_hit_tokens_total")
-    await client.completions.create(model="", prompt=prompt + " One more.", temperature=0, max_tokens=2)
-    assert await metric(
-        mesh, 'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="prefill"}'
-    ) == hits + 1
+    await client.completions.create(
+        model="", prompt=prompt + " One more.", temperature=0, max_tokens=2
+    )
+    assert (
+        await metric(
+            mesh,
+            'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="prefill"}',
+        )
+        == hits + 1
+    )
     assert await metric(mesh, "stagemesh_router_prefix_hit_tokens_total") >= hit_tokens + 4 * 128
     assert await metric(mesh, "stagemesh_router_kv_index_entries") >= 4
 
@@ -333,5 +415,8 @@ async def test_fetch_once_shares_one_fetch_and_forgets_failures() -> None:
     assert calls == 1
     assert all(isinstance(r, ConnectionError) for r in results)
     assert "m" not in cache  # the failure is forgotten: the next caller fetches again
-    assert await asyncio.gather(*(fetch_once(cache, "m", fetch) for _ in range(3))) == ["decoder #2"] * 3
+    assert (
+        await asyncio.gather(*(fetch_once(cache, "m", fetch) for _ in range(3)))
+        == ["decoder #2"] * 3
+    )
     assert calls == 2

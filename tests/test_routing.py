@@ -23,13 +23,22 @@ from tests.test_router import metric
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.disruptive]
 
-SYSTEM = " ".join(f"Rule {i}: always answer question {i} with the number {i * 7}." for i in range(45))
-PREFIX_HITS = 'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="decode"}'
-SESSION_PINS = 'stagemesh_router_decisions_total{policy="kv_aware",reason="session_affinity",role="decode"}'
+SYSTEM = " ".join(
+    f"Rule {i}: always answer question {i} with the number {i * 7}." for i in range(45)
+)
+PREFIX_HITS = (
+    'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="decode"}'
+)
+SESSION_PINS = (
+    'stagemesh_router_decisions_total{policy="kv_aware",reason="session_affinity",role="decode"}'
+)
 
 
 async def decode_blocks(router: RouterClient) -> dict[str, int]:
-    return {m.member.instance_id: m.kv_blocks_indexed for m in await router.list_members(common_pb2.ROLE_DECODE)}
+    return {
+        m.member.instance_id: m.kv_blocks_indexed
+        for m in await router.list_members(common_pb2.ROLE_DECODE)
+    }
 
 
 async def until(check, timeout: float = 30.0) -> None:
@@ -50,7 +59,9 @@ async def test_shared_prefix_follows_its_holder(
         await until(lambda: _has(router, decode=2, prefill=0))
 
         start = await decode_blocks(router)
-        await client.completions.create(model="", prompt=SYSTEM + " Question 1?", temperature=0, max_tokens=2)
+        await client.completions.create(
+            model="", prompt=SYSTEM + " Question 1?", temperature=0, max_tokens=2
+        )
         await until(lambda: _holder(router, start))
         holder = await _holder(router, start)
         before = await decode_blocks(router)
@@ -69,7 +80,10 @@ async def test_shared_prefix_follows_its_holder(
         sticky = await metric(mesh, SESSION_PINS)
         for turn in range(3):
             await client.completions.create(
-                model="", prompt=f"Tell me fact {turn}.", temperature=0, max_tokens=2,
+                model="",
+                prompt=f"Tell me fact {turn}.",
+                temperature=0,
+                max_tokens=2,
                 extra_headers={"X-Session-Id": "alice"},
             )
         request = router_pb2.RouterGenerateRequest(
@@ -88,7 +102,10 @@ async def test_shared_prefix_follows_its_holder(
 async def _has(router: RouterClient, decode: int, prefill: int) -> bool:
     members = await router.list_members()
     roles = [m.member.role for m in members]
-    return roles.count(common_pb2.ROLE_DECODE) == decode and roles.count(common_pb2.ROLE_PREFILL) == prefill
+    return (
+        roles.count(common_pb2.ROLE_DECODE) == decode
+        and roles.count(common_pb2.ROLE_PREFILL) == prefill
+    )
 
 
 async def _holder(router: RouterClient, start: dict[str, int]) -> str | None:

@@ -38,7 +38,9 @@ class Failing:
     async def Decode(self, request, context):
         raise Unavailable("engine warming up")
 
-    async def Detokenize(self, requests, context) -> AsyncIterator[tokenizer_pb2.DetokenizeResponse]:
+    async def Detokenize(
+        self, requests, context
+    ) -> AsyncIterator[tokenizer_pb2.DetokenizeResponse]:
         async for request in requests:
             yield tokenizer_pb2.DetokenizeResponse(text="ok")
             if request.finish:
@@ -98,8 +100,15 @@ class Raising:
 KINDS: dict[str, type[StageError]] = {
     kind.kind(): kind
     for kind in (
-        InvalidRequest, ContextLengthExceeded, NotFound, ModelNotFound, KvNotCollected,
-        Unavailable, Overloaded, DeadlineExceeded, StageDead,
+        InvalidRequest,
+        ContextLengthExceeded,
+        NotFound,
+        ModelNotFound,
+        KvNotCollected,
+        Unavailable,
+        Overloaded,
+        DeadlineExceeded,
+        StageDead,
     )
 }
 
@@ -108,7 +117,9 @@ async def test_error_kinds_survive_the_hop() -> None:
     """The caller rebuilds the kind the server raised, not just its status code: the router
     decides fallbacks and the bridge picks OpenAI codes by it."""
     server = grpc.aio.server()
-    register_service(server, tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"], Raising(KINDS))
+    register_service(
+        server, tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"], Raising(KINDS)
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

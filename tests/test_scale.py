@@ -22,10 +22,16 @@ MAX_QUEUED = 16
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def mesh(home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SimMesh]:
+async def mesh(
+    home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[SimMesh]:
     """Twelve engines in one process and four in another, the router's queue small."""
     async with sim_mesh(
-        home, tmp_path_factory.mktemp("sim-mesh"), {"twelve": 12, "four": 4}, "--max-queued-requests", str(MAX_QUEUED)
+        home,
+        tmp_path_factory.mktemp("sim-mesh"),
+        {"twelve": 12, "four": 4},
+        "--max-queued-requests",
+        str(MAX_QUEUED),
     ) as started:
         yield started
 
@@ -33,7 +39,9 @@ async def mesh(home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFac
 #: About 1,000 tokens: longer than the router's load weight (512 tokens per queued request),
 #: so a holder whose last load report still shows the previous request keeps the prefix.
 RULES = 72
-TENANT_PREFIX = " ".join(f"Tenant {{}} rule {i}: answer in kind, briefly and with care." for i in range(RULES))
+TENANT_PREFIX = " ".join(
+    f"Tenant {{}} rule {i}: answer in kind, briefly and with care." for i in range(RULES)
+)
 
 
 async def test_a_repeated_prefix_lands_where_it_is_cached(mesh: SimMesh) -> None:
@@ -43,7 +51,9 @@ async def test_a_repeated_prefix_lands_where_it_is_cached(mesh: SimMesh) -> None
         prefix = TENANT_PREFIX.format(*[tenant] * RULES)
         _, _, cached = await mesh.complete(f"{prefix} First question?", 2)
         assert cached == 0
-        await asyncio.sleep(0.3)  # the engine's KV events reach the router's index (a stream, not the reply)
+        await asyncio.sleep(
+            0.3
+        )  # the engine's KV events reach the router's index (a stream, not the reply)
         for query in range(3):
             _, _, cached = await mesh.complete(f"{prefix} Question {query} of tenant {tenant}?", 2)
             assert cached >= 256, f"tenant {tenant}, query {query}: {cached} cached tokens"
@@ -57,7 +67,9 @@ async def test_admission_answers_429_at_the_meshs_capacity(mesh: SimMesh) -> Non
     )
     refused = [r for r in results if isinstance(r, openai.RateLimitError)]
     served = [r for r in results if isinstance(r, tuple)]
-    assert len(refused) + len(served) == len(results), [r for r in results if isinstance(r, BaseException)][:3]
+    assert len(refused) + len(served) == len(results), [
+        r for r in results if isinstance(r, BaseException)
+    ][:3]
     assert refused and len(served) >= 16 * MAX_NUM_SEQS
     assert all(tokens == 60 for _, tokens, _ in served)
     assert refused[0].response.headers.get("retry-after")
@@ -67,7 +79,9 @@ async def test_four_engines_killed_at_once_lose_no_stream(mesh: SimMesh) -> None
     """Streams on the killed engines move to others (retried, or migrated once tokens
     flowed) and finish with the ids they would have had (the sim's ids depend only on the
     context): the same as a calm rerun."""
-    prompts = [f"Story {i}: once upon a time" for i in range(16 * MAX_NUM_SEQS)]  # every engine busy
+    prompts = [
+        f"Story {i}: once upon a time" for i in range(16 * MAX_NUM_SEQS)
+    ]  # every engine busy
     decisions = await mesh.metric("stagemesh_router_decisions_total")
     streams = [asyncio.create_task(mesh.complete(p, 60, stream=True)) for p in prompts]
     await asyncio.sleep(0.3)

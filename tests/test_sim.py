@@ -32,12 +32,18 @@ def pool_of(blocks: int, block_size: int = BLOCK) -> BlockPool:
 def scheduler_of(pool: BlockPool, max_num_seqs: int = 8, batched: int = 64) -> Scheduler:
     # A fast profile: every step 1 ms of real time at speedup 10.
     return Scheduler(
-        pool, PROFILES["pace-10ms"], TokenSource(1000, special_ids=[0, 1, 2]),
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=batched, speedup=10.0,
+        pool,
+        PROFILES["pace-10ms"],
+        TokenSource(1000, special_ids=[0, 1, 2]),
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=batched,
+        speedup=10.0,
     )
 
 
-async def run_request(scheduler: Scheduler, prompt: list[int], max_tokens: int, **extra: object) -> tuple[list[int], int]:
+async def run_request(
+    scheduler: Scheduler, prompt: list[int], max_tokens: int, **extra: object
+) -> tuple[list[int], int]:
     """A request's ids and cached prompt tokens, as the runner collects them."""
     outputs = scheduler.add(SimRequest(f"r{random.random()}", prompt, max_tokens, **extra))  # type: ignore[arg-type]
     ids: list[int] = []
@@ -79,7 +85,10 @@ def test_free_blocks_are_evicted_tail_first_as_in_vllm() -> None:
     pool.allocate(2)
     assert pool.cached_prefix(hashes) == 1
     removed = [e.block_removed for e in pool.events._window if e.HasField("block_removed")]
-    assert [list(r.block_hashes) for r in removed] == [[chain_name(hashes[3])], [chain_name(hashes[2]), chain_name(hashes[1])]]
+    assert [list(r.block_hashes) for r in removed] == [
+        [chain_name(hashes[3])],
+        [chain_name(hashes[2]), chain_name(hashes[1])],
+    ]
 
 
 @pytest.mark.unit
@@ -96,19 +105,29 @@ def test_cached_blocks_are_published_with_the_routers_chain_hashes() -> None:
     index = KvIndex()
     apply_snapshot(index, "sim", pool.events.snapshot())
     assert index.match(hashes, ["sim"]) == {"sim": 3}
-    assert index.match(chain_hashes(prompt, BLOCK), ["sim"]) == {"sim": 0}  # another salt shares nothing
+    assert index.match(chain_hashes(prompt, BLOCK), ["sim"]) == {
+        "sim": 0
+    }  # another salt shares nothing
 
 
 @pytest.mark.unit
 def test_profiles_and_profile_files(tmp_path) -> None:
     default = PROFILES["dynamo-default"]
     # Dynamo's published polynomial: 1,000 uncached tokens take about 32 ms.
-    assert default.step_seconds(1000, 0, 0.0, 1.0) == pytest.approx((4.21e-7 * 1e6 + 15.18 + 16.5) / 1000)
-    assert default.step_seconds(0, 8, 0.5, 2.0) == pytest.approx((-25.74 * 0.25 + 54.01 * 0.5 + 5.74) / 2000)
-    assert default.step_seconds(0, 8, 3.0, 1.0) == pytest.approx((-25.74 + 54.01 + 5.74) / 1000)  # full, capped
+    assert default.step_seconds(1000, 0, 0.0, 1.0) == pytest.approx(
+        (4.21e-7 * 1e6 + 15.18 + 16.5) / 1000
+    )
+    assert default.step_seconds(0, 8, 0.5, 2.0) == pytest.approx(
+        (-25.74 * 0.25 + 54.01 * 0.5 + 5.74) / 2000
+    )
+    assert default.step_seconds(0, 8, 3.0, 1.0) == pytest.approx(
+        (-25.74 + 54.01 + 5.74) / 1000
+    )  # full, capped
     assert default.transfer_seconds(1000, 23_040, 1.0) == pytest.approx(1000 * 23_040 / 25e9)
     path = tmp_path / "profile.json"
-    path.write_text('{"name": "x", "source": "test", "prefill_ms": [0, 0.1, 1], "decode_ms": [0, 0, 7]}')
+    path.write_text(
+        '{"name": "x", "source": "test", "prefill_ms": [0, 0.1, 1], "decode_ms": [0, 0, 7]}'
+    )
     assert load_profile(str(path)).step_seconds(0, 1, 0.3, 1.0) == pytest.approx(0.007)
     path.write_text('{"prefill_ms": [1, 2]}')
     with pytest.raises(SystemExit, match="not a timing profile"):
@@ -153,7 +172,9 @@ async def test_batches_respect_the_sequence_and_token_limits(running_scheduler) 
             await asyncio.sleep(0.0005)
 
     watcher = asyncio.create_task(watch())
-    results = await asyncio.gather(*(run_request(scheduler, list(range(10 * i, 10 * i + 40)), 5) for i in range(6)))
+    results = await asyncio.gather(
+        *(run_request(scheduler, list(range(10 * i, 10 * i + 40)), 5) for i in range(6))
+    )
     watcher.cancel()
     assert all(len(ids) == 5 for ids, _ in results)
     assert max(seen_running) == 3
@@ -168,7 +189,9 @@ async def test_a_full_cache_preempts_and_the_sequence_still_completes(running_sc
     pool = pool_of(10)
     scheduler = running_scheduler(scheduler_of(pool, batched=64))
     one, two = list(range(100, 116)), list(range(200, 216))
-    (ids_one, _), (ids_two, _) = await asyncio.gather(run_request(scheduler, one, 12), run_request(scheduler, two, 12))
+    (ids_one, _), (ids_two, _) = await asyncio.gather(
+        run_request(scheduler, one, 12), run_request(scheduler, two, 12)
+    )
     assert scheduler.preemptions >= 1
     alone = running_scheduler(scheduler_of(pool_of(64)))
     assert (await run_request(alone, two, 12))[0] == ids_two
@@ -190,7 +213,11 @@ async def test_stop_ids_min_tokens_and_logprob_shapes(running_scheduler) -> None
     first = await outputs.get()
     assert first is not None and not isinstance(first, BaseException)
     ranked = first.outputs[0].logprobs
-    assert ranked is not None and len(ranked[0]) == 4 and ranked[0][first.outputs[0].token_ids[0]].rank == 1
+    assert (
+        ranked is not None
+        and len(ranked[0]) == 4
+        and ranked[0][first.outputs[0].token_ids[0]].rank == 1
+    )
 
 
 @pytest.mark.unit
@@ -202,7 +229,10 @@ async def test_prefill_only_holds_its_blocks_until_released(running_scheduler) -
     while (item := await outputs.get()) is not None:
         final = item
     assert final is not None and not isinstance(final, BaseException)
-    assert final.kv_transfer_params is not None and final.kv_transfer_params["remote_request_id"] == "p1"
+    assert (
+        final.kv_transfer_params is not None
+        and final.kv_transfer_params["remote_request_id"] == "p1"
+    )
     assert pool.free_blocks == 12
     assert scheduler.release(["p1", "unknown"]) == ["p1"]
     assert pool.free_blocks == 16

@@ -65,7 +65,9 @@ async def test_exported_decoder_decodes_as_the_stage(tokenizer, hf_tokenizer) ->
     assert decoder.token_texts(special) == await tokenizer.token_texts(special)
 
 
-async def test_decoder_arrives_in_chunks_under_the_message_limit(tokenizer_stage: StageProcess) -> None:
+async def test_decoder_arrives_in_chunks_under_the_message_limit(
+    tokenizer_stage: StageProcess,
+) -> None:
     async with channel(tokenizer_stage.grpc_address) as chan:
         stub = tokenizer_pb2_grpc.TokenizerServiceStub(chan)
         chunks = [c.data async for c in stub.GetDecoder(tokenizer_pb2.ModelInfoRequest())]
@@ -85,7 +87,9 @@ async def test_chat_template_matches_transformers(tokenizer, hf_tokenizer) -> No
         {"role": "user", "content": "Capital of France? 🇫🇷"},
     ]
     reply = await tokenizer.tokenize_chat(messages)
-    expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = hf_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
     assert reply.prompt_text == expected
     assert list(reply.token_ids) == hf_tokenizer.encode(expected, add_special_tokens=False)
     assert reply.prompt_text.endswith("<|im_start|>assistant\n")
@@ -141,8 +145,12 @@ async def test_model_info(tokenizer) -> None:
 async def test_a_developer_message_is_a_system_message(tokenizer) -> None:
     """OpenAI's newer name for system messages; chat templates predate it."""
     question = {"role": "user", "content": "What is the capital of France?"}
-    as_developer = await tokenizer.tokenize_chat([{"role": "developer", "content": "Be brief."}, question])
-    as_system = await tokenizer.tokenize_chat([{"role": "system", "content": "Be brief."}, question])
+    as_developer = await tokenizer.tokenize_chat(
+        [{"role": "developer", "content": "Be brief."}, question]
+    )
+    as_system = await tokenizer.tokenize_chat(
+        [{"role": "system", "content": "Be brief."}, question]
+    )
     assert list(as_developer.token_ids) == list(as_system.token_ids)
 
 
@@ -152,7 +160,10 @@ async def test_a_developer_message_is_a_system_message(tokenizer) -> None:
         (lambda t: t.tokenize("hi", model="no-such-model"), "unknown model 'no-such-model'"),
         (lambda t: t.tokenize_chat([]), "at least one message"),
         (lambda t: t.tokenize_chat([{"role": "wizard", "content": "x"}]), "invalid role 'wizard'"),
-        (lambda t: t.decode([1, 2, 49152]), "token id 49152 at position 2 is outside the vocabulary"),
+        (
+            lambda t: t.decode([1, 2, 49152]),
+            "token id 49152 at position 2 is outside the vocabulary",
+        ),
         (lambda t: t.model_info("gpt-9"), "unknown model 'gpt-9'"),
     ],
     ids=["unknown-model", "empty-messages", "bad-role", "id-out-of-vocab", "info-unknown-model"],
@@ -172,7 +183,10 @@ async def test_detokenize_protocol_errors(tokenizer) -> None:
         yield tokenizer_pb2.DetokenizeRequest(start=tokenizer_pb2.DetokenizeStart())
         yield tokenizer_pb2.DetokenizeRequest(token_ids=[10, 10**6])
 
-    for requests, message in ((no_start, "must carry `start`"), (out_of_vocab, "outside the vocabulary")):
+    for requests, message in (
+        (no_start, "must carry `start`"),
+        (out_of_vocab, "outside the vocabulary"),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in tokenizer.detokenize(requests()):
                 pass

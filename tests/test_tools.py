@@ -18,7 +18,7 @@ HERMES_TEXTS = [
     '<tool_call>\n{"name": "unclosed", "arguments": {"q": "é"}}\n',
     '<tool_call>{"name": "broken", "arguments": {"x": </tool_call>',
     '<tool_call>{"name": "no_arguments"}</tool_call>',
-    'text with a < sign and <tool_ but no call',
+    "text with a < sign and <tool_ but no call",
 ]
 LLAMA_TEXTS = [
     "Plain answer.",
@@ -49,7 +49,9 @@ def vllm_parser(name: str, tokenizer):
     return lambda text: parser.extract_tool_calls(text, request)
 
 
-@pytest.mark.parametrize(("name", "texts"), [("hermes", HERMES_TEXTS), ("llama3_json", LLAMA_TEXTS)])
+@pytest.mark.parametrize(
+    ("name", "texts"), [("hermes", HERMES_TEXTS), ("llama3_json", LLAMA_TEXTS)]
+)
 def test_whole_text_matches_vllm(name: str, texts: list[str], vllm_tokenizer) -> None:
     ours, theirs = PARSERS[name](), vllm_parser(name, vllm_tokenizer)
     for text in texts:
@@ -74,10 +76,15 @@ def streamed(parser: ToolParser, text: str, seed: int) -> Extracted:
     content = "".join(f.get("content", "") for f in fields)
     calls = [c for f in fields for c in f.get("tool_calls", [])]
     assert [c["index"] for c in calls] == list(range(len(calls)))
-    return Extracted(content or None, [ToolCall(c["function"]["name"], c["function"]["arguments"]) for c in calls])
+    return Extracted(
+        content or None,
+        [ToolCall(c["function"]["name"], c["function"]["arguments"]) for c in calls],
+    )
 
 
-@pytest.mark.parametrize(("name", "texts"), [("hermes", HERMES_TEXTS[:4]), ("llama3_json", LLAMA_TEXTS[:4])])
+@pytest.mark.parametrize(
+    ("name", "texts"), [("hermes", HERMES_TEXTS[:4]), ("llama3_json", LLAMA_TEXTS[:4])]
+)
 def test_streamed_calls_add_up_to_the_whole_text(name: str, texts: list[str]) -> None:
     parser = PARSERS[name]()
     for text in texts:

@@ -57,7 +57,9 @@ def test_a_key_setting_without_a_key_is_a_startup_error(tmp_path: Path) -> None:
     (tmp_path / "keys").write_text("k root\n")
     with pytest.raises(SystemExit, match="unknown scope 'root'"):
         ApiKeys.from_settings("", str(tmp_path / "keys"))
-    assert ApiKeys.from_settings("", "").check(None).admin  # no keys at all: open, the operator's own
+    assert (
+        ApiKeys.from_settings("", "").check(None).admin
+    )  # no keys at all: open, the operator's own
 
 
 def test_an_open_api_binds_loopback_unless_told() -> None:
@@ -72,7 +74,11 @@ def test_an_open_api_binds_loopback_unless_told() -> None:
 
 
 def _entry(owner: str, text: str, stored_at: float | None = None) -> Stored:
-    response = {"id": f"resp_{owner}_{time.monotonic_ns()}", "status": "completed", "background": False}
+    response = {
+        "id": f"resp_{owner}_{time.monotonic_ns()}",
+        "status": "completed",
+        "background": False,
+    }
     at = time.monotonic() if stored_at is None else stored_at
     return Stored(response, [ChatMessage(role="user", content=text)], at, owner)
 
@@ -126,13 +132,25 @@ class Keyed:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def keyed(etcd: EmbeddedEtcd, home: Path, mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Keyed]:
+async def keyed(
+    etcd: EmbeddedEtcd, home: Path, mesh: Mesh, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Keyed]:
     """A router with two inference keys and an admin key, one allowed origin, a short
     idle timeout, a small connection cap and a small bound on non-streamed answers."""
     router, http_port = router_process(
-        etcd.endpoint, home, tmp_path_factory.mktemp("trust-router"), "--worker-wait", "3",
-        "--allowed-origins", GOOD_ORIGIN, "--http-idle-timeout", str(IDLE_SECONDS),
-        "--http-max-connections", str(MAX_CONNECTIONS), "--max-result-mib", "1",
+        etcd.endpoint,
+        home,
+        tmp_path_factory.mktemp("trust-router"),
+        "--worker-wait",
+        "3",
+        "--allowed-origins",
+        GOOD_ORIGIN,
+        "--http-idle-timeout",
+        str(IDLE_SECONDS),
+        "--http-max-connections",
+        str(MAX_CONNECTIONS),
+        "--max-result-mib",
+        "1",
     )
     router.env.update(STAGEMESH_API_KEY=f"{A},{B}", STAGEMESH_ADMIN_KEY=ADMIN)
     async with running(router):
@@ -144,33 +162,59 @@ def _as(key: str, **headers: str) -> dict[str, str]:
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_browsers_rebinding_names_and_non_json_bodies_are_refused(mesh: Mesh, keyed: Keyed) -> None:
+async def test_browsers_rebinding_names_and_non_json_bodies_are_refused(
+    mesh: Mesh, keyed: Keyed
+) -> None:
     body = b'{"model": "", "prompt": "The sea is", "max_tokens": 2}'
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=120) as http:  # keyless, on loopback
-        plain = await http.post("/v1/completions", content=body, headers={"Content-Type": "text/plain"})
+    async with httpx.AsyncClient(
+        base_url=mesh.http_url, timeout=120
+    ) as http:  # keyless, on loopback
+        plain = await http.post(
+            "/v1/completions", content=body, headers={"Content-Type": "text/plain"}
+        )
         assert plain.status_code == 415 and "application/json" in plain.json()["error"]["message"]
-        evil = await http.post("/v1/completions", content=body, headers={
-            "Content-Type": "application/json", "Origin": "http://evil.example"})
+        evil = await http.post(
+            "/v1/completions",
+            content=body,
+            headers={"Content-Type": "application/json", "Origin": "http://evil.example"},
+        )
         assert evil.status_code == 403 and evil.json()["error"]["type"] == "permission_error"
         for path in ("/v1/responses", "/v1/load_lora_adapter"):  # the CSRF targets of the issue
-            forged = await http.post(path, content=b'{"input": "hi"}', headers={"Content-Type": "text/plain"})
+            forged = await http.post(
+                path, content=b'{"input": "hi"}', headers={"Content-Type": "text/plain"}
+            )
             assert forged.status_code in (403, 415), (path, forged.text)
         rebound = await http.get("/v1/models", headers={"Host": "attacker.example:8000"})
-        assert rebound.status_code == 421 and "--allowed-hosts" in rebound.json()["error"]["message"]
+        assert (
+            rebound.status_code == 421 and "--allowed-hosts" in rebound.json()["error"]["message"]
+        )
         assert (await http.get("/v1/models", headers={"Host": "localhost"})).status_code == 200
 
     http_url = keyed.http_url
     async with httpx.AsyncClient(base_url=http_url, timeout=120) as http:
-        preflight = await http.options("/v1/completions", headers={
-            "Origin": GOOD_ORIGIN, "Access-Control-Request-Method": "POST"})
-        assert preflight.status_code == 204 and preflight.headers["Access-Control-Allow-Origin"] == GOOD_ORIGIN
+        preflight = await http.options(
+            "/v1/completions",
+            headers={"Origin": GOOD_ORIGIN, "Access-Control-Request-Method": "POST"},
+        )
+        assert (
+            preflight.status_code == 204
+            and preflight.headers["Access-Control-Allow-Origin"] == GOOD_ORIGIN
+        )
         assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
-        bad_preflight = await http.options("/v1/completions", headers={
-            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        bad_preflight = await http.options(
+            "/v1/completions",
+            headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+        )
         assert bad_preflight.status_code == 403
-        served = await http.post("/v1/completions", content=body, headers=_as(A, **{
-            "Content-Type": "application/json", "Origin": GOOD_ORIGIN}))
-        assert served.status_code == 200 and served.headers["Access-Control-Allow-Origin"] == GOOD_ORIGIN
+        served = await http.post(
+            "/v1/completions",
+            content=body,
+            headers=_as(A, **{"Content-Type": "application/json", "Origin": GOOD_ORIGIN}),
+        )
+        assert (
+            served.status_code == 200
+            and served.headers["Access-Control-Allow-Origin"] == GOOD_ORIGIN
+        )
         # Without the key a caller learns nothing else (not even that the body is wrong).
         assert (await http.post("/v1/completions", content=body)).status_code == 401
 
@@ -179,8 +223,11 @@ async def test_browsers_rebinding_names_and_non_json_bodies_are_refused(mesh: Me
 async def test_stored_responses_belong_to_their_key(keyed: Keyed) -> None:
     http_url = keyed.http_url
     async with httpx.AsyncClient(base_url=http_url, timeout=300) as http:
-        made = await http.post("/v1/responses", headers=_as(A), json={
-            "model": "", "input": "Say hello.", "max_output_tokens": 3, "temperature": 0})
+        made = await http.post(
+            "/v1/responses",
+            headers=_as(A),
+            json={"model": "", "input": "Say hello.", "max_output_tokens": 3, "temperature": 0},
+        )
         assert made.status_code == 200, made.text
         response_id = made.json()["id"]
         assert (await http.get(f"/v1/responses/{response_id}", headers=_as(A))).status_code == 200
@@ -188,38 +235,70 @@ async def test_stored_responses_belong_to_their_key(keyed: Keyed) -> None:
             http.get(f"/v1/responses/{response_id}", headers=_as(B)),
             http.post(f"/v1/responses/{response_id}/cancel", headers=_as(B)),
             http.delete(f"/v1/responses/{response_id}", headers=_as(B)),
-            http.post("/v1/responses", headers=_as(B), json={
-                "model": "", "input": "Go on.", "previous_response_id": response_id, "max_output_tokens": 2}),
+            http.post(
+                "/v1/responses",
+                headers=_as(B),
+                json={
+                    "model": "",
+                    "input": "Go on.",
+                    "previous_response_id": response_id,
+                    "max_output_tokens": 2,
+                },
+            ),
         ):
             reply = await call
             assert reply.status_code == 404, reply.text
-        assert (await http.get(f"/v1/responses/{response_id}", headers=_as(A))).status_code == 200  # B deleted nothing
+        assert (
+            await http.get(f"/v1/responses/{response_id}", headers=_as(A))
+        ).status_code == 200  # B deleted nothing
 
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_responses_bodies_are_checked_before_anything_is_stored(keyed: Keyed) -> None:
     http_url = keyed.http_url
-    big_items = [{"role": "user", "content": "hello " * 300}] * 2049  # ~4 MiB, more items than allowed
-    too_long = [{"role": "user", "content": "words " * 2000}] * 40  # fits the item count, not the context
+    big_items = [
+        {"role": "user", "content": "hello " * 300}
+    ] * 2049  # ~4 MiB, more items than allowed
+    too_long = [
+        {"role": "user", "content": "words " * 2000}
+    ] * 40  # fits the item count, not the context
     async with httpx.AsyncClient(base_url=http_url, timeout=300) as http:
         before, rss = await _stored_bytes(http), rss_mib(keyed.pid)
         for bomb in (big_items, too_long):
-            replies = await asyncio.gather(*(http.post("/v1/responses", headers=_as(A), json={
-                "model": "", "input": bomb, "background": True}) for _ in range(10)))
+            replies = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/responses",
+                        headers=_as(A),
+                        json={"model": "", "input": bomb, "background": True},
+                    )
+                    for _ in range(10)
+                )
+            )
             assert {r.status_code for r in replies} == {400}, replies[0].text
         many_keys = {f"k{i}": "v" for i in range(17)}
-        reply = await http.post("/v1/responses", headers=_as(A), json={
-            "model": "", "input": "hi", "background": True, "metadata": many_keys})
+        reply = await http.post(
+            "/v1/responses",
+            headers=_as(A),
+            json={"model": "", "input": "hi", "background": True, "metadata": many_keys},
+        )
         assert reply.status_code == 400 and "16 keys" in reply.text
         assert await _stored_bytes(http) == before
         assert rss_mib(keyed.pid) < rss + 200
-        good = await http.post("/v1/responses", headers=_as(A), json={
-            "model": "", "input": "Say hi.", "max_output_tokens": 2})
+        good = await http.post(
+            "/v1/responses",
+            headers=_as(A),
+            json={"model": "", "input": "Say hi.", "max_output_tokens": 2},
+        )
         assert good.status_code == 200
 
 
 async def _stored_bytes(http: httpx.AsyncClient) -> float:
-    found = re.search(r"^stagemesh_router_responses_stored_bytes (\S+)$", (await http.get("/metrics")).text, re.MULTILINE)
+    found = re.search(
+        r"^stagemesh_router_responses_stored_bytes (\S+)$",
+        (await http.get("/metrics")).text,
+        re.MULTILINE,
+    )
     assert found, "the router exports the Responses store's size"
     return float(found.group(1))
 
@@ -229,11 +308,15 @@ async def test_keys_share_no_prefix_cache(keyed: Keyed, prefill: EngineClient) -
     """A's prompt is cached for A, and tells B nothing: B's same prompt hits no block,
     salted or not (the key's salt is combined with any B chooses)."""
     block = (await prefill.load()).kv_block_size
-    prompt = " ".join(f"Ledger {i}: {i * 37 % 101} crowns owed by house {i % 13}." for i in range(60))
+    prompt = " ".join(
+        f"Ledger {i}: {i * 37 % 101} crowns owed by house {i % 13}." for i in range(60)
+    )
 
     async def cached(http: httpx.AsyncClient, key: str, salt: str | None = None) -> int:
         body = {"model": "", "prompt": prompt, "max_tokens": 1, "temperature": 0}
-        reply = await http.post("/v1/completions", headers=_as(key), json=body | ({"cache_salt": salt} if salt else {}))
+        reply = await http.post(
+            "/v1/completions", headers=_as(key), json=body | ({"cache_salt": salt} if salt else {})
+        )
         assert reply.status_code == 200, reply.text
         usage = reply.json()["usage"]
         assert usage["prompt_tokens"] > 4 * block
@@ -251,12 +334,22 @@ async def test_keys_share_no_prefix_cache(keyed: Keyed, prefill: EngineClient) -
 @pytest.mark.asyncio(loop_scope="session")
 async def test_admission_counts_sequences_and_whole_answers_are_bounded(keyed: Keyed) -> None:
     async with httpx.AsyncClient(base_url=keyed.http_url, timeout=300) as http:
-        fan_out = await http.post("/v1/completions", headers=_as(A), json={
-            "model": "", "prompt": ["hi"] * 256, "n": 16, "max_tokens": 1})
+        fan_out = await http.post(
+            "/v1/completions",
+            headers=_as(A),
+            json={"model": "", "prompt": ["hi"] * 256, "n": 16, "max_tokens": 1},
+        )
         assert fan_out.status_code == 400 and "4096 sequences" in fan_out.text, fan_out.text
         # 16 sequences of 192 tokens with 20 alternatives each: ~1.2 MiB, past the 1 MiB held whole.
-        body = {"model": "", "prompt": "Once upon a time", "n": 16, "max_tokens": 192, "logprobs": 20,
-                "ignore_eos": True, "temperature": 1.0}
+        body = {
+            "model": "",
+            "prompt": "Once upon a time",
+            "n": 16,
+            "max_tokens": 192,
+            "logprobs": 20,
+            "ignore_eos": True,
+            "temperature": 1.0,
+        }
         whole = await http.post("/v1/completions", headers=_as(A), json=body)
         assert whole.status_code == 400 and "stream: true" in whole.text, whole.text[:300]
         streamed = await http.post("/v1/completions", headers=_as(A), json=body | {"stream": True})
@@ -268,10 +361,18 @@ async def test_admission_counts_sequences_and_whole_answers_are_bounded(keyed: K
 async def test_adapters_need_an_admin_key(keyed: Keyed) -> None:
     async with httpx.AsyncClient(base_url=keyed.http_url, timeout=120) as http:
         for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
-            denied = await http.post(path, headers=_as(A), json={"lora_name": "x", "lora_path": "/etc"})
-            assert denied.status_code == 403 and "admin key" in denied.json()["error"]["message"], denied.text
-        allowed = await http.post("/v1/unload_lora_adapter", headers=_as(ADMIN), json={"lora_name": "never-loaded"})
-        assert allowed.status_code == 404, allowed.text  # past the scope check: there is no such adapter
+            denied = await http.post(
+                path, headers=_as(A), json={"lora_name": "x", "lora_path": "/etc"}
+            )
+            assert denied.status_code == 403 and "admin key" in denied.json()["error"]["message"], (
+                denied.text
+            )
+        allowed = await http.post(
+            "/v1/unload_lora_adapter", headers=_as(ADMIN), json={"lora_name": "never-loaded"}
+        )
+        assert allowed.status_code == 404, (
+            allowed.text
+        )  # past the scope check: there is no such adapter
     for key in (A, B):
         async with RouterClient(keyed.grpc_address, api_key=key) as client:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -284,16 +385,27 @@ async def test_a_request_id_is_named_under_its_key(keyed: Keyed) -> None:
     """B choosing the id A's running request has neither fails nor touches A's."""
     long_run = common_pb2.SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
     short = common_pb2.SamplingParams(max_tokens=2, temperature=0)
-    async with RouterClient(keyed.grpc_address, api_key=A) as a, RouterClient(keyed.grpc_address, api_key=B) as b:
-        first = a.generate(router_pb2.RouterGenerateRequest(text="Count slowly:", request_id="job-1", sampling=long_run))
+    async with (
+        RouterClient(keyed.grpc_address, api_key=A) as a,
+        RouterClient(keyed.grpc_address, api_key=B) as b,
+    ):
+        first = a.generate(
+            router_pb2.RouterGenerateRequest(
+                text="Count slowly:", request_id="job-1", sampling=long_run
+            )
+        )
         started = await anext(aiter(first))
         assert started.request_id == "job-1"
-        other = await b.generate_unary(router_pb2.RouterGenerateRequest(text="Hi", request_id="job-1", sampling=short))
+        other = await b.generate_unary(
+            router_pb2.RouterGenerateRequest(text="Hi", request_id="job-1", sampling=short)
+        )
         assert other.usage.completion_tokens == 2 and other.request_id == "job-1"
         rest = [delta async for delta in first]
         assert rest[-1].usage.completion_tokens == 48
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await b.generate_unary(router_pb2.RouterGenerateRequest(text="Hi", request_id="job\n2", sampling=short))
+            await b.generate_unary(
+                router_pb2.RouterGenerateRequest(text="Hi", request_id="job\n2", sampling=short)
+            )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -343,7 +455,12 @@ async def test_a_refused_grpc_call_is_not_received_whole(keyed: Keyed) -> None:
             await stub.GenerateUnary(big, timeout=60)
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         ss = await asyncio.create_subprocess_exec(
-            "ss", "-tinH", "state", "established", f"( sport = :{port} )", stdout=asyncio.subprocess.PIPE
+            "ss",
+            "-tinH",
+            "state",
+            "established",
+            f"( sport = :{port} )",
+            stdout=asyncio.subprocess.PIPE,
         )
         sockets = (await ss.communicate())[0].decode()
     received = sum(int(n) for n in re.findall(r"bytes_received:(\d+)", sockets))
@@ -357,7 +474,9 @@ def test_run_time_adapters_come_only_from_the_lora_root(tmp_path: Path) -> None:
         directory.mkdir(parents=True)
         (directory / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
     (root / "escape").symlink_to(outside / "x")
-    adapters = AdapterSet("base", tmp_path, max_rank=16, enabled=True, root=str(root), max_adapters=2)
+    adapters = AdapterSet(
+        "base", tmp_path, max_rank=16, enabled=True, root=str(root), max_adapters=2
+    )
     for path in (str(outside / "x"), "../elsewhere/x", "escape", "/etc"):
         with pytest.raises(InvalidRequest, match="--lora-root"):
             adapters.prepare("a", path)
@@ -369,4 +488,7 @@ def test_run_time_adapters_come_only_from_the_lora_root(tmp_path: Path) -> None:
         adapters.prepare("three", "three")
     with pytest.raises(InvalidRequest, match="--lora-root"):  # no root: nothing loads at run time
         AdapterSet("base", tmp_path, 16, True).prepare("one", str(root / "one"))
-    assert isinstance(AdapterSet("base", tmp_path, 16, True).prepare("x", str(outside / "x"), at_run_time=False), tuple)
+    assert isinstance(
+        AdapterSet("base", tmp_path, 16, True).prepare("x", str(outside / "x"), at_run_time=False),
+        tuple,
+    )

@@ -42,17 +42,23 @@ def mesh_ports() -> dict[str, int]:
     return {name: free_port() for name in PORT_NAMES}
 
 
-def up(home: Path, mesh: dict[str, int], *extra: str) -> tuple[subprocess.CompletedProcess[str], float]:
+def up(
+    home: Path, mesh: dict[str, int], *extra: str
+) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run `stagemesh up` to its end: what it printed, and how long it took."""
     started = time.monotonic()
-    done = subprocess.run(up_command(home, mesh, *extra), capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        up_command(home, mesh, *extra), capture_output=True, text=True, timeout=120, check=False
+    )
     return done, time.monotonic() - started
 
 
 @contextlib.contextmanager
 def listener(port: int) -> Iterator[int]:
     """A process listening on ``port`` for the duration; yields its pid."""
-    holder = subprocess.Popen([sys.executable, "-c", LISTEN, str(port)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LISTEN, str(port)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "listening"
         yield holder.pid
@@ -79,7 +85,9 @@ def started_for(etcd_port: int) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["etcd", "http", "router"])
-def test_a_taken_port_ends_up_at_once_naming_the_port_and_its_setting(home: Path, model_dir: Path, name: str) -> None:
+def test_a_taken_port_ends_up_at_once_naming_the_port_and_its_setting(
+    home: Path, model_dir: Path, name: str
+) -> None:
     mesh = mesh_ports()
     with listener(mesh[name]) as holder:
         done, took = up(home, mesh)
@@ -102,11 +110,16 @@ def test_port_offset_moves_every_port(home: Path, model_dir: Path) -> None:
     with listener(mesh["http"] + offset):
         done, _ = up(home, mesh, "--port-offset", str(offset))
     assert done.returncode == 1
-    assert f"stagemesh up: port {mesh['http'] + offset} (router HTTP, --http-port) is in use" in done.stderr, done.stderr
+    assert (
+        f"stagemesh up: port {mesh['http'] + offset} (router HTTP, --http-port) is in use"
+        in done.stderr
+    ), done.stderr
     assert not started_for(mesh["etcd"] + offset)
 
 
-def test_a_bad_model_path_ends_up_with_the_stage_s_own_reason(home: Path, model_dir: Path, tmp_path: Path) -> None:
+def test_a_bad_model_path_ends_up_with_the_stage_s_own_reason(
+    home: Path, model_dir: Path, tmp_path: Path
+) -> None:
     # The stages start, and the first to read the model path ends `up` with its reason.
     mesh = mesh_ports()
     missing = tmp_path / "no-such-model"
@@ -115,12 +128,16 @@ def test_a_bad_model_path_ends_up_with_the_stage_s_own_reason(home: Path, model_
     assert took < 60
     reason = f"--model {missing}: {missing} is not a Hugging Face model directory (no config.json)"
     lines = [line for line in done.stderr.splitlines() if line.startswith("stagemesh up:")]
-    assert len(lines) == 1 and "cannot start: stagemesh " in lines[0] and reason in lines[0], done.stderr
+    assert len(lines) == 1 and "cannot start: stagemesh " in lines[0] and reason in lines[0], (
+        done.stderr
+    )
     assert "Traceback" not in done.stderr
     assert not started_for(mesh["etcd"])
 
 
-def test_a_stage_not_ready_by_the_start_timeout_is_named_with_its_log(home: Path, model_dir: Path) -> None:
+def test_a_stage_not_ready_by_the_start_timeout_is_named_with_its_log(
+    home: Path, model_dir: Path
+) -> None:
     # The engine is still loading when the deadline passes: `up` names it, shows its
     # log, and stops it mid-load (its whole process group).
     mesh = mesh_ports()
@@ -129,7 +146,9 @@ def test_a_stage_not_ready_by_the_start_timeout_is_named_with_its_log(home: Path
     [line] = [line for line in done.stderr.splitlines() if line.startswith("stagemesh up:")]
     assert "decode" in line.split(" not ready after 8s (--start-timeout)")[0], line
     assert "--- decode ---" in done.stderr
-    assert re.search(r"\[\s*\d+s\] ready: -; starting: tokenizer, router, ", done.stdout), done.stdout  # progress
+    assert re.search(r"\[\s*\d+s\] ready: -; starting: tokenizer, router, ", done.stdout), (
+        done.stdout
+    )  # progress
     assert "Traceback" not in done.stderr
     assert took < 60
     assert not started_for(mesh["etcd"])
@@ -148,18 +167,24 @@ def test_an_engine_that_refuses_its_model_ends_up_with_vllm_s_reason(
         if item.name != "config.json":
             (model / item.name).symlink_to(item)
     config = json.loads((model_dir / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    (model / "config.json").write_text(
+        json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]})
+    )
     mesh = mesh_ports()
     done, _ = up(home, mesh, "--model", str(model))
     assert done.returncode == 1, done.stderr
     [line] = [line for line in done.stderr.splitlines() if line.startswith("stagemesh up:")]
-    assert line.startswith("stagemesh up: decode cannot start: stagemesh decode: the engine cannot start"), line
+    assert line.startswith(
+        "stagemesh up: decode cannot start: stagemesh decode: the engine cannot start"
+    ), line
     assert "NoSuchModelForCausalLM" in line and len(line) < 600, line
     assert "Traceback" not in done.stderr
     assert not started_for(mesh["etcd"])
 
 
-def test_up_started_while_the_last_one_stops_waits_for_its_ports_and_serves(home: Path, model_dir: Path) -> None:
+def test_up_started_while_the_last_one_stops_waits_for_its_ports_and_serves(
+    home: Path, model_dir: Path
+) -> None:
     # Simulated engines: the mesh's ports and processes are the real ones, in seconds.
     mesh = mesh_ports()
     first = start_up(home, mesh, "--engine", "sim")
@@ -172,7 +197,8 @@ def test_up_started_while_the_last_one_stops_waits_for_its_ports_and_serves(home
         banner(second, timeout=120)
         reply = httpx.post(
             f"http://127.0.0.1:{mesh['http']}/v1/completions",
-            json={"model": "", "prompt": "Once upon a time", "max_tokens": 4}, timeout=30,
+            json={"model": "", "prompt": "Once upon a time", "max_tokens": 4},
+            timeout=30,
         )
         assert reply.status_code == 200, reply.text
         second.send_signal(signal.SIGINT)
@@ -189,12 +215,29 @@ def test_a_stage_alone_on_a_taken_port_is_one_line() -> None:
     for flag, taken in (("--port", port), ("--http-port", http_port)):
         with listener(taken) as holder:
             done = subprocess.run(
-                [sys.executable, "-m", "services.cli", "router", "--host", "127.0.0.1", "--port", str(port),
-                 "--http-port", str(http_port), "--etcd", f"127.0.0.1:{free_port()}"],
-                capture_output=True, text=True, timeout=60, check=False,
+                [
+                    sys.executable,
+                    "-m",
+                    "services.cli",
+                    "router",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--http-port",
+                    str(http_port),
+                    "--etcd",
+                    f"127.0.0.1:{free_port()}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
             )
         assert done.returncode == EXIT_CONFIG
-        assert done.stderr.startswith(f"stagemesh router: port {taken} ({flag}) is in use by pid {holder} ("), done.stderr
+        assert done.stderr.startswith(
+            f"stagemesh router: port {taken} ({flag}) is in use by pid {holder} ("
+        ), done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
 
 
@@ -203,15 +246,20 @@ def test_a_stage_that_cannot_start_is_not_restarted(tmp_path: Path) -> None:
     port = free_port()
     with listener(port):
         router = StageProcess(
-            "router", "router_svc", ["--host", "127.0.0.1", "--port", str(port), "--http-port", "-1"],
-            f"127.0.0.1:{port}", tmp_path,
+            "router",
+            "router_svc",
+            ["--host", "127.0.0.1", "--port", str(port), "--http-port", "-1"],
+            f"127.0.0.1:{port}",
+            tmp_path,
         )
         router.start()
         assert router.process is not None and router.process.wait(timeout=60) == EXIT_CONFIG
     supervisor = Supervisor([router], lambda line: None)
     with pytest.raises(StartFailed) as failed:
         supervisor.check(give_up_on=FINAL_EXIT_CODES)
-    assert f"router cannot start: stagemesh router: port {port} (--port) is in use" in str(failed.value)
+    assert f"router cannot start: stagemesh router: port {port} (--port) is in use" in str(
+        failed.value
+    )
     assert not router.alive()
 
 

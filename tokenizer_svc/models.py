@@ -33,8 +33,8 @@ _TOOLS_PROMPT = (
     "You may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
     "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, "
-    "\"arguments\": <args-json-object>}}\n</tool_call>"
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, '
+    '"arguments": <args-json-object>}}\n</tool_call>'
 )
 
 
@@ -55,7 +55,9 @@ class ModelTokenizer:
         # each byte as one character), so an entry is never shorter than the text its
         # token decodes to: the longest entry bounds the characters per token.
         self.max_token_chars = max(
-            len(entry) for entry in self._hf.convert_ids_to_tokens(list(range(self.vocab_size))) if entry
+            len(entry)
+            for entry in self._hf.convert_ids_to_tokens(list(range(self.vocab_size)))
+            if entry
         )
         config = _read_json(spec.path / "config.json")
         generation = _read_json(spec.path / "generation_config.json")
@@ -64,7 +66,11 @@ class ModelTokenizer:
             min(int(self._hf.model_max_length), 1 << 31),
         )
         eos: set[int] = set()
-        for source in (generation.get("eos_token_id"), config.get("eos_token_id"), self._hf.eos_token_id):
+        for source in (
+            generation.get("eos_token_id"),
+            config.get("eos_token_id"),
+            self._hf.eos_token_id,
+        ):
             if isinstance(source, int):
                 eos.add(source)
             elif isinstance(source, list):
@@ -125,14 +131,21 @@ class ModelTokenizer:
     def _message(self, message: tokenizer_pb2.ChatMessage) -> dict[str, Any]:
         """A message as templates take it; tool calls the template would drop are written
         into the content in the Hermes form, so the model still sees what it called."""
-        entry: dict[str, Any] = {"role": _ROLE_ALIASES.get(message.role, message.role), "content": message.content}
+        entry: dict[str, Any] = {
+            "role": _ROLE_ALIASES.get(message.role, message.role),
+            "content": message.content,
+        }
         if message.name:
             entry["name"] = message.name
         if message.tool_call_id:
             entry["tool_call_id"] = message.tool_call_id
         if message.tool_calls:
             calls = [
-                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": _arguments(call)}}
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": _arguments(call)},
+                }
                 for call in message.tool_calls
             ]
             if self._renders_tool_calls:

@@ -92,7 +92,9 @@ class TokenizerServicer:
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         return tokenizer_pb2.DecodeResponse(
             text=tokenizer.decoder.decode(request.token_ids, skip),
-            token_texts=tokenizer.decoder.token_texts(request.token_ids) if request.return_token_texts else (),
+            token_texts=tokenizer.decoder.token_texts(request.token_ids)
+            if request.return_token_texts
+            else (),
         )
 
     async def Detokenize(
@@ -144,7 +146,9 @@ class TokenizerServicer:
         """The model's fast tokenizer as JSON, in chunks under gRPC's 4 MiB message limit."""
         serialized = self.model(request.model).decoder_json
         for offset in range(0, len(serialized), _DECODER_CHUNK_BYTES):
-            yield tokenizer_pb2.DecoderChunk(data=serialized[offset : offset + _DECODER_CHUNK_BYTES])
+            yield tokenizer_pb2.DecoderChunk(
+                data=serialized[offset : offset + _DECODER_CHUNK_BYTES]
+            )
 
 
 def _model(spec: str, home: Path) -> ModelSpec:

@@ -42,15 +42,32 @@ from services.model import prepare_bundled_model
 from services.placement import allowed_cores
 
 COLUMNS = [
-    ("deployment", "deployment", ""), ("layout", "layout", ""), ("mix", "mix", ""), ("qps", "QPS", "g"),
-    ("streams", "streams", "d"), ("requests", "req", "d"), ("ok", "ok", "d"), ("rejected_429", "429", "d"),
-    ("errors", "err", "d"), ("output_tps", "out tok/s", ".0f"), ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
-    ("ttft_p90_ms", "TTFT p90 ms", ".0f"), ("ttft_p99_ms", "TTFT p99 ms", ".0f"), ("itl_p50_ms", "ITL p50 ms", ".1f"),
-    ("itl_p99_ms", "ITL p99 ms", ".1f"), ("hit_rate", "hit", ".0%"), ("client_core_share", "client core", ".0%"),
+    ("deployment", "deployment", ""),
+    ("layout", "layout", ""),
+    ("mix", "mix", ""),
+    ("qps", "QPS", "g"),
+    ("streams", "streams", "d"),
+    ("requests", "req", "d"),
+    ("ok", "ok", "d"),
+    ("rejected_429", "429", "d"),
+    ("errors", "err", "d"),
+    ("output_tps", "out tok/s", ".0f"),
+    ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
+    ("ttft_p90_ms", "TTFT p90 ms", ".0f"),
+    ("ttft_p99_ms", "TTFT p99 ms", ".0f"),
+    ("itl_p50_ms", "ITL p50 ms", ".1f"),
+    ("itl_p99_ms", "ITL p99 ms", ".1f"),
+    ("hit_rate", "hit", ".0%"),
+    ("client_core_share", "client core", ".0%"),
     # control-plane rows
-    ("measure", "measure", ""), ("n", "n", "d"), ("p50_ms", "p50 ms", ".0f"), ("max_ms", "max ms", ".0f"),
-    ("cpu_ms_per_s", "router CPU ms/s", ".1f"), ("cpu_ms_per_poll", "CPU ms/poll", ".3f"),
-    ("index_mib", "index MiB", ".0f"), ("decisions_per_s", "decisions/s", ",.0f"),
+    ("measure", "measure", ""),
+    ("n", "n", "d"),
+    ("p50_ms", "p50 ms", ".0f"),
+    ("max_ms", "max ms", ".0f"),
+    ("cpu_ms_per_s", "router CPU ms/s", ".1f"),
+    ("cpu_ms_per_poll", "CPU ms/poll", ".3f"),
+    ("index_mib", "index MiB", ".0f"),
+    ("decisions_per_s", "decisions/s", ",.0f"),
 ]
 
 
@@ -63,25 +80,43 @@ def words(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scale", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="routing")
-    parser.add_argument("--target", type=words, default=["dynamo"], help="dynamo, stagemesh or both (a,b)")
-    parser.add_argument("--policies", type=words, default=None,
-                        help="router policies (stagemesh names: kv_aware,least_load,round_robin,random); "
-                             "default kv_aware,round_robin (peer: kv_aware)")
+    parser.add_argument(
+        "--target", type=words, default=["dynamo"], help="dynamo, stagemesh or both (a,b)"
+    )
+    parser.add_argument(
+        "--policies",
+        type=words,
+        default=None,
+        help="router policies (stagemesh names: kv_aware,least_load,round_robin,random); "
+        "default kv_aware,round_robin (peer: kv_aware)",
+    )
     engines = parser.add_argument_group("engines (the same for every target)")
     defaults = EngineSpec()
     engines.add_argument("--engines", type=int, default=defaults.engines)
-    engines.add_argument("--prefill", type=int, default=0, help="P/D: prefill engines (pd scenario: engines/4)")
+    engines.add_argument(
+        "--prefill", type=int, default=0, help="P/D: prefill engines (pd scenario: engines/4)"
+    )
     engines.add_argument("--block-size", type=int, default=defaults.block_size)
     engines.add_argument("--kv-blocks", type=int, default=defaults.kv_blocks)
     engines.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
-    engines.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
+    engines.add_argument(
+        "--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens
+    )
     engines.add_argument("--speedup", type=float, default=10.0, help="divides simulated step times")
-    engines.add_argument("--kv-transfer-gbps", type=float, default=None, help="P/D KV transfer bandwidth")
+    engines.add_argument(
+        "--kv-transfer-gbps", type=float, default=None, help="P/D KV transfer bandwidth"
+    )
     load = parser.add_argument_group("load")
-    load.add_argument("--qps", type=numbers, default=[2.0, 3.0], help="QPS ramp (routing, peer, pd)")
-    load.add_argument("--step-seconds", type=float, default=30.0, help="length of each QPS or streams step")
+    load.add_argument(
+        "--qps", type=numbers, default=[2.0, 3.0], help="QPS ramp (routing, peer, pd)"
+    )
+    load.add_argument(
+        "--step-seconds", type=float, default=30.0, help="length of each QPS or streams step"
+    )
     load.add_argument("--tenants", type=int, default=48)
     load.add_argument("--prefix-tokens", type=int, default=6_000)
     load.add_argument("--query-tokens", type=int, default=1_200)
@@ -91,9 +126,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--stream-prompt-tokens", type=int, default=64)
     load.add_argument("--stream-output-tokens", type=int, default=256)
     load.add_argument("--chat", action="store_true", help="token-path through /v1/chat/completions")
-    load.add_argument("--text", action="store_true", help="text prompts instead of token ids (lengths approximate)")
+    load.add_argument(
+        "--text",
+        action="store_true",
+        help="text prompts instead of token ids (lengths approximate)",
+    )
     load.add_argument("--seed", type=int, default=0)
-    load.add_argument("--churn-rounds", type=int, default=3, help="control-plane: join/drain/crash rounds")
+    load.add_argument(
+        "--churn-rounds", type=int, default=3, help="control-plane: join/drain/crash rounds"
+    )
     add_output_arguments(parser, DEFAULT_HOME)
     args = parser.parse_args(argv)
     if args.policies is None:
@@ -103,9 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def spec_from(args: argparse.Namespace) -> EngineSpec:
     return EngineSpec(
-        engines=args.engines, prefill=args.prefill if args.scenario != "pd" else 0, block_size=args.block_size,
-        kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, speedup=args.speedup,
+        engines=args.engines,
+        prefill=args.prefill if args.scenario != "pd" else 0,
+        block_size=args.block_size,
+        kv_blocks=args.kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        speedup=args.speedup,
     )
 
 
@@ -113,43 +158,71 @@ def print_cpu(rows: list[Row]) -> None:
     """Where the CPU went: each process group's ms per request and per output token."""
     print("\nCPU per request / per output token (ms), by process group:")
     for row in rows:
-        groups = sorted(key.removesuffix("_cpu_s") for key in row if key.endswith("_cpu_s") and key != "client_cpu_s")
-        cells = [f"{g} {row[f'{g}_cpu_ms_per_request']:.2f} / {row[f'{g}_cpu_ms_per_token']:.4f}" for g in groups]
+        groups = sorted(
+            key.removesuffix("_cpu_s")
+            for key in row
+            if key.endswith("_cpu_s") and key != "client_cpu_s"
+        )
+        cells = [
+            f"{g} {row[f'{g}_cpu_ms_per_request']:.2f} / {row[f'{g}_cpu_ms_per_token']:.4f}"
+            for g in groups
+        ]
         step = ", ".join(f"{k} {row[k]}" for k in ("layout", "mix", "qps", "streams") if k in row)
-        client = f"client {row['client_cpu_s'] * 1000 / max(1, row['requests']):.2f} / " \
-                 f"{row['client_cpu_s'] * 1000 / max(1, row['output_tokens']):.4f}"
+        client = (
+            f"client {row['client_cpu_s'] * 1000 / max(1, row['requests']):.2f} / "
+            f"{row['client_cpu_s'] * 1000 / max(1, row['output_tokens']):.4f}"
+        )
         print(f"  {row['deployment']} ({step}): " + "; ".join([*cells, client]))
 
 
 def plot(path: Path, scenario: str, rows: list[Row], host: dict[str, Any]) -> None:
     """TTFT p90 against QPS per deployment (tokens/s against streams for the token path)."""
-    x_key, y_key, y_label = ("streams", "output_tps", "output tok/s") if scenario == "token-path" \
+    x_key, y_key, y_label = (
+        ("streams", "output_tps", "output tok/s")
+        if scenario == "token-path"
         else ("qps", "ttft_p90_ms", "TTFT p90 (ms)")
+    )
     series: dict[str, tuple[list[float], list[float]]] = {}
     for row in rows:
         name = "/".join(str(row[k]) for k in ("deployment", "layout", "mix") if k in row)
         xs, ys = series.setdefault(name, ([], []))
         xs.append(row[x_key])
         ys.append(row[y_key])
-    write_png(path, f"scale lab: {scenario}, {host['cores']} cores, {host['date']}", x_key, series, y_label)
+    write_png(
+        path,
+        f"scale lab: {scenario}, {host['cores']} cores, {host['date']}",
+        x_key,
+        series,
+        y_label,
+    )
 
 
 async def main(args: argparse.Namespace) -> None:
     args.model_dir = prepare_bundled_model(Path(args.home))
     spec = spec_from(args)
     log_dir = Path(tempfile.mkdtemp(prefix="stagemesh-scale-"))
-    print(f"scale lab: {args.scenario} on {', '.join(args.target)}, {spec.describe()}; logs in {log_dir}", flush=True)
+    print(
+        f"scale lab: {args.scenario} on {', '.join(args.target)}, {spec.describe()}; logs in {log_dir}",
+        flush=True,
+    )
     rows = await SCENARIOS[args.scenario](args, spec, log_dir)
     print()
     print_table(rows, [c for c in COLUMNS if any(c[0] in row for row in rows)])
     measured_steps = args.scenario != "control-plane"
     if measured_steps:
         print_cpu(rows)
-    host = {"cores": len(allowed_cores()), "cpu": cpu_model(), "machine": platform.machine(),
-            "date": time.strftime("%Y-%m-%d")}
+    host = {
+        "cores": len(allowed_cores()),
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "png", "model_dir")}
     if args.json:
-        write_json(Path(args.json), {"host": host, "spec": spec.__dict__, "settings": settings, "rows": rows})
+        write_json(
+            Path(args.json),
+            {"host": host, "spec": spec.__dict__, "settings": settings, "rows": rows},
+        )
     if args.png and measured_steps:
         plot(Path(args.png), args.scenario, rows, host)
 

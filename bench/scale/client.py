@@ -34,7 +34,8 @@ from bench.scale.workload import Request
 #: Chunks that carry no generated text: usage-only, role-only and finish-only events, as
 #: compact JSON (vLLM, Dynamo) or with Python's default separators (stagemesh).
 _EMPTY_MARKERS = tuple(
-    marker for compact in (b'"choices":[]', b'"text":""', b'"content":""', b'"delta":{}')
+    marker
+    for compact in (b'"choices":[]', b'"text":""', b'"content":""', b'"delta":{}')
     for marker in (compact, compact.replace(b":", b": ", 1))
 )
 #: The usage event's object (other chunks carry none, or ``"usage":null``).
@@ -81,7 +82,10 @@ def _take_line(line: bytes, result: Result, now: float) -> bool:
         _read_usage(line, result)
     if line.startswith(b'data: {"error"'):
         error = json.loads(line[6:])["error"]
-        result.status, result.error = -1, str(error.get("message") if isinstance(error, dict) else error)[:200]
+        result.status, result.error = (
+            -1,
+            str(error.get("message") if isinstance(error, dict) else error)[:200],
+        )
         return True
     if any(marker in line for marker in _EMPTY_MARKERS):
         return False
@@ -114,7 +118,9 @@ async def send(http: aiohttp.ClientSession, base_url: str, request: Request) -> 
     started = time.perf_counter()
     result = Result(sent=started)
     try:
-        async with http.post(f"{base_url}/{request.path}", data=request.body, headers=_HEADERS) as reply:
+        async with http.post(
+            f"{base_url}/{request.path}", data=request.body, headers=_HEADERS
+        ) as reply:
             if reply.status != 200:
                 result.status, result.error = reply.status, (await reply.text())[:200]
             else:
@@ -166,7 +172,9 @@ async def open_loop(base_url: str, schedule: Sequence[tuple[float, Request]]) ->
     return Run(results, wall, time.process_time() - cpu_before, max_lag)
 
 
-async def closed_loop(base_url: str, requests: Sequence[Request], streams: int, duration: float) -> Run:
+async def closed_loop(
+    base_url: str, requests: Sequence[Request], streams: int, duration: float
+) -> Run:
     """``streams`` concurrent streams, each sending its next request as soon as the last
     ends, until ``duration`` has passed (requests then in flight finish and count)."""
     cpu_before = time.process_time()
@@ -210,13 +218,20 @@ def summarize(run: Run) -> dict[str, Any]:
     output = sum(r.output_tokens for r in ok)
     prompt = sum(r.prompt_tokens for r in ok)
     return {
-        "requests": len(run.results), "ok": len(ok), "rejected_429": errors.get("429", 0),
-        "errors": sum(errors.values()) - errors.get("429", 0), "errors_by_status": errors,
-        "wall_s": run.wall_s, "output_tokens": output, "output_tps": output / run.wall_s if run.wall_s else 0.0,
+        "requests": len(run.results),
+        "ok": len(ok),
+        "rejected_429": errors.get("429", 0),
+        "errors": sum(errors.values()) - errors.get("429", 0),
+        "errors_by_status": errors,
+        "wall_s": run.wall_s,
+        "output_tokens": output,
+        "output_tps": output / run.wall_s if run.wall_s else 0.0,
         **{f"ttft_p{q}_ms": percentile(ttfts, q) for q in (50, 90, 95, 99)},
         **{f"itl_p{q}_ms": percentile(gaps, q) for q in (50, 95, 99)},
-        "prompt_tokens": prompt, "cached_tokens": sum(r.cached_tokens for r in ok),
+        "prompt_tokens": prompt,
+        "cached_tokens": sum(r.cached_tokens for r in ok),
         "hit_rate": sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
-        "client_cpu_s": run.client_cpu_s, "client_core_share": run.client_cpu_s / run.wall_s if run.wall_s else 0.0,
+        "client_cpu_s": run.client_cpu_s,
+        "client_core_share": run.client_cpu_s / run.wall_s if run.wall_s else 0.0,
         "client_max_lag_ms": run.max_lag_s * 1000,
     }

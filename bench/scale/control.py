@@ -54,7 +54,8 @@ class Timeline:
                 async with http.get(metrics_url) as reply:
                     text = await reply.text()
                 up = sum(
-                    int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                    int(float(line.rsplit(" ", 1)[1]))
+                    for line in text.splitlines()
                     if line.startswith('stagemesh_router_workers{role="decode",state="up"}')
                 )
                 self.router.append((time.monotonic(), up))
@@ -70,7 +71,9 @@ class Timeline:
             await asyncio.sleep(0.02)
         raise TimeoutError(f"the router never showed {count} decode members up")
 
-    async def etcd_settles(self, present: bool, count: int, since: float, timeout: float = 60.0) -> float:
+    async def etcd_settles(
+        self, present: bool, count: int, since: float, timeout: float = 60.0
+    ) -> float:
         """When etcd had ``count`` distinct decode keys put (or deleted) after ``since``
         (a member's record may be written more than once)."""
         deadline = time.monotonic() + timeout
@@ -82,7 +85,9 @@ class Timeline:
             if len(first) >= count:
                 return sorted(first.values())[count - 1]
             await asyncio.sleep(0.01)
-        raise TimeoutError(f"etcd never showed {count} decode keys {'put' if present else 'deleted'}")
+        raise TimeoutError(
+            f"etcd never showed {count} decode keys {'put' if present else 'deleted'}"
+        )
 
 
 async def reactions(mesh: MeshDeployment, rounds: int) -> list[Row]:
@@ -95,7 +100,9 @@ async def reactions(mesh: MeshDeployment, rounds: int) -> list[Row]:
         session, role_prefix(common_pb2.ROLE_DECODE), on_change=timeline.on_change
     )
     watcher.start()
-    poller = asyncio.create_task(timeline.poll_router(mesh.base_url.removesuffix("/v1") + "/metrics"))
+    poller = asyncio.create_task(
+        timeline.poll_router(mesh.base_url.removesuffix("/v1") + "/metrics")
+    )
     base = mesh.spec.engines
     measured: dict[str, list[float]] = {"join": [], "drain": [], "crash": []}
     try:
@@ -106,7 +113,9 @@ async def reactions(mesh: MeshDeployment, rounds: int) -> list[Row]:
                 process = mesh.engine_process("decode", GROUP, 100 + 2 * round_ + (kind == "crash"))
                 process.start()
                 joined = await timeline.etcd_settles(True, GROUP, since)
-                measured["join"].append(await timeline.router_reaches(base + GROUP, joined) - joined)
+                measured["join"].append(
+                    await timeline.router_reaches(base + GROUP, joined) - joined
+                )
                 since = time.monotonic()
                 if kind == "drain":
                     await asyncio.to_thread(process.stop)
@@ -121,8 +130,12 @@ async def reactions(mesh: MeshDeployment, rounds: int) -> list[Row]:
         await watcher.close()
         await session.close()
     return [
-        {"measure": f"{kind} of {GROUP} at {base + GROUP} members", "n": len(values),
-         "p50_ms": statistics.median(values) * 1000, "max_ms": max(values) * 1000}
+        {
+            "measure": f"{kind} of {GROUP} at {base + GROUP} members",
+            "n": len(values),
+            "p50_ms": statistics.median(values) * 1000,
+            "max_ms": max(values) * 1000,
+        }
         for kind, values in measured.items()
     ]
 
@@ -135,8 +148,10 @@ async def poll_cost(mesh: MeshDeployment, seconds: float = 10.0) -> Row:
     spent = cpu_seconds(router) - before
     members = mesh.spec.engines + mesh.spec.prefill
     return {
-        "measure": f"idle router at {members} members", "n": 1,
-        "cpu_ms_per_s": spent * 1000 / seconds, "cpu_ms_per_poll": spent * 1000 / seconds / members,
+        "measure": f"idle router at {members} members",
+        "n": 1,
+        "cpu_ms_per_s": spent * 1000 / seconds,
+        "cpu_ms_per_poll": spent * 1000 / seconds / members,
     }
 
 
@@ -144,11 +159,19 @@ async def control_plane(args: argparse.Namespace, spec: EngineSpec, log_dir: Pat
     """Reaction times, load-poll cost and the KV index at ``spec.engines`` members."""
     spec = replace(spec, prefill=0)
     rows: list[Row] = []
-    async with MeshDeployment(spec, "kv_aware", args.model_dir, "SmolLM2-135M-Instruct", log_dir, Path(args.home)) as mesh:
+    async with MeshDeployment(
+        spec, "kv_aware", args.model_dir, "SmolLM2-135M-Instruct", log_dir, Path(args.home)
+    ) as mesh:
         rows.append(await poll_cost(mesh))
         rows += await reactions(mesh, args.churn_rounds)
     index = await asyncio.to_thread(measure_index, spec.engines, 1_000_000)
-    rows.append({"measure": f"KV index, {index['workers']} workers, {index['entries']:,} blocks", "n": 20_000, **index})
+    rows.append(
+        {
+            "measure": f"KV index, {index['workers']} workers, {index['entries']:,} blocks",
+            "n": 20_000,
+            **index,
+        }
+    )
     for row in rows:
         print(f"   {row}", flush=True)
     return rows

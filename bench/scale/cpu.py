@@ -14,7 +14,10 @@ from services.launcher import cpu_seconds
 
 def read_groups(groups: dict[str, list[int]]) -> dict[str, float]:
     """CPU seconds used so far by each group's processes and their descendants."""
-    return {name: cpu_seconds(sorted({d for pid in pids for d in descendants(pid)})) for name, pids in groups.items()}
+    return {
+        name: cpu_seconds(sorted({d for pid in pids for d in descendants(pid)}))
+        for name, pids in groups.items()
+    }
 
 
 def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -81,7 +81,10 @@ class Deployment(Protocol):
 
 
 async def wait_for_model(
-    base_url: str, model: str, alive: Callable[[], bool], log_tail: Callable[[], str],
+    base_url: str,
+    model: str,
+    alive: Callable[[], bool],
+    log_tail: Callable[[], str],
     timeout: float = 120.0,
 ) -> None:
     """Until ``model`` is listed at ``base_url``/models and a one-token completion of it
@@ -93,10 +96,14 @@ async def wait_for_model(
             if not alive():
                 raise RuntimeError(f"{base_url} exited during start:\n{log_tail()}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{base_url} did not serve {model} in {timeout:.0f} s:\n{log_tail()}")
+                raise TimeoutError(
+                    f"{base_url} did not serve {model} in {timeout:.0f} s:\n{log_tail()}"
+                )
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                 async with http.get(f"{base_url}/models") as reply:
-                    listed = reply.status == 200 and model in {m["id"] for m in (await reply.json())["data"]}
+                    listed = reply.status == 200 and model in {
+                        m["id"] for m in (await reply.json())["data"]
+                    }
                 if listed:
                     async with http.post(f"{base_url}/completions", json=body) as reply:
                         if reply.status == 200:

@@ -36,14 +36,23 @@ from services.net import free_port
 DYNAMO_VENV = Path(".venv-dynamo")
 #: The frontend's ``--router-mode`` for each of the lab's policy names.
 ROUTER_MODES = {
-    "kv": "kv", "kv_aware": "kv", "round_robin": "round-robin", "round-robin": "round-robin",
-    "random": "random", "least_load": "least-loaded", "least-loaded": "least-loaded",
+    "kv": "kv",
+    "kv_aware": "kv",
+    "round_robin": "round-robin",
+    "round-robin": "round-robin",
+    "random": "random",
+    "least_load": "least-loaded",
+    "least-loaded": "least-loaded",
 }
 #: Environment for every Dynamo process: file discovery, TCP requests, ZMQ events, no
 #: metrics port, no hub downloads, and no per-request INFO logs from the engines.
 _DYNAMO_ENV = {
-    "DYN_DISCOVERY_BACKEND": "file", "DYN_REQUEST_PLANE": "tcp", "DYN_EVENT_PLANE": "zmq",
-    "DYN_SYSTEM_PORT": "-1", "HF_HUB_OFFLINE": "1", "DYN_LOG": "warn",
+    "DYN_DISCOVERY_BACKEND": "file",
+    "DYN_REQUEST_PLANE": "tcp",
+    "DYN_EVENT_PLANE": "zmq",
+    "DYN_SYSTEM_PORT": "-1",
+    "HF_HUB_OFFLINE": "1",
+    "DYN_LOG": "warn",
 }
 _PLANES = ["--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
 
@@ -52,8 +61,15 @@ class DynamoProcess:
     """One Dynamo process (``python -m dynamo.<module>``) from Dynamo's venv, its output in
     a log file, in a session of its own so that stopping it reaches all its threads."""
 
-    def __init__(self, name: str, python: Path, module: str, args: list[str], env: dict[str, str],
-                 log_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        python: Path,
+        module: str,
+        args: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+    ) -> None:
         self.name = name
         self.command = [str(python), "-m", module, *args]
         self.env = env
@@ -63,8 +79,12 @@ class DynamoProcess:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                start_new_session=True, preexec_fn=child_setup(),  # noqa: PLW1509 - two system calls
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=child_setup(),  # noqa: PLW1509 - two system calls
             )
 
     @property
@@ -97,11 +117,21 @@ class DynamoDeployment:
     Implements :class:`bench.scale.deploy.Deployment`; ``process_groups()`` reports the
     frontend (HTTP, tokenizer and router in one process) and the engines apart."""
 
-    def __init__(self, spec: EngineSpec, router: str, model_dir: Path, model: str, log_dir: Path,
-                 venv: Path = DYNAMO_VENV, kv_transfer_gbps: float | None = None) -> None:
+    def __init__(
+        self,
+        spec: EngineSpec,
+        router: str,
+        model_dir: Path,
+        model: str,
+        log_dir: Path,
+        venv: Path = DYNAMO_VENV,
+        kv_transfer_gbps: float | None = None,
+    ) -> None:
         python = venv.resolve() / "bin" / "python"
         if not python.exists():
-            raise SystemExit(f"Dynamo is not installed at {venv}; build it with `make bench-dynamo-env`")
+            raise SystemExit(
+                f"Dynamo is not installed at {venv}; build it with `make bench-dynamo-env`"
+            )
         self.spec = spec
         self.name = f"dynamo/{ROUTER_MODES[router]}"
         self.model = model
@@ -111,22 +141,48 @@ class DynamoDeployment:
         self.base_url = f"http://127.0.0.1:{port}/v1"
         log_dir.mkdir(parents=True, exist_ok=True)
         self._frontend = DynamoProcess(
-            "dynamo-frontend", python, "dynamo.frontend",
-            ["--http-port", str(port), "--router-mode", ROUTER_MODES[router], *_PLANES], env, log_dir)
+            "dynamo-frontend",
+            python,
+            "dynamo.frontend",
+            ["--http-port", str(port), "--router-mode", ROUTER_MODES[router], *_PLANES],
+            env,
+            log_dir,
+        )
         engine_args = self._engine_args(model_dir, kv_transfer_gbps)
-        roles = [("decode", spec.engines), ("prefill", spec.prefill)] if spec.prefill else [("agg", spec.engines)]
+        roles = (
+            [("decode", spec.engines), ("prefill", spec.prefill)]
+            if spec.prefill
+            else [("agg", spec.engines)]
+        )
         self._engines = [
-            DynamoProcess(f"dynamo-mocker-{role}", python, "dynamo.mocker",
-                          [*engine_args, "--num-workers", str(count), "--disaggregation-mode", role], env, log_dir)
+            DynamoProcess(
+                f"dynamo-mocker-{role}",
+                python,
+                "dynamo.mocker",
+                [*engine_args, "--num-workers", str(count), "--disaggregation-mode", role],
+                env,
+                log_dir,
+            )
             for role, count in roles
         ]
 
     def _engine_args(self, model_dir: Path, kv_transfer_gbps: float | None) -> list[str]:
         spec = self.spec
         args = [
-            "--model-path", str(model_dir), "--model-name", self.model, "--block-size", str(spec.block_size),
-            "--num-gpu-blocks-override", str(spec.kv_blocks), "--max-num-seqs", str(spec.max_num_seqs),
-            "--max-num-batched-tokens", str(spec.max_num_batched_tokens), "--speedup-ratio", str(spec.speedup),
+            "--model-path",
+            str(model_dir),
+            "--model-name",
+            self.model,
+            "--block-size",
+            str(spec.block_size),
+            "--num-gpu-blocks-override",
+            str(spec.kv_blocks),
+            "--max-num-seqs",
+            str(spec.max_num_seqs),
+            "--max-num-batched-tokens",
+            str(spec.max_num_batched_tokens),
+            "--speedup-ratio",
+            str(spec.speedup),
             *_PLANES,
         ]
         if kv_transfer_gbps is not None:
@@ -153,7 +209,10 @@ class DynamoDeployment:
         except BaseException:
             self._stop()
             raise
-        print(f"   {self.name}: {self.spec.describe()}; up in {time.monotonic() - started:.0f} s", flush=True)
+        print(
+            f"   {self.name}: {self.spec.describe()}; up in {time.monotonic() - started:.0f} s",
+            flush=True,
+        )
         return self
 
     async def _wait_for_engines(self, count: int, timeout: float = 180.0) -> None:
@@ -166,16 +225,24 @@ class DynamoDeployment:
                     raise RuntimeError(f"Dynamo exited during start:\n{self._log_tail()}")
                 try:
                     async with http.get(url) as reply:
-                        instances = (await reply.json()).get("instances", []) if reply.status == 200 else []
+                        instances = (
+                            (await reply.json()).get("instances", []) if reply.status == 200 else []
+                        )
                 except (TimeoutError, aiohttp.ClientError, ValueError):
                     instances = []
                 if sum(1 for i in instances if i.get("endpoint") == "generate") >= count:
                     return
                 await asyncio.sleep(0.5)
-        raise TimeoutError(f"Dynamo did not list {count} engines in {timeout:.0f} s:\n{self._log_tail()}")
+        raise TimeoutError(
+            f"Dynamo did not list {count} engines in {timeout:.0f} s:\n{self._log_tail()}"
+        )
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        traceback: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         await asyncio.to_thread(self._stop)
 
     def _stop(self) -> None:

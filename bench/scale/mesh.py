@@ -38,15 +38,24 @@ class MeshDeployment:
     """stagemesh over simulated engines; implements :class:`bench.scale.deploy.Deployment`."""
 
     def __init__(
-        self, spec: EngineSpec, policy: str, model_dir: Path, model: str, log_dir: Path, home: Path,
-        kv_transfer_gbps: float | None = None, max_queued: int = 100_000,
+        self,
+        spec: EngineSpec,
+        policy: str,
+        model_dir: Path,
+        model: str,
+        log_dir: Path,
+        home: Path,
+        kv_transfer_gbps: float | None = None,
+        max_queued: int = 100_000,
     ) -> None:
         if policy not in POLICIES:
             raise SystemExit(f"stagemesh has no router policy {policy!r} ({', '.join(POLICIES)})")
         self.spec = spec
         self.name = f"stagemesh/{policy}"
         self.model = model
-        self._log_dir = log_dir / f"stagemesh-{policy}-{spec.prefill}p{spec.engines}d-{secrets.token_hex(2)}"
+        self._log_dir = (
+            log_dir / f"stagemesh-{policy}-{spec.prefill}p{spec.engines}d-{secrets.token_hex(2)}"
+        )
         self._log_dir.mkdir(parents=True)
         self._etcd = EmbeddedEtcd(client_port=0, data_dir=self._log_dir / "etcd")
         self._env = {**os.environ, MESH_KEY_ENV: secrets.token_hex(16)}
@@ -69,30 +78,65 @@ class MeshDeployment:
 
         default = PROFILES["dynamo-default"]
         path = self._log_dir / "profile.json"
-        path.write_text(json.dumps({
-            "name": "dynamo-default", "source": default.source, "prefill_ms": list(default.prefill_ms),
-            "decode_ms": list(default.decode_ms), "transfer_gbps": kv_transfer_gbps,
-        }))
+        path.write_text(
+            json.dumps(
+                {
+                    "name": "dynamo-default",
+                    "source": default.source,
+                    "prefill_ms": list(default.prefill_ms),
+                    "decode_ms": list(default.decode_ms),
+                    "transfer_gbps": kv_transfer_gbps,
+                }
+            )
+        )
         return str(path)
 
     def stage(self, name: str, module: str, *extra: str) -> StageProcess:
         port = free_port()
         return StageProcess(
-            name, module,
-            ["--port", str(port), "--etcd", self._etcd.endpoint, "--home", str(self._home),
-             "--metrics-port", "-1", "--log-level", "WARNING", *extra],
-            f"127.0.0.1:{port}", self._log_dir, env=self._env,
+            name,
+            module,
+            [
+                "--port",
+                str(port),
+                "--etcd",
+                self._etcd.endpoint,
+                "--home",
+                str(self._home),
+                "--metrics-port",
+                "-1",
+                "--log-level",
+                "WARNING",
+                *extra,
+            ],
+            f"127.0.0.1:{port}",
+            self._log_dir,
+            env=self._env,
         )
 
     def engine_process(self, role: str, count: int, index: int) -> StageProcess:
         """``count`` simulated engines of ``role`` in one process."""
         spec = self.spec
         return self.stage(
-            f"{role}-{index}", f"{role}_svc", *self._model_flag,
-            "--engine", "sim", "--sim-engines", str(count), "--sim-profile", self._profile,
-            "--sim-speedup", str(spec.speedup), "--block-size", str(spec.block_size),
-            "--kv-cache-blocks", str(spec.kv_blocks), "--max-num-seqs", str(spec.max_num_seqs),
-            "--max-num-batched-tokens", str(spec.max_num_batched_tokens),
+            f"{role}-{index}",
+            f"{role}_svc",
+            *self._model_flag,
+            "--engine",
+            "sim",
+            "--sim-engines",
+            str(count),
+            "--sim-profile",
+            self._profile,
+            "--sim-speedup",
+            str(spec.speedup),
+            "--block-size",
+            str(spec.block_size),
+            "--kv-cache-blocks",
+            str(spec.kv_blocks),
+            "--max-num-seqs",
+            str(spec.max_num_seqs),
+            "--max-num-batched-tokens",
+            str(spec.max_num_batched_tokens),
         )
 
     async def __aenter__(self) -> Self:
@@ -100,12 +144,22 @@ class MeshDeployment:
         self._etcd.start()
         self.tokenizer = self.stage("tokenizer", "tokenizer_svc", *self._model_flag)
         self.router = self.stage(
-            "router", "router_svc", "--http-port", str(self.http_port), "--router-policy", self._policy,
-            "--max-queued-requests", str(self._max_queued), "--host", "127.0.0.1",
+            "router",
+            "router_svc",
+            "--http-port",
+            str(self.http_port),
+            "--router-policy",
+            self._policy,
+            "--max-queued-requests",
+            str(self._max_queued),
+            "--host",
+            "127.0.0.1",
         )
         for role, count in (("decode", self.spec.engines), ("prefill", self.spec.prefill)):
             for index, start in enumerate(range(0, count, ENGINES_PER_PROCESS)):
-                self.engines.append(self.engine_process(role, min(ENGINES_PER_PROCESS, count - start), index))
+                self.engines.append(
+                    self.engine_process(role, min(ENGINES_PER_PROCESS, count - start), index)
+                )
         try:
             for process in self._processes:
                 process.start()
@@ -114,11 +168,17 @@ class MeshDeployment:
         except BaseException:
             self._stop()
             raise
-        print(f"   {self.name}: {self.spec.describe()}; up in {time.monotonic() - started:.0f} s", flush=True)
+        print(
+            f"   {self.name}: {self.spec.describe()}; up in {time.monotonic() - started:.0f} s",
+            flush=True,
+        )
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
     ) -> None:
         await asyncio.to_thread(self._stop)
 

@@ -23,7 +23,9 @@ MODEL = "SmolLM2-135M-Instruct"
 Row = dict[str, Any]
 
 
-def build(target: str, spec: EngineSpec, policy: str, args: argparse.Namespace, log_dir: Path) -> Deployment:
+def build(
+    target: str, spec: EngineSpec, policy: str, args: argparse.Namespace, log_dir: Path
+) -> Deployment:
     """The deployment of ``target`` with ``spec``'s engines behind ``policy``'s router.
 
     Policy names are stagemesh's (``kv_aware``, ``least_load``, ``round_robin``, plus
@@ -31,26 +33,39 @@ def build(target: str, spec: EngineSpec, policy: str, args: argparse.Namespace, 
     if target == "dynamo":
         from bench.scale.dynamo import DynamoDeployment
 
-        return DynamoDeployment(spec, policy, args.model_dir, MODEL, log_dir, kv_transfer_gbps=args.kv_transfer_gbps)
+        return DynamoDeployment(
+            spec, policy, args.model_dir, MODEL, log_dir, kv_transfer_gbps=args.kv_transfer_gbps
+        )
     if target == "stagemesh":
         from bench.scale.mesh import MeshDeployment
 
         return MeshDeployment(
-            spec, policy, args.model_dir, MODEL, log_dir, Path(args.home), kv_transfer_gbps=args.kv_transfer_gbps
+            spec,
+            policy,
+            args.model_dir,
+            MODEL,
+            log_dir,
+            Path(args.home),
+            kv_transfer_gbps=args.kv_transfer_gbps,
         )
     raise SystemExit(f"unknown target {target!r} (dynamo, stagemesh)")
 
 
-async def measure(deployment: Deployment, drive: Callable[[str], Awaitable[Run]], **labels: Any) -> Row:
+async def measure(
+    deployment: Deployment, drive: Callable[[str], Awaitable[Run]], **labels: Any
+) -> Row:
     """One step: CPU of every process group before and after ``drive(base_url)``."""
     before = read_groups(deployment.process_groups())
     run = await drive(deployment.base_url)
     after = read_groups(deployment.process_groups())
     row: Row = {"deployment": deployment.name, **labels, **summarize(run)}
     row.update(per_unit(spent(before, after), row["ok"], row["output_tokens"]))
-    print(f"   {deployment.name} {labels}: {row['ok']}/{row['requests']} ok, {row['output_tps']:.0f} tok/s, "
-          f"TTFT p90 {row['ttft_p90_ms']:.0f} ms, hit {row['hit_rate']:.0%}, "
-          f"client {row['client_core_share']:.0%} of a core", flush=True)
+    print(
+        f"   {deployment.name} {labels}: {row['ok']}/{row['requests']} ok, {row['output_tps']:.0f} tok/s, "
+        f"TTFT p90 {row['ttft_p90_ms']:.0f} ms, hit {row['hit_rate']:.0%}, "
+        f"client {row['client_core_share']:.0%} of a core",
+        flush=True,
+    )
     return row
 
 
@@ -64,15 +79,22 @@ async def routing(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) -> 
     """llm-d's multi-tenant workload over a QPS ramp, per target and router policy. Every
     deployment starts fresh (cold caches) and gets the same requests."""
     workload = TenantWorkload(
-        tenants=args.tenants, prefix_tokens=args.prefix_tokens, query_tokens=args.query_tokens,
-        output_tokens=args.output_tokens, qps=tuple(args.qps), step_seconds=args.step_seconds, seed=args.seed,
+        tenants=args.tenants,
+        prefix_tokens=args.prefix_tokens,
+        query_tokens=args.query_tokens,
+        output_tokens=args.output_tokens,
+        qps=tuple(args.qps),
+        step_seconds=args.step_seconds,
+        seed=args.seed,
         text=args.text,
     )
     rows = []
     for target, policy in targets_and_policies(args):
         async with build(target, spec, policy, args, log_dir) as deployment:
             for rate, schedule in workload.steps(deployment.model):
-                rows.append(await measure(deployment, partial(open_loop, schedule=schedule), qps=rate))
+                rows.append(
+                    await measure(deployment, partial(open_loop, schedule=schedule), qps=rate)
+                )
     return rows
 
 
@@ -91,8 +113,15 @@ async def pd(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) -> list[
                 for mix in args.mixes:
                     workload = PdMix(mix, tuple(args.qps), args.step_seconds, args.seed, args.text)
                     for rate, schedule in workload.steps(deployment.model):
-                        rows.append(await measure(deployment, partial(open_loop, schedule=schedule),
-                                                  layout=layout, mix=mix, qps=rate))
+                        rows.append(
+                            await measure(
+                                deployment,
+                                partial(open_loop, schedule=schedule),
+                                layout=layout,
+                                mix=mix,
+                                qps=rate,
+                            )
+                        )
     return rows
 
 
@@ -103,9 +132,17 @@ async def token_path(args: argparse.Namespace, spec: EngineSpec, log_dir: Path) 
     for target, policy in targets_and_policies(args):
         async with build(target, spec, policy, args, log_dir) as deployment:
             for streams in args.streams:
-                requests = stream_prompts(deployment.model, max(streams, 64), args.stream_prompt_tokens,
-                                          args.stream_output_tokens, args.seed, chat=args.chat)
-                drive = partial(closed_loop, requests=requests, streams=streams, duration=args.step_seconds)
+                requests = stream_prompts(
+                    deployment.model,
+                    max(streams, 64),
+                    args.stream_prompt_tokens,
+                    args.stream_output_tokens,
+                    args.seed,
+                    chat=args.chat,
+                )
+                drive = partial(
+                    closed_loop, requests=requests, streams=streams, duration=args.step_seconds
+                )
                 rows.append(await measure(deployment, drive, streams=streams))
     return rows
 
@@ -114,12 +151,18 @@ async def control_plane(args: argparse.Namespace, spec: EngineSpec, log_dir: Pat
     """Membership reaction, load-poll cost, KV-index decisions: stagemesh's own control
     plane (bench/scale/control.py)."""
     if args.target != ["stagemesh"]:
-        raise SystemExit("the control-plane scenario measures stagemesh's members: --target stagemesh")
+        raise SystemExit(
+            "the control-plane scenario measures stagemesh's members: --target stagemesh"
+        )
     from bench.scale.control import control_plane as measure_control_plane
 
     return await measure_control_plane(args, spec, log_dir)
 
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace, EngineSpec, Path], Awaitable[list[Row]]]] = {
-    "routing": routing, "peer": routing, "pd": pd, "token-path": token_path, "control-plane": control_plane,
+    "routing": routing,
+    "peer": routing,
+    "pd": pd,
+    "token-path": token_path,
+    "control-plane": control_plane,
 }

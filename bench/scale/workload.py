@@ -30,16 +30,105 @@ from dataclasses import dataclass, field
 ID_RANGE = (1_000, 49_000)
 #: Words for text prompts (one id picks one word; most are one BPE token with their space).
 _WORDS = (
-    "time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world",
-    "school", "state", "family", "student", "group", "country", "problem", "hand", "part",
-    "place", "case", "week", "company", "system", "program", "question", "work", "government",
-    "number", "night", "point", "home", "water", "room", "mother", "area", "money", "story",
-    "fact", "month", "lot", "right", "study", "book", "eye", "job", "word", "business", "issue",
-    "side", "kind", "head", "house", "service", "friend", "father", "power", "hour", "game",
-    "line", "end", "member", "law", "car", "city", "community", "name", "president", "team",
-    "minute", "idea", "kid", "body", "information", "back", "parent", "face", "others", "level",
-    "office", "door", "health", "person", "art", "war", "history", "party", "result", "change",
-    "morning", "reason", "research", "girl", "guy", "moment", "air", "teacher", "force",
+    "time",
+    "year",
+    "people",
+    "way",
+    "day",
+    "man",
+    "thing",
+    "woman",
+    "life",
+    "child",
+    "world",
+    "school",
+    "state",
+    "family",
+    "student",
+    "group",
+    "country",
+    "problem",
+    "hand",
+    "part",
+    "place",
+    "case",
+    "week",
+    "company",
+    "system",
+    "program",
+    "question",
+    "work",
+    "government",
+    "number",
+    "night",
+    "point",
+    "home",
+    "water",
+    "room",
+    "mother",
+    "area",
+    "money",
+    "story",
+    "fact",
+    "month",
+    "lot",
+    "right",
+    "study",
+    "book",
+    "eye",
+    "job",
+    "word",
+    "business",
+    "issue",
+    "side",
+    "kind",
+    "head",
+    "house",
+    "service",
+    "friend",
+    "father",
+    "power",
+    "hour",
+    "game",
+    "line",
+    "end",
+    "member",
+    "law",
+    "car",
+    "city",
+    "community",
+    "name",
+    "president",
+    "team",
+    "minute",
+    "idea",
+    "kid",
+    "body",
+    "information",
+    "back",
+    "parent",
+    "face",
+    "others",
+    "level",
+    "office",
+    "door",
+    "health",
+    "person",
+    "art",
+    "war",
+    "history",
+    "party",
+    "result",
+    "change",
+    "morning",
+    "reason",
+    "research",
+    "girl",
+    "guy",
+    "moment",
+    "air",
+    "teacher",
+    "force",
 )
 
 
@@ -72,8 +161,13 @@ def completion_body(model: str, ids: list[int], max_tokens: int, text: bool) -> 
     """A streamed ``/v1/completions`` body that generates exactly ``max_tokens`` tokens
     (``ignore_eos``, as llm-d's benchmark sets it) and reports usage in its last event."""
     body = {
-        "model": model, "prompt": render(ids) if text else ids, "max_tokens": max_tokens,
-        "min_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True,
+        "model": model,
+        "prompt": render(ids) if text else ids,
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
         "stream_options": {"include_usage": True},
     }
     return json.dumps(body, separators=(",", ":")).encode()
@@ -82,9 +176,14 @@ def completion_body(model: str, ids: list[int], max_tokens: int, text: bool) -> 
 def chat_body(model: str, ids: list[int], max_tokens: int) -> bytes:
     """The same request through ``/v1/chat/completions`` (text only, one user message)."""
     body = {
-        "model": model, "messages": [{"role": "user", "content": render(ids)}],
-        "max_tokens": max_tokens, "min_tokens": max_tokens, "ignore_eos": True,
-        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+        "model": model,
+        "messages": [{"role": "user", "content": render(ids)}],
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -120,16 +219,25 @@ class TenantWorkload:
 
     def prefix(self, tenant: int) -> list[int]:
         if tenant not in self._prefixes:
-            self._prefixes[tenant] = token_ids(("prefix", self.seed, self.round, tenant), self.prefix_tokens)
+            self._prefixes[tenant] = token_ids(
+                ("prefix", self.seed, self.round, tenant), self.prefix_tokens
+            )
         return self._prefixes[tenant]
 
     def request(self, model: str, step: int, index: int) -> Request:
         """The ``index``-th request of ``step``: a tenant drawn uniformly, its prefix, a query."""
         rng = random.Random(repr(("tenant", self.seed, self.round, step, index)))
         tenant = rng.randrange(self.tenants)
-        ids = self.prefix(tenant) + token_ids(("query", self.seed, self.round, step, index), self.query_tokens)
-        return Request("completions", completion_body(model, ids, self.output_tokens, self.text), len(ids),
-                       self.output_tokens, tenant)
+        ids = self.prefix(tenant) + token_ids(
+            ("query", self.seed, self.round, step, index), self.query_tokens
+        )
+        return Request(
+            "completions",
+            completion_body(model, ids, self.output_tokens, self.text),
+            len(ids),
+            self.output_tokens,
+            tenant,
+        )
 
     def steps(self, model: str) -> Iterator[tuple[float, list[tuple[float, Request]]]]:
         """Per QPS step: the rate and its schedule of (send time, request)."""
@@ -160,23 +268,47 @@ class PdMix:
         prompt, output = PD_MIXES[self.mix]
         for step, rate in enumerate(self.qps):
             schedule = []
-            for i, at in enumerate(poisson_arrivals(rate, self.step_seconds, (self.mix, self.seed, step))):
+            for i, at in enumerate(
+                poisson_arrivals(rate, self.step_seconds, (self.mix, self.seed, step))
+            ):
                 ids = token_ids((self.mix, self.seed, step, i), prompt)
-                schedule.append((at, Request("completions", completion_body(model, ids, output, self.text),
-                                             prompt, output)))
+                schedule.append(
+                    (
+                        at,
+                        Request(
+                            "completions",
+                            completion_body(model, ids, output, self.text),
+                            prompt,
+                            output,
+                        ),
+                    )
+                )
             yield rate, schedule
 
 
-def stream_prompts(model: str, count: int, prompt_tokens: int, output_tokens: int, seed: int,
-                   chat: bool = False) -> list[Request]:
+def stream_prompts(
+    model: str, count: int, prompt_tokens: int, output_tokens: int, seed: int, chat: bool = False
+) -> list[Request]:
     """``count`` distinct short prompts with long outputs, for closed-loop token-path runs."""
     requests = []
     for i in range(count):
         ids = token_ids(("stream", seed, i), prompt_tokens)
         if chat:
-            requests.append(Request("chat/completions", chat_body(model, ids, output_tokens), prompt_tokens,
-                                    output_tokens))
+            requests.append(
+                Request(
+                    "chat/completions",
+                    chat_body(model, ids, output_tokens),
+                    prompt_tokens,
+                    output_tokens,
+                )
+            )
         else:
-            requests.append(Request("completions", completion_body(model, ids, output_tokens, False),
-                                    prompt_tokens, output_tokens))
+            requests.append(
+                Request(
+                    "completions",
+                    completion_body(model, ids, output_tokens, False),
+                    prompt_tokens,
+                    output_tokens,
+                )
+            )
     return requests

@@ -55,7 +55,9 @@ class Adapter:
     removal: asyncio.Task[None] | None = None
 
     def record(self, parent: str) -> common_pb2.Adapter:
-        return common_pb2.Adapter(name=self.name, parent=parent, source=str(self.source), rank=self.rank)
+        return common_pb2.Adapter(
+            name=self.name, parent=parent, source=str(self.source), rank=self.rank
+        )
 
 
 def read_rank(path: Path) -> int:
@@ -66,7 +68,8 @@ def read_rank(path: Path) -> int:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):  # one answer whatever the cause: it says nothing about the path
         raise InvalidRequest(
-            f"{path} is not a readable LoRA adapter directory (with an adapter_config.json)", "lora_path"
+            f"{path} is not a readable LoRA adapter directory (with an adapter_config.json)",
+            "lora_path",
         ) from None
     if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise InvalidRequest(f"{config_file} does not describe a LoRA adapter", "lora_path")
@@ -91,7 +94,8 @@ def tensor_shapes(directory: Path) -> dict[str, tuple[str, list[int]]]:
             header = json.loads(file.read(length))
         shapes.update(
             (name, (str(entry["dtype"]), list(entry["shape"])))
-            for name, entry in header.items() if name != "__metadata__"
+            for name, entry in header.items()
+            if name != "__metadata__"
         )
     return shapes
 
@@ -104,13 +108,22 @@ def misfit(adapter_dir: Path, base: dict[str, tuple[str, list[int]]]) -> str:
     for name, (_, shape) in tensor_shapes(adapter_dir).items():
         module, _, part = name.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
         weight = base.get(module + ".weight")
-        if weight is None or weight[0] not in _FLOAT_DTYPES or len(shape) != 2 or len(weight[1]) != 2:
+        if (
+            weight is None
+            or weight[0] not in _FLOAT_DTYPES
+            or len(shape) != 2
+            or len(weight[1]) != 2
+        ):
             continue
         out_features, in_features = weight[1]
         if part == "A.weight" and shape[1] != in_features:
-            return f"{module} takes {in_features} inputs in the base model, {shape[1]} in the adapter"
+            return (
+                f"{module} takes {in_features} inputs in the base model, {shape[1]} in the adapter"
+            )
         if part == "B.weight" and shape[0] != out_features:
-            return f"{module} has {out_features} outputs in the base model, {shape[0]} in the adapter"
+            return (
+                f"{module} has {out_features} outputs in the base model, {shape[0]} in the adapter"
+            )
     return ""
 
 
@@ -118,7 +131,13 @@ class AdapterSet:
     """The adapters of one engine whose base model is ``base``, loaded from ``model_dir``."""
 
     def __init__(
-        self, base: str, model_dir: Path, max_rank: int, enabled: bool, root: str = "", max_adapters: int = 64
+        self,
+        base: str,
+        model_dir: Path,
+        max_rank: int,
+        enabled: bool,
+        root: str = "",
+        max_adapters: int = 64,
     ) -> None:
         self.base = base
         #: Where run-time loads may come from (None: nowhere), and how many may be held.
@@ -147,7 +166,9 @@ class AdapterSet:
         adapter's; FAILED_PRECONDITION when ``--max-adapters`` are loaded.
         """
         if not self.enabled:
-            raise InvalidRequest("this engine runs without LoRA; start it with --enable-lora or --lora")
+            raise InvalidRequest(
+                "this engine runs without LoRA; start it with --enable-lora or --lora"
+            )
         if not name or name != name.strip() or len(name) > 256:
             raise InvalidRequest(f"{name!r} is not a usable adapter name", "lora_name")
         if name == self.base:
@@ -156,7 +177,9 @@ class AdapterSet:
             raise InvalidRequest("the adapter's path is empty or too long", "lora_path")
         candidate = Path(path).expanduser()
         if at_run_time:  # lexically first (nothing outside is touched), then with links resolved
-            candidate = Path(os.path.normpath(self._inside_root(self.root and self.root / candidate)))
+            candidate = Path(
+                os.path.normpath(self._inside_root(self.root and self.root / candidate))
+            )
         source = candidate.resolve()
         if at_run_time:
             self._inside_root(source)
@@ -164,7 +187,9 @@ class AdapterSet:
         if loaded is not None:
             if loaded.source == source and not loaded.unloading:
                 return loaded
-            raise AlreadyExists(f"adapter {name!r} is already loaded from {loaded.source}", "lora_name")
+            raise AlreadyExists(
+                f"adapter {name!r} is already loaded from {loaded.source}", "lora_name"
+            )
         if len(self._adapters) >= self.max_adapters:
             raise FailedPrecondition(
                 f"this engine holds {len(self._adapters)} adapters, its most (--max-adapters); unload one first"
@@ -178,7 +203,9 @@ class AdapterSet:
         if self._base_shapes is None:
             self._base_shapes = tensor_shapes(self.model_dir)
         if reason := misfit(source, self._base_shapes):
-            raise InvalidRequest(f"adapter {name!r} does not fit {self.base!r}: {reason}", "lora_path")
+            raise InvalidRequest(
+                f"adapter {name!r} does not fit {self.base!r}: {reason}", "lora_path"
+            )
         return source, rank
 
     def _inside_root(self, path: Path | None) -> Path:
@@ -187,7 +214,8 @@ class AdapterSet:
             path = Path(os.path.normpath(path))
         if self.root is None or path is None or not path.is_relative_to(self.root):
             raise InvalidRequest(
-                "adapters load at run time only from directories under the engine's --lora-root", "lora_path"
+                "adapters load at run time only from directories under the engine's --lora-root",
+                "lora_path",
             )
         return path
 
@@ -202,7 +230,9 @@ class AdapterSet:
         adapter = self._adapters.get(name)
         if adapter is None or adapter.unloading:
             served = ", ".join(a.name for a in self.served()) or "none"
-            raise ModelNotFound(f"adapter {name!r} is not loaded on this engine; adapters: {served}", "model")
+            raise ModelNotFound(
+                f"adapter {name!r} is not loaded on this engine; adapters: {served}", "model"
+            )
         adapter.running += 1
         adapter.idle.clear()
         return adapter

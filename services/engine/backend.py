@@ -49,14 +49,22 @@ class EngineBackend(Protocol):
     def check_prompt(self, prompt_token_ids: Sequence[int]) -> None: ...
 
     def sampling(
-        self, params: common_pb2.SamplingParams, prompt_tokens: int,
-        kv_transfer_params: dict[str, Any] | None = None, max_tokens: int | None = None,
+        self,
+        params: common_pb2.SamplingParams,
+        prompt_tokens: int,
+        kv_transfer_params: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
     ) -> Any:
         """The engine's own form of a request's sampling parameters, checked."""
 
     def stream(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling: Any,
-        loading_kv: bool = False, cache_salt: str = "", adapter: str = "",
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: Any,
+        loading_kv: bool = False,
+        cache_salt: str = "",
+        adapter: str = "",
     ) -> AsyncIterator[list[Any]]:
         """Run one request, yielding its delta outputs (shaped like vLLM's RequestOutput)
         in batches: every output made since the caller last took one (see :func:`batches`)."""

@@ -39,11 +39,13 @@ class EngineConfig(NixlStageConfig):
         "whatever it is, ids made while the router is behind travel in one message",
     )
     max_num_batched_tokens: int = setting(
-        0, "most tokens one scheduler step computes, prompt chunks included (0: the engine's default)"
+        0,
+        "most tokens one scheduler step computes, prompt chunks included (0: the engine's default)",
     )
     kv_cache_gib: int = setting(1, "CPU: GiB of host memory for the KV cache (whole GiB)")
     kv_cache_blocks: int = setting(
-        0, "KV cache size in blocks, overriding the size from memory (0: from memory); caps the cache"
+        0,
+        "KV cache size in blocks, overriding the size from memory (0: from memory); caps the cache",
     )
     gpu_memory_utilization: float = setting(0.85, "CUDA: fraction of GPU memory vLLM may use")
     cpu_cores: str = setting(
@@ -68,30 +70,47 @@ class EngineConfig(NixlStageConfig):
         "(a no-op while no store runs)",
     )
     kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")
-    tensor_parallel_size: int = setting(1, "vLLM tensor parallelism: ranks the model's layers are split over")
-    pipeline_parallel_size: int = setting(1, "vLLM pipeline parallelism: stages the layers are cut into")
-    data_parallel_size: int = setting(1, "vLLM data parallelism inside this engine (replicas behind one member)")
-    enable_expert_parallel: bool = setting(False, "vLLM expert parallelism for MoE layers (across TP x DP ranks)")
+    tensor_parallel_size: int = setting(
+        1, "vLLM tensor parallelism: ranks the model's layers are split over"
+    )
+    pipeline_parallel_size: int = setting(
+        1, "vLLM pipeline parallelism: stages the layers are cut into"
+    )
+    data_parallel_size: int = setting(
+        1, "vLLM data parallelism inside this engine (replicas behind one member)"
+    )
+    enable_expert_parallel: bool = setting(
+        False, "vLLM expert parallelism for MoE layers (across TP x DP ranks)"
+    )
     quantization: str = setting(
-        "", "vLLM quantization method (fp8, awq, gptq, compressed-tensors, ...; empty: what the checkpoint says)"
+        "",
+        "vLLM quantization method (fp8, awq, gptq, compressed-tensors, ...; empty: what the checkpoint says)",
     )
     lora: list[str] = setting(
-        [], "LoRA adapters to serve, comma-separated NAME=PATH (PEFT directories): each is served as a "
+        [],
+        "LoRA adapters to serve, comma-separated NAME=PATH (PEFT directories): each is served as a "
         "model of its own name beside the base model",
     )
-    enable_lora: bool = setting(False, "LoRA on with no adapters at start (load them at run time); implied by --lora")
+    enable_lora: bool = setting(
+        False, "LoRA on with no adapters at start (load them at run time); implied by --lora"
+    )
     max_loras: int = setting(4, "LoRA: adapters one batch runs at once (vLLM's max_loras)")
-    max_lora_rank: int = setting(16, "LoRA: the largest adapter rank the engine takes (1, 8, 16, 32, 64, ...)")
+    max_lora_rank: int = setting(
+        16, "LoRA: the largest adapter rank the engine takes (1, 8, 16, 32, 64, ...)"
+    )
     lora_root: str = setting(
-        "", "LoRA: the directory adapters loaded at run time (load_lora_adapter) must be under; empty: "
+        "",
+        "LoRA: the directory adapters loaded at run time (load_lora_adapter) must be under; empty: "
         "run-time loads are refused (--lora adapters, given at start, may be anywhere)",
     )
     max_adapters: int = setting(
-        64, "LoRA: most adapters the engine holds at once (its member record lists each, and etcd "
+        64,
+        "LoRA: most adapters the engine holds at once (its member record lists each, and etcd "
         "takes at most 1.5 MiB a value)",
     )
     speculative_config: str = setting(
-        "", 'vLLM speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3} '
+        "",
+        'vLLM speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3} '
         'or {"model": "PATH", "num_speculative_tokens": 4}; empty: off',
     )
 
@@ -101,12 +120,16 @@ class EngineConfig(NixlStageConfig):
     )
     sim_speedup: float = setting(1.0, "sim: divide every simulated step and transfer time by this")
     sim_engines: int = setting(
-        1, "sim: engines this process runs, each with its own gRPC port (counting up from --port), "
+        1,
+        "sim: engines this process runs, each with its own gRPC port (counting up from --port), "
         "lease and member record",
     )
-    sim_fail_rate: float = setting(0.0, "sim: share of requests that fail mid-stream (fault injection)")
+    sim_fail_rate: float = setting(
+        0.0, "sim: share of requests that fail mid-stream (fault injection)"
+    )
     sim_exit_after_tokens: int = setting(
-        0, "sim: the process exits abruptly, as in a crash, once its engines emitted this many tokens (0: never)"
+        0,
+        "sim: the process exits abruptly, as in a crash, once its engines emitted this many tokens (0: never)",
     )
 
     @property
@@ -165,7 +188,7 @@ class EngineConfig(NixlStageConfig):
         cores = parse_cores(self.cpu_cores)
         ranks = self.world_size
         share = len(cores) // ranks
-        return "|".join(format_cores(cores[i * share:(i + 1) * share]) for i in range(ranks))
+        return "|".join(format_cores(cores[i * share : (i + 1) * share]) for i in range(ranks))
 
     def claim_cores(self) -> None:
         """Pin this process to the engine's cores before the engine stack loads, so that
@@ -187,7 +210,9 @@ class EngineConfig(NixlStageConfig):
         if self.stream_interval < 1:
             raise SystemExit(f"--stream-interval must be at least 1, not {self.stream_interval}")
         if self.sim_engines < 1 or self.sim_speedup <= 0 or not 0 <= self.sim_fail_rate <= 1:
-            raise SystemExit("--sim-engines must be at least 1, --sim-speedup above 0, --sim-fail-rate in [0, 1]")
+            raise SystemExit(
+                "--sim-engines must be at least 1, --sim-speedup above 0, --sim-fail-rate in [0, 1]"
+            )
         self.check_parallelism()
         self.speculative()
         self.lora_adapters()

@@ -71,7 +71,13 @@ class _StatsSink(StatLoggerBase):
     def __init__(self, runner: EngineRunner) -> None:
         self._runner = runner
 
-    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
         if scheduler_stats is not None:
             self._runner._record_stats(scheduler_stats)
 
@@ -104,7 +110,12 @@ class EngineRunner:
         self._event_dir = tempfile.mkdtemp(prefix="stagemesh-kvev-")
         self._bridge: ZmqKvEventBridge | None = None
         self.adapters = AdapterSet(
-            model.name, model.path, config.max_lora_rank, config.lora_enabled, config.lora_root, config.max_adapters
+            model.name,
+            model.path,
+            config.max_lora_rank,
+            config.lora_enabled,
+            config.lora_root,
+            config.max_adapters,
         )
         #: Adapters of the requests running or waiting, as of vLLM's latest stats.
         self._active_adapters: list[str] = []
@@ -137,7 +148,9 @@ class EngineRunner:
             optional["distributed_executor_backend"] = "mp"
         if self.config.lora_enabled:
             optional.update(
-                enable_lora=True, max_loras=self.config.max_loras, max_lora_rank=self.config.max_lora_rank
+                enable_lora=True,
+                max_loras=self.config.max_loras,
+                max_lora_rank=self.config.max_lora_rank,
             )
         args = AsyncEngineArgs(
             model=str(self.model.path),
@@ -160,12 +173,16 @@ class EngineRunner:
             **optional,
         )
         try:
-            self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index: _StatsSink(self)])
+            self.engine = AsyncLLM.from_engine_args(
+                args, stat_loggers=[lambda config, index: _StatsSink(self)]
+            )
         except (ValueError, TypeError, NotImplementedError) as exc:
             # vLLM checks the settings against the model and the device (pydantic's
             # ValidationError is a ValueError): say so in one line, not a traceback.
             reason = " ".join(str(exc).split())
-            raise SystemExit(f"the engine cannot start with these settings on {self.config.device}: {reason}") from None
+            raise SystemExit(
+                f"the engine cannot start with these settings on {self.config.device}: {reason}"
+            ) from None
         vllm_config = self.engine.vllm_config
         self.block_size = int(vllm_config.cache_config.block_size)
         self.total_blocks = int(vllm_config.cache_config.num_gpu_blocks or 0)
@@ -177,7 +194,11 @@ class EngineRunner:
         await load_configured(self.config.lora_adapters(), self.load_adapter)
         log.info(
             "engine ready: %s, block size %d, %d KV blocks, context %d, NIXL side channel %s",
-            self.model.name, self.block_size, self.total_blocks, self.max_model_len, self.nixl_address,
+            self.model.name,
+            self.block_size,
+            self.total_blocks,
+            self.max_model_len,
+            self.nixl_address,
         )
 
     def _kv_transfer_config(self) -> KVTransferConfig:
@@ -198,14 +219,18 @@ class EngineRunner:
             "kv_connector_module_path": "services.engine.kvstore_connector",
             "kv_role": self.kv_role,
             "kv_connector_extra_config": {
-                "etcd": self.config.etcd, "poll_ms": self.config.nixl_poll_ms,
+                "etcd": self.config.etcd,
+                "poll_ms": self.config.nixl_poll_ms,
                 # File names only: vLLM logs this config. A mesh key given by value
                 # reaches the engine core through the environment (see start()).
                 "credentials": {
-                    "mesh_key_file": self.config.mesh_key_file, "tls_cert": self.config.tls_cert,
-                    "tls_key": self.config.tls_key, "tls_ca": self.config.tls_ca,
+                    "mesh_key_file": self.config.mesh_key_file,
+                    "tls_cert": self.config.tls_cert,
+                    "tls_key": self.config.tls_key,
+                    "tls_ca": self.config.tls_ca,
                     "tls_server_name": self.config.tls_server_name,
-                    "etcd_user": self.config.etcd_user, "etcd_password_file": self.config.etcd_password_file,
+                    "etcd_user": self.config.etcd_user,
+                    "etcd_password_file": self.config.etcd_password_file,
                 },
             },
         }
@@ -264,8 +289,11 @@ class EngineRunner:
         return None
 
     def sampling(
-        self, params: common_pb2.SamplingParams, prompt_tokens: int,
-        kv_transfer_params: dict[str, Any] | None = None, max_tokens: int | None = None,
+        self,
+        params: common_pb2.SamplingParams,
+        prompt_tokens: int,
+        kv_transfer_params: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
     ) -> SamplingParams:
         """vLLM's sampling parameters for a request (checked; see :func:`to_vllm`)."""
         return to_vllm(params, prompt_tokens, self.max_model_len, kv_transfer_params, max_tokens)
@@ -305,7 +333,9 @@ class EngineRunner:
             except Exception as exc:  # noqa: BLE001 - vLLM's loader raises many kinds; all mean "does not fit"
                 self.adapters.remove(adapter)
                 reason = " ".join(str(exc).split()) or type(exc).__name__
-                raise InvalidRequest(f"adapter {name!r} from {source} does not fit this engine: {reason}") from None
+                raise InvalidRequest(
+                    f"adapter {name!r} from {source} does not fit this engine: {reason}"
+                ) from None
             log.info("adapter %s loaded from %s (rank %d)", name, source, rank)
             return adapter
 
@@ -318,7 +348,9 @@ class EngineRunner:
         """Second half: once the requests running with it are done, vLLM drops it. One
         task per adapter, which runs on when the caller waiting for it goes away."""
         if adapter.removal is None:
-            adapter.removal = asyncio.create_task(self._remove_when_idle(adapter), name=f"unload {adapter.name}")
+            adapter.removal = asyncio.create_task(
+                self._remove_when_idle(adapter), name=f"unload {adapter.name}"
+            )
         return adapter.removal
 
     async def _remove_when_idle(self, adapter: Adapter) -> None:
@@ -356,7 +388,11 @@ class EngineRunner:
         salted = {"cache_salt": cache_salt} if cache_salt else {}
         request.task = asyncio.create_task(
             self._pump(
-                engine, request, TokensPrompt(prompt_token_ids=list(prompt_token_ids), **salted), sampling, lora
+                engine,
+                request,
+                TokensPrompt(prompt_token_ids=list(prompt_token_ids), **salted),
+                sampling,
+                lora,
             ),
             name=f"req {request_id}",
         )
@@ -405,12 +441,18 @@ class EngineRunner:
         return released
 
     async def _pump(
-        self, engine: AsyncLLM, request: _Request, prompt: TokensPrompt, sampling: SamplingParams,
+        self,
+        engine: AsyncLLM,
+        request: _Request,
+        prompt: TokensPrompt,
+        sampling: SamplingParams,
         adapter: Adapter | None,
     ) -> None:
         lora = self._lora_request(adapter) if adapter is not None else None
         try:
-            async for output in engine.generate(prompt, sampling, request.request_id, lora_request=lora):
+            async for output in engine.generate(
+                prompt, sampling, request.request_id, lora_request=lora
+            ):
                 if request.loading_kv:
                     request.loading_kv = False  # KV is in: aborting is safe from here
                     if request.abort_requested:
@@ -448,7 +490,10 @@ class EngineRunner:
             self._external_queries += int(external.queries)
             self._external_hits += int(external.hits)
         self._active_adapters = sorted(
-            {*getattr(stats, "running_lora_adapters", {}), *getattr(stats, "waiting_lora_adapters", {})}
+            {
+                *getattr(stats, "running_lora_adapters", {}),
+                *getattr(stats, "waiting_lora_adapters", {}),
+            }
         )
 
     def layout_labels(self) -> dict[str, str]:
@@ -465,7 +510,9 @@ class EngineRunner:
             "data_parallel_size": str(parallel.data_parallel_size),
             "expert_parallel": "on" if parallel.enable_expert_parallel else "off",
             "quantization": str(config.model_config.quantization or "none"),
-            "kv_dtype": str(config.model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else cache_dtype,
+            "kv_dtype": str(config.model_config.dtype).removeprefix("torch.")
+            if cache_dtype == "auto"
+            else cache_dtype,
             "speculative": str(speculative.method) if speculative is not None else "off",
         }
 

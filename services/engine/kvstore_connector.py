@@ -112,28 +112,40 @@ class KvStoreConnector(KVConnectorBase_V1, SupportsHMA):
 
     _cache_hit_source = CacheHitSource.HOST
 
-    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
         # This may be the engine core's own process: it calls the stores and etcd with
         # the stage's credentials (file names from the config, a key given by value from
         # the environment the stage exported).
         credentials.install(
-            MeshCredentials.load(mesh_key=os.environ.get(MESH_KEY_ENV, ""), **extra.get("credentials", {}))
+            MeshCredentials.load(
+                mesh_key=os.environ.get(MESH_KEY_ENV, ""), **extra.get("credentials", {})
+            )
         )
         self._block_size = int(vllm_config.cache_config.block_size)
         # What makes two engines' KV bytes interchangeable; the store also checks bytes per block.
         self.layout = ":".join(
-            str(part) for part in (
-                vllm_config.model_config.served_model_name, vllm_config.model_config.dtype,
-                vllm_config.device_config.device_type, self._block_size,
+            str(part)
+            for part in (
+                vllm_config.model_config.served_model_name,
+                vllm_config.model_config.dtype,
+                vllm_config.device_config.device_type,
+                self._block_size,
             )
         )
         if len(kv_cache_config.kv_cache_groups) != 1:
-            log.warning("KV store connector off: the model has %d KV-cache groups", len(kv_cache_config.kv_cache_groups))
+            log.warning(
+                "KV store connector off: the model has %d KV-cache groups",
+                len(kv_cache_config.kv_cache_groups),
+            )
             extra = {**extra, "disabled": True}
         self._scheduler = _SchedulerSide(self, extra) if role == KVConnectorRole.SCHEDULER else None
-        self._worker = _WorkerSide(self, extra, kv_cache_config) if role == KVConnectorRole.WORKER else None
+        self._worker = (
+            _WorkerSide(self, extra, kv_cache_config) if role == KVConnectorRole.WORKER else None
+        )
 
     # -- worker side ----------------------------------------------------------------
 
@@ -148,7 +160,13 @@ class KvStoreConnector(KVConnectorBase_V1, SupportsHMA):
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads complete in ``start_load_kv``: a store read is one NIXL transfer for all layers."""
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
         """Writes happen per block after the step (``wait_for_save``), not per layer."""
 
     def wait_for_save(self) -> None:
@@ -176,11 +194,15 @@ class KvStoreConnector(KVConnectorBase_V1, SupportsHMA):
 
     # -- scheduler side -------------------------------------------------------------
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         assert self._scheduler is not None
         return self._scheduler.matched(request, num_computed_tokens), False
 
-    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
         assert self._scheduler is not None
         self._scheduler.allocated(request, blocks.get_block_ids()[0], num_external_tokens)
 
@@ -188,7 +210,9 @@ class KvStoreConnector(KVConnectorBase_V1, SupportsHMA):
         assert self._scheduler is not None
         return self._scheduler.plan(scheduler_output)
 
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         return self._scheduler.finished(request.request_id), None
 
@@ -241,7 +265,11 @@ class _SchedulerSide:
 
     def _failed(self, exc: Exception) -> None:
         if time.monotonic() >= self._down_until:
-            log.warning("KV store unavailable (%s); computing without it for %.0fs", exc, self._retry_seconds)
+            log.warning(
+                "KV store unavailable (%s); computing without it for %.0fs",
+                exc,
+                self._retry_seconds,
+            )
         self._down_until = time.monotonic() + self._retry_seconds
 
     def matched(self, request: Request, num_computed_tokens: int) -> int:
@@ -279,7 +307,10 @@ class _SchedulerSide:
             self._link.release(prefix)
             return
         self._loads[request.request_id] = _Load(
-            request.request_id, list(block_ids[local : local + count]), prefix.hits[local : local + count], prefix
+            request.request_id,
+            list(block_ids[local : local + count]),
+            prefix.hits[local : local + count],
+            prefix,
         )
 
     def plan(self, out: SchedulerOutput) -> StoreConnectorMetadata:
@@ -288,11 +319,17 @@ class _SchedulerSide:
         self._loads.clear()
         for new in out.scheduled_new_reqs:
             tracked = _Tracked(
-                list(new.prompt_token_ids or []), list(new.block_ids[0]),
+                list(new.prompt_token_ids or []),
+                list(new.block_ids[0]),
                 saved_blocks=new.num_computed_tokens // self._block_size,
             )
             self._tracked[new.req_id] = tracked
-            self._plan_save(meta, new.req_id, tracked, new.num_computed_tokens + out.num_scheduled_tokens[new.req_id])
+            self._plan_save(
+                meta,
+                new.req_id,
+                tracked,
+                new.num_computed_tokens + out.num_scheduled_tokens[new.req_id],
+            )
         cached = out.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             known = self._tracked.get(req_id)
@@ -304,16 +341,27 @@ class _SchedulerSide:
                     known.block_ids = list(new_blocks[0])
                 else:
                     known.block_ids.extend(new_blocks[0])
-            self._plan_save(meta, req_id, known, cached.num_computed_tokens[i] + out.num_scheduled_tokens[req_id])
+            self._plan_save(
+                meta,
+                req_id,
+                known,
+                cached.num_computed_tokens[i] + out.num_scheduled_tokens[req_id],
+            )
         return meta
 
-    def _plan_save(self, meta: StoreConnectorMetadata, req_id: str, tracked: _Tracked, done_tokens: int) -> None:
+    def _plan_save(
+        self, meta: StoreConnectorMetadata, req_id: str, tracked: _Tracked, done_tokens: int
+    ) -> None:
         full = min(done_tokens, len(tracked.prompt)) // self._block_size
         if not meta.shards or full <= tracked.saved_blocks:
             return
         hashes = self._prompt_hashes(req_id, tracked.prompt)
         meta.saves.append(
-            _Save(req_id, hashes[tracked.saved_blocks : full], tracked.block_ids[tracked.saved_blocks : full])
+            _Save(
+                req_id,
+                hashes[tracked.saved_blocks : full],
+                tracked.block_ids[tracked.saved_blocks : full],
+            )
         )
         tracked.saved_blocks = full
         tracked.has_saves = True
@@ -342,10 +390,14 @@ class _SchedulerSide:
 class _WorkerSide:
     """NIXL reads and writes between the KV cache and the store, in the worker."""
 
-    def __init__(self, connector: KvStoreConnector, extra: dict[str, Any], kv_cache_config: KVCacheConfig) -> None:
+    def __init__(
+        self, connector: KvStoreConnector, extra: dict[str, Any], kv_cache_config: KVCacheConfig
+    ) -> None:
         self._layout = connector.layout
         self._num_blocks = int(kv_cache_config.num_blocks)
-        self._agent = new_agent(f"kvstore-conn-{uuid.uuid4().hex[:12]}", int(extra.get("poll_ms", 1)))
+        self._agent = new_agent(
+            f"kvstore-conn-{uuid.uuid4().hex[:12]}", int(extra.get("poll_ms", 1))
+        )
         self._link = StoreLink(
             self._agent,
             rpc_timeout=float(extra.get("rpc_timeout", 1.0)),
@@ -371,13 +423,19 @@ class _WorkerSide:
         for name, tensor in kv_caches.items():
             dims = [d for d, size in enumerate(tensor.shape) if size == self._num_blocks]
             if not dims or not tensor.is_contiguous():
-                raise ValueError(f"KV cache {name} {tuple(tensor.shape)}: no contiguous block dimension")
+                raise ValueError(
+                    f"KV cache {name} {tuple(tensor.shape)}: no contiguous block dimension"
+                )
             dim = dims[0]
             element = tensor.element_size()
             block_stride = tensor.stride(dim) * element
             outer = [0]
             for d in range(dim):
-                outer = [o + i * tensor.stride(d) * element for o in outer for i in range(tensor.shape[d])]
+                outer = [
+                    o + i * tensor.stride(d) * element
+                    for o in outer
+                    for i in range(tensor.shape[d])
+                ]
             self._layers.append((tensor.data_ptr(), outer, block_stride))
             self._registrations.append(
                 self._agent.register_memory(
@@ -385,7 +443,9 @@ class _WorkerSide:
                 )
             )
         self.block_bytes = sum(len(outer) * piece for _, outer, piece in self._layers)
-        log.info("KV store connector: %d layers, %d bytes per block", len(self._layers), self.block_bytes)
+        log.info(
+            "KV store connector: %d layers, %d bytes per block", len(self._layers), self.block_bytes
+        )
 
     def regions(self, block_id: int) -> list[Region]:
         return [
@@ -399,7 +459,12 @@ class _WorkerSide:
             try:
                 self._link.read(job.hits, [self.regions(b) for b in job.block_ids])
             except Exception as exc:  # noqa: BLE001  any failure: the blocks are recomputed
-                log.warning("KV store read of %d blocks for %s failed (%s); recomputing them", len(job.block_ids), job.req_id, exc)
+                log.warning(
+                    "KV store read of %d blocks for %s failed (%s); recomputing them",
+                    len(job.block_ids),
+                    job.req_id,
+                    exc,
+                )
                 with self._lock:
                     self._failed.update(job.block_ids)
                 if isinstance(exc, TransferError) and not exc.settled:
@@ -417,10 +482,16 @@ class _WorkerSide:
     def _write(self, shards: ShardMap, job: _Save) -> None:
         try:
             self._link.store(
-                shards, self._layout, job.hashes, self.block_bytes, lambda i: self.regions(job.block_ids[i])
+                shards,
+                self._layout,
+                job.hashes,
+                self.block_bytes,
+                lambda i: self.regions(job.block_ids[i]),
             )
         except Exception as exc:  # noqa: BLE001  a cache: any failed write is dropped, nothing else
-            log.warning("KV store write of %d blocks for %s dropped: %s", len(job.hashes), job.req_id, exc)
+            log.warning(
+                "KV store write of %d blocks for %s dropped: %s", len(job.hashes), job.req_id, exc
+            )
         finally:
             with self._lock:
                 self._pending[job.req_id] -= 1

@@ -12,7 +12,10 @@ from services.pb import common_pb2
 
 
 def output_budget(
-    params: common_pb2.SamplingParams, prompt_tokens: int, max_model_len: int, max_tokens: int | None = None
+    params: common_pb2.SamplingParams,
+    prompt_tokens: int,
+    max_model_len: int,
+    max_tokens: int | None = None,
 ) -> tuple[int, int]:
     """``(max_tokens, min_tokens)`` for one sequence.
 

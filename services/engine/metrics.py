@@ -34,17 +34,23 @@ class EngineLoads(Collector):
 
     def collect(self) -> Iterator[Metric]:
         requests = GaugeMetricFamily(
-            "stagemesh_engine_requests", "Requests in the engine's scheduler, by state", labels=["engine", "state"]
+            "stagemesh_engine_requests",
+            "Requests in the engine's scheduler, by state",
+            labels=["engine", "state"],
         )
         usage = GaugeMetricFamily(
-            "stagemesh_engine_kv_cache_usage", "Fraction of the engine's KV cache blocks in use", labels=["engine"]
+            "stagemesh_engine_kv_cache_usage",
+            "Fraction of the engine's KV cache blocks in use",
+            labels=["engine"],
         )
         hit_rate = GaugeMetricFamily(
-            "stagemesh_engine_prefix_cache_hit_rate", "Share of queried prompt tokens found in the engine's prefix cache",
+            "stagemesh_engine_prefix_cache_hit_rate",
+            "Share of queried prompt tokens found in the engine's prefix cache",
             labels=["engine"],
         )
         external = CounterMetricFamily(
-            "stagemesh_engine_external_prefix_tokens", "Prompt tokens looked up in the KV store, by outcome",
+            "stagemesh_engine_external_prefix_tokens",
+            "Prompt tokens looked up in the KV store, by outcome",
             labels=["engine", "outcome"],
         )
         for instance_id, engine in list(self._engines.items()):

@@ -19,13 +19,17 @@ _FINISH_REASONS = {
 }
 
 
-def _position_logprobs(token_id: int, entry: dict[int, Any], top_k: int) -> common_pb2.PositionLogprobs:
+def _position_logprobs(
+    token_id: int, entry: dict[int, Any], top_k: int
+) -> common_pb2.PositionLogprobs:
     """vLLM's {token id: Logprob} at one position: the chosen token, plus the ``top_k``
     most likely (vLLM adds the chosen token to the top ones when it ranks lower)."""
 
     def item(tid: int) -> common_pb2.TokenLogprob:
         value = entry[tid]
-        return common_pb2.TokenLogprob(token_id=tid, logprob=float(value.logprob), rank=int(value.rank or 0))
+        return common_pb2.TokenLogprob(
+            token_id=tid, logprob=float(value.logprob), rank=int(value.rank or 0)
+        )
 
     ranked = sorted(entry, key=lambda tid: entry[tid].rank or 0)
     return common_pb2.PositionLogprobs(
@@ -64,7 +68,9 @@ class Reply:
             )
         if not output.finished:
             return
-        message.finish_reason = _FINISH_REASONS.get(sequence.finish_reason or "", common_pb2.FINISH_REASON_STOP)
+        message.finish_reason = _FINISH_REASONS.get(
+            sequence.finish_reason or "", common_pb2.FINISH_REASON_STOP
+        )
         if isinstance(sequence.stop_reason, int):
             message.stop_token_id = sequence.stop_reason
         elif sequence.finish_reason == "stop" and sequence.token_ids:

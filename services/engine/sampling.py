@@ -38,8 +38,16 @@ def to_vllm(
         # Text is the tokenizer stage's job; the engine runs token-in/token-out.
         "detokenize": False,
     }
-    for field in ("temperature", "top_p", "top_k", "min_p", "seed",
-                  "repetition_penalty", "presence_penalty", "frequency_penalty"):
+    for field in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ):
         if params.HasField(field):
             kwargs[field] = getattr(params, field)
     if params.HasField("logprobs"):

@@ -34,8 +34,14 @@ from services.server import Stage
 
 # kv_transfer_params keys with a typed home in KvTransferHandle; others travel in extra_json.
 _TYPED_KEYS = {
-    "remote_engine_id", "remote_block_ids", "remote_host", "remote_port",
-    "remote_request_id", "tp_size", "do_remote_prefill", "do_remote_decode",
+    "remote_engine_id",
+    "remote_block_ids",
+    "remote_host",
+    "remote_port",
+    "remote_request_id",
+    "tp_size",
+    "do_remote_prefill",
+    "do_remote_decode",
 }
 
 
@@ -75,7 +81,9 @@ def params_from_handle(handle: common_pb2.KvTransferHandle) -> dict[str, Any]:
     if not handle.remote_engine_id or not handle.remote_host or not handle.remote_port:
         raise InvalidRequest("the KV transfer handle lacks the prefill engine's id or address")
     try:
-        params: dict[str, Any] = allowed_extra(json.loads(handle.extra_json)) if handle.extra_json else {}
+        params: dict[str, Any] = (
+            allowed_extra(json.loads(handle.extra_json)) if handle.extra_json else {}
+        )
     except (json.JSONDecodeError, AttributeError, TypeError):
         raise InvalidRequest("the KV transfer handle's extra_json is not a JSON object") from None
     params.setdefault("remote_block_ids", [list(handle.remote_block_ids)])
@@ -95,8 +103,13 @@ class EngineServicer:
     """EngineService over an :class:`~services.engine.backend.EngineBackend`."""
 
     def __init__(
-        self, runner: EngineBackend, role: int, instance_id: str, signer: HandleSigner,
-        issuers: PrefillMembers | None = None, publish: Callable[[], Awaitable[None]] | None = None,
+        self,
+        runner: EngineBackend,
+        role: int,
+        instance_id: str,
+        signer: HandleSigner,
+        issuers: PrefillMembers | None = None,
+        publish: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._runner = runner
         #: Publishes the member record again (its adapter list changed).
@@ -124,13 +137,18 @@ class EngineServicer:
         runner.check_prompt(request.prompt_token_ids)
         request_id = request.request_id or f"prefill-{uuid.uuid4().hex}"
         sampling = runner.sampling(
-            request.sampling, len(request.prompt_token_ids),
-            kv_transfer_params={"do_remote_decode": True}, max_tokens=1,
+            request.sampling,
+            len(request.prompt_token_ids),
+            kv_transfer_params={"do_remote_decode": True},
+            max_tokens=1,
         )
         final = None
         try:
             async for batch in runner.stream(
-                request_id, request.prompt_token_ids, sampling, cache_salt=request.sampling.cache_salt,
+                request_id,
+                request.prompt_token_ids,
+                sampling,
+                cache_salt=request.sampling.cache_salt,
                 adapter=request.adapter,
             ):
                 final = batch[-1]
@@ -185,11 +203,19 @@ class EngineServicer:
         reply = Reply(request)
         interval = runner.config.stream_interval
         async for batch in runner.stream(
-            request_id, request.prompt_token_ids, sampling, loading_kv=kv_params is not None,
-            cache_salt=request.sampling.cache_salt, adapter=request.adapter,
+            request_id,
+            request.prompt_token_ids,
+            sampling,
+            loading_kv=kv_params is not None,
+            cache_salt=request.sampling.cache_salt,
+            adapter=request.adapter,
         ):
             sequence = batch[0].outputs[0]
-            if sequence.finish_reason == "error" and kv_params is not None and not reply.completion_tokens:
+            if (
+                sequence.finish_reason == "error"
+                and kv_params is not None
+                and not reply.completion_tokens
+            ):
                 # vLLM's kv_load_failure_policy "fail": the KV could not be pulled.
                 raise KvNotCollected(
                     f"could not collect KV transfer handle {request.kv_handle.remote_request_id!r} "
@@ -216,7 +242,9 @@ class EngineServicer:
         aborted = [rid for rid in request.request_ids if await runner.abort(rid)]
         self._forget_expired()
         held = {
-            self._handles[rid][1]: rid for rid in request.request_ids if rid in self._handles and rid not in aborted
+            self._handles[rid][1]: rid
+            for rid in request.request_ids
+            if rid in self._handles and rid not in aborted
         }
         if held:
             for engine_id in await runner.release_kv(list(held)):
@@ -305,7 +333,9 @@ class PrefillMembers:
         deadline = time.monotonic() + self.GRACE_SECONDS
         while reason := issuer_mismatch(handle, self._watcher.members.values()):
             if time.monotonic() >= deadline:
-                raise PermissionDenied(f"the KV handle names no prefill engine of this mesh: {reason}")
+                raise PermissionDenied(
+                    f"the KV handle names no prefill engine of this mesh: {reason}"
+                )
             await asyncio.sleep(0.05)
 
 
@@ -316,10 +346,16 @@ class EngineStage(Stage):
 
     def __init__(self, config: EngineConfig) -> None:
         self._config = config
-        self._runner = _backend(config, resolve_model(config.model, Path(config.home)), self.kv_role)
+        self._runner = _backend(
+            config, resolve_model(config.model, Path(config.home)), self.kv_role
+        )
         signer = HandleSigner(config.credentials().mesh_key)
-        self._issuers = PrefillMembers(config.etcd_endpoints) if self.role == common_pb2.ROLE_DECODE else None
-        self._servicer = EngineServicer(self._runner, self.role, config.instance_id, signer, self._issuers)
+        self._issuers = (
+            PrefillMembers(config.etcd_endpoints) if self.role == common_pb2.ROLE_DECODE else None
+        )
+        self._servicer = EngineServicer(
+            self._runner, self.role, config.instance_id, signer, self._issuers
+        )
 
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
         return [(engine_pb2.DESCRIPTOR.services_by_name["EngineService"], self._servicer)]
@@ -354,7 +390,9 @@ class EngineStage(Stage):
         member.labels.update(self._runner.layout_labels())
         if self._config.lora_enabled:
             member.adapter_slots = self._config.max_loras
-            member.adapters.extend(a.record(self._runner.model.name) for a in self._runner.adapters.served())
+            member.adapters.extend(
+                a.record(self._runner.model.name) for a in self._runner.adapters.served()
+            )
         assert self._runner.events is not None
         member.kv_event_epoch = self._runner.events.epoch
 

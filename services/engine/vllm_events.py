@@ -25,7 +25,14 @@ log = logging.getLogger(__name__)
 
 # Field positions in the array form, after the leading type tag.
 _STORED_FIELDS = (
-    "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name", "extra_keys",
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+    "extra_keys",
 )
 _REMOVED_FIELDS = ("block_hashes",)
 
@@ -54,7 +61,11 @@ def _first_block_salt(fields: dict[str, Any]) -> str:
     in order: the LoRA name (when set), (multimodal id, offset) pairs, the salt, then
     prompt-embedding digests; the salt is the first plain string after the LoRA name."""
     extra = fields.get("extra_keys")
-    if fields.get("parent_block_hash") is not None or not isinstance(extra, list | tuple) or not extra:
+    if (
+        fields.get("parent_block_hash") is not None
+        or not isinstance(extra, list | tuple)
+        or not extra
+    ):
         return ""
     if not isinstance(extra[0], list | tuple):
         return ""
@@ -110,7 +121,9 @@ class ZmqKvEventBridge:
                     continue
                 try:
                     batch = decoder.decode(frames[2])
-                    events = batch[1] if isinstance(batch, (list, tuple)) else batch.get("events", [])
+                    events = (
+                        batch[1] if isinstance(batch, (list, tuple)) else batch.get("events", [])
+                    )
                     for event in events:
                         apply_vllm_event(self._events, event)
                 except Exception:  # one bad batch must not stop the stream

@@ -43,12 +43,16 @@ def chain_name(chain_hash: int) -> bytes:
 class KvEventLog:
     """Sequenced KV events of one publisher, with replay and snapshot support."""
 
-    def __init__(self, block_size: int, replay_window: int = 10_000, queue_limit: int = 10_000) -> None:
+    def __init__(
+        self, block_size: int, replay_window: int = 10_000, queue_limit: int = 10_000
+    ) -> None:
         # A random epoch per process: sequence numbers of a restarted publisher are new.
         self.epoch = random.getrandbits(63) or 1
         self.block_size = block_size
         self.sequence = 0
-        self._window: collections.deque[common_pb2.KvEvent] = collections.deque(maxlen=replay_window)
+        self._window: collections.deque[common_pb2.KvEvent] = collections.deque(
+            maxlen=replay_window
+        )
         self._blocks: dict[bytes, _Block] = {}
         self._subscribers: set[asyncio.Queue[common_pb2.KvEvent | None]] = set()
         self._queue_limit = queue_limit
@@ -58,7 +62,12 @@ class KvEventLog:
         return len(self._blocks)
 
     def stored(
-        self, block_hashes: list[bytes], parent: bytes, token_ids: list[int], salt: str = "", adapter: str = ""
+        self,
+        block_hashes: list[bytes],
+        parent: bytes,
+        token_ids: list[int],
+        salt: str = "",
+        adapter: str = "",
     ) -> None:
         """Record full blocks stored, in chain order (``token_ids``: block_size per block);
         ``salt`` and ``adapter`` are the cache_salt and LoRA adapter of a chain's first
@@ -69,15 +78,21 @@ class KvEventLog:
         for index, block_hash in enumerate(block_hashes):
             first = not index
             self._blocks[block_hash] = _Block(
-                previous, token_ids[index * size : (index + 1) * size],
-                salt=salt if first else "", adapter=adapter if first else "",
+                previous,
+                token_ids[index * size : (index + 1) * size],
+                salt=salt if first else "",
+                adapter=adapter if first else "",
             )
             previous = block_hash
         self._append(
             common_pb2.KvEvent(
                 block_stored=common_pb2.BlockStored(
-                    block_hashes=block_hashes, parent_block_hash=parent,
-                    token_ids=token_ids, block_size=size, cache_salt=salt, adapter=adapter,
+                    block_hashes=block_hashes,
+                    parent_block_hash=parent,
+                    token_ids=token_ids,
+                    block_size=size,
+                    cache_salt=salt,
+                    adapter=adapter,
                 )
             )
         )
@@ -99,7 +114,9 @@ class KvEventLog:
     def removed(self, block_hashes: list[bytes]) -> None:
         for block_hash in block_hashes:
             self._blocks.pop(block_hash, None)
-        self._append(common_pb2.KvEvent(block_removed=common_pb2.BlockRemoved(block_hashes=block_hashes)))
+        self._append(
+            common_pb2.KvEvent(block_removed=common_pb2.BlockRemoved(block_hashes=block_hashes))
+        )
 
     def cleared(self) -> None:
         self._blocks.clear()
@@ -113,16 +130,21 @@ class KvEventLog:
             block_size=self.block_size,
             blocks=[
                 common_pb2.BlockStored(
-                    block_hashes=[block_hash], parent_block_hash=block.parent,
-                    token_ids=block.token_ids, block_size=self.block_size,
+                    block_hashes=[block_hash],
+                    parent_block_hash=block.parent,
+                    token_ids=block.token_ids,
+                    block_size=self.block_size,
                     chain_names=[] if block.chain_hash is None else [to_wire(block.chain_hash)],
-                    cache_salt=block.salt, adapter=block.adapter,
+                    cache_salt=block.salt,
+                    adapter=block.adapter,
                 )
                 for block_hash, block in self._blocks.items()
             ],
         )
 
-    async def subscribe(self, epoch: int, after_sequence: int) -> AsyncGenerator[common_pb2.KvEventsResponse, None]:
+    async def subscribe(
+        self, epoch: int, after_sequence: int
+    ) -> AsyncGenerator[common_pb2.KvEventsResponse, None]:
         """Stream events after ``(epoch, after_sequence)``; starts with resync when needed."""
         queue: asyncio.Queue[common_pb2.KvEvent | None] = asyncio.Queue()
         self._subscribers.add(queue)
@@ -164,4 +186,3 @@ class KvEventLog:
                 queue.put_nowait(None)
             else:
                 queue.put_nowait(event)
-

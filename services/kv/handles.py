@@ -24,9 +24,16 @@ from services.errors import InvalidRequest, PermissionDenied
 from services.pb import common_pb2
 
 #: kv_transfer_params keys that ``extra_json`` may carry to vLLM's NixlConnector.
-EXTRA_KEYS = frozenset({
-    "remote_block_ids", "remote_num_tokens", "remote_blocks_expiry_time", "dcp_size", "pp_size", "transfer_mode",
-})
+EXTRA_KEYS = frozenset(
+    {
+        "remote_block_ids",
+        "remote_num_tokens",
+        "remote_blocks_expiry_time",
+        "dcp_size",
+        "pp_size",
+        "transfer_mode",
+    }
+)
 
 
 class HandleSigner:
@@ -43,7 +50,9 @@ class HandleSigner:
         unsigned = common_pb2.KvTransferHandle()
         unsigned.CopyFrom(handle)
         unsigned.ClearField("signature")
-        return hmac.new(self._key, unsigned.SerializeToString(deterministic=True), hashlib.sha256).digest()
+        return hmac.new(
+            self._key, unsigned.SerializeToString(deterministic=True), hashlib.sha256
+        ).digest()
 
     def sign(self, handle: common_pb2.KvTransferHandle) -> None:
         if self._key:
@@ -54,7 +63,9 @@ class HandleSigner:
         if not self._key:
             return
         if not handle.signature:
-            raise PermissionDenied("the KV transfer handle is not signed; this mesh collects only handles its prefill engines issued")
+            raise PermissionDenied(
+                "the KV transfer handle is not signed; this mesh collects only handles its prefill engines issued"
+            )
         if not hmac.compare_digest(handle.signature, self._mac(handle)):
             raise PermissionDenied(
                 "the KV transfer handle's signature does not hold: it was changed after it was issued, "
@@ -66,11 +77,15 @@ def allowed_extra(extra: dict[str, object]) -> dict[str, object]:
     """``extra`` with only the keys vLLM may be given; an unknown key is refused."""
     unknown = sorted(set(extra) - EXTRA_KEYS)
     if unknown:
-        raise InvalidRequest(f"the KV transfer handle carries keys the mesh does not pass on: {', '.join(unknown)}")
+        raise InvalidRequest(
+            f"the KV transfer handle carries keys the mesh does not pass on: {', '.join(unknown)}"
+        )
     return extra
 
 
-def issuer_mismatch(handle: common_pb2.KvTransferHandle, prefill_members: Iterable[common_pb2.Member]) -> str:
+def issuer_mismatch(
+    handle: common_pb2.KvTransferHandle, prefill_members: Iterable[common_pb2.Member]
+) -> str:
     """Why ``handle`` does not name a current prefill member ("" when it does): a member
     with the handle's instance id whose NIXL side channel is the handle's host and port.
 

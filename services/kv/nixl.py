@@ -105,7 +105,9 @@ def new_agent(name: str, poll_ms: int = 1) -> Any:
     limit_progress_poll(api, poll_ms)
     return api.nixl_agent(
         name,
-        api.nixl_agent_config(backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT),
+        api.nixl_agent_config(
+            backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+        ),
     )
 
 
@@ -149,7 +151,12 @@ def transfer(
         try:
             agent.release_xfer_handle(handle)
         except Exception as exc:  # noqa: BLE001  NIXL's bindings raise their own error types
-            log.warning("NIXL %s with %s could not be cancelled (%s): its memory stays claimed", op, peer, exc)
+            log.warning(
+                "NIXL %s with %s could not be cancelled (%s): its memory stays claimed",
+                op,
+                peer,
+                exc,
+            )
             if error is not None:
                 error.settled = False
     if error is not None:

@@ -124,6 +124,5 @@ class ShardMapFollower:
         self.current = ShardMap(self._watcher.members.values())
         log.info(
             "KV store shard map: %s",
-            ", ".join(f"{i}@{a}" for i, a in self.current.addresses.items())
-            or "empty",
+            ", ".join(f"{i}@{a}" for i, a in self.current.addresses.items()) or "empty",
         )

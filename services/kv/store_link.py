@@ -62,8 +62,11 @@ class Target:
     @classmethod
     def of(cls, target: kvstore_pb2.NixlTarget) -> Target:
         return cls(
-            target.agent_name, bytes(target.agent_metadata), target.base_address,
-            target.slot_bytes, target.device_id,
+            target.agent_name,
+            bytes(target.agent_metadata),
+            target.base_address,
+            target.slot_bytes,
+            target.device_id,
         )
 
 
@@ -85,7 +88,9 @@ class Prefix:
     pins: list[tuple[str, str]]  # (store address, pin id)
 
 
-def remote_regions(target: Target, slot: int, regions: Sequence[Region]) -> list[tuple[int, int, int]]:
+def remote_regions(
+    target: Target, slot: int, regions: Sequence[Region]
+) -> list[tuple[int, int, int]]:
     """NIXL descriptors in the store's pool matching a block's local ``regions``."""
     base = target.base_address + slot * target.slot_bytes
     out = []
@@ -94,14 +99,18 @@ def remote_regions(target: Target, slot: int, regions: Sequence[Region]) -> list
         out.append((base + offset, length, target.device_id))
         offset += length
     if offset != target.slot_bytes:
-        raise StoreError(f"a block of {offset} bytes does not match the store's {target.slot_bytes}-byte slots")
+        raise StoreError(
+            f"a block of {offset} bytes does not match the store's {target.slot_bytes}-byte slots"
+        )
     return out
 
 
 class StoreLink:
     """Control channels to every store and one NIXL agent for the data."""
 
-    def __init__(self, agent: Any, rpc_timeout: float = 2.0, transfer_timeout: float = 10.0) -> None:
+    def __init__(
+        self, agent: Any, rpc_timeout: float = 2.0, transfer_timeout: float = 10.0
+    ) -> None:
         self.agent = agent
         self.rpc_timeout = rpc_timeout
         self.transfer_timeout = transfer_timeout
@@ -131,7 +140,9 @@ class StoreLink:
                 request, timeout=self.rpc_timeout, metadata=credentials.current().call_metadata
             )
         except grpc.RpcError as exc:
-            raise StoreError(f"KV store {address} {method}: {exc.code().name} {exc.details()}") from exc
+            raise StoreError(
+                f"KV store {address} {method}: {exc.code().name} {exc.details()}"
+            ) from exc
 
     def _peer(self, target: Target) -> str:
         """Load the store agent's metadata once (a restarted store has a new name)."""
@@ -143,7 +154,9 @@ class StoreLink:
 
     # -- read -------------------------------------------------------------------------
 
-    def lookup(self, shards: ShardMap, layout: str, hashes: Sequence[int], pin_seconds: float = 0.0) -> Prefix:
+    def lookup(
+        self, shards: ShardMap, layout: str, hashes: Sequence[int], pin_seconds: float = 0.0
+    ) -> Prefix:
         """The longest prefix of ``hashes`` the stores hold, pinned.
 
         Each owning store is asked for the hashes it owns; the chain's stored prefix
@@ -154,8 +167,11 @@ class StoreLink:
         pins: list[tuple[str, str]] = []
         for address, owned in shards.split(hashes).items():
             reply = self._call(
-                address, "Lookup",
-                kvstore_pb2.LookupRequest(layout=layout, chain_names=map(to_wire, owned), pin_seconds=pin_seconds),
+                address,
+                "Lookup",
+                kvstore_pb2.LookupRequest(
+                    layout=layout, chain_names=map(to_wire, owned), pin_seconds=pin_seconds
+                ),
             )
             if reply.pin_id:
                 pins.append((address, reply.pin_id))
@@ -179,7 +195,9 @@ class StoreLink:
             target = mine[0][0].target
             local = [(a, n, 0) for _, regs in mine for a, n in regs]
             remote = [d for hit, regs in mine for d in remote_regions(hit.target, hit.slot, regs)]
-            moved += transfer(self.agent, "READ", local, remote, self._peer(target), self.transfer_timeout)
+            moved += transfer(
+                self.agent, "READ", local, remote, self._peer(target), self.transfer_timeout
+            )
         return moved
 
     def release(self, prefix: Prefix) -> None:
@@ -194,7 +212,11 @@ class StoreLink:
     # -- write ------------------------------------------------------------------------
 
     def store(
-        self, shards: ShardMap, layout: str, hashes: Sequence[int], block_bytes: int,
+        self,
+        shards: ShardMap,
+        layout: str,
+        hashes: Sequence[int],
+        block_bytes: int,
         regions: Callable[[int], Sequence[Region]],
     ) -> int:
         """Write the blocks of ``hashes`` that no store holds or is being written yet.
@@ -207,17 +229,25 @@ class StoreLink:
         committed = 0
         for address, owned in shards.split(hashes).items():
             reservation = self._call(
-                address, "Reserve",
-                kvstore_pb2.ReserveRequest(layout=layout, chain_names=map(to_wire, owned), block_bytes=block_bytes),
+                address,
+                "Reserve",
+                kvstore_pb2.ReserveRequest(
+                    layout=layout, chain_names=map(to_wire, owned), block_bytes=block_bytes
+                ),
             )
             if reservation.granted:
                 committed += self._write_and_commit(
-                    address, reservation, [regions(position[from_wire(slot.chain_name)]) for slot in reservation.granted]
+                    address,
+                    reservation,
+                    [regions(position[from_wire(slot.chain_name)]) for slot in reservation.granted],
                 )
         return committed
 
     def _write_and_commit(
-        self, address: str, reservation: kvstore_pb2.ReserveResponse, regions: Sequence[Sequence[Region]]
+        self,
+        address: str,
+        reservation: kvstore_pb2.ReserveResponse,
+        regions: Sequence[Sequence[Region]],
     ) -> int:
         """NIXL WRITE of the granted blocks (``regions`` in grant order), then Commit.
 
@@ -228,23 +258,37 @@ class StoreLink:
         try:
             local = [(a, n, 0) for regs in regions for a, n in regs]
             remote = [
-                d for slot, regs in zip(reservation.granted, regions)
+                d
+                for slot, regs in zip(reservation.granted, regions)
                 for d in remote_regions(target, slot.slot, regs)
             ]
             # The notification is the store's proof that the write landed (see Commit).
             transfer(
-                self.agent, "WRITE", local, remote, self._peer(target), self.transfer_timeout,
+                self.agent,
+                "WRITE",
+                local,
+                remote,
+                self._peer(target),
+                self.transfer_timeout,
                 notify=written_notice(reservation.reservation_id),
             )
         except Exception as exc:
             if isinstance(exc, TransferError) and not exc.settled:
                 raise  # the write may still land: the slots stay reserved until the reservation expires
             try:
-                self._call(address, "Commit", kvstore_pb2.CommitRequest(reservation_id=reservation.reservation_id, abort=True))
+                self._call(
+                    address,
+                    "Commit",
+                    kvstore_pb2.CommitRequest(
+                        reservation_id=reservation.reservation_id, abort=True
+                    ),
+                )
             except StoreError:
                 pass  # the reservation expires on its own
             raise
-        reply = self._call(address, "Commit", kvstore_pb2.CommitRequest(reservation_id=reservation.reservation_id))
+        reply = self._call(
+            address, "Commit", kvstore_pb2.CommitRequest(reservation_id=reservation.reservation_id)
+        )
         return int(reply.committed)
 
 

@@ -40,16 +40,38 @@ class SimMesh:
         """A process of ``count`` simulated decode engines at an accelerator's pace (not started)."""
         port = free_port()
         process = StageProcess(
-            name, "decode_svc",
-            ["--engine", "sim", "--sim-engines", str(count), "--sim-profile", "pace-10ms",
-             "--max-num-seqs", str(MAX_NUM_SEQS), "--port", str(port), "--etcd", self.etcd.endpoint,
-             "--home", str(self.home), "--metrics-port", "-1", "--grace-seconds", "30", *extra],
-            f"127.0.0.1:{port}", self.log_dir,
+            name,
+            "decode_svc",
+            [
+                "--engine",
+                "sim",
+                "--sim-engines",
+                str(count),
+                "--sim-profile",
+                "pace-10ms",
+                "--max-num-seqs",
+                str(MAX_NUM_SEQS),
+                "--port",
+                str(port),
+                "--etcd",
+                self.etcd.endpoint,
+                "--home",
+                str(self.home),
+                "--metrics-port",
+                "-1",
+                "--grace-seconds",
+                "30",
+                *extra,
+            ],
+            f"127.0.0.1:{port}",
+            self.log_dir,
         )
         self.engines[name] = process
         return process
 
-    async def replace(self, old: str, new: str, count: int, members: int, *extra: str) -> StageProcess:
+    async def replace(
+        self, old: str, new: str, count: int, members: int, *extra: str
+    ) -> StageProcess:
         """Drain the process ``old`` (``count`` engines; a killed one's leases run out),
         then start ``count`` engines as ``new`` in its place; returns once etcd lists the
         mesh's ``members`` decode engines again."""
@@ -61,16 +83,28 @@ class SimMesh:
         await self.wait_members(members)
         return replacement
 
-    async def complete(self, prompt: str, max_tokens: int, stream: bool = False) -> tuple[str, int, int]:
+    async def complete(
+        self, prompt: str, max_tokens: int, stream: bool = False
+    ) -> tuple[str, int, int]:
         """Text, completion tokens and engine-reported cached prompt tokens of one completion."""
         if not stream:
-            reply = await self.client.completions.create(model="", prompt=prompt, max_tokens=max_tokens)
+            reply = await self.client.completions.create(
+                model="", prompt=prompt, max_tokens=max_tokens
+            )
             assert reply.usage is not None
             details = reply.usage.prompt_tokens_details
-            return reply.choices[0].text, reply.usage.completion_tokens, (details.cached_tokens or 0) if details else 0
+            return (
+                reply.choices[0].text,
+                reply.usage.completion_tokens,
+                (details.cached_tokens or 0) if details else 0,
+            )
         text, usage = "", None
         chunks = await self.client.completions.create(
-            model="", prompt=prompt, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True}
+            model="",
+            prompt=prompt,
+            max_tokens=max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
         )
         async for chunk in chunks:
             text += "".join(choice.text for choice in chunk.choices)
@@ -80,14 +114,20 @@ class SimMesh:
 
     async def metric(self, name: str) -> float:
         """A counter of the router's, summed over its labels."""
-        async with httpx.AsyncClient(base_url=str(self.client.base_url).removesuffix("v1/")) as http:
+        async with httpx.AsyncClient(
+            base_url=str(self.client.base_url).removesuffix("v1/")
+        ) as http:
             text = (await http.get("/metrics")).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+        return sum(
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)
+        )
 
     async def decode_members(self) -> int:
         session = EtcdSession([("127.0.0.1", self.etcd.client_port)])
         try:
-            listing = await (await session.client()).get_prefix(role_prefix(common_pb2.ROLE_DECODE).encode())
+            listing = await (await session.client()).get_prefix(
+                role_prefix(common_pb2.ROLE_DECODE).encode()
+            )
             return len(list(listing))
         finally:
             await session.close()
@@ -100,17 +140,28 @@ class SimMesh:
 
 
 @contextlib.asynccontextmanager
-async def sim_mesh(home: Path, log_dir: Path, engines: dict[str, int], *router_flags: str) -> AsyncIterator[SimMesh]:
+async def sim_mesh(
+    home: Path, log_dir: Path, engines: dict[str, int], *router_flags: str
+) -> AsyncIterator[SimMesh]:
     """A mesh with ``engines`` (process name: engine count) started, stopped on the way out."""
     with private_etcd() as etcd:
         tokenizer = tokenizer_process("sim-tokenizer", etcd.endpoint, home, log_dir)
-        router, http_port = router_process(etcd.endpoint, home, log_dir, "--worker-wait", "5", *router_flags)
+        router, http_port = router_process(
+            etcd.endpoint, home, log_dir, "--worker-wait", "5", *router_flags
+        )
         client = openai.AsyncOpenAI(
-            base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0, timeout=120
+            base_url=f"http://127.0.0.1:{http_port}/v1",
+            api_key="unused",
+            max_retries=0,
+            timeout=120,
         )
         mesh = SimMesh(etcd, home, log_dir, client)
         async with contextlib.AsyncExitStack() as stack:
-            for stage in (tokenizer, router, *(mesh.engine(name, count) for name, count in engines.items())):
+            for stage in (
+                tokenizer,
+                router,
+                *(mesh.engine(name, count) for name, count in engines.items()),
+            ):
                 await stack.enter_async_context(running(stage))
             await mesh.wait_members(sum(engines.values()))
             yield mesh

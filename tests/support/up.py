@@ -12,15 +12,24 @@ from pathlib import Path
 def up_command(home: Path, ports: dict[str, int], *extra: str) -> list[str]:
     """`stagemesh up` on these ports (``{"http": 8000, ...}``, each its ``--NAME-port``)."""
     return [
-        sys.executable, "-m", "services.cli", "--home", str(home), "up",
-        *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))), *extra,
+        sys.executable,
+        "-m",
+        "services.cli",
+        "--home",
+        str(home),
+        "up",
+        *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))),
+        *extra,
     ]
 
 
 def start_up(home: Path, ports: dict[str, int], *extra: str) -> subprocess.Popen[str]:
     """:func:`up_command` started, its output (stderr too) on a pipe."""
     return subprocess.Popen(
-        up_command(home, ports, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        up_command(home, ports, *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 

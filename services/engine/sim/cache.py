@@ -32,7 +32,9 @@ class BlockPool:
         self._hash_of: list[int | None] = [None] * num_blocks
         self._cached: dict[int, int] = {}
         #: Free blocks, head evicted first (vLLM's free_block_queue).
-        self._free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(num_blocks))
+        self._free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(
+            range(num_blocks)
+        )
         self.queries = 0
         self.hits = 0
 
@@ -97,8 +99,13 @@ class BlockPool:
         return blocks
 
     def cache(
-        self, blocks: Sequence[int], hashes: Sequence[int], parent: int | None,
-        token_ids: Sequence[int], salt: str = "", adapter: str = "",
+        self,
+        blocks: Sequence[int],
+        hashes: Sequence[int],
+        parent: int | None,
+        token_ids: Sequence[int],
+        salt: str = "",
+        adapter: str = "",
     ) -> None:
         """Cache newly full blocks under their chain hashes and publish them (one
         BlockStored, chained to ``parent``, None for a chain's first block). A hash
@@ -108,7 +115,13 @@ class BlockPool:
         start = 0
         for index, (block, chain_hash) in enumerate(zip(blocks, hashes)):
             if chain_hash in self._cached:
-                self._publish(fresh, parent, token_ids[start * self.block_size : index * self.block_size], salt, adapter)
+                self._publish(
+                    fresh,
+                    parent,
+                    token_ids[start * self.block_size : index * self.block_size],
+                    salt,
+                    adapter,
+                )
                 fresh, start, parent = [], index + 1, chain_hash
                 continue
             self._cached[chain_hash] = block
@@ -116,11 +129,21 @@ class BlockPool:
             fresh.append(chain_hash)
         self._publish(fresh, parent, token_ids[start * self.block_size :], salt, adapter)
 
-    def _publish(self, hashes: list[int], parent: int | None, token_ids: Sequence[int], salt: str, adapter: str) -> None:
+    def _publish(
+        self,
+        hashes: list[int],
+        parent: int | None,
+        token_ids: Sequence[int],
+        salt: str,
+        adapter: str,
+    ) -> None:
         if hashes:
             self.events.stored(
-                [chain_name(h) for h in hashes], b"" if parent is None else chain_name(parent),
-                list(token_ids[: len(hashes) * self.block_size]), salt, adapter,
+                [chain_name(h) for h in hashes],
+                b"" if parent is None else chain_name(parent),
+                list(token_ids[: len(hashes) * self.block_size]),
+                salt,
+                adapter,
             )
 
     def free(self, blocks: Sequence[int]) -> None:

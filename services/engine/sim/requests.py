@@ -56,7 +56,12 @@ class SimSequence:
         "tokens",
     )
 
-    def __init__(self, request: SimRequest, outputs: asyncio.Queue[SimOutput | BaseException | None], block_size: int) -> None:
+    def __init__(
+        self,
+        request: SimRequest,
+        outputs: asyncio.Queue[SimOutput | BaseException | None],
+        block_size: int,
+    ) -> None:
         self.request = request
         self.tokens: list[int] = []
         self.blocks: list[int] = []

@@ -64,7 +64,12 @@ class SimRunner:
         self.total_blocks = config.kv_cache_blocks or DEFAULT_BLOCKS
         self.max_model_len = 0
         self.adapters = AdapterSet(
-            model.name, model.path, config.max_lora_rank, config.lora_enabled, config.lora_root, config.max_adapters
+            model.name,
+            model.path,
+            config.max_lora_rank,
+            config.lora_enabled,
+            config.lora_root,
+            config.max_adapters,
         )
         self._scheduler: Scheduler | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -91,27 +96,43 @@ class SimRunner:
         eos = model_config.get("eos_token_id")
         self._eos_id = eos[0] if isinstance(eos, list) else eos
         context = int(model_config.get("max_position_embeddings") or 8192)
-        self.max_model_len = min(self.config.max_model_len or context, self.total_blocks * self.block_size)
+        self.max_model_len = min(
+            self.config.max_model_len or context, self.total_blocks * self.block_size
+        )
         self._tokens = TokenSource.for_model(self.model.path, vocab_size)
         self._kv_bytes_per_token = kv_bytes_per_token(model_config)
         self.events = KvEventLog(self.block_size, replay_window=self.config.kv_event_window)
         pool = BlockPool(self.total_blocks, self.block_size, self.events)
         host, _, port = self.nixl_address.rpartition(":")
         self._scheduler = Scheduler(
-            pool, self.profile, self._tokens,
+            pool,
+            self.profile,
+            self._tokens,
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS,
             speedup=self.config.sim_speedup,
-            kv_params={"remote_engine_id": self.config.instance_id, "remote_host": host, "remote_port": int(port)},
+            kv_params={
+                "remote_engine_id": self.config.instance_id,
+                "remote_host": host,
+                "remote_port": int(port),
+            },
             lease_seconds=self.config.kv_lease_seconds,
         )
-        self._loop_task = asyncio.create_task(self._scheduler.run(), name=f"sim {self.config.instance_id}")
+        self._loop_task = asyncio.create_task(
+            self._scheduler.run(), name=f"sim {self.config.instance_id}"
+        )
         if self.config.sim_exit_after_tokens:
-            self._crash_task = asyncio.create_task(self._crash_after(self.config.sim_exit_after_tokens))
+            self._crash_task = asyncio.create_task(
+                self._crash_after(self.config.sim_exit_after_tokens)
+            )
         await load_configured(self.config.lora_adapters(), self.load_adapter)
         log.info(
             "simulated engine ready: %s, profile %s, block size %d, %d KV blocks, context %d",
-            self.model.name, self.profile.name, self.block_size, self.total_blocks, self.max_model_len,
+            self.model.name,
+            self.profile.name,
+            self.block_size,
+            self.total_blocks,
+            self.max_model_len,
         )
 
     async def shutdown(self) -> None:
@@ -124,7 +145,11 @@ class SimRunner:
             await client.close()
 
     def failure(self) -> str | None:
-        if self._loop_task is not None and self._loop_task.done() and not self._loop_task.cancelled():
+        if (
+            self._loop_task is not None
+            and self._loop_task.done()
+            and not self._loop_task.cancelled()
+        ):
             return f"the simulated engine's scheduler stopped: {self._loop_task.exception()!r}"
         return None
 
@@ -140,31 +165,54 @@ class SimRunner:
                 )
 
     def sampling(
-        self, params: common_pb2.SamplingParams, prompt_tokens: int,
-        kv_transfer_params: dict[str, Any] | None = None, max_tokens: int | None = None,
+        self,
+        params: common_pb2.SamplingParams,
+        prompt_tokens: int,
+        kv_transfer_params: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
     ) -> SimRequest:
         """A request template (no id or prompt yet) from the mesh's sampling parameters."""
-        max_tokens, min_tokens = output_budget(params, prompt_tokens, self.max_model_len, max_tokens)
+        max_tokens, min_tokens = output_budget(
+            params, prompt_tokens, self.max_model_len, max_tokens
+        )
         params_kv = kv_transfer_params or {}
         return SimRequest(
-            "", [], max_tokens, min_tokens, frozenset(params.stop_token_ids), self._eos_id,
-            params.ignore_eos, params.seed if params.HasField("seed") else 0,
+            "",
+            [],
+            max_tokens,
+            min_tokens,
+            frozenset(params.stop_token_ids),
+            self._eos_id,
+            params.ignore_eos,
+            params.seed if params.HasField("seed") else 0,
             params.logprobs if params.HasField("logprobs") else None,
             prefill_only=bool(params_kv.get("do_remote_decode")),
             transfer_seconds=(
-                self.profile.transfer_seconds(prompt_tokens, self._kv_bytes_per_token, self.config.sim_speedup)
-                if params_kv.get("do_remote_prefill") else 0.0
+                self.profile.transfer_seconds(
+                    prompt_tokens, self._kv_bytes_per_token, self.config.sim_speedup
+                )
+                if params_kv.get("do_remote_prefill")
+                else 0.0
             ),
             fail_after=fail_after(self.config.sim_fail_rate, max_tokens, self._rng),
             kv_source=(
-                (f"{params_kv['remote_host']}:{params_kv['remote_port']}", str(params_kv["remote_request_id"]))
-                if params_kv.get("do_remote_prefill") else None
+                (
+                    f"{params_kv['remote_host']}:{params_kv['remote_port']}",
+                    str(params_kv["remote_request_id"]),
+                )
+                if params_kv.get("do_remote_prefill")
+                else None
             ),
         )
 
     async def stream(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling: SimRequest,
-        loading_kv: bool = False, cache_salt: str = "", adapter: str = "",
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: SimRequest,
+        loading_kv: bool = False,
+        cache_salt: str = "",
+        adapter: str = "",
     ) -> AsyncIterator[list[SimOutput]]:
         """Run one request, yielding its outputs in batches; leaving early aborts it."""
         scheduler = self._ready()
@@ -180,7 +228,9 @@ class SimRunner:
             async for batch in batches(outputs):
                 finished = batch[-1].finished
                 if sampling.kv_source is not None:
-                    self._collected(*sampling.kv_source)  # the KV is in: the prefill engine may free it
+                    self._collected(
+                        *sampling.kv_source
+                    )  # the KV is in: the prefill engine may free it
                     sampling.kv_source = None
                 yield batch
         finally:
@@ -206,7 +256,9 @@ class SimRunner:
     def load(self, pending_transfers: int) -> engine_pb2.Load:
         scheduler = self._ready()
         pool = scheduler.pool
-        adapters = {s.request.adapter for s in (*scheduler.running, *scheduler.waiting) if s.request.adapter}
+        adapters = {
+            s.request.adapter for s in (*scheduler.running, *scheduler.waiting) if s.request.adapter
+        }
         return engine_pb2.Load(
             running_requests=len(scheduler.running),
             waiting_requests=len(scheduler.waiting) + len(scheduler.loading),
@@ -220,8 +272,13 @@ class SimRunner:
 
     def layout_labels(self) -> dict[str, str]:
         return {
-            "tensor_parallel_size": "1", "pipeline_parallel_size": "1", "data_parallel_size": "1",
-            "expert_parallel": "off", "quantization": "none", "kv_dtype": "sim", "speculative": "off",
+            "tensor_parallel_size": "1",
+            "pipeline_parallel_size": "1",
+            "data_parallel_size": "1",
+            "expert_parallel": "off",
+            "quantization": "none",
+            "kv_dtype": "sim",
+            "speculative": "off",
             "sim_profile": self.profile.name,
         }
 

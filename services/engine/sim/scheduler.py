@@ -39,9 +39,16 @@ class Scheduler:
     """One simulated engine's batch loop over a :class:`BlockPool`."""
 
     def __init__(
-        self, pool: BlockPool, profile: TimingProfile, tokens: TokenSource, *,
-        max_num_seqs: int, max_num_batched_tokens: int, speedup: float = 1.0,
-        kv_params: dict[str, Any] | None = None, lease_seconds: float = 30.0,
+        self,
+        pool: BlockPool,
+        profile: TimingProfile,
+        tokens: TokenSource,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        speedup: float = 1.0,
+        kv_params: dict[str, Any] | None = None,
+        lease_seconds: float = 30.0,
     ) -> None:
         self.pool = pool
         self.profile = profile
@@ -78,7 +85,9 @@ class Scheduler:
         for queue in (self.waiting, self.running, self.loading):
             if sequence in queue:
                 queue.remove(sequence)
-        self._finish(sequence, SimOutput([SimCompletion([], "abort", None)], True, sequence.cached_tokens))
+        self._finish(
+            sequence, SimOutput([SimCompletion([], "abort", None)], True, sequence.cached_tokens)
+        )
         return True
 
     def release(self, request_ids: list[str]) -> list[str]:
@@ -105,7 +114,9 @@ class Scheduler:
                 due = 0.0
                 await self._idle(now)
                 continue
-            step = self.profile.step_seconds(prefill_tokens, decoding, self._decode_occupancy(scheduled), self.speedup)
+            step = self.profile.step_seconds(
+                prefill_tokens, decoding, self._decode_occupancy(scheduled), self.speedup
+            )
             due = (due if now - due < _LATE_SECONDS else now) + step
             await asyncio.sleep(max(0.0, due - loop.time()))
             self._apply(scheduled)
@@ -247,9 +258,12 @@ class Scheduler:
             start = len(sequence.hashes) * size
             sequence.hashes += chain_hashes(sequence.token_slice(start, start + size), size, parent)
         self.pool.cache(
-            sequence.blocks[first:full], sequence.hashes[first:full],
-            sequence.hashes[first - 1] if first else None, sequence.token_slice(first * size, full * size),
-            sequence.request.salt if not first else "", sequence.request.adapter if not first else "",
+            sequence.blocks[first:full],
+            sequence.hashes[first:full],
+            sequence.hashes[first - 1] if first else None,
+            sequence.token_slice(first * size, full * size),
+            sequence.request.salt if not first else "",
+            sequence.request.adapter if not first else "",
         )
         sequence.cached_blocks = full
 
@@ -267,7 +281,9 @@ class Scheduler:
         if request.logprobs is not None:
             logprobs = [self._position_logprobs(position, token_id, request.logprobs)]
         output = SimOutput(
-            [SimCompletion([token_id], reason, stop, logprobs)], reason is not None, sequence.cached_tokens
+            [SimCompletion([token_id], reason, stop, logprobs)],
+            reason is not None,
+            sequence.cached_tokens,
         )
         if reason is None:
             sequence.outputs.put_nowait(output)
@@ -300,9 +316,18 @@ class Scheduler:
         self.running.remove(sequence)
         request = sequence.request
         self.held[request.request_id] = (time.monotonic() + self._lease_seconds, sequence.blocks)
-        params = dict(self._kv_params, remote_block_ids=[list(sequence.blocks)], remote_request_id=request.request_id)
+        params = dict(
+            self._kv_params,
+            remote_block_ids=[list(sequence.blocks)],
+            remote_request_id=request.request_id,
+        )
         sequence.blocks = []
-        output = SimOutput([SimCompletion([], "length", None)], True, sequence.cached_tokens, kv_transfer_params=params)
+        output = SimOutput(
+            [SimCompletion([], "length", None)],
+            True,
+            sequence.cached_tokens,
+            kv_transfer_params=params,
+        )
         self._finish(sequence, output)
 
     def _fail(self, sequence: SimSequence) -> None:

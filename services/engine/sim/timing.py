@@ -36,7 +36,9 @@ class TimingProfile:
     kv_bytes_per_token: int = 0
     transfer_gbps: float = 25.0
 
-    def step_seconds(self, prefill_tokens: int, decoding: int, occupancy: float, speedup: float) -> float:
+    def step_seconds(
+        self, prefill_tokens: int, decoding: int, occupancy: float, speedup: float
+    ) -> float:
         """Seconds one step takes: a prefill part for its uncached prompt tokens plus a
         decode part when it decodes any sequence (a mixed step pays both, as a chunked
         prefill batched with decodes does). ``occupancy`` is the decoding sequences'
@@ -102,7 +104,9 @@ def load_profile(name_or_path: str) -> TimingProfile:
             transfer_gbps=float(data.get("transfer_gbps", 25.0)),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise SystemExit(f"--sim-profile {path}: not a timing profile ({type(exc).__name__}: {exc})") from None
+        raise SystemExit(
+            f"--sim-profile {path}: not a timing profile ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _quadratic(value: object) -> tuple[float, float, float]:
