@@ -83,6 +83,7 @@ bench-dynamo-env: $(DYNAMO_VENV)/.installed
 # the generated services/pb is excluded). The engine stack is typed at our boundary.
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 protos: $(VENV)/bin/python
