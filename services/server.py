@@ -164,7 +164,7 @@ class StageServer:
         if self.credentials.tls is None or self.stage.public:
             return None
         role, check = role_name(self.stage.role), self.credentials.check_peer_role
-        return lambda context: check(role, context.auth_context())
+        return lambda method, context: check(role, method, context.auth_context())
 
     async def _start_server(self) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
