@@ -175,6 +175,15 @@ class RouterConfig(StageConfig):
         "max concurrency); past it new requests get 429 / RESOURCE_EXHAUSTED with Retry-After",
     )
 
+    workers: int = setting(
+        1,
+        "router processes serving the same ports (SO_REUSEPORT); each keeps its own KV index, "
+        "session affinity, Responses store and admission limits (see docs/deploy.md)",
+    )
+    worker_index: int = setting(
+        -1, "which of --workers processes this is; set by the parent (-1: a lone router)"
+    )
+
     ROLE: ClassVar[str] = "router"
 
     def listen_ports(self) -> list[PortClaim]:

@@ -127,9 +127,14 @@ class RouterStage(Stage):
 
     def __init__(self, config: RouterConfig) -> None:
         self._config = config
+        self.shares_ports = config.worker_index >= 0
+        if self.shares_ports:  # one member record per worker, even under --instance-id
+            config.instance_id = f"{config.instance_id}-w{config.worker_index}"
+        if config.worker_index > 0:  # worker 0 serves the metrics port, for all of them
+            config.metrics_port = -1
         self._session = EtcdSession(config.etcd_endpoints)
         index = KvIndex(config.kv_index_max_blocks)
-        INDEX_ENTRIES.set_function(lambda: len(index))
+        INDEX_ENTRIES.source = lambda: {(): len(index)}
         self._workers = Workers(
             self._session,
             config.control_timeout,
@@ -180,7 +185,7 @@ class RouterStage(Stage):
             config.responses_max_mib << 20,
             config.responses_key_mib << 20,
         )
-        RESPONSES_STORED_BYTES.set_function(lambda: responses.bytes)
+        RESPONSES_STORED_BYTES.source = lambda: {(): responses.bytes}
         self._bridge = (
             HttpBridge(
                 pipeline,
@@ -215,7 +220,9 @@ class RouterStage(Stage):
         self._adapters.start()
         if self._bridge is not None:
             await self._bridge.start(
-                self._config.http_host or self._config.host, self._config.http_port
+                self._config.http_host or self._config.host,
+                self._config.http_port,
+                reuse_port=self.shares_ports,
             )
 
     async def stop(self) -> None:
