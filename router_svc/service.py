@@ -159,7 +159,9 @@ class RouterStage(Stage):
         self._guard = Guard(
             config.guard_url, config.guard_fail, config.guard_timeout, config.guard_output
         )
-        pipeline = Pipeline(config, self._workers, policy, self._audit, self._guard)
+        self._pipeline = pipeline = Pipeline(
+            config, self._workers, policy, self._audit, self._guard
+        )
         self._adapters = adapters = AdapterControl(
             self._session,
             self._workers,
@@ -216,6 +218,7 @@ class RouterStage(Stage):
         ]
 
     async def start(self) -> None:
+        self._pipeline.saturation.start()
         await self._workers.start()
         self._adapters.start()
         if self._bridge is not None:
@@ -232,6 +235,7 @@ class RouterStage(Stage):
         await self._workers.close()
         await self._session.close()
         await self._guard.close()
+        await self._pipeline.saturation.close()
         self._audit.close()  # after the last request ended: every line is written
 
     def describe(self, member: common_pb2.Member) -> None:
