@@ -170,7 +170,8 @@ async def run(args: argparse.Namespace) -> None:
         row["raw_nixl_gbps"] = raw_copy_gbps(row["kv_bytes"])
 
     print(
-        f"\nKV handoff prefill -> decode over NIXL ({per_token} KV bytes/token, block {block_size}, "
+        f"\nKV handoff prefill -> decode over NIXL ({per_token} KV bytes/token, block "
+        f"{block_size}, "
         f"{args.output} output tokens)"
     )
     print_table(

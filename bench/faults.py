@@ -1,7 +1,7 @@
 """What killing each stage costs N concurrent streams.
 
-    python -m bench.faults [--streams 16] [--max-tokens 48] [--stages decode,prefill,tokenizer,router]
-                           [--json F]
+    python -m bench.faults [--streams 16] [--max-tokens 48]
+                           [--stages decode,prefill,tokenizer,router] [--json F]
 
 Starts etcd, the tokenizer, one prefill engine, two decode engines and a router (its
 defaults: migration on). For each stage in turn: N greedy streams through the router's
@@ -192,7 +192,8 @@ def main() -> None:
     with contextlib.suppress(KeyboardInterrupt):
         rows = asyncio.run(run(args))
         print(
-            f"\nKilling one stage under {args.streams} concurrent greedy streams of {args.max_tokens} tokens"
+            f"\nKilling one stage under {args.streams} concurrent greedy streams of "
+            f"{args.max_tokens} tokens"
         )
         print_table(
             rows,

@@ -396,7 +396,8 @@ def build_servers(
         same = choose_layout(cores, gpus, layout, prefill, decode).engines == auto.engines
         if name != "mesh" and "mesh" in args.servers and same:
             print(
-                f"{name}: the same engines as the automatic layout on this host; measured once, as 'mesh'"
+                f"{name}: the same engines as the automatic layout on this host; measured once, "
+                "as 'mesh'"
             )
             continue
         flags = ["--layout", layout]

@@ -205,7 +205,8 @@ async def main(args: argparse.Namespace) -> None:
     spec = spec_from(args)
     log_dir = Path(tempfile.mkdtemp(prefix="stagemesh-scale-"))
     print(
-        f"scale lab: {args.scenario} on {', '.join(args.target)}, {spec.describe()}; logs in {log_dir}",
+        f"scale lab: {args.scenario} on {', '.join(args.target)}, {spec.describe()}; logs in "
+        f"{log_dir}",
         flush=True,
     )
     rows = await SCENARIOS[args.scenario](args, spec, log_dir)
