@@ -408,6 +408,7 @@ def build_servers(
 
 
 async def run(args: argparse.Namespace) -> None:
+    """Start each server in turn and drive it with guidellm on every scenario."""
     if not args.guidellm.exists():
         raise SystemExit(f"guidellm not found at {args.guidellm}; install it with `make bench-env`")
     home = Path(args.home)
@@ -483,6 +484,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def cpu_model() -> str:
+    """The CPU's model name, for the results' host block."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
@@ -523,6 +525,7 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]], host: dict[str, A
 
 
 def main() -> None:
+    """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--servers",

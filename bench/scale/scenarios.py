@@ -74,6 +74,7 @@ async def measure(
 
 
 def targets_and_policies(args: argparse.Namespace) -> Iterable[tuple[str, str]]:
+    """Every (target, policy) pair the run compares, targets outermost."""
     for target in args.target:
         for policy in args.policies:
             yield target, policy
