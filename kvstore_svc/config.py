@@ -11,7 +11,8 @@ from services.kv.shards import DEFAULT_VNODES
 
 @dataclasses.dataclass
 class KvStoreConfig(NixlStageConfig):
-    """stagemesh KV store stage: a shared tier of KV blocks in host memory, read and written over NIXL."""
+    """stagemesh KV store stage: a shared tier of KV blocks in host memory (and on disk),
+    read and written over NIXL."""
 
     port: int = setting(50050, "gRPC port (0 picks a free one)")
     capacity_mib: int = setting(1024, "MiB of host memory for KV blocks (registered with NIXL)")
@@ -28,5 +29,12 @@ class KvStoreConfig(NixlStageConfig):
     )
     vnodes: int = setting(DEFAULT_VNODES, "points of this store on the shard ring")
     kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")
+    disk_dir: str = setting(
+        "",
+        "directory of the disk tier: blocks are written behind the memory pool and read back "
+        "on a miss, and survive a restart (it must exist; one store per directory). "
+        "Empty: memory only",
+    )
+    disk_gib: float = setting(16.0, "GiB of --disk-dir the disk tier may fill")
 
     ROLE: ClassVar[str] = "kvstore"
