@@ -7,8 +7,9 @@ Pure logic, no I/O (the servicer owns the memory and NIXL). The rules it enforce
 - a slot is granted to one writer (``reserve``) and becomes readable only when that
   writer commits it, after the store has seen the write complete (``written``: the
   writer's NIXL notification). A commit without it is refused and frees the slots, so
-  uninitialised or stale bytes are never served under a hash. A second writer of the same block is not granted it, so two
-  engines writing the same blocks at once leave one intact copy;
+  uninitialised or stale bytes are never served under a hash. A second writer of the same
+  block is not granted it, so two engines writing the same blocks at once leave one
+  intact copy;
 - readers pin what ``lookup`` returns until they release it or the pin runs out, and a
   pinned block is never evicted or overwritten mid-read;
 - when the pool is full, the least recently used committed, unpinned block makes room.
@@ -58,6 +59,8 @@ class NotWritten(RuntimeError):
 
 @dataclasses.dataclass
 class TableStats:
+    """The pool's figures, for the store's Stats."""
+
     capacity_blocks: int = 0
     used_blocks: int = 0
     pinned_blocks: int = 0

@@ -36,6 +36,7 @@ MEMORY_BLOCKS = 16
 
 @pytest.fixture(scope="module")
 def store_etcd() -> Iterator[EmbeddedEtcd]:
+    """An etcd of the module's own, so no other test's router sees these stores."""
     with private_etcd() as server:
         yield server
 
@@ -48,6 +49,7 @@ def disk_store(
     capacity_mib: int = MEMORY_BLOCKS * BLOCK >> 20,
     wrapper: tuple[str, ...] = (),
 ) -> StageProcess:
+    """A store (not started) with a 1 GiB disk tier in ``disk_dir``, run under ``wrapper``."""
     stage = kvstore_process(etcd.endpoint, home, log_dir, capacity_mib)
     stage.args += ["--disk-dir", str(disk_dir), "--disk-gib", "1"]
     stage.wrapper = list(wrapper)
@@ -56,6 +58,7 @@ def disk_store(
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def client() -> AsyncIterator[Client]:
+    """A client with 64 blocks, block ``i`` filled with ``i + 1``."""
     client = Client("disk-client", 64)
     for i in range(64):
         client.fill(i, i + 1)
@@ -64,6 +67,7 @@ async def client() -> AsyncIterator[Client]:
 
 
 def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``check`` until it holds; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "not reached in time"
@@ -76,6 +80,7 @@ def settled(client: Client, address: str) -> None:
 
 
 def evict(address: str, memory_only: bool) -> None:
+    """Evict every block from the store (from its memory alone with ``memory_only``)."""
     with grpc.insecure_channel(address) as chan:
         kvstore_pb2_grpc.KvStoreServiceStub(chan).Evict(
             kvstore_pb2.EvictRequest(all=True, memory_only=memory_only),
@@ -95,6 +100,7 @@ def read_back(client: Client, shards: object, hashes: list[int], first: int = 32
 
 
 async def snapshot_names(address: str) -> set[int]:
+    """The chain hashes the store's KV snapshot names (what a router would index)."""
     async with grpc.aio.insecure_channel(address) as chan:
         snapshot = await kvstore_pb2_grpc.KvStoreServiceStub(chan).GetKvSnapshot(
             common_pb2.KvSnapshotRequest(), metadata=member()
@@ -105,6 +111,9 @@ async def snapshot_names(address: str) -> set[int]:
 async def test_blocks_evicted_from_memory_come_back_from_disk_and_survive_a_restart(
     store_etcd: EmbeddedEtcd, home: Path, tmp_path: Path, client: Client
 ) -> None:
+    """24 blocks through a 16-block pool: all reach disk, the evicted ones come back
+    checked, the store still names them all; a restarted store re-publishes and serves
+    them, from the same ring position."""
     disk = tmp_path / "disk"
     disk.mkdir()
     stage = disk_store(store_etcd, home, tmp_path, disk)
@@ -151,6 +160,8 @@ async def test_blocks_evicted_from_memory_come_back_from_disk_and_survive_a_rest
 async def test_a_corrupted_block_file_is_dropped_never_served(
     store_etcd: EmbeddedEtcd, home: Path, tmp_path: Path, client: Client
 ) -> None:
+    """A flipped byte on disk: the chain ends before that block, which is counted,
+    deleted and un-published; written again, it is served again."""
     disk = tmp_path / "disk"
     disk.mkdir()
     stage = disk_store(store_etcd, home, tmp_path, disk)
@@ -302,6 +313,7 @@ def start_error(etcd: EmbeddedEtcd, home: Path, disk: Path, *wrapper: str) -> st
 async def test_a_disk_directory_the_store_cannot_use_is_a_startup_error(
     store_etcd: EmbeddedEtcd, home: Path, tmp_path: Path
 ) -> None:
+    """Missing, taken, read-only and full directories: the store ends with one line."""
     assert "does not exist" in start_error(store_etcd, home, tmp_path / "missing")
     taken = tmp_path / "taken"
     taken.mkdir()
