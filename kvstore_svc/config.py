@@ -36,5 +36,10 @@ class KvStoreConfig(NixlStageConfig):
         "Empty: memory only",
     )
     disk_gib: float = setting(16.0, "GiB of --disk-dir the disk tier may fill")
+    session_retention: float = setting(
+        3600.0,
+        "seconds after an agent session was last seen (session_id on Lookup/Reserve) during "
+        "which its blocks are evicted from disk only when nothing else is left",
+    )
 
     ROLE: ClassVar[str] = "kvstore"

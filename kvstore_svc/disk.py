@@ -9,7 +9,8 @@ behind it:
   into free (or evicted) slots first, checks each checksum, and commits the good ones,
   so the reader sees one longer prefix in the pool (read on a miss);
 - LRU rules both tiers: the pool evicts its least recently used blocks (those on disk
-  only leave the pool), the disk its least recently used files;
+  only leave the pool), the disk its least recently used files, except that blocks of
+  agent sessions seen within ``--session-retention`` go last (kvstore_svc/sessions.py);
 - the store's KV events speak of the store as one: a block is stored when it first
   enters either tier and removed when it has left both;
 - a disk that fills up stops the writes (logged, counted, reported in Stats) while
@@ -35,7 +36,9 @@ from kvstore_svc.disk_files import (
     DiskSetupError,
     FileMover,
 )
+from kvstore_svc.sessions import SessionRetention
 from services.kv.events import KvEventLog, chain_name
+from services.pb import kvstore_pb2
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,10 @@ class DiskTier:
         capacity_bytes: int,
         table: BlockTable,
         events: KvEventLog,
+        sessions: SessionRetention,
     ) -> None:
         self.directory = directory
+        self.sessions = sessions
         self.mover = mover
         self._capacity_bytes = capacity_bytes
         self._table = table
@@ -151,7 +156,7 @@ class DiskTier:
                 written, full = [], False
             finally:
                 self._table.release(pin)
-            for key in written:
+            for key in reversed(written):  # the chain's first block most recent, as in the pool
                 self._index[key] = None
             unwritten = [key for key in keys if key not in self._index]
             # Those the pool evicted once their pin was gone have left the store.
@@ -172,8 +177,10 @@ class DiskTier:
             _, pin = self._queue.get_nowait()
             self._table.release(pin)
 
-    def recheck_room(self, now: float) -> None:
-        """Resume writes once the disk has room again (called every second)."""
+    def tick(self, now: float) -> None:
+        """Forget sessions past their retention; resume writes once the disk has room
+        again (called every second)."""
+        self.sessions.prune(now)
         if not self.writes_stopped or now - self._full_since < FULL_RECHECK_SECONDS:
             return
         self._full_since = now
@@ -182,13 +189,11 @@ class DiskTier:
             self.writes_stopped = False
 
     def _make_room(self, incoming: int) -> None:
-        """Delete least recently used files until ``incoming`` more fit the capacity."""
-        capacity = self.capacity_blocks
-        while self._index and len(self._index) + incoming > capacity:
-            key, _ = self._index.popitem(last=False)
-            self._io.submit(self.directory.remove, key)
-            if not self._table.holds(key):
-                self._events.removed([chain_name(key[1])])
+        """Delete files until ``incoming`` more fit the capacity: least recently used
+        first, blocks of sessions within their retention last."""
+        excess = len(self._index) + incoming - self.capacity_blocks
+        if excess > 0:
+            self._drop(self.sessions.victims(self._index, excess, time.monotonic()), False)
 
     # -- reads -----------------------------------------------------------------------
 
@@ -230,6 +235,21 @@ class DiskTier:
         finally:
             table.release(guard)
 
+    def stats(self) -> kvstore_pb2.Stats:
+        """The disk tier's part of the store's Stats."""
+        moved = self.mover.stats
+        return kvstore_pb2.Stats(
+            disk_blocks=self.blocks,
+            disk_capacity_blocks=self.capacity_blocks,
+            disk_hit_blocks=self.hit_blocks,
+            disk_corrupt_blocks=self.corrupt_blocks,
+            disk_writes_stopped=self.writes_stopped,
+            disk_read_bytes=moved.read_bytes,
+            disk_read_seconds=moved.read_seconds,
+            disk_write_bytes=moved.write_bytes,
+            disk_write_seconds=moved.write_seconds,
+        )
+
     def touch(self, keys: Sequence[Key]) -> None:
         """A lookup used these blocks: most recent on disk too, the chain's first last."""
         for key in reversed(keys):
@@ -239,6 +259,7 @@ class DiskTier:
     def _drop(self, keys: list[Key], corrupt: bool) -> None:
         for key in keys:
             self._index.pop(key, None)
+            self.sessions.forget(key)
             self._io.submit(self.directory.remove, key)
             if not self._table.holds(key):
                 self._events.removed([chain_name(key[1])])
@@ -265,10 +286,12 @@ def open_disk_tier(
     mover: FileMover,
     table: BlockTable,
     events: KvEventLog,
+    retention_seconds: float,
 ) -> DiskTier:
     """Index what ``directory`` holds and put the tier behind ``table``'s pool. Raises
     :class:`DiskSetupError` for a directory the store cannot use (the caller closes it)."""
-    tier = DiskTier(directory, mover, int(capacity_gib * (1 << 30)), table, events)
+    sessions = SessionRetention(retention_seconds)
+    tier = DiskTier(directory, mover, int(capacity_gib * (1 << 30)), table, events, sessions)
     restored = tier.restore()
     table.on_stored = tier.memory_stored
     table.on_removed = tier.memory_removed

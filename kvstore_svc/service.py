@@ -107,7 +107,9 @@ class KvStoreServicer:
             await self.disk.promote(request.layout, hashes, time.monotonic())
         hits, pin_id = table.lookup(request.layout, hashes, pin_seconds, time.monotonic())
         if self.disk is not None:
-            self.disk.touch([(request.layout, h) for h, _ in hits])
+            keys = [(request.layout, h) for h, _ in hits]
+            self.disk.touch(keys)
+            self.disk.sessions.seen(request.session_id, keys, time.monotonic())
         CALLS.labels("hit").inc(len(hits))
         CALLS.labels("miss").inc(len(hashes) - len(hits))
         return kvstore_pb2.LookupResponse(
@@ -141,6 +143,9 @@ class KvStoreServicer:
             )
         except LayoutMismatch as exc:
             raise InvalidRequest(str(exc)) from exc
+        if self.disk is not None:
+            keys = [(request.layout, h) for h, _ in granted]
+            self.disk.sessions.seen(request.session_id, keys, time.monotonic())
         CALLS.labels("reserved").inc(len(granted))
         CALLS.labels("not_granted").inc(len(hashes) - len(granted))
         return kvstore_pb2.ReserveResponse(
@@ -224,20 +229,7 @@ class KvStoreServicer:
             block_bytes=table.slot_bytes,
         )
         if self.disk is not None:
-            moved = self.disk.mover.stats
-            reply.MergeFrom(
-                kvstore_pb2.Stats(
-                    disk_blocks=self.disk.blocks,
-                    disk_capacity_blocks=self.disk.capacity_blocks,
-                    disk_hit_blocks=self.disk.hit_blocks,
-                    disk_corrupt_blocks=self.disk.corrupt_blocks,
-                    disk_writes_stopped=self.disk.writes_stopped,
-                    disk_read_bytes=moved.read_bytes,
-                    disk_read_seconds=moved.read_seconds,
-                    disk_write_bytes=moved.write_bytes,
-                    disk_write_seconds=moved.write_seconds,
-                )
-            )
+            reply.MergeFrom(self.disk.stats())
         return reply
 
     async def StreamKvEvents(
@@ -343,7 +335,12 @@ class KvStoreStage(Stage):
         try:
             mover = FileMover(api, f"{self.agent_name}-disk", self._pool, directory)
             disk = open_disk_tier(
-                directory, self._config.disk_gib, mover, table, self._servicer.events
+                directory,
+                self._config.disk_gib,
+                mover,
+                table,
+                self._servicer.events,
+                self._config.session_retention,
             )
         except DiskSetupError as exc:
             directory.close()
@@ -357,7 +354,7 @@ class KvStoreStage(Stage):
             await asyncio.sleep(1.0)
             table.expire(time.monotonic())
             if disk is not None:
-                disk.recheck_room(time.monotonic())
+                disk.tick(time.monotonic())
 
     async def stop(self) -> None:
         await cancel_and_wait(self._expiry)

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from kvstore_svc.disk_files import HEADER_BYTES
+from kvstore_svc.sessions import SessionRetention
 from services.etcd_server import EmbeddedEtcd
 from services.kv.hashing import from_wire, to_wire
 from services.kv.store_link import StoreError
@@ -28,8 +30,6 @@ from services.launcher import StageProcess
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.conftest import kvstore_process, private_etcd, running
 from tests.support.kvstore import BLOCK, LAYOUT, Client, member, shard_entries, shard_map
-
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 MEMORY_BLOCKS = 16
 
@@ -48,10 +48,13 @@ def disk_store(
     disk_dir: Path,
     capacity_mib: int = MEMORY_BLOCKS * BLOCK >> 20,
     wrapper: tuple[str, ...] = (),
+    disk_blocks: int = 0,
 ) -> StageProcess:
-    """A store (not started) with a 1 GiB disk tier in ``disk_dir``, run under ``wrapper``."""
+    """A store (not started) with a disk tier in ``disk_dir`` (1 GiB, or room for
+    ``disk_blocks`` test blocks), run under ``wrapper``."""
     stage = kvstore_process(etcd.endpoint, home, log_dir, capacity_mib)
-    stage.args += ["--disk-dir", str(disk_dir), "--disk-gib", "1"]
+    gib = disk_blocks * (BLOCK + HEADER_BYTES) / (1 << 30) if disk_blocks else 1
+    stage.args += ["--disk-dir", str(disk_dir), "--disk-gib", repr(gib)]
     stage.wrapper = list(wrapper)
     return stage
 
@@ -108,6 +111,7 @@ async def snapshot_names(address: str) -> set[int]:
     return {from_wire(block.block_hashes[0]) for block in snapshot.blocks}
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_blocks_evicted_from_memory_come_back_from_disk_and_survive_a_restart(
     store_etcd: EmbeddedEtcd, home: Path, tmp_path: Path, client: Client
 ) -> None:
@@ -157,6 +161,7 @@ async def test_blocks_evicted_from_memory_come_back_from_disk_and_survive_a_rest
         assert read_back(client, shards, chain) == 0
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_a_corrupted_block_file_is_dropped_never_served(
     store_etcd: EmbeddedEtcd, home: Path, tmp_path: Path, client: Client
 ) -> None:
@@ -184,6 +189,7 @@ async def test_a_corrupted_block_file_is_dropped_never_served(
         assert np.all(client.block(34) == 3)
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_a_store_killed_mid_write_serves_its_complete_blocks_only(
     store_etcd: EmbeddedEtcd, home: Path, tmp_path: Path
 ) -> None:
@@ -252,6 +258,7 @@ def kill_mid_write(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs in a mount namespace")
+@pytest.mark.asyncio(loop_scope="session")
 async def test_a_full_disk_stops_writes_and_reads_go_on(
     store_etcd: EmbeddedEtcd, home: Path, tmp_path: Path, client: Client
 ) -> None:
@@ -287,6 +294,50 @@ async def test_a_full_disk_stops_writes_and_reads_go_on(
         until(lambda: client.stats(address).disk_blocks == 1)
 
 
+@pytest.mark.unit
+def test_eviction_keeps_sessions_within_their_retention_idle_longest_going_first() -> None:
+    """Blocks of no session go first (LRU), then those of sessions idle longest."""
+    sessions = SessionRetention(retention_seconds=10)
+    sessions.seen("s1", [("m", 2), ("m", 4)], now=0)
+    sessions.seen("s2", [("m", 1)], now=5)
+    lru = [("m", 1), ("m", 2), ("m", 3), ("m", 4)]  # 3 belongs to no session
+    assert sessions.victims(lru, 1, now=6) == [("m", 3)]
+    assert sessions.victims(lru, 2, now=6) == [("m", 3), ("m", 2)]  # then s1: idle longest
+    assert sessions.victims(lru, 4, now=6) == [("m", 3), ("m", 2), ("m", 4), ("m", 1)]
+    assert sessions.victims(lru, 2, now=12) == [("m", 2), ("m", 3)]  # s1 is past retention
+    sessions.prune(now=16)  # s2 too now
+    assert sessions.victims(lru, 1, now=16) == [("m", 1)]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_returning_session_finds_its_blocks_on_disk_after_others_filled_it(
+    store_etcd: EmbeddedEtcd, home: Path, tmp_path: Path, client: Client
+) -> None:
+    """A disk of 20 blocks: a session writes 6, then 16 anonymous blocks go through.
+    Plain LRU would have dropped the session's oldest; retention drops anonymous ones."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    stage = disk_store(store_etcd, home, tmp_path, disk, disk_blocks=20)
+    session = list(range(4000, 4006))
+    async with running(stage):
+        shards = await shard_map(store_etcd.client_port, stage.grpc_address)
+        address = stage.grpc_address
+        stored = client.link.store(
+            shards, LAYOUT, session, BLOCK, client.regions, session_id="agent-1"
+        )
+        assert stored == 6
+        for start in range(4100, 4116, 8):
+            settled(client, address)
+            assert client.store(shards, list(range(start, start + 8)), first_index=8) == 8
+        until(lambda: client.stats(address).pinned_blocks == 0)
+        assert client.stats(address).disk_blocks == 20
+        evict(address, memory_only=True)
+        assert read_back(client, shards, session) == 6
+        assert np.all(client.block(32) == 1)
+        anonymous = list(range(4100, 4108))
+        assert read_back(client, shards, anonymous) == 6, "anonymous blocks went first"
+
+
 def flip_a_byte(path: Path) -> None:
     """Damage a block file as a failing disk would: one byte in the middle of its payload."""
     with open(path, "r+b") as file:
@@ -310,6 +361,7 @@ def start_error(etcd: EmbeddedEtcd, home: Path, disk: Path, *wrapper: str) -> st
     return done.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_a_disk_directory_the_store_cannot_use_is_a_startup_error(
     store_etcd: EmbeddedEtcd, home: Path, tmp_path: Path
 ) -> None:

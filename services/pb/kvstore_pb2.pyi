@@ -18,16 +18,18 @@ class BlockSlot(_message.Message):
     def __init__(self, chain_hash: _Optional[int] = ..., slot: _Optional[int] = ..., chain_name: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("layout", "chain_hashes", "pin_seconds", "chain_names")
+    __slots__ = ("layout", "chain_hashes", "pin_seconds", "chain_names", "session_id")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     PIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CHAIN_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     layout: str
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     pin_seconds: float
     chain_names: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., pin_seconds: _Optional[float] = ..., chain_names: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., pin_seconds: _Optional[float] = ..., chain_names: _Optional[_Iterable[bytes]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hits", "pin_id", "target")
@@ -50,16 +52,18 @@ class ReleaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("layout", "chain_hashes", "block_bytes", "chain_names")
+    __slots__ = ("layout", "chain_hashes", "block_bytes", "chain_names", "session_id")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHAIN_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     layout: str
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     block_bytes: int
     chain_names: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., chain_names: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., chain_names: _Optional[_Iterable[bytes]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("granted", "reservation_id", "target")
