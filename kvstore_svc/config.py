@@ -11,8 +11,7 @@ from services.kv.shards import DEFAULT_VNODES
 
 @dataclasses.dataclass
 class KvStoreConfig(NixlStageConfig):
-    """stagemesh KV store stage: a shared tier of KV blocks in host memory (and on disk),
-    read and written over NIXL."""
+    """stagemesh KV store stage: shared KV blocks in host memory and on disk, over NIXL."""
 
     port: int = setting(50050, "gRPC port (0 picks a free one)")
     capacity_mib: int = setting(1024, "MiB of host memory for KV blocks (registered with NIXL)")
