@@ -169,6 +169,10 @@ async def computed_then_evicted_from_memory(
             break
         await asyncio.sleep(0.1)
     assert all(any(store_mesh.disk.rglob(name)) for name in names), "not written behind"
+    for _ in range(100):  # a block is pinned until its write is done
+        if not (await store_stats(store_mesh.store.grpc_address)).pinned_blocks:
+            break
+        await asyncio.sleep(0.1)
     async with KvStoreClient(store_mesh.store.grpc_address) as store:
         await store.evict(hashes, memory_only=True)
     return expected, block
