@@ -156,11 +156,9 @@ class DiskTier:
                 written, full = [], False
             finally:
                 self._table.release(pin)
+            # Unwritten blocks stay in the pool, pinned no more: its eviction reports them.
             for key in reversed(written):  # the chain's first block most recent, as in the pool
                 self._index[key] = None
-            unwritten = [key for key in keys if key not in self._index]
-            # Those the pool evicted once their pin was gone have left the store.
-            self.memory_removed([key for key in unwritten if not self._table.holds(key)])
             if full:
                 self._stop_writes()
 
