@@ -256,8 +256,7 @@ class KvStoreClient(_KvEventSource):
         return await self._stub.GetStats(kvstore_pb2.StatsRequest(), timeout=self._timeout)
 
     async def evict(self, hashes: Sequence[int] = (), memory_only: bool = False) -> int:
-        """Drop the named blocks (all of them when none are named); with ``memory_only``
-        from the memory pool alone, so the disk tier serves them next. Blocks evicted."""
+        """Drop the named blocks (all when none are named); ``memory_only``: from memory."""
         request = kvstore_pb2.EvictRequest(
             chain_names=[to_wire(h) for h in hashes], all=not hashes, memory_only=memory_only
         )
