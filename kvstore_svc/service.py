@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 MAX_HASHES = 8192
 
 BLOCKS = Gauge("stagemesh_kvstore_blocks", "KV blocks held by the store", ["state"])
+DISK = Gauge(
+    "stagemesh_kvstore_disk",
+    "The disk tier: blocks read back, dropped as corrupt; full",
+    ["figure"],
+)
 CALLS = Counter(
     "stagemesh_kvstore_calls_blocks", "Blocks named in store calls, by outcome", ["outcome"]
 )
@@ -310,6 +315,11 @@ class KvStoreStage(Stage):
         BLOCKS.labels("committed").set_function(lambda: table.snapshot().used_blocks)
         BLOCKS.labels("pinned").set_function(lambda: table.snapshot().pinned_blocks)
         BLOCKS.labels("capacity").set_function(lambda: table.capacity)
+        if disk is not None:
+            BLOCKS.labels("disk").set_function(lambda: disk.blocks)
+            DISK.labels("hit_blocks").set_function(lambda: disk.hit_blocks)
+            DISK.labels("corrupt_blocks").set_function(lambda: disk.corrupt_blocks)
+            DISK.labels("writes_stopped").set_function(lambda: disk.writes_stopped)
         self._expiry = asyncio.create_task(self._expire(table, disk), name="kvstore-expiry")
         log.info(
             "KV store pool: %d MiB at 0x%x, NIXL agent %s",

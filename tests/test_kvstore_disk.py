@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -181,6 +183,7 @@ async def test_a_corrupted_block_file_is_dropped_never_served(
         assert read_back(client, shards, chain) == 2, "the chain ends before the bad block"
         stats = client.stats(stage.grpc_address)
         assert stats.disk_corrupt_blocks == 1 and stats.disk_blocks == 3
+        assert 'stagemesh_kvstore_disk{figure="corrupt_blocks"} 1.0' in metrics(stage)
         until(lambda: not damaged.exists())
         assert chain[2] not in await snapshot_names(stage.grpc_address)
         # Written again (recomputed, as an engine would), it is served again.
@@ -342,6 +345,14 @@ async def test_a_returning_session_finds_its_blocks_on_disk_after_others_filled_
         assert np.all(client.block(32) == 1)
         anonymous = list(range(4100, 4108))
         assert read_back(client, shards, anonymous) == 6, "anonymous blocks went first"
+
+
+def metrics(stage: StageProcess) -> str:
+    """The store's Prometheus page."""
+    port = re.search(r"metrics on :(\d+)", stage.log_path.read_text())
+    assert port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics") as reply:
+        return str(reply.read().decode())
 
 
 def flip_a_byte(path: Path) -> None:
