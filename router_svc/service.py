@@ -14,15 +14,14 @@ from router_svc.affinity import SESSION_HEADER
 from router_svc.audit import AuditLog
 from router_svc.config import RouterConfig
 from router_svc.guard import Guard
-from router_svc.http_guard import Connections, RequestGuard
+from router_svc.http.app import HttpBridge
+from router_svc.http.guard import Connections, RequestGuard
+from router_svc.http.response_store import ResponseStore
 from router_svc.kv_index import KvIndex
 from router_svc.kv_subscriber import KvSubscriber
 from router_svc.metrics import INDEX_ENTRIES, RESPONSES_STORED_BYTES
-from router_svc.openai_bridge import HttpBridge
 from router_svc.pipeline import Pipeline
 from router_svc.policy import make_policy
-from router_svc.response_store import ResponseStore
-from router_svc.tools import ParserChoice
 from router_svc.workers import ENGINE_ROLES, Workers
 from services.auth import AUTHORIZATION, ApiKeys, Caller, open_api_refusal
 from services.clients import health_status
@@ -187,7 +186,6 @@ class RouterStage(Stage):
                 config.max_body_mib,
                 self._keys,
                 open_metrics=not config.metrics_need_key,
-                parsers=ParserChoice(config.tool_call_parser, config.tool_call_parsers),
                 responses=responses,
                 adapters=adapters,
                 guard=RequestGuard(http_host, config.allowed_origins, config.allowed_hosts),
