@@ -3,8 +3,10 @@
 A request runs through the router's modules in order (docs/design.md, "Life of a
 request"):
 
-1. limits and preparation (:mod:`router_svc.prepare`): the model resolved from the
-   :mod:`~router_svc.catalogue`, the input tokenized and checked;
+1. limits and preparation: a chat request's tools planned (:mod:`router_svc.tools`),
+   the limits checked (:mod:`router_svc.prepare`), the model resolved from the
+   :mod:`~router_svc.catalogue` (its tool-call parser with it), the input tokenized and
+   checked;
 2. for each of its sequences (every prompt of a batch, ``n`` times), dispatch
    (:mod:`router_svc.dispatch`): prefill and decode workers chosen, the decode stream
    opened;
@@ -15,9 +17,9 @@ request"):
 :meth:`Pipeline.start` does step 1 for every prompt, and admits the request against
 its model's bound (``--max-queued-requests``), so any error that stops a request from
 starting is raised there, before the caller has seen anything. The gRPC service
-and the HTTP bridge only render the generation: its deltas as they come, or its
-:meth:`~Generation.result` at once. Batch prompts and ``n`` fan-out happen here and
-nowhere else.
+and the HTTP bridge only render the generation (:mod:`router_svc.generation`): its
+deltas as they come, or its :meth:`~Generation.result` at once. Batch prompts and
+``n`` fan-out happen here and nowhere else.
 
 Cancelling the caller's request cancels every internal call it has open, and each
 stage aborts its part (the engines abort the vLLM request).
@@ -208,16 +210,16 @@ class Pipeline:
         bound = running + self._config.max_queued_requests
         if sequences > bound:
             raise InvalidRequest(
-                f"the request asks for {sequences} sequences (prompts × n); {model!r} admits at most "
-                f"{bound} at once",
+                f"the request asks for {sequences} sequences (prompts × n); {model!r} admits "
+                f"at most {bound} at once",
                 "n",
             )
         admitted = self._admitted.get(model, 0)
         if admitted + sequences > bound:
             raise Overloaded(
-                f"{model!r} has {admitted} sequences in progress; with this request's {sequences} that is "
-                f"more than its engines run at once ({running}) plus the router's queue "
-                f"({self._config.max_queued_requests}); try again shortly"
+                f"{model!r} has {admitted} sequences in progress; with this request's "
+                f"{sequences} that is more than its engines run at once ({running}) plus the "
+                f"router's queue ({self._config.max_queued_requests}); try again shortly"
             )
         self._admitted[model] = admitted + sequences
         IN_PROGRESS.labels(model).inc()
@@ -274,12 +276,7 @@ class Pipeline:
                         if delta.finish_reason:
                             return
             except StageError as error:
-                # A constrained sequence cannot be continued elsewhere: the grammar would
-                # start over at the tokens already generated.
-                constrained = sampling.HasField("structured_outputs")
-                if constrained or not (
-                    generated and error.retry_elsewhere and migration < self._config.migration_limit
-                ):
+                if not self._migrates(error, sampling, generated, migration):
                     raise
                 MIGRATIONS.inc()
                 log.warning(
@@ -288,6 +285,24 @@ class Pipeline:
                     error,
                     len(generated),
                 )
+
+    def _migrates(
+        self,
+        error: StageError,
+        sampling: common_pb2.SamplingParams,
+        generated: list[int],
+        migration: int,
+    ) -> bool:
+        """Whether a broken sequence carries on on another decode worker: one that has
+        tokens, broken by an error that says so, within ``--migration-limit``. A
+        constrained sequence cannot: the grammar would start over at the tokens already
+        generated."""
+        return (
+            not sampling.HasField("structured_outputs")
+            and bool(generated)
+            and error.retry_elsewhere
+            and migration < self._config.migration_limit
+        )
 
 
 def salted(caller: str, requested: str) -> str:
