@@ -44,6 +44,7 @@ from router_svc.guard import Guard
 from router_svc.metrics import IN_PROGRESS, MIGRATIONS, SequenceClock
 from router_svc.policy import Policy
 from router_svc.prepare import Limits, Prompt, prepare
+from router_svc.saturation import Saturation
 from router_svc.sequence import Sequence as SequenceRun
 from router_svc.sequence import has_content, sampling_for
 from router_svc.tool_parsers import ParserChoice
@@ -76,6 +77,8 @@ class Pipeline:
         #: Which parser reads each model's tool calls (``--tool-call-parser[s]``).
         self.parsers = ParserChoice(config.tool_call_parser, config.tool_call_parsers)
         self._dispatch = Dispatcher(config, workers, policy)
+        #: The relay's load: new requests wait for a loop that keeps up (429 meanwhile).
+        self.saturation = Saturation(config.max_loop_lag_ms / 1000)
         #: Sequences in progress per model (admitted by :meth:`start`, not yet finished).
         self._admitted: dict[str, int] = {}
         #: The most a non-streamed answer may hold (``--max-result-mib``).
@@ -143,6 +146,7 @@ class Pipeline:
         started = time.monotonic()
         generation: Generation | None = None
         try:
+            self._check_relay()
             plan = ToolPlan.build(tools) if tools is not None else None
             if plan is not None:  # before the checks: they cover the tools and their constraint
                 for request in requests:
@@ -196,6 +200,16 @@ class Pipeline:
             for request in requests:  # after the guard: it sees what the client sent
                 request.sampling.cache_salt = salted(caller, request.sampling.cache_salt)
         return requests, n
+
+    def _check_relay(self) -> None:
+        """Refuse a new request while this process's relay is saturated (see
+        :mod:`router_svc.saturation`): admitted streams keep their pace."""
+        if self.saturation.saturated:
+            raise Overloaded(
+                f"the router is relaying all it can (its event loop runs "
+                f"{self.saturation.lag * 1000:.0f} ms late, busy "
+                f"{self.saturation.busy_share:.0%} of the time); try again shortly"
+            )
 
     @contextlib.contextmanager
     def _admission(self, model: str, sequences: int) -> Iterator[None]:

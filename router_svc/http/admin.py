@@ -22,6 +22,7 @@ from router_svc.http import incoming
 from router_svc.http.errors import ApiError
 from router_svc.http.protocol import ApiBody, ChatMessage
 from router_svc.pipeline import Pipeline
+from services import exposition
 from services.pb import router_pb2, tokenizer_pb2
 
 
@@ -115,8 +116,11 @@ class Admin:
         return web.json_response({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        """The router's Prometheus metrics."""
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        """The router's Prometheus metrics (every ``--workers`` process's, summed)."""
+        return web.Response(
+            body=generate_latest(exposition.registry()),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         """Every model served: base models, then their adapters."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 from aiohttp import hdrs, web
 
@@ -40,8 +39,8 @@ _SWEEP_SECONDS = 30.0
 
 
 class HttpBridge:
-    """The HTTP API of one router process: build it, :meth:`start` it on a port (or on
-    a socket it is given), :meth:`stop` it."""
+    """The HTTP API of one router process: build it, :meth:`start` it on a port (shared
+    with the other ``--workers`` processes), :meth:`stop` it."""
 
     def __init__(
         self,
@@ -100,10 +99,9 @@ class HttpBridge:
         app.router.add_get("/metrics", admin.metrics)
         return app
 
-    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
-        """Serve on ``host:port``, or on ``sock`` when given (a socket bound already,
-        e.g. one of several processes' ``SO_REUSEPORT`` sockets; host and port then
-        only name it in the log)."""
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Serve on ``host:port``; ``reuse_port`` shares it with the router's other
+        ``--workers`` processes (SO_REUSEPORT)."""
         self._runner = web.AppRunner(
             self.app(),
             handler_cancellation=True,
@@ -113,9 +111,7 @@ class HttpBridge:
         await self._runner.setup()
         assert self._runner.server is not None
         ConnectionCap(self._runner.server, self._connections.max_connections)
-        site: web.BaseSite = (
-            web.SockSite(self._runner, sock) if sock else web.TCPSite(self._runner, host, port)
-        )
+        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None)
         try:
             await site.start()
         except OSError as exc:  # taken since the stage checked its ports: one line, no traceback
