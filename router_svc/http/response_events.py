@@ -256,7 +256,7 @@ class ResponseEvents:
         return events + [self._event(kind, response=self.response)]
 
 
-def failed(response: dict[str, Any], error: ApiError) -> None:
+def mark_failed(response: dict[str, Any], error: ApiError) -> None:
     """Mark a response failed, with OpenAI's code for the error."""
     response["status"] = "failed"
     response["error"] = {"code": error.code or error.kind, "message": str(error)}

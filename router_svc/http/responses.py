@@ -27,8 +27,8 @@ from router_svc.http.protocol import ChatCompletionRequest, ChatMessage
 from router_svc.http.response_events import (
     ResponseEvents,
     answer_messages,
-    failed,
     finish,
+    mark_failed,
     new_id,
     output_items,
     skeleton,
@@ -69,7 +69,7 @@ class ResponseRenderer:
 
     def failed(self, error: ApiError) -> bytes:
         """``response.failed``, the response marked with the error."""
-        failed(self.events.response, error)
+        mark_failed(self.events.response, error)
         return sse.named({"type": "response.failed", "response": self.events.response})
 
     def closing(self) -> bytes:
@@ -187,7 +187,7 @@ class Responses:
             if not started.done():  # refused before it started: the request's answer
                 started.set_exception(exc)
                 return
-            failed(response, ApiError.from_stage(exc))
+            mark_failed(response, ApiError.from_stage(exc))
         finally:
             entry.task = None
         self.store.update(entry)  # its output counts now
