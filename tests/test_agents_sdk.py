@@ -82,6 +82,8 @@ async def served_model(client: openai.AsyncOpenAI) -> str:
 
 @pytest.mark.parametrize("api", ["chat", "responses"])
 async def test_an_agent_with_an_output_type_and_a_required_tool(mesh: Mesh, api: str) -> None:
+    """The agent calls its tool, then answers as its output type; its first request
+    carried the output format with the required tool choice."""
     bodies: list[dict[str, Any]] = []
     client = recording_client(mesh, bodies)
     name = await served_model(client)
