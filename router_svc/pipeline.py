@@ -3,8 +3,10 @@
 A request runs through the router's modules in order (docs/design.md, "Life of a
 request"):
 
-1. limits and preparation (:mod:`router_svc.prepare`): the model resolved from the
-   :mod:`~router_svc.catalogue`, the input tokenized and checked;
+1. limits and preparation: a chat request's tools planned (:mod:`router_svc.tools`),
+   the limits checked (:mod:`router_svc.prepare`), the model resolved from the
+   :mod:`~router_svc.catalogue` (its tool-call parser with it), the input tokenized and
+   checked;
 2. for each of its sequences (every prompt of a batch, ``n`` times), dispatch
    (:mod:`router_svc.dispatch`): prefill and decode workers chosen, the decode stream
    opened;
@@ -15,9 +17,9 @@ request"):
 :meth:`Pipeline.start` does step 1 for every prompt, and admits the request against
 its model's bound (``--max-queued-requests``), so any error that stops a request from
 starting is raised there, before the caller has seen anything. The gRPC service
-and the HTTP bridge only render the generation: its deltas as they come, or its
-:meth:`~Generation.result` at once. Batch prompts and ``n`` fan-out happen here and
-nowhere else.
+and the HTTP bridge only render the generation (:mod:`router_svc.generation`): its
+deltas as they come, or its :meth:`~Generation.result` at once. Batch prompts and
+``n`` fan-out happen here and nowhere else.
 
 Cancelling the caller's request cancels every internal call it has open, and each
 stage aborts its part (the engines abort the vLLM request).
@@ -30,13 +32,14 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from router_svc.audit import AuditLog
 from router_svc.catalogue import Catalogue
 from router_svc.config import RouterConfig
 from router_svc.dispatch import Dispatcher
+from router_svc.generation import Generation
 from router_svc.guard import Guard
 from router_svc.metrics import IN_PROGRESS, MIGRATIONS, SequenceClock
 from router_svc.policy import Policy
@@ -44,11 +47,12 @@ from router_svc.prepare import Limits, Prompt, prepare
 from router_svc.saturation import Saturation
 from router_svc.sequence import Sequence as SequenceRun
 from router_svc.sequence import has_content, sampling_for
+from router_svc.tool_parsers import ParserChoice
+from router_svc.tools import ToolPlan, ToolRequest
 from router_svc.workers import Workers
-from services.aio import merge
 from services.auth import tenant_salt
 from services.errors import InvalidRequest, Overloaded, StageError
-from services.pb import common_pb2, router_pb2
+from services.pb import common_pb2, router_pb2, tokenizer_pb2
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,8 @@ class Pipeline:
         self._workers = workers
         self.catalogue = Catalogue(workers, config.worker_wait)
         self.limits = Limits.from_config(config)
+        #: Which parser reads each model's tool calls (``--tool-call-parser[s]``).
+        self.parsers = ParserChoice(config.tool_call_parser, config.tool_call_parsers)
         self._dispatch = Dispatcher(config, workers, policy)
         #: The relay's load: new requests wait for a loop that keeps up (429 meanwhile).
         self.saturation = Saturation(config.max_loop_lag_ms / 1000)
@@ -77,6 +83,32 @@ class Pipeline:
         self._admitted: dict[str, int] = {}
         #: The most a non-streamed answer may hold (``--max-result-mib``).
         self.max_result_bytes = config.max_result_mib << 20
+
+    async def tokenize(
+        self, message: tokenizer_pb2.TokenizeRequest
+    ) -> tuple[tokenizer_pb2.TokenizeResponse, int]:
+        """A bare tokenization (vLLM's /tokenize): the model resolved and tokenized as its
+        base model, a conversation checked against the request limits first. Returns the
+        tokenizer's answer and the model's context length."""
+        model = await self.catalogue.resolve(message.model)
+        message.model = self.catalogue.base(model)
+        self.limits.check_chat(message.chat)
+        reply = await self.catalogue.tokenizer(
+            message.model, lambda client: client.tokenize_request(message)
+        )
+        return reply, self.catalogue.max_model_len(model, await self.catalogue.info(model))
+
+    async def detokenize(self, model: str, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (vLLM's /detokenize), decoded in the router as
+        generated text is; an id outside the vocabulary is refused."""
+        model = await self.catalogue.resolve(model)
+        info = await self.catalogue.info(model)
+        if outside := [t for t in token_ids if not 0 <= t < info.vocab_size]:
+            raise InvalidRequest(
+                f"token id {outside[0]} is outside the vocabulary (size {info.vocab_size})",
+                "tokens",
+            )
+        return (await self.catalogue.decoder(model)).decode(token_ids)
 
     def deadline(self, client_remaining: float | None = None) -> float:
         """Monotonic deadline of a request: the configured limit or the client's, if shorter."""
@@ -96,12 +128,15 @@ class Pipeline:
         requests: Sequence[router_pb2.RouterGenerateRequest],
         deadline: float,
         caller: str = "",
+        tools: ToolRequest | None = None,
     ) -> AsyncIterator[Generation]:
         """Check, admit and prepare a request: one message, or several that differ only in
         their input (a batch of prompts, as OpenAI's completions take). Raises before
         anything has been generated when the request cannot start; the request holds its
         place in the model's admission count until the block exits. ``caller`` is the
-        id of the caller's API key (:meth:`services.auth.ApiKeys.key_id`), for the audit log.
+        id of the caller's API key (:meth:`services.auth.ApiKeys.key_id`), for the audit
+        log; ``tools`` what a chat request says about tools (planned here, with the
+        parser of the model the request resolves to).
 
         A request refused here (limits, the guard, an unknown model, overload) gets its
         audit line here; one that started gets it from its :class:`Generation`."""
@@ -112,23 +147,24 @@ class Pipeline:
         generation: Generation | None = None
         try:
             self._check_relay()
-            self.limits.check_batch(len(requests))
-            n = max(self.limits.check(request) for request in requests)
-            if self.guard:
-                # The guard sees each checked prompt; what it rewrites is checked again.
-                requests = [
-                    await self.guard.check_input(request, request_id, caller)
-                    for request in requests
-                ]
-                n = max(self.limits.check(request) for request in requests)
-            if caller and not self._config.share_prefix_cache:
-                for request in requests:  # after the guard: it sees what the client sent
-                    request.sampling.cache_salt = salted(caller, request.sampling.cache_salt)
+            plan = ToolPlan.build(tools) if tools is not None else None
+            if plan is not None:  # before the checks: they cover the tools and their constraint
+                for request in requests:
+                    plan.apply(request)
+            requests, n = await self._checked(requests, request_id, caller)
             model = await self.catalogue.resolve(requests[0].model)
+            if plan is not None:
+                plan = plan.read_by(self.parsers.for_model(model, self.catalogue.base(model)))
             with self._admission(model, len(requests) * n):
                 prompts = [await prepare(self.catalogue, request, model) for request in requests]
                 generation = Generation(
-                    self, list(zip(requests, prompts, strict=True)), n, request_id, deadline, caller
+                    self,
+                    list(zip(requests, prompts, strict=True)),
+                    n,
+                    request_id,
+                    deadline,
+                    caller,
+                    plan,
                 )
                 yield generation
         except StageError as error:
@@ -146,6 +182,24 @@ class Pipeline:
                     error=error,
                 )
             raise
+
+    async def _checked(
+        self, requests: Sequence[router_pb2.RouterGenerateRequest], request_id: str, caller: str
+    ) -> tuple[Sequence[router_pb2.RouterGenerateRequest], int]:
+        """The requests once the limits and the guard pass them (the guard may rewrite
+        them; what it rewrites is checked again), salted with the caller's tenant, and
+        their ``n``."""
+        self.limits.check_batch(len(requests))
+        n = max(self.limits.check(request) for request in requests)
+        if self.guard:
+            requests = [
+                await self.guard.check_input(request, request_id, caller) for request in requests
+            ]
+            n = max(self.limits.check(request) for request in requests)
+        if caller and not self._config.share_prefix_cache:
+            for request in requests:  # after the guard: it sees what the client sent
+                request.sampling.cache_salt = salted(caller, request.sampling.cache_salt)
+        return requests, n
 
     def _check_relay(self) -> None:
         """Refuse a new request while this process's relay is saturated (see
@@ -170,16 +224,16 @@ class Pipeline:
         bound = running + self._config.max_queued_requests
         if sequences > bound:
             raise InvalidRequest(
-                f"the request asks for {sequences} sequences (prompts × n); {model!r} admits at most "
-                f"{bound} at once",
+                f"the request asks for {sequences} sequences (prompts × n); {model!r} admits "
+                f"at most {bound} at once",
                 "n",
             )
         admitted = self._admitted.get(model, 0)
         if admitted + sequences > bound:
             raise Overloaded(
-                f"{model!r} has {admitted} sequences in progress; with this request's {sequences} that is "
-                f"more than its engines run at once ({running}) plus the router's queue "
-                f"({self._config.max_queued_requests}); try again shortly"
+                f"{model!r} has {admitted} sequences in progress; with this request's "
+                f"{sequences} that is more than its engines run at once ({running}) plus the "
+                f"router's queue ({self._config.max_queued_requests}); try again shortly"
             )
         self._admitted[model] = admitted + sequences
         IN_PROGRESS.labels(model).inc()
@@ -236,12 +290,7 @@ class Pipeline:
                         if delta.finish_reason:
                             return
             except StageError as error:
-                # A constrained sequence cannot be continued elsewhere: the grammar would
-                # start over at the tokens already generated.
-                constrained = sampling.HasField("structured_outputs")
-                if constrained or not (
-                    generated and error.retry_elsewhere and migration < self._config.migration_limit
-                ):
+                if not self._migrates(error, sampling, generated, migration):
                     raise
                 MIGRATIONS.inc()
                 log.warning(
@@ -250,6 +299,24 @@ class Pipeline:
                     error,
                     len(generated),
                 )
+
+    def _migrates(
+        self,
+        error: StageError,
+        sampling: common_pb2.SamplingParams,
+        generated: list[int],
+        migration: int,
+    ) -> bool:
+        """Whether a broken sequence carries on on another decode worker: one that has
+        tokens, broken by an error that says so, within ``--migration-limit``. A
+        constrained sequence cannot: the grammar would start over at the tokens already
+        generated."""
+        return (
+            not sampling.HasField("structured_outputs")
+            and bool(generated)
+            and error.retry_elsewhere
+            and migration < self._config.migration_limit
+        )
 
 
 def salted(caller: str, requested: str) -> str:
@@ -282,111 +349,3 @@ def continuation(
     rest.min_tokens = max(0, sampling.min_tokens - len(generated))
     rest.ClearField("prompt_logprobs")  # sent with the first attempt's first message
     return Attempt(replace(prompt, token_ids=prompt.token_ids + generated, _hashes={}), rest)
-
-
-class Generation:
-    """A started request. Iterate for its deltas (indexed prompt-major: prompt ``p``'s
-    sequence ``i`` is choice ``p * n + i``); the last message carries the usage totals."""
-
-    def __init__(
-        self,
-        pipeline: Pipeline,
-        prompts: list[tuple[router_pb2.RouterGenerateRequest, Prompt]],
-        n: int,
-        request_id: str,
-        deadline: float,
-        caller: str = "",
-    ) -> None:
-        self._pipeline = pipeline
-        self._caller = caller
-        self._prompts = prompts
-        self._n = n
-        self._deadline = deadline
-        self.request_id = request_id
-        #: What the engines know the request's sequences by: a keyed caller's ids are
-        #: named under its key, so no caller can take or block another's id.
-        self._engine_id = f"{caller}.{request_id}" if caller else request_id
-        self.model = prompts[0][1].model
-        #: Outputs the request asked for: prompts times n.
-        self.choices = len(prompts) * n
-
-    async def __aiter__(self) -> AsyncGenerator[router_pb2.RouterGenerateResponse, None]:
-        usage = common_pb2.Usage()
-        workers: list[str] = []
-        streams = [
-            self._pipeline.run_sequence(
-                request,
-                prompt,
-                i,
-                p * self._n + i,
-                f"{self._engine_id}-{p * self._n + i}",
-                self._deadline,
-                usage,
-                workers,
-            )
-            for p, (request, prompt) in enumerate(self._prompts)
-            for i in range(self._n)
-        ]
-        audit, guard = self._pipeline.audit, self._pipeline.guard
-        kept = bool(audit) or guard.output
-        outputs = [""] * self.choices if kept else []
-        reasons = [""] * self.choices if kept else []
-        started = time.monotonic()
-        error: BaseException | None = None
-        try:
-            async with contextlib.aclosing(merge(streams)) as deltas:
-                async for delta in deltas:
-                    delta.request_id = self.request_id
-                    if kept:
-                        outputs[delta.index] += delta.text
-                        if delta.finish_reason:
-                            reasons[delta.index] = common_pb2.FinishReason.Name(delta.finish_reason)
-                    yield delta
-            await guard.check_output(
-                self._prompts[0][0], self.request_id, self._caller, self.model, outputs
-            )
-        except BaseException as exc:  # recorded (a cancelled request too), then raised on
-            error = exc
-            raise
-        finally:
-            audit.record(
-                request_id=self.request_id,
-                key_id=self._caller,
-                model=self.model,
-                requests=[request for request, _ in self._prompts],
-                outputs=outputs,
-                finish_reasons=reasons,
-                usage=usage,
-                started=started,
-                workers=workers,
-                error=error,
-            )
-        yield router_pb2.RouterGenerateResponse(usage=usage, request_id=self.request_id)
-
-    async def result(self) -> router_pb2.RouterGenerateResult:
-        """The whole result at once: each sequence's deltas joined, up to
-        ``--max-result-mib`` (larger answers must be streamed)."""
-        result = router_pb2.RouterGenerateResult(model=self.model, request_id=self.request_id)
-        completions = [router_pb2.Completion(index=i) for i in range(self.choices)]
-        held, bound = 0, self._pipeline.max_result_bytes
-        async with contextlib.aclosing(aiter(self)) as deltas:
-            async for delta in deltas:
-                if delta.HasField("usage"):
-                    result.usage.CopyFrom(delta.usage)
-                    continue
-                held += delta.ByteSize()
-                if held > bound:
-                    raise InvalidRequest(
-                        f"the answer is larger than the {bound >> 20} MiB the router holds for a "
-                        "request that is not streamed; ask for it streamed (stream: true)"
-                    )
-                completion = completions[delta.index]
-                completion.text += delta.text
-                completion.token_ids.extend(delta.token_ids)
-                completion.logprobs.extend(delta.logprobs)
-                completion.prompt_logprobs.extend(delta.prompt_logprobs)
-                if delta.finish_reason:
-                    completion.finish_reason = delta.finish_reason
-                    completion.stop_reason = delta.stop_reason
-        result.completions.extend(completions)
-        return result

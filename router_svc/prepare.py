@@ -2,9 +2,9 @@
 
 Everything here happens before any engine is asked for anything, so a request that
 cannot be served is refused at no cost to the mesh: the limits first (pure checks of
-the message), then the model (and admission, in the pipeline), then the prompt, tokenized by a tokenizer member or
-checked against the vocabulary when the caller sent ids, and its length against the
-shortest context of the engines that serve the model.
+the message), then the model (and admission, in the pipeline), then the prompt,
+tokenized by a tokenizer member or checked against the vocabulary when the caller sent
+ids, and its length against the shortest context of the engines that serve the model.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from router_svc.config import RouterConfig
 from router_svc.constraints import check_constraint
 from services.errors import ContextLengthExceeded, InvalidRequest
 from services.kv.hashing import chain_hashes, chain_root
-from services.pb import router_pb2, tokenizer_pb2
+from services.pb import common_pb2, router_pb2, tokenizer_pb2
 
 
 @dataclass
@@ -84,7 +84,8 @@ class Limits:
             )
 
     def check_items(self, count: int, param: str) -> None:
-        """A list of conversation items (messages, Responses input items) is within ``--max-messages``."""
+        """A list of conversation items (messages, Responses input items) is within
+        ``--max-messages``."""
         if count > self.messages:
             raise InvalidRequest(
                 f"a request may carry at most {self.messages} {param} items, got {count}", param
@@ -94,7 +95,8 @@ class Limits:
         """The limits on a conversation, for generation and for a bare tokenization."""
         if len(chat.tools_json) > self.constraint_chars:
             raise InvalidRequest(
-                f"the tools take {len(chat.tools_json)} characters; at most {self.constraint_chars}",
+                f"the tools take {len(chat.tools_json)} characters; "
+                f"at most {self.constraint_chars}",
                 "tools",
             )
         if len(chat.messages) > self.messages:
@@ -132,7 +134,8 @@ class Limits:
             )
         if len(sampling.logit_bias) > self.logit_bias:
             raise InvalidRequest(
-                f"logit_bias may name at most {self.logit_bias} tokens, got {len(sampling.logit_bias)}",
+                f"logit_bias may name at most {self.logit_bias} tokens, "
+                f"got {len(sampling.logit_bias)}",
                 "logit_bias",
             )
         if any(not -100 <= bias <= 100 for bias in sampling.logit_bias.values()):  # NaN fails too
@@ -167,29 +170,9 @@ async def prepare(
     base = catalogue.base(model)
     info = await catalogue.info(model)
     limit = catalogue.max_model_len(model, info)
-    sampling = request.sampling
-    for name, ids in (
-        ("logit_bias", sampling.logit_bias),
-        ("allowed_token_ids", sampling.allowed_token_ids),
-    ):
-        outside = [t for t in ids if t >= info.vocab_size]
-        if outside:
-            raise InvalidRequest(
-                f"{name} names token id {outside[0]}, outside the vocabulary (size {info.vocab_size})",
-                name,
-            )
+    _check_sampling_ids(request.sampling, info.vocab_size)
     kind = request.WhichOneof("input")
-    chars = (
-        len(request.text)
-        if kind == "text"
-        else (
-            len(request.chat.tools_json)
-            + sum(
-                len(m.content) + sum(len(c.arguments) for c in m.tool_calls)
-                for m in request.chat.messages
-            )
-        )
-    )
+    chars = _characters(request)
     if info.max_token_chars and chars > limit * info.max_token_chars:
         # Certainly too long: refuse before the tokenizer spends seconds on it.
         raise ContextLengthExceeded(
@@ -231,4 +214,32 @@ async def prepare(
         request.session_id,
         request.sampling.cache_salt,
         "" if base == model else model,
+    )
+
+
+def _check_sampling_ids(sampling: common_pb2.SamplingParams, vocab_size: int) -> None:
+    """The token ids the sampling settings name are the model's (an engine would fail
+    on one outside its vocabulary, after the prompt was prefilled)."""
+    for name, ids in (
+        ("logit_bias", sampling.logit_bias),
+        ("allowed_token_ids", sampling.allowed_token_ids),
+    ):
+        outside = [t for t in ids if t >= vocab_size]
+        if outside:
+            raise InvalidRequest(
+                f"{name} names token id {outside[0]}, outside the vocabulary (size {vocab_size})",
+                name,
+            )
+
+
+def _characters(request: router_pb2.RouterGenerateRequest) -> int:
+    """The characters of a request's text input: what bounds its tokens before the
+    tokenizer is asked (ids sent as ids have none)."""
+    kind = request.WhichOneof("input")
+    if kind == "text":
+        return len(request.text)
+    if kind != "chat":
+        return 0
+    return len(request.chat.tools_json) + sum(
+        len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in request.chat.messages
     )

@@ -14,15 +14,14 @@ from router_svc.affinity import SESSION_HEADER
 from router_svc.audit import AuditLog
 from router_svc.config import RouterConfig
 from router_svc.guard import Guard
-from router_svc.http_guard import Connections, RequestGuard
+from router_svc.http.app import HttpBridge
+from router_svc.http.guard import Connections, RequestGuard
+from router_svc.http.response_store import ResponseStore
 from router_svc.kv_index import KvIndex
 from router_svc.kv_subscriber import KvSubscriber
 from router_svc.metrics import INDEX_ENTRIES, RESPONSES_STORED_BYTES
-from router_svc.openai_bridge import HttpBridge
 from router_svc.pipeline import Pipeline
 from router_svc.policy import make_policy
-from router_svc.response_store import ResponseStore
-from router_svc.tools import ParserChoice
 from router_svc.workers import ENGINE_ROLES, Workers
 from services.auth import AUTHORIZATION, ApiKeys, Caller, open_api_refusal
 from services.clients import health_status
@@ -178,31 +177,11 @@ class RouterStage(Stage):
         if config.metrics_need_key and config.metrics_port >= 0:
             raise SystemExit(
                 "--metrics-need-key: the stage's --metrics-port would serve /metrics without a "
-                "key; "
-                "set --metrics-port -1 and scrape the HTTP bridge's /metrics with a key"
+                "key; set --metrics-port -1 and scrape the HTTP bridge's /metrics with a key"
             )
         self._servicer = RouterServicer(pipeline, self._workers, index, adapters, self._keys)
-        responses = ResponseStore(
-            config.responses_max,
-            config.responses_ttl,
-            config.responses_max_mib << 20,
-            config.responses_key_mib << 20,
-        )
-        RESPONSES_STORED_BYTES.source = lambda: {(): responses.bytes}
         self._bridge = (
-            HttpBridge(
-                pipeline,
-                config.max_body_mib,
-                self._keys,
-                open_metrics=not config.metrics_need_key,
-                parsers=ParserChoice(config.tool_call_parser, config.tool_call_parsers),
-                responses=responses,
-                adapters=adapters,
-                guard=RequestGuard(http_host, config.allowed_origins, config.allowed_hosts),
-                connections=Connections(config.http_idle_timeout, config.http_max_connections),
-            )
-            if config.http_port >= 0
-            else None
+            http_bridge(config, pipeline, adapters, self._keys) if config.http_port >= 0 else None
         )
 
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
@@ -243,6 +222,32 @@ class RouterStage(Stage):
         # Operators and `stagemesh status` find the HTTP bridge here.
         if self._bridge is not None:
             member.labels["http_address"] = f"{self._config.advertise_host}:{self._bridge.port}"
+
+
+def http_bridge(
+    config: RouterConfig, pipeline: Pipeline, adapters: AdapterControl, keys: ApiKeys
+) -> HttpBridge:
+    """The router's HTTP API as its settings describe it (not started:
+    :meth:`HttpBridge.start` takes the port, which ``--workers`` processes share)."""
+    responses = ResponseStore(
+        config.responses_max,
+        config.responses_ttl,
+        config.responses_max_mib << 20,
+        config.responses_key_mib << 20,
+    )
+    RESPONSES_STORED_BYTES.source = lambda: {(): responses.bytes}
+    return HttpBridge(
+        pipeline,
+        config.max_body_mib,
+        keys,
+        open_metrics=not config.metrics_need_key,
+        responses=responses,
+        adapters=adapters,
+        guard=RequestGuard(
+            config.http_host or config.host, config.allowed_origins, config.allowed_hosts
+        ),
+        connections=Connections(config.http_idle_timeout, config.http_max_connections),
+    )
 
 
 def _with_session(

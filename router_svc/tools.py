@@ -1,260 +1,36 @@
-"""Tool calling for the OpenAI bridge: what a request's ``tools`` and ``tool_choice`` ask
+"""Tool calling for the OpenAI HTTP API: what a request's ``tools`` and ``tool_choice`` ask
 of the engines, and how the generated text becomes ``tool_calls``.
 
 - ``tool_choice`` a named function: the output is constrained (in the decode engine) to
   the function's parameter schema, and the whole output is its arguments.
 - ``required``: constrained to a JSON array of ``{"name", "parameters"}`` objects, one
   alternative per tool (vLLM's shape), so any model calls at least one tool.
-- ``auto``: unconstrained; a parser for the model's own tool-call format finds the calls
-  in the text (``--tool-call-parser``): ``hermes`` (``<tool_call>{json}</tool_call>``,
-  Qwen, Hermes, and any model whose template the tokenizer stage fills in) or
-  ``llama3_json`` (a bare JSON object, optionally after ``<|python_tag|>``).
+- ``auto``: unconstrained; the model's parser (:mod:`router_svc.tool_parsers`) finds the
+  calls in the text.
 - ``none``: the tools are still shown to the template; nothing is parsed.
 
-Parsing a whole text (:meth:`ToolParser.extract`) follows vLLM's parsers exactly (the
-tests compare them on the same texts). Streaming (:class:`ToolStream`) sends text as
-content until a call starts, holds back what might be the start of one, and sends each
-call as one delta when it is complete: the SDK joins deltas, so a call in one piece has
-the shape it expects.
+A named or required choice replaces any output format the request asked for: the tool
+choice governs the turn, as in OpenAI's API and vLLM's.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from services.detokenizer import partial_marker_length
+from router_svc.tool_parsers import (
+    Extracted,
+    ToolCall,
+    ToolParser,
+    ToolStream,
+    content_fields,
+    parse_call,
+)
 from services.errors import InvalidRequest
-from services.pb import common_pb2
+from services.pb import common_pb2, router_pb2
 
 ToolChoice = Literal["none", "auto", "required"] | dict[str, Any]
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """A call the model made: the function's name and its arguments as JSON text."""
-
-    name: str
-    arguments: str
-    id: str = ""
-
-    def render(self, index: int | None = None) -> dict[str, Any]:
-        """OpenAI's ``tool_calls`` entry (with ``index`` in a streamed delta)."""
-        entry: dict[str, Any] = {
-            "id": self.id or f"call_{uuid.uuid4().hex[:24]}",
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
-        return entry if index is None else {"index": index, **entry}
-
-
-@dataclass(frozen=True)
-class Extracted:
-    """What a finished text holds: content (None when only calls) and the calls."""
-
-    content: str | None
-    calls: list[ToolCall]
-
-
-class ToolParser:
-    """A model family's tool-call format."""
-
-    name: str
-    #: Where a call may begin; text before it is content.
-    start: str
-
-    def extract(self, text: str) -> Extracted:
-        raise NotImplementedError
-
-    def stream(self) -> ToolStream:
-        raise NotImplementedError
-
-
-def _call(obj: Any, *keys: str) -> ToolCall:
-    """A call from a parsed object: KeyError/TypeError when it is not one."""
-    arguments = next((obj[key] for key in keys if key in obj), None)
-    if arguments is None:
-        raise KeyError(keys[-1])
-    return ToolCall(str(obj["name"]), json.dumps(arguments, ensure_ascii=False))
-
-
-class HermesParser(ToolParser):
-    """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, repeated."""
-
-    name = "hermes"
-    start = "<tool_call>"
-    end = "</tool_call>"
-    _calls = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
-
-    def extract(self, text: str) -> Extracted:
-        if self.start not in text:
-            return Extracted(text, [])
-        try:
-            calls = [
-                _call(json.loads(closed or open_), "arguments")
-                for closed, open_ in self._calls.findall(text)
-            ]
-        except (ValueError, KeyError, TypeError):  # one malformed call: the text is content
-            return Extracted(text, [])
-        return Extracted(text[: text.find(self.start)] or None, calls)
-
-    def stream(self) -> ToolStream:
-        return _HermesStream(self)
-
-
-class Llama3JsonParser(ToolParser):
-    """A JSON object ``{"name", "arguments" | "parameters"}``, or several separated by
-    ``;``, optionally after ``<|python_tag|>``."""
-
-    name = "llama3_json"
-    start = "<|python_tag|>"
-    _decoder = json.JSONDecoder()
-
-    def extract(self, text: str) -> Extracted:
-        if self.start not in text and "{" not in text:
-            return Extracted(text, [])
-        calls: list[ToolCall] = []
-        end = -1
-        for match in re.finditer(r"\{", text):
-            if match.start() <= end:  # inside an object already read
-                continue
-            try:
-                obj, length = self._decoder.raw_decode(text[match.start() :])
-                end = match.start() + length
-                calls.append(_call(obj, "arguments", "parameters"))
-            except (ValueError, KeyError, TypeError):
-                return Extracted(text, [])
-        return Extracted(None, calls) if calls else Extracted(text, [])
-
-    def stream(self) -> ToolStream:
-        return _Llama3Stream(self)
-
-
-PARSERS: dict[str, type[ToolParser]] = {
-    parser.name: parser for parser in (HermesParser, Llama3JsonParser)
-}
-
-
-class ParserChoice:
-    """Which parser reads each model's tool calls (``--tool-call-parser[s]``)."""
-
-    def __init__(self, default: str, per_model: dict[str, str]) -> None:
-        for name in (default, *per_model.values()):
-            if name not in PARSERS:
-                raise ValueError(
-                    f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}"
-                )
-        self._default = PARSERS[default]()
-        self._per_model = {model: PARSERS[name]() for model, name in per_model.items()}
-
-    def for_model(self, model: str, base: str = "") -> ToolParser:
-        """The parser configured for ``model``, else for its base model (a LoRA adapter
-        writes as its parent unless configured apart), else the default."""
-        return self._per_model.get(model) or self._per_model.get(base, self._default)
-
-
-class ToolStream:
-    """One streamed choice's text in, delta fields out (``content`` or ``tool_calls``)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def feed(self, text: str) -> list[dict[str, Any]]:
-        raise NotImplementedError
-
-    def finish(self) -> list[dict[str, Any]]:
-        raise NotImplementedError
-
-    def _calls_delta(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
-        if not calls:
-            return []
-        first, self.calls = self.calls, self.calls + len(calls)
-        return [{"tool_calls": [call.render(first + i) for i, call in enumerate(calls)]}]
-
-
-def _content(text: str) -> list[dict[str, Any]]:
-    return [{"content": text}] if text else []
-
-
-class _HermesStream(ToolStream):
-    def __init__(self, parser: HermesParser) -> None:
-        super().__init__()
-        self._parser = parser
-        self._buffer = ""
-        self._in_call = False
-
-    def feed(self, text: str) -> list[dict[str, Any]]:
-        self._buffer += text
-        out: list[dict[str, Any]] = []
-        start, end = self._parser.start, self._parser.end
-        while True:
-            if self._in_call:
-                at = self._buffer.find(end)
-                if at < 0:
-                    return out
-                out += self._close(self._buffer[:at])
-                self._buffer = self._buffer[at + len(end) :].lstrip()  # between calls: not content
-                self._in_call = False
-                continue
-            at = self._buffer.find(start)
-            if at < 0:
-                keep = partial_marker_length(self._buffer, (start,))
-                sendable, self._buffer = (
-                    self._buffer[: len(self._buffer) - keep],
-                    self._buffer[len(self._buffer) - keep :],
-                )
-                return out + _content(sendable)
-            out += _content(self._buffer[:at])
-            self._buffer = self._buffer[at + len(start) :]
-            self._in_call = True
-
-    def finish(self) -> list[dict[str, Any]]:
-        rest, self._buffer = self._buffer, ""
-        if self._in_call and rest.strip():
-            return self._close(rest)  # the model stopped before closing the call
-        return _content(rest)
-
-    def _close(self, body: str) -> list[dict[str, Any]]:
-        try:
-            call = _call(json.loads(body), "arguments")
-        except (ValueError, KeyError, TypeError):
-            return _content(f"{self._parser.start}{body}{self._parser.end}")
-        return self._calls_delta([call])
-
-
-class _Llama3Stream(ToolStream):
-    """Text that opens with ``{`` or the python tag is held and parsed whole at the end;
-    any other text is content as it comes (as vLLM streams it)."""
-
-    def __init__(self, parser: Llama3JsonParser) -> None:
-        super().__init__()
-        self._parser = parser
-        self._buffer = ""
-        self._mode: Literal["undecided", "json", "content"] = "undecided"
-
-    def feed(self, text: str) -> list[dict[str, Any]]:
-        if self._mode == "content":
-            return _content(text)
-        self._buffer += text
-        if self._mode == "undecided":
-            head = self._buffer.lstrip()
-            if head.startswith(("{", self._parser.start)):
-                self._mode = "json"
-            elif head and not self._parser.start.startswith(head):
-                self._mode = "content"
-                rest, self._buffer = self._buffer, ""
-                return _content(rest)
-        return []
-
-    def finish(self) -> list[dict[str, Any]]:
-        rest, self._buffer = self._buffer, ""
-        if self._mode != "json":
-            return _content(rest)
-        found = self._parser.extract(rest)
-        return _content(found.content or "") + self._calls_delta(found.calls)
 
 
 class _NamedStream(ToolStream):
@@ -289,45 +65,53 @@ class _RequiredStream(ToolStream):
 
     def finish(self) -> list[dict[str, Any]]:
         found = _required_calls(self._buffer)
-        return _content(found.content or "") + self._calls_delta(found.calls)
+        return content_fields(found.content or "") + self._calls_delta(found.calls)
 
 
 def _required_calls(text: str) -> Extracted:
     try:
-        return Extracted(None, [_call(item, "parameters") for item in json.loads(text)])
+        return Extracted(None, [parse_call(item, "parameters") for item in json.loads(text)])
     except (ValueError, KeyError, TypeError):  # cut off by max_tokens: what was written
         return Extracted(text, [])
 
 
 class _PlainStream(ToolStream):
     def feed(self, text: str) -> list[dict[str, Any]]:
-        return _content(text)
+        return content_fields(text)
 
     def finish(self) -> list[dict[str, Any]]:
         return []
 
 
 @dataclass(frozen=True)
+class ToolRequest:
+    """What a chat request says about tools (OpenAI's ``tools``, ``tool_choice`` and
+    ``parallel_tool_calls``): the HTTP layer parses it, the pipeline plans it."""
+
+    tools: list[dict[str, Any]]
+    choice: ToolChoice | None = None
+    parallel: bool = True
+
+
+@dataclass(frozen=True)
 class ToolPlan:
-    """What a chat request's tools ask for; built before the request starts."""
+    """What a chat request's tools ask for. The pipeline builds it before any check of
+    the request (its constraint is checked with the request's own), and gives it its
+    model's parser once the model is resolved (:meth:`read_by`)."""
 
     tools: list[dict[str, Any]]
     mode: Literal["none", "auto", "required", "named"]
-    parser: ToolParser
     function: str = ""
     #: Whether ``required`` may make several calls (``parallel_tool_calls``).
     parallel: bool = True
+    #: The model's parser (``--tool-call-parser[s]``); ``auto`` reads calls with it.
+    parser: ToolParser | None = None
 
     @classmethod
-    def build(
-        cls,
-        tools: list[dict[str, Any]],
-        choice: ToolChoice | None,
-        parallel: bool,
-        parser: ToolParser,
-    ) -> ToolPlan | None:
+    def build(cls, asked: ToolRequest) -> ToolPlan | None:
         """The plan, or None when the request has no tools; InvalidRequest for a choice
         that names no tool, or tools without names."""
+        tools, choice = asked.tools, asked.choice
         names = []
         for position, tool in enumerate(tools):
             function = tool.get("function") if tool.get("type") == "function" else None
@@ -344,12 +128,27 @@ class ToolPlan:
                 raise InvalidRequest(
                     f"tool_choice names {name!r}, which is not among the tools", "tool_choice"
                 )
-            return cls(tools, "named", parser, str(name))
+            return cls(tools, "named", str(name))
         if choice is not None and not tools and choice != "none":
             raise InvalidRequest(f"tool_choice {choice!r} needs tools", "tool_choice")
         if not tools:
             return None
-        return cls(tools, choice or "auto", parser, parallel=parallel)
+        return cls(tools, choice or "auto", parallel=asked.parallel)
+
+    def read_by(self, parser: ToolParser) -> ToolPlan:
+        """The plan with the parser of the model the request resolved to."""
+        return replace(self, parser=parser)
+
+    def apply(self, request: router_pb2.RouterGenerateRequest) -> None:
+        """Put the plan in the request: the tools for the template and, for a named or
+        required choice, the output constraint. That constraint replaces any output
+        format the request asked for: the tool choice governs the turn, as OpenAI and
+        vLLM have it (the Agents SDK sends ``response_format`` with ``required``)."""
+        request.chat.tools_json = json.dumps(self.tools)
+        if (constraint := self.constraint()) is not None:
+            request.sampling.structured_outputs.CopyFrom(constraint)
+        if self.shows_special_tokens:
+            request.sampling.skip_special_tokens = False
 
     def _schema(self, name: str) -> dict[str, Any]:
         function = next(t["function"] for t in self.tools if t["function"]["name"] == name)
@@ -391,7 +190,7 @@ class ToolPlan:
         if self.mode == "required":
             return _required_calls(text)
         if self.mode == "auto":
-            return self.parser.extract(text)
+            return self._parser().extract(text)
         return Extracted(text, [])
 
     def stream(self) -> ToolStream:
@@ -401,8 +200,13 @@ class ToolPlan:
         if self.mode == "required":
             return _RequiredStream()
         if self.mode == "auto":
-            return self.parser.stream()
+            return self._parser().stream()
         return _PlainStream()
+
+    def _parser(self) -> ToolParser:
+        if self.parser is None:
+            raise RuntimeError("the plan is read before its model's parser was given")
+        return self.parser
 
     def finish_reason(self, called: bool, reason: str) -> str:
         """OpenAI's finish reason: ``tool_calls`` when the model chose to call (a named

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 import grpc
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -59,6 +60,9 @@ TIME: dict[str, Any] = {
         },
     },
 }
+SESSION_PINS = (
+    'stagemesh_router_decisions_total{policy="kv_aware",reason="session_affinity",role="decode"}'
+)
 LOCAL_PROMPT_LOGPROBS = 'stagemesh_router_decisions_total{policy="kv_aware",reason="local_prompt_logprobs",role="disaggregation"}'
 SUBJECTS = [
     "a baker",
@@ -501,6 +505,39 @@ async def test_responses_round_trip_with_previous_response_id(
     await client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
         await client.responses.retrieve(first.id)
+
+
+async def test_every_endpoint_honours_the_session_header(client, mesh: Mesh) -> None:
+    """A second request with the same ``X-Session-Id`` goes back to its session's decode
+    worker (counted as a session-affinity decision), on chat, completions and the
+    Responses API alike; without the header nothing is pinned."""
+    ask: dict[str, Any] = {"model": "", "temperature": 0}
+    endpoints = {
+        "chat": lambda **extra: client.chat.completions.create(
+            **ask, messages=[{"role": "user", "content": "Hi."}], max_tokens=2, **extra
+        ),
+        "completions": lambda **extra: client.completions.create(
+            **ask, prompt=STORY, max_tokens=2, **extra
+        ),
+        "responses": lambda **extra: client.responses.create(
+            **ask, input="Hi.", max_output_tokens=2, **extra
+        ),
+    }
+    for name, create in endpoints.items():
+        before = await metric(mesh, SESSION_PINS)
+        for _ in range(2):
+            await create()
+        assert await metric(mesh, SESSION_PINS) == before, name
+        for _ in range(2):
+            await create(extra_headers={"X-Session-Id": f"session-of-{name}"})
+        assert await metric(mesh, SESSION_PINS) == before + 1, name
+    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=120) as http:
+        reply = await http.post(
+            "/v1/responses",
+            json={"model": "", "input": "Hi."},
+            headers={b"X-Session-Id": b"caf\xe9"},  # not UTF-8: refused, as on every endpoint
+        )
+    assert reply.status_code == 400 and "x-session-id" in reply.json()["error"]["message"]
 
 
 async def test_responses_with_function_tools_and_background_cancel(client) -> None:

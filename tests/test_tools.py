@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from router_svc.tools import PARSERS, Extracted, ToolCall, ToolParser
+from router_svc.tool_parsers import PARSERS, Extracted, ToolCall, ToolParser
 
 HERMES_TEXTS = [
     "No tools needed: Paris.",

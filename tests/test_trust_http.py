@@ -19,9 +19,9 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from router_svc.openai_api import ChatMessage
-from router_svc.response_store import ResponseStore, Stored
-from router_svc.responses import ResponsesRequest
+from router_svc.http.protocol import ChatMessage
+from router_svc.http.response_store import ResponseStore, Stored
+from router_svc.http.responses_protocol import ResponsesRequest
 from services.auth import ApiKeys, open_api_refusal
 from services.clients import EngineClient, RouterClient
 from services.credentials import MESSAGE_LIMITS

@@ -1,4 +1,4 @@
-"""What the HTTP bridge refuses before a request reaches an endpoint: browsers it was
+"""What the HTTP API refuses before a request reaches an endpoint: browsers it was
 not told to serve, names it does not answer to, bodies that are not JSON, and more
 connections than it can hold.
 
@@ -34,7 +34,7 @@ from http import HTTPStatus
 
 from aiohttp import hdrs, web, web_protocol
 
-from router_svc.http_errors import ApiError
+from router_svc.http.errors import ApiError
 from services.auth import is_loopback
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ _ORIGIN_KEY = web.RequestKey("allowed_origin", str)
 
 
 def _host_name(host: str) -> str:
-    """``Host`` without its port: ``example.com:8000`` → ``example.com``, ``[::1]:80`` → ``[::1]``."""
+    """``Host`` without its port: ``example.com:8000`` → ``example.com``,
+    ``[::1]:80`` → ``[::1]``."""
     host = host.strip().lower()
     if host.startswith("["):
         return host[: host.find("]") + 1]
@@ -91,7 +92,8 @@ class RequestGuard:
             if not self._origin_allowed(origin):
                 raise ApiError(
                     HTTPStatus.FORBIDDEN,
-                    f"requests from the browser origin {origin!r} are refused; add it with --allowed-origins",
+                    f"requests from the browser origin {origin!r} are refused; "
+                    "add it with --allowed-origins",
                     kind="permission_error",
                 )
             request[_ORIGIN_KEY] = origin
@@ -111,7 +113,8 @@ class RequestGuard:
 
     @web.middleware
     async def json_bodies(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """415 for a body not sent as JSON (after the API key: a caller without one learns nothing)."""
+        """415 for a body not sent as JSON (after the API key: a caller without one
+        learns nothing)."""
         if (
             request.method in _WITH_BODY
             and request.body_exists
@@ -119,7 +122,8 @@ class RequestGuard:
         ):
             raise ApiError(
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                f"the body must be JSON sent as 'Content-Type: application/json', not {request.content_type!r}",
+                "the body must be JSON sent as 'Content-Type: application/json', "
+                f"not {request.content_type!r}",
             )
         return await handler(request)
 
@@ -136,7 +140,8 @@ class RequestGuard:
 
 @dataclasses.dataclass(frozen=True)
 class Connections:
-    """How long an HTTP connection may idle (or take over its request head), and how many may be open."""
+    """How long an HTTP connection may idle (or take over its request head), and how
+    many may be open."""
 
     idle_timeout: float = 15.0
     max_connections: int = 4096

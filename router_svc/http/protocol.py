@@ -13,20 +13,25 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from router_svc.tools import ToolChoice, ToolPlan
+from router_svc.tools import ToolChoice, ToolRequest
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
 
 
 class ApiBody(BaseModel):
-    # Unknown fields are ignored, as OpenAI's own server does for fields it does not know.
+    """Every request body: unknown fields ignored, as OpenAI's own server does."""
+
     model_config = ConfigDict(extra="ignore")
 
 
 class StreamOptions(ApiBody):
+    """``stream_options``: whether a stream ends with a usage chunk."""
+
     include_usage: bool = False
 
 
 class JsonSchemaFormat(ApiBody):
+    """``response_format.json_schema``: the schema the output must match."""
+
     name: str = ""
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
@@ -34,6 +39,8 @@ class JsonSchemaFormat(ApiBody):
 
 
 class ResponseFormat(ApiBody):
+    """OpenAI's ``response_format``: the output as text, any JSON object, or a schema's."""
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -194,22 +201,30 @@ class _Sampling(ApiBody):
 
 
 class ContentPart(ApiBody):
+    """A text part of a message's content (the only kind a text model takes)."""
+
     type: Literal["text"]
     text: str
 
 
 class FunctionCallBody(ApiBody):
+    """The function an assistant message called, as the history sends it back."""
+
     name: str
     arguments: str = ""
 
 
 class ToolCallBody(ApiBody):
+    """One of an assistant message's ``tool_calls`` in a history."""
+
     id: str = ""
     type: Literal["function"] = "function"
     function: FunctionCallBody
 
 
 class ChatMessage(ApiBody):
+    """One message of a conversation, as the template renders it."""
+
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -255,30 +270,29 @@ class ChatCompletionRequest(_Sampling):
     def _refuse_chat_unsupported(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
+        if self.structured_outputs is not None and isinstance(self.tool_choice, dict):
+            # vLLM's rule: its own constraint field and a forced function are two
+            # constraints; response_format, OpenAI's field, gives way to the tool choice.
+            raise ValueError("set structured_outputs or a named tool_choice, not both")
         return self
 
-    def to_grpc(self, plan: ToolPlan | None) -> router_pb2.RouterGenerateRequest:
-        """The gRPC request; a tool plan adds the tools for the template, and for a
-        named or required tool choice, the output constraint."""
+    def tool_request(self) -> ToolRequest | None:
+        """What the request says about tools, for the pipeline to plan (None: nothing)."""
+        if not self.tools and self.tool_choice is None:
+            return None
+        return ToolRequest(self.tools or [], self.tool_choice, self.parallel_tool_calls)
+
+    def to_grpc(self) -> router_pb2.RouterGenerateRequest:
+        """The gRPC request; the pipeline adds the tools (:meth:`tool_request`)."""
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        sampling = self.to_sampling(self.max_completion_tokens or self.max_tokens, logprobs)
-        if plan is not None and (constraint := plan.constraint()) is not None:
-            if sampling.HasField("structured_outputs"):
-                raise ValueError(
-                    "a named or required tool_choice cannot be combined with an output format"
-                )
-            sampling.structured_outputs.CopyFrom(constraint)
-        if plan is not None and plan.shows_special_tokens:
-            sampling.skip_special_tokens = False
         return router_pb2.RouterGenerateRequest(
             model=self.model,
             chat=tokenizer_pb2.ChatInput(
                 messages=[m.to_grpc() for m in self.messages],
                 add_generation_prompt=self.add_generation_prompt,
                 continue_final_message=self.continue_final_message,
-                tools_json=json.dumps(plan.tools) if plan is not None else "",
             ),
-            sampling=sampling,
+            sampling=self.to_sampling(self.max_completion_tokens or self.max_tokens, logprobs),
             n=self.n,
             return_token_ids=self.return_token_ids,
         )
@@ -334,62 +348,3 @@ class CompletionRequest(_Sampling):
         else:
             request.token_ids.ids.extend(prompt)
         return request
-
-
-class TokenizeRequest(ApiBody):
-    """POST /tokenize (vLLM's shape): a prompt, or chat messages through the template."""
-
-    model: str = ""
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    tools: list[dict[str, Any]] | None = None
-    return_token_strs: bool = False
-
-    @model_validator(mode="after")
-    def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("set either prompt or messages")
-        return self
-
-    def to_grpc(self, model: str) -> tokenizer_pb2.TokenizeRequest:
-        request = tokenizer_pb2.TokenizeRequest(
-            model=model,
-            add_special_tokens=self.add_special_tokens,
-            return_token_strings=self.return_token_strs,
-        )
-        if self.prompt is not None:
-            request.text = self.prompt
-        else:
-            request.chat.CopyFrom(
-                tokenizer_pb2.ChatInput(
-                    messages=[m.to_grpc() for m in self.messages or []],
-                    add_generation_prompt=self.add_generation_prompt,
-                    continue_final_message=self.continue_final_message,
-                    tools_json=json.dumps(self.tools) if self.tools else "",
-                )
-            )
-        return request
-
-
-class DetokenizeRequest(ApiBody):
-    """POST /detokenize (vLLM's shape)."""
-
-    model: str = ""
-    tokens: list[int] = Field(max_length=1_000_000)
-
-
-class LoadLoraAdapterRequest(ApiBody):
-    """POST /v1/load_lora_adapter (vLLM's shape), plus the base model in a mesh of several."""
-
-    lora_name: str = Field(min_length=1, max_length=256)
-    lora_path: str = Field(min_length=1, max_length=4096)
-    base_model: str = ""
-
-
-class UnloadLoraAdapterRequest(ApiBody):
-    """POST /v1/unload_lora_adapter (vLLM's shape)."""
-
-    lora_name: str = Field(min_length=1, max_length=256)

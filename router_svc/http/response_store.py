@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from router_svc.openai_api import ChatMessage
+from router_svc.http.protocol import ChatMessage
 from services.errors import InvalidRequest, NotFound
 
 #: What one stored message is counted as beyond its text (the objects around it).
@@ -30,6 +30,8 @@ _MESSAGE_BYTES = 512
 
 @dataclass
 class Stored:
+    """A stored response: the object answered, and the conversation it continues."""
+
     response: dict[str, Any]
     conversation: list[ChatMessage]
     stored_at: float
@@ -107,10 +109,11 @@ class ResponseStore:
         """What ``entry`` counts as; raise :class:`InvalidRequest` if it is more than one
         owner may keep (checked before a request is served, and again when stored)."""
         size = entry.measure()
-        if size > min(self._owner_bytes, self._max_bytes):
+        bound = min(self._owner_bytes, self._max_bytes)
+        if size > bound:
             raise InvalidRequest(
-                f"the response would take {size >> 20} MiB in the store, more than one key may keep "
-                f"({min(self._owner_bytes, self._max_bytes) >> 20} MiB); send it with store: false"
+                f"the response would take {size >> 20} MiB in the store, more than one key "
+                f"may keep ({bound >> 20} MiB); send it with store: false"
             )
         return size
 
