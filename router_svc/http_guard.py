@@ -35,7 +35,7 @@ from http import HTTPStatus
 from aiohttp import hdrs, web, web_protocol
 
 from router_svc.http_errors import ApiError
-from services.auth import is_loopback
+from router_svc.auth import is_loopback
 
 log = logging.getLogger(__name__)
 

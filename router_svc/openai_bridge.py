@@ -52,7 +52,7 @@ from router_svc.responses import (
     skeleton,
 )
 from router_svc.tools import Extracted, ParserChoice, ToolPlan, ToolStream
-from services.auth import ApiKeys, Caller
+from router_svc.auth import ApiKeys, Caller
 from services.errors import StageError
 from services.pb import common_pb2, router_pb2
 

@@ -45,7 +45,7 @@ from router_svc.sequence import Sequence as SequenceRun
 from router_svc.sequence import has_content, sampling_for
 from router_svc.workers import Workers
 from services.aio import merge
-from services.auth import tenant_salt
+from router_svc.auth import tenant_salt
 from services.errors import InvalidRequest, Overloaded, StageError
 from services.pb import common_pb2, router_pb2
 
@@ -98,7 +98,7 @@ class Pipeline:
         their input (a batch of prompts, as OpenAI's completions take). Raises before
         anything has been generated when the request cannot start; the request holds its
         place in the model's admission count until the block exits. ``caller`` is the
-        id of the caller's API key (:meth:`services.auth.ApiKeys.key_id`), for the audit log.
+        id of the caller's API key (:meth:`router_svc.auth.ApiKeys.key_id`), for the audit log.
 
         A request refused here (limits, the guard, an unknown model, overload) gets its
         audit line here; one that started gets it from its :class:`Generation`."""

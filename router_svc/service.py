@@ -24,7 +24,7 @@ from router_svc.policy import make_policy
 from router_svc.response_store import ResponseStore
 from router_svc.tools import ParserChoice
 from router_svc.workers import ENGINE_ROLES, Workers
-from services.auth import AUTHORIZATION, ApiKeys, Caller, open_api_refusal
+from router_svc.auth import AUTHORIZATION, ApiKeys, Caller, open_api_refusal
 from services.clients import health_status
 from services.credentials import CallGuard
 from services.etcd import EtcdSession

@@ -29,15 +29,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services import credentials
-from services.certs import STAGES
+from services.operator.certs import STAGES
 from services.config import DEFAULT_HOME, ENV_PREFIX, StageConfig, build_config, parse_endpoints
 from services.credentials import MESH_KEY_ENV, MeshCredentials
 from services.placement import LAYOUTS
 
 if TYPE_CHECKING:
-    from services.certs import CertFiles
-    from services.etcd_server import EmbeddedEtcd
-    from services.mesh_start import StopRequest
+    from services.operator.certs import CertFiles
+    from services.operator.etcd_server import EmbeddedEtcd
+    from services.operator.mesh_start import StopRequest
     from services.placement import Layout
     from services.ports import PortClaim
 
@@ -64,7 +64,7 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_etcd(args: argparse.Namespace) -> int:
-    from services.etcd_server import EmbeddedEtcd
+    from services.operator.etcd_server import EmbeddedEtcd
     from services.exits import StartFailed
     from services.ports import PortClaim, taken
 
@@ -170,7 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from services.certs import make_certs
+    from services.operator.certs import make_certs
 
     made = make_certs(Path(args.out), hosts=args.host, stages=args.stage or STAGES, days=args.days)
     for stage, files in made.items():
@@ -246,11 +246,11 @@ def _router_keys(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from services.certs import make_certs
-    from services.etcd_server import EmbeddedEtcd
+    from services.operator.certs import make_certs
+    from services.operator.etcd_server import EmbeddedEtcd
     from services.exits import StartFailed
-    from services.launcher import ProcessGroup, StageProcess, Supervisor
-    from services.mesh_start import StopRequest, stop_mesh, supervise_etcd, wait_ready
+    from services.operator.launcher import ProcessGroup, StageProcess, Supervisor
+    from services.operator.mesh_start import StopRequest, stop_mesh, supervise_etcd, wait_ready
     from services.model import prepare_bundled_model
     from services.placement import allowed_cores, format_cores, visible_gpus
 
@@ -578,7 +578,7 @@ def _wait_for_signal(
     every: Callable[[], None] | None = None, stop: StopRequest | None = None
 ) -> None:
     """Block until SIGINT/SIGTERM/SIGHUP, calling ``every`` twice a second meanwhile."""
-    from services.mesh_start import StopRequest
+    from services.operator.mesh_start import StopRequest
 
     if stop is None:  # (a StopRequest no signal has reached is falsy)
         stop = StopRequest()

@@ -13,9 +13,9 @@ import openai
 import pytest
 
 from router_svc.audit import AuditLog
-from services.auth import ApiKeys
+from router_svc.auth import ApiKeys
 from services.clients import RouterClient
-from services.etcd_server import EmbeddedEtcd
+from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
 from tests.conftest import Mesh, router_process, running
 

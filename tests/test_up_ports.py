@@ -23,7 +23,7 @@ import pytest
 
 from services import ports
 from services.exits import EXIT_CONFIG, FINAL_EXIT_CODES, StartFailed
-from services.launcher import StageProcess, Supervisor
+from services.operator.launcher import StageProcess, Supervisor
 from services.net import free_port
 from tests.support.up import banner, start_up, up_command
 

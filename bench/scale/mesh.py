@@ -22,8 +22,8 @@ from typing import Self
 from bench.scale.deploy import EngineSpec, wait_for_model
 from services.credentials import MESH_KEY_ENV
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import StageProcess
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX
 from services.net import free_port
 

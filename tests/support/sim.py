@@ -15,8 +15,8 @@ import httpx
 import openai
 
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import StageProcess
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.membership import role_prefix
 from services.net import free_port
 from services.pb import common_pb2

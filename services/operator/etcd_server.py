@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services import ports
-from services.certs import CertFiles
+from services.operator.certs import CertFiles
 from services.exits import StartFailed
-from services.launcher import child_setup
+from services.operator.launcher import child_setup
 from services.net import free_port
 
 #: etcd's simple auth tokens lapse after this many idle seconds (its default is 300): a
@@ -197,7 +197,8 @@ class EmbeddedEtcd:
         return "\n".join(self._log_file.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, wipe: bool | None = None) -> None:
-        """Stop the server (SIGTERM, then SIGKILL). Removes an owned data dir unless ``wipe=False``."""
+        """Stop the server (SIGTERM, then SIGKILL). Removes an owned data dir unless
+        ``wipe=False``."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
