@@ -40,10 +40,10 @@ import httpx
 from bench.report import add_output_arguments, print_table, write_json
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.config import DEFAULT_HOME
-from services.operator.etcd_server import EmbeddedEtcd
-from services.operator.launcher import ProcessGroup, StageProcess, cpu_seconds
 from services.model import prepare_bundled_model
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import ProcessGroup, StageProcess, cpu_seconds
 from services.pb import common_pb2, router_pb2
 
 POLICIES = ("round_robin", "least_load", "kv_aware")

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from router_svc.adapters import AdapterControl
 from router_svc.affinity import SESSION_HEADER
+from router_svc.auth import ApiKeys, Caller
 from router_svc.http_errors import ApiError
 from router_svc.http_guard import ConnectionCap, Connections, RequestGuard
 from router_svc.openai_api import (
@@ -52,7 +53,6 @@ from router_svc.responses import (
     skeleton,
 )
 from router_svc.tools import Extracted, ParserChoice, ToolPlan, ToolStream
-from router_svc.auth import ApiKeys, Caller
 from services.errors import StageError
 from services.pb import common_pb2, router_pb2
 

@@ -34,6 +34,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from router_svc.audit import AuditLog
+from router_svc.auth import tenant_salt
 from router_svc.catalogue import Catalogue
 from router_svc.config import RouterConfig
 from router_svc.dispatch import Dispatcher
@@ -45,7 +46,6 @@ from router_svc.sequence import Sequence as SequenceRun
 from router_svc.sequence import has_content, sampling_for
 from router_svc.workers import Workers
 from services.aio import merge
-from router_svc.auth import tenant_salt
 from services.errors import InvalidRequest, Overloaded, StageError
 from services.pb import common_pb2, router_pb2
 

@@ -12,6 +12,7 @@ from google.protobuf import descriptor
 from router_svc.adapters import AdapterControl
 from router_svc.affinity import SESSION_HEADER
 from router_svc.audit import AuditLog
+from router_svc.auth import AUTHORIZATION, ApiKeys, Caller, open_api_refusal
 from router_svc.config import RouterConfig
 from router_svc.guard import Guard
 from router_svc.http_guard import Connections, RequestGuard
@@ -24,7 +25,6 @@ from router_svc.policy import make_policy
 from router_svc.response_store import ResponseStore
 from router_svc.tools import ParserChoice
 from router_svc.workers import ENGINE_ROLES, Workers
-from router_svc.auth import AUTHORIZATION, ApiKeys, Caller, open_api_refusal
 from services.clients import health_status
 from services.credentials import CallGuard
 from services.etcd import EtcdSession

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services import credentials
-from services.operator.certs import STAGES
 from services.config import DEFAULT_HOME, ENV_PREFIX, StageConfig, build_config, parse_endpoints
 from services.credentials import MESH_KEY_ENV, MeshCredentials
+from services.operator.certs import STAGES
 from services.placement import LAYOUTS
 
 if TYPE_CHECKING:
@@ -64,8 +64,8 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_etcd(args: argparse.Namespace) -> int:
-    from services.operator.etcd_server import EmbeddedEtcd
     from services.exits import StartFailed
+    from services.operator.etcd_server import EmbeddedEtcd
     from services.ports import PortClaim, taken
 
     etcd = EmbeddedEtcd(
@@ -246,12 +246,12 @@ def _router_keys(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from services.exits import StartFailed
+    from services.model import prepare_bundled_model
     from services.operator.certs import make_certs
     from services.operator.etcd_server import EmbeddedEtcd
-    from services.exits import StartFailed
     from services.operator.launcher import ProcessGroup, StageProcess, Supervisor
     from services.operator.mesh_start import StopRequest, stop_mesh, supervise_etcd, wait_ready
-    from services.model import prepare_bundled_model
     from services.placement import allowed_cores, format_cores, visible_gpus
 
     _apply_port_offset(args)

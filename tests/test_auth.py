@@ -17,8 +17,8 @@ from router_svc.auth import ApiKeys
 from services.clients import EngineClient, RouterClient, health_status
 from services.credentials import MeshCredentials
 from services.errors import Unauthenticated
-from services.operator.etcd_server import EmbeddedEtcd
 from services.kv.handles import issuer_mismatch
+from services.operator.etcd_server import EmbeddedEtcd
 from services.operator.launcher import StageProcess
 from services.pb import (
     common_pb2,

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from services.operator.launcher import StageProcess, Supervisor
 from services.net import free_port
+from services.operator.launcher import StageProcess, Supervisor
 from services.placement import allowed_cores, choose_layout, visible_gpus
 from tests.support.up import banner as banner_of
 from tests.support.up import start_up

@@ -20,8 +20,8 @@ import pytest
 
 from router_svc.auth import ApiKeys
 from services.clients import RouterClient
-from services.operator.etcd_server import EmbeddedEtcd
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
 from tests.conftest import Mesh, router_process, running
 

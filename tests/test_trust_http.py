@@ -19,10 +19,10 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from router_svc.auth import ApiKeys, open_api_refusal
 from router_svc.openai_api import ChatMessage
 from router_svc.response_store import ResponseStore, Stored
 from router_svc.responses import ResponsesRequest
-from router_svc.auth import ApiKeys, open_api_refusal
 from services.clients import EngineClient, RouterClient
 from services.credentials import MESSAGE_LIMITS
 from services.engine.adapters import AdapterSet

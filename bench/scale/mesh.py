@@ -22,10 +22,10 @@ from typing import Self
 from bench.scale.deploy import EngineSpec, wait_for_model
 from services.credentials import MESH_KEY_ENV
 from services.etcd import EtcdSession
-from services.operator.etcd_server import EmbeddedEtcd
-from services.operator.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 
 #: The router's policies, as the lab names them.
 POLICIES = ("kv_aware", "least_load", "round_robin")

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services import ports
-from services.operator.certs import CertFiles
 from services.exits import StartFailed
-from services.operator.launcher import child_setup
 from services.net import free_port
+from services.operator.certs import CertFiles
+from services.operator.launcher import child_setup
 
 #: etcd's simple auth tokens lapse after this many idle seconds (its default is 300): a
 #: router's session may make no unary call for longer, and a lapsed token fails one call.

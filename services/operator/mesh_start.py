@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from services import ports
 from services.clients import health_status
 from services.etcd import EtcdSession
-from services.operator.etcd_server import EmbeddedEtcd
 from services.exits import FINAL_EXIT_CODES, StartFailed
-from services.operator.launcher import ProcessGroup, StageProcess, Supervisor
 from services.membership import MEMBERS_PREFIX, RecordReader
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import ProcessGroup, StageProcess, Supervisor
 from services.pb import common_pb2
 
 #: Seconds between two looks at the starting stages.
