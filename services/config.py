@@ -228,6 +228,13 @@ def _default_of(field: dataclasses.Field[Any]) -> Any:
     return field.default
 
 
+def default_of(config_cls: type[StageConfig], name: str) -> Any:
+    """A setting's default as its config class declares it: a tool that starts the stage
+    (``stagemesh up``) shows and passes the same value instead of repeating it."""
+    (field,) = [f for f in dataclasses.fields(config_cls) if f.name == name]
+    return _default_of(field)
+
+
 def _flag_name(field: dataclasses.Field[Any]) -> str:
     return field.metadata.get("flag") or field.name.replace("_", "-")
 
