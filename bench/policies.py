@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 
 from bench.report import add_output_arguments, print_table, write_json
+from router_svc.policy import POLICIES
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.config import DEFAULT_HOME
 from services.model import prepare_bundled_model
@@ -46,7 +47,6 @@ from services.operator.etcd_server import EmbeddedEtcd
 from services.operator.launcher import ProcessGroup, StageProcess, cpu_seconds
 from services.pb import common_pb2, router_pb2
 
-POLICIES = ("round_robin", "least_load", "kv_aware")
 #: How long the cost run watches the router and tokenizer idle, for their idle CPU.
 _IDLE_WINDOW_S = 10.0
 TOPICS = ("astronomy", "cooking", "law", "chemistry", "music", "geography", "poetry", "finance")

@@ -41,7 +41,7 @@ from router_svc.dispatch import Dispatcher
 from router_svc.guard import Guard
 from router_svc.metrics import IN_PROGRESS, MIGRATIONS, SequenceClock
 from router_svc.policy import Policy
-from router_svc.prepare import Limits, Prompt, prepare
+from router_svc.prepare import Prompt, prepare
 from router_svc.sequence import Sequence as SequenceRun
 from router_svc.sequence import has_content, sampling_for
 from router_svc.workers import Workers
@@ -64,11 +64,11 @@ class Pipeline:
         guard: Guard | None = None,
     ) -> None:
         self._config = config
-        self.audit = audit or AuditLog("")
-        self.guard = guard or Guard("")
+        self.audit = audit or AuditLog()
+        self.guard = guard or Guard()
         self._workers = workers
         self.catalogue = Catalogue(workers, config.worker_wait)
-        self.limits = Limits.from_config(config)
+        self.limits = config.limits
         self._dispatch = Dispatcher(config, workers, policy)
         #: Sequences in progress per model (admitted by :meth:`start`, not yet finished).
         self._admitted: dict[str, int] = {}
@@ -156,14 +156,16 @@ class Pipeline:
         bound = running + self._config.max_queued_requests
         if sequences > bound:
             raise InvalidRequest(
-                f"the request asks for {sequences} sequences (prompts × n); {model!r} admits at most "
+                f"the request asks for {sequences} sequences (prompts × n); "
+                f"{model!r} admits at most "
                 f"{bound} at once",
                 "n",
             )
         admitted = self._admitted.get(model, 0)
         if admitted + sequences > bound:
             raise Overloaded(
-                f"{model!r} has {admitted} sequences in progress; with this request's {sequences} that is "
+                f"{model!r} has {admitted} sequences in progress; "
+                f"with this request's {sequences} that is "
                 f"more than its engines run at once ({running}) plus the router's queue "
                 f"({self._config.max_queued_requests}); try again shortly"
             )

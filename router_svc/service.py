@@ -138,22 +138,9 @@ class RouterStage(Stage):
             # A leaving member drains for as long as a stage of ours would.
             release_after=config.drain_seconds + config.grace_seconds,
         )
-        try:
-            policy = make_policy(
-                config.router_policy,
-                index,
-                config.kv_load_weight,
-                config.kv_max_queue,
-                self._workers.store_keys,
-            )
-        except ValueError as exc:
-            raise SystemExit(f"--router-policy: {exc}") from None
-        self._audit = AuditLog(
-            config.audit_log, config.audit_content, config.audit_max_mib, config.audit_backups
-        )
-        self._guard = Guard(
-            config.guard_url, config.guard_fail, config.guard_timeout, config.guard_output
-        )
+        policy = make_policy(config.routing, index, self._workers.store_keys)
+        self._audit = AuditLog(config.audit)
+        self._guard = Guard(config.guard)
         pipeline = Pipeline(config, self._workers, policy, self._audit, self._guard)
         self._adapters = adapters = AdapterControl(
             self._session,
@@ -170,16 +157,12 @@ class RouterStage(Stage):
             raise SystemExit(refusal)
         if config.metrics_need_key and config.metrics_port >= 0:
             raise SystemExit(
-                "--metrics-need-key: the stage's --metrics-port would serve /metrics without a key; "
-                "set --metrics-port -1 and scrape the HTTP bridge's /metrics with a key"
+                "--metrics-need-key: the stage's --metrics-port would serve /metrics without a "
+                "key; set --metrics-port -1 and scrape the HTTP bridge's /metrics with a key"
             )
         self._servicer = RouterServicer(pipeline, self._workers, index, adapters, self._keys)
-        responses = ResponseStore(
-            config.responses_max,
-            config.responses_ttl,
-            config.responses_max_mib << 20,
-            config.responses_key_mib << 20,
-        )
+        kept = config.responses
+        responses = ResponseStore(kept.max, kept.ttl, kept.max_mib << 20, kept.key_mib << 20)
         RESPONSES_STORED_BYTES.set_function(lambda: responses.bytes)
         self._bridge = (
             HttpBridge(
