@@ -157,16 +157,8 @@ class RouterStage(Stage):
             config.worker_wait,
         )
         pipeline.catalogue.ensure = adapters.ensure
-        self._keys = ApiKeys.from_settings(config.api_key, config.api_key_file, config.admin_key)
+        self._keys = api_keys(config)
         http_host = config.http_host or config.host
-        bound = [config.host] + ([http_host] if config.http_port >= 0 else [])
-        if refusal := open_api_refusal(self._keys, bound, config.allow_open):
-            raise SystemExit(refusal)
-        if config.metrics_need_key and config.metrics_port >= 0:
-            raise SystemExit(
-                "--metrics-need-key: the stage's --metrics-port would serve /metrics without a "
-                "key; set --metrics-port -1 and scrape the HTTP bridge's /metrics with a key"
-            )
         self._servicer = RouterServicer(pipeline, self._workers, index, adapters, self._keys)
         kept = config.responses
         responses = ResponseStore(kept.max, kept.ttl, kept.max_mib << 20, kept.key_mib << 20)
@@ -225,6 +217,23 @@ class RouterStage(Stage):
         # Operators and `stagemesh status` find the HTTP bridge here.
         if self._bridge is not None:
             member.labels["http_address"] = f"{self._config.advertise_host}:{self._bridge.port}"
+
+
+def api_keys(config: RouterConfig) -> ApiKeys:
+    """The keys the public APIs require; the router refuses to start (one line) when they
+    would be open on an address other hosts reach, or /metrics keyless on the stage port
+    under ``--metrics-need-key``."""
+    keys = ApiKeys.from_settings(config.api_key, config.api_key_file, config.admin_key)
+    http_host = config.http_host or config.host
+    bound = [config.host] + ([http_host] if config.http_port >= 0 else [])
+    if refusal := open_api_refusal(keys, bound, config.allow_open):
+        raise SystemExit(refusal)
+    if config.metrics_need_key and config.metrics_port >= 0:
+        raise SystemExit(
+            "--metrics-need-key: the stage's --metrics-port would serve /metrics without a "
+            "key; set --metrics-port -1 and scrape the HTTP bridge's /metrics with a key"
+        )
+    return keys
 
 
 def _with_session(

@@ -92,13 +92,8 @@ class EmbeddedEtcd:
         """The URL clients (and its health check) reach it at."""
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start the server and wait until its own health check passes; raises
-        :class:`StartFailed` (one line, the log's tail as detail) when it exits or
-        does not become healthy."""
-        if self.process is not None and self.process.poll() is None:
-            return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+    def _command(self) -> list[str]:
+        """etcd's command line: one member on this host, TLS when given."""
         client_url = self.client_url
         peer_url = f"http://{self.host}:{self.peer_port}"
         args = [
@@ -133,9 +128,18 @@ class EmbeddedEtcd:
                 str(self.tls.ca),
                 "--client-cert-auth",
             ]
+        return args
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the server and wait until its own health check passes; raises
+        :class:`StartFailed` (one line, the log's tail as detail) when it exits or
+        does not become healthy."""
+        if self.process is not None and self.process.poll() is None:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self._log_file, "ab") as log_handle:
             self.process = subprocess.Popen(
-                args,
+                self._command(),
                 stdout=log_handle,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
