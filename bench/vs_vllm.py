@@ -396,7 +396,8 @@ def build_servers(
         same = choose_layout(cores, gpus, layout, prefill, decode).engines == auto.engines
         if name != "mesh" and "mesh" in args.servers and same:
             print(
-                f"{name}: the same engines as the automatic layout on this host; measured once, as 'mesh'"
+                f"{name}: the same engines as the automatic layout on this host; measured once, "
+                "as 'mesh'"
             )
             continue
         flags = ["--layout", layout]
@@ -407,6 +408,7 @@ def build_servers(
 
 
 async def run(args: argparse.Namespace) -> None:
+    """Start each server in turn and drive it with guidellm on every scenario."""
     if not args.guidellm.exists():
         raise SystemExit(f"guidellm not found at {args.guidellm}; install it with `make bench-env`")
     home = Path(args.home)
@@ -482,6 +484,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def cpu_model() -> str:
+    """The CPU's model name, for the results' host block."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
@@ -522,6 +525,7 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]], host: dict[str, A
 
 
 def main() -> None:
+    """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--servers",

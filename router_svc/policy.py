@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # the router's config reads the registry: it imports nothing 
 
 @dataclass(frozen=True)
 class Choice:
+    """A policy's pick, with why (the reason label of the decisions counter)."""
+
     peer: Peer
     #: Leading prompt blocks the chosen worker holds (0 when unknown).
     matched_blocks: int
@@ -47,6 +49,8 @@ class Choice:
 
 
 class Policy(Protocol):
+    """What the dispatcher asks of every policy: one pick among usable workers."""
+
     name: str
 
     def choose(self, candidates: list[Peer], hashes: list[int], model: str = "") -> Choice:
@@ -55,6 +59,8 @@ class Policy(Protocol):
 
 
 class RoundRobin:
+    """In turn, blind to load and cache: the baseline the others are measured against."""
+
     name = "round_robin"
 
     def __init__(self) -> None:
@@ -66,6 +72,8 @@ class RoundRobin:
 
 
 class LeastLoad:
+    """The least loaded worker (candidates come sorted by load), blind to the cache."""
+
     name = "least_load"
 
     def choose(self, candidates: list[Peer], hashes: list[int], model: str = "") -> Choice:
@@ -78,6 +86,8 @@ def uses_store(peer: Peer) -> bool:
 
 
 class KvAware:
+    """The lowest cost in prompt tokens: uncached tokens plus weighed load (module doc)."""
+
     name = "kv_aware"
 
     def __init__(

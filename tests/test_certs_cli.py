@@ -23,6 +23,7 @@ def certs(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_certs_reuses_its_own_ca(tmp_path: Path) -> None:
+    """A second run signs new certificates with the CA the first one made."""
     first = certs(tmp_path, "--stage", "router")
     assert first.returncode == 0, first.stderr
     ca = (tmp_path / "ca.pem").read_bytes()
@@ -35,6 +36,7 @@ def test_certs_reuses_its_own_ca(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", [0o640, 0o604])
 def test_certs_refuses_a_ca_key_others_can_read(tmp_path: Path, mode: int) -> None:
+    """A CA key the group or others may read may be known to them: nothing is signed."""
     assert certs(tmp_path, "--stage", "router").returncode == 0
     key = tmp_path / "ca-key.pem"
     key.chmod(mode)
@@ -46,6 +48,7 @@ def test_certs_refuses_a_ca_key_others_can_read(tmp_path: Path, mode: int) -> No
 
 
 def test_certs_refuses_a_ca_another_user_owns(tmp_path: Path) -> None:
+    """A CA another user put in --out is theirs to mint stage certificates with."""
     assert certs(tmp_path, "--stage", "router").returncode == 0
     if os.geteuid() != 0:
         pytest.skip("only root can give a file to another user")
@@ -58,6 +61,7 @@ def test_certs_refuses_a_ca_another_user_owns(tmp_path: Path) -> None:
 
 
 def test_certs_refuses_a_ca_certificate_others_can_change(tmp_path: Path) -> None:
+    """A CA certificate others may rewrite would let them swap in their own CA."""
     assert certs(tmp_path, "--stage", "router").returncode == 0
     (tmp_path / "ca.pem").chmod(0o666)
     refused = certs(tmp_path, "--stage", "decode")

@@ -209,5 +209,6 @@ def test_every_registered_policy_builds_under_its_name() -> None:
 
 
 def test_an_unknown_tool_call_parser_names_its_setting() -> None:
+    """A parser name from code, not flags, still fails naming the flag it would be."""
     with pytest.raises(SettingError, match="--tool-call-parsers m: no tool-call parser 'xml'"):
         ParserChoice("hermes", {"m": "xml"})

@@ -274,7 +274,9 @@ class StoreLink:
             )
         except Exception as exc:
             if isinstance(exc, TransferError) and not exc.settled:
-                raise  # the write may still land: the slots stay reserved until the reservation expires
+                # The write may still land: the slots stay reserved until the reservation
+                # expires.
+                raise
             try:
                 self._call(
                     address,

@@ -38,7 +38,8 @@ class SimMesh:
     engines: dict[str, StageProcess] = field(default_factory=dict)
 
     def engine(self, name: str, count: int, *extra: str) -> StageProcess:
-        """A process of ``count`` simulated decode engines at an accelerator's pace (not started)."""
+        """A process of ``count`` simulated decode engines at an accelerator's pace (not
+        started)."""
         port = free_port()
         process = StageProcess(
             name,
