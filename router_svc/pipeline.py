@@ -65,8 +65,9 @@ class Pipeline:
         guard: Guard | None = None,
     ) -> None:
         self._config = config
-        self.audit = audit or AuditLog()
-        self.guard = guard or Guard()
+        # (`is None`, not `or`: a disabled log and a guard without a URL are falsy)
+        self.audit = audit if audit is not None else AuditLog()
+        self.guard = guard if guard is not None else Guard()
         self._workers = workers
         self.catalogue = Catalogue(workers, config.worker_wait)
         self.limits = config.limits
