@@ -25,7 +25,8 @@ The servers:
   (``--layout pd``): when asked for, and only when their engines differ from the
   automatic layout's.
 
-Prints one table per scenario (requests, output tok/s, TTFT p50/p95, ITL p50, e2e p50)
+Prints one table per scenario (requests, output tok/s, TTFT p50/p95/p99, ITL p50/p95,
+e2e p50)
 with each server's ratio to ``vllm``, and where the time went: busy share of each core
 and CPU seconds per process, sampled from /proc during each run.
 """
@@ -87,7 +88,9 @@ COLUMNS = [
     ("output_tps", "out tok/s", ".1f"),
     ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
     ("ttft_p95_ms", "TTFT p95 ms", ".0f"),
+    ("ttft_p99_ms", "TTFT p99 ms", ".0f"),
     ("itl_p50_ms", "ITL p50 ms", ".1f"),
+    ("itl_p95_ms", "ITL p95 ms", ".1f"),
     ("e2e_p50_s", "e2e p50 s", ".2f"),
     ("tps_ratio", "tok/s vs vllm", ".2f"),
     ("ttft_ratio", "TTFT p50 vs vllm", ".2f"),
@@ -366,7 +369,9 @@ def run_guidellm(
         "output_tps": stat("output_tokens_per_second", "mean"),
         "ttft_p50_ms": stat("time_to_first_token_ms", "p50"),
         "ttft_p95_ms": stat("time_to_first_token_ms", "p95"),
+        "ttft_p99_ms": stat("time_to_first_token_ms", "p99"),
         "itl_p50_ms": stat("inter_token_latency_ms", "p50"),
+        "itl_p95_ms": stat("inter_token_latency_ms", "p95"),
         "e2e_p50_s": stat("request_latency", "p50"),
     }
 

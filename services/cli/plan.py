@@ -111,10 +111,16 @@ def light_plans(args: argparse.Namespace, layout: Layout) -> list[StagePlan]:
         StagePlan(RouterConfig, args.router_port, router, cores, router_keys(args)),
     ]
     if (mib := kvstore_mib(args, layout)) > 0:
-        plans.append(
-            StagePlan(KvStoreConfig, args.kvstore_port, ["--capacity-mib", str(mib)], cores)
-        )
+        store = ["--capacity-mib", str(mib), *kvstore_disk(args)]
+        plans.append(StagePlan(KvStoreConfig, args.kvstore_port, store, cores))
     return plans
+
+
+def kvstore_disk(args: argparse.Namespace) -> list[str]:
+    """The store's disk-tier flags, when ``--kvstore-disk-dir`` names one."""
+    if not args.kvstore_disk_dir:
+        return []
+    return ["--disk-dir", args.kvstore_disk_dir, "--disk-gib", str(args.kvstore_disk_gib)]
 
 
 def engine_plans(args: argparse.Namespace, layout: Layout, gpus: list[str]) -> list[StagePlan]:
@@ -201,4 +207,16 @@ def add_plan_arguments(up: argparse.ArgumentParser) -> None:
         help="KV store capacity in MiB (0: no store; default "
         f"{default_of(KvStoreConfig, 'capacity_mib')} when the layout has prefill engines, "
         "the store's only users, else none)",
+    )
+    up.add_argument(
+        "--kvstore-disk-dir",
+        default="",
+        help="the KV store's disk tier: a directory blocks are written behind to and read "
+        "back from, kept across restarts (it must exist); empty: memory only",
+    )
+    up.add_argument(
+        "--kvstore-disk-gib",
+        type=float,
+        default=default_of(KvStoreConfig, "disk_gib"),
+        help="GiB of it to fill",
     )
