@@ -27,6 +27,9 @@ def test_up_takes_its_defaults_from_the_stage_configs() -> None:
     layout = choose_layout(range(16), 0, "pd", 1, 2)
     store = next(p for p in plan_stages(args, layout, []) if p.role == "kvstore")
     assert store.flags == ["--capacity-mib", str(KvStoreConfig().capacity_mib)]
+    disk = build_parser().parse_args(["up", "--kvstore-disk-dir", "/d"])
+    store = next(p for p in plan_stages(disk, layout, []) if p.role == "kvstore")
+    assert store.flags[2:] == ["--disk-dir", "/d", "--disk-gib", str(KvStoreConfig().disk_gib)]
 
 
 def test_a_pd_layout_plans_a_process_per_engine_on_its_own_cores() -> None:
