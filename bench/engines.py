@@ -28,10 +28,10 @@ from bench.nixl_copy import raw_copy_gbps
 from bench.report import add_output_arguments, print_table, write_json, write_png
 from services.clients import EngineClient
 from services.config import DEFAULT_HOME
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import ProcessGroup, StageProcess
 from services.model import prepare_bundled_model
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import ProcessGroup, StageProcess
 from services.pb import common_pb2
 
 

@@ -32,10 +32,10 @@ import httpx
 from bench.report import add_output_arguments, print_table, write_json
 from services.clients import RouterClient
 from services.config import DEFAULT_HOME
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import ProcessGroup, StageProcess
 from services.model import prepare_bundled_model
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import ProcessGroup, StageProcess
 from services.pb import common_pb2, router_pb2
 
 STAGES = ("decode", "prefill", "tokenizer", "router")

@@ -31,8 +31,8 @@ import uvloop
 
 from bench.report import print_table, write_json
 from services.clients import channel
-from services.launcher import cpu_seconds
 from services.net import free_port
+from services.operator.launcher import cpu_seconds
 from services.pb import engine_pb2, router_pb2
 
 _SOURCE = "/bench.Source/Stream"

@@ -40,13 +40,13 @@ from bench.nixl_copy import raw_copy_gbps
 from bench.report import add_output_arguments, print_table, write_json, write_png
 from services.clients import EngineClient, KvStoreClient
 from services.config import DEFAULT_HOME
-from services.etcd_server import EmbeddedEtcd
 from services.kv.nixl import new_agent
 from services.kv.shards import ShardMap, ring_points
 from services.kv.store_link import HostBlocks, StoreLink
-from services.launcher import ProcessGroup, StageProcess
 from services.model import prepare_bundled_model
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import ProcessGroup, StageProcess
 from services.pb import common_pb2, kvstore_pb2
 
 ONE_TOKEN = common_pb2.SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)

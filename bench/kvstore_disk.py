@@ -25,12 +25,12 @@ from bench.kvstore import measure_disk
 from bench.report import write_json
 from services.clients import KvStoreClient
 from services.config import DEFAULT_HOME
-from services.etcd_server import EmbeddedEtcd
 from services.kv.nixl import new_agent
 from services.kv.shards import ShardMap, ring_points
 from services.kv.store_link import HostBlocks, StoreLink
-from services.launcher import StageProcess
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.pb import kvstore_pb2
 
 #: SmolLM2-135M's KV per 128-token block on CPU: 30 layers x K,V x 128 x 3 heads x 64 x 4 B.

@@ -38,30 +38,33 @@ from typing import Any
 import httpx
 
 from bench.report import add_output_arguments, print_table, write_json
+from router_svc.policy import POLICIES
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.config import DEFAULT_HOME
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import ProcessGroup, StageProcess, cpu_seconds
 from services.model import prepare_bundled_model
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import ProcessGroup, StageProcess, cpu_seconds
 from services.pb import common_pb2, router_pb2
 
-POLICIES = ("round_robin", "least_load", "kv_aware")
 #: How long the cost run watches the router and tokenizer idle, for their idle CPU.
 _IDLE_WINDOW_S = 10.0
 TOPICS = ("astronomy", "cooking", "law", "chemistry", "music", "geography", "poetry", "finance")
 
 
 def system_prompt(seed: int, rules: int) -> str:
+    """A long, seeded system prompt: users of one system share its prefix blocks."""
     rng = random.Random(seed)
     topic = rng.choice(TOPICS)
     return f"You are assistant #{seed}, an expert in {topic}. " + " ".join(
-        f"Rule {i}: when asked about item {rng.randrange(10_000)}, answer with code {rng.randrange(10_000)}."
+        f"Rule {i}: when asked about item {rng.randrange(10_000)}, "
+        f"answer with code {rng.randrange(10_000)}."
         for i in range(rules)
     )
 
 
 def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile by rank (NaN for no values): enough for a benchmark's table."""
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -117,6 +120,7 @@ async def chat(
 
 
 async def workload(http_url: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """The shared-prefix multi-turn load against one router: hit rate, TTFT, ITL, tok/s."""
     systems = [system_prompt(seed * 100 + s, args.rules) for s in range(args.systems)]
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -242,6 +246,7 @@ async def overhead(
 
 
 def story_prompts(samples: int) -> list[str]:
+    """Distinct prompts with long answers, for the concurrency-1 cost runs."""
     return [
         f"Sample {i}: tell me a long story about a lighthouse keeper named {name}."
         for i, name in zip(range(samples), itertools.cycle(("Ada", "Bo", "Cy", "Di", "Ed")))
@@ -338,6 +343,7 @@ async def vllm_server_timing(
 
 
 async def run(args: argparse.Namespace) -> None:
+    """Start the mesh, run each policy's workload and the cost runs, print and save them."""
     home = Path(args.home)
     model_dir = prepare_bundled_model(home)
     log_dir = Path(tempfile.mkdtemp(prefix="stagemesh-bench-"))
@@ -439,8 +445,9 @@ async def run(args: argparse.Namespace) -> None:
 
     if rows:
         print(
-            f"\nShared-prefix workload: {args.systems} system prompts, {args.users} users, {args.turns} turns, "
-            f"{args.rate} req/s, {args.output} output tokens, two decode workers"
+            f"\nShared-prefix workload: {args.systems} system prompts, {args.users} users, "
+            f"{args.turns} turns, {args.rate} req/s, {args.output} output tokens, "
+            "two decode workers"
         )
         print_table(
             rows,
@@ -456,8 +463,8 @@ async def run(args: argparse.Namespace) -> None:
             ],
         )
     print(
-        "\nRouter cost at concurrency 1 (medians; added: median of paired differences on the same warm "
-        "prompt; one engine; gRPC API vs the engine directly)"
+        "\nRouter cost at concurrency 1 (medians; added: median of paired differences on the "
+        "same warm prompt; one engine; gRPC API vs the engine directly)"
     )
     print_table(
         [cost],
@@ -527,6 +534,7 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
+    """``python -m bench.policies``: parse the flags and run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--policies",

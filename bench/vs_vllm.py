@@ -53,9 +53,9 @@ import httpx
 
 from bench.report import add_output_arguments, print_table, write_json
 from services.config import DEFAULT_HOME
-from services.launcher import StageProcess, cpu_seconds, process_stat
 from services.model import prepare_bundled_model
 from services.net import free_port
+from services.operator.launcher import StageProcess, cpu_seconds, process_stat
 from services.placement import allowed_cores, choose_layout, format_cores, visible_gpus
 
 MODEL_NAME = "SmolLM2-135M-Instruct"

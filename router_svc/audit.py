@@ -28,10 +28,9 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from router_svc.config import AuditSettings
 from services.errors import StageError
 from services.pb import router_pb2
-
-CONTENT_MODES = ("full", "hash", "none")
 
 
 class _Line(logging.Formatter):
@@ -54,13 +53,10 @@ class _PrivateFile(logging.handlers.RotatingFileHandler):
 class AuditLog:
     """Where audit lines go; a disabled log (no path) records nothing and costs nothing."""
 
-    def __init__(
-        self, path: str, content: str = "hash", max_mib: int = 100, backups: int = 5
-    ) -> None:
-        if content not in CONTENT_MODES:
-            raise SystemExit(
-                f"--audit-content must be one of {', '.join(CONTENT_MODES)}, not {content!r}"
-            )
+    def __init__(self, settings: AuditSettings | None = None) -> None:
+        """Open ``--audit-log`` (mode 0600; none: a log that records nothing)."""
+        settings = settings or AuditSettings()
+        path, content = settings.log, settings.content
         self.content = content
         self._listener: logging.handlers.QueueListener | None = None
         self._logger = logging.getLogger("stagemesh.audit")
@@ -73,7 +69,10 @@ class AuditLog:
         else:
             try:
                 handler = _PrivateFile(
-                    path, maxBytes=max_mib << 20, backupCount=backups, encoding="utf-8"
+                    path,
+                    maxBytes=settings.max_mib << 20,
+                    backupCount=settings.backups,
+                    encoding="utf-8",
                 )
             except OSError as exc:
                 raise SystemExit(f"--audit-log: cannot open {path}: {exc.strerror}") from None

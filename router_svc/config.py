@@ -1,12 +1,89 @@
-"""Settings of the router stage."""
+"""Settings of the router stage: flat ones, and the groups each part of the router takes
+whole, as sections (``config.audit``, ``config.guard``, ``config.responses``,
+``config.routing``, ``config.limits``; services.config.section). On the command line and
+in the environment every setting keeps its flat name (``--audit-log``,
+``STAGEMESH_GUARD_URL``, ``--router-policy``, ``--max-n``)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import ClassVar
 
-from services.config import StageConfig, setting
+from router_svc.limits import Limits
+from router_svc.policy import POLICIES
+from router_svc.tool_parsers import PARSERS
+from services.config import StageConfig, section, setting
 from services.ports import PortClaim
+
+
+@dataclasses.dataclass
+class AuditSettings:
+    """The audit log (router_svc/audit.py): ``--audit-*``."""
+
+    log: str = setting(
+        "", "write one JSON line per request here ('-': stdout; empty: no audit log)"
+    )
+    content: str = setting(
+        "hash",
+        "how the audit log keeps prompts and outputs: full (the text), hash (SHA-256) or none",
+        choices=("full", "hash", "none"),
+    )
+    max_mib: int = setting(100, "size at which the audit log file is rotated, MiB")
+    backups: int = setting(5, "rotated audit log files kept")
+
+
+@dataclasses.dataclass
+class GuardSettings:
+    """The guard service asked about each request (router_svc/guard.py): ``--guard-*``."""
+
+    url: str = setting(
+        "",
+        "HTTP URL of a guard service that allows, denies or rewrites each request before "
+        "inference (router_svc/guard.py)",
+    )
+    output: bool = setting(False, "also ask the guard about each result as it completes")
+    fail: str = setting(
+        "closed",
+        "when the guard fails: closed (refuse the request, 503) or open (serve it)",
+        choices=("closed", "open"),
+    )
+    timeout: float = setting(2.0, "seconds the guard has to answer before it counts as failed")
+
+
+@dataclasses.dataclass
+class ResponseSettings:
+    """The store of /v1/responses results (router_svc/http/response_store.py): ``--responses-*``."""
+
+    max: int = setting(1000, "most stored responses kept for previous_response_id and retrieval")
+    ttl: float = setting(3600.0, "seconds a stored response is kept")
+    max_mib: int = setting(512, "most memory all stored responses may take, MiB (oldest go first)")
+    key_mib: int = setting(
+        64, "most memory one API key's stored responses may take, MiB (its oldest go first)"
+    )
+
+
+@dataclasses.dataclass
+class RoutingSettings:
+    """How workers are picked (router_svc/policy.py): ``--router-policy``, ``--kv-*``."""
+
+    policy: str = setting(
+        "kv_aware",
+        "how workers are picked: "
+        + "; ".join(f"{name}: {entry.summary}" for name, entry in POLICIES.items()),
+        choices=POLICIES,
+        name="router_policy",
+    )
+    kv_load_weight: float = setting(
+        512.0,
+        "kv_aware: prompt tokens to compute that one unit of load on a worker weighs as much "
+        "as (a request waiting there, or one running on a 32-sequence engine; see "
+        "docs/design.md)",
+    )
+    kv_max_queue: int = setting(
+        8,
+        "a worker with this many units of load loses its prefix preference (kv_aware); "
+        "a prefill pool where all have it is saturated, and prompts are prefilled locally",
+    )
 
 
 @dataclasses.dataclass
@@ -24,7 +101,8 @@ class RouterConfig(StageConfig):
     )
     api_key_file: str = setting(
         "",
-        "a file of API keys, one per line (# comments; 'KEY admin' for an admin key), added to --api-key",
+        "a file of API keys, one per line (# comments; 'KEY admin' for an admin key), added "
+        "to --api-key; unlike a key in a flag, only its path shows in ps",
     )
     admin_key: str = setting(
         "",
@@ -47,7 +125,8 @@ class RouterConfig(StageConfig):
     )
     http_idle_timeout: float = setting(
         15.0,
-        "seconds an HTTP connection may sit idle, or take to send a request's headers, before it is closed",
+        "seconds an HTTP connection may sit idle, or take to send a request's headers, before "
+        "it is closed",
     )
     http_max_connections: int = setting(
         4096, "most open HTTP connections; past it new ones are closed at once"
@@ -59,32 +138,15 @@ class RouterConfig(StageConfig):
     )
     max_result_mib: int = setting(
         64,
-        "largest non-streamed answer (text, ids and logprobs) the router holds for one request, MiB; "
+        "largest non-streamed answer (text, ids and logprobs) the router holds for one "
+        "request, MiB; "
         "larger: stream it",
     )
     metrics_need_key: bool = setting(
         False, "HTTP /metrics needs an API key too (/health never does)"
     )
-    audit_log: str = setting(
-        "", "write one JSON line per request here ('-': stdout; empty: no audit log)"
-    )
-    audit_content: str = setting(
-        "hash",
-        "how the audit log keeps prompts and outputs: full (the text), hash (SHA-256) or none",
-    )
-    audit_max_mib: int = setting(100, "size at which the audit log file is rotated, MiB")
-    audit_backups: int = setting(5, "rotated audit log files kept")
-    guard_url: str = setting(
-        "",
-        "HTTP URL of a guard service that allows, denies or rewrites each request before inference (router_svc/guard.py)",
-    )
-    guard_output: bool = setting(False, "also ask the guard about each result as it completes")
-    guard_fail: str = setting(
-        "closed", "when the guard fails: closed (refuse the request, 503) or open (serve it)"
-    )
-    guard_timeout: float = setting(
-        2.0, "seconds the guard has to answer before it counts as failed"
-    )
+    audit: AuditSettings = section(AuditSettings, "audit_")
+    guard: GuardSettings = section(GuardSettings, "guard_")
     request_timeout: float = setting(
         600.0, "seconds a whole generation may take unless the client sets a shorter deadline"
     )
@@ -102,22 +164,11 @@ class RouterConfig(StageConfig):
     )
     adapter_load_timeout: float = setting(
         120.0,
-        "seconds an engine gets to load a LoRA adapter, or to finish its requests before unloading it",
+        "seconds an engine gets to load a LoRA adapter, or to finish its requests before "
+        "unloading it",
     )
     load_interval: float = setting(1.0, "seconds between polls of each engine's load")
-    router_policy: str = setting(
-        "kv_aware", "how workers are picked: round_robin, least_load or kv_aware"
-    )
-    kv_load_weight: float = setting(
-        512.0,
-        "kv_aware: prompt tokens to compute that one unit of load on a worker weighs as much as (a "
-        "request waiting there, or one running on a 32-sequence engine; see docs/design.md)",
-    )
-    kv_max_queue: int = setting(
-        8,
-        "a worker with this many units of load loses its prefix preference (kv_aware); "
-        "a prefill pool where all have it is saturated, and prompts are prefilled locally",
-    )
+    routing: RoutingSettings = section(RoutingSettings)
     session_ttl: float = setting(
         600.0,
         "seconds a session key (session_id, x-session-id) keeps sending its requests to the "
@@ -130,45 +181,23 @@ class RouterConfig(StageConfig):
     migration_limit: int = setting(
         3,
         "times a sequence whose decode stream breaks mid-generation is moved to another decode "
-        "worker, which continues from the tokens already generated (0: the error goes to the caller)",
+        "worker, which continues from the tokens already generated (0: the error goes to the "
+        "caller)",
     )
-    max_n: int = setting(16, "most sequences one request may ask for (n)")
-    max_batch: int = setting(256, "most prompts one completions request may batch")
-    max_stops: int = setting(16, "most stop strings, and most stop token ids, one request may set")
-    max_stop_chars: int = setting(256, "longest stop string, in characters")
-    max_messages: int = setting(2048, "most messages one chat request may carry")
-    max_logit_bias: int = setting(300, "most token ids one request may bias (logit_bias)")
     tool_call_parser: str = setting(
         "hermes",
         "how tool calls are read from generated text when tool_choice is auto: hermes "
         "(<tool_call>{json}</tool_call>; Qwen, Hermes, and models whose template does not "
         "render tools) or llama3_json (a bare JSON object)",
+        choices=PARSERS,
     )
     tool_call_parsers: dict[str, str] = setting(
-        {}, "per-model parsers, MODEL=PARSER,... (models not named use --tool-call-parser)"
+        {},
+        "per-model parsers, MODEL=PARSER,... (models not named use --tool-call-parser)",
+        choices=PARSERS,
     )
-    responses_max: int = setting(
-        1000, "most stored responses kept for previous_response_id and retrieval"
-    )
-    responses_ttl: float = setting(3600.0, "seconds a stored response is kept")
-    responses_max_mib: int = setting(
-        512, "most memory all stored responses may take, MiB (oldest go first)"
-    )
-    responses_key_mib: int = setting(
-        64, "most memory one API key's stored responses may take, MiB (its oldest go first)"
-    )
-    max_constraint_chars: int = setting(
-        65_536,
-        "longest output constraint (JSON schema, regex, grammar, all choices), in characters",
-    )
-    max_id_chars: int = setting(
-        256, "longest request_id or session id (x-session-id), in characters"
-    )
-    max_tokens_limit: int = setting(
-        0,
-        "largest max_tokens a request may ask for, and the default when it sets none "
-        "(0: any; the engines cap it at the context length)",
-    )
+    responses: ResponseSettings = section(ResponseSettings, "responses_")
+    limits: Limits = section(Limits, "max_")
     max_queued_requests: int = setting(
         256,
         "requests per model admitted beyond what its decode members run at once (their "

@@ -308,7 +308,7 @@ class Dispatcher:
             self._workers, common_pb2.ROLE_PREFILL, prompt.model, self._config.worker_wait
         )
         while candidates := failover.usable():
-            if all(p.load_units() >= self._config.kv_max_queue for p in candidates):
+            if all(p.load_units() >= self._config.routing.kv_max_queue for p in candidates):
                 DECISIONS.labels(
                     self._policy.name, "disaggregation", "local_prefill_saturated"
                 ).inc()
@@ -387,7 +387,9 @@ class Dispatcher:
         """
         pinned = self._affinity.get(prompt.session_id, role)
         sticky = [
-            p for p in candidates if p.key == pinned and p.load_units() < self._config.kv_max_queue
+            p
+            for p in candidates
+            if p.key == pinned and p.load_units() < self._config.routing.kv_max_queue
         ]
         choice = self._policy.choose(
             sticky or candidates, prompt.hashes(candidates[0].member.kv_block_size), prompt.model

@@ -33,6 +33,7 @@ import aiohttp
 from google.protobuf import json_format
 from prometheus_client import Counter, Histogram
 
+from router_svc.config import GuardSettings
 from services.errors import InvalidRequest, Overloaded, PermissionDenied, StageError, Unavailable
 from services.pb import router_pb2
 
@@ -50,8 +51,6 @@ GUARD_DECISIONS = Counter(
     "failed)",
     ["phase", "decision"],
 )
-
-FAIL_POLICIES = ("open", "closed")
 
 
 class GuardError(Exception):
@@ -71,15 +70,13 @@ def denial(status: int, message: str) -> StageError:
 class Guard:
     """A client of the guard service; without a URL every check allows at once."""
 
-    def __init__(
-        self, url: str, fail: str = "closed", timeout: float = 2.0, output: bool = False
-    ) -> None:
-        if fail not in FAIL_POLICIES:
-            raise SystemExit(f"--guard-fail must be open or closed, not {fail!r}")
-        self.url = url
-        self.fail_open = fail == "open"
-        self.output = bool(url) and output
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+    def __init__(self, settings: GuardSettings | None = None) -> None:
+        """A client for ``--guard-url`` (none: a guard that allows everything at once)."""
+        settings = settings or GuardSettings()
+        self.url = settings.url
+        self.fail_open = settings.fail == "open"
+        self.output = bool(settings.url) and settings.output
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout)
         self._session: aiohttp.ClientSession | None = None
 
     def __bool__(self) -> bool:

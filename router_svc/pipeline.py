@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from router_svc.audit import AuditLog
+from router_svc.auth import tenant_salt
 from router_svc.catalogue import Catalogue
 from router_svc.config import RouterConfig
 from router_svc.dispatch import Dispatcher
@@ -43,14 +44,13 @@ from router_svc.generation import Generation
 from router_svc.guard import Guard
 from router_svc.metrics import IN_PROGRESS, MIGRATIONS, SequenceClock
 from router_svc.policy import Policy
-from router_svc.prepare import Limits, Prompt, prepare
+from router_svc.prepare import Prompt, prepare
 from router_svc.saturation import Saturation
 from router_svc.sequence import Sequence as SequenceRun
 from router_svc.sequence import has_content, sampling_for
 from router_svc.tool_parsers import ParserChoice
 from router_svc.tools import ToolPlan, ToolRequest
 from router_svc.workers import Workers
-from services.auth import tenant_salt
 from services.errors import InvalidRequest, Overloaded, StageError
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
 
@@ -69,11 +69,12 @@ class Pipeline:
         guard: Guard | None = None,
     ) -> None:
         self._config = config
-        self.audit = audit or AuditLog("")
-        self.guard = guard or Guard("")
+        # (`is None`, not `or`: a disabled log and a guard without a URL are falsy)
+        self.audit = audit if audit is not None else AuditLog()
+        self.guard = guard if guard is not None else Guard()
         self._workers = workers
         self.catalogue = Catalogue(workers, config.worker_wait)
-        self.limits = Limits.from_config(config)
+        self.limits = config.limits
         #: Which parser reads each model's tool calls (``--tool-call-parser[s]``).
         self.parsers = ParserChoice(config.tool_call_parser, config.tool_call_parsers)
         self._dispatch = Dispatcher(config, workers, policy)
@@ -134,7 +135,7 @@ class Pipeline:
         their input (a batch of prompts, as OpenAI's completions take). Raises before
         anything has been generated when the request cannot start; the request holds its
         place in the model's admission count until the block exits. ``caller`` is the
-        id of the caller's API key (:meth:`services.auth.ApiKeys.key_id`), for the audit
+        id of the caller's API key (:meth:`router_svc.auth.ApiKeys.key_id`), for the audit
         log; ``tools`` what a chat request says about tools (planned here, with the
         parser of the model the request resolves to).
 

@@ -1,6 +1,7 @@
 """How the router picks a worker among the usable members of a role.
 
-Three policies, chosen with ``--router-policy``:
+Three policies, chosen with ``--router-policy``, each registered once in
+:data:`POLICIES` (which the setting's choices and help, and the benchmarks, read):
 
 - ``round_robin``: in turn, blind to load and cache (the baseline);
 - ``least_load``: least queued work, then KV-cache use;
@@ -26,17 +27,21 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from router_svc.kv_index import KvIndex
-from router_svc.workers import Peer
+from services.config import SettingError
 from services.pb import common_pb2
 
-POLICIES = ("round_robin", "least_load", "kv_aware")
+if TYPE_CHECKING:  # the router's config reads the registry: it imports nothing of the router's
+    from router_svc.config import RoutingSettings
+    from router_svc.kv_index import KvIndex
+    from router_svc.workers import Peer
 
 
 @dataclass(frozen=True)
 class Choice:
+    """A policy's pick, with why (the reason label of the decisions counter)."""
+
     peer: Peer
     #: Leading prompt blocks the chosen worker holds (0 when unknown).
     matched_blocks: int
@@ -44,6 +49,8 @@ class Choice:
 
 
 class Policy(Protocol):
+    """What the dispatcher asks of every policy: one pick among usable workers."""
+
     name: str
 
     def choose(self, candidates: list[Peer], hashes: list[int], model: str = "") -> Choice:
@@ -52,6 +59,8 @@ class Policy(Protocol):
 
 
 class RoundRobin:
+    """In turn, blind to load and cache: the baseline the others are measured against."""
+
     name = "round_robin"
 
     def __init__(self) -> None:
@@ -63,6 +72,8 @@ class RoundRobin:
 
 
 class LeastLoad:
+    """The least loaded worker (candidates come sorted by load), blind to the cache."""
+
     name = "least_load"
 
     def choose(self, candidates: list[Peer], hashes: list[int], model: str = "") -> Choice:
@@ -75,6 +86,8 @@ def uses_store(peer: Peer) -> bool:
 
 
 class KvAware:
+    """The lowest cost in prompt tokens: uncached tokens plus weighed load (module doc)."""
+
     name = "kv_aware"
 
     def __init__(
@@ -119,17 +132,41 @@ class KvAware:
         return Choice(chosen, matched[chosen.key], reason)
 
 
+#: Builds a policy from the routing settings, the KV index and the KV stores' index keys.
+Builder = Callable[["RoutingSettings", "KvIndex", Callable[[], list[str]]], Policy]
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A policy as ``--router-policy`` names it: a line for the help, and its builder."""
+
+    summary: str
+    build: Builder
+
+
+#: Every routing policy, by name: the one list ``--router-policy`` (its choices and help),
+#: :func:`make_policy` and the benchmarks (bench.policies, bench.scale) read.
+POLICIES: dict[str, Registered] = {
+    "round_robin": Registered(
+        "in turn, blind to load and cache (the baseline)", lambda *_: RoundRobin()
+    ),
+    "least_load": Registered("least queued work, then KV-cache use", lambda *_: LeastLoad()),
+    "kv_aware": Registered(
+        "fewest prompt tokens to compute, plus --kv-load-weight tokens per unit of load",
+        lambda settings, index, stores: KvAware(
+            index, settings.kv_load_weight, settings.kv_max_queue, stores
+        ),
+    ),
+}
+
+
 def make_policy(
-    name: str,
-    index: KvIndex,
-    load_weight: float,
-    max_queue: int,
-    stores: Callable[[], list[str]] = list,
+    settings: RoutingSettings, index: KvIndex, stores: Callable[[], list[str]] = list
 ) -> Policy:
-    if name == "round_robin":
-        return RoundRobin()
-    if name == "least_load":
-        return LeastLoad()
-    if name == "kv_aware":
-        return KvAware(index, load_weight, max_queue, stores)
-    raise ValueError(f"unknown router policy {name!r}; choose one of {', '.join(POLICIES)}")
+    """The policy ``--router-policy`` names, over the router's KV index."""
+    registered = POLICIES.get(settings.policy)
+    if registered is None:
+        raise SettingError(
+            f"--router-policy: no policy {settings.policy!r}; choose one of {', '.join(POLICIES)}"
+        )
+    return registered.build(settings, index, stores)

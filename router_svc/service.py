@@ -12,6 +12,7 @@ from google.protobuf import descriptor
 from router_svc.adapters import AdapterControl
 from router_svc.affinity import SESSION_HEADER
 from router_svc.audit import AuditLog
+from router_svc.auth import AUTHORIZATION, ApiKeys, Caller, open_api_refusal
 from router_svc.config import RouterConfig
 from router_svc.guard import Guard
 from router_svc.http.app import HttpBridge
@@ -23,7 +24,6 @@ from router_svc.metrics import INDEX_ENTRIES, RESPONSES_STORED_BYTES
 from router_svc.pipeline import Pipeline
 from router_svc.policy import make_policy
 from router_svc.workers import ENGINE_ROLES, Workers
-from services.auth import AUTHORIZATION, ApiKeys, Caller, open_api_refusal
 from services.clients import health_status
 from services.credentials import CallGuard
 from services.etcd import EtcdSession
@@ -142,22 +142,9 @@ class RouterStage(Stage):
             # A leaving member drains for as long as a stage of ours would.
             release_after=config.drain_seconds + config.grace_seconds,
         )
-        try:
-            policy = make_policy(
-                config.router_policy,
-                index,
-                config.kv_load_weight,
-                config.kv_max_queue,
-                self._workers.store_keys,
-            )
-        except ValueError as exc:
-            raise SystemExit(f"--router-policy: {exc}") from None
-        self._audit = AuditLog(
-            config.audit_log, config.audit_content, config.audit_max_mib, config.audit_backups
-        )
-        self._guard = Guard(
-            config.guard_url, config.guard_fail, config.guard_timeout, config.guard_output
-        )
+        policy = make_policy(config.routing, index, self._workers.store_keys)
+        self._audit = AuditLog(config.audit)
+        self._guard = Guard(config.guard)
         self._pipeline = pipeline = Pipeline(
             config, self._workers, policy, self._audit, self._guard
         )
@@ -169,16 +156,7 @@ class RouterStage(Stage):
             config.worker_wait,
         )
         pipeline.catalogue.ensure = adapters.ensure
-        self._keys = ApiKeys.from_settings(config.api_key, config.api_key_file, config.admin_key)
-        http_host = config.http_host or config.host
-        bound = [config.host] + ([http_host] if config.http_port >= 0 else [])
-        if refusal := open_api_refusal(self._keys, bound, config.allow_open):
-            raise SystemExit(refusal)
-        if config.metrics_need_key and config.metrics_port >= 0:
-            raise SystemExit(
-                "--metrics-need-key: the stage's --metrics-port would serve /metrics without a "
-                "key; set --metrics-port -1 and scrape the HTTP bridge's /metrics with a key"
-            )
+        self._keys = api_keys(config)
         self._servicer = RouterServicer(pipeline, self._workers, index, adapters, self._keys)
         self._bridge = (
             http_bridge(config, pipeline, adapters, self._keys) if config.http_port >= 0 else None
@@ -229,12 +207,8 @@ def http_bridge(
 ) -> HttpBridge:
     """The router's HTTP API as its settings describe it (not started:
     :meth:`HttpBridge.start` takes the port, which ``--workers`` processes share)."""
-    responses = ResponseStore(
-        config.responses_max,
-        config.responses_ttl,
-        config.responses_max_mib << 20,
-        config.responses_key_mib << 20,
-    )
+    kept = config.responses
+    responses = ResponseStore(kept.max, kept.ttl, kept.max_mib << 20, kept.key_mib << 20)
     RESPONSES_STORED_BYTES.source = lambda: {(): responses.bytes}
     return HttpBridge(
         pipeline,
@@ -248,6 +222,23 @@ def http_bridge(
         ),
         connections=Connections(config.http_idle_timeout, config.http_max_connections),
     )
+
+
+def api_keys(config: RouterConfig) -> ApiKeys:
+    """The keys the public APIs require; the router refuses to start (one line) when they
+    would be open on an address other hosts reach, or /metrics keyless on the stage port
+    under ``--metrics-need-key``."""
+    keys = ApiKeys.from_settings(config.api_key, config.api_key_file, config.admin_key)
+    http_host = config.http_host or config.host
+    bound = [config.host] + ([http_host] if config.http_port >= 0 else [])
+    if refusal := open_api_refusal(keys, bound, config.allow_open):
+        raise SystemExit(refusal)
+    if config.metrics_need_key and config.metrics_port >= 0:
+        raise SystemExit(
+            "--metrics-need-key: the stage's --metrics-port would serve /metrics without a "
+            "key; set --metrics-port -1 and scrape the HTTP bridge's /metrics with a key"
+        )
+    return keys
 
 
 def _with_session(

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from services.config import SettingError
 from services.detokenizer import partial_marker_length
 
 
@@ -133,10 +134,12 @@ class ParserChoice:
     """Which parser reads each model's tool calls (``--tool-call-parser[s]``)."""
 
     def __init__(self, default: str, per_model: dict[str, str]) -> None:
-        for name in (default, *per_model.values()):
+        named = [("--tool-call-parser", default)]
+        named += [(f"--tool-call-parsers {model}", name) for model, name in per_model.items()]
+        for setting, name in named:
             if name not in PARSERS:
-                raise ValueError(
-                    f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}"
+                raise SettingError(
+                    f"{setting}: no tool-call parser {name!r}; choose one of {', '.join(PARSERS)}"
                 )
         self._default = PARSERS[default]()
         self._per_model = {model: PARSERS[name]() for model, name in per_model.items()}

@@ -15,7 +15,7 @@ import os
 import types
 import typing
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,18 +29,36 @@ C = TypeVar("C", bound="StageConfig")
 
 DEFAULT_HOME = str(Path.home() / ".cache" / "stagemesh")
 
+#: What ``--log-level`` takes.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 #: An address setting that resolves, at start, to the local address on the route to etcd.
 AUTO_HOST = "auto"
 
 
-def setting(default: Any, help: str, *, flag: str | None = None) -> Any:
-    """A config field with its help text (and an optional flag name other than the field's)."""
+def setting(default: Any, help: str, *, choices: Iterable[str] = (), name: str = "") -> Any:
+    """A config field with its help text. ``choices``: the only values it takes (each of
+    a list or map), so a bad one fails as flags or environment are read, naming the
+    setting (case aside: ``info`` is ``INFO``). ``name``: its flag and environment name
+    when not the field's (a field of a :func:`section` that keeps an older name)."""
+    metadata = {"help": help, "choices": tuple(choices), "name": name}
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(
-            default_factory=lambda: type(value)(value), metadata={"help": help, "flag": flag}
-        )
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def section(cls: type[Any], prefix: str = "") -> Any:
+    """A group of settings as one nested dataclass (``config.audit.log``), built once from
+    the flags like the rest and handed whole to the part that uses it. On the command line
+    and in the environment its settings stay flat: ``prefix`` + the field's name
+    (``audit_`` + ``log``: ``--audit-log``, ``STAGEMESH_AUDIT_LOG``)."""
+    return dataclasses.field(default_factory=cls, metadata={"section": prefix})
+
+
+class SettingError(ValueError):
+    """A setting's value cannot be used; the message names the setting and what it takes.
+    Flags and environment never raise it (their choices are checked as they are read)."""
 
 
 @dataclasses.dataclass
@@ -57,7 +75,8 @@ class StageConfig:
     etcd: str = setting("127.0.0.1:2379", "comma-separated etcd endpoints (host:port)")
     lease_ttl: int = setting(
         10,
-        "seconds the stage's etcd lease lives without a keep-alive (a crashed stage leaves the mesh after it)",
+        "seconds the stage's etcd lease lives without a keep-alive (a crashed stage leaves "
+        "the mesh after it)",
     )
     drain_seconds: float = setting(
         1.0, "on SIGTERM, seconds spent NOT_SERVING and deregistered before refusing new calls"
@@ -68,8 +87,8 @@ class StageConfig:
     instance_id: str = setting("", "unique member id (default: <role>-<random>)")
     home: str = setting(DEFAULT_HOME, "where prepared models and state live")
     labels: dict[str, str] = setting({}, "member labels as key=value,key=value")
-    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
-    log_format: str = setting("text", "text or json")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)
+    log_format: str = setting("text", "text or json", choices=("text", "json"))
     mesh_key: str = setting(
         "",
         "secret shared by the mesh's stages: engines sign KV handles with it, and internal "
@@ -158,7 +177,8 @@ class NixlStageConfig(StageConfig):
 
     nixl_host: str = setting(
         AUTO_HOST,
-        "local address of this stage's NIXL endpoint, advertised to peers ('auto': the route to etcd)",
+        "local address of this stage's NIXL endpoint, advertised to peers ('auto': the route "
+        "to etcd)",
     )
     nixl_port: int = setting(0, "port of this stage's NIXL endpoint (0 picks a free one)")
     nixl_poll_ms: int = setting(
@@ -222,36 +242,136 @@ def _convert(text: str, annotation: Any) -> Any:
     return annotation(text)
 
 
+def pick(text: str, choices: Sequence[str]) -> str:
+    """``text`` as one of ``choices`` (matched exactly, else ignoring case); else a
+    ValueError that lists them."""
+    if text in choices:
+        return text
+    folded = [choice for choice in choices if choice.lower() == text.lower()]
+    if len(folded) == 1:
+        return folded[0]
+    raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+
+
+def _chosen(value: Any, choices: Sequence[str]) -> Any:
+    """``value`` (each item of a list, each value of a map) as one of ``choices``."""
+    if not choices:
+        return value
+    if isinstance(value, list):
+        return [pick(item, choices) for item in value]
+    if isinstance(value, dict):
+        return {key: pick(item, choices) for key, item in value.items()}
+    return pick(value, choices)
+
+
 def _default_of(field: dataclasses.Field[Any]) -> Any:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
     return field.default
 
 
-def _flag_name(field: dataclasses.Field[Any]) -> str:
-    return field.metadata.get("flag") or field.name.replace("_", "-")
+def default_of(config_cls: type[Any], name: str) -> Any:
+    """A setting's default as its config class declares it: a tool that starts the stage
+    (``stagemesh up``) shows and passes the same value instead of repeating it."""
+    (field,) = [f for f in dataclasses.fields(config_cls) if f.name == name]
+    return _default_of(field)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setting:
+    """One setting as the command line and environment see it, and where it goes."""
+
+    #: ``audit_log``: the flag ``--audit-log`` and ``STAGEMESH_AUDIT_LOG``.
+    name: str
+    field: dataclasses.Field[Any]
+    kind: Any
+    #: Its place in the config: ``("audit", "log")``.
+    path: tuple[str, ...]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self.field.metadata.get("choices", ()))
+
+
+def _settings(cls: type[Any], prefix: str = "", path: tuple[str, ...] = ()) -> Iterator[_Setting]:
+    """Every setting of a config class, those of its sections in their place."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if "section" in field.metadata:
+            inner = hints[field.name]
+            yield from _settings(inner, prefix + field.metadata["section"], (*path, field.name))
+        else:
+            name = field.metadata.get("name") or prefix + field.name
+            yield _Setting(name, field, hints[field.name], (*path, field.name))
+
+
+def _flag_type(choices: Sequence[str]) -> Any:
+    """An argparse ``type`` that takes only ``choices``: a bad flag is argparse's error."""
+
+    def chosen(text: str) -> str:
+        try:
+            return pick(text, choices)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return chosen
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type[StageConfig]) -> None:
-    """Add one flag per config field; values stay strings until :func:`build_config`.
+    """Add one flag per setting; values stay strings until :func:`build_config`.
     A list's flag may be repeated (``--lora a=/p --lora b=/q``) or take a comma list; a
     boolean's may stand alone (``--enable-lora``) or take a value (``--kvstore false``)."""
-    hints = typing.get_type_hints(config_cls)
-    for field in dataclasses.fields(config_cls):
-        env = ENV_PREFIX + field.name.upper()
-        default = _default_of(field)
-        kind = hints[field.name]
-        shape: dict[str, Any] = {"action": "append"} if typing.get_origin(kind) is list else {}
-        if kind is bool:
+    for item in _settings(config_cls):
+        default = _default_of(item.field)
+        shape: dict[str, Any] = {"action": "append"} if typing.get_origin(item.kind) is list else {}
+        if item.kind is bool:
             shape = {"nargs": "?", "const": "true"}
+        elif item.choices and item.kind is str:
+            shape = {"type": _flag_type(item.choices)}
         parser.add_argument(
-            f"--{_flag_name(field)}",
-            dest=field.name,
+            item.flag,
+            dest=item.name,
             default=None,
-            metavar=field.name.upper(),
-            help=f"{field.metadata.get('help', '')} [env {env}; default {default!r}]",
+            metavar=item.name.upper(),
+            help=f"{item.field.metadata.get('help', '')} [env {item.env}; default {default!r}]",
             **shape,
         )
+
+
+def _resolve(item: _Setting, given: Mapping[str, Any], environ: Mapping[str, str]) -> Any:
+    """A setting's value from the flags, else the environment; ``MISSING`` when neither
+    sets it. A value that does not fit ends the program with one line naming its source."""
+    raw, source = given.get(item.name), item.flag
+    if raw is None:
+        raw, source = environ.get(item.env), item.env
+    if raw is None:
+        return dataclasses.MISSING
+    if isinstance(raw, list) and all(isinstance(part, str) for part in raw):
+        raw = ",".join(raw)  # a repeated flag: every value counts
+    try:
+        return _chosen(_convert(raw, item.kind) if isinstance(raw, str) else raw, item.choices)
+    except ValueError as exc:
+        raise SystemExit(f"invalid value for {source}: {exc}") from None
+
+
+def _build(cls: type[Any], values: dict[tuple[str, ...], Any], path: tuple[str, ...] = ()) -> Any:
+    """``cls`` from the values found, by path; its sections built the same way."""
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if "section" in field.metadata:
+            kwargs[field.name] = _build(hints[field.name], values, (*path, field.name))
+        elif (*path, field.name) in values:
+            kwargs[field.name] = values[(*path, field.name)]
+    return cls(**kwargs)
 
 
 def build_config(
@@ -259,29 +379,12 @@ def build_config(
     namespace: argparse.Namespace | Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> C:
-    """Resolve each field: flag value, else ``STAGEMESH_<FIELD>``, else the default."""
+    """Resolve each setting: flag value, else ``STAGEMESH_<NAME>``, else the default."""
     environ = os.environ if environ is None else environ
     given = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace or {})
-    hints = typing.get_type_hints(config_cls)
-    values: dict[str, Any] = {}
-    for field in dataclasses.fields(config_cls):
-        raw = given.get(field.name)
-        source = f"--{_flag_name(field)}"
-        if raw is None:
-            raw = environ.get(ENV_PREFIX + field.name.upper())
-            source = ENV_PREFIX + field.name.upper()
-        if raw is None:
-            continue
-        if isinstance(raw, list) and all(isinstance(part, str) for part in raw):
-            raw = ",".join(raw)  # a repeated flag: every value counts
-        if not isinstance(raw, str):
-            values[field.name] = raw
-            continue
-        try:
-            values[field.name] = _convert(raw, hints[field.name])
-        except ValueError as exc:
-            raise SystemExit(f"invalid value for {source}: {exc}") from None
-    return config_cls(**values)
+    values = {item.path: _resolve(item, given, environ) for item in _settings(config_cls)}
+    found = {path: value for path, value in values.items() if value is not dataclasses.MISSING}
+    return typing.cast(C, _build(config_cls, found))
 
 
 def parse_config(

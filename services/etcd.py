@@ -1,7 +1,7 @@
 """The mesh's etcd client: a session that fails over between endpoints, and etcd's own
 authentication for the mesh (:func:`enable_authentication`).
 
-The embedded server for development lives in :mod:`services.etcd_server`.
+The embedded server for development lives in :mod:`services.operator.etcd_server`.
 """
 
 from __future__ import annotations

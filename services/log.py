@@ -40,15 +40,13 @@ def configure_logging(level: str, fmt: str, stage: str, instance_id: str) -> Non
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter(stage, instance_id))
-    elif fmt == "text":
+    else:  # text (the setting takes no other value)
         formatter = logging.Formatter(
             f"%(asctime)s.%(msecs)03d %(levelname)s {stage}[{instance_id}] %(name)s: %(message)s",
             datefmt="%H:%M:%S",
         )
         formatter.converter = time.localtime
         handler.setFormatter(formatter)
-    else:
-        raise SystemExit(f"unknown log format {fmt!r} (text or json)")
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

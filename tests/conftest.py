@@ -22,10 +22,10 @@ from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.config import DEFAULT_HOME
 from services.credentials import MESH_KEY_ENV, MeshCredentials
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import StageProcess
 from services.model import prepare_bundled_model
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.pb import common_pb2, engine_pb2
 
 #: Every stage the tests start shares a mesh key, so KV handles are signed and checked,

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from services.clients import RouterClient
-from services.etcd_server import EmbeddedEtcd
+from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
 from tests.conftest import Mesh, router_process, running
 from tests.test_router import STORY, post

@@ -13,9 +13,11 @@ import openai
 import pytest
 
 from router_svc.audit import AuditLog
-from services.auth import ApiKeys
+from router_svc.auth import ApiKeys
+from router_svc.config import AuditSettings, RouterConfig
 from services.clients import RouterClient
-from services.etcd_server import EmbeddedEtcd
+from services.config import build_config
+from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
 from tests.conftest import Mesh, router_process, running
 
@@ -108,7 +110,7 @@ def test_content_modes_and_rotation(tmp_path: Path) -> None:
         ("none", None, None),
     ):
         path = tmp_path / f"{mode}.jsonl"
-        log = AuditLog(str(path), mode)
+        log = AuditLog(AuditSettings(log=str(path), content=mode))
         log.record(
             request_id="r1",
             key_id="k",
@@ -128,7 +130,7 @@ def test_content_modes_and_rotation(tmp_path: Path) -> None:
             assert "secret" not in path.read_text()
 
     rotated = tmp_path / "rotated.jsonl"
-    log = AuditLog(str(rotated), "full", max_mib=1, backups=2)
+    log = AuditLog(AuditSettings(log=str(rotated), content="full", max_mib=1, backups=2))
     big = router_pb2.RouterGenerateRequest(text="x" * 100_000)
     for i in range(30):  # ~3 MB of lines through a 1 MiB file
         log.record(
@@ -154,7 +156,8 @@ def test_content_modes_and_rotation(tmp_path: Path) -> None:
     loose = tmp_path / "loose.jsonl"
     loose.write_text("")
     loose.chmod(0o644)
-    AuditLog(str(loose), "none").close()
+    AuditLog(AuditSettings(log=str(loose), content="none")).close()
     assert loose.stat().st_mode & 0o777 == 0o600
-    with pytest.raises(SystemExit, match="--audit-content"):
-        AuditLog("", "everything")
+    # A content mode the log has not is refused as the settings are read, naming the flag.
+    with pytest.raises(SystemExit, match="--audit-content: 'everything' is not one of"):
+        build_config(RouterConfig, {"audit_content": "everything"}, environ={})

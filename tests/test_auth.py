@@ -13,13 +13,13 @@ import openai
 import pytest
 import pytest_asyncio
 
-from services.auth import ApiKeys
+from router_svc.auth import ApiKeys
 from services.clients import EngineClient, RouterClient, health_status
 from services.credentials import MeshCredentials
 from services.errors import Unauthenticated
-from services.etcd_server import EmbeddedEtcd
 from services.kv.handles import issuer_mismatch
-from services.launcher import StageProcess
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.pb import (
     common_pb2,
     engine_pb2,

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from services.launcher import StageProcess, Supervisor
 from services.net import free_port
+from services.operator.launcher import StageProcess, Supervisor
 from services.placement import allowed_cores, choose_layout, visible_gpus
 from tests.support.up import banner as banner_of
 from tests.support.up import start_up
@@ -218,7 +218,7 @@ def test_a_core_outside_the_allowed_set_stops_an_engine_at_once(home: Path) -> N
 def test_stages_do_not_outlive_a_killed_launcher() -> None:
     # A launcher that dies hard (SIGKILL, OOM) must not leave its children running.
     code = (
-        "from services.etcd_server import EmbeddedEtcd; e = EmbeddedEtcd(client_port=0); e.start(); "
+        "from services.operator.etcd_server import EmbeddedEtcd; e = EmbeddedEtcd(client_port=0); e.start(); "
         "print(e.process.pid, flush=True); import time; time.sleep(120)"
     )
     launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

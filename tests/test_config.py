@@ -7,6 +7,8 @@ import socket
 import pytest
 
 from decode_svc.config import DecodeConfig
+from router_svc.config import RouterConfig
+from router_svc.policy import POLICIES
 from services.config import StageConfig, build_config, parse_config, parse_endpoints
 from services.net import ephemeral_ports, free_port
 from tokenizer_svc.config import TokenizerConfig
@@ -44,6 +46,47 @@ def test_bad_value_names_its_source() -> None:
         build_config(StageConfig, {}, environ={"STAGEMESH_LEASE_TTL": "soon"})
     with pytest.raises(SystemExit, match="--labels"):
         build_config(StageConfig, {"labels": "novalue"}, environ={})
+
+
+def test_choices_fail_as_flags_are_parsed(capsys: pytest.CaptureFixture[str]) -> None:
+    """A value a setting does not take is argparse's error, naming the flag and the choices,
+    before anything starts; case aside it is the choice."""
+    with pytest.raises(SystemExit) as stopped:
+        parse_config(RouterConfig, ["--router-policy", "fastest"])
+    assert stopped.value.code == 2  # argparse's usage error
+    error = capsys.readouterr().err
+    assert "--router-policy: 'fastest' is not one of " + ", ".join(POLICIES) in error
+    assert parse_config(StageConfig, ["--log-level", "debug"]).log_level == "DEBUG"
+    with pytest.raises(SystemExit):
+        parse_config(StageConfig, ["--log-format", "xml"])
+    assert "--log-format: 'xml' is not one of text, json" in capsys.readouterr().err
+
+
+def test_choices_fail_as_the_environment_is_read() -> None:
+    """From the environment, one line naming the variable; each value of a map is checked."""
+    with pytest.raises(
+        SystemExit, match="STAGEMESH_GUARD_FAIL: 'maybe' is not one of closed, open"
+    ):
+        build_config(RouterConfig, {}, environ={"STAGEMESH_GUARD_FAIL": "maybe"})
+    with pytest.raises(SystemExit, match="STAGEMESH_TOOL_CALL_PARSERS: 'xml' is not one of"):
+        build_config(RouterConfig, {}, environ={"STAGEMESH_TOOL_CALL_PARSERS": "m=hermes,n=xml"})
+    parsers = build_config(RouterConfig, {}, environ={"STAGEMESH_TOOL_CALL_PARSERS": "m=HERMES"})
+    assert parsers.tool_call_parsers == {"m": "hermes"}
+
+
+def test_sections_keep_their_flat_flags_and_environment() -> None:
+    """A section's settings are set by their old flat names and land in the section."""
+    config = parse_config(
+        RouterConfig,
+        ["--audit-log", "-", "--router-policy", "least_load", "--max-n", "4", "--guard-output"],
+    )
+    assert config.audit.log == "-" and config.audit.content == "hash"
+    assert config.routing.policy == "least_load" and config.routing.kv_max_queue == 8
+    assert config.limits.n == 4 and config.limits.batch == 256
+    assert config.guard.output is True
+    env = {"STAGEMESH_RESPONSES_MAX_MIB": "9", "STAGEMESH_MAX_TOKENS_LIMIT": "100"}
+    built = build_config(RouterConfig, {}, environ=env)
+    assert built.responses.max_mib == 9 and built.limits.tokens_limit == 100
 
 
 def test_etcd_endpoints() -> None:

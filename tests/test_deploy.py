@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
+from router_svc.auth import ApiKeys, open_api_refusal
 from router_svc.config import RouterConfig
-from services.auth import ApiKeys, open_api_refusal
-from services.certs import STAGES
 from services.cli import STAGE_MODULES, build_parser
 from services.config import build_config
 from services.engine.config import EngineConfig
+from services.operator.certs import STAGES
 from tests.conftest import skip_unless_required
 
 ROOT = Path(__file__).resolve().parent.parent

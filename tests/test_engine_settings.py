@@ -22,9 +22,9 @@ from router_svc.dispatch import kv_mismatch
 from services.clients import EngineClient
 from services.config import build_config
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX, RecordReader
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.pb import common_pb2
 from tests.conftest import (
     ENGINE_START_TIMEOUT,

@@ -18,8 +18,8 @@ import pytest
 from services.clients import EngineClient
 from services.etcd import EtcdSession
 from services.kv.handles import HandleSigner
-from services.launcher import cpu_seconds, live_processes_in_group
 from services.membership import MEMBERS_PREFIX, RecordReader
+from services.operator.launcher import cpu_seconds, live_processes_in_group
 from services.pb import common_pb2
 from tests.conftest import MESH_KEY, PREFILL_LEASE_SECONDS, disaggregated
 

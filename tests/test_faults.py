@@ -26,8 +26,8 @@ import pytest_asyncio
 
 from router_svc.workers import DOWN_SECONDS
 from services.clients import EngineClient, RouterClient
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import StageProcess, live_processes_in_group
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess, live_processes_in_group
 from services.pb import common_pb2, router_pb2
 from tests.conftest import (
     ENGINE_START_TIMEOUT,

@@ -19,8 +19,8 @@ import httpx
 import pytest_asyncio
 
 from services.clients import channel
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import StageProcess
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.pb import router_pb2
 from tests.conftest import Mesh, router_process, running
 

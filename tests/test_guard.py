@@ -18,10 +18,10 @@ import httpx
 import openai
 import pytest
 
-from services.auth import ApiKeys
+from router_svc.auth import ApiKeys
 from services.clients import RouterClient
-from services.etcd_server import EmbeddedEtcd
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
 from tests.conftest import Mesh, router_process, running
 

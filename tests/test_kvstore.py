@@ -19,17 +19,17 @@ import pytest_asyncio
 
 from kvstore_svc.blocks import BlockTable, LayoutMismatch, NotWritten
 from services import credentials
-from services.certs import make_certs
 from services.clients import channel
 from services.credentials import MeshCredentials
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
 from services.kv.hashing import from_wire, to_wire
 from services.kv.nixl import transfer
 from services.kv.shards import SHARDS_PREFIX, ShardMap, ring_points
 from services.kv.store_link import StoreLink, Target, remote_regions
-from services.launcher import StageProcess
 from services.membership import RecordReader
+from services.operator.certs import make_certs
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.conftest import kvstore_process, private_etcd, running
 from tests.support.kvstore import BLOCK, LAYOUT, Client, member

@@ -25,10 +25,10 @@ import pytest_asyncio
 
 from kvstore_svc.disk_files import HEADER_BYTES
 from kvstore_svc.sessions import SessionRetention
-from services.etcd_server import EmbeddedEtcd
 from services.kv.hashing import from_wire, to_wire
 from services.kv.store_link import StoreError
-from services.launcher import StageProcess
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.conftest import kvstore_process, private_etcd, running
 from tests.support.kvstore import BLOCK, LAYOUT, Client, member, shard_entries, shard_map

@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from services.clients import EngineClient, KvStoreClient
 from services.kv.hashing import chain_hashes, to_wire
-from services.launcher import StageProcess
+from services.operator.launcher import StageProcess
 from services.pb import common_pb2, engine_pb2, kvstore_pb2
 from tests.conftest import (
     ENGINE_START_TIMEOUT,

@@ -31,9 +31,9 @@ from services.clients import EngineClient, RouterClient
 from services.engine.adapters import AdapterSet
 from services.errors import AlreadyExists, InvalidRequest, ModelNotFound
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
 from services.kv.hashing import ROOT, chain_hashes, chain_root
 from services.model import BUNDLED_NAME
+from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
 from tests.conftest import (
     ENGINE_START_TIMEOUT,

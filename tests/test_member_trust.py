@@ -21,12 +21,12 @@ import pytest_asyncio
 
 from router_svc.adapters import ADAPTERS_PREFIX
 from services import credentials
-from services.certs import CertFiles, make_certs
 from services.config import parse_endpoints
 from services.credentials import STAGE_TOKEN, MeshCredentials
 from services.etcd import WRITES, EtcdSession, enable_authentication
-from services.etcd_server import EmbeddedEtcd
 from services.membership import MemberWatcher, RecordReader, Registration, member_key
+from services.operator.certs import CertFiles, make_certs
+from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, engine_pb2
 from services.records import RecordRejected, RecordSigner
 from tests.conftest import (

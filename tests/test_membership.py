@@ -17,10 +17,10 @@ from router_svc.workers import Peer, Workers
 from services import credentials
 from services.clients import EngineClient, TokenizerClient, health_status
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX, MemberWatcher, role_prefix
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.pb import common_pb2, engine_pb2, tokenizer_pb2
 from tests.conftest import STAGE_START_TIMEOUT, tokenizer_process
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
 from services.membership import MEMBERS_PREFIX, RecordReader
+from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2
 from tests.conftest import Mesh, kvstore_process, private_etcd, running
 

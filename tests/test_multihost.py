@@ -22,12 +22,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services import credentials
-from services.certs import make_certs
 from services.credentials import DEFAULT_SERVER_NAME, MeshCredentials
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX, RecordReader
+from services.operator.certs import make_certs
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.pb import common_pb2
 from tests.conftest import STAGE_START_TIMEOUT, skip_unless_required
 from tests.netns import Hosts, unavailable

@@ -7,9 +7,12 @@ from __future__ import annotations
 import pytest
 
 from router_svc.affinity import SessionAffinity
+from router_svc.config import RoutingSettings
 from router_svc.kv_index import KvIndex
-from router_svc.policy import KvAware, LeastLoad, RoundRobin
+from router_svc.policy import POLICIES, KvAware, LeastLoad, RoundRobin, make_policy
+from router_svc.tool_parsers import ParserChoice
 from router_svc.workers import Peer
+from services.config import SettingError
 from services.kv.hashing import chain_hashes, to_wire
 from services.pb import common_pb2, engine_pb2
 
@@ -194,3 +197,18 @@ def test_a_load_report_does_not_count_calls_that_ended_since() -> None:
     holder.ended_since_report = 1
     assert holder.queued() == 0
     assert policy.choose([idle, holder], hashes).peer.key == "b"
+
+
+def test_every_registered_policy_builds_under_its_name() -> None:
+    """The registry is the one list: each name builds the policy of that name, and a name
+    it lacks is a SettingError naming the flag and the choices."""
+    for name in POLICIES:
+        assert make_policy(RoutingSettings(policy=name), KvIndex()).name == name
+    with pytest.raises(SettingError, match="--router-policy: no policy 'fastest'; choose one of"):
+        make_policy(RoutingSettings(policy="fastest"), KvIndex())
+
+
+def test_an_unknown_tool_call_parser_names_its_setting() -> None:
+    """A parser name from code, not flags, still fails naming the flag it would be."""
+    with pytest.raises(SettingError, match="--tool-call-parsers m: no tool-call parser 'xml'"):
+        ParserChoice("hermes", {"m": "xml"})

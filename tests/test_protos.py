@@ -72,8 +72,9 @@ def test_the_kv_store_imports_only_what_it_uses() -> None:
     """The store needs a port picker, not the launcher, the stage clients or a tokenizer."""
     code = (
         "import sys, kvstore_svc.service;"
-        "bad = sorted(m for m in sys.modules if m in {'services.launcher', 'services.clients',"
-        " 'services.etcd_server', 'services.detokenizer', 'tokenizers', 'transformers'});"
+        "bad = sorted(m for m in sys.modules if m in {'services.operator.launcher',"
+        " 'services.clients', 'services.operator.etcd_server', 'services.detokenizer',"
+        " 'tokenizers', 'transformers'});"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run(

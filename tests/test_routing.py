@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from services.clients import RouterClient
-from services.etcd_server import EmbeddedEtcd
+from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
 from tests.conftest import ENGINE_START_TIMEOUT, Mesh, engine_process
 from tests.test_router import metric

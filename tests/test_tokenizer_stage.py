@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from services.clients import TokenizerClient, channel, health_status
-from services.launcher import StageProcess
+from services.operator.launcher import StageProcess
 from services.pb import tokenizer_pb2, tokenizer_pb2_grpc
 from tests.corpus import CORPUS
 

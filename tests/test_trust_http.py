@@ -19,15 +19,15 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from router_svc.auth import ApiKeys, open_api_refusal
 from router_svc.http.protocol import ChatMessage
 from router_svc.http.response_store import ResponseStore, Stored
 from router_svc.http.responses_protocol import ResponsesRequest
-from services.auth import ApiKeys, open_api_refusal
 from services.clients import EngineClient, RouterClient
 from services.credentials import MESSAGE_LIMITS
 from services.engine.adapters import AdapterSet
 from services.errors import FailedPrecondition, InvalidRequest, NotFound, PermissionDenied
-from services.etcd_server import EmbeddedEtcd
+from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2, router_pb2_grpc
 from tests.conftest import Mesh, router_process, running, skip_unless_required
 from tests.test_admission import rss_mib

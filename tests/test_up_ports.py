@@ -23,8 +23,8 @@ import pytest
 
 from services import ports
 from services.exits import EXIT_CONFIG, FINAL_EXIT_CODES, StartFailed
-from services.launcher import StageProcess, Supervisor
 from services.net import free_port
+from services.operator.launcher import StageProcess, Supervisor
 from tests.support.up import banner, start_up, up_command
 
 #: `stagemesh up`'s port settings, by the name in their flag (``--etcd-port``).

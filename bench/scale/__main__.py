@@ -37,6 +37,7 @@ from bench.report import add_output_arguments, print_table, write_json, write_pn
 from bench.scale.deploy import EngineSpec
 from bench.scale.scenarios import SCENARIOS, Row
 from bench.vs_vllm import cpu_model
+from router_svc.policy import POLICIES
 from services.config import DEFAULT_HOME
 from services.model import prepare_bundled_model
 from services.placement import allowed_cores
@@ -97,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--policies",
         type=words,
         default=None,
-        help="router policies (stagemesh names: kv_aware,least_load,round_robin,random); "
+        help=f"router policies (stagemesh: {','.join(POLICIES)}; dynamo also takes random); "
         "default kv_aware,round_robin (peer: kv_aware)",
     )
     engines = parser.add_argument_group("engines (the same for every target)")

@@ -29,8 +29,8 @@ from bench.scale.mesh import MeshDeployment
 from services import credentials
 from services.credentials import MeshCredentials
 from services.etcd import EtcdSession
-from services.launcher import cpu_seconds
 from services.membership import MemberWatcher, role_prefix
+from services.operator.launcher import cpu_seconds
 from services.pb import common_pb2
 
 Row = dict[str, Any]

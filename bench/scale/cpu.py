@@ -9,7 +9,7 @@ The client's own CPU is measured apart, in its process (``bench.scale.client``).
 from __future__ import annotations
 
 from bench.vs_vllm import descendants
-from services.launcher import cpu_seconds
+from services.operator.launcher import cpu_seconds
 
 
 def read_groups(groups: dict[str, list[int]]) -> dict[str, float]:

@@ -29,8 +29,8 @@ from typing import Self
 import aiohttp
 
 from bench.scale.deploy import EngineSpec, wait_for_model
-from services.launcher import child_setup
 from services.net import free_port
+from services.operator.launcher import child_setup
 
 #: Where ``make bench-dynamo-env`` builds Dynamo's environment.
 DYNAMO_VENV = Path(".venv-dynamo")

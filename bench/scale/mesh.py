@@ -20,15 +20,14 @@ from types import TracebackType
 from typing import Self
 
 from bench.scale.deploy import EngineSpec, wait_for_model
+from router_svc.policy import POLICIES
 from services.credentials import MESH_KEY_ENV
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 
-#: The router's policies, as the lab names them.
-POLICIES = ("kv_aware", "least_load", "round_robin")
 #: Engine members per simulated engine process: a process is one event loop, so a wide
 #: mesh spreads its engines over several, as several hosts would.
 ENGINES_PER_PROCESS = 16

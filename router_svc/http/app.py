@@ -21,6 +21,7 @@ import logging
 from aiohttp import hdrs, web
 
 from router_svc.adapters import AdapterControl
+from router_svc.auth import ApiKeys
 from router_svc.http.admin import Admin
 from router_svc.http.chat import ChatCompletions
 from router_svc.http.completions import Completions
@@ -30,7 +31,6 @@ from router_svc.http.incoming import CALLER
 from router_svc.http.response_store import ResponseStore
 from router_svc.http.responses import Responses
 from router_svc.pipeline import Pipeline
-from services.auth import ApiKeys
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class HttpBridge:
         self._open_paths = {"/health", "/metrics"} if open_metrics else {"/health"}
         self._chat = ChatCompletions(pipeline)
         self._completions = Completions(pipeline)
-        self._responses = Responses(pipeline, responses or ResponseStore(1000, 3600.0))
+        self._responses = Responses(
+            pipeline, responses if responses is not None else ResponseStore(1000, 3600.0)
+        )
         self._admin = Admin(pipeline, adapters)
         self._has_adapters = adapters is not None
         self._runner: web.AppRunner | None = None

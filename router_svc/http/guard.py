@@ -34,8 +34,8 @@ from http import HTTPStatus
 
 from aiohttp import hdrs, web, web_protocol
 
+from router_svc.auth import is_loopback
 from router_svc.http.errors import ApiError
-from services.auth import is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from aiohttp import hdrs, web
 from pydantic import BaseModel, ValidationError
 
 from router_svc.affinity import SESSION_HEADER
+from router_svc.auth import Caller
 from router_svc.generation import Generation
 from router_svc.http.errors import ApiError
 from router_svc.pipeline import Pipeline
 from router_svc.tools import ToolRequest
-from services.auth import Caller
 from services.pb import router_pb2
 
 #: The request's :class:`Caller`, set by the API-key middleware.

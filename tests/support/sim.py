@@ -15,10 +15,10 @@ import httpx
 import openai
 
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
-from services.launcher import StageProcess
 from services.membership import role_prefix
 from services.net import free_port
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import StageProcess
 from services.pb import common_pb2
 from tests.conftest import private_etcd, router_process, running, tokenizer_process
 

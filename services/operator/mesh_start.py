@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from services import ports
 from services.clients import health_status
 from services.etcd import EtcdSession
-from services.etcd_server import EmbeddedEtcd
 from services.exits import FINAL_EXIT_CODES, StartFailed
-from services.launcher import ProcessGroup, StageProcess, Supervisor
 from services.membership import MEMBERS_PREFIX, RecordReader
+from services.operator.etcd_server import EmbeddedEtcd
+from services.operator.launcher import ProcessGroup, StageProcess, Supervisor
 from services.pb import common_pb2
 
 #: Seconds between two looks at the starting stages.
@@ -151,7 +151,8 @@ async def wait_ready(
             if pending and elapsed > timeout:
                 progress.done()
                 raise StartFailed(
-                    f"{', '.join(s.name for s in pending)} not ready after {timeout:.0f}s (--start-timeout); "
+                    f"{', '.join(s.name for s in pending)} not ready after {timeout:.0f}s "
+                    "(--start-timeout); "
                     f"logs: {', '.join(str(s.log_path) for s in pending)}",
                     "\n".join(f"--- {s.name} ---\n{s.log_tail(15)}" for s in pending),
                 )

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
+import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -30,6 +32,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.credentials import DEFAULT_SERVER_NAME, ROLE_URI_PREFIX
+
+
+class CertError(Exception):
+    """A CA found in ``--out`` that cannot be trusted or used; the message names the file."""
+
 
 #: The certificates ``stagemesh certs`` makes unless told otherwise: every stage, etcd,
 #: and ``client`` for tools (``stagemesh status``, the tests).
@@ -82,13 +89,35 @@ def _alt_names(role: str, hosts: Iterable[str]) -> list[x509.GeneralName]:
     return found
 
 
+def _check_owned(path: Path, closed: int, fix: str) -> None:
+    """Refuse a CA file another user could have planted, read or changed: it must be a
+    regular file owned by the current user, with none of the ``closed`` mode bits set."""
+    info = path.lstat()
+    if not stat.S_ISREG(info.st_mode):
+        raise CertError(f"{path}: not a regular file; refusing to use it as the mesh CA")
+    if info.st_uid != os.geteuid():
+        raise CertError(
+            f"{path}: owned by uid {info.st_uid}, not by the current user ({os.geteuid()}); "
+            "refusing to use a CA someone else made (remove it, or chown it if it is yours)"
+        )
+    if info.st_mode & closed:
+        raise CertError(
+            f"{path}: mode {stat.S_IMODE(info.st_mode):04o} opens it to other users; "
+            f"refusing to use it as the mesh CA ({fix})"
+        )
+
+
 def _ca(out: Path, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """The CA in ``out`` (ca.pem, ca-key.pem), made when absent."""
+    """The CA in ``out`` (ca.pem, ca-key.pem), made when absent. One found there is used
+    only when the current user owns both files, the key is private (0600 or tighter) and
+    the certificate writable by its owner alone: else :class:`CertError`."""
     cert_path, key_path = out / "ca.pem", out / "ca-key.pem"
     if cert_path.exists() and key_path.exists():
+        _check_owned(key_path, 0o077, "if no one else has read it: chmod 600, else remove it")
+        _check_owned(cert_path, 0o022, "chmod go-w")
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise SystemExit(
+            raise CertError(
                 f"{key_path}: not an ECDSA key (stagemesh certs makes its own CA; or use openssl)"
             )
         return x509.load_pem_x509_certificate(cert_path.read_bytes()), key

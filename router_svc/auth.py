@@ -155,7 +155,8 @@ class ApiKeys:
         return Caller(key_id(authorization), admin)
 
     def check_metadata(self, metadata: Mapping[str, str]) -> None:
-        """:meth:`check` for a gRPC call's metadata (see :class:`services.credentials.CallGuard`)."""
+        """:meth:`check` for a gRPC call's metadata (see
+        :class:`services.credentials.CallGuard`)."""
         self.check(metadata.get(AUTHORIZATION))
 
     @staticmethod
@@ -183,6 +184,7 @@ def open_api_refusal(keys: ApiKeys, hosts: Iterable[str], allow_open: bool) -> s
     if not wide:
         return ""
     return (
-        f"refusing to serve an API without keys on {wide[0]}: set --api-key or --api-key-file, bind "
-        "--host 127.0.0.1, or pass --allow-open (STAGEMESH_ALLOW_OPEN=true) to serve it open on purpose"
+        f"refusing to serve an API without keys on {wide[0]}: set --api-key or --api-key-file, "
+        "bind --host 127.0.0.1, or pass --allow-open (STAGEMESH_ALLOW_OPEN=true) to serve it "
+        "open on purpose"
     )

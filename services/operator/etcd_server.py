@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services import ports
-from services.certs import CertFiles
 from services.exits import StartFailed
-from services.launcher import child_setup
 from services.net import free_port
+from services.operator.certs import CertFiles
+from services.operator.launcher import child_setup
 
 #: etcd's simple auth tokens lapse after this many idle seconds (its default is 300): a
 #: router's session may make no unary call for longer, and a lapsed token fails one call.
@@ -92,13 +92,8 @@ class EmbeddedEtcd:
         """The URL clients (and its health check) reach it at."""
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start the server and wait until its own health check passes; raises
-        :class:`StartFailed` (one line, the log's tail as detail) when it exits or
-        does not become healthy."""
-        if self.process is not None and self.process.poll() is None:
-            return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+    def _command(self) -> list[str]:
+        """etcd's command line: one member on this host, TLS when given."""
         client_url = self.client_url
         peer_url = f"http://{self.host}:{self.peer_port}"
         args = [
@@ -133,9 +128,18 @@ class EmbeddedEtcd:
                 str(self.tls.ca),
                 "--client-cert-auth",
             ]
+        return args
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the server and wait until its own health check passes; raises
+        :class:`StartFailed` (one line, the log's tail as detail) when it exits or
+        does not become healthy."""
+        if self.process is not None and self.process.poll() is None:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self._log_file, "ab") as log_handle:
             self.process = subprocess.Popen(
-                args,
+                self._command(),
                 stdout=log_handle,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -197,7 +201,8 @@ class EmbeddedEtcd:
         return "\n".join(self._log_file.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, wipe: bool | None = None) -> None:
-        """Stop the server (SIGTERM, then SIGKILL). Removes an owned data dir unless ``wipe=False``."""
+        """Stop the server (SIGTERM, then SIGKILL). Removes an owned data dir unless
+        ``wipe=False``."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
