@@ -194,59 +194,69 @@ def choose_layout(
     # The first cores take the kernel's interrupts and housekeeping, which light
     # stages tolerate better than an engine's OpenMP barriers do.
     light, engine_cores = cores[:reserve], cores[reserve:]
-
     if reserve:
         light_why = f"core(s) {format_cores(light)} reserved for the light stages"
     else:
-        light_why = f"the light stages share the engine cores (none is reserved below {RESERVE_FROM_CORES} cores)"
+        light_why = (
+            "the light stages share the engine cores "
+            f"(none is reserved below {RESERVE_FROM_CORES} cores)"
+        )
     if gpus:
-        fits = gpus
-        why = f"{gpus} GPU(s), one engine each"
+        fits, why = gpus, f"{gpus} GPU(s), one engine each"
     else:
         fits = max(1, len(engine_cores) // CPU_ENGINE_CORES)
         why = f"{len(cores)} cores, room for {fits} engine(s) of {CPU_ENGINE_CORES}+ cores"
+    n_prefill, n_decode, why = _engine_counts(fits, why, layout, prefill, decode)
+    roles = ["prefill"] * n_prefill + ["decode"] * n_decode
+    return Layout(
+        name="pd" if n_prefill else "aggregated",
+        engines=tuple(_slots(roles, engine_cores or cores, gpus)),
+        light_cores=tuple(light or cores),
+        kvstore=n_prefill > 0,
+        disagg_min_tokens=AUTO_DISAGG_MIN_TOKENS if layout == "auto" and n_prefill else None,
+        reason=f"{why}; {light_why}",
+    )
+
+
+def _engine_counts(
+    fits: int, why: str, layout: str, prefill: int | None, decode: int | None
+) -> tuple[int, int, str]:
+    """Prefill and decode engine counts for a host with room for ``fits`` engines, and
+    ``why`` (the host's reason) extended with the choice."""
     if prefill is not None or decode is not None:
         if layout == "aggregated" and prefill:
             raise PlacementError("--layout aggregated runs no prefill engine; drop --prefill")
         n_prefill = prefill if prefill is not None else (0 if layout == "aggregated" else 1)
         n_decode = decode if decode is not None else 1
-        why = f"{n_prefill} prefill and {n_decode} decode engine(s), as asked"
-    elif layout == "aggregated" or (layout == "auto" and fits < 2):
-        n_prefill, n_decode = 0, fits
+        return n_prefill, n_decode, f"{n_prefill} prefill and {n_decode} decode engine(s), as asked"
+    if layout == "aggregated" or (layout == "auto" and fits < 2):
         if layout == "auto":
             why += "; one engine prefills and decodes (a second, on half the cores, would halve it)"
+        return 0, fits, why
+    total = max(2, fits)
+    n_prefill = max(1, total // ENGINES_PER_PREFILL)
+    n_decode = total - n_prefill
+    if layout == "auto":
+        why += (
+            f"; disaggregated, one engine in {ENGINES_PER_PREFILL} prefills, prompts under "
+            f"{AUTO_DISAGG_MIN_TOKENS} uncached tokens stay on the decode engine"
+        )
     else:
-        total = max(2, fits)
-        n_prefill = max(1, total // ENGINES_PER_PREFILL)
-        n_decode = total - n_prefill
-        if layout == "auto":
-            why += (
-                f"; disaggregated, one engine in {ENGINES_PER_PREFILL} prefills, prompts under "
-                f"{AUTO_DISAGG_MIN_TOKENS} uncached tokens stay on the decode engine"
-            )
-        else:
-            why += f"; disaggregated as asked: {n_prefill} prefill and {n_decode} decode engine(s)"
-    why += f"; {light_why}"
-    roles = ["prefill"] * n_prefill + ["decode"] * n_decode
-    if gpus:
-        if len(roles) > gpus:
-            raise PlacementError(f"{len(roles)} engines asked for, but only {gpus} GPU(s)")
-        shares = split_cores(engine_cores or cores, len(roles), at_most=GPU_ENGINE_CORES)
-        slots = [
-            EngineSlot(role, tuple(share), gpu)
-            for gpu, (role, share) in enumerate(zip(roles, shares))
-        ]
-    else:
+        why += f"; disaggregated as asked: {n_prefill} prefill and {n_decode} decode engine(s)"
+    return n_prefill, n_decode, why
+
+
+def _slots(roles: list[str], engine_cores: Sequence[int], gpus: int) -> list[EngineSlot]:
+    """Each engine's role, cores and GPU (one GPU each, when there are GPUs)."""
+    if not gpus:
         shares = split_cores(engine_cores, len(roles))
-        slots = [EngineSlot(role, tuple(share)) for role, share in zip(roles, shares)]
-    return Layout(
-        name="pd" if n_prefill else "aggregated",
-        engines=tuple(slots),
-        light_cores=tuple(light or cores),
-        kvstore=n_prefill > 0,
-        disagg_min_tokens=AUTO_DISAGG_MIN_TOKENS if layout == "auto" and n_prefill else None,
-        reason=why,
-    )
+        return [EngineSlot(role, tuple(share)) for role, share in zip(roles, shares)]
+    if len(roles) > gpus:
+        raise PlacementError(f"{len(roles)} engines asked for, but only {gpus} GPU(s)")
+    shares = split_cores(engine_cores, len(roles), at_most=GPU_ENGINE_CORES)
+    return [
+        EngineSlot(role, tuple(share), gpu) for gpu, (role, share) in enumerate(zip(roles, shares))
+    ]
 
 
 def split_cores(cores: Sequence[int], count: int, at_most: int | None = None) -> list[list[int]]:
