@@ -14,9 +14,9 @@ outlive any router and any engine. They are sealed like member records
 name is ignored and counted, so a process that can only write to etcd cannot make the
 routers load a directory of its choosing on every engine. Every router reconciles the
 engines with it: an engine of the base model that does not list a wanted adapter (it
-restarted, or joined later) gets it loaded. Loads are idempotent on the engines, so several routers doing
-this at once is harmless. A request for a wanted adapter that no engine has loaded
-waits for that (up to ``--worker-wait``) instead of failing.
+restarted, or joined later) gets it loaded. Loads are idempotent on the engines, so
+several routers doing this at once is harmless. A request for a wanted adapter that no
+engine has loaded waits for that (up to ``--worker-wait``) instead of failing.
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ class Layout:
             gpu = f", GPU {engine.gpu}" if engine.gpu is not None else ""
             lines.append(f"  {engine.role:<8} cores {format_cores(engine.cores)}{gpu}")
         lines.append(
-            f"  {'light':<8} cores {format_cores(self.light_cores)} (etcd, tokenizer, router, KV store)"
+            f"  {'light':<8} cores {format_cores(self.light_cores)} (etcd, tokenizer, router, KV "
+            "store)"
         )
         return "\n".join(lines)
 

@@ -190,7 +190,8 @@ def wait_for(
         return found
     holders = sorted({str(t.holder.pid) for t in found if t.holder is not None})
     say(
-        f"waiting up to {wait:.0f}s for port(s) {', '.join(str(t.claim.port) for t in found)} to be released "
+        f"waiting up to {wait:.0f}s for port(s) {', '.join(str(t.claim.port) for t in found)} to "
+        "be released "
         f"by pid(s) {', '.join(holders) or '?'}{'' if anyone else ' (a mesh that is stopping?)'}"
     )
     deadline = time.monotonic() + wait

@@ -218,7 +218,8 @@ def test_a_core_outside_the_allowed_set_stops_an_engine_at_once(home: Path) -> N
 def test_stages_do_not_outlive_a_killed_launcher() -> None:
     # A launcher that dies hard (SIGKILL, OOM) must not leave its children running.
     code = (
-        "from services.operator.etcd_server import EmbeddedEtcd; e = EmbeddedEtcd(client_port=0); e.start(); "
+        "from services.operator.etcd_server import EmbeddedEtcd; e = EmbeddedEtcd(client_port=0); "
+        "e.start(); "
         "print(e.process.pid, flush=True); import time; time.sleep(120)"
     )
     launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

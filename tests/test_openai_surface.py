@@ -63,7 +63,10 @@ TIME: dict[str, Any] = {
 SESSION_PINS = (
     'stagemesh_router_decisions_total{policy="kv_aware",reason="session_affinity",role="decode"}'
 )
-LOCAL_PROMPT_LOGPROBS = 'stagemesh_router_decisions_total{policy="kv_aware",reason="local_prompt_logprobs",role="disaggregation"}'
+LOCAL_PROMPT_LOGPROBS = (
+    'stagemesh_router_decisions_total{policy="kv_aware",reason="local_prompt_logprobs",'
+    'role="disaggregation"}'
+)
 SUBJECTS = [
     "a baker",
     "a pilot",
@@ -264,7 +267,10 @@ async def test_named_and_required_tool_calls_match_the_schema(client) -> None:
 async def test_auto_tool_call_is_parsed_from_the_text(client) -> None:
     """The model's text is fixed with a regex; ``auto`` reads the call out of it, whole
     and streamed, and finishes with ``tool_calls``."""
-    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+    text = (
+        'Let me check.\n<tool_call>\n{"name": "get_weather", '
+        '"arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+    )
     body = weather_question(
         extra_body={"structured_outputs": {"regex": re.escape(text)}}, max_tokens=80
     )
@@ -340,8 +346,8 @@ async def test_a_history_with_tool_results_is_rendered_and_answered(
     # The bundled model's template renders neither: the stage writes them in (Hermes form).
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in rendered
     assert (
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
-        in rendered
+        '<tool_call>\n{"name": "get_weather", '
+        '"arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>' in rendered
     )
     assert "<|im_start|>tool\n18 degrees and sunny<|im_end|>" in rendered
     assert reply.usage.prompt_tokens == len((await tokenizer.tokenize_conversation(chat)).token_ids)

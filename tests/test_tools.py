@@ -14,7 +14,10 @@ from router_svc.tool_parsers import PARSERS, Extracted, ToolCall, ToolParser
 HERMES_TEXTS = [
     "No tools needed: Paris.",
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
-    'Checking.\n<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n<tool_call>{"name": "b", "arguments": {}}</tool_call>',
+    (
+        'Checking.\n<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
+        '<tool_call>{"name": "b", "arguments": {}}</tool_call>'
+    ),
     '<tool_call>\n{"name": "unclosed", "arguments": {"q": "é"}}\n',
     '<tool_call>{"name": "broken", "arguments": {"x": </tool_call>',
     '<tool_call>{"name": "no_arguments"}</tool_call>',

@@ -84,7 +84,8 @@ class EngineConfig(NixlStageConfig):
     )
     quantization: str = setting(
         "",
-        "vLLM quantization method (fp8, awq, gptq, compressed-tensors, ...; empty: what the checkpoint says)",
+        "vLLM quantization method (fp8, awq, gptq, compressed-tensors, ...; empty: what the "
+        "checkpoint says)",
     )
     lora: list[str] = setting(
         [],
@@ -116,7 +117,8 @@ class EngineConfig(NixlStageConfig):
 
     sim_profile: str = setting(
         "dynamo-default",
-        "sim: the step-time model, a named profile (dynamo-default, pace-10ms) or a JSON profile file",
+        "sim: the step-time model, a named profile (dynamo-default, pace-10ms) or a JSON profile "
+        "file",
     )
     sim_speedup: float = setting(1.0, "sim: divide every simulated step and transfer time by this")
     sim_engines: int = setting(
@@ -129,7 +131,8 @@ class EngineConfig(NixlStageConfig):
     )
     sim_exit_after_tokens: int = setting(
         0,
-        "sim: the process exits abruptly, as in a crash, once its engines emitted this many tokens (0: never)",
+        "sim: the process exits abruptly, as in a crash, once its engines emitted this many "
+        "tokens (0: never)",
     )
 
     @property
@@ -161,7 +164,8 @@ class EngineConfig(NixlStageConfig):
             raise SystemExit(f"--speculative-config is not JSON: {exc}") from None
         if not isinstance(value, dict) or not (value.get("method") or value.get("model")):
             raise SystemExit(
-                '--speculative-config must be a JSON object naming a "method" (ngram, eagle, ...) or a draft "model"'
+                '--speculative-config must be a JSON object naming a "method" (ngram, eagle, '
+                '...) or a draft "model"'
             )
         return value
 
@@ -178,7 +182,8 @@ class EngineConfig(NixlStageConfig):
             cores = parse_cores(self.cpu_cores)
             if len(cores) < self.world_size * self.data_parallel_size:
                 raise SystemExit(
-                    f"{self.world_size * self.data_parallel_size} ranks (tensor x pipeline x data parallel) "
+                    f"{self.world_size * self.data_parallel_size} ranks (tensor x pipeline x data "
+                    "parallel) "
                     f"need at least as many cores; --cpu-cores {self.cpu_cores} has {len(cores)}"
                 )
 
