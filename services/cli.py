@@ -89,6 +89,24 @@ def cmd_etcd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_etcd_auth(args: argparse.Namespace) -> int:
+    """etcd's authentication on for a deployed mesh (services.etcd_auth): stages log in
+    with their TLS certificate, whose common name is their role."""
+    from services import etcd_auth
+
+    _install_credentials(args)
+    if credentials.current().tls is None:
+        print(
+            "stagemesh etcd-auth: needs TLS (--tls-cert, --tls-key, --tls-ca): stages log"
+            " in to etcd with their certificates",
+            file=sys.stderr,
+        )
+        return 2
+    done = etcd_auth.enable(parse_endpoints(args.etcd))
+    print("etcd authentication " + ("turned on" if done else "was already on"))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import aetcd.exceptions
 
@@ -481,24 +499,14 @@ def _sim_plan(args: argparse.Namespace) -> list[_Planned]:
 
 
 def _etcd_users(endpoint: str, run_dir: Path) -> dict[str, Path]:
-    """etcd's authentication on for this run (services.etcd.enable_authentication): a
-    fresh password per role, each in a 0600 file of the run directory; the files by role."""
-    from services.etcd import WRITES, EtcdSession, enable_authentication
+    """etcd's authentication on for this run (services.etcd_auth): a fresh password per
+    role, each in a 0600 file of the run directory; the files by role."""
+    from services import etcd_auth
 
-    files = {role: run_dir / f"etcd-{role}.password" for role in WRITES}
-    for path in files.values():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_hex(16))
-
-    async def enable() -> None:
-        session = EtcdSession(parse_endpoints(endpoint))
-        try:
-            passwords = {role: path.read_text() for role, path in files.items()}
-            await enable_authentication(await session.client(), passwords, secrets.token_hex(16))
-        finally:
-            await session.close()
-
-    asyncio.run(enable())
+    files = etcd_auth.write_passwords(run_dir)
+    etcd_auth.enable(
+        parse_endpoints(endpoint), {role: path.read_text() for role, path in files.items()}
+    )
     return files
 
 
@@ -779,6 +787,13 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
     _add_credential_arguments(probe)
     probe.set_defaults(func=cmd_health)
+
+    auth = sub.add_parser(
+        "etcd-auth", help="turn etcd's authentication on: a user and role per stage"
+    )
+    auth.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints")
+    _add_credential_arguments(auth)
+    auth.set_defaults(func=cmd_etcd_auth)
 
     etcd = sub.add_parser("etcd", help="run the embedded etcd server in the foreground")
     etcd.add_argument("--port", type=int, default=2379)
