@@ -14,7 +14,7 @@
 #   tests/deploy/compose_test.sh PYTHON      (the venv's python, with the engine stack)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python=$(realpath "${1:?usage: compose_test.sh PYTHON}")
+python=$(cd "$(dirname "${1:?usage: compose_test.sh PYTHON}")" && pwd)/$(basename "$1")
 started=$SECONDS
 log() { printf '[compose-test %4ds] %s\n' $((SECONDS - started)) "$*"; }
 
