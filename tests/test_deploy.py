@@ -405,7 +405,10 @@ def test_dockerfiles_are_pinned_multi_stage_and_non_root(name: str) -> None:
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), (
         f"base image not pinned to a release: {base}"
     )
-    assert sum(line.startswith("FROM ") for line in lines) == 2  # build stage + runtime stage
+    # The light image: a build stage and a runtime stage without pip's build tools. The
+    # engine image needs a compiler at run time too, so it is one stage (its Dockerfile
+    # says why), built as the unprivileged user's image all the same.
+    assert sum(line.startswith("FROM ") for line in lines) == (2 if name == "light" else 1)
     assert [line for line in lines if line.startswith("USER ")][-1] == "USER stagemesh"
     assert 'ENTRYPOINT ["stagemesh"]' in lines
     for line in lines:

@@ -52,7 +52,8 @@ cleanup() {
 }
 trap cleanup EXIT
 dockerd --data-root "$work/data" --exec-root "$work/exec" -H "$DOCKER_HOST" \
-    --pidfile "$work/dockerd.pid" --bip 172.31.250.1/24 >"$work/dockerd.log" 2>&1 &
+    --pidfile "$work/dockerd.pid" --bip 172.31.250.1/24 \
+    --default-address-pool base=172.31.240.0/21,size=24 >"$work/dockerd.log" 2>&1 &
 for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
 log "dockerd $(docker version -f '{{.Server.Version}}'), $(docker compose version --short)"
 
