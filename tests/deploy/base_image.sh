@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The compose test's base image, made from Debian's packages (no registry is reachable):
-# Python 3.11 and what the Dockerfiles' stages use. It also carries this machine's pip
+# Python 3.11 with its headers (torch.compile builds kernels against them, as in the public
+# Python image) and what the Dockerfiles use. It also carries this machine's pip
 # setup: its CA bundle (for the network's TLS proxy) and the local wheel directories its
 # pip configuration names, so the engine image gets the torch build `make install-engine`
 # gets. That is for this test only: an image meant to ship is built FROM the public
@@ -27,6 +28,6 @@ for dir in $links; do
 done
 ((${#kept[@]})) && printf 'find-links = %s\n' "${kept[*]}" >>"$conf"
 mmdebstrap --quiet --variant=minbase \
-    --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates,passwd \
+    --include=python3,python3-dev,python3-venv,python3-pip,python-is-python3,ca-certificates,passwd \
     "${hooks[@]}" bookworm - | docker import - "$tag" >/dev/null
 echo "$tag"
