@@ -112,6 +112,8 @@ def test_compose_files_follow_the_compose_specification(tmp_path: Path) -> None:
 
 
 def test_compose_stages_agree_with_their_config() -> None:
+    """etcd, its authentication job and every stage in compose.yaml are the real commands
+    with real settings, wired to each other as the stages expect."""
     compose = load(COMPOSE)
     tls = "/var/lib/stagemesh/tls"
     etcd = compose["services"]["etcd"]
@@ -315,7 +317,8 @@ def test_etcd_auth_turns_on_users_that_certificates_log_in_as(tmp_path: Path) ->
 
 
 def test_compose_images_split_light_and_engine_stages() -> None:
-    """The light image (no torch, no vLLM) runs the tokenizer and router; the engine image the rest."""
+    """The light image (no torch, no vLLM) runs the tokenizer and router; the engine image
+    the rest."""
     services = our_services(load(COMPOSE))
     dockerfile = {name: s["build"]["dockerfile"] for name, s in services.items()}
     assert dockerfile["tokenizer"] == dockerfile["router"] == "docker/light.Dockerfile"

@@ -74,6 +74,7 @@ def references() -> dict[str, str]:
 
 
 def check_answers(client: openai.OpenAI, expected: dict[str, str]) -> None:
+    """Each question's greedy chat answer through the router equals transformers'."""
     for question, reference in expected.items():
         reply = client.chat.completions.create(
             model="",
@@ -127,6 +128,7 @@ def container_state(service: str) -> tuple[int, int, str]:
 
 
 def wait_for(what: str, ready: Callable[[], bool], timeout: float) -> float:
+    """Poll ``ready`` until it holds (the seconds that took), or end the check."""
     started = time.monotonic()
     while not ready():
         if time.monotonic() - started > timeout:
@@ -136,6 +138,7 @@ def wait_for(what: str, ready: Callable[[], bool], timeout: float) -> float:
 
 
 def check_decode_comes_back(client: openai.OpenAI, expected: dict[str, str]) -> None:
+    """A crashed decode container is restarted by compose and serves again by itself."""
     pid, restarts, _ = container_state("decode")
     os.kill(pid, 9)  # a crash, not a stop: the restart policy applies
     print(f"  killed decode's process {pid}")
@@ -150,6 +153,7 @@ def check_decode_comes_back(client: openai.OpenAI, expected: dict[str, str]) -> 
 
 
 def main() -> None:
+    """Every check, in order; the first that fails ends the run with its reason."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000/v1")
     parser.add_argument("--api-key", required=True)

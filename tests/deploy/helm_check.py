@@ -32,6 +32,7 @@ def manifests() -> dict[str, list[dict[str, Any]]]:
 
 
 def pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each workload's pod spec, by ``Kind/name``."""
     return {
         f"{doc['kind']}/{doc['metadata']['name']}": doc["spec"]["template"]["spec"]
         for doc in docs
@@ -41,6 +42,7 @@ def pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("values", sorted(manifests()) if RENDERED else [])
 def test_every_container_runs_real_commands_with_real_settings(values: str) -> None:
+    """Stages, jobs and init containers run real subcommands with real settings."""
     docs = manifests()[values]
     stages_seen = set()
     for workload, spec in pod_specs(docs).items():
@@ -100,6 +102,7 @@ def check_stage(
 
 @pytest.mark.parametrize("values", sorted(manifests()) if RENDERED else [])
 def test_each_stage_has_a_disruption_budget_and_engines_spread(values: str) -> None:
+    """A voluntary disruption never takes a whole stage, and engines of a role spread."""
     docs = manifests()[values]
     budgets = {
         doc["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
