@@ -58,9 +58,10 @@ def references() -> dict[str, str]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     answers = {}
     for question in QUESTIONS:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
         )
+        ids = tokenizer.encode(rendered, add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(
                 torch.tensor([ids]),

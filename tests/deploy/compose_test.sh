@@ -70,7 +70,7 @@ STAGEMESH_MESH_KEY=$("$python" -c 'import secrets; print(secrets.token_hex(32))'
 STAGEMESH_API_KEY=$("$python" -c 'import secrets; print(secrets.token_hex(16))')
 export STAGEMESH_MESH_KEY STAGEMESH_API_KEY
 
-docker compose build --quiet
+docker compose build >"$work/build.log" 2>&1 || { tail -60 "$work/build.log"; exit 1; }
 log "images built: $(docker images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep stagemesh- | tr '\n' ' ')"
 if ! docker compose up --detach --wait --wait-timeout 1500; then
     docker compose ps --all
