@@ -42,6 +42,7 @@ def role_from_name(name: str) -> int:
 
 
 def member_key(member: common_pb2.Member) -> str:
+    """The etcd key of a member's record: by role, then instance id."""
     return f"{MEMBERS_PREFIX}{role_name(member.role)}/{member.instance_id}"
 
 

@@ -172,12 +172,11 @@ async def test_decode_drained_or_killed_mid_stream_loses_no_stream(
 ) -> None:
     # SIGTERM: the member leaves etcd and is no longer picked, but its streams run on.
     stage = await second_decode(etcd, home, tmp_path, router)
-    assert stage.process is not None
-    drained = await under_streams(
-        router, lambda: stage.process.send_signal(signal.SIGTERM), STREAMS // 2
-    )  # type: ignore[union-attr]
+    process = stage.process
+    assert process is not None
+    drained = await under_streams(router, lambda: process.send_signal(signal.SIGTERM), STREAMS // 2)
     assert drained == unbroken
-    assert stage.process.wait(timeout=60) == 0
+    assert process.wait(timeout=60) == 0
 
     stage = await second_decode(etcd, home, tmp_path, router)
     # An engine that aborts a sequence (as it does when it stops) never ends it as an

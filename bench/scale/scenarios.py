@@ -29,14 +29,16 @@ def build(
     """The deployment of ``target`` with ``spec``'s engines behind ``policy``'s router.
 
     Policy names are stagemesh's (``kv_aware``, ``least_load``, ``round_robin``, plus
-    ``random``); each target maps them to its own router's modes."""
+    ``random``); each target maps them to its own router's modes. ``stagemesh:N`` runs
+    the router with ``--workers N``."""
     if target == "dynamo":
         from bench.scale.dynamo import DynamoDeployment
 
         return DynamoDeployment(
             spec, policy, args.model_dir, MODEL, log_dir, kv_transfer_gbps=args.kv_transfer_gbps
         )
-    if target == "stagemesh":
+    name, _, workers = target.partition(":")
+    if name == "stagemesh" and (not workers or workers.isdigit()):
         from bench.scale.mesh import MeshDeployment
 
         return MeshDeployment(
@@ -47,8 +49,9 @@ def build(
             log_dir,
             Path(args.home),
             kv_transfer_gbps=args.kv_transfer_gbps,
+            router_workers=int(workers or 1),
         )
-    raise SystemExit(f"unknown target {target!r} (dynamo, stagemesh)")
+    raise SystemExit(f"unknown target {target!r} (dynamo, stagemesh, stagemesh:N)")
 
 
 async def measure(
@@ -61,7 +64,8 @@ async def measure(
     row: Row = {"deployment": deployment.name, **labels, **summarize(run)}
     row.update(per_unit(spent(before, after), row["ok"], row["output_tokens"]))
     print(
-        f"   {deployment.name} {labels}: {row['ok']}/{row['requests']} ok, {row['output_tps']:.0f} tok/s, "
+        f"   {deployment.name} {labels}: {row['ok']}/{row['requests']} ok, "
+        f"{row['output_tps']:.0f} tok/s, "
         f"TTFT p90 {row['ttft_p90_ms']:.0f} ms, hit {row['hit_rate']:.0%}, "
         f"client {row['client_core_share']:.0%} of a core",
         flush=True,
@@ -70,6 +74,7 @@ async def measure(
 
 
 def targets_and_policies(args: argparse.Namespace) -> Iterable[tuple[str, str]]:
+    """Every (target, policy) pair the run compares, targets outermost."""
     for target in args.target:
         for policy in args.policies:
             yield target, policy

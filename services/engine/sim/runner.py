@@ -161,7 +161,8 @@ class SimRunner:
         for position, token_id in enumerate(prompt_token_ids):
             if token_id >= vocab:
                 raise InvalidRequest(
-                    f"token id {token_id} at position {position} is outside the vocabulary (size {vocab})"
+                    f"token id {token_id} at position {position} is outside the vocabulary (size "
+                    f"{vocab})"
                 )
 
     def sampling(
