@@ -73,10 +73,12 @@ def etcd_flags() -> frozenset[str]:
 
 
 def load(path: Path) -> dict[str, Any]:
+    """A YAML file, parsed."""
     return yaml.safe_load(path.read_text())
 
 
 def our_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run our images (not Prometheus' or Grafana's)."""
     return {
         name: s
         for name, s in compose["services"].items()
@@ -91,6 +93,7 @@ def test_stagemesh_is_the_installed_command() -> None:
 
 
 def test_compose_files_follow_the_compose_specification(tmp_path: Path) -> None:
+    """Both compose files are valid Compose, by its published schema."""
     check = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
     done = subprocess.run(
         [*check, str(COMPOSE), str(COMPOSE_GPU)],
@@ -332,6 +335,7 @@ def test_compose_images_split_light_and_engine_stages() -> None:
 
 
 def test_gpu_override_changes_only_engines() -> None:
+    """compose.gpu.yaml swaps the engines' image and device, and nothing else."""
     base, gpu = load(COMPOSE), load(COMPOSE_GPU)
     assert set(gpu["services"]) == {"model", "prefill", "decode"} <= set(base["services"])
     for name in ("prefill", "decode"):
@@ -403,6 +407,7 @@ def logical_lines(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", ["light", "engine"])
 def test_dockerfiles_are_pinned_multi_stage_and_non_root(name: str) -> None:
+    """The images build from a pinned base, copy only what exists, and run unprivileged."""
     lines = logical_lines(ROOT / "docker" / f"{name}.Dockerfile")
     base = next(line.split("=", 1)[1] for line in lines if line.startswith("ARG PYTHON_IMAGE="))
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), (
@@ -438,10 +443,12 @@ def test_dockerfiles_are_pinned_multi_stage_and_non_root(name: str) -> None:
 
 
 def unit_files() -> list[Path]:
+    """The systemd units shipped in deploy/systemd."""
     return sorted(UNITS.glob("*.service")) + sorted(UNITS.glob("*.target"))
 
 
 def unit_values(path: Path, key: str) -> list[str]:
+    """A unit's values for ``key`` (each ``key=`` line)."""
     return [
         line.split("=", 1)[1]
         for line in path.read_text().splitlines()
@@ -450,6 +457,7 @@ def unit_values(path: Path, key: str) -> list[str]:
 
 
 def env_keys(path: Path) -> set[str]:
+    """The variables an environment file sets."""
     return {
         line.split("=", 1)[0]
         for line in path.read_text().splitlines()
@@ -458,6 +466,7 @@ def env_keys(path: Path) -> set[str]:
 
 
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd itself finds nothing wrong with the units."""
     if shutil.which("systemd-analyze") is None:
         skip_unless_required("systemd-analyze is not installed (Debian's systemd package)")
     venv_bin = str(Path(sys.executable).parent)
@@ -482,6 +491,7 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_systemd_units_run_real_commands_with_real_settings() -> None:
+    """Each unit runs a real subcommand with real settings, sandboxed, with time to drain."""
     stage_units = {}
     for unit in unit_files():
         if unit.suffix == ".target":
