@@ -6,7 +6,7 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip install --constraint requirements/constraints.txt
 PY := $(VENV)/bin/python
 
-.PHONY: install install-engine up test test-unit lint protos check-protos clean bench-env bench-vs-vllm \
+.PHONY: install install-engine up test test-unit test-compose test-helm lint protos check-protos clean bench-env bench-vs-vllm \
 	bench-dynamo-env
 
 $(VENV)/bin/python:
@@ -45,6 +45,14 @@ test: install-engine tests/node/node_modules/.package-lock.json
 # The pure-logic tests (marker "unit"): seconds, no process started.
 test-unit: install-engine
 	$(PY) -m pytest -m unit -q
+
+# compose.yaml run for real in a private Docker engine (root, Debian; see docs/deploy.md).
+test-compose: install-engine
+	tests/deploy/compose_test.sh $(PY)
+
+# The Helm chart, rendered and validated offline (see deploy/helm/stagemesh/README.md).
+test-helm: install
+	tests/deploy/helm_test.sh $(PY)
 
 # guidellm, the benchmark client, in an environment of its own: its dependencies are
 # not the engines' (pinned here, as the version the results were measured with).

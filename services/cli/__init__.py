@@ -7,6 +7,7 @@ stagemesh status             members registered in etcd, with their health and l
 stagemesh health ADDRESS     exit 0 if the stage at ADDRESS is SERVING (container probes)
 stagemesh certs --out DIR    a development CA and a TLS certificate per stage
 stagemesh etcd               the embedded etcd server alone (foreground)
+stagemesh etcd-auth          etcd's authentication on for a deployed mesh (certificates)
 stagemesh tokenizer [...]    one tokenizer stage (flags: stagemesh tokenizer --help)
 stagemesh prefill [...]      one prefill engine stage
 stagemesh decode [...]       one decode engine stage
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services.cli import certs, etcd, health, layout, model, status, up
+from services.cli import certs, etcd, etcd_auth, health, layout, model, status, up
 from services.config import DEFAULT_HOME, ENV_PREFIX
 
 #: Stage subcommands and the module each runs; the stage parses its own flags.
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"state directory [env {ENV_PREFIX}HOME; default {DEFAULT_HOME}]",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (up, layout, model, status, certs, health, etcd):
+    for command in (up, layout, model, status, certs, health, etcd, etcd_auth):
         command.register(sub)
     for name in STAGE_MODULES:
         sub.add_parser(

@@ -5,7 +5,6 @@ The command itself is a member too: it probes the stages' health."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import secrets
@@ -55,26 +54,15 @@ class RunSecrets:
         return self.certs.get("client")
 
     def enable_etcd_users(self, endpoint: str, run_dir: Path) -> None:
-        """etcd's authentication on for this run (services.etcd.enable_authentication): a
-        fresh password per role, each in a 0600 file of the run directory; this command
-        then speaks to etcd as ``client``."""
-        from services.etcd import WRITES, EtcdSession, enable_authentication
+        """etcd's authentication on for this run (services.operator.etcd_auth): a fresh
+        password per role, each in a 0600 file of the run directory; this command then
+        speaks to etcd as ``client``."""
+        from services.operator import etcd_auth
 
-        files = {role: run_dir / f"etcd-{role}.password" for role in WRITES}
-        for path in files.values():
-            path.touch(mode=0o600)
-            path.write_text(secrets.token_hex(16))
-
-        async def enable() -> None:
-            session = EtcdSession(parse_endpoints(endpoint))
-            try:
-                passwords = {role: path.read_text() for role, path in files.items()}
-                root = secrets.token_hex(16)
-                await enable_authentication(await session.client(), passwords, root)
-            finally:
-                await session.close()
-
-        asyncio.run(enable())
+        files = etcd_auth.write_passwords(run_dir)
+        etcd_auth.enable(
+            parse_endpoints(endpoint), {role: path.read_text() for role, path in files.items()}
+        )
         self.etcd_users = files
         credentials.install(
             dataclasses.replace(
