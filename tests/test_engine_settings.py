@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from decode_svc.config import DecodeConfig
-from router_svc.dispatch import kv_mismatch
+from router_svc.handoff import kv_mismatch
 from services.clients import EngineClient
 from services.config import build_config
 from services.etcd import EtcdSession
