@@ -55,6 +55,7 @@ from router_svc.tools import Extracted, ParserChoice, ToolPlan, ToolStream
 from services.auth import ApiKeys, Caller
 from services.errors import StageError
 from services.pb import common_pb2, router_pb2
+from services.vocabulary import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -560,12 +561,7 @@ class HttpBridge:
         catalogue = self._pipeline.catalogue
         model = await catalogue.resolve(body.model)
         info = await catalogue.info(model)
-        if outside := [t for t in body.tokens if not 0 <= t < info.vocab_size]:
-            raise ApiError(
-                HTTPStatus.BAD_REQUEST,
-                f"token id {outside[0]} is outside the vocabulary (size {info.vocab_size})",
-                param="tokens",
-            )
+        check_token_ids(body.tokens, info.vocab_size, "tokens")
         return web.json_response({"prompt": (await catalogue.decoder(model)).decode(body.tokens)})
 
     # -- generation -----------------------------------------------------------

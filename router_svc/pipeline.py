@@ -41,8 +41,7 @@ from router_svc.guard import Guard
 from router_svc.metrics import IN_PROGRESS, MIGRATIONS, SequenceClock
 from router_svc.policy import Policy
 from router_svc.prepare import Limits, Prompt, prepare
-from router_svc.sequence import Sequence as SequenceRun
-from router_svc.sequence import has_content, sampling_for
+from router_svc.sequence import SequenceRun, has_content, sampling_for
 from router_svc.workers import Workers
 from services.aio import merge
 from services.auth import tenant_salt

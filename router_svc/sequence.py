@@ -37,7 +37,7 @@ def sampling_for(
     return sampling
 
 
-class Sequence:
+class SequenceRun:
     """Turns one sequence's engine replies into deltas, and knows when it has finished."""
 
     def __init__(

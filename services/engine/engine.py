@@ -50,6 +50,7 @@ from services.kv.nixl import POLL_MS_ENV
 from services.model import ModelSpec
 from services.net import free_port
 from services.pb import common_pb2, engine_pb2
+from services.vocabulary import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +303,7 @@ class EngineRunner:
         """Reject an empty prompt or ids outside the vocabulary before vLLM sees them."""
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty; send at least one token id")
-        for position, token_id in enumerate(prompt_token_ids):
-            if token_id >= self.vocab_size:
-                raise InvalidRequest(
-                    f"token id {token_id} at position {position} is outside the vocabulary "
-                    f"(size {self.vocab_size})"
-                )
+        check_token_ids(prompt_token_ids, self.vocab_size)
 
     async def load_adapter(self, name: str, path: str, at_run_time: bool = True) -> Adapter:
         """Load a LoRA adapter (idempotent for the same name and directory). A bad one
