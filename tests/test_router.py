@@ -33,7 +33,7 @@ async def engine_alone(
     out = [t async for reply in decode.generate(ids, params) for t in reply.token_ids]
     if out and out[-1] in eos:
         out = out[:-1]
-    return out, await tokenizer.decode(out)
+    return out, (await tokenizer.decoder()).decode(out)
 
 
 async def test_chat_matches_the_engine_alone(client, decode, tokenizer, mesh: Mesh) -> None:

@@ -159,15 +159,6 @@ class ModelTokenizer:
                 entry["content"] = f"{message.content}\n{written}" if message.content else written
         return entry
 
-    def check_ids(self, ids: Sequence[int]) -> None:
-        """Reject ids outside the vocabulary, naming the first offender."""
-        for position, token_id in enumerate(ids):
-            if token_id >= self.vocab_size:
-                raise InvalidRequest(
-                    f"token id {token_id} at position {position} is outside the vocabulary "
-                    f"of {self.name!r} (size {self.vocab_size})"
-                )
-
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [str(token) for token in self._hf.convert_ids_to_tokens(list(ids))]
 
