@@ -223,9 +223,6 @@ class BlockTable:
         self.stats.used_blocks = sum(1 for e in self._entries.values() if e.committed)
         return dataclasses.replace(self.stats)
 
-    def committed_hashes(self) -> list[int]:
-        return [key[1] for key, entry in self._entries.items() if entry.committed]
-
     def _lay_out(self, block_bytes: int) -> None:
         if block_bytes <= 0:
             raise LayoutMismatch("block_bytes must be positive")
