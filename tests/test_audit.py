@@ -17,7 +17,7 @@ from services.auth import ApiKeys
 from services.clients import RouterClient
 from services.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
-from tests.conftest import Mesh, router_process, running
+from tests.support.stages import Mesh, router_process, running
 
 PROMPT = "Name a colour."
 

@@ -29,7 +29,7 @@ from services.certs import STAGES
 from services.cli import STAGE_MODULES, build_parser
 from services.config import build_config
 from services.engine.config import EngineConfig
-from tests.conftest import skip_unless_required
+from tests.support.stages import skip_unless_required
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"

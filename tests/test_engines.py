@@ -21,7 +21,8 @@ from services.kv.handles import HandleSigner
 from services.launcher import cpu_seconds, live_processes_in_group
 from services.membership import MEMBERS_PREFIX, RecordReader
 from services.pb import common_pb2
-from tests.conftest import MESH_KEY, PREFILL_LEASE_SECONDS, disaggregated
+from tests.support.engines import disaggregated
+from tests.support.stages import MESH_KEY, PREFILL_LEASE_SECONDS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -29,7 +29,8 @@ from services.clients import EngineClient, RouterClient
 from services.etcd_server import EmbeddedEtcd
 from services.launcher import StageProcess, live_processes_in_group
 from services.pb import common_pb2, router_pb2
-from tests.conftest import (
+from tests.support.requests import QUESTION, metric
+from tests.support.stages import (
     ENGINE_START_TIMEOUT,
     PREFILL_LEASE_SECONDS,
     Mesh,
@@ -37,7 +38,6 @@ from tests.conftest import (
     router_process,
     running,
 )
-from tests.test_router import QUESTION, metric
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.disruptive]
 

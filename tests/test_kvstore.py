@@ -31,7 +31,7 @@ from services.kv.store_link import HostBlocks, StoreLink, Target, remote_regions
 from services.launcher import StageProcess
 from services.membership import RecordReader
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
-from tests.conftest import kvstore_process, private_etcd, running
+from tests.support.stages import kvstore_process, private_etcd, running
 
 BLOCK = 64 * 1024  # bytes per block in these tests
 CAPACITY_BLOCKS = 16

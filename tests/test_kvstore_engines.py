@@ -20,7 +20,7 @@ import pytest_asyncio
 from services.clients import EngineClient, KvStoreClient
 from services.launcher import StageProcess
 from services.pb import common_pb2, engine_pb2, kvstore_pb2
-from tests.conftest import (
+from tests.support.stages import (
     ENGINE_START_TIMEOUT,
     engine_process,
     kvstore_process,

@@ -35,17 +35,17 @@ from services.etcd_server import EmbeddedEtcd
 from services.kv.hashing import ROOT, chain_hashes, chain_root
 from services.model import BUNDLED_NAME
 from services.pb import common_pb2, router_pb2
-from tests.conftest import (
+from tests.support.engines import make_small_llama
+from tests.support.requests import metric
+from tests.support.stages import (
     ENGINE_START_TIMEOUT,
     Mesh,
     engine_process,
-    make_small_llama,
     private_etcd,
     router_process,
     running,
     tokenizer_process,
 )
-from tests.test_router import metric
 
 pytestmark = pytest.mark.isolated
 #: The tests that use the mesh below run on the session's event loop, like its fixtures.

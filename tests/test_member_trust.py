@@ -29,7 +29,7 @@ from services.etcd_server import EmbeddedEtcd
 from services.membership import MemberWatcher, RecordReader, Registration, member_key
 from services.pb import common_pb2, engine_pb2
 from services.records import RecordRejected, RecordSigner
-from tests.conftest import private_etcd, router_process, running, tokenizer_process
+from tests.support.stages import private_etcd, router_process, running, tokenizer_process
 
 #: The router polls engines' load this often (seconds); a member it trusts hears from it within it.
 POLL = 0.2
@@ -227,7 +227,7 @@ async def test_a_record_counts_only_under_its_own_key_and_lease(etcd_session: Et
     """A signed record copied under another key, or onto another lease, is refused; the
     original stays; a record under the key and lease it was sealed for is taken."""
     signer = credentials.current().records
-    assert signer.enabled  # the tests' process holds the mesh key (tests/conftest.py)
+    assert signer.enabled  # the tests' process holds the mesh key (tests/support/stages.py)
     prefix = f"/stagemesh-test/{time.monotonic_ns()}/"
     client = await etcd_session.client()
     lease, other_lease = await client.lease(30), await client.lease(30)

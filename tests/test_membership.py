@@ -22,7 +22,7 @@ from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX, MemberWatcher, role_prefix
 from services.net import free_port
 from services.pb import common_pb2, engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from tests.conftest import STAGE_START_TIMEOUT, tokenizer_process
+from tests.support.stages import STAGE_START_TIMEOUT, tokenizer_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

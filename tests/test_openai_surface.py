@@ -16,8 +16,8 @@ import pytest
 
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
-from tests.conftest import Mesh
-from tests.test_router import STORY, metric, post
+from tests.support.requests import STORY, metric, post
+from tests.support.stages import Mesh
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

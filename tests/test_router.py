@@ -5,23 +5,18 @@ engines; bad input gets clear 4xx errors while good requests go on."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import grpc
 import httpx
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
 
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
-from tests.conftest import Mesh
+from tests.support.requests import QUESTION, QUESTION_TEXT, STORY, metric, post
+from tests.support.stages import Mesh
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-QUESTION_TEXT = "What is the capital of France?"
-QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION_TEXT}]
-STORY = "Once upon a time, in a small village by the sea,"
 
 
 async def engine_alone(
@@ -232,12 +227,6 @@ async def test_cancelling_a_stream_frees_every_engine(
     await engines_idle(prefill, decode)
 
 
-async def post(mesh: Mesh, path: str, body: bytes | dict[str, object]) -> httpx.Response:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=120) as http:
-        return await http.post(path, content=content, headers={"Content-Type": "application/json"})
-
-
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
@@ -347,13 +336,6 @@ async def test_grpc_errors_keep_their_codes(router: RouterClient) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await router.generate_unary(request, timeout=60)
         assert caught.value.code() == code, caught.value.details()
-
-
-async def metric(mesh: Mesh, name: str) -> float:
-    """Sum of a router metric's samples whose line starts with ``name``."""
-    async with httpx.AsyncClient(base_url=mesh.http_url) as http:
-        text = (await http.get("/metrics")).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 async def test_kv_index_follows_the_engines_and_routes_by_prefix(

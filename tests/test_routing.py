@@ -18,8 +18,8 @@ import pytest
 from services.clients import RouterClient
 from services.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
-from tests.conftest import ENGINE_START_TIMEOUT, Mesh, engine_process
-from tests.test_router import metric
+from tests.support.requests import metric
+from tests.support.stages import ENGINE_START_TIMEOUT, Mesh, engine_process
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.disruptive]
 

@@ -20,7 +20,7 @@ from services.launcher import StageProcess
 from services.membership import role_prefix
 from services.net import free_port
 from services.pb import common_pb2
-from tests.conftest import private_etcd, router_process, running, tokenizer_process
+from tests.support.stages import private_etcd, router_process, running, tokenizer_process
 
 #: Each simulated engine runs this many sequences at once.
 MAX_NUM_SEQS = 4
