@@ -29,6 +29,7 @@ from services.etcd_server import EmbeddedEtcd
 from services.membership import MemberWatcher, RecordReader, Registration, member_key
 from services.pb import common_pb2, engine_pb2
 from services.records import RecordRejected, RecordSigner
+from tests.support.polling import eventually
 from tests.support.stages import private_etcd, router_process, running, tokenizer_process
 
 #: The router polls engines' load this often (seconds); a member it trusts hears from it within it.
@@ -71,6 +72,18 @@ class Recorder:
 
     def with_token(self) -> list[str]:
         return [method for method, metadata in self.calls if STAGE_TOKEN in metadata]
+
+
+async def polled(recorder: Recorder, who: str) -> None:
+    """Wait until the router has asked ``recorder`` for its load, with the stage token."""
+
+    async def check() -> None:
+        calls = recorder.with_token()
+        assert "/stagemesh.v1.EngineService/GetLoad" in calls, (
+            f"the {who} was never polled: {recorder.calls}"
+        )
+
+    await eventually(check, timeout=10, interval=0.05)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -159,12 +172,7 @@ async def test_a_forged_member_gets_no_call_and_the_router_counts_it(
                     RecordSigner(b"").seal(ADAPTERS_PREFIX + "evil", evil.SerializeToString()),
                 )
 
-                deadline = time.monotonic() + 10
-                while "/stagemesh.v1.EngineService/GetLoad" not in genuine.with_token():
-                    assert time.monotonic() < deadline, (
-                        f"the genuine member was never polled: {genuine.calls}"
-                    )
-                    await asyncio.sleep(0.05)
+                await polled(genuine, "genuine member")
                 await asyncio.sleep(
                     POLL * 10
                 )  # ten more polls for the forged ones to be called, if trusted
@@ -306,12 +314,7 @@ async def test_under_tls_only_a_certificate_of_the_members_role_serves(
         async with running(router):
             for registration in registrations:
                 await registration.start()
-            deadline = time.monotonic() + 10
-            while "/stagemesh.v1.EngineService/GetLoad" not in as_decode.with_token():
-                assert time.monotonic() < deadline, (
-                    f"the decode-certificate member was never polled: {as_decode.calls}"
-                )
-                await asyncio.sleep(0.05)
+            await polled(as_decode, "decode-certificate member")
             await asyncio.sleep(POLL * 10)
             assert as_client.calls == []
         await refused_by_role(etcd, home, tmp_path, certs)

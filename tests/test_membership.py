@@ -22,6 +22,7 @@ from services.launcher import StageProcess
 from services.membership import MEMBERS_PREFIX, MemberWatcher, role_prefix
 from services.net import free_port
 from services.pb import common_pb2, engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from tests.support.polling import eventually
 from tests.support.stages import STAGE_START_TIMEOUT, tokenizer_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -133,10 +134,10 @@ async def test_stage_registers_again_after_etcd_restart(
         etcd.start()
 
         # The stage re-registers on its next keep-alive, well within a few TTLs...
-        deadline = time.monotonic() + 4 * TTL + 5
-        while instance not in await registered_instances(session):
-            assert time.monotonic() < deadline, stage.log_tail()
-            await asyncio.sleep(0.2)
+        async def back() -> None:
+            assert instance in await registered_instances(session), stage.log_tail()
+
+        await eventually(back, timeout=4 * TTL + 5)
         # ...and stays registered (the lease is kept alive, not a one-off put).
         await asyncio.sleep(TTL * 2)
         assert instance in await registered_instances(session)
@@ -162,10 +163,12 @@ async def test_health_is_not_serving_until_registered(
     stage = own_stage("early", etcd, home, run_dir, "--lease-ttl", str(TTL))
     stage.start()
     try:
-        deadline = time.monotonic() + STAGE_START_TIMEOUT
-        while await health_status(stage.grpc_address) == "UNREACHABLE":
-            assert stage.alive() and time.monotonic() < deadline, stage.log_tail()
-            await asyncio.sleep(0.2)
+
+        async def answers() -> None:
+            assert stage.alive(), stage.log_tail()
+            assert await health_status(stage.grpc_address) != "UNREACHABLE", stage.log_tail()
+
+        await eventually(answers, timeout=STAGE_START_TIMEOUT)
         for _ in range(10):  # model loaded or not, without etcd it never serves
             assert await health_status(stage.grpc_address) == "NOT_SERVING"
             await asyncio.sleep(0.5)

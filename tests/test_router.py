@@ -5,7 +5,6 @@ engines; bad input gets clear 4xx errors while good requests go on."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import httpx
@@ -13,6 +12,7 @@ import pytest
 
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
+from tests.support.polling import eventually
 from tests.support.requests import QUESTION, QUESTION_TEXT, STORY, metric, post
 from tests.support.stages import Mesh
 
@@ -190,13 +190,14 @@ async def test_grpc_lists_models_and_members(router: RouterClient) -> None:
 
 
 async def engines_idle(*engines: EngineClient, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    """Wait until no engine runs or queues a request."""
+
+    async def idle() -> None:
         loads = await asyncio.gather(*(e.load() for e in engines))
-        if all(load.running_requests == 0 and load.waiting_requests == 0 for load in loads):
-            return
-        assert time.monotonic() < deadline, f"engines still busy: {loads}"
-        await asyncio.sleep(0.2)
+        busy = [load for load in loads if load.running_requests or load.waiting_requests]
+        assert not busy, f"engines still busy: {busy}"
+
+    await eventually(idle, timeout)
 
 
 async def test_cancelling_a_stream_frees_every_engine(
@@ -345,13 +346,12 @@ async def test_kv_index_follows_the_engines_and_routes_by_prefix(
         f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60)
     )
     await client.completions.create(model="", prompt=prompt, temperature=0, max_tokens=2)
-    deadline = time.monotonic() + 15
-    while True:  # the prefill engine's BlockStored events reach the router's index
+
+    async def indexed() -> None:  # the prefill engine's BlockStored events reach the index
         members = await router.list_members(common_pb2.ROLE_PREFILL)
-        if any(m.kv_blocks_indexed >= 4 for m in members):
-            break
-        assert time.monotonic() < deadline, members
-        await asyncio.sleep(0.2)
+        assert any(m.kv_blocks_indexed >= 4 for m in members), members
+
+    await eventually(indexed, timeout=15)
     hits = await metric(
         mesh,
         'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="prefill"}',

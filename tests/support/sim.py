@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from services.launcher import StageProcess
 from services.membership import role_prefix
 from services.net import free_port
 from services.pb import common_pb2
+from tests.support.polling import eventually
 from tests.support.stages import private_etcd, router_process, running, tokenizer_process
 
 #: Each simulated engine runs this many sequences at once.
@@ -133,10 +133,13 @@ class SimMesh:
             await session.close()
 
     async def wait_members(self, count: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while (found := await self.decode_members()) != count:
-            assert time.monotonic() < deadline, f"{found} decode members, not {count}"
-            await asyncio.sleep(0.2)
+        """Wait until etcd lists ``count`` decode members."""
+
+        async def listed() -> None:
+            found = await self.decode_members()
+            assert found == count, f"{found} decode members, not {count}"
+
+        await eventually(listed, timeout)
 
 
 @contextlib.asynccontextmanager
