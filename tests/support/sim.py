@@ -36,12 +36,13 @@ class SimMesh:
     client: openai.AsyncOpenAI
     engines: dict[str, StageProcess] = field(default_factory=dict)
 
-    def engine(self, name: str, count: int, *extra: str) -> StageProcess:
-        """A process of ``count`` simulated decode engines at an accelerator's pace (not started)."""
+    def engine(self, name: str, count: int, *extra: str, role: str = "decode") -> StageProcess:
+        """A process of ``count`` simulated ``role`` engines at an accelerator's pace (not
+        started)."""
         port = free_port()
         process = StageProcess(
             name,
-            "decode_svc",
+            f"{role}_svc",
             [
                 "--engine",
                 "sim",
