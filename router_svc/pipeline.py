@@ -155,15 +155,16 @@ class Pipeline:
         bound = running + self._config.max_queued_requests
         if sequences > bound:
             raise InvalidRequest(
-                f"the request asks for {sequences} sequences (prompts × n); {model!r} admits at most "
-                f"{bound} at once",
+                f"the request asks for {sequences} sequences (prompts × n); {model!r} admits "
+                f"at most {bound} at once",
                 "n",
             )
         admitted = self._admitted.get(model, 0)
         if admitted + sequences > bound:
             raise Overloaded(
-                f"{model!r} has {admitted} sequences in progress; with this request's {sequences} that is "
-                f"more than its engines run at once ({running}) plus the router's queue "
+                f"{model!r} has {admitted} sequences in progress; with this request's "
+                f"{sequences} that is more than its engines run at once ({running}) plus the "
+                "router's queue "
                 f"({self._config.max_queued_requests}); try again shortly"
             )
         self._admitted[model] = admitted + sequences
@@ -189,13 +190,8 @@ class Pipeline:
         (with the prompt's, once per prompt) added to ``usage``; the workers it used are
         added to ``workers``."""
         sampling = sampling_for(request, prompt, sample)
-        run = SequenceRun(
-            prompt,
-            sampling,
-            await self.catalogue.decoder(prompt.model),
-            choice,
-            request.return_token_ids,
-        )
+        decoder = await self.catalogue.decoder(prompt.model)
+        run = SequenceRun(prompt, sampling, decoder, choice, request.return_token_ids)
         clock = SequenceClock(prompt.arrived)
         generated: list[int] = []
         for migration in itertools.count():

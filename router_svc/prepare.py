@@ -2,9 +2,9 @@
 
 Everything here happens before any engine is asked for anything, so a request that
 cannot be served is refused at no cost to the mesh: the limits first (pure checks of
-the message), then the model (and admission, in the pipeline), then the prompt, tokenized by a tokenizer member or
-checked against the vocabulary when the caller sent ids, and its length against the
-shortest context of the engines that serve the model.
+the message), then the model (and admission, in the pipeline), then the prompt,
+tokenized by a tokenizer member or checked against the vocabulary when the caller sent
+ids, and its length against the shortest context of the engines that serve the model.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ class Limits:
             )
 
     def check_items(self, count: int, param: str) -> None:
-        """A list of conversation items (messages, Responses input items) is within ``--max-messages``."""
+        """A list of conversation items (messages, Responses input items) is within
+        ``--max-messages``."""
         if count > self.messages:
             raise InvalidRequest(
                 f"a request may carry at most {self.messages} {param} items, got {count}", param
@@ -95,7 +96,8 @@ class Limits:
         """The limits on a conversation, for generation and for a bare tokenization."""
         if len(chat.tools_json) > self.constraint_chars:
             raise InvalidRequest(
-                f"the tools take {len(chat.tools_json)} characters; at most {self.constraint_chars}",
+                f"the tools take {len(chat.tools_json)} characters; "
+                f"at most {self.constraint_chars}",
                 "tools",
             )
         if len(chat.messages) > self.messages:
@@ -133,7 +135,8 @@ class Limits:
             )
         if len(sampling.logit_bias) > self.logit_bias:
             raise InvalidRequest(
-                f"logit_bias may name at most {self.logit_bias} tokens, got {len(sampling.logit_bias)}",
+                f"logit_bias may name at most {self.logit_bias} tokens, "
+                f"got {len(sampling.logit_bias)}",
                 "logit_bias",
             )
         if any(not -100 <= bias <= 100 for bias in sampling.logit_bias.values()):  # NaN fails too
@@ -159,6 +162,16 @@ class Limits:
         return n
 
 
+def _input_chars(request: router_pb2.RouterGenerateRequest) -> int:
+    """The characters of a request's text, or of its conversation and tools."""
+    if request.WhichOneof("input") == "text":
+        return len(request.text)
+    chat = request.chat
+    return len(chat.tools_json) + sum(
+        len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in chat.messages
+    )
+
+
 async def prepare(
     catalogue: Catalogue, request: router_pb2.RouterGenerateRequest, model: str
 ) -> Prompt:
@@ -175,17 +188,7 @@ async def prepare(
     ):
         check_token_ids(ids, info.vocab_size, name)
     kind = request.WhichOneof("input")
-    chars = (
-        len(request.text)
-        if kind == "text"
-        else (
-            len(request.chat.tools_json)
-            + sum(
-                len(m.content) + sum(len(c.arguments) for c in m.tool_calls)
-                for m in request.chat.messages
-            )
-        )
-    )
+    chars = _input_chars(request)
     if info.max_token_chars and chars > limit * info.max_token_chars:
         # Certainly too long: refuse before the tokenizer spends seconds on it.
         raise ContextLengthExceeded(

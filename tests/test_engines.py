@@ -21,7 +21,7 @@ from services.kv.handles import HandleSigner
 from services.launcher import cpu_seconds, live_processes_in_group
 from services.membership import MEMBERS_PREFIX, RecordReader
 from services.pb import common_pb2
-from tests.support.engines import disaggregated
+from tests.support.engines import disaggregated, engines_idle
 from tests.support.polling import eventually
 from tests.support.stages import MESH_KEY, PREFILL_LEASE_SECONDS
 
@@ -130,16 +130,6 @@ async def test_logprobs_and_seeded_sampling(decode: EngineClient) -> None:
     assert first == second and len(first) == 12
 
 
-async def wait_idle(engine: EngineClient, timeout: float = 10.0) -> None:
-    """Wait until the engine runs and queues no request."""
-
-    async def idle() -> None:
-        load = await engine.load()
-        assert not (load.running_requests or load.waiting_requests), f"engine still busy: {load}"
-
-    await eventually(idle, timeout, interval=0.1)
-
-
 async def test_abort_mid_generation(decode: EngineClient) -> None:
     long_run = common_pb2.SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
     call = decode.generate([1, 504, 3458], long_run, request_id="abort-me")
@@ -152,7 +142,7 @@ async def test_abort_mid_generation(decode: EngineClient) -> None:
     assert await decode.abort("abort-me") == ["abort-me"]
     finish = [reply.finish_reason async for reply in call if reply.finish_reason]
     assert finish == [common_pb2.FINISH_REASON_ABORT]
-    await wait_idle(decode)
+    await engines_idle(decode, timeout=10, interval=0.1)
     assert await decode.abort("abort-me") == []  # gone: aborting again is a no-op
     out, _ = await collect(decode.generate([1, 504], GREEDY))
     assert out
@@ -163,7 +153,7 @@ async def test_cancelled_stream_aborts_the_request(decode: EngineClient) -> None
     call = decode.generate([1, 504, 3458], long_run)
     await call.read()
     call.cancel()
-    await wait_idle(decode)
+    await engines_idle(decode, timeout=10, interval=0.1)
 
 
 async def test_cancel_while_kv_is_in_flight_is_safe(
@@ -174,7 +164,7 @@ async def test_cancel_while_kv_is_in_flight_is_safe(
     call = decode.generate(ids, GREEDY, kv_handle=handle)
     await asyncio.sleep(0)  # the request is on its way; the NIXL read may be running
     call.cancel()
-    await wait_idle(decode, timeout=30)
+    await engines_idle(decode, timeout=30, interval=0.1)
     out, _ = await collect(decode.generate(ids, GREEDY))
     assert out  # the engine survived the deferred abort
 

@@ -10,25 +10,14 @@ import grpc
 import httpx
 import pytest
 
-from services.clients import EngineClient, RouterClient, TokenizerClient
+from services.clients import RouterClient
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
+from tests.support.engines import engine_alone, engines_idle
 from tests.support.polling import eventually
 from tests.support.requests import QUESTION, QUESTION_TEXT, STORY, metric, post
 from tests.support.stages import Mesh
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-async def engine_alone(
-    decode: EngineClient, tokenizer: TokenizerClient, ids: list[int], max_tokens: int
-) -> tuple[list[int], str]:
-    """What the decode engine generates on its own, greedy, stopping at the tokenizer's EOS."""
-    eos = list((await tokenizer.model_info()).eos_token_ids)
-    params = common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, stop_token_ids=eos)
-    out = [t async for reply in decode.generate(ids, params) for t in reply.token_ids]
-    if out and out[-1] in eos:
-        out = out[:-1]
-    return out, (await tokenizer.decoder()).decode(out)
 
 
 async def test_chat_matches_the_engine_alone(client, decode, tokenizer, mesh: Mesh) -> None:
@@ -187,17 +176,6 @@ async def test_grpc_lists_models_and_members(router: RouterClient) -> None:
     assert any(
         m.health == "SERVING" and m.HasField("load") and m.load.kv_block_size for m in members
     )
-
-
-async def engines_idle(*engines: EngineClient, timeout: float = 30.0) -> None:
-    """Wait until no engine runs or queues a request."""
-
-    async def idle() -> None:
-        loads = await asyncio.gather(*(e.load() for e in engines))
-        busy = [load for load in loads if load.running_requests or load.waiting_requests]
-        assert not busy, f"engines still busy: {busy}"
-
-    await eventually(idle, timeout)
 
 
 async def test_cancelling_a_stream_frees_every_engine(

@@ -259,7 +259,8 @@ class EngineRunner:
             POLL_MS_ENV: str(self.config.nixl_poll_ms),
         }
         if self.config.mesh_key and not self.config.mesh_key_file:
-            # For the KV-store connector in the engine core; kept out of vLLM's config, which it logs.
+            # For the KV-store connector in the engine core; kept out of vLLM's config,
+            # which it logs.
             settings[MESH_KEY_ENV] = self.config.mesh_key
         if self.config.device == "cpu":
             settings["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.kv_cache_gib)

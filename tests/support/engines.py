@@ -1,13 +1,16 @@
-"""Engine helpers: a second, tiny model, and a disaggregated request by hand."""
+"""Engine helpers: a second, tiny model, a disaggregated request by hand, what an engine
+generates on its own, and waiting for engines to go idle."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
 
-from services.clients import EngineClient
+from services.clients import EngineClient, TokenizerClient
 from services.pb import common_pb2, engine_pb2
+from tests.support.polling import eventually
 
 
 def make_small_llama(path: Path, tokenizer_dir: Path) -> Path:
@@ -65,3 +68,28 @@ async def disaggregated(
             if attempt == 2 or error.code() != grpc.StatusCode.NOT_FOUND:
                 raise
     raise AssertionError("unreachable")
+
+
+async def engine_alone(
+    decode: EngineClient, tokenizer: TokenizerClient, ids: list[int], max_tokens: int
+) -> tuple[list[int], str]:
+    """What the decode engine generates on its own, greedy, stopping at the tokenizer's EOS."""
+    eos = list((await tokenizer.model_info()).eos_token_ids)
+    params = common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, stop_token_ids=eos)
+    out = [t async for reply in decode.generate(ids, params) for t in reply.token_ids]
+    if out and out[-1] in eos:
+        out = out[:-1]
+    return out, (await tokenizer.decoder()).decode(out)
+
+
+async def engines_idle(
+    *engines: EngineClient, timeout: float = 30.0, interval: float = 0.2
+) -> None:
+    """Wait until no engine runs or queues a request."""
+
+    async def idle() -> None:
+        loads = await asyncio.gather(*(e.load() for e in engines))
+        busy = [load for load in loads if load.running_requests or load.waiting_requests]
+        assert not busy, f"engines still busy: {busy}"
+
+    await eventually(idle, timeout, interval)
