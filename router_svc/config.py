@@ -175,6 +175,21 @@ class RouterConfig(StageConfig):
         "max concurrency); past it new requests get 429 / RESOURCE_EXHAUSTED with Retry-After",
     )
 
+    max_loop_lag_ms: float = setting(
+        100.0,
+        "refuse new requests (429) while the router's event loop runs this late on average "
+        "and the process is busy: its relay is saturated, and more streams would slow every "
+        "admitted one (0: never refuse for this)",
+    )
+    workers: int = setting(
+        1,
+        "router processes serving the same ports (SO_REUSEPORT); each keeps its own KV index, "
+        "session affinity, Responses store and admission limits (see docs/deploy.md)",
+    )
+    worker_index: int = setting(
+        -1, "which of --workers processes this is; set by the parent (-1: a lone router)"
+    )
+
     ROLE: ClassVar[str] = "router"
 
     def listen_ports(self) -> list[PortClaim]:

@@ -7,11 +7,10 @@ to look up what a series means and where it is counted.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.exposition import Sampled
 
 SEQUENCES = Counter(
     "stagemesh_router_sequences_total",
@@ -42,18 +41,29 @@ IN_PROGRESS = Gauge(
     "stagemesh_router_requests_in_progress",
     "Requests admitted and not yet finished, by model (the router's queue included)",
     ["model"],
+    multiprocess_mode="livesum",  # summed over the router's --workers processes
 )
 PROMPT_TOKENS = Counter("stagemesh_router_prompt_tokens_total", "Prompt tokens of routed sequences")
 PREFIX_HIT_TOKENS = Counter(
     "stagemesh_router_prefix_hit_tokens_total",
     "Prompt tokens the chosen prefilling worker already held, per the router's KV index",
 )
-RESPONSES_STORED_BYTES = Gauge(
+RESPONSES_STORED_BYTES = Sampled(
     "stagemesh_router_responses_stored_bytes",
-    "What the stored Responses API responses are counted as, in bytes (bounded by --responses-max-mib)",
+    "What the stored Responses API responses are counted as, in bytes "
+    "(bounded by --responses-max-mib; the answering router process's)",
 )
-INDEX_ENTRIES = Gauge(
-    "stagemesh_router_kv_index_entries", "(block, worker) entries in the router's KV index"
+INDEX_ENTRIES = Sampled(
+    "stagemesh_router_kv_index_entries",
+    "(block, worker) entries in the router's KV index (the answering router process's)",
+)
+#: Members the router knows, by role and state, counted at scrape time: ``up``, or
+#: ``down`` (refused a connection and skipped for a few seconds). How soon a join, a
+#: drain or a crash shows here is the control plane's reaction time (bench.scale).
+WORKERS = Sampled(
+    "stagemesh_router_workers",
+    "Members the router routes to, by role and state",
+    ["role", "state"],
 )
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
@@ -98,26 +108,3 @@ class SequenceClock:
 
     def finished(self) -> None:
         END_TO_END.observe(time.monotonic() - self._arrived)
-
-
-class WorkerStates(Collector):
-    """Members the router knows, by role and state, counted at scrape time: ``up``, or
-    ``down`` (refused a connection and skipped for a few seconds). How soon a join, a
-    drain or a crash shows here is the control plane's reaction time (bench.scale)."""
-
-    def __init__(self) -> None:
-        self.source: Callable[[], dict[tuple[str, str], int]] | None = None
-        REGISTRY.register(self)
-
-    def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "stagemesh_router_workers",
-            "Members the router routes to, by role and state",
-            labels=["role", "state"],
-        )
-        for (role, state), count in sorted((self.source() if self.source else {}).items()):
-            family.add_metric([role, state], count)
-        yield family
-
-
-WORKERS = WorkerStates()

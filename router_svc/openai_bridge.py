@@ -52,6 +52,7 @@ from router_svc.responses import (
     skeleton,
 )
 from router_svc.tools import Extracted, ParserChoice, ToolPlan, ToolStream
+from services import exposition
 from services.auth import ApiKeys, Caller
 from services.errors import StageError
 from services.pb import common_pb2, router_pb2
@@ -190,7 +191,9 @@ class HttpBridge:
         app.router.add_get("/metrics", self._metrics)
         return app
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Serve on ``host:port``; ``reuse_port`` shares it with the router's other
+        ``--workers`` processes (SO_REUSEPORT)."""
         self._runner = web.AppRunner(
             self.app(),
             handler_cancellation=True,
@@ -200,7 +203,7 @@ class HttpBridge:
         await self._runner.setup()
         assert self._runner.server is not None
         ConnectionCap(self._runner.server, self._connections.max_connections)
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None)
         try:
             await site.start()
         except OSError as exc:  # taken since the stage checked its ports: one line, no traceback
@@ -293,7 +296,10 @@ class HttpBridge:
         return web.json_response({"status": "ok"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(exposition.registry()),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
 
     async def _models(self, request: web.Request) -> web.Response:
         cards = await self._pipeline.catalogue.cards()

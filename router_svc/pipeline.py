@@ -41,6 +41,7 @@ from router_svc.guard import Guard
 from router_svc.metrics import IN_PROGRESS, MIGRATIONS, SequenceClock
 from router_svc.policy import Policy
 from router_svc.prepare import Limits, Prompt, prepare
+from router_svc.saturation import Saturation
 from router_svc.sequence import SequenceRun, has_content, sampling_for
 from router_svc.workers import Workers
 from services.aio import merge
@@ -69,6 +70,8 @@ class Pipeline:
         self.catalogue = Catalogue(workers, config.worker_wait)
         self.limits = Limits.from_config(config)
         self._dispatch = Dispatcher(config, workers, policy)
+        #: The relay's load: new requests wait for a loop that keeps up (429 meanwhile).
+        self.saturation = Saturation(config.max_loop_lag_ms / 1000)
         #: Sequences in progress per model (admitted by :meth:`start`, not yet finished).
         self._admitted: dict[str, int] = {}
         #: The most a non-streamed answer may hold (``--max-result-mib``).
@@ -107,6 +110,7 @@ class Pipeline:
         started = time.monotonic()
         generation: Generation | None = None
         try:
+            self._check_relay()
             self.limits.check_batch(len(requests))
             n = max(self.limits.check(request) for request in requests)
             if self.guard:
@@ -141,6 +145,16 @@ class Pipeline:
                     error=error,
                 )
             raise
+
+    def _check_relay(self) -> None:
+        """Refuse a new request while this process's relay is saturated (see
+        :mod:`router_svc.saturation`): admitted streams keep their pace."""
+        if self.saturation.saturated:
+            raise Overloaded(
+                f"the router is relaying all it can (its event loop runs "
+                f"{self.saturation.lag * 1000:.0f} ms late, busy "
+                f"{self.saturation.busy_share:.0%} of the time); try again shortly"
+            )
 
     @contextlib.contextmanager
     def _admission(self, model: str, sequences: int) -> Iterator[None]:

@@ -127,9 +127,14 @@ class RouterStage(Stage):
 
     def __init__(self, config: RouterConfig) -> None:
         self._config = config
+        self.shares_ports = config.worker_index >= 0
+        if self.shares_ports:  # one member record per worker, even under --instance-id
+            config.instance_id = f"{config.instance_id}-w{config.worker_index}"
+        if config.worker_index > 0:  # worker 0 serves the metrics port, for all of them
+            config.metrics_port = -1
         self._session = EtcdSession(config.etcd_endpoints)
         index = KvIndex(config.kv_index_max_blocks)
-        INDEX_ENTRIES.set_function(lambda: len(index))
+        INDEX_ENTRIES.source = lambda: {(): len(index)}
         self._workers = Workers(
             self._session,
             config.control_timeout,
@@ -154,7 +159,9 @@ class RouterStage(Stage):
         self._guard = Guard(
             config.guard_url, config.guard_fail, config.guard_timeout, config.guard_output
         )
-        pipeline = Pipeline(config, self._workers, policy, self._audit, self._guard)
+        self._pipeline = pipeline = Pipeline(
+            config, self._workers, policy, self._audit, self._guard
+        )
         self._adapters = adapters = AdapterControl(
             self._session,
             self._workers,
@@ -180,7 +187,7 @@ class RouterStage(Stage):
             config.responses_max_mib << 20,
             config.responses_key_mib << 20,
         )
-        RESPONSES_STORED_BYTES.set_function(lambda: responses.bytes)
+        RESPONSES_STORED_BYTES.source = lambda: {(): responses.bytes}
         self._bridge = (
             HttpBridge(
                 pipeline,
@@ -211,11 +218,14 @@ class RouterStage(Stage):
         ]
 
     async def start(self) -> None:
+        self._pipeline.saturation.start()
         await self._workers.start()
         self._adapters.start()
         if self._bridge is not None:
             await self._bridge.start(
-                self._config.http_host or self._config.host, self._config.http_port
+                self._config.http_host or self._config.host,
+                self._config.http_port,
+                reuse_port=self.shares_ports,
             )
 
     async def stop(self) -> None:
@@ -225,6 +235,7 @@ class RouterStage(Stage):
         await self._workers.close()
         await self._session.close()
         await self._guard.close()
+        await self._pipeline.saturation.close()
         self._audit.close()  # after the last request ended: every line is written
 
     def describe(self, member: common_pb2.Member) -> None:

@@ -197,10 +197,10 @@ class Workers:
         finally:
             await peer.client.close()
 
-    def states(self) -> dict[tuple[str, str], int]:
+    def states(self) -> dict[tuple[str, ...], int]:
         """Members by (role, ``up`` or ``down``), for the workers gauge."""
         now = time.monotonic()
-        counts: dict[tuple[str, str], int] = {}
+        counts: dict[tuple[str, ...], int] = {}
         for peer in self.peers.values():
             state = (role_name(peer.role), "down" if peer.down_until > now else "up")
             counts[state] = counts.get(state, 0) + 1

@@ -22,9 +22,10 @@ Two credentials, either or both (docs/deploy.md, "Security model"):
   are made (container IPs, DHCP). The name is ``<role>.<server name>`` when the caller
   knows the member's role (the router always does), else the mesh's server name
   (``--tls-server-name``, ``stagemesh`` unless told). A stage in turn takes internal calls
-  only from the caller roles :data:`CALLERS` lists, read from the caller certificate's
-  URI SAN ``spiffe://stagemesh/role/<role>``. etcd is dialled with the same certificate and checked by its own host name,
-  since its address is configuration.
+  only from the caller roles :func:`callers_of` names for the method (:data:`CALLERS` per
+  stage, narrowed per method by :data:`METHOD_CALLERS`), read from the caller
+  certificate's URI SAN ``spiffe://stagemesh/role/<role>``. etcd is dialled with the same
+  certificate and checked by its own host name, since its address is configuration.
 
 One process, one identity: the entry point installs the credentials once
 (:func:`install`), and every channel the process opens (:func:`services.clients.channel`,
@@ -59,16 +60,36 @@ DEFAULT_SERVER_NAME = "stagemesh"
 #: check a caller's); a stage's certificate also names ``<role>.<server name>`` (clients
 #: check the server's by that name: a router dials a decode member as ``decode.stagemesh``).
 ROLE_URI_PREFIX = "spiffe://stagemesh/role/"
-#: The certificate roles that may call each stage's internal API under mutual TLS. The
-#: router calls every stage; engines call the KV store (their KV connector); ``client``
-#: is the operator's tools (``stagemesh status``, tests). No stage calls an engine but
-#: the router, and the router's own API is public (API keys), so it has no entry.
+#: The certificate roles that may call each stage's internal API under mutual TLS, by
+#: default for every method of the stage. The router calls every stage; ``client`` is the
+#: operator's tools (``stagemesh status``, tests). The router's own API is public (API
+#: keys), so it has no entry.
 CALLERS: Mapping[str, frozenset[str]] = {
     "tokenizer": frozenset({"router", "client"}),
     "prefill": frozenset({"router", "client"}),
     "decode": frozenset({"router", "client"}),
-    "kvstore": frozenset({"router", "prefill", "decode", "client"}),
+    "kvstore": frozenset({"router", "client"}),
 }
+_ENGINES_AND_TOOLS = frozenset({"prefill", "decode", "client"})
+#: Methods whose callers differ from their stage's default (full gRPC method names), so a
+#: stolen engine certificate reaches only what engines need: the KV connector's read and
+#: write calls on a store (Lookup/Release, Reserve/Commit), and a decode engine's Abort of
+#: the prefill request whose blocks it has pulled. Only the operator's tools empty a store.
+METHOD_CALLERS: Mapping[str, frozenset[str]] = {
+    "stagemesh.v1.KvStoreService/Lookup": _ENGINES_AND_TOOLS,
+    "stagemesh.v1.KvStoreService/Release": _ENGINES_AND_TOOLS,
+    "stagemesh.v1.KvStoreService/Reserve": _ENGINES_AND_TOOLS,
+    "stagemesh.v1.KvStoreService/Commit": _ENGINES_AND_TOOLS,
+    "stagemesh.v1.KvStoreService/Evict": frozenset({"client"}),
+    "stagemesh.v1.EngineService/Abort": frozenset({"router", "decode", "client"}),
+}
+
+
+def callers_of(stage_role: str, method: str) -> frozenset[str] | None:
+    """The certificate roles that may call ``method`` (a full gRPC method name) on a
+    ``stage_role`` stage; None where any mesh certificate may (a public stage)."""
+    return METHOD_CALLERS.get(method, CALLERS.get(stage_role))
+
 
 #: gRPC's message-size limits, the same on every channel and server of the mesh.
 MESSAGE_LIMITS = [
@@ -197,11 +218,13 @@ class MeshCredentials:
         if not hmac.compare_digest(token.encode(), presented.encode()):
             raise Unauthenticated("the stage credential is not this mesh's (a different mesh key?)")
 
-    def check_peer_role(self, stage_role: str, auth_context: Mapping[str, Iterable[bytes]]) -> None:
+    def check_peer_role(
+        self, stage_role: str, method: str, auth_context: Mapping[str, Iterable[bytes]]
+    ) -> None:
         """Under mutual TLS, PermissionDenied unless the caller's certificate names a role
-        that may call a ``stage_role`` stage (:data:`CALLERS`); nothing to check in
-        plaintext (the stage token is the credential there) or on a public stage."""
-        allowed = CALLERS.get(stage_role)
+        that may call ``method`` on a ``stage_role`` stage (:func:`callers_of`); nothing to
+        check in plaintext (the stage token is the credential there) or on a public stage."""
+        allowed = callers_of(stage_role, method)
         if self.tls is None or allowed is None:
             return
         uris = [uri.decode(errors="replace") for uri in auth_context.get("peer_uri", ())]
@@ -211,8 +234,8 @@ class MeshCredentials:
         if not roles & allowed:
             named = ", ".join(sorted(roles)) or f"no role (no {ROLE_URI_PREFIX}<role> URI SAN)"
             raise PermissionDenied(
-                f"the caller's certificate names {named}; a {stage_role} stage takes calls from "
-                f"{', '.join(sorted(allowed))} certificates"
+                f"the caller's certificate names {named}; {method} on a {stage_role} stage "
+                f"takes calls from {', '.join(sorted(allowed))} certificates"
             )
 
     def channel_options(self, role: str = "") -> list[tuple[str, Any]]:

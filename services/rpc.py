@@ -10,7 +10,7 @@ handlers from the service descriptor, which lets every stage share three behavio
   the details in the log, not on the wire;
 - every call is counted and timed in Prometheus by method and status code;
 - a stage may ``authorize`` each call from its context before the handler runs (under
-  mutual TLS, the caller certificate's role: :meth:`MeshCredentials.check_peer_role
+  mutual TLS, the caller certificate's role for that method: :meth:`MeshCredentials.check_peer_role
   <services.credentials.MeshCredentials.check_peer_role>`), once per call, not per message.
 
 Only the RPCs a servicer defines as ``async`` methods are registered; the rest answer
@@ -83,8 +83,9 @@ def _code_of(context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "OK"
 
 
-#: Checks a call's context before its handler runs; raises a StageError to refuse it.
-Authorize = Callable[[grpc.aio.ServicerContext], None]
+#: Checks a call (its full method name and context) before its handler runs; raises a
+#: StageError to refuse it.
+Authorize = Callable[[str, grpc.aio.ServicerContext], None]
 
 
 @contextlib.asynccontextmanager
@@ -108,7 +109,7 @@ def _wrap_unary(
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _guarded(method_name, context):
             if authorize is not None:
-                authorize(context)
+                authorize(method_name, context)
             return await impl(_check(request), context)
 
     return handler
@@ -120,7 +121,7 @@ def _wrap_stream(
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _guarded(method_name, context):
             if authorize is not None:
-                authorize(context)
+                authorize(method_name, context)
             async for item in impl(_check(request), context):
                 yield item
 

@@ -32,10 +32,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Info, start_http_server
 
-from services import __version__, credentials
+from services import __version__, credentials, exposition
 from services.config import StageConfig
 from services.credentials import MESSAGE_LIMITS, CallGuard
 from services.etcd import EtcdSession
+from services.exposition import process_local
 from services.log import configure_logging
 from services.membership import Registration, role_name
 from services.pb import common_pb2
@@ -43,7 +44,7 @@ from services.rpc import Authorize, register_service
 
 log = logging.getLogger(__name__)
 
-STAGE_INFO = Info("stagemesh_stage", "The stage this process runs")
+STAGE_INFO = process_local(Info("stagemesh_stage", "The stage this process runs"))
 
 
 class Stage(abc.ABC):
@@ -54,6 +55,9 @@ class Stage(abc.ABC):
     #: Serves users, not only other stages: its API takes callers without the mesh's
     #: credentials (the router; it checks API keys instead).
     public: ClassVar[bool] = False
+    #: One of several processes bound to the same ports (SO_REUSEPORT; a router's
+    #: ``--workers``): its parent checked the ports, and each process binds them shared.
+    shares_ports: bool = False
 
     @abc.abstractmethod
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
@@ -122,7 +126,8 @@ class StageServer:
             guards.append(CallGuard(self.credentials.check_caller, names))
         self.server = grpc.aio.server(
             interceptors=[*guards, *self.stage.interceptors()],
-            options=[*MESSAGE_LIMITS, ("grpc.so_reuseport", 0)],
+            # Off unless shared: a port another process holds must fail the bind.
+            options=[*MESSAGE_LIMITS, ("grpc.so_reuseport", int(self.stage.shares_ports))],
         )
         self.health = health.aio.HealthServicer()
         self._session = EtcdSession(self.config.etcd_endpoints)
@@ -164,7 +169,7 @@ class StageServer:
         if self.credentials.tls is None or self.stage.public:
             return None
         role, check = role_name(self.stage.role), self.credentials.check_peer_role
-        return lambda context: check(role, context.auth_context())
+        return lambda method, context: check(role, method, context.auth_context())
 
     async def _start_server(self) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -198,7 +203,9 @@ class StageServer:
             raise SystemExit(f"cannot bind gRPC on {address}")
         await self.server.start()
         if self.config.metrics_port >= 0:
-            httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
+            httpd, _ = start_http_server(
+                self.config.metrics_port, addr=self.config.host, registry=exposition.registry()
+            )
             self.metrics_port = int(httpd.server_port)
         role = common_pb2.Role.Name(self.stage.role)
         STAGE_INFO.info({"role": role, "instance": self.config.instance_id, "version": __version__})
@@ -297,8 +304,9 @@ def run_stages(stages: list[tuple[StageConfig, Stage]]) -> None:
     first = stages[0][0]
     configure_logging(first.log_level, first.log_format, first.ROLE, first.instance_id)
     credentials.install(first.credentials())
-    for config, _ in stages:
-        config.check_ports()
+    for config, stage in stages:
+        if not stage.shares_ports:
+            config.check_ports()
     servers = [StageServer(config, stage) for config, stage in stages]
 
     async def serve_all() -> None:

@@ -10,7 +10,7 @@ import dataclasses
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from pathlib import Path
 
 import aetcd
@@ -30,7 +30,13 @@ from services.membership import MemberWatcher, RecordReader, Registration, membe
 from services.pb import common_pb2, engine_pb2
 from services.records import RecordRejected, RecordSigner
 from tests.support.polling import eventually
-from tests.support.stages import private_etcd, router_process, running, tokenizer_process
+from tests.support.stages import (
+    kvstore_process,
+    private_etcd,
+    router_process,
+    running,
+    tokenizer_process,
+)
 
 #: The router polls engines' load this often (seconds); a member it trusts hears from it within it.
 POLL = 0.2
@@ -328,38 +334,60 @@ async def test_under_tls_only_a_certificate_of_the_members_role_serves(
         credentials.install(previous)
 
 
+def tls_channel(address: str, files: CertFiles, role: str) -> grpc.aio.Channel:
+    """A mutual-TLS channel to a ``role`` stage at ``address``, presenting ``files``."""
+    creds = grpc.ssl_channel_credentials(
+        files.ca.read_bytes(), files.key.read_bytes(), files.cert.read_bytes()
+    )
+    options = [("grpc.ssl_target_name_override", f"{role}.stagemesh")]
+    return grpc.aio.secure_channel(address, creds, options=options)
+
+
+async def status_of(call: Awaitable[object]) -> grpc.StatusCode:
+    """The status a call ends with (OK when it answers)."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
 async def refused_by_role(
     etcd: EmbeddedEtcd, home: Path, tmp_path: Path, certs: Mapping[str, CertFiles]
 ) -> None:
     """A tokenizer stage under TLS takes the router's certificate and refuses the KV
-    store's: a KV store never calls a tokenizer."""
-    from services.pb import tokenizer_pb2, tokenizer_pb2_grpc
+    store's: a KV store never calls a tokenizer. A KV store takes an engine's certificate
+    for the connector's calls (Lookup) but not for what only the router reads (its KV
+    snapshot), and only the operator's ``client`` certificate may empty it."""
+    from services.pb import kvstore_pb2, kvstore_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
+    token = credentials.current().call_metadata
     stage = tokenizer_process(
         "tokenizer", etcd.endpoint, home, tmp_path, *certs["tokenizer"].flags()
     )
     async with running(stage):
-        token = credentials.current().call_metadata
         for role, code in (
             ("router", grpc.StatusCode.OK),
             ("kvstore", grpc.StatusCode.PERMISSION_DENIED),
         ):
-            files = certs[role]
-            creds = grpc.ssl_channel_credentials(
-                files.ca.read_bytes(), files.key.read_bytes(), files.cert.read_bytes()
-            )
-            options = [("grpc.ssl_target_name_override", "tokenizer.stagemesh")]
-            async with grpc.aio.secure_channel(stage.grpc_address, creds, options=options) as chan:
+            async with tls_channel(stage.grpc_address, certs[role], "tokenizer") as chan:
                 call = tokenizer_pb2_grpc.TokenizerServiceStub(chan).Tokenize(
                     tokenizer_pb2.TokenizeRequest(text="hello"), metadata=token, timeout=30
                 )
-                try:
-                    await call
-                except grpc.aio.AioRpcError as error:
-                    assert error.code() == code, (role, error)
-                    assert "kvstore" in (error.details() or "")
-                else:
-                    assert code == grpc.StatusCode.OK, role
+                assert await status_of(call) == code, role
+    store = kvstore_process(etcd.endpoint, home, tmp_path, 16, *certs["kvstore"].flags())
+    async with running(store):
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        for role, method, request, code in (
+            ("prefill", "Lookup", kvstore_pb2.LookupRequest(), grpc.StatusCode.OK),
+            ("prefill", "GetKvSnapshot", common_pb2.KvSnapshotRequest(), denied),
+            ("router", "GetKvSnapshot", common_pb2.KvSnapshotRequest(), grpc.StatusCode.OK),
+            ("router", "Evict", kvstore_pb2.EvictRequest(), denied),
+        ):
+            async with tls_channel(store.grpc_address, certs[role], "kvstore") as chan:
+                stub = kvstore_pb2_grpc.KvStoreServiceStub(chan)
+                call = getattr(stub, method)(request, metadata=token, timeout=30)
+                assert await status_of(call) == code, (role, method)
 
 
 @contextlib.asynccontextmanager

@@ -85,7 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="routing")
     parser.add_argument(
-        "--target", type=words, default=["dynamo"], help="dynamo, stagemesh or both (a,b)"
+        "--target",
+        type=words,
+        default=["dynamo"],
+        help="dynamo, stagemesh, stagemesh:N (router --workers N), comma-separated",
     )
     parser.add_argument(
         "--policies",

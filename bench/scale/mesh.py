@@ -47,11 +47,15 @@ class MeshDeployment:
         home: Path,
         kv_transfer_gbps: float | None = None,
         max_queued: int = 100_000,
+        router_workers: int = 1,
     ) -> None:
         if policy not in POLICIES:
             raise SystemExit(f"stagemesh has no router policy {policy!r} ({', '.join(POLICIES)})")
         self.spec = spec
-        self.name = f"stagemesh/{policy}"
+        self.name = f"stagemesh/{policy}" + (
+            f"/{router_workers}routers" if router_workers > 1 else ""
+        )
+        self._router_workers = router_workers
         self.model = model
         self._log_dir = (
             log_dir / f"stagemesh-{policy}-{spec.prefill}p{spec.engines}d-{secrets.token_hex(2)}"
@@ -154,6 +158,8 @@ class MeshDeployment:
             str(self._max_queued),
             "--host",
             "127.0.0.1",
+            "--workers",
+            str(self._router_workers),
         )
         for role, count in (("decode", self.spec.engines), ("prefill", self.spec.prefill)):
             for index, start in enumerate(range(0, count, ENGINES_PER_PROCESS)):

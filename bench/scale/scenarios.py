@@ -29,14 +29,16 @@ def build(
     """The deployment of ``target`` with ``spec``'s engines behind ``policy``'s router.
 
     Policy names are stagemesh's (``kv_aware``, ``least_load``, ``round_robin``, plus
-    ``random``); each target maps them to its own router's modes."""
+    ``random``); each target maps them to its own router's modes. ``stagemesh:N`` runs
+    the router with ``--workers N``."""
     if target == "dynamo":
         from bench.scale.dynamo import DynamoDeployment
 
         return DynamoDeployment(
             spec, policy, args.model_dir, MODEL, log_dir, kv_transfer_gbps=args.kv_transfer_gbps
         )
-    if target == "stagemesh":
+    name, _, workers = target.partition(":")
+    if name == "stagemesh" and (not workers or workers.isdigit()):
         from bench.scale.mesh import MeshDeployment
 
         return MeshDeployment(
@@ -47,8 +49,9 @@ def build(
             log_dir,
             Path(args.home),
             kv_transfer_gbps=args.kv_transfer_gbps,
+            router_workers=int(workers or 1),
         )
-    raise SystemExit(f"unknown target {target!r} (dynamo, stagemesh)")
+    raise SystemExit(f"unknown target {target!r} (dynamo, stagemesh, stagemesh:N)")
 
 
 async def measure(

@@ -34,6 +34,7 @@ class SimMesh:
     home: Path
     log_dir: Path
     client: openai.AsyncOpenAI
+    router: StageProcess
     engines: dict[str, StageProcess] = field(default_factory=dict)
 
     def engine(self, name: str, count: int, *extra: str, role: str = "decode") -> StageProcess:
@@ -124,11 +125,14 @@ class SimMesh:
         )
 
     async def decode_members(self) -> int:
+        """Decode member records in etcd."""
+        return await self.members(common_pb2.ROLE_DECODE)
+
+    async def members(self, role: common_pb2.Role) -> int:
+        """Member records of ``role`` in etcd."""
         session = EtcdSession([("127.0.0.1", self.etcd.client_port)])
         try:
-            listing = await (await session.client()).get_prefix(
-                role_prefix(common_pb2.ROLE_DECODE).encode()
-            )
+            listing = await (await session.client()).get_prefix(role_prefix(role).encode())
             return len(list(listing))
         finally:
             await session.close()
@@ -159,7 +163,7 @@ async def sim_mesh(
             max_retries=0,
             timeout=120,
         )
-        mesh = SimMesh(etcd, home, log_dir, client)
+        mesh = SimMesh(etcd, home, log_dir, client, router)
         async with contextlib.AsyncExitStack() as stack:
             for stage in (
                 tokenizer,

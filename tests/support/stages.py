@@ -97,7 +97,7 @@ def tokenizer_process(
 
 
 def kvstore_process(
-    etcd_endpoint: str, home: Path, log_dir: Path, capacity_mib: int
+    etcd_endpoint: str, home: Path, log_dir: Path, capacity_mib: int, *extra: str
 ) -> StageProcess:
     """A KV store stage on a free port (not started)."""
     port = free_port()
@@ -117,6 +117,7 @@ def kvstore_process(
             "DEBUG",
             "--metrics-port",
             "0",
+            *extra,
         ],
         f"127.0.0.1:{port}",
         log_dir,
