@@ -74,6 +74,7 @@ async def measure(
     per_token: int,
     block_size: int,
 ) -> list[dict[str, Any]]:
+    """One prompt length: prefill on one engine, KV pulled by the other, decode timed."""
     rng = random.Random(0)
     params = common_pb2.SamplingParams(temperature=0, max_tokens=args.output, ignore_eos=True)
     warm = fresh_prompt(32, rng)  # first calls pay one-off costs (NIXL handshake)
@@ -119,6 +120,7 @@ async def measure(
 
 
 async def run(args: argparse.Namespace) -> None:
+    """Start a prefill and a decode engine and measure every requested length."""
     home = Path(args.home)
     model_dir = prepare_bundled_model(home)
     per_token = kv_bytes_per_token(model_dir)
@@ -170,7 +172,8 @@ async def run(args: argparse.Namespace) -> None:
         row["raw_nixl_gbps"] = raw_copy_gbps(row["kv_bytes"])
 
     print(
-        f"\nKV handoff prefill -> decode over NIXL ({per_token} KV bytes/token, block {block_size}, "
+        f"\nKV handoff prefill -> decode over NIXL ({per_token} KV bytes/token, block "
+        f"{block_size}, "
         f"{args.output} output tokens)"
     )
     print_table(
@@ -212,6 +215,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--lengths",

@@ -1,7 +1,7 @@
 """What killing each stage costs N concurrent streams.
 
-    python -m bench.faults [--streams 16] [--max-tokens 48] [--stages decode,prefill,tokenizer,router]
-                           [--json F]
+    python -m bench.faults [--streams 16] [--max-tokens 48]
+                           [--stages decode,prefill,tokenizer,router] [--json F]
 
 Starts etcd, the tokenizer, one prefill engine, two decode engines and a router (its
 defaults: migration on). For each stage in turn: N greedy streams through the router's
@@ -79,6 +79,7 @@ async def burst(
 
 
 async def migrations(http_url: str) -> float:
+    """The router's migration counter (streams moved after their engine broke)."""
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"{http_url}/metrics")).text
     return sum(
@@ -91,6 +92,7 @@ async def migrations(http_url: str) -> float:
 def summary(
     stage: str, unbroken: list[dict[str, Any]], faulted: list[dict[str, Any]], migrated: float
 ) -> dict[str, Any]:
+    """One row: how the streams that ran through a stage's death ended, against a calm run."""
     done = [r for r in faulted if r["error"] is None]
     return {
         "stage": stage,
@@ -110,6 +112,7 @@ def summary(
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Start a mesh, then kill each asked-for stage under load, one at a time."""
     home = Path(args.home)
     prepare_bundled_model(home)
     log_dir = Path(tempfile.mkdtemp(prefix="stagemesh-bench-faults-"))
@@ -175,6 +178,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main() -> None:
+    """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -192,7 +196,8 @@ def main() -> None:
     with contextlib.suppress(KeyboardInterrupt):
         rows = asyncio.run(run(args))
         print(
-            f"\nKilling one stage under {args.streams} concurrent greedy streams of {args.max_tokens} tokens"
+            f"\nKilling one stage under {args.streams} concurrent greedy streams of "
+            f"{args.max_tokens} tokens"
         )
         print_table(
             rows,

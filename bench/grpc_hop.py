@@ -60,6 +60,8 @@ async def _serve(service: str, method: str, handler: Any, port: int) -> None:
 
 
 async def source(port: int, messages: int, gap: float) -> None:
+    """A gRPC server that streams ``messages`` replies ``gap`` seconds apart."""
+
     async def stream(
         request: engine_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[engine_pb2.GenerateResponse]:
@@ -80,6 +82,7 @@ async def source(port: int, messages: int, gap: float) -> None:
 
 
 async def forwarder(port: int, upstream: str) -> None:
+    """A gRPC server that relays the source's stream message by message, as the router does."""
     chan = channel(upstream)
     open_upstream = chan.unary_stream(
         _SOURCE,
@@ -132,6 +135,7 @@ def _summary(path: str, latencies: list[float]) -> dict[str, Any]:
 async def measure(
     direct_address: str, forwarded_address: str, forwarder_pid: int
 ) -> dict[str, Any]:
+    """The same stream read directly and through the forwarder: latency and CPU per message."""
     for address in (direct_address, forwarded_address):  # up
         async with channel(address) as chan:
             await asyncio.wait_for(chan.channel_ready(), 30)
@@ -157,6 +161,7 @@ async def measure(
 
 
 def main() -> None:
+    """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument(

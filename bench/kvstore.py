@@ -9,18 +9,25 @@ shared prefix of PREFIX tokens (plus a short question) goes:
   question, to engine B, whose own cache has never seen it: B loads the prefix's
   blocks from the store over NIXL and computes only the rest (*loaded*).
 
+With ``--disk-dir`` the store has a disk tier, and each trial adds a third case:
+
+- a fresh prefix computed on A, written behind to the store's disk, then evicted from
+  the store's memory; B loads it from the disk tier (*from disk*).
+
 Time to first token is measured at B's gRPC Generate (one output token). Then, with
 the engines stopped, the benchmark writes and reads blocks of the engines' size to and
 from the store from its own NIXL agent, and times a raw NIXL copy of the same bytes
-between two agents in one process.
+between two agents in one process; with a disk tier, also the store's own disk read and
+write GB/s (its Stats) beside a raw file write (fsynced) and read of as many bytes.
 
-    python -m bench.kvstore [--prefix 1500] [--trials 3] [--json F] [--png F]
+    python -m bench.kvstore [--prefix 1500] [--trials 3] [--disk-dir D] [--json F] [--png F]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import tempfile
@@ -61,9 +68,27 @@ async def _external_hits(address: str) -> int:
         return int((await engine.load()).external_prefix_hit_tokens)
 
 
+async def _disk_ttft(args: argparse.Namespace, store: str, a: str, b: str, rng: Any) -> float:
+    """B's TTFT for a prefix A computed, once it is on the store's disk and gone from its
+    memory (B has never seen it)."""
+    shared = fresh_prompt(args.prefix, rng)
+    on_disk = (await _store_stats(store)).disk_blocks
+    await _ttft(a, shared + fresh_prompt(args.question, rng))
+    for _ in range(200):  # written behind: on disk once nothing waits pinned for its write
+        await asyncio.sleep(0.1)
+        stats = await _store_stats(store)
+        if stats.disk_blocks > on_disk and stats.pinned_blocks == 0:
+            break
+    async with KvStoreClient(store) as client:
+        await client.evict(memory_only=True)
+    return await _ttft(b, shared + fresh_prompt(args.question, rng))
+
+
 async def measure_ttft(
     args: argparse.Namespace, store: str, a: str, b: str
 ) -> list[dict[str, Any]]:
+    """Per trial, B's TTFT for a prefix recomputed, loaded from the store's memory (and
+    read back from its disk, with ``--disk-dir``)."""
     rng = random.Random(0)
     await _ttft(b, fresh_prompt(64, rng))  # one-off costs (first NIXL use, warm-up)
     await _ttft(a, fresh_prompt(64, rng))
@@ -79,23 +104,59 @@ async def measure_ttft(
         hits_before = await _external_hits(b)
         loaded = await _ttft(b, shared + fresh_prompt(args.question, rng))
         loaded_tokens = await _external_hits(b) - hits_before
-        rows.append(
-            {
-                "trial": trial,
-                "prefix_tokens": args.prefix,
-                "recomputed_ttft_s": recomputed,
-                "loaded_ttft_s": loaded,
-                "speedup": recomputed / loaded,
-                "loaded_tokens": loaded_tokens,
-                "store_blocks": stored_before,
-            }
-        )
+        row = {
+            "trial": trial,
+            "prefix_tokens": args.prefix,
+            "recomputed_ttft_s": recomputed,
+            "loaded_ttft_s": loaded,
+            "speedup": recomputed / loaded,
+            "loaded_tokens": loaded_tokens,
+            "store_blocks": stored_before,
+        }
+        if args.disk_dir:
+            hits_before = await _external_hits(b)
+            row["disk_ttft_s"] = await _disk_ttft(args, store, a, b, rng)
+            row["disk_loaded_tokens"] = await _external_hits(b) - hits_before
+        rows.append(row)
         print(
-            f"  trial {trial}: recomputed {recomputed * 1000:.0f} ms, loaded {loaded * 1000:.0f} ms "
-            f"({loaded_tokens} tokens from the store), {recomputed / loaded:.1f}x",
+            f"  trial {trial}: recomputed {recomputed * 1000:.0f} ms, "
+            f"loaded {loaded * 1000:.0f} ms ({loaded_tokens} tokens from the store), "
+            f"{recomputed / loaded:.1f}x"
+            + (
+                f"; from disk {row['disk_ttft_s'] * 1000:.0f} ms "
+                f"({row['disk_loaded_tokens']} tokens)"
+                if args.disk_dir
+                else ""
+            ),
             flush=True,
         )
     return rows
+
+
+def measure_disk(stats: kvstore_pb2.Stats, directory: str) -> dict[str, float]:
+    """The store's disk-tier GB/s (from its Stats) beside a raw file write (fsynced) and
+    read of as many bytes in the same directory."""
+    nbytes = max(int(stats.disk_write_bytes), 64 << 20)
+    path = Path(directory) / "bench-raw-copy"
+    data = os.urandom(16 << 20)
+    start = time.perf_counter()
+    with open(path, "wb") as file:
+        file.writelines(data for _ in range(nbytes // len(data)))
+        file.flush()
+        os.fsync(file.fileno())
+    write_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with open(path, "rb") as file:
+        while file.read(len(data)):
+            pass
+    read_s = time.perf_counter() - start
+    path.unlink()
+    return {
+        "store_disk_write_gbps": stats.disk_write_bytes / max(stats.disk_write_seconds, 1e-9) / 1e9,
+        "store_disk_read_gbps": stats.disk_read_bytes / max(stats.disk_read_seconds, 1e-9) / 1e9,
+        "raw_file_write_gbps": nbytes / write_s / 1e9,
+        "raw_file_read_gbps": nbytes / read_s / 1e9,
+    }
 
 
 def measure_nixl(
@@ -143,6 +204,7 @@ def measure_nixl(
 
 
 async def run(args: argparse.Namespace) -> None:
+    """Start etcd, the store and two engines, measure, stop everything, report."""
     home = Path(args.home)
     prepare_bundled_model(home)
     log_dir = Path(tempfile.mkdtemp(prefix="stagemesh-bench-kvstore-"))
@@ -166,6 +228,7 @@ async def run(args: argparse.Namespace) -> None:
                     str(args.capacity_mib),
                     "--instance-id",
                     "kvstore-bench",
+                    *(["--disk-dir", args.disk_dir, "--disk-gib", "8"] if args.disk_dir else []),
                 ],
                 f"127.0.0.1:{store_port}",
                 log_dir,
@@ -208,6 +271,11 @@ async def run(args: argparse.Namespace) -> None:
             args, store.grpc_address, engines[0].grpc_address, engines[1].grpc_address
         )
         block_bytes = int((await _store_stats(store.grpc_address)).block_bytes)
+        disk = (
+            measure_disk(await _store_stats(store.grpc_address), args.disk_dir)
+            if args.disk_dir
+            else {}
+        )
         for engine in engines:  # the store's own NIXL paths, with no engine competing
             await asyncio.to_thread(engine.stop)
         nixl = await asyncio.to_thread(
@@ -220,7 +288,8 @@ async def run(args: argparse.Namespace) -> None:
     recomputed = statistics.median(r["recomputed_ttft_s"] for r in rows)
     loaded = statistics.median(r["loaded_ttft_s"] for r in rows)
     print(
-        f"\nTTFT for a {args.prefix}-token shared prefix + {args.question}-token question on a cold engine"
+        f"\nTTFT for a {args.prefix}-token shared prefix + {args.question}-token question "
+        "on a cold engine"
     )
     print_table(
         rows,
@@ -236,8 +305,14 @@ async def run(args: argparse.Namespace) -> None:
         f"median: recomputed {recomputed * 1000:.0f} ms, loaded {loaded * 1000:.0f} ms, "
         f"{recomputed / loaded:.1f}x (target >= 10x)"
     )
+    if disk:
+        print(
+            f"median from disk: {statistics.median(r['disk_ttft_s'] for r in rows) * 1000:.0f} ms; "
+            + ", ".join(f"{k} {v:.2f}" for k, v in disk.items())
+        )
     print(
-        f"\nstore NIXL throughput, {nixl['bytes'] / 1e6:.0f} MB in blocks of {block_bytes / 1e6:.2f} MB:"
+        f"\nstore NIXL throughput, {nixl['bytes'] / 1e6:.0f} MB "
+        f"in blocks of {block_bytes / 1e6:.2f} MB:"
     )
     print(
         f"  write {nixl['store_write_gbps']:.2f} GB/s, read {nixl['store_read_gbps']:.2f} GB/s, "
@@ -254,6 +329,7 @@ async def run(args: argparse.Namespace) -> None:
         "speedup": recomputed / loaded,
         "block_bytes": block_bytes,
         "nixl": nixl,
+        "disk": disk,
     }
     if args.json:
         write_json(Path(args.json), payload)
@@ -272,6 +348,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    """``python -m bench.kvstore``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prefix", type=int, default=1500, help="shared prefix length in tokens")
     parser.add_argument("--question", type=int, default=16, help="tokens after the shared prefix")
@@ -281,6 +358,9 @@ def main() -> None:
         "--nixl-mib", type=int, default=256, help="bytes moved in the NIXL measurement"
     )
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument(
+        "--disk-dir", default="", help="give the store a disk tier here and measure loads from it"
+    )
     parser.add_argument(
         "--block-size",
         type=int,

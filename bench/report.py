@@ -32,6 +32,7 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write a benchmark's results where ``--json`` asked, creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")

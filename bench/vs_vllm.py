@@ -25,7 +25,8 @@ The servers:
   (``--layout pd``): when asked for, and only when their engines differ from the
   automatic layout's.
 
-Prints one table per scenario (requests, output tok/s, TTFT p50/p95, ITL p50, e2e p50)
+Prints one table per scenario (requests, output tok/s, TTFT p50/p95/p99, ITL p50/p95,
+e2e p50)
 with each server's ratio to ``vllm``, and where the time went: busy share of each core
 and CPU seconds per process, sampled from /proc during each run.
 """
@@ -87,7 +88,9 @@ COLUMNS = [
     ("output_tps", "out tok/s", ".1f"),
     ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
     ("ttft_p95_ms", "TTFT p95 ms", ".0f"),
+    ("ttft_p99_ms", "TTFT p99 ms", ".0f"),
     ("itl_p50_ms", "ITL p50 ms", ".1f"),
+    ("itl_p95_ms", "ITL p95 ms", ".1f"),
     ("e2e_p50_s", "e2e p50 s", ".2f"),
     ("tps_ratio", "tok/s vs vllm", ".2f"),
     ("ttft_ratio", "TTFT p50 vs vllm", ".2f"),
@@ -366,7 +369,9 @@ def run_guidellm(
         "output_tps": stat("output_tokens_per_second", "mean"),
         "ttft_p50_ms": stat("time_to_first_token_ms", "p50"),
         "ttft_p95_ms": stat("time_to_first_token_ms", "p95"),
+        "ttft_p99_ms": stat("time_to_first_token_ms", "p99"),
         "itl_p50_ms": stat("inter_token_latency_ms", "p50"),
+        "itl_p95_ms": stat("inter_token_latency_ms", "p95"),
         "e2e_p50_s": stat("request_latency", "p50"),
     }
 
@@ -396,7 +401,8 @@ def build_servers(
         same = choose_layout(cores, gpus, layout, prefill, decode).engines == auto.engines
         if name != "mesh" and "mesh" in args.servers and same:
             print(
-                f"{name}: the same engines as the automatic layout on this host; measured once, as 'mesh'"
+                f"{name}: the same engines as the automatic layout on this host; measured once, "
+                "as 'mesh'"
             )
             continue
         flags = ["--layout", layout]
@@ -407,6 +413,7 @@ def build_servers(
 
 
 async def run(args: argparse.Namespace) -> None:
+    """Start each server in turn and drive it with guidellm on every scenario."""
     if not args.guidellm.exists():
         raise SystemExit(f"guidellm not found at {args.guidellm}; install it with `make bench-env`")
     home = Path(args.home)
@@ -482,6 +489,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def cpu_model() -> str:
+    """The CPU's model name, for the results' host block."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
@@ -522,6 +530,7 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]], host: dict[str, A
 
 
 def main() -> None:
+    """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--servers",

@@ -11,6 +11,7 @@ PROG = "stagemesh kvstore"
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the store's settings and run it until it is told to stop."""
     config = parse_config(KvStoreConfig, argv, prog=PROG)
     run_stage(config, KvStoreStage(config))
 

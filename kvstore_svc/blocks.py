@@ -7,8 +7,9 @@ Pure logic, no I/O (the servicer owns the memory and NIXL). The rules it enforce
 - a slot is granted to one writer (``reserve``) and becomes readable only when that
   writer commits it, after the store has seen the write complete (``written``: the
   writer's NIXL notification). A commit without it is refused and frees the slots, so
-  uninitialised or stale bytes are never served under a hash. A second writer of the same block is not granted it, so two
-  engines writing the same blocks at once leave one intact copy;
+  uninitialised or stale bytes are never served under a hash. A second writer of the same
+  block is not granted it, so two engines writing the same blocks at once leave one
+  intact copy;
 - readers pin what ``lookup`` returns until they release it or the pin runs out, and a
   pinned block is never evicted or overwritten mid-read;
 - when the pool is full, the least recently used committed, unpinned block makes room.
@@ -58,6 +59,8 @@ class NotWritten(RuntimeError):
 
 @dataclasses.dataclass
 class TableStats:
+    """The pool's figures, for the store's Stats."""
+
     capacity_blocks: int = 0
     used_blocks: int = 0
     pinned_blocks: int = 0
@@ -70,20 +73,21 @@ class TableStats:
 class BlockTable:
     """Slots of a pool of ``region_bytes``, cut into blocks of the first writer's size.
 
-    ``on_stored(hashes)`` and ``on_removed(hashes)`` report blocks becoming readable and
-    leaving (evicted, dropped), for the store's KV events.
+    ``on_stored(keys)`` and ``on_removed(keys)`` report blocks becoming readable and
+    leaving (evicted, dropped), for the store's KV events and its disk tier.
     """
 
     def __init__(
         self,
         region_bytes: int,
-        on_stored: Callable[[list[int]], None] = lambda hashes: None,
-        on_removed: Callable[[list[int]], None] = lambda hashes: None,
+        on_stored: Callable[[list[Key]], None] = lambda keys: None,
+        on_removed: Callable[[list[Key]], None] = lambda keys: None,
     ) -> None:
         self.region_bytes = region_bytes
         self.slot_bytes = 0
-        self._on_stored = on_stored
-        self._on_removed = on_removed
+        #: Called with blocks becoming readable and leaving the pool (set by the disk tier).
+        self.on_stored = on_stored
+        self.on_removed = on_removed
         #: Every block with a slot, least recently used first.
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
         self._free: list[int] = []
@@ -115,13 +119,28 @@ class BlockTable:
         self.stats.miss_blocks += len(hashes) - len(hits)
         if not hits:
             return [], ""
-        for key in reversed(keys):  # the chain's first block most recent, as in the router
+        return hits, self.pin(keys, pin_seconds, now)
+
+    def pin(self, keys: Sequence[Key], seconds: float, now: float) -> str:
+        """Pin committed blocks (the store's own reads and writes of its disk tier pin
+        too) and make them most recent, the chain's first block last; the pin's id."""
+        held = [key for key in keys if key in self._entries]
+        for key in reversed(held):  # the chain's first block most recent, as in the router
             entry = self._entries[key]
             entry.pins += 1
             self._entries.move_to_end(key)
         pin_id = uuid.uuid4().hex
-        self._pins[pin_id] = _Pin(now + pin_seconds, keys)
-        return hits, pin_id
+        self._pins[pin_id] = _Pin(now + seconds, held)
+        return pin_id
+
+    def holds(self, key: Key) -> bool:
+        """Whether a block is readable from the pool (committed)."""
+        entry = self._entries.get(key)
+        return entry is not None and entry.committed
+
+    def slot_of(self, key: Key) -> int:
+        """The slot a block with a slot (committed or reserved) lives in."""
+        return self._entries[key].slot
 
     def release(self, pin_id: str) -> bool:
         """Unpin what a lookup pinned; False when the pin is unknown (released or expired)."""
@@ -143,7 +162,7 @@ class BlockTable:
         order asked. Granting stops when no slot can be freed (everything pinned or
         being written); the writer then stores fewer blocks.
         """
-        self._lay_out(block_bytes)
+        self.lay_out(block_bytes)
         granted: dict[int, Key] = {}
         pairs: list[tuple[int, int]] = []
         for chain_hash in hashes:
@@ -197,11 +216,11 @@ class BlockTable:
         for chain_hash in reversed(committed):  # the chain's first block most recent
             self._entries.move_to_end(reservation.keys[chain_hash])
         if committed:
-            self._on_stored(committed)
+            self.on_stored([reservation.keys[h] for h in committed])
         return len(committed)
 
     def evict(self, hashes: Sequence[int] = (), everything: bool = False) -> int:
-        """Drop committed, unpinned blocks (``hashes`` of any layout, or all)."""
+        """Drop committed, unpinned blocks from the pool (``hashes`` of any layout, or all)."""
         wanted = set(hashes)
         doomed = [
             key
@@ -223,14 +242,17 @@ class BlockTable:
         self.stats.used_blocks = sum(1 for e in self._entries.values() if e.committed)
         return dataclasses.replace(self.stats)
 
-    def _lay_out(self, block_bytes: int) -> None:
+    def lay_out(self, block_bytes: int) -> None:
+        """Cut the pool into slots of ``block_bytes`` (the first writer's, or the disk
+        tier's at a restart); LayoutMismatch for a size other than the pool's."""
         if block_bytes <= 0:
             raise LayoutMismatch("block_bytes must be positive")
         if self.slot_bytes == 0:
             capacity = self.region_bytes // block_bytes
             if capacity == 0:
                 raise LayoutMismatch(
-                    f"a block of {block_bytes} bytes does not fit the store's {self.region_bytes}-byte pool"
+                    f"a block of {block_bytes} bytes does not fit the store's "
+                    f"{self.region_bytes}-byte pool"
                 )
             self.slot_bytes = block_bytes
             self.stats.capacity_blocks = capacity
@@ -255,7 +277,7 @@ class BlockTable:
         for key in keys:
             self._free_entry(key)
         if keys:
-            self._on_removed([key[1] for key in keys])
+            self.on_removed(keys)
 
     def _free_entry(self, key: Key) -> None:
         entry = self._entries.pop(key)

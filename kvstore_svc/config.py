@@ -11,7 +11,7 @@ from services.kv.shards import DEFAULT_VNODES
 
 @dataclasses.dataclass
 class KvStoreConfig(NixlStageConfig):
-    """stagemesh KV store stage: a shared tier of KV blocks in host memory, read and written over NIXL."""
+    """stagemesh KV store stage: shared KV blocks in host memory and on disk, over NIXL."""
 
     port: int = setting(50050, "gRPC port (0 picks a free one)")
     capacity_mib: int = setting(1024, "MiB of host memory for KV blocks (registered with NIXL)")
@@ -28,5 +28,17 @@ class KvStoreConfig(NixlStageConfig):
     )
     vnodes: int = setting(DEFAULT_VNODES, "points of this store on the shard ring")
     kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")
+    disk_dir: str = setting(
+        "",
+        "directory of the disk tier: blocks are written behind the memory pool and read back "
+        "on a miss, and survive a restart (it must exist; one store per directory). "
+        "Empty: memory only",
+    )
+    disk_gib: float = setting(16.0, "GiB of --disk-dir the disk tier may fill")
+    session_retention: float = setting(
+        3600.0,
+        "seconds after an agent session was last seen (session_id on Lookup/Reserve) during "
+        "which its blocks are evicted from disk only when nothing else is left",
+    )
 
     ROLE: ClassVar[str] = "kvstore"

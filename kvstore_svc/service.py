@@ -24,6 +24,8 @@ from prometheus_client import Counter, Gauge
 
 from kvstore_svc.blocks import BlockTable, LayoutMismatch, NotWritten
 from kvstore_svc.config import KvStoreConfig
+from kvstore_svc.disk import DiskTier, open_disk_tier
+from kvstore_svc.disk_files import BlockDirectory, DiskSetupError, FileMover
 from services.aio import cancel_and_wait
 from services.errors import FailedPrecondition, InvalidRequest, NotFound, Unavailable
 from services.kv.events import KvEventLog, chain_name
@@ -41,6 +43,11 @@ log = logging.getLogger(__name__)
 MAX_HASHES = 8192
 
 BLOCKS = Gauge("stagemesh_kvstore_blocks", "KV blocks held by the store", ["state"])
+DISK = Gauge(
+    "stagemesh_kvstore_disk",
+    "The disk tier: blocks read back, dropped as corrupt; full",
+    ["figure"],
+)
 CALLS = Counter(
     "stagemesh_kvstore_calls_blocks", "Blocks named in store calls, by outcome", ["outcome"]
 )
@@ -63,6 +70,7 @@ class KvStoreServicer:
     def __init__(self, config: KvStoreConfig) -> None:
         self._config = config
         self.table: BlockTable | None = None
+        self.disk: DiskTier | None = None
         self.events = KvEventLog(block_size=0, replay_window=config.kv_event_window)
         self._target: kvstore_pb2.NixlTarget | None = None
         self._notices: Callable[[], dict[str, list[bytes]]] = dict
@@ -72,10 +80,12 @@ class KvStoreServicer:
         table: BlockTable,
         target: kvstore_pb2.NixlTarget,
         notices: Callable[[], dict[str, list[bytes]]],
+        disk: DiskTier | None = None,
     ) -> None:
-        """Serve ``table``'s pool at ``target``; ``notices`` drains the NIXL agent's new
-        notifications (by sending agent)."""
+        """Serve ``table``'s pool at ``target``, with ``disk`` behind it; ``notices``
+        drains the NIXL agent's new notifications (by sending agent)."""
         self.table = table
+        self.disk = disk
         self._target = target
         self._notices = notices
 
@@ -98,7 +108,13 @@ class KvStoreServicer:
         table = self._ready()
         hashes = _hashes(request.chain_names)
         pin_seconds = request.pin_seconds if request.pin_seconds > 0 else self._config.pin_seconds
+        if self.disk is not None:
+            await self.disk.promote(request.layout, hashes, time.monotonic())
         hits, pin_id = table.lookup(request.layout, hashes, pin_seconds, time.monotonic())
+        if self.disk is not None:
+            keys = [(request.layout, h) for h, _ in hits]
+            self.disk.touch(keys)
+            self.disk.sessions.seen(request.session_id, keys, time.monotonic())
         CALLS.labels("hit").inc(len(hits))
         CALLS.labels("miss").inc(len(hashes) - len(hits))
         return kvstore_pb2.LookupResponse(
@@ -132,6 +148,9 @@ class KvStoreServicer:
             )
         except LayoutMismatch as exc:
             raise InvalidRequest(str(exc)) from exc
+        if self.disk is not None:
+            keys = [(request.layout, h) for h, _ in granted]
+            self.disk.sessions.seen(request.session_id, keys, time.monotonic())
         CALLS.labels("reserved").inc(len(granted))
         CALLS.labels("not_granted").inc(len(hashes) - len(granted))
         return kvstore_pb2.ReserveResponse(
@@ -189,17 +208,22 @@ class KvStoreServicer:
     async def Evict(
         self, request: kvstore_pb2.EvictRequest, context: grpc.aio.ServicerContext
     ) -> kvstore_pb2.EvictResponse:
-        """Drop stored blocks (pinned blocks and blocks being written stay)."""
+        """Drop stored blocks (pinned blocks and blocks being written stay in the pool);
+        ``memory_only`` leaves the disk tier's copies."""
         table = self._ready()
-        evicted = table.evict(_hashes(request.chain_names), request.all)
+        hashes = _hashes(request.chain_names)
+        evicted = table.evict(hashes, request.all)
+        if self.disk is not None and not request.memory_only:
+            evicted += self.disk.evict(hashes, request.all)
         return kvstore_pb2.EvictResponse(evicted=evicted)
 
     async def GetStats(
         self, request: kvstore_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> kvstore_pb2.Stats:
+        """The pool's and the disk tier's figures."""
         table = self._ready()
         stats = table.snapshot()
-        return kvstore_pb2.Stats(
+        reply = kvstore_pb2.Stats(
             capacity_blocks=stats.capacity_blocks,
             used_blocks=stats.used_blocks,
             pinned_blocks=stats.pinned_blocks,
@@ -209,6 +233,9 @@ class KvStoreServicer:
             evictions=stats.evictions,
             block_bytes=table.slot_bytes,
         )
+        if self.disk is not None:
+            reply.MergeFrom(self.disk.stats())
+        return reply
 
     async def StreamKvEvents(
         self, request: common_pb2.KvEventsRequest, context: grpc.aio.ServicerContext
@@ -235,6 +262,10 @@ class KvStoreStage(Stage):
         self._registration: Any = None
         self._pool: np.ndarray | None = None
         self._expiry: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        #: Where the store sits on the shard ring: its disk tier's id when it has one,
+        #: so a restarted store owns the blocks its disk holds.
+        self._ring_id = config.instance_id
 
     @property
     def agent_name(self) -> str:
@@ -247,6 +278,7 @@ class KvStoreStage(Stage):
         region_bytes = self._config.capacity_mib << 20
         if region_bytes <= 0:
             raise SystemExit("--capacity-mib must be positive")
+        directory = self._open_directory()
         if not self._config.nixl_port:
             self._config.nixl_port = free_port(self._config.nixl_host)
         api = nixl_api()
@@ -274,15 +306,21 @@ class KvStoreStage(Stage):
         events = self._servicer.events
         table = BlockTable(
             region_bytes,
-            on_stored=events.stored_chains,
-            on_removed=lambda hashes: events.removed([chain_name(h) for h in hashes]),
+            on_stored=lambda keys: events.stored_chains([h for _, h in keys]),
+            on_removed=lambda keys: events.removed([chain_name(h) for _, h in keys]),
         )
-        self._servicer.attach(table, target, self._agent.get_new_notifs)
+        disk = self._open_disk(directory, api, table) if directory is not None else None
+        self._servicer.attach(table, target, self._agent.get_new_notifs, disk)
         # Read at scrape time, so a call never pays for a scan of the table.
         BLOCKS.labels("committed").set_function(lambda: table.snapshot().used_blocks)
         BLOCKS.labels("pinned").set_function(lambda: table.snapshot().pinned_blocks)
         BLOCKS.labels("capacity").set_function(lambda: table.capacity)
-        self._expiry = asyncio.create_task(self._expire(table), name="kvstore-expiry")
+        if disk is not None:
+            BLOCKS.labels("disk").set_function(lambda: disk.blocks)
+            DISK.labels("hit_blocks").set_function(lambda: disk.hit_blocks)
+            DISK.labels("corrupt_blocks").set_function(lambda: disk.corrupt_blocks)
+            DISK.labels("writes_stopped").set_function(lambda: disk.writes_stopped)
+        self._expiry = asyncio.create_task(self._expire(table, disk), name="kvstore-expiry")
         log.info(
             "KV store pool: %d MiB at 0x%x, NIXL agent %s",
             self._config.capacity_mib,
@@ -290,13 +328,49 @@ class KvStoreStage(Stage):
             self.agent_name,
         )
 
-    async def _expire(self, table: BlockTable) -> None:
+    def _open_directory(self) -> BlockDirectory | None:
+        """``--disk-dir`` checked and locked, before anything is allocated (None: no disk)."""
+        if not self._config.disk_dir:
+            return None
+        if self._config.disk_gib <= 0:
+            raise SystemExit("--disk-gib must be positive")
+        try:
+            return BlockDirectory(self._config.disk_dir)
+        except DiskSetupError as exc:
+            raise SystemExit(str(exc)) from None
+
+    def _open_disk(self, directory: BlockDirectory, api: Any, table: BlockTable) -> DiskTier:
+        """The disk tier behind ``table``, with what a previous run left in it."""
+        assert self._pool is not None
+        try:
+            mover = FileMover(api, f"{self.agent_name}-disk", self._pool, directory)
+            disk = open_disk_tier(
+                directory,
+                self._config.disk_gib,
+                mover,
+                table,
+                self._servicer.events,
+                self._config.session_retention,
+            )
+        except DiskSetupError as exc:
+            directory.close()
+            raise SystemExit(str(exc)) from None
+        self._ring_id = disk.directory.store_id
+        self._writer = asyncio.create_task(disk.run_writer(), name="kvstore-disk-writer")
+        return disk
+
+    async def _expire(self, table: BlockTable, disk: DiskTier | None) -> None:
         while True:
             await asyncio.sleep(1.0)
             table.expire(time.monotonic())
+            if disk is not None:
+                disk.tick(time.monotonic())
 
     async def stop(self) -> None:
         await cancel_and_wait(self._expiry)
+        await cancel_and_wait(self._writer)
+        if self._servicer.disk is not None:
+            self._servicer.disk.close()
         if self._agent is not None and self._registration is not None:
             self._agent.deregister_memory(self._registration)
             self._registration = None
@@ -318,7 +392,7 @@ class KvStoreStage(Stage):
             instance_id=member.instance_id,
             grpc_address=member.grpc_address,
             nixl_address=member.nixl_address,
-            ring_points=ring_points(member.instance_id, self._config.vnodes),
+            ring_points=ring_points(self._ring_id, self._config.vnodes),
             capacity_bytes=self._config.capacity_mib << 20,
         )
         return {shard_key(member.instance_id): entry.SerializeToString()}

@@ -12,9 +12,9 @@ What was loaded at run time is also written to etcd, under
 outlive any router and any engine. They are sealed like member records
 (:mod:`services.records`): an intent that no holder of the mesh key wrote under its
 name is ignored and counted, so a process that can only write to etcd cannot make the
-routers load a directory of its choosing on every engine. Every router reconciles the engines with it: an
-engine of the base model that does not list a wanted adapter (it restarted, or joined
-later) gets it loaded. Loads are idempotent on the engines, so several routers doing
+routers load a directory of its choosing on every engine. Every router reconciles the
+engines with it: an engine of the base model that does not list a wanted adapter (it
+restarted, or joined later) gets it loaded. Loads are idempotent on the engines, so several routers doing
 this at once is harmless. A request for a wanted adapter that no engine has loaded
 waits for that (up to ``--worker-wait``) instead of failing.
 """
@@ -116,7 +116,8 @@ class AdapterControl:
         if base_model:
             if base_model not in bases:
                 raise ModelNotFound(
-                    f"no engine serves base model {base_model!r}; base models: {', '.join(bases) or 'none'}",
+                    f"no engine serves base model {base_model!r}; base models: "
+                    f"{', '.join(bases) or 'none'}",
                     "base_model",
                 )
             return base_model
@@ -125,11 +126,13 @@ class AdapterControl:
             return with_lora[0]
         if not with_lora:
             raise InvalidRequest(
-                f"no engine runs with LoRA (base models: {', '.join(bases) or 'none'}); start engines with "
+                f"no engine runs with LoRA (base models: {', '.join(bases) or 'none'}); start "
+                "engines with "
                 "--enable-lora or --lora"
             )
         raise InvalidRequest(
-            f"engines of {len(with_lora)} base models run with LoRA ({', '.join(with_lora)}); name the one "
+            f"engines of {len(with_lora)} base models run with LoRA ({', '.join(with_lora)}); "
+            "name the one "
             f"adapter {name!r} adapts in base_model",
             "base_model",
         )
@@ -151,7 +154,8 @@ class AdapterControl:
         engines = [p for p in self._engines(base) if p.member.adapter_slots]
         if not engines:
             raise InvalidRequest(
-                f"no engine of {base!r} runs with LoRA; start its engines with --enable-lora or --lora"
+                f"no engine of {base!r} runs with LoRA; start its engines with --enable-lora or "
+                "--lora"
             )
         results = await asyncio.gather(*(self._call(p, "load", name, path) for p in engines))
         loaded = [p.member.instance_id for p, error in zip(engines, results) if error is None]
@@ -170,7 +174,8 @@ class AdapterControl:
             )
         except Exception as exc:  # noqa: BLE001 - the engines serve it; only later joiners miss it
             log.warning(
-                "adapter %s is loaded but not recorded in etcd (%s): engines that join later lack it",
+                "adapter %s is loaded but not recorded in etcd (%s): engines that join later lack "
+                "it",
                 name,
                 exc,
             )

@@ -116,7 +116,8 @@ class Catalogue:
         )
 
     def max_model_len(self, model: str, info: tokenizer_pb2.ModelInfo) -> int:
-        """The shortest context any engine serving ``model`` accepts (the tokenizer's if none say)."""
+        """The shortest context any engine serving ``model`` accepts (the tokenizer's if
+        none says)."""
         lengths = [
             p.member.max_model_len
             for p in self._workers.peers.values()

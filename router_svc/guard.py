@@ -2,7 +2,8 @@
 optionally, each result as it completes) and allows, denies or rewrites it.
 
 Shaped like Envoy's ext_authz HTTP service: the router POSTs a JSON check to
-``--guard-url`` and acts on the answer. The contract (docs/deploy.md, "Audit log and guard", has an example):
+``--guard-url`` and acts on the answer. The contract (docs/deploy.md, "Audit log and
+guard", has an example):
 
 request  ``{"phase": "input" | "output", "request_id", "api_key_id", "model",
            "request": <RouterGenerateRequest as proto3 JSON>,
@@ -45,7 +46,8 @@ GUARD_SECONDS = Histogram(
 )
 GUARD_DECISIONS = Counter(
     "stagemesh_router_guard_decisions_total",
-    "The guard's decisions by phase (allow, deny, rewrite; fail_open and fail_closed when it failed)",
+    "The guard's decisions by phase (allow, deny, rewrite; fail_open and fail_closed when it "
+    "failed)",
     ["phase", "decision"],
 )
 

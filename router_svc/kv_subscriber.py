@@ -45,6 +45,7 @@ def apply_snapshot(index: KvIndex, worker: str, snapshot: common_pb2.KvSnapshot)
 
 
 def index_event(index: KvIndex, worker: str, event: common_pb2.KvEvent) -> None:
+    """Apply one engine or store KV event to the router's index under ``worker``."""
     kind = event.WhichOneof("event")
     if kind == "block_stored":
         index.stored(worker, event.block_stored)

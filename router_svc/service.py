@@ -177,7 +177,8 @@ class RouterStage(Stage):
             raise SystemExit(refusal)
         if config.metrics_need_key and config.metrics_port >= 0:
             raise SystemExit(
-                "--metrics-need-key: the stage's --metrics-port would serve /metrics without a key; "
+                "--metrics-need-key: the stage's --metrics-port would serve /metrics without a "
+                "key; "
                 "set --metrics-port -1 and scrape the HTTP bridge's /metrics with a key"
             )
         self._servicer = RouterServicer(pipeline, self._workers, index, adapters, self._keys)

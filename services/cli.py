@@ -334,7 +334,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "kvstore",
                 "kvstore_svc",
                 args.kvstore_port,
-                ["--capacity-mib", str(kvstore_mib)],
+                ["--capacity-mib", str(kvstore_mib), *_kvstore_disk(args)],
                 light_cores,
                 {},
             )
@@ -458,6 +458,13 @@ def _describe_sim(args: argparse.Namespace) -> str:
 
 #: A stage ``up`` starts: name, module, gRPC port, extra flags, cores, environment.
 _Planned = tuple[str, str, int, list[str], list[int], dict[str, str]]
+
+
+def _kvstore_disk(args: argparse.Namespace) -> list[str]:
+    """The store's disk-tier flags, when ``--kvstore-disk-dir`` names one."""
+    if not args.kvstore_disk_dir:
+        return []
+    return ["--disk-dir", args.kvstore_disk_dir, "--disk-gib", str(args.kvstore_disk_gib)]
 
 
 def _sim_plan(args: argparse.Namespace) -> list[_Planned]:
@@ -712,6 +719,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV store capacity in MiB (0: no store; default 1024 when the layout has prefill engines, "
         "the store's only users, else none)",
     )
+    up.add_argument(
+        "--kvstore-disk-dir",
+        default="",
+        help="the KV store's disk tier: a directory blocks are written behind to and read "
+        "back from, kept across restarts (it must exist); empty: memory only",
+    )
+    up.add_argument("--kvstore-disk-gib", type=float, default=16.0, help="GiB of it to fill")
     up.add_argument(
         "--port-offset",
         type=int,

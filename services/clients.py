@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services import credentials
 from services.detokenizer import TokenDecoder
+from services.kv.hashing import to_wire
 from services.pb import (
     common_pb2,
     engine_pb2,
@@ -225,6 +226,13 @@ class KvStoreClient(_KvEventSource):
 
     async def stats(self) -> kvstore_pb2.Stats:
         return await self._stub.GetStats(kvstore_pb2.StatsRequest(), timeout=self._timeout)
+
+    async def evict(self, hashes: Sequence[int] = (), memory_only: bool = False) -> int:
+        """Drop the named blocks (all when none are named); ``memory_only``: from memory."""
+        request = kvstore_pb2.EvictRequest(
+            chain_names=[to_wire(h) for h in hashes], all=not hashes, memory_only=memory_only
+        )
+        return (await self._stub.Evict(request, timeout=self._timeout)).evicted
 
 
 class EngineClient(_KvEventSource):

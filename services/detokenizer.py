@@ -69,7 +69,8 @@ class TokenDecoder:
         include_stop_str_in_output: bool = False,
         skip_special_tokens: bool = True,
     ) -> IncrementalDetokenizer:
-        """A streaming detokenizer for one generated sequence (see :class:`IncrementalDetokenizer`)."""
+        """A streaming detokenizer for one generated sequence (see
+        :class:`IncrementalDetokenizer`)."""
         return IncrementalDetokenizer(
             IdStream(self._backend, context_ids, skip_special_tokens),
             stop=stop,

@@ -37,7 +37,7 @@ def role_name(role: int) -> str:
 
 
 def member_key(member: common_pb2.Member) -> str:
-    """The etcd key ``member`` registers under: its role's prefix and its instance id."""
+    """The etcd key of a member's record: by role, then instance id."""
     return f"{MEMBERS_PREFIX}{role_name(member.role)}/{member.instance_id}"
 
 

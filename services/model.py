@@ -34,6 +34,7 @@ class ModelSpec:
 
 
 def bundled_model_dir(home: Path) -> Path:
+    """Where the bundled model is prepared under a stagemesh home."""
     return home / "models" / BUNDLED_NAME
 
 

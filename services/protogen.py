@@ -85,6 +85,7 @@ def check(proto_root: Path, out_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Generate services/pb from protos/, or with ``--check`` fail when it is stale."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if services/pb is stale")
     parser.add_argument("--protos", type=Path, default=PROTO_ROOT, help="proto root directory")

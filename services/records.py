@@ -112,7 +112,8 @@ class RecordSigner:
         if record.key != key or record.lease != lease:
             raise RecordRejected(
                 "replayed",
-                f"signed for key {record.key!r} on lease {record.lease:x}, found under {key!r} on lease {lease:x}",
+                f"signed for key {record.key!r} on lease {record.lease:x}, found under {key!r} on "
+                f"lease {lease:x}",
             )
         return record.payload
 

@@ -192,7 +192,7 @@ class StageServer:
         try:
             if tls is None:
                 self.port = self.server.add_insecure_port(address)
-            else:  # mutual TLS, except on a public stage's port (users hold API keys, not certificates)
+            else:  # mutual TLS, except on a public stage's port (users hold API keys)
                 self.port = self.server.add_secure_port(
                     address, tls.server_credentials(not self.stage.public)
                 )

@@ -99,9 +99,9 @@ def test_compose_files_follow_the_compose_specification(tmp_path: Path) -> None:
 def test_compose_stages_agree_with_their_config() -> None:
     compose = load(COMPOSE)
     etcd_command = " ".join(compose["services"]["etcd"]["command"])
-    etcd_port = int(
-        re.search(r"--listen-client-urls=https://0\.0\.0\.0:(\d+)", etcd_command).group(1)
-    )  # type: ignore[union-attr]
+    listen = re.search(r"--listen-client-urls=https://0\.0\.0\.0:(\d+)", etcd_command)
+    assert listen is not None, etcd_command
+    etcd_port = int(listen.group(1))
     # etcd serves only clients with a certificate from the mesh CA the certs job makes.
     assert {
         "--client-cert-auth",

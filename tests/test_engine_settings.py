@@ -31,7 +31,7 @@ from tests.support.stages import ENGINE_START_TIMEOUT, engine_process, private_e
 
 GREEDY = common_pb2.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 #: Repeats itself, so n-gram drafting has something to propose.
-REPEATING = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick"
+REPEATING = " ".join(["The quick brown fox jumps over the lazy dog."] * 2) + " The quick"
 
 
 # -- no engine -------------------------------------------------------------------------

@@ -101,7 +101,8 @@ async def test_disaggregated_equals_one_engine_and_transformers(
         reference = hf_greedy(ids)
         assert split == alone, f"{name}: disaggregated {split} != one engine {alone}"
         assert alone == reference, (
-            f"{name}: engine {hf_tokenizer.decode(alone)!r} != transformers {hf_tokenizer.decode(reference)!r}"
+            f"{name}: engine {hf_tokenizer.decode(alone)!r} != transformers "
+            f"{hf_tokenizer.decode(reference)!r}"
         )
         assert alone_last.usage.prompt_tokens == len(ids)  # type: ignore[attr-defined]
         assert alone_last.usage.completion_tokens == len(alone)  # type: ignore[attr-defined]

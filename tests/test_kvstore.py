@@ -25,24 +25,23 @@ from services.credentials import MeshCredentials
 from services.etcd import EtcdSession
 from services.etcd_server import EmbeddedEtcd
 from services.kv.hashing import from_wire, to_wire
-from services.kv.nixl import new_agent, transfer
+from services.kv.nixl import transfer
 from services.kv.shards import SHARDS_PREFIX, ShardMap, ring_points
-from services.kv.store_link import HostBlocks, StoreLink, Target, remote_regions
+from services.kv.store_link import StoreLink, Target, remote_regions
 from services.launcher import StageProcess
 from services.membership import RecordReader
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from tests.support.kvstore import BLOCK, LAYOUT, Client, member
 from tests.support.stages import kvstore_process, private_etcd, running
 
-BLOCK = 64 * 1024  # bytes per block in these tests
 CAPACITY_BLOCKS = 16
-LAYOUT = "test-layout"
 
 
 # -- the bookkeeping alone (no I/O) ----------------------------------------------------
 
 
 def test_table_serves_only_committed_blocks_and_grants_each_block_once() -> None:
-    stored: list[int] = []
+    stored: list[tuple[str, int]] = []
     table = BlockTable(4 * 100, on_stored=stored.extend)
     first, granted = table.reserve("m", [1, 2, 3], 100, ttl=30, now=0)
     assert [h for h, _ in granted] == [1, 2, 3]
@@ -54,7 +53,7 @@ def test_table_serves_only_committed_blocks_and_grants_each_block_once() -> None
     hits, pin = table.lookup("m", [1, 2, 3], 10, now=0)
     assert [h for h, _ in hits] == [1, 2] and pin
     assert table.lookup("other-model", [1, 2], 10, now=0) == ([], "")
-    assert stored == [1, 2]
+    assert stored == [("m", 1), ("m", 2)]
     with pytest.raises(KeyError):
         table.commit(first)
     with pytest.raises(LayoutMismatch):
@@ -63,7 +62,7 @@ def test_table_serves_only_committed_blocks_and_grants_each_block_once() -> None
 
 def test_table_evicts_least_recently_used_and_never_a_pinned_block() -> None:
     removed: list[int] = []
-    table = BlockTable(3 * 10, on_removed=removed.extend)
+    table = BlockTable(3 * 10, on_removed=lambda keys: removed.extend(h for _, h in keys))
     for h in (1, 2, 3):  # three chains of one block each
         rid, _ = table.reserve("m", [h], 10, ttl=30, now=0)
         table.written(rid)
@@ -129,34 +128,6 @@ def test_shard_map_is_consistent_hashing() -> None:
 
 
 # -- a real store process --------------------------------------------------------------
-
-
-def member() -> tuple[tuple[str, str], ...]:
-    """The stage token, for the calls these tests make on raw stubs."""
-    return credentials.current().call_metadata
-
-
-class Client:
-    """This test process as a store client: its own NIXL agent over numpy host memory."""
-
-    def __init__(self, name: str, blocks: int) -> None:
-        self.host = HostBlocks(new_agent(name), blocks, BLOCK, pieces=2)  # like K and V
-        self.memory = self.host.memory
-        self.regions = self.host.regions
-        self.block = self.host.block
-        self.link = StoreLink(self.host.agent)
-
-    def fill(self, index: int, value: int) -> None:
-        self.block(index)[:] = value
-
-    def store(self, shards: ShardMap, hashes: list[int], first_index: int = 0) -> int:
-        return self.link.store(
-            shards, LAYOUT, hashes, BLOCK, lambda i: self.regions(first_index + i)
-        )
-
-    def close(self) -> None:
-        self.link.close()
-        self.host.close()
 
 
 @pytest.fixture(scope="module")
@@ -488,7 +459,7 @@ async def test_a_store_behind_mutual_tls(home: Path, tmp_path: Path) -> None:
 
 def test_table_evicts_a_cold_chain_from_its_deepest_block() -> None:
     removed: list[int] = []
-    table = BlockTable(4 * 10, on_removed=removed.extend)
+    table = BlockTable(4 * 10, on_removed=lambda keys: removed.extend(h for _, h in keys))
     rid, _ = table.reserve("m", [1, 2, 3, 4], 10, ttl=30, now=0)
     table.written(rid)
     table.commit(rid)

@@ -2,9 +2,11 @@
 
 A prompt computed on engine A is served on engine B from the store (B reports the
 tokens as external prefix-cache hits and generates exactly what A generated); both
-engines computing the same prompt at once store its blocks once; a store killed mid-run
-leaves every request succeeding. Everything is real: etcd, the store
-stage, two vLLM CPU engines with our connector inside vLLM's MultiConnector, NIXL.
+engines computing the same prompt at once store its blocks once; a prefix gone from
+the store's memory comes back from its disk tier, and a damaged block file is
+recomputed, with the same tokens; a store killed mid-run leaves every request
+succeeding. Everything is real: etcd, the store stage (with a disk tier), two vLLM CPU
+engines with our connector inside vLLM's MultiConnector, NIXL.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import pytest_asyncio
 
 from services.clients import EngineClient, KvStoreClient
+from services.kv.hashing import chain_hashes, to_wire
 from services.launcher import StageProcess
 from services.pb import common_pb2, engine_pb2, kvstore_pb2
 from tests.support.stages import (
@@ -34,10 +37,11 @@ GREEDY = common_pb2.SamplingParams(temperature=0.0, max_tokens=12)
 
 
 class StoreMesh:
-    def __init__(self, store: StageProcess, a: StageProcess, b: StageProcess) -> None:
+    def __init__(self, store: StageProcess, a: StageProcess, b: StageProcess, disk: Path) -> None:
         self.store = store
         self.a = a
         self.b = b
+        self.disk = disk
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -48,6 +52,8 @@ async def store_mesh(
     log_dir = tmp_path_factory.mktemp("kvstore-engine-logs")
     with private_etcd() as etcd:
         store = kvstore_process(etcd.endpoint, home, log_dir, capacity_mib=512)
+        disk = tmp_path_factory.mktemp("kvstore-disk")
+        store.args += ["--disk-dir", str(disk), "--disk-gib", "2"]
         a = engine_process(
             "prefill",
             etcd.endpoint,
@@ -77,7 +83,7 @@ async def store_mesh(
                 await asyncio.gather(
                     a.wait_healthy(ENGINE_START_TIMEOUT), b.wait_healthy(ENGINE_START_TIMEOUT)
                 )
-                yield StoreMesh(store, a, b)
+                yield StoreMesh(store, a, b, disk)
             finally:
                 a.stop()
                 b.stop()
@@ -147,6 +153,69 @@ async def test_two_engines_writing_the_same_prefix_store_it_once(store_mesh: Sto
     assert used - before == full_blocks, (
         f"{used - before} blocks stored for {full_blocks} distinct ones"
     )
+
+
+async def computed_then_evicted_from_memory(
+    store_mesh: StoreMesh, prompt: list[int]
+) -> tuple[list[int], int]:
+    """A's answer to ``prompt`` (computed: the reference) once its blocks are on the
+    store's disk and gone from its memory; and the engines' block size."""
+    expected = await generate(store_mesh.a.grpc_address, prompt)
+    block = (await load(store_mesh.a.grpc_address)).kv_block_size
+    hashes = chain_hashes(prompt[:-1], block)
+    names = [f"{to_wire(h).hex()}.blk" for h in hashes]
+    for _ in range(100):
+        if all(any(store_mesh.disk.rglob(name)) for name in names):
+            break
+        await asyncio.sleep(0.1)
+    assert all(any(store_mesh.disk.rglob(name)) for name in names), "not written behind"
+    for _ in range(100):  # a block is pinned until its write is done
+        if not (await store_stats(store_mesh.store.grpc_address)).pinned_blocks:
+            break
+        await asyncio.sleep(0.1)
+    async with KvStoreClient(store_mesh.store.grpc_address) as store:
+        await store.evict(hashes, memory_only=True)
+    return expected, block
+
+
+async def test_a_prefix_gone_from_engine_and_memory_loads_from_disk(
+    store_mesh: StoreMesh,
+) -> None:
+    """B never saw the prompt and the store's memory no longer holds it: B loads it
+    from the store's disk tier and answers exactly as A did computing it."""
+    prompt = long_prompt(6)
+    expected, block = await computed_then_evicted_from_memory(store_mesh, prompt)
+    full_blocks = (len(prompt) - 1) // block
+    disk_hits = (await store_stats(store_mesh.store.grpc_address)).disk_hit_blocks
+    before = await load(store_mesh.b.grpc_address)
+    got = await generate(store_mesh.b.grpc_address, prompt)
+    after = await load(store_mesh.b.grpc_address)
+    loaded = after.external_prefix_hit_tokens - before.external_prefix_hit_tokens
+    assert loaded == full_blocks * block, f"B loaded {loaded} tokens"
+    stats = await store_stats(store_mesh.store.grpc_address)
+    assert stats.disk_hit_blocks - disk_hits == full_blocks
+    assert got == expected, "output with the prefix read back from disk differs"
+
+
+async def test_a_damaged_block_file_is_recomputed_with_the_same_tokens(
+    store_mesh: StoreMesh,
+) -> None:
+    prompt = long_prompt(7)
+    expected, block = await computed_then_evicted_from_memory(store_mesh, prompt)
+    third = chain_hashes(prompt[:-1], block)[2]
+    damaged = next(store_mesh.disk.rglob(f"{to_wire(third).hex()}.blk"))
+    with open(damaged, "r+b") as file:  # noqa: ASYNC230  a few bytes, in the test
+        file.seek(damaged.stat().st_size - 100)
+        file.write(b"\xff" * 8)
+    corrupt = (await store_stats(store_mesh.store.grpc_address)).disk_corrupt_blocks
+    before = await load(store_mesh.b.grpc_address)
+    got = await generate(store_mesh.b.grpc_address, prompt)
+    after = await load(store_mesh.b.grpc_address)
+    loaded = after.external_prefix_hit_tokens - before.external_prefix_hit_tokens
+    assert loaded == 2 * block, f"B loaded {loaded} tokens: only the blocks before the bad one"
+    stats = await store_stats(store_mesh.store.grpc_address)
+    assert stats.disk_corrupt_blocks == corrupt + 1
+    assert got == expected, "output after recomputing the damaged block differs"
 
 
 async def store_fault_under_load(

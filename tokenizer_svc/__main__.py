@@ -11,6 +11,7 @@ PROG = "stagemesh tokenizer"
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the tokenizer stage."""
     config = parse_config(TokenizerConfig, argv, prog=PROG)
     run_stage(config, TokenizerStage(config))
 

@@ -72,14 +72,17 @@ COLUMNS = [
 
 
 def numbers(text: str) -> list[float]:
+    """Comma-separated numbers (``4,8,16``), as a flag's type."""
     return [float(x) for x in text.split(",") if x.strip()]
 
 
 def words(text: str) -> list[str]:
+    """Comma-separated names (``dynamo,stagemesh``), as a flag's type."""
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The lab's flags; engines' shape is one group, the same for every target."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.scale", description=__doc__.split("\n\n")[0]
     )
@@ -146,6 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def spec_from(args: argparse.Namespace) -> EngineSpec:
+    """The engines every target of this run gets (pd runs its own layouts from it)."""
     return EngineSpec(
         engines=args.engines,
         prefill=args.prefill if args.scenario != "pd" else 0,
@@ -201,11 +205,13 @@ def plot(path: Path, scenario: str, rows: list[Row], host: dict[str, Any]) -> No
 
 
 async def main(args: argparse.Namespace) -> None:
+    """Run one scenario over every target, print the table and write JSON and PNG."""
     args.model_dir = prepare_bundled_model(Path(args.home))
     spec = spec_from(args)
     log_dir = Path(tempfile.mkdtemp(prefix="stagemesh-scale-"))
     print(
-        f"scale lab: {args.scenario} on {', '.join(args.target)}, {spec.describe()}; logs in {log_dir}",
+        f"scale lab: {args.scenario} on {', '.join(args.target)}, {spec.describe()}; logs in "
+        f"{log_dir}",
         flush=True,
     )
     rows = await SCENARIOS[args.scenario](args, spec, log_dir)

@@ -61,6 +61,8 @@ class Result:
     #: an error event inside a stream.
     status: int = 200
     error: str = ""
+    #: Seconds a refusal asked the client to wait (its Retry-After header).
+    retry_after: float = 0.0
 
 
 def _read_usage(line: bytes, result: Result) -> None:
@@ -123,6 +125,7 @@ async def send(http: aiohttp.ClientSession, base_url: str, request: Request) -> 
         ) as reply:
             if reply.status != 200:
                 result.status, result.error = reply.status, (await reply.text())[:200]
+                result.retry_after = float(reply.headers.get("Retry-After", 0) or 0)
             else:
                 await _read_stream(reply, result, started)
     except (TimeoutError, aiohttp.ClientError, ValueError) as error:
@@ -176,7 +179,8 @@ async def closed_loop(
     base_url: str, requests: Sequence[Request], streams: int, duration: float
 ) -> Run:
     """``streams`` concurrent streams, each sending its next request as soon as the last
-    ends, until ``duration`` has passed (requests then in flight finish and count)."""
+    ends (after a refusal, once its ``Retry-After`` has passed, as the OpenAI SDKs
+    wait), until ``duration`` has passed (requests then in flight finish and count)."""
     cpu_before = time.process_time()
     results: list[Result] = []
     async with session() as http:
@@ -186,8 +190,10 @@ async def closed_loop(
         async def stream(offset: int) -> None:
             index = offset
             while time.perf_counter() < deadline:
-                results.append(await send(http, base_url, requests[index % len(requests)]))
+                result = await send(http, base_url, requests[index % len(requests)])
+                results.append(result)
                 index += streams
+                await asyncio.sleep(result.retry_after)
 
         await asyncio.gather(*(stream(i) for i in range(streams)))
         wall = time.perf_counter() - start

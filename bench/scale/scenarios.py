@@ -64,7 +64,8 @@ async def measure(
     row: Row = {"deployment": deployment.name, **labels, **summarize(run)}
     row.update(per_unit(spent(before, after), row["ok"], row["output_tokens"]))
     print(
-        f"   {deployment.name} {labels}: {row['ok']}/{row['requests']} ok, {row['output_tps']:.0f} tok/s, "
+        f"   {deployment.name} {labels}: {row['ok']}/{row['requests']} ok, "
+        f"{row['output_tps']:.0f} tok/s, "
         f"TTFT p90 {row['ttft_p90_ms']:.0f} ms, hit {row['hit_rate']:.0%}, "
         f"client {row['client_core_share']:.0%} of a core",
         flush=True,
@@ -73,6 +74,7 @@ async def measure(
 
 
 def targets_and_policies(args: argparse.Namespace) -> Iterable[tuple[str, str]]:
+    """Every (target, policy) pair the run compares, targets outermost."""
     for target in args.target:
         for policy in args.policies:
             yield target, policy

@@ -192,12 +192,14 @@ class AdapterSet:
             )
         if len(self._adapters) >= self.max_adapters:
             raise FailedPrecondition(
-                f"this engine holds {len(self._adapters)} adapters, its most (--max-adapters); unload one first"
+                f"this engine holds {len(self._adapters)} adapters, its most (--max-adapters); "
+                "unload one first"
             )
         rank = read_rank(source)
         if rank > self.max_rank:
             raise InvalidRequest(
-                f"adapter {name!r} has rank {rank}; this engine takes at most {self.max_rank} (--max-lora-rank)",
+                f"adapter {name!r} has rank {rank}; this engine takes at most {self.max_rank} "
+                "(--max-lora-rank)",
                 "lora_path",
             )
         if self._base_shapes is None:

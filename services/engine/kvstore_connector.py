@@ -86,6 +86,8 @@ class _Save:
 
 @dataclasses.dataclass
 class StoreConnectorMetadata(KVConnectorMetadata):
+    """What the scheduler tells the worker each step: blocks to load and to save, and where."""
+
     loads: list[_Load]
     saves: list[_Save]
     shards: ShardMap

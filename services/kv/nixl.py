@@ -119,18 +119,25 @@ def transfer(
     peer: str,
     timeout: float,
     notify: bytes = b"",
+    remote_kind: str = "DRAM",
 ) -> int:
     """Run one READ or WRITE between host-memory descriptor lists and wait for it.
 
     ``local`` and ``remote`` are ``(address, bytes, device id)`` triples in matching
-    order. ``notify``, when given, reaches the peer's agent as a NIXL notification once
+    order; with ``remote_kind="FILE"`` the remote triples are ``(offset, bytes, fd)`` of
+    files registered with the agent's POSIX backend (``peer`` is then the agent itself).
+    ``notify``, when given, reaches the peer's agent as a NIXL notification once
     the transfer's data has landed (how a KV store learns a write is complete). Returns
     the bytes moved; raises :class:`TransferError` when NIXL reports an error or the
     transfer is not done within ``timeout`` seconds (a peer that died mid-transfer may
     never answer).
     """
     handle = agent.initialize_xfer(
-        op, agent.get_xfer_descs(local, "DRAM"), agent.get_xfer_descs(remote, "DRAM"), peer, notify
+        op,
+        agent.get_xfer_descs(local, "DRAM"),
+        agent.get_xfer_descs(remote, remote_kind),
+        peer,
+        notify,
     )
     error: TransferError | None = None
     try:

@@ -44,6 +44,7 @@ def ring_points(instance_id: str, vnodes: int = DEFAULT_VNODES) -> list[int]:
 
 
 def shard_key(instance_id: str) -> str:
+    """The etcd key of a store's entry in the shard map."""
     return SHARDS_PREFIX + instance_id
 
 

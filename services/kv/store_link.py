@@ -155,13 +155,18 @@ class StoreLink:
     # -- read -------------------------------------------------------------------------
 
     def lookup(
-        self, shards: ShardMap, layout: str, hashes: Sequence[int], pin_seconds: float = 0.0
+        self,
+        shards: ShardMap,
+        layout: str,
+        hashes: Sequence[int],
+        pin_seconds: float = 0.0,
+        session_id: str = "",
     ) -> Prefix:
         """The longest prefix of ``hashes`` the stores hold, pinned.
 
         Each owning store is asked for the hashes it owns; the chain's stored prefix
         ends at its first block some owner lacks. Pins past that point are released
-        at once.
+        at once. ``session_id`` names the agent session asking (its blocks are kept).
         """
         found: dict[int, Hit] = {}
         pins: list[tuple[str, str]] = []
@@ -170,7 +175,10 @@ class StoreLink:
                 address,
                 "Lookup",
                 kvstore_pb2.LookupRequest(
-                    layout=layout, chain_names=map(to_wire, owned), pin_seconds=pin_seconds
+                    layout=layout,
+                    chain_names=map(to_wire, owned),
+                    pin_seconds=pin_seconds,
+                    session_id=session_id,
                 ),
             )
             if reply.pin_id:
@@ -218,12 +226,13 @@ class StoreLink:
         hashes: Sequence[int],
         block_bytes: int,
         regions: Callable[[int], Sequence[Region]],
+        session_id: str = "",
     ) -> int:
         """Write the blocks of ``hashes`` that no store holds or is being written yet.
 
         ``regions(i)`` gives the local pieces of the block named ``hashes[i]``. Each
         owning store is asked to ``Reserve``; what it grants is written and committed.
-        Returns the blocks committed.
+        Returns the blocks committed. ``session_id`` marks them as an agent session's.
         """
         position = {chain_hash: i for i, chain_hash in enumerate(hashes)}
         committed = 0
@@ -232,7 +241,10 @@ class StoreLink:
                 address,
                 "Reserve",
                 kvstore_pb2.ReserveRequest(
-                    layout=layout, chain_names=map(to_wire, owned), block_bytes=block_bytes
+                    layout=layout,
+                    chain_names=map(to_wire, owned),
+                    block_bytes=block_bytes,
+                    session_id=session_id,
                 ),
             )
             if reservation.granted:
@@ -274,7 +286,9 @@ class StoreLink:
             )
         except Exception as exc:
             if isinstance(exc, TransferError) and not exc.settled:
-                raise  # the write may still land: the slots stay reserved until the reservation expires
+                # The write may still land: the slots stay reserved until the reservation
+                # expires.
+                raise
             try:
                 self._call(
                     address,

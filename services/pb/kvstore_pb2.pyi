@@ -18,16 +18,18 @@ class BlockSlot(_message.Message):
     def __init__(self, chain_hash: _Optional[int] = ..., slot: _Optional[int] = ..., chain_name: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("layout", "chain_hashes", "pin_seconds", "chain_names")
+    __slots__ = ("layout", "chain_hashes", "pin_seconds", "chain_names", "session_id")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     PIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CHAIN_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     layout: str
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     pin_seconds: float
     chain_names: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., pin_seconds: _Optional[float] = ..., chain_names: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., pin_seconds: _Optional[float] = ..., chain_names: _Optional[_Iterable[bytes]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hits", "pin_id", "target")
@@ -50,16 +52,18 @@ class ReleaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("layout", "chain_hashes", "block_bytes", "chain_names")
+    __slots__ = ("layout", "chain_hashes", "block_bytes", "chain_names", "session_id")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHAIN_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     layout: str
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     block_bytes: int
     chain_names: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., chain_names: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, layout: _Optional[str] = ..., chain_hashes: _Optional[_Iterable[int]] = ..., block_bytes: _Optional[int] = ..., chain_names: _Optional[_Iterable[bytes]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("granted", "reservation_id", "target")
@@ -90,14 +94,16 @@ class CommitResponse(_message.Message):
     def __init__(self, committed: _Optional[int] = ...) -> None: ...
 
 class EvictRequest(_message.Message):
-    __slots__ = ("chain_hashes", "all", "chain_names")
+    __slots__ = ("chain_hashes", "all", "chain_names", "memory_only")
     CHAIN_HASHES_FIELD_NUMBER: _ClassVar[int]
     ALL_FIELD_NUMBER: _ClassVar[int]
     CHAIN_NAMES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ONLY_FIELD_NUMBER: _ClassVar[int]
     chain_hashes: _containers.RepeatedScalarFieldContainer[int]
     all: bool
     chain_names: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, chain_hashes: _Optional[_Iterable[int]] = ..., all: _Optional[bool] = ..., chain_names: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    memory_only: bool
+    def __init__(self, chain_hashes: _Optional[_Iterable[int]] = ..., all: _Optional[bool] = ..., chain_names: _Optional[_Iterable[bytes]] = ..., memory_only: _Optional[bool] = ...) -> None: ...
 
 class EvictResponse(_message.Message):
     __slots__ = ("evicted",)
@@ -110,7 +116,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("capacity_blocks", "used_blocks", "pinned_blocks", "lookups", "hit_blocks", "miss_blocks", "evictions", "disk_blocks", "block_bytes")
+    __slots__ = ("capacity_blocks", "used_blocks", "pinned_blocks", "lookups", "hit_blocks", "miss_blocks", "evictions", "disk_blocks", "block_bytes", "disk_capacity_blocks", "disk_hit_blocks", "disk_corrupt_blocks", "disk_writes_stopped", "disk_read_bytes", "disk_read_seconds", "disk_write_bytes", "disk_write_seconds")
     CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +126,14 @@ class Stats(_message.Message):
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     DISK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DISK_HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DISK_CORRUPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DISK_WRITES_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    DISK_READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_READ_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DISK_WRITE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_WRITE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     capacity_blocks: int
     used_blocks: int
     pinned_blocks: int
@@ -129,7 +143,15 @@ class Stats(_message.Message):
     evictions: int
     disk_blocks: int
     block_bytes: int
-    def __init__(self, capacity_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., lookups: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+    disk_capacity_blocks: int
+    disk_hit_blocks: int
+    disk_corrupt_blocks: int
+    disk_writes_stopped: bool
+    disk_read_bytes: int
+    disk_read_seconds: float
+    disk_write_bytes: int
+    disk_write_seconds: float
+    def __init__(self, capacity_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., lookups: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., disk_capacity_blocks: _Optional[int] = ..., disk_hit_blocks: _Optional[int] = ..., disk_corrupt_blocks: _Optional[int] = ..., disk_writes_stopped: _Optional[bool] = ..., disk_read_bytes: _Optional[int] = ..., disk_read_seconds: _Optional[float] = ..., disk_write_bytes: _Optional[int] = ..., disk_write_seconds: _Optional[float] = ...) -> None: ...
 
 class NixlTarget(_message.Message):
     __slots__ = ("agent_name", "agent_metadata", "base_address", "region_bytes", "slot_bytes", "device_id")

@@ -91,7 +91,8 @@ def load_profile(name_or_path: str) -> TimingProfile:
     path = Path(name_or_path)
     if not path.is_file():
         raise SystemExit(
-            f"--sim-profile {name_or_path!r} is neither a profile ({', '.join(PROFILES)}) nor a file"
+            f"--sim-profile {name_or_path!r} is neither a profile ({', '.join(PROFILES)}) nor a "
+            "file"
         )
     try:
         data = json.loads(path.read_text())
