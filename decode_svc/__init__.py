@@ -1,1 +1,2 @@
-"""The decode stage: a vLLM engine behind EngineService (see services/engine)."""
+"""The decode stage: its handlers (`handlers.py`) over the shared engine runtime in
+`services/engine/`."""

@@ -10,6 +10,7 @@ PROG = "stagemesh decode"
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the decode stage's settings, then serve its engines until told to stop."""
     config = parse_config(DecodeConfig, argv, prog=PROG)
     config.claim_cores()  # before the engine stack loads: all it starts inherits the cores
     config.check_ports()  # and before its import's seconds, a taken port is one line

@@ -242,9 +242,6 @@ class BlockTable:
         self.stats.used_blocks = sum(1 for e in self._entries.values() if e.committed)
         return dataclasses.replace(self.stats)
 
-    def committed_hashes(self) -> list[int]:
-        return [key[1] for key, entry in self._entries.items() if entry.committed]
-
     def lay_out(self, block_bytes: int) -> None:
         """Cut the pool into slots of ``block_bytes`` (the first writer's, or the disk
         tier's at a restart); LayoutMismatch for a size other than the pool's."""

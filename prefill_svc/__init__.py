@@ -1,1 +1,2 @@
-"""The prefill stage: a vLLM engine behind EngineService (see services/engine)."""
+"""The prefill stage: its handlers (`handlers.py`) over the shared engine runtime in
+`services/engine/`."""

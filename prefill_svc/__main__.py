@@ -10,6 +10,7 @@ PROG = "stagemesh prefill"
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the prefill stage's settings, then serve its engines until told to stop."""
     config = parse_config(PrefillConfig, argv, prog=PROG)
     config.claim_cores()  # before the engine stack loads: all it starts inherits the cores
     config.check_ports()  # and before its import's seconds, a taken port is one line

@@ -46,13 +46,13 @@ from router_svc.metrics import IN_PROGRESS, MIGRATIONS, SequenceClock
 from router_svc.policy import Policy
 from router_svc.prepare import Prompt, prepare
 from router_svc.saturation import Saturation
-from router_svc.sequence import Sequence as SequenceRun
-from router_svc.sequence import has_content, sampling_for
+from router_svc.sequence import SequenceRun, has_content, sampling_for
 from router_svc.tool_parsers import ParserChoice
 from router_svc.tools import ToolPlan, ToolRequest
 from router_svc.workers import Workers
 from services.errors import InvalidRequest, Overloaded, StageError
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
+from services.vocabulary import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,7 @@ class Pipeline:
         generated text is; an id outside the vocabulary is refused."""
         model = await self.catalogue.resolve(model)
         info = await self.catalogue.info(model)
-        if outside := [t for t in token_ids if not 0 <= t < info.vocab_size]:
-            raise InvalidRequest(
-                f"token id {outside[0]} is outside the vocabulary (size {info.vocab_size})",
-                "tokens",
-            )
+        check_token_ids(token_ids, info.vocab_size, "tokens")
         return (await self.catalogue.decoder(model)).decode(token_ids)
 
     def deadline(self, client_remaining: float | None = None) -> float:
@@ -259,13 +255,8 @@ class Pipeline:
         (with the prompt's, once per prompt) added to ``usage``; the workers it used are
         added to ``workers``."""
         sampling = sampling_for(request, prompt, sample)
-        run = SequenceRun(
-            prompt,
-            sampling,
-            await self.catalogue.decoder(prompt.model),
-            choice,
-            request.return_token_ids,
-        )
+        decoder = await self.catalogue.decoder(prompt.model)
+        run = SequenceRun(prompt, sampling, decoder, choice, request.return_token_ids)
         clock = SequenceClock(prompt.arrived)
         generated: list[int] = []
         for migration in itertools.count():

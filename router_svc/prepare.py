@@ -17,6 +17,7 @@ from router_svc.catalogue import Catalogue
 from services.errors import ContextLengthExceeded, InvalidRequest
 from services.kv.hashing import chain_hashes, chain_root
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
+from services.vocabulary import check_token_ids
 
 
 @dataclass
@@ -77,12 +78,7 @@ async def prepare(
         ids = list(reply.token_ids)
     elif kind == "token_ids":
         ids = list(request.token_ids.ids)
-        for position, token_id in enumerate(ids):
-            if token_id >= info.vocab_size:
-                raise InvalidRequest(
-                    f"token id {token_id} at position {position} is outside the vocabulary "
-                    f"(size {info.vocab_size})"
-                )
+        check_token_ids(ids, info.vocab_size)
     else:
         raise InvalidRequest("the request has no input: set text, chat or token_ids")
     if not ids:
@@ -110,12 +106,7 @@ def _check_sampling_ids(sampling: common_pb2.SamplingParams, vocab_size: int) ->
         ("logit_bias", sampling.logit_bias),
         ("allowed_token_ids", sampling.allowed_token_ids),
     ):
-        outside = [t for t in ids if t >= vocab_size]
-        if outside:
-            raise InvalidRequest(
-                f"{name} names token id {outside[0]}, outside the vocabulary (size {vocab_size})",
-                name,
-            )
+        check_token_ids(ids, vocab_size, name)
 
 
 def _characters(request: router_pb2.RouterGenerateRequest) -> int:

@@ -1,8 +1,8 @@
 """One sequence of a request: the engine's generated ids in, the caller's deltas out.
 
 Detokenizing in the router (with the decoder the tokenizer stage exports) keeps each
-engine message to one message in and one out: through the tokenizer's Detokenize
-stream it cost two more messages and a hop, the largest share of the router's
+engine message to one message in and one out: through the tokenizer stage (its
+former Detokenize stream) it cost two more messages and a hop, the largest share of the router's
 per-token cost (docs/design.md, "Where detokenization runs"). Stop strings are found
 here for the same reason; when one ends the sequence, the engine's stream is
 cancelled and the engine aborts the rest.
@@ -37,7 +37,7 @@ def sampling_for(
     return sampling
 
 
-class Sequence:
+class SequenceRun:
     """Turns one sequence's engine replies into deltas, and knows when it has finished."""
 
     def __init__(

@@ -4,7 +4,7 @@ building raw stubs, so deadlines and message shapes are decided in one place."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Self
 
 import grpc
@@ -184,34 +184,6 @@ class TokenizerClient(_StageClient):
     ) -> tokenizer_pb2.TokenizeResponse:
         """The Tokenize call itself, for a request built elsewhere (the HTTP /tokenize)."""
         return await self._stub.Tokenize(request, timeout=self._timeout)
-
-    async def decode(
-        self, token_ids: Sequence[int], model: str = "", skip_special_tokens: bool = True
-    ) -> str:
-        reply = await self._stub.Decode(
-            tokenizer_pb2.DecodeRequest(
-                model=model, token_ids=token_ids, skip_special_tokens=skip_special_tokens
-            ),
-            timeout=self._timeout,
-        )
-        return reply.text
-
-    async def token_texts(self, token_ids: Sequence[int], model: str = "") -> list[str]:
-        """Each id's text on its own (for log-probability display)."""
-        reply = await self._stub.Decode(
-            tokenizer_pb2.DecodeRequest(model=model, token_ids=token_ids, return_token_texts=True),
-            timeout=self._timeout,
-        )
-        return list(reply.token_texts)
-
-    def detokenize(
-        self, requests: AsyncIterator[tokenizer_pb2.DetokenizeRequest], timeout: float | None = None
-    ) -> grpc.aio.StreamStreamCall:
-        """Open a Detokenize stream; the first request must carry ``start``.
-
-        Streams live as long as a generation, so there is no default deadline.
-        """
-        return self._stub.Detokenize(requests, timeout=timeout)
 
     async def model_info(self, model: str = "") -> tokenizer_pb2.ModelInfo:
         return await self._stub.GetModelInfo(

@@ -36,11 +36,6 @@ def role_name(role: int) -> str:
     return common_pb2.Role.Name(role).removeprefix("ROLE_").lower()
 
 
-def role_from_name(name: str) -> int:
-    """``tokenizer`` -> ``ROLE_TOKENIZER``."""
-    return common_pb2.Role.Value("ROLE_" + name.upper())
-
-
 def member_key(member: common_pb2.Member) -> str:
     """The etcd key of a member's record: by role, then instance id."""
     return f"{MEMBERS_PREFIX}{role_name(member.role)}/{member.instance_id}"

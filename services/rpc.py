@@ -70,11 +70,6 @@ def _check(request: Any) -> Any:
     return request
 
 
-async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    async for request in requests:
-        yield _check(request)
-
-
 async def _fail(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
     """Abort the call with the status ``exc`` stands for (always raises)."""
     if isinstance(exc, StageError):
@@ -108,57 +103,26 @@ async def _guarded(method_name: str, context: grpc.aio.ServicerContext) -> Async
         RPC_SECONDS.labels(method_name).observe(time.perf_counter() - start)
 
 
-async def _drain(requests: AsyncIterator[Any]) -> None:
-    async for _ in requests:
-        pass
-
-
-@contextlib.asynccontextmanager
-async def _ending_after_half_close(requests: AsyncIterator[Any]) -> AsyncIterator[None]:
-    """Hold the end of a client-streaming call, answer or error, until the client half-closes.
-
-    A server that ends such a call first races the client's next write, and grpc's
-    asyncio client then reports INTERNAL ("Failed execute_batch") in place of the
-    status the server sent (grpc/grpc#36066). So what is left of the client's stream
-    is read and dropped first; the protos tell clients to half-close once the call's
-    outcome is known. A cancelled call ends at once.
-    """
-    try:
-        yield
-    except Exception:
-        await _drain(requests)
-        raise
-    await _drain(requests)
-
-
-def _ending(request: Any, streaming_request: bool) -> contextlib.AbstractAsyncContextManager[Any]:
-    return _ending_after_half_close(request) if streaming_request else contextlib.nullcontext()
-
-
 def _wrap_unary(
-    method_name: str, impl: Callable[..., Any], streaming_request: bool, authorize: Authorize | None
+    method_name: str, impl: Callable[..., Any], authorize: Authorize | None
 ) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _guarded(method_name, context), _ending(request, streaming_request):
+        async with _guarded(method_name, context):
             if authorize is not None:
                 authorize(method_name, context)
-            return await impl(
-                _checked_stream(request) if streaming_request else _check(request), context
-            )
+            return await impl(_check(request), context)
 
     return handler
 
 
 def _wrap_stream(
-    method_name: str, impl: Callable[..., Any], streaming_request: bool, authorize: Authorize | None
+    method_name: str, impl: Callable[..., Any], authorize: Authorize | None
 ) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with _guarded(method_name, context), _ending(request, streaming_request):
+        async with _guarded(method_name, context):
             if authorize is not None:
                 authorize(method_name, context)
-            async for item in impl(
-                _checked_stream(request) if streaming_request else _check(request), context
-            ):
+            async for item in impl(_check(request), context):
                 yield item
 
     return handler
@@ -179,6 +143,10 @@ def register_service(
             inspect.iscoroutinefunction(impl) or inspect.isasyncgenfunction(impl)
         ):
             continue
+        if method.client_streaming:
+            # The mesh has none: its streams go one way (see docs/design.md, "Streams go
+            # one way"), so the half-close rules of client streams never arise.
+            raise TypeError(f"{service.full_name}/{method.name}: client streaming is unsupported")
         request_cls = message_factory.GetMessageClass(method.input_type)
         response_cls = message_factory.GetMessageClass(method.output_type)
         full_name = f"{service.full_name}/{method.name}"
@@ -187,19 +155,11 @@ def register_service(
             "response_serializer": response_cls.SerializeToString,
         }
         if method.server_streaming:
-            wrapped = _wrap_stream(full_name, impl, method.client_streaming, authorize)
-            factory = (
-                grpc.stream_stream_rpc_method_handler
-                if method.client_streaming
-                else grpc.unary_stream_rpc_method_handler
-            )
+            wrapped = _wrap_stream(full_name, impl, authorize)
+            factory = grpc.unary_stream_rpc_method_handler
         else:
-            wrapped = _wrap_unary(full_name, impl, method.client_streaming, authorize)
-            factory = (
-                grpc.stream_unary_rpc_method_handler
-                if method.client_streaming
-                else grpc.unary_unary_rpc_method_handler
-            )
+            wrapped = _wrap_unary(full_name, impl, authorize)
+            factory = grpc.unary_unary_rpc_method_handler
         handlers[method.name] = factory(wrapped, **kwargs)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)

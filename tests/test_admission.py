@@ -19,8 +19,8 @@ import pytest_asyncio
 from services.clients import RouterClient
 from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
-from tests.conftest import Mesh, router_process, running
-from tests.test_router import STORY, post
+from tests.support.requests import STORY, post, rss_mib
+from tests.support.stages import Mesh, router_process, running
 
 
 @pytest.mark.parametrize(
@@ -89,13 +89,6 @@ async def test_grpc_limits_are_invalid_argument(router: RouterClient) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await router.generate_unary(request, timeout=60)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 async def test_oversized_asks_leave_the_router_small(

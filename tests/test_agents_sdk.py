@@ -26,7 +26,7 @@ from agents import (
 )
 from pydantic import BaseModel
 
-from tests.conftest import Mesh
+from tests.support.stages import Mesh
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

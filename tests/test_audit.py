@@ -19,7 +19,7 @@ from services.clients import RouterClient
 from services.config import build_config
 from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
-from tests.conftest import Mesh, router_process, running
+from tests.support.stages import Mesh, router_process, running
 
 PROMPT = "Name a colour."
 

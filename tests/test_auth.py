@@ -28,7 +28,7 @@ from services.pb import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
-from tests.conftest import Mesh, router_process, running
+from tests.support.stages import Mesh, router_process, running
 
 KEYS = ("key-one", "key-two")
 

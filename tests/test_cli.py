@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +18,7 @@ import pytest
 from services.net import free_port
 from services.operator.launcher import StageProcess, Supervisor
 from services.placement import allowed_cores, choose_layout, visible_gpus
+from tests.support.polling import eventually, eventually_sync
 from tests.support.up import banner as banner_of
 from tests.support.up import start_up
 
@@ -55,16 +55,16 @@ def stage_pid(role: str, port: int) -> int:
 
 async def serves_again(client: openai.AsyncOpenAI, timeout: float) -> None:
     """Wait until a chat request through the mesh succeeds again."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def serves() -> None:
         try:
             await client.chat.completions.create(
                 model="", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, timeout=30
             )
-            return
-        except openai.APIError:
-            assert time.monotonic() < deadline, "the mesh did not serve again"
-            await asyncio.sleep(1)
+        except openai.APIError as error:
+            raise AssertionError(f"the mesh did not serve again: {error}") from None
+
+    await eventually(serves, timeout, interval=1)
 
 
 @pytest.mark.isolated
@@ -226,13 +226,14 @@ def test_stages_do_not_outlive_a_killed_launcher() -> None:
     child = int(launcher.stdout.readline())  # type: ignore[union-attr]
     launcher.kill()
     launcher.wait()
-    deadline = time.monotonic() + 10
-    while (
-        Path(f"/proc/{child}").exists()
-        and Path(f"/proc/{child}/stat").read_text().split()[2] not in "ZX"
-    ):
-        assert time.monotonic() < deadline, "etcd outlived its launcher"
-        time.sleep(0.1)
+
+    def gone() -> None:
+        assert (
+            not Path(f"/proc/{child}").exists()
+            or Path(f"/proc/{child}/stat").read_text().split()[2] in "ZX"
+        ), "etcd outlived its launcher"
+
+    eventually_sync(gone, timeout=10, interval=0.1)
 
 
 def test_supervisor_restarts_with_backoff_and_forgives_a_stable_run(tmp_path: Path) -> None:

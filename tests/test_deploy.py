@@ -31,7 +31,7 @@ from services.config import build_config
 from services.credentials import MeshCredentials
 from services.engine.config import EngineConfig
 from services.operator.certs import STAGES
-from tests.conftest import skip_unless_required
+from tests.support.stages import skip_unless_required
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -261,9 +261,9 @@ def test_etcd_auth_turns_on_users_that_certificates_log_in_as(tmp_path: Path) ->
     import asyncio
 
     import aetcd.exceptions
+
     from services.operator.certs import make_certs
     from services.operator.etcd_server import EmbeddedEtcd
-
     from tests.test_member_trust import etcd_as
 
     certs = make_certs(tmp_path / "tls")

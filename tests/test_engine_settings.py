@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from decode_svc.config import DecodeConfig
-from router_svc.dispatch import kv_mismatch
+from router_svc.handoff import kv_mismatch
 from services.clients import EngineClient
 from services.config import build_config
 from services.etcd import EtcdSession
@@ -26,14 +26,8 @@ from services.membership import MEMBERS_PREFIX, RecordReader
 from services.operator.etcd_server import EmbeddedEtcd
 from services.operator.launcher import StageProcess
 from services.pb import common_pb2
-from tests.conftest import (
-    ENGINE_START_TIMEOUT,
-    disaggregated,
-    engine_process,
-    make_small_llama,
-    private_etcd,
-    running,
-)
+from tests.support.engines import disaggregated, make_small_llama
+from tests.support.stages import ENGINE_START_TIMEOUT, engine_process, private_etcd, running
 
 GREEDY = common_pb2.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 #: Repeats itself, so n-gram drafting has something to propose.

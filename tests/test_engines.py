@@ -21,7 +21,9 @@ from services.kv.handles import HandleSigner
 from services.membership import MEMBERS_PREFIX, RecordReader
 from services.operator.launcher import cpu_seconds, live_processes_in_group
 from services.pb import common_pb2
-from tests.conftest import MESH_KEY, PREFILL_LEASE_SECONDS, disaggregated
+from tests.support.engines import disaggregated, engines_idle
+from tests.support.polling import eventually
+from tests.support.stages import MESH_KEY, PREFILL_LEASE_SECONDS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -129,16 +131,6 @@ async def test_logprobs_and_seeded_sampling(decode: EngineClient) -> None:
     assert first == second and len(first) == 12
 
 
-async def wait_idle(engine: EngineClient, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        load = await engine.load()
-        if load.running_requests == 0 and load.waiting_requests == 0:
-            return
-        assert time.monotonic() < deadline, f"engine still busy: {load}"
-        await asyncio.sleep(0.1)
-
-
 async def test_abort_mid_generation(decode: EngineClient) -> None:
     long_run = common_pb2.SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
     call = decode.generate([1, 504, 3458], long_run, request_id="abort-me")
@@ -151,7 +143,7 @@ async def test_abort_mid_generation(decode: EngineClient) -> None:
     assert await decode.abort("abort-me") == ["abort-me"]
     finish = [reply.finish_reason async for reply in call if reply.finish_reason]
     assert finish == [common_pb2.FINISH_REASON_ABORT]
-    await wait_idle(decode)
+    await engines_idle(decode, timeout=10, interval=0.1)
     assert await decode.abort("abort-me") == []  # gone: aborting again is a no-op
     out, _ = await collect(decode.generate([1, 504], GREEDY))
     assert out
@@ -162,7 +154,7 @@ async def test_cancelled_stream_aborts_the_request(decode: EngineClient) -> None
     call = decode.generate([1, 504, 3458], long_run)
     await call.read()
     call.cancel()
-    await wait_idle(decode)
+    await engines_idle(decode, timeout=10, interval=0.1)
 
 
 async def test_cancel_while_kv_is_in_flight_is_safe(
@@ -173,7 +165,7 @@ async def test_cancel_while_kv_is_in_flight_is_safe(
     call = decode.generate(ids, GREEDY, kv_handle=handle)
     await asyncio.sleep(0)  # the request is on its way; the NIXL read may be running
     call.cancel()
-    await wait_idle(decode, timeout=30)
+    await engines_idle(decode, timeout=30, interval=0.1)
     out, _ = await collect(decode.generate(ids, GREEDY))
     assert out  # the engine survived the deferred abort
 
@@ -187,10 +179,12 @@ async def test_uncollected_handle_frees_prefill_blocks(prefill: EngineClient) ->
     held = await prefill.load()
     assert held.kv_cache_usage > baseline and held.pending_transfers >= 1
     # Nobody collects it: after the lease the engine frees the blocks by itself.
-    deadline = time.monotonic() + PREFILL_LEASE_SECONDS + 20
-    while (await prefill.load()).kv_cache_usage > baseline:
-        assert time.monotonic() < deadline, "prefill blocks leaked past the lease"
-        await asyncio.sleep(0.5)
+
+    async def freed() -> None:
+        usage = (await prefill.load()).kv_cache_usage
+        assert usage <= baseline, f"prefill blocks leaked past the lease: {usage} > {baseline}"
+
+    await eventually(freed, timeout=PREFILL_LEASE_SECONDS + 20, interval=0.5)
 
 
 async def test_abort_of_a_finished_prefill_frees_its_blocks_at_once(prefill: EngineClient) -> None:
@@ -372,14 +366,16 @@ async def test_forged_handles_are_refused_and_never_transfer(
 
 async def test_engines_register_their_kv_facts(engine_stages, etcd_session: EtcdSession) -> None:
     addresses = {stage.grpc_address for stage in engine_stages}
-    deadline = time.monotonic() + 10  # one lease TTL, should a keep-alive have been late
-    while True:
+
+    async def registered() -> dict[str, common_pb2.Member]:
         listing = await (await etcd_session.client()).get_prefix(MEMBERS_PREFIX.encode())
         parsed = RecordReader(common_pb2.Member.FromString).read_all(listing).values()
         members = {member.grpc_address: member for member in parsed}
-        if addresses <= set(members) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.5)
+        assert addresses <= set(members), f"registered: {sorted(members)}"
+        return members
+
+    # One lease TTL, should a keep-alive have been late.
+    members = await eventually(registered, timeout=10, interval=0.5)
     for stage, role in zip(engine_stages, (common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE)):
         member = members[stage.grpc_address]
         assert member.role == role
@@ -400,16 +396,14 @@ async def test_idle_engines_leave_their_cores_free(engine_stages) -> None:
     window = 4.0
     for stage in engine_stages:
         pids = live_processes_in_group(stage.pid)
-        deadline = time.monotonic() + 60
-        while True:
+
+        async def quiet(pids: list[int] = pids, name: str = stage.name) -> None:
             start = cpu_seconds(pids)
             await asyncio.sleep(window)
             used = cpu_seconds(pids) - start
-            if used < 0.25 * window:
-                break
-            assert time.monotonic() < deadline, (
-                f"{stage.name} never idle: {used:.2f} CPU s in {window} s"
-            )
+            assert used < 0.25 * window, f"{name} never idle: {used:.2f} CPU s in {window} s"
+
+        await eventually(quiet, timeout=60, interval=0)
 
 
 def allowed_cores_of_every_thread(pgid: int) -> dict[str, set[int]]:

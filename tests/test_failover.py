@@ -7,7 +7,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from router_svc.dispatch import checked_reply
+from router_svc.decoding import checked_reply
 from router_svc.failover import ATTEMPTS, Failover
 from router_svc.pipeline import continuation
 from router_svc.prepare import Prompt

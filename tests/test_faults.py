@@ -29,7 +29,9 @@ from services.clients import EngineClient, RouterClient
 from services.operator.etcd_server import EmbeddedEtcd
 from services.operator.launcher import StageProcess, live_processes_in_group
 from services.pb import common_pb2, router_pb2
-from tests.conftest import (
+from tests.support.polling import eventually
+from tests.support.requests import QUESTION, metric
+from tests.support.stages import (
     ENGINE_START_TIMEOUT,
     PREFILL_LEASE_SECONDS,
     Mesh,
@@ -37,7 +39,6 @@ from tests.conftest import (
     router_process,
     running,
 )
-from tests.test_router import QUESTION, metric
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.disruptive]
 
@@ -93,14 +94,20 @@ async def under_streams(
     return outputs
 
 
+async def left(router: RouterClient, role: int) -> None:
+    """The router lists no member of ``role`` (a killed one's lease has expired)."""
+    members = await router.list_members(role)
+    assert not members, f"still listed: {[m.member.instance_id for m in members]}"
+
+
 async def listed(router: RouterClient, stage: StageProcess, role: int) -> None:
     """Wait until the router lists ``stage`` among the members of ``role``."""
-    deadline = time.monotonic() + 30
-    while stage.grpc_address not in {
-        m.member.grpc_address for m in await router.list_members(role)
-    }:
-        assert time.monotonic() < deadline, f"{stage.name} never joined the router's view"
-        await asyncio.sleep(0.2)
+
+    async def joined() -> None:
+        addresses = {m.member.grpc_address for m in await router.list_members(role)}
+        assert stage.grpc_address in addresses, f"{stage.name} never joined the router's view"
+
+    await eventually(joined)
 
 
 async def second_decode(
@@ -215,10 +222,7 @@ async def test_dead_decode_is_503_then_recovers(
     mesh.decode.kill()
     # Its etcd lease outlives it by up to a TTL; once it has left, a request finds no
     # decode member at all. A long prompt: prefilled remotely, then nobody to decode it.
-    deadline = time.monotonic() + 30
-    while await router.list_members(common_pb2.ROLE_DECODE):
-        assert time.monotonic() < deadline, "the killed decode engine never left"
-        await asyncio.sleep(0.5)
+    await eventually(lambda: left(router, common_pb2.ROLE_DECODE), interval=0.5)
     prompt = " ".join(f"Entry {i} of the ledger reads {i * 37 % 101} crowns." for i in range(60))
     held_before = (await prefill.load()).kv_cache_usage
     released = await metric(mesh, 'stagemesh_router_kv_releases_total{outcome="released"}')
@@ -228,13 +232,15 @@ async def test_dead_decode_is_503_then_recovers(
     assert caught.value.status_code == 503, caught.value
     assert "decode" in str(caught.value)
     assert time.monotonic() - started < 30
+
     # Nobody will collect that prompt's KV: the router released it on the prefill
     # worker at once, well inside the lease the engine would otherwise wait out.
-    while await metric(mesh, 'stagemesh_router_kv_releases_total{outcome="released"}') == released:
-        assert time.monotonic() - started < 30 + PREFILL_LEASE_SECONDS / 2, (
-            "the KV was not released"
-        )
-        await asyncio.sleep(0.1)
+    async def freed() -> None:
+        now = await metric(mesh, 'stagemesh_router_kv_releases_total{outcome="released"}')
+        assert now > released, "the KV was not released"
+
+    elapsed = time.monotonic() - started
+    await eventually(freed, timeout=30 + PREFILL_LEASE_SECONDS / 2 - elapsed, interval=0.1)
     assert (await prefill.load()).kv_cache_usage <= held_before
 
     mesh.decode.start()
@@ -274,10 +280,7 @@ async def test_prefill_drained_or_killed_mid_stream_loses_no_stream(
         assert "Paris" in await ask(client)
     assert await sequences(mesh, "aggregated") == aggregated + 2
     # Once its lease expires the member leaves, and its blocks leave the router's index.
-    deadline = time.monotonic() + 30
-    while await router.list_members(common_pb2.ROLE_PREFILL):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.5)
+    await eventually(lambda: left(router, common_pb2.ROLE_PREFILL), interval=0.5)
     decode_blocks = sum(
         m.kv_blocks_indexed for m in await router.list_members(common_pb2.ROLE_DECODE)
     )
@@ -305,10 +308,12 @@ async def test_serving_goes_on_while_etcd_is_down(
     finally:
         etcd.start()
     assert failures == 0 and served > 0
-    deadline = time.monotonic() + 30
-    while {m.member.instance_id for m in await router.list_members()} != members:
-        assert time.monotonic() < deadline, "members did not come back"
-        await asyncio.sleep(0.5)
+
+    async def back() -> None:
+        listed = {m.member.instance_id for m in await router.list_members()}
+        assert listed == members, f"members did not come back: {listed} != {members}"
+
+    await eventually(back, interval=0.5)
     assert (
         await client.completions.create(model="", prompt="The sea is", max_tokens=4)
     ).usage is not None

@@ -22,7 +22,7 @@ from services.clients import channel
 from services.operator.etcd_server import EmbeddedEtcd
 from services.operator.launcher import StageProcess
 from services.pb import router_pb2
-from tests.conftest import Mesh, router_process, running
+from tests.support.stages import Mesh, router_process, running
 
 SEED = 20261202
 #: Values a fuzzed field may take: wrong types, edges, huge and odd text.

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from services.engine.service import handle_from_params, params_from_handle
 from services.engine.vllm_events import apply_vllm_event
 from services.errors import InvalidRequest
 from services.kv.events import KvEventLog
+from services.kv.handles import handle_from_params, params_from_handle
 
 
 def test_events_decode_by_name_or_position_ignoring_new_fields() -> None:

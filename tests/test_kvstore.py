@@ -31,8 +31,8 @@ from services.operator.certs import make_certs
 from services.operator.etcd_server import EmbeddedEtcd
 from services.operator.launcher import StageProcess
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
-from tests.conftest import kvstore_process, private_etcd, running
 from tests.support.kvstore import BLOCK, LAYOUT, Client, member
+from tests.support.stages import kvstore_process, private_etcd, running
 
 CAPACITY_BLOCKS = 16
 

@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -30,8 +29,9 @@ from services.kv.store_link import StoreError
 from services.operator.etcd_server import EmbeddedEtcd
 from services.operator.launcher import StageProcess
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
-from tests.conftest import kvstore_process, private_etcd, running
 from tests.support.kvstore import BLOCK, LAYOUT, Client, member, shard_entries, shard_map
+from tests.support.polling import eventually_sync
+from tests.support.stages import kvstore_process, private_etcd, running
 
 MEMORY_BLOCKS = 16
 
@@ -73,10 +73,11 @@ async def client() -> AsyncIterator[Client]:
 
 def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll ``check`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not reached in time"
-        time.sleep(0.05)
+
+    def holds() -> None:
+        assert check(), "not reached in time"
+
+    eventually_sync(holds, timeout, interval=0.05)
 
 
 def settled(client: Client, address: str) -> None:
@@ -252,13 +253,14 @@ def kill_mid_write(
 
     writing = threading.Thread(target=write)
     writing.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def mid_write() -> None:  # a block file written and another still being written
         files = [p.name for p in disk.rglob("*.*") if p.suffix in (".tmp", ".blk")]
-        if any(n.endswith(".tmp") for n in files) and any(n.endswith(".blk") for n in files):
-            stage.kill()
-            break
-        time.sleep(0.001)
+        assert any(n.endswith(".tmp") for n in files), files
+        assert any(n.endswith(".blk") for n in files), files
+
+    eventually_sync(mid_write, timeout=30, interval=0.001)
+    stage.kill()
     assert stage.process is not None
     stage.process.wait(10)
     writing.join(60)

@@ -23,7 +23,7 @@ from services.clients import EngineClient, KvStoreClient
 from services.kv.hashing import chain_hashes, to_wire
 from services.operator.launcher import StageProcess
 from services.pb import common_pb2, engine_pb2, kvstore_pb2
-from tests.conftest import (
+from tests.support.stages import (
     ENGINE_START_TIMEOUT,
     engine_process,
     kvstore_process,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -35,17 +34,18 @@ from services.kv.hashing import ROOT, chain_hashes, chain_root
 from services.model import BUNDLED_NAME
 from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
-from tests.conftest import (
+from tests.support.engines import make_small_llama
+from tests.support.polling import eventually
+from tests.support.requests import metric
+from tests.support.stages import (
     ENGINE_START_TIMEOUT,
     Mesh,
     engine_process,
-    make_small_llama,
     private_etcd,
     router_process,
     running,
     tokenizer_process,
 )
-from tests.test_router import metric
 
 pytestmark = pytest.mark.isolated
 #: The tests that use the mesh below run on the session's event loop, like its fixtures.
@@ -467,10 +467,12 @@ async def test_wanted_adapters_reach_engines_that_lack_them(
     await mesh_client.load_adapter("terse", str(made["terse"]))
     async with EngineClient(lora_mesh.decode.grpc_address) as decode:
         await decode.unload_adapter("terse")
-    deadline = time.monotonic() + 15
-    while list((await adapters_by_role(mesh_client)).values()).count({"tone", "terse"}) < 2:
-        assert time.monotonic() < deadline, await adapters_by_role(mesh_client)
-        await asyncio.sleep(0.2)
+
+    async def both_hold_it() -> None:
+        held = await adapters_by_role(mesh_client)
+        assert list(held.values()).count({"tone", "terse"}) == 2, held
+
+    await eventually(both_hold_it, timeout=15)
     await mesh_client.unload_adapter("terse")
 
     # Wanted by another router a moment ago; no engine has it yet.

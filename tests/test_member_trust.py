@@ -29,7 +29,8 @@ from services.operator.certs import CertFiles, make_certs
 from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, engine_pb2
 from services.records import RecordRejected, RecordSigner
-from tests.conftest import (
+from tests.support.polling import eventually
+from tests.support.stages import (
     kvstore_process,
     private_etcd,
     router_process,
@@ -77,6 +78,18 @@ class Recorder:
 
     def with_token(self) -> list[str]:
         return [method for method, metadata in self.calls if STAGE_TOKEN in metadata]
+
+
+async def polled(recorder: Recorder, who: str) -> None:
+    """Wait until the router has asked ``recorder`` for its load, with the stage token."""
+
+    async def check() -> None:
+        calls = recorder.with_token()
+        assert "/stagemesh.v1.EngineService/GetLoad" in calls, (
+            f"the {who} was never polled: {recorder.calls}"
+        )
+
+    await eventually(check, timeout=10, interval=0.05)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -165,12 +178,7 @@ async def test_a_forged_member_gets_no_call_and_the_router_counts_it(
                     RecordSigner(b"").seal(ADAPTERS_PREFIX + "evil", evil.SerializeToString()),
                 )
 
-                deadline = time.monotonic() + 10
-                while "/stagemesh.v1.EngineService/GetLoad" not in genuine.with_token():
-                    assert time.monotonic() < deadline, (
-                        f"the genuine member was never polled: {genuine.calls}"
-                    )
-                    await asyncio.sleep(0.05)
+                await polled(genuine, "genuine member")
                 await asyncio.sleep(
                     POLL * 10
                 )  # ten more polls for the forged ones to be called, if trusted
@@ -233,7 +241,7 @@ async def test_a_record_counts_only_under_its_own_key_and_lease(etcd_session: Et
     """A signed record copied under another key, or onto another lease, is refused; the
     original stays; a record under the key and lease it was sealed for is taken."""
     signer = credentials.current().records
-    assert signer.enabled  # the tests' process holds the mesh key (tests/conftest.py)
+    assert signer.enabled  # the tests' process holds the mesh key (tests/support/stages.py)
     prefix = f"/stagemesh-test/{time.monotonic_ns()}/"
     client = await etcd_session.client()
     lease, other_lease = await client.lease(30), await client.lease(30)
@@ -312,12 +320,7 @@ async def test_under_tls_only_a_certificate_of_the_members_role_serves(
         async with running(router):
             for registration in registrations:
                 await registration.start()
-            deadline = time.monotonic() + 10
-            while "/stagemesh.v1.EngineService/GetLoad" not in as_decode.with_token():
-                assert time.monotonic() < deadline, (
-                    f"the decode-certificate member was never polled: {as_decode.calls}"
-                )
-                await asyncio.sleep(0.05)
+            await polled(as_decode, "decode-certificate member")
             await asyncio.sleep(POLL * 10)
             assert as_client.calls == []
         await refused_by_role(etcd, home, tmp_path, certs)

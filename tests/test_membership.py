@@ -7,7 +7,6 @@ import asyncio
 import signal
 import time
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -15,14 +14,16 @@ import pytest
 
 from router_svc.workers import Peer, Workers
 from services import credentials
-from services.clients import EngineClient, TokenizerClient, health_status
+from services.clients import EngineClient, TokenizerClient, channel, health_status
+from services.detokenizer import TokenDecoder
 from services.etcd import EtcdSession
 from services.membership import MEMBERS_PREFIX, MemberWatcher, role_prefix
 from services.net import free_port
 from services.operator.etcd_server import EmbeddedEtcd
 from services.operator.launcher import StageProcess
-from services.pb import common_pb2, engine_pb2, tokenizer_pb2
-from tests.conftest import STAGE_START_TIMEOUT, tokenizer_process
+from services.pb import common_pb2, engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from tests.support.polling import eventually
+from tests.support.stages import STAGE_START_TIMEOUT, tokenizer_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -133,10 +134,10 @@ async def test_stage_registers_again_after_etcd_restart(
         etcd.start()
 
         # The stage re-registers on its next keep-alive, well within a few TTLs...
-        deadline = time.monotonic() + 4 * TTL + 5
-        while instance not in await registered_instances(session):
-            assert time.monotonic() < deadline, stage.log_tail()
-            await asyncio.sleep(0.2)
+        async def back() -> None:
+            assert instance in await registered_instances(session), stage.log_tail()
+
+        await eventually(back, timeout=4 * TTL + 5)
         # ...and stays registered (the lease is kept alive, not a one-off put).
         await asyncio.sleep(TTL * 2)
         assert instance in await registered_instances(session)
@@ -162,10 +163,12 @@ async def test_health_is_not_serving_until_registered(
     stage = own_stage("early", etcd, home, run_dir, "--lease-ttl", str(TTL))
     stage.start()
     try:
-        deadline = time.monotonic() + STAGE_START_TIMEOUT
-        while await health_status(stage.grpc_address) == "UNREACHABLE":
-            assert stage.alive() and time.monotonic() < deadline, stage.log_tail()
-            await asyncio.sleep(0.2)
+
+        async def answers() -> None:
+            assert stage.alive(), stage.log_tail()
+            assert await health_status(stage.grpc_address) != "UNREACHABLE", stage.log_tail()
+
+        await eventually(answers, timeout=STAGE_START_TIMEOUT)
         for _ in range(10):  # model loaded or not, without etcd it never serves
             assert await health_status(stage.grpc_address) == "NOT_SERVING"
             await asyncio.sleep(0.5)
@@ -186,30 +189,25 @@ async def test_drain_on_sigterm(
         instance = await registered(stage, watcher)
         async with TokenizerClient(stage.grpc_address) as client:
             ids = list((await client.tokenize("in flight across the drain")).token_ids)
-            # Open a stream before SIGTERM and keep using it after: in-flight work finishes.
-            outbox: asyncio.Queue[tokenizer_pb2.DetokenizeRequest | None] = asyncio.Queue()
+            # Open a stream before SIGTERM and read it after: in-flight work finishes.
+            # The decoder's export is several 1 MiB messages, held back by flow control
+            # until they are read.
+            async with channel(stage.grpc_address) as chan:
+                stub = tokenizer_pb2_grpc.TokenizerServiceStub(chan)
+                call = stub.GetDecoder(tokenizer_pb2.ModelInfoRequest())
+                chunks = [(await call.read()).data]
 
-            async def requests() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
-                while (item := await outbox.get()) is not None:
-                    yield item
+                assert stage.process is not None
+                stage.process.send_signal(signal.SIGTERM)
+                # Deregistered at once (lease revoked), long before the 10 s TTL would expire.
+                await watcher.wait_for(lambda m: not keys_of(m, instance), timeout=2)
+                assert await health_status(stage.grpc_address) == "NOT_SERVING"
 
-            call = client.detokenize(requests())
-            await outbox.put(tokenizer_pb2.DetokenizeRequest(start=tokenizer_pb2.DetokenizeStart()))
-            await outbox.put(tokenizer_pb2.DetokenizeRequest(token_ids=ids[:2]))
-            first = await call.read()
-
-            assert stage.process is not None
-            stage.process.send_signal(signal.SIGTERM)
-            # Deregistered at once (lease revoked), long before the 10 s TTL would expire.
-            await watcher.wait_for(lambda m: not keys_of(m, instance), timeout=2)
-            assert await health_status(stage.grpc_address) == "NOT_SERVING"
-
-            await outbox.put(tokenizer_pb2.DetokenizeRequest(token_ids=ids[2:], finish=True))
-            await outbox.put(None)
-            text = first.text
-            while (reply := await call.read()) is not grpc.aio.EOF:
-                text += reply.text
-            assert text == "in flight across the drain"
+                while (reply := await call.read()) is not grpc.aio.EOF:
+                    chunks.append(reply.data)
+                assert len(chunks) > 1
+                decoder = TokenDecoder.from_json(b"".join(chunks).decode())
+                assert decoder.decode(ids) == "in flight across the drain"
         assert stage.process is not None and stage.process.wait(timeout=20) == 0
     finally:
         stage.kill()

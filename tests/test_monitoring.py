@@ -16,7 +16,7 @@ from services.etcd import EtcdSession
 from services.membership import MEMBERS_PREFIX, RecordReader
 from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2
-from tests.conftest import Mesh, kvstore_process, private_etcd, running
+from tests.support.stages import Mesh, kvstore_process, private_etcd, running
 
 MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "stagemesh.json"

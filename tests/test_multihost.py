@@ -29,8 +29,8 @@ from services.operator.certs import make_certs
 from services.operator.etcd_server import EmbeddedEtcd
 from services.operator.launcher import StageProcess
 from services.pb import common_pb2
-from tests.conftest import STAGE_START_TIMEOUT, skip_unless_required
 from tests.netns import Hosts, unavailable
+from tests.support.stages import STAGE_START_TIMEOUT, skip_unless_required
 
 pytestmark = pytest.mark.isolated
 
@@ -62,7 +62,7 @@ async def test_prefill_and_decode_on_different_hosts(
     outsider = make_certs(tmp_path / "another-ca", stages=["client"])["client"]
     previous = credentials.current()
     # This process is a mesh member too (it probes health and reads etcd): the client
-    # certificate, and the key the stages take from the environment (tests/conftest.py).
+    # certificate, and the key the stages take from the environment (tests/support/stages.py).
     client_tls = certs["client"]
     credentials.install(
         MeshCredentials.load(

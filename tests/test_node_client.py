@@ -12,7 +12,7 @@ import pytest
 
 from services.clients import RouterClient
 from services.pb import common_pb2, router_pb2
-from tests.conftest import Mesh
+from tests.support.stages import Mesh
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

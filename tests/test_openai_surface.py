@@ -17,8 +17,8 @@ import pytest
 
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
-from tests.conftest import Mesh
-from tests.test_router import STORY, metric, post
+from tests.support.requests import STORY, metric, post
+from tests.support.stages import Mesh
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -162,7 +162,8 @@ async def test_constraints_on_grpc_and_on_an_engine_alone(
         assert await metric(mesh, LOCAL_PROMPT_LOGPROBS) == local + 1
         sampling.stop_token_ids.extend(eos)
         alone = [t async for reply in decode.generate(ids, sampling) for t in reply.token_ids]
-        assert pattern.fullmatch(await tokenizer.decode([t for t in alone if t not in eos]))
+        text = (await tokenizer.decoder()).decode([t for t in alone if t not in eos])
+        assert pattern.fullmatch(text)
 
 
 @pytest.mark.parametrize(
@@ -340,9 +341,7 @@ async def test_a_history_with_tool_results_is_rendered_and_answered(
         ],
         tools_json=json.dumps([WEATHER]),
     )
-    rendered = await tokenizer.decode(
-        list((await tokenizer.tokenize_conversation(chat)).token_ids), skip_special_tokens=False
-    )
+    rendered = (await tokenizer.tokenize_conversation(chat)).prompt_text
     # The bundled model's template renders neither: the stage writes them in (Hermes form).
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in rendered
     assert (
@@ -391,7 +390,9 @@ async def test_cached_tokens_count_what_the_prefill_worker_reused(
     assert again.usage.prompt_tokens_details.cached_tokens == (tokens - 1) // block * block
 
 
-async def test_echo_tokenize_and_detokenize(client, mesh: Mesh, tokenizer: TokenizerClient) -> None:
+async def test_echo_tokenize_and_detokenize(
+    client, mesh: Mesh, tokenizer: TokenizerClient, hf_tokenizer
+) -> None:
     plain = await client.completions.create(model="", prompt=STORY, max_tokens=4, temperature=0)
     echoed = await client.completions.create(
         model="", prompt=STORY, max_tokens=4, temperature=0, echo=True
@@ -428,7 +429,7 @@ async def test_echo_tokenize_and_detokenize(client, mesh: Mesh, tokenizer: Token
         (await tokenizer.tokenize_chat([{"role": "user", "content": STORY}])).token_ids
     )
     detokenized = (await post(mesh, "/detokenize", {"model": "", "tokens": ids})).json()
-    assert detokenized["prompt"] == await tokenizer.decode(ids)
+    assert detokenized["prompt"] == hf_tokenizer.decode(ids, skip_special_tokens=True)
 
     cases: list[tuple[str, dict[str, object], str]] = [
         ("/detokenize", {"model": "", "tokens": [10**9]}, "outside the vocabulary"),

@@ -5,35 +5,19 @@ engines; bad input gets clear 4xx errors while good requests go on."""
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 
 import grpc
 import httpx
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
 
-from services.clients import EngineClient, RouterClient, TokenizerClient
+from services.clients import RouterClient
 from services.pb import common_pb2, router_pb2, tokenizer_pb2
-from tests.conftest import Mesh
+from tests.support.engines import engine_alone, engines_idle
+from tests.support.polling import eventually
+from tests.support.requests import QUESTION, QUESTION_TEXT, STORY, metric, post
+from tests.support.stages import Mesh
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-QUESTION_TEXT = "What is the capital of France?"
-QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION_TEXT}]
-STORY = "Once upon a time, in a small village by the sea,"
-
-
-async def engine_alone(
-    decode: EngineClient, tokenizer: TokenizerClient, ids: list[int], max_tokens: int
-) -> tuple[list[int], str]:
-    """What the decode engine generates on its own, greedy, stopping at the tokenizer's EOS."""
-    eos = list((await tokenizer.model_info()).eos_token_ids)
-    params = common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, stop_token_ids=eos)
-    out = [t async for reply in decode.generate(ids, params) for t in reply.token_ids]
-    if out and out[-1] in eos:
-        out = out[:-1]
-    return out, await tokenizer.decode(out)
 
 
 async def test_chat_matches_the_engine_alone(client, decode, tokenizer, mesh: Mesh) -> None:
@@ -194,16 +178,6 @@ async def test_grpc_lists_models_and_members(router: RouterClient) -> None:
     )
 
 
-async def engines_idle(*engines: EngineClient, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        loads = await asyncio.gather(*(e.load() for e in engines))
-        if all(load.running_requests == 0 and load.waiting_requests == 0 for load in loads):
-            return
-        assert time.monotonic() < deadline, f"engines still busy: {loads}"
-        await asyncio.sleep(0.2)
-
-
 async def test_cancelling_a_stream_frees_every_engine(
     client, router: RouterClient, prefill, decode
 ) -> None:
@@ -230,12 +204,6 @@ async def test_cancelling_a_stream_frees_every_engine(
             break
     call.cancel()
     await engines_idle(prefill, decode)
-
-
-async def post(mesh: Mesh, path: str, body: bytes | dict[str, object]) -> httpx.Response:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=120) as http:
-        return await http.post(path, content=content, headers={"Content-Type": "application/json"})
 
 
 @pytest.mark.parametrize(
@@ -349,13 +317,6 @@ async def test_grpc_errors_keep_their_codes(router: RouterClient) -> None:
         assert caught.value.code() == code, caught.value.details()
 
 
-async def metric(mesh: Mesh, name: str) -> float:
-    """Sum of a router metric's samples whose line starts with ``name``."""
-    async with httpx.AsyncClient(base_url=mesh.http_url) as http:
-        text = (await http.get("/metrics")).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
 async def test_kv_index_follows_the_engines_and_routes_by_prefix(
     client, router: RouterClient, mesh: Mesh
 ) -> None:
@@ -363,13 +324,12 @@ async def test_kv_index_follows_the_engines_and_routes_by_prefix(
         f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60)
     )
     await client.completions.create(model="", prompt=prompt, temperature=0, max_tokens=2)
-    deadline = time.monotonic() + 15
-    while True:  # the prefill engine's BlockStored events reach the router's index
+
+    async def indexed() -> None:  # the prefill engine's BlockStored events reach the index
         members = await router.list_members(common_pb2.ROLE_PREFILL)
-        if any(m.kv_blocks_indexed >= 4 for m in members):
-            break
-        assert time.monotonic() < deadline, members
-        await asyncio.sleep(0.2)
+        assert any(m.kv_blocks_indexed >= 4 for m in members), members
+
+    await eventually(indexed, timeout=15)
     hits = await metric(
         mesh,
         'stagemesh_router_decisions_total{policy="kv_aware",reason="prefix_hit",role="prefill"}',

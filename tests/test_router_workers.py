@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from services.pb import common_pb2
+from tests.support.polling import eventually
 from tests.support.sim import SimMesh, sim_mesh
 
 #: Connections opened at once; the kernel spreads them over the workers by their ports.
@@ -51,16 +50,6 @@ async def completions(mesh: SimMesh, count: int) -> None:
     await asyncio.gather(*(one(i) for i in range(count)))
 
 
-async def wait_for(
-    condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0
-) -> None:
-    """Poll ``condition`` (an async callable returning bool) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.2)
-
-
 @pytest.mark.asyncio(loop_scope="session")
 async def test_workers_share_the_ports_sum_their_metrics_and_a_crashed_one_is_replaced(
     home: Path, tmp_path: Path
@@ -70,10 +59,11 @@ async def test_workers_share_the_ports_sum_their_metrics_and_a_crashed_one_is_re
     while the other keeps serving, and SIGTERM to the parent drains and ends them all."""
     async with sim_mesh(home, tmp_path, {"sim-decode": 1}, "--workers", "2") as mesh:
 
-        async def two_routers() -> bool:
-            return await mesh.members(common_pb2.ROLE_ROUTER) >= 2
+        async def two_routers() -> None:
+            found = await mesh.members(common_pb2.ROLE_ROUTER)
+            assert found >= 2, f"{found} router members registered, not two"
 
-        await wait_for(two_routers, "two router members registered")
+        await eventually(two_routers)
         workers = children(mesh.router.pid)
         assert len(workers) == 2, workers
         await completions(mesh, CONNECTIONS)
@@ -82,11 +72,11 @@ async def test_workers_share_the_ports_sum_their_metrics_and_a_crashed_one_is_re
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
 
-        async def replaced() -> bool:
+        async def replaced() -> None:
             now = children(mesh.router.pid)
-            return len(now) == 2 and victim not in now
+            assert len(now) == 2 and victim not in now, f"not started again: {now}"
 
-        await wait_for(replaced, "the killed worker was started again")
+        await eventually(replaced)
         await completions(mesh, CONNECTIONS)
         assert await mesh.metric("stagemesh_router_sequences_total") == 2 * CONNECTIONS
 

@@ -9,8 +9,6 @@ it runs after the other tests (``disruptive``).
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,9 @@ import pytest
 from services.clients import RouterClient
 from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2
-from tests.conftest import ENGINE_START_TIMEOUT, Mesh, engine_process
-from tests.test_router import metric
+from tests.support.polling import eventually
+from tests.support.requests import metric
+from tests.support.stages import ENGINE_START_TIMEOUT, Mesh, engine_process
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.disruptive]
 
@@ -41,13 +40,6 @@ async def decode_blocks(router: RouterClient) -> dict[str, int]:
     }
 
 
-async def until(check, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.3)
-
-
 async def test_shared_prefix_follows_its_holder(
     client, router: RouterClient, mesh: Mesh, etcd: EmbeddedEtcd, home: Path, tmp_path: Path
 ) -> None:
@@ -56,14 +48,13 @@ async def test_shared_prefix_follows_its_holder(
     second.start()
     try:
         await second.wait_healthy(ENGINE_START_TIMEOUT)
-        await until(lambda: _has(router, decode=2, prefill=0))
+        await eventually(lambda: _has(router, decode=2, prefill=0), interval=0.3)
 
         start = await decode_blocks(router)
         await client.completions.create(
             model="", prompt=SYSTEM + " Question 1?", temperature=0, max_tokens=2
         )
-        await until(lambda: _holder(router, start))
-        holder = await _holder(router, start)
+        holder = await eventually(lambda: _holder(router, start), interval=0.3)
         before = await decode_blocks(router)
         hits = await metric(mesh, PREFIX_HITS)
         for question in range(2, 6):
@@ -94,21 +85,21 @@ async def test_shared_prefix_follows_its_holder(
     finally:
         second.kill()
     # Its lease expires, the member leaves, and its blocks leave the index with it.
-    await until(lambda: _has(router, decode=1, prefill=0))
+    await eventually(lambda: _has(router, decode=1, prefill=0), interval=0.3)
     remaining = sum((await decode_blocks(router)).values())
     assert await metric(mesh, "stagemesh_router_kv_index_entries") == remaining
 
 
-async def _has(router: RouterClient, decode: int, prefill: int) -> bool:
-    members = await router.list_members()
-    roles = [m.member.role for m in members]
-    return (
-        roles.count(common_pb2.ROLE_DECODE) == decode
-        and roles.count(common_pb2.ROLE_PREFILL) == prefill
-    )
+async def _has(router: RouterClient, decode: int, prefill: int) -> None:
+    """The router lists ``decode`` decode members and ``prefill`` prefill members."""
+    roles = [m.member.role for m in await router.list_members()]
+    found = (roles.count(common_pb2.ROLE_DECODE), roles.count(common_pb2.ROLE_PREFILL))
+    assert found == (decode, prefill), f"(decode, prefill) members: {found}"
 
 
-async def _holder(router: RouterClient, start: dict[str, int]) -> str | None:
+async def _holder(router: RouterClient, start: dict[str, int]) -> str:
     """The decode worker that took the system prompt's blocks (4 or more since ``start``)."""
     blocks = await decode_blocks(router)
-    return next((w for w, count in blocks.items() if count - start.get(w, 0) >= 4), None)
+    holder = next((w for w, count in blocks.items() if count - start.get(w, 0) >= 4), None)
+    assert holder is not None, f"no decode worker took the prompt's blocks: {start} -> {blocks}"
+    return holder

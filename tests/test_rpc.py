@@ -25,7 +25,7 @@ from services.errors import (
     Unavailable,
     from_rpc_error,
 )
-from services.pb import tokenizer_pb2
+from services.pb import tokenizer_pb2, tokenizer_pb2_grpc
 from services.rpc import register_service
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -35,16 +35,9 @@ class Failing:
     async def Tokenize(self, request, context):
         raise RuntimeError("secret internal detail")
 
-    async def Decode(self, request, context):
-        raise Unavailable("engine warming up")
-
-    async def Detokenize(
-        self, requests, context
-    ) -> AsyncIterator[tokenizer_pb2.DetokenizeResponse]:
-        async for request in requests:
-            yield tokenizer_pb2.DetokenizeResponse(text="ok")
-            if request.finish:
-                raise InvalidRequest("bad after one reply")
+    async def GetDecoder(self, request, context) -> AsyncIterator[tokenizer_pb2.DecoderChunk]:
+        yield tokenizer_pb2.DecoderChunk(data=b"ok")
+        raise InvalidRequest("bad after one reply")
 
     def GetModelInfo(self, request, context):
         """Not async: left unregistered, so the call is UNIMPLEMENTED."""
@@ -55,7 +48,7 @@ async def test_errors_map_to_their_status() -> None:
     registered = register_service(
         server, tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"], Failing()
     )
-    assert registered == ["Decode", "Detokenize", "Tokenize"]
+    assert registered == ["GetDecoder", "Tokenize"]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -66,23 +59,18 @@ async def test_errors_map_to_their_status() -> None:
             assert "secret" not in caught.value.details()
 
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await client.decode([1])
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert caught.value.details() == "engine warming up"
-
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await client.model_info()
             assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
-            async def requests() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
-                yield tokenizer_pb2.DetokenizeRequest(finish=True)
-
-            replies = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+            chunks = []
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                async for reply in client.detokenize(requests()):
-                    replies.append(reply.text)
-            assert replies == ["ok"]
+                async for chunk in stub.GetDecoder(tokenizer_pb2.ModelInfoRequest()):
+                    chunks.append(chunk.data)
+            assert chunks == [b"ok"]
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details() == "bad after one reply"
     finally:
         await server.stop(0)
 

@@ -1,16 +1,17 @@
-"""The tokenizer stage over real gRPC: it must agree with transformers' tokenizer, stream
-text exactly, and answer bad input with INVALID_ARGUMENT while staying up."""
+"""The tokenizer stage over real gRPC: it must agree with transformers' tokenizer, export
+a decoder that gives transformers' text (the router detokenizes with it), and answer bad
+input with INVALID_ARGUMENT while staying up."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 import pytest
 
 from services.clients import TokenizerClient, channel, health_status
+from services.detokenizer import TokenDecoder
 from services.operator.launcher import StageProcess
 from services.pb import tokenizer_pb2, tokenizer_pb2_grpc
 from tests.corpus import CORPUS
@@ -18,51 +19,38 @@ from tests.corpus import CORPUS
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def detokenize(
-    client: TokenizerClient, ids: Sequence[int], chunk: int = 1, **start: Any
-) -> list[tokenizer_pb2.DetokenizeResponse]:
-    async def requests() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
-        yield tokenizer_pb2.DetokenizeRequest(start=tokenizer_pb2.DetokenizeStart(**start))
-        for i in range(0, len(ids), chunk):
-            yield tokenizer_pb2.DetokenizeRequest(token_ids=ids[i : i + chunk])
-        yield tokenizer_pb2.DetokenizeRequest(finish=True)
-
-    return [reply async for reply in client.detokenize(requests())]
+def streamed(decoder: TokenDecoder, ids: list[int], **options: Any) -> str:
+    """The text the router streams for ``ids``, one engine message per id."""
+    detokenizer = decoder.detokenizer(**options)
+    return "".join(detokenizer.push([token_id]) for token_id in ids) + detokenizer.finish()
 
 
 @pytest.mark.parametrize("text", CORPUS)
-async def test_tokenize_and_decode_match_transformers(tokenizer, hf_tokenizer, text: str) -> None:
-    reply = await tokenizer.tokenize(text)
-    assert list(reply.token_ids) == hf_tokenizer.encode(text)
-    for skip in (True, False):
-        expected = hf_tokenizer.decode(reply.token_ids, skip_special_tokens=skip)
-        assert await tokenizer.decode(reply.token_ids, skip_special_tokens=skip) == expected
-    assert await tokenizer.decode(reply.token_ids, skip_special_tokens=False) == text
-
-
-@pytest.mark.parametrize("text", CORPUS)
-async def test_streamed_text_equals_one_shot_decoding(tokenizer, hf_tokenizer, text: str) -> None:
-    ids = list((await tokenizer.tokenize(text)).token_ids)
-    replies = await detokenize(tokenizer, ids, skip_special_tokens=False)
-    assert "".join(r.text for r in replies) == hf_tokenizer.decode(ids, skip_special_tokens=False)
-    assert replies[-1].num_tokens == len(ids)
-    assert not any(r.stopped for r in replies)
-
-
-async def test_exported_decoder_decodes_as_the_stage(tokenizer, hf_tokenizer) -> None:
-    # The router detokenizes with this export: its text must be the stage's, byte for byte.
+async def test_tokenize_and_the_exported_decoder_match_transformers(
+    tokenizer, hf_tokenizer, text: str
+) -> None:
+    # The router detokenizes with the stage's export: its text must be transformers',
+    # byte for byte, decoded at once or streamed id by id.
     decoder = await tokenizer.decoder()
-    for text in CORPUS:
-        ids = list((await tokenizer.tokenize(text)).token_ids)
-        for skip in (True, False):
-            assert decoder.decode(ids, skip_special_tokens=skip) == hf_tokenizer.decode(
-                ids, skip_special_tokens=skip
-            )
-        detokenizer = decoder.detokenizer(skip_special_tokens=False)
-        streamed = "".join(detokenizer.push([token_id]) for token_id in ids) + detokenizer.finish()
-        assert streamed == text
+    ids = list((await tokenizer.tokenize(text)).token_ids)
+    assert ids == hf_tokenizer.encode(text)
+    for skip in (True, False):
+        expected = hf_tokenizer.decode(ids, skip_special_tokens=skip)
+        assert decoder.decode(ids, skip_special_tokens=skip) == expected
+        assert streamed(decoder, ids, skip_special_tokens=skip) == expected
+    assert decoder.decode(ids, skip_special_tokens=False) == text
+
+
+async def test_token_texts_and_special_tokens(tokenizer, hf_tokenizer) -> None:
+    decoder = await tokenizer.decoder()
     special = [1, 2, 9906]
-    assert decoder.token_texts(special) == await tokenizer.token_texts(special)
+    assert decoder.token_texts(special) == [
+        hf_tokenizer.decode([token_id], skip_special_tokens=False) for token_id in special
+    ]
+    ids = list((await tokenizer.tokenize("<|im_start|>assistant\nHi<|im_end|>")).token_ids)
+    assert streamed(decoder, ids) == "assistant\nHi"  # skipped by default
+    kept = streamed(decoder, ids, skip_special_tokens=False)
+    assert kept == "<|im_start|>assistant\nHi<|im_end|>"
 
 
 async def test_decoder_arrives_in_chunks_under_the_message_limit(
@@ -95,43 +83,6 @@ async def test_chat_template_matches_transformers(tokenizer, hf_tokenizer) -> No
     assert reply.prompt_text.endswith("<|im_start|>assistant\n")
 
 
-async def test_stop_string_split_across_tokens_over_grpc(tokenizer) -> None:
-    ids = list((await tokenizer.tokenize("Sure! Here it is: <<DONE>> trailing")).token_ids)
-    replies = await detokenize(tokenizer, ids, stop=["<<DONE>>"])
-    assert "".join(r.text for r in replies) == "Sure! Here it is: "
-    assert replies[-1].stopped and replies[-1].stop_reason == "<<DONE>>"
-
-
-async def test_stream_keeps_its_status_while_the_client_writes_on(tokenizer) -> None:
-    # The stop matches at once and the client goes on writing: the stage must hold the
-    # stream's end until the half-close, or grpc's client reports INTERNAL in place of
-    # the answer (grpc/grpc#36066). The same holds for an error.
-    ids = list((await tokenizer.tokenize("<<DONE>>")).token_ids)
-    filler = list((await tokenizer.tokenize(" and more text")).token_ids)
-    for _ in range(5):
-        replies = await detokenize(tokenizer, ids + filler * 300, stop=["<<DONE>>"])
-        assert replies[-1].stopped and "".join(r.text for r in replies) == ""
-
-    async def bad_then_more() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
-        yield tokenizer_pb2.DetokenizeRequest(start=tokenizer_pb2.DetokenizeStart())
-        yield tokenizer_pb2.DetokenizeRequest(token_ids=[10**6])
-        for _ in range(300):
-            yield tokenizer_pb2.DetokenizeRequest(token_ids=filler)
-
-    for _ in range(5):
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in tokenizer.detokenize(bad_then_more()):
-                pass
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-async def test_special_tokens_are_skipped_by_default(tokenizer) -> None:
-    ids = list((await tokenizer.tokenize("<|im_start|>assistant\nHi<|im_end|>")).token_ids)
-    assert "".join(r.text for r in await detokenize(tokenizer, ids)) == "assistant\nHi"
-    kept = await detokenize(tokenizer, ids, skip_special_tokens=False)
-    assert "".join(r.text for r in kept) == "<|im_start|>assistant\nHi<|im_end|>"
-
-
 async def test_model_info(tokenizer) -> None:
     info = await tokenizer.model_info()
     assert info.model == "SmolLM2-135M-Instruct"
@@ -160,38 +111,15 @@ async def test_a_developer_message_is_a_system_message(tokenizer) -> None:
         (lambda t: t.tokenize("hi", model="no-such-model"), "unknown model 'no-such-model'"),
         (lambda t: t.tokenize_chat([]), "at least one message"),
         (lambda t: t.tokenize_chat([{"role": "wizard", "content": "x"}]), "invalid role 'wizard'"),
-        (
-            lambda t: t.decode([1, 2, 49152]),
-            "token id 49152 at position 2 is outside the vocabulary",
-        ),
         (lambda t: t.model_info("gpt-9"), "unknown model 'gpt-9'"),
     ],
-    ids=["unknown-model", "empty-messages", "bad-role", "id-out-of-vocab", "info-unknown-model"],
+    ids=["unknown-model", "empty-messages", "bad-role", "info-unknown-model"],
 )
 async def test_bad_input_is_invalid_argument(tokenizer, call, message: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(tokenizer)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in caught.value.details()
-
-
-async def test_detokenize_protocol_errors(tokenizer) -> None:
-    async def no_start() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
-        yield tokenizer_pb2.DetokenizeRequest(token_ids=[1])
-
-    async def out_of_vocab() -> AsyncIterator[tokenizer_pb2.DetokenizeRequest]:
-        yield tokenizer_pb2.DetokenizeRequest(start=tokenizer_pb2.DetokenizeStart())
-        yield tokenizer_pb2.DetokenizeRequest(token_ids=[10, 10**6])
-
-    for requests, message in (
-        (no_start, "must carry `start`"),
-        (out_of_vocab, "outside the vocabulary"),
-    ):
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in tokenizer.detokenize(requests()):
-                pass
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert message in caught.value.details()
 
 
 async def test_invalid_utf8_is_invalid_argument(tokenizer_stage: StageProcess) -> None:
@@ -208,7 +136,7 @@ async def test_invalid_utf8_is_invalid_argument(tokenizer_stage: StageProcess) -
 async def test_stage_survives_bad_input(tokenizer, tokenizer_stage: StageProcess) -> None:
     for _ in range(3):
         with pytest.raises(grpc.aio.AioRpcError):
-            await tokenizer.decode([10**9])
+            await tokenizer.tokenize_chat([{"role": "wizard", "content": "x"}])
     assert tokenizer_stage.alive()
     assert await health_status(tokenizer_stage.grpc_address) == "SERVING"
     assert list((await tokenizer.tokenize("still fine")).token_ids)

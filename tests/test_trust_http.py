@@ -29,8 +29,8 @@ from services.engine.adapters import AdapterSet
 from services.errors import FailedPrecondition, InvalidRequest, NotFound, PermissionDenied
 from services.operator.etcd_server import EmbeddedEtcd
 from services.pb import common_pb2, router_pb2, router_pb2_grpc
-from tests.conftest import Mesh, router_process, running, skip_unless_required
-from tests.test_admission import rss_mib
+from tests.support.requests import rss_mib
+from tests.support.stages import Mesh, router_process, running, skip_unless_required
 
 A, B, ADMIN = "tenant-a", "tenant-b", "operator"
 GOOD_ORIGIN = "http://good.example"

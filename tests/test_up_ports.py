@@ -154,7 +154,6 @@ def test_a_stage_not_ready_by_the_start_timeout_is_named_with_its_log(
     assert not started_for(mesh["etcd"])
 
 
-@pytest.mark.slow
 def test_an_engine_that_refuses_its_model_ends_up_with_vllm_s_reason(
     home: Path, model_dir: Path, tmp_path: Path
 ) -> None:

@@ -31,7 +31,8 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_l
 #: default tool-call parser reads back.
 _TOOLS_PROMPT = (
     "You may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n"
+    "<tools>\n{tools}\n</tools>\n\n"
     "For each function call, return a json object with function name and arguments within "
     '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, '
     '"arguments": <args-json-object>}}\n</tool_call>'
@@ -158,15 +159,6 @@ class ModelTokenizer:
                 )
                 entry["content"] = f"{message.content}\n{written}" if message.content else written
         return entry
-
-    def check_ids(self, ids: Sequence[int]) -> None:
-        """Reject ids outside the vocabulary, naming the first offender."""
-        for position, token_id in enumerate(ids):
-            if token_id >= self.vocab_size:
-                raise InvalidRequest(
-                    f"token id {token_id} at position {position} is outside the vocabulary "
-                    f"of {self.name!r} (size {self.vocab_size})"
-                )
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [str(token) for token in self._hf.convert_ids_to_tokens(list(ids))]

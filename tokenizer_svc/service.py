@@ -1,5 +1,7 @@
-"""The tokenizer stage's gRPC service: Tokenize, Decode, streaming Detokenize, GetModelInfo,
-GetDecoder."""
+"""The tokenizer stage's gRPC service: Tokenize, GetModelInfo, GetDecoder.
+
+Ids become text in the router, with the decoder GetDecoder exports (docs/design.md,
+"Where detokenization runs"), so this stage has no decode call of its own."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from typing import ClassVar
 import grpc
 from google.protobuf import descriptor
 
-from services.detokenizer import IncrementalDetokenizer
 from services.errors import InvalidRequest, Unavailable
 from services.model import ModelSpec, resolve_model
 from services.pb import common_pb2, tokenizer_pb2
@@ -82,57 +83,6 @@ class TokenizerServicer:
         if request.return_token_strings:
             response.token_strings.extend(tokenizer.token_strings(ids))
         return response
-
-    async def Decode(
-        self, request: tokenizer_pb2.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> tokenizer_pb2.DecodeResponse:
-        """Decode ids to text in one call."""
-        tokenizer = self.model(request.model)
-        tokenizer.check_ids(request.token_ids)
-        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        return tokenizer_pb2.DecodeResponse(
-            text=tokenizer.decoder.decode(request.token_ids, skip),
-            token_texts=tokenizer.decoder.token_texts(request.token_ids)
-            if request.return_token_texts
-            else (),
-        )
-
-    async def Detokenize(
-        self,
-        requests: AsyncIterator[tokenizer_pb2.DetokenizeRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[tokenizer_pb2.DetokenizeResponse]:
-        """Stream final text for a stream of generated ids (see the proto for the protocol)."""
-        detokenizer: IncrementalDetokenizer | None = None
-        tokenizer: ModelTokenizer | None = None
-        async for request in requests:
-            if detokenizer is None:
-                if not request.HasField("start"):
-                    raise InvalidRequest("the first Detokenize message must carry `start`")
-                start = request.start
-                tokenizer = self.model(start.model)
-                tokenizer.check_ids(start.context_token_ids)
-                skip = start.skip_special_tokens if start.HasField("skip_special_tokens") else True
-                detokenizer = tokenizer.decoder.detokenizer(
-                    start.context_token_ids, start.stop, start.include_stop_str_in_output, skip
-                )
-            elif request.HasField("start"):
-                raise InvalidRequest("`start` may only appear in the first Detokenize message")
-            assert tokenizer is not None
-            tokenizer.check_ids(request.token_ids)
-            text = detokenizer.push(request.token_ids)
-            if request.finish and not detokenizer.stopped:
-                text += detokenizer.finish()
-            if text or detokenizer.stopped or request.finish:
-                yield tokenizer_pb2.DetokenizeResponse(
-                    text=text,
-                    num_tokens=detokenizer.num_tokens,
-                    stopped=detokenizer.stopped,
-                    stop_reason=detokenizer.stop_reason,
-                    finished=request.finish,
-                )
-            if detokenizer.stopped or request.finish:
-                return
 
     async def GetModelInfo(
         self, request: tokenizer_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext

@@ -10,6 +10,7 @@ stage needs around it:
   read can crash vLLM's engine core): the abort is sent once the first output shows
   the transfer finished;
 - load figures from vLLM's scheduler stats;
+- the settings it starts with, in :mod:`services.engine.vllm_args`;
 - vLLM's KV events, read from its ZMQ publisher and re-published through a
   :class:`~services.kv.events.KvEventLog` with the mesh's sequence numbers.
 """
@@ -27,29 +28,32 @@ from pathlib import Path
 from typing import Any
 
 from vllm import SamplingParams
-from vllm.config import KVEventsConfig, KVTransferConfig
-from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
-from vllm.v1.metrics.loggers import StatLoggerBase
 
-from services.credentials import MESH_KEY_ENV
 from services.engine.adapters import Adapter, AdapterSet, load_configured
 from services.engine.backend import batches
 from services.engine.config import EngineConfig
 from services.engine.kv_release import END_KV_LEASES
 from services.engine.sampling import to_vllm
+from services.engine.vllm_args import (
+    engine_args,
+    export_environment,
+    layout_labels,
+    uses_kvstore,
+)
 from services.engine.vllm_events import ZmqKvEventBridge
+from services.engine.vllm_stats import LoadStats
 from services.errors import InvalidRequest, StageDead
 from services.kv.events import KvEventLog
-from services.kv.nixl import POLL_MS_ENV
 from services.model import ModelSpec
 from services.net import free_port
 from services.pb import common_pb2, engine_pb2
+from services.vocabulary import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +67,6 @@ class _Request:
     loading_kv: bool
     abort_requested: bool = False
     task: asyncio.Task[None] | None = None
-
-
-class _StatsSink(StatLoggerBase):
-    """Receives vLLM's scheduler stats (in the API process) for the load figures."""
-
-    def __init__(self, runner: EngineRunner) -> None:
-        self._runner = runner
-
-    def record(
-        self,
-        scheduler_stats: Any,
-        iteration_stats: Any,
-        mm_cache_stats: Any = None,
-        engine_idx: int = 0,
-    ) -> None:
-        if scheduler_stats is not None:
-            self._runner._record_stats(scheduler_stats)
-
-    def log_engine_initialized(self) -> None:
-        pass
 
 
 class EngineRunner:
@@ -100,13 +84,8 @@ class EngineRunner:
         self.max_model_len = 0
         self.vocab_size = 0
         self._requests: dict[str, _Request] = {}
-        self._running_reqs = 0
-        self._waiting_reqs = 0
-        self._kv_usage = 0.0
-        self._prefix_queries = 0
-        self._prefix_hits = 0
-        self._external_queries = 0
-        self._external_hits = 0
+        #: Load figures from vLLM's scheduler stats.
+        self.stats = LoadStats()
         self._event_dir = tempfile.mkdtemp(prefix="stagemesh-kvev-")
         self._bridge: ZmqKvEventBridge | None = None
         self.adapters = AdapterSet(
@@ -117,8 +96,6 @@ class EngineRunner:
             config.lora_root,
             config.max_adapters,
         )
-        #: Adapters of the requests running or waiting, as of vLLM's latest stats.
-        self._active_adapters: list[str] = []
         self._adapter_lock = asyncio.Lock()
 
     @property
@@ -127,54 +104,12 @@ class EngineRunner:
 
     async def start(self) -> None:
         """Start the engine (tens of seconds on CPU) and the KV-event bridge."""
-        self._export_vllm_environment()
+        export_environment(self.config, self.nixl_port)
         endpoint = f"ipc://{Path(self._event_dir) / 'events.sock'}"
-        optional: dict[str, Any] = {}
-        if self.config.max_model_len:
-            optional["max_model_len"] = self.config.max_model_len
-        if self.config.block_size:
-            optional["block_size"] = self.config.block_size
-        if self.config.max_num_batched_tokens:
-            optional["max_num_batched_tokens"] = self.config.max_num_batched_tokens
-        if self.config.kv_cache_blocks:
-            optional["num_gpu_blocks_override"] = self.config.kv_cache_blocks
-        if self.config.quantization:
-            optional["quantization"] = self.config.quantization
-        speculative = self.config.speculative()
-        if speculative is not None:
-            optional["speculative_config"] = speculative
-        if self.config.world_size > 1:
-            # Ranks run as worker processes (vLLM's multiprocess executor).
-            optional["distributed_executor_backend"] = "mp"
-        if self.config.lora_enabled:
-            optional.update(
-                enable_lora=True,
-                max_loras=self.config.max_loras,
-                max_lora_rank=self.config.max_lora_rank,
-            )
-        args = AsyncEngineArgs(
-            model=str(self.model.path),
-            served_model_name=self.model.name,
-            # The tokenizer is loaded only for what vLLM needs it for inside the
-            # engine: compiling structured-output grammars and bad_words. Text never
-            # passes through here (requests are token ids, outputs are not detokenized).
-            dtype=self.config.dtype,  # vLLM validates the name
-            max_num_seqs=self.config.max_num_seqs,
-            enable_prefix_caching=True,
-            gpu_memory_utilization=self.config.gpu_memory_utilization,
-            kv_transfer_config=self._kv_transfer_config(),
-            kv_events_config=KVEventsConfig(
-                enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint, topic="kv"
-            ),
-            tensor_parallel_size=self.config.tensor_parallel_size,
-            pipeline_parallel_size=self.config.pipeline_parallel_size,
-            data_parallel_size=self.config.data_parallel_size,
-            enable_expert_parallel=self.config.enable_expert_parallel,
-            **optional,
-        )
+        args = engine_args(self.config, self.model, self.kv_role, endpoint)
         try:
             self.engine = AsyncLLM.from_engine_args(
-                args, stat_loggers=[lambda config, index: _StatsSink(self)]
+                args, stat_loggers=[lambda config, index: self.stats.sink()]
             )
         except (ValueError, TypeError, NotImplementedError) as exc:
             # vLLM checks the settings against the model and the device (pydantic's
@@ -201,77 +136,10 @@ class EngineRunner:
             self.nixl_address,
         )
 
-    def _kv_transfer_config(self) -> KVTransferConfig:
-        """NixlConnector for the prefill-to-decode handoff; on prefill engines, with the
-        KV store's connector beside it (vLLM's MultiConnector) when ``--kvstore`` is on."""
-        nixl = {
-            "kv_connector": "NixlConnector",
-            "kv_role": self.kv_role,
-            "kv_buffer_device": "cpu" if self.config.device == "cpu" else "cuda",
-            "kv_connector_extra_config": {"kv_lease_duration": self.config.kv_lease_seconds},
-        }
-        if not self.uses_kvstore:
-            # A decode that cannot pull the KV fails the request (the router then runs it
-            # aggregated) rather than silently recomputing the prompt.
-            return KVTransferConfig(**nixl, kv_load_failure_policy="fail")
-        store = {
-            "kv_connector": "KvStoreConnector",
-            "kv_connector_module_path": "services.engine.kvstore_connector",
-            "kv_role": self.kv_role,
-            "kv_connector_extra_config": {
-                "etcd": self.config.etcd,
-                "poll_ms": self.config.nixl_poll_ms,
-                # File names only: vLLM logs this config. A mesh key given by value
-                # reaches the engine core through the environment (see start()).
-                "credentials": {
-                    "mesh_key_file": self.config.mesh_key_file,
-                    "tls_cert": self.config.tls_cert,
-                    "tls_key": self.config.tls_key,
-                    "tls_ca": self.config.tls_ca,
-                    "tls_server_name": self.config.tls_server_name,
-                    "etcd_user": self.config.etcd_user,
-                    "etcd_password_file": self.config.etcd_password_file,
-                },
-            },
-        }
-        return KVTransferConfig(
-            kv_connector="MultiConnector",
-            kv_role=self.kv_role,
-            kv_buffer_device=nixl["kv_buffer_device"],
-            kv_connector_extra_config={"connectors": [nixl, store]},
-            # A prefill engine only ever loads from the store, a cache: a block it could
-            # not read is recomputed, never a failed request.
-            kv_load_failure_policy="recompute",
-        )
-
     @property
     def uses_kvstore(self) -> bool:
-        """Prefill engines use the store; decode engines keep "fail" for their handoff
-        pulls (a policy is per engine), so they do not load from it."""
-        return self.config.kvstore and self.kv_role == "kv_producer"
-
-    def _export_vllm_environment(self) -> None:
-        """vLLM reads these from the environment, in this process and its engine core."""
-        settings = {
-            "VLLM_NIXL_SIDE_CHANNEL_HOST": self.config.nixl_host,
-            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(self.nixl_port),
-            POLL_MS_ENV: str(self.config.nixl_poll_ms),
-        }
-        if self.config.mesh_key and not self.config.mesh_key_file:
-            # For the KV-store connector in the engine core; kept out of vLLM's config,
-            # which it logs.
-            settings[MESH_KEY_ENV] = self.config.mesh_key
-        if self.config.device == "cpu":
-            settings["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.kv_cache_gib)
-            if self.config.cpu_cores:
-                settings["VLLM_CPU_OMP_THREADS_BIND"] = self.config.rank_cores()
-            # vLLM's CPU platform otherwise forces the multiprocess executor, whose
-            # EngineCore busy-waits on the worker's shared-memory queue for up to a
-            # second after every step: a core's worth of spinning beside the compute
-            # threads on the engine's own cores. The uniprocess executor runs the model
-            # in EngineCore itself (still its own process): no queue, no spin.
-            settings["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.config.world_size == 1 else "1"
-        os.environ.update(settings)
+        """Whether this engine loads prompts' KV from the KV store (:func:`uses_kvstore`)."""
+        return uses_kvstore(self.config, self.kv_role)
 
     async def shutdown(self) -> None:
         if self._bridge is not None:
@@ -303,12 +171,7 @@ class EngineRunner:
         """Reject an empty prompt or ids outside the vocabulary before vLLM sees them."""
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty; send at least one token id")
-        for position, token_id in enumerate(prompt_token_ids):
-            if token_id >= self.vocab_size:
-                raise InvalidRequest(
-                    f"token id {token_id} at position {position} is outside the vocabulary "
-                    f"(size {self.vocab_size})"
-                )
+        check_token_ids(prompt_token_ids, self.vocab_size)
 
     async def load_adapter(self, name: str, path: str, at_run_time: bool = True) -> Adapter:
         """Load a LoRA adapter (idempotent for the same name and directory). A bad one
@@ -478,60 +341,12 @@ class EngineRunner:
             raise StageDead(f"the vLLM engine died: {self.engine.dead_error}")
         return self.engine
 
-    def _record_stats(self, stats: Any) -> None:
-        self._running_reqs = int(stats.num_running_reqs)
-        self._waiting_reqs = int(stats.num_waiting_reqs)
-        self._kv_usage = float(stats.kv_cache_usage)
-        prefix = getattr(stats, "prefix_cache_stats", None)
-        if prefix is not None:
-            self._prefix_queries += int(prefix.queries)
-            self._prefix_hits += int(prefix.hits)
-        external = getattr(stats, "connector_prefix_cache_stats", None)
-        if external is not None:
-            self._external_queries += int(external.queries)
-            self._external_hits += int(external.hits)
-        self._active_adapters = sorted(
-            {
-                *getattr(stats, "running_lora_adapters", {}),
-                *getattr(stats, "waiting_lora_adapters", {}),
-            }
-        )
-
     def layout_labels(self) -> dict[str, str]:
-        """How the engine computes, for its member record: parallelism, quantization, KV
-        dtype and speculative decoding as vLLM resolved them (the router pairs prefill and
-        decode engines whose KV can move between them)."""
-        config = self._engine().vllm_config
-        parallel = config.parallel_config
-        speculative = config.speculative_config
-        cache_dtype = str(config.cache_config.cache_dtype)
-        return {
-            "tensor_parallel_size": str(parallel.tensor_parallel_size),
-            "pipeline_parallel_size": str(parallel.pipeline_parallel_size),
-            "data_parallel_size": str(parallel.data_parallel_size),
-            "expert_parallel": "on" if parallel.enable_expert_parallel else "off",
-            "quantization": str(config.model_config.quantization or "none"),
-            "kv_dtype": str(config.model_config.dtype).removeprefix("torch.")
-            if cache_dtype == "auto"
-            else cache_dtype,
-            "speculative": str(speculative.method) if speculative is not None else "off",
-        }
+        """How the engine computes, for its member record (:func:`layout_labels`)."""
+        return layout_labels(self._engine().vllm_config)
 
     def load(self, pending_transfers: int) -> engine_pb2.Load:
-        """Load figures for routing. With nothing in flight the scheduler is idle, whatever
-        its last (possibly older) stats report said."""
-        busy = bool(self._requests)
-        return engine_pb2.Load(
-            running_requests=self._running_reqs if busy else 0,
-            waiting_requests=self._waiting_reqs if busy else 0,
-            kv_cache_usage=self._kv_usage,
-            prefix_cache_hit_rate=(
-                self._prefix_hits / self._prefix_queries if self._prefix_queries else 0.0
-            ),
-            kv_block_size=self.block_size,
-            kv_total_blocks=self.total_blocks,
-            pending_transfers=pending_transfers,
-            external_prefix_queried_tokens=self._external_queries,
-            external_prefix_hit_tokens=self._external_hits,
-            active_adapters=self._active_adapters if busy else [],
+        """Load figures for routing (:meth:`LoadStats.load`)."""
+        return self.stats.load(
+            bool(self._requests), self.block_size, self.total_blocks, pending_transfers
         )

@@ -1,17 +1,17 @@
-"""The EngineService servicer and the Stage both engine roles run.
+"""What both engine roles serve: the shared EngineService calls and the engine Stage.
 
-Prefill and decode differ only in their role, their NIXL ``kv_role`` and which calls
-they accept: a prefill member answers ``Prefill``; a decode member answers ``Generate``
-with or without a KV handle. The rest (abort, load, KV events) is the same. The engine
-inside is vLLM or the simulated engine (``--engine``), behind
+Each role's own calls live in its folder: ``prefill_svc/handlers.py`` computes prompts
+for another engine and keeps their KV until it is pulled (``Prefill``, the lease book,
+release on ``Abort``); ``decode_svc/handlers.py`` collects a prefill's KV through a
+handle (the signer check, the issuer watch). What is left here is the same for both:
+``Generate`` without a handle, aborts, load, adapters and KV events. The engine inside
+is vLLM or the simulated engine (``--engine``), behind
 :class:`~services.engine.backend.EngineBackend`; nothing here imports vLLM.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,103 +24,24 @@ from services.engine.backend import EngineBackend
 from services.engine.config import EngineConfig
 from services.engine.metrics import ENGINE_LOADS
 from services.engine.replies import Reply
-from services.errors import InvalidRequest, KvNotCollected, PermissionDenied, Unavailable
-from services.etcd import EtcdSession
-from services.kv.handles import EXTRA_KEYS, HandleSigner, allowed_extra, issuer_mismatch
-from services.membership import MemberWatcher, role_prefix
+from services.errors import InvalidRequest, KvNotCollected, Unavailable
 from services.model import ModelSpec, resolve_model
 from services.pb import common_pb2, engine_pb2
 from services.server import Stage
 
-# kv_transfer_params keys with a typed home in KvTransferHandle; others travel in extra_json.
-_TYPED_KEYS = {
-    "remote_engine_id",
-    "remote_block_ids",
-    "remote_host",
-    "remote_port",
-    "remote_request_id",
-    "tp_size",
-    "do_remote_prefill",
-    "do_remote_decode",
-}
-
-
-def handle_from_params(
-    params: dict[str, Any], num_tokens: int, instance_id: str, expires_at: float
-) -> common_pb2.KvTransferHandle:
-    """vLLM's kv_transfer_params from a prefill, as the mesh's typed handle.
-
-    vLLM lists block ids per KV-cache group. With one group (every model without
-    hybrid attention) they become the typed ``remote_block_ids``; several groups
-    travel whole in ``extra_json``, which :func:`params_from_handle` prefers.
-    """
-    groups = params.get("remote_block_ids") or []
-    if groups and not isinstance(groups[0], list):
-        groups = [groups]  # older vLLM: one flat list
-    # Keys outside the allowlist are not issued: a decode engine would refuse them.
-    extra = {k: v for k, v in params.items() if k not in _TYPED_KEYS and k in EXTRA_KEYS}
-    if len(groups) > 1:
-        extra["remote_block_ids"] = groups
-    block_ids = groups[0] if len(groups) == 1 else []
-    return common_pb2.KvTransferHandle(
-        remote_engine_id=str(params.get("remote_engine_id", "")),
-        remote_block_ids=[int(b) for b in block_ids],
-        remote_host=str(params.get("remote_host", "")),
-        remote_port=int(params.get("remote_port") or 0),
-        remote_request_id=str(params.get("remote_request_id", "")),
-        num_tokens=num_tokens,
-        tp_size=int(params.get("tp_size") or 1),
-        prefill_instance_id=instance_id,
-        expires_at=expires_at,
-        extra_json=json.dumps(extra, separators=(",", ":")),
-    )
-
-
-def params_from_handle(handle: common_pb2.KvTransferHandle) -> dict[str, Any]:
-    """The kv_transfer_params a decode request needs to pull the handle's KV."""
-    if not handle.remote_engine_id or not handle.remote_host or not handle.remote_port:
-        raise InvalidRequest("the KV transfer handle lacks the prefill engine's id or address")
-    try:
-        params: dict[str, Any] = (
-            allowed_extra(json.loads(handle.extra_json)) if handle.extra_json else {}
-        )
-    except (json.JSONDecodeError, AttributeError, TypeError):
-        raise InvalidRequest("the KV transfer handle's extra_json is not a JSON object") from None
-    params.setdefault("remote_block_ids", [list(handle.remote_block_ids)])
-    params.update(
-        do_remote_prefill=True,
-        do_remote_decode=False,
-        remote_engine_id=handle.remote_engine_id,
-        remote_host=handle.remote_host,
-        remote_port=handle.remote_port,
-        remote_request_id=handle.remote_request_id,
-        tp_size=handle.tp_size or 1,
-    )
-    return params
-
 
 class EngineServicer:
-    """EngineService over an :class:`~services.engine.backend.EngineBackend`."""
+    """EngineService over an :class:`~services.engine.backend.EngineBackend`: the calls
+    every engine answers alike. A role's servicer overrides :meth:`Prefill` (a prefill
+    member) or :meth:`kv_params` (a decode member); here both refuse, so a call sent to
+    the wrong role gets a clear INVALID_ARGUMENT rather than UNIMPLEMENTED."""
 
     def __init__(
-        self,
-        runner: EngineBackend,
-        role: int,
-        instance_id: str,
-        signer: HandleSigner,
-        issuers: PrefillMembers | None = None,
-        publish: Callable[[], Awaitable[None]] | None = None,
+        self, runner: EngineBackend, publish: Callable[[], Awaitable[None]] | None = None
     ) -> None:
         self._runner = runner
         #: Publishes the member record again (its adapter list changed).
         self.publish = publish
-        self._signer = signer
-        self._issuers = issuers
-        self._role = role
-        self._instance_id = instance_id
-        #: Finished prefills' KV held for a decode: request id -> (lease expiry, the
-        #: engine's own id for it, which vLLM's connector tracks).
-        self._handles: dict[str, tuple[float, str]] = {}
 
     def _ready(self) -> EngineBackend:
         if self._runner.events is None:
@@ -130,48 +51,14 @@ class EngineServicer:
     async def Prefill(
         self, request: engine_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> engine_pb2.PrefillResponse:
-        """Compute the prompt's KV and keep it for a decode engine to pull over NIXL."""
-        runner = self._ready()
-        if self._role != common_pb2.ROLE_PREFILL:
-            raise InvalidRequest("Prefill goes to a prefill member; this is a decode member")
-        runner.check_prompt(request.prompt_token_ids)
-        request_id = request.request_id or f"prefill-{uuid.uuid4().hex}"
-        sampling = runner.sampling(
-            request.sampling,
-            len(request.prompt_token_ids),
-            kv_transfer_params={"do_remote_decode": True},
-            max_tokens=1,
-        )
-        final = None
-        try:
-            async for batch in runner.stream(
-                request_id,
-                request.prompt_token_ids,
-                sampling,
-                cache_salt=request.sampling.cache_salt,
-                adapter=request.adapter,
-            ):
-                final = batch[-1]
-        except asyncio.CancelledError:
-            # The caller left just as the prompt finished: nobody will collect its KV.
-            if final is not None and final.finished and final.kv_transfer_params:
-                engine_id = str(final.kv_transfer_params.get("remote_request_id", ""))
-                await asyncio.shield(runner.release_kv([engine_id]))
-            raise
-        if final is None or not final.kv_transfer_params:
-            raise Unavailable("the prefill finished without a KV transfer handle")
-        expires_at = time.time() + runner.config.kv_lease_seconds
-        handle = handle_from_params(
-            final.kv_transfer_params, len(request.prompt_token_ids), self._instance_id, expires_at
-        )
-        self._signer.sign(handle)
-        self._forget_expired()
-        self._handles[request_id] = (expires_at, handle.remote_request_id)
-        return engine_pb2.PrefillResponse(
-            handle=handle,
-            cached_tokens=int(final.num_cached_tokens or 0),
-            prompt_tokens=len(request.prompt_token_ids),
-        )
+        """Refused: only a prefill member computes a prompt for another engine."""
+        self._ready()
+        raise InvalidRequest("Prefill goes to a prefill member; this is a decode member")
+
+    async def kv_params(self, request: engine_pb2.GenerateRequest) -> dict[str, Any]:
+        """The kv_transfer_params that pull ``request``'s KV handle; refused here: only a
+        decode member collects KV from another engine."""
+        raise InvalidRequest("a KV handle can only be collected by a decode member")
 
     async def Generate(
         self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -179,25 +66,7 @@ class EngineServicer:
         """Stream generated ids; with a handle the prompt's KV comes from the prefill engine."""
         runner = self._ready()
         runner.check_prompt(request.prompt_token_ids)
-        kv_params = None
-        if request.HasField("kv_handle"):
-            if self._role != common_pb2.ROLE_DECODE:
-                raise InvalidRequest("a KV handle can only be collected by a decode member")
-            handle = request.kv_handle
-            self._signer.check(handle)  # before anything else is read from it
-            if handle.expires_at and handle.expires_at < time.time():
-                raise KvNotCollected(
-                    f"KV transfer handle {handle.remote_request_id!r} expired "
-                    f"{time.time() - handle.expires_at:.1f}s ago; prefill again"
-                )
-            if self._issuers is not None:
-                await self._issuers.check(handle)
-            if handle.num_tokens and handle.num_tokens != len(request.prompt_token_ids):
-                raise InvalidRequest(
-                    f"the KV handle covers {handle.num_tokens} prompt tokens, "
-                    f"the request has {len(request.prompt_token_ids)}"
-                )
-            kv_params = params_from_handle(handle)
+        kv_params = await self.kv_params(request) if request.HasField("kv_handle") else None
         sampling = runner.sampling(request.sampling, len(request.prompt_token_ids), kv_params)
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         reply = Reply(request)
@@ -216,15 +85,11 @@ class EngineServicer:
                 and kv_params is not None
                 and not reply.completion_tokens
             ):
-                # vLLM's kv_load_failure_policy "fail": the KV could not be pulled.
-                raise KvNotCollected(
-                    f"could not collect KV transfer handle {request.kv_handle.remote_request_id!r} "
-                    f"from {request.kv_handle.remote_host}:{request.kv_handle.remote_port}: it is "
-                    "unknown or expired, or the prefill worker is gone; prefill again or run aggregated"
-                )
+                raise _not_collected(request.kv_handle)
             for output in batch:
                 reply.add(output)
-            # --stream-interval holds ids back until that many are ready (not the first, nor the last).
+            # --stream-interval holds ids back until that many are ready (not the first,
+            # nor the last).
             if reply.sent and not batch[-1].finished and len(reply.message.token_ids) < interval:
                 continue
             yield reply.take()
@@ -232,32 +97,21 @@ class EngineServicer:
     async def Abort(
         self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> engine_pb2.AbortResponse:
-        """Abort requests by id; unknown ids are skipped (they may have finished).
-
-        On a prefill member, the id of a finished prefill whose KV no decode engine has
-        collected frees that KV now instead of at the end of its lease: the router sends
-        it when the handle will not be used (the client left, the decode side failed).
-        """
+        """Abort requests by id; unknown ids are skipped (they may have finished)."""
         runner = self._ready()
         aborted = [rid for rid in request.request_ids if await runner.abort(rid)]
-        self._forget_expired()
-        held = {
-            self._handles[rid][1]: rid
-            for rid in request.request_ids
-            if rid in self._handles and rid not in aborted
-        }
-        if held:
-            for engine_id in await runner.release_kv(list(held)):
-                aborted.append(held[engine_id])
-                del self._handles[held[engine_id]]
         return engine_pb2.AbortResponse(aborted=aborted)
+
+    def pending_transfers(self) -> int:
+        """Finished prefills whose KV waits for a decode engine (none but on a prefill
+        member): part of the load figures."""
+        return 0
 
     async def GetLoad(
         self, request: engine_pb2.LoadRequest, context: grpc.aio.ServicerContext
     ) -> engine_pb2.Load:
         """Running and waiting requests, KV use, prefix-cache hit rate, block size."""
-        self._forget_expired()
-        return self._ready().load(pending_transfers=len(self._handles))
+        return self._ready().load(pending_transfers=self.pending_transfers())
 
     async def LoadAdapter(
         self, request: engine_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
@@ -300,47 +154,11 @@ class EngineServicer:
         assert events is not None
         return events.snapshot()
 
-    def _forget_expired(self) -> None:
-        now = time.time()
-        for request_id in [r for r, (expiry, _) in self._handles.items() if expiry < now]:
-            del self._handles[request_id]
-
-
-class PrefillMembers:
-    """The mesh's prefill members, followed in etcd: a decode engine pulls KV only from
-    the one a handle names, at the address that member registered
-    (:func:`services.kv.handles.issuer_mismatch`)."""
-
-    #: How long a handle naming an unknown member waits for the member's record (a
-    #: prefill engine that registered a moment ago may not have reached the watch yet).
-    GRACE_SECONDS = 1.0
-
-    def __init__(self, etcd_endpoints: list[tuple[str, int]]) -> None:
-        self._session = EtcdSession(etcd_endpoints)
-        self._watcher: MemberWatcher[common_pb2.Member] = MemberWatcher(
-            self._session, role_prefix(common_pb2.ROLE_PREFILL)
-        )
-
-    def start(self) -> None:
-        self._watcher.start()
-
-    async def close(self) -> None:
-        await self._watcher.close()
-        await self._session.close()
-
-    async def check(self, handle: common_pb2.KvTransferHandle) -> None:
-        """Return when a current prefill member issued ``handle``; PermissionDenied otherwise."""
-        deadline = time.monotonic() + self.GRACE_SECONDS
-        while reason := issuer_mismatch(handle, self._watcher.members.values()):
-            if time.monotonic() >= deadline:
-                raise PermissionDenied(
-                    f"the KV handle names no prefill engine of this mesh: {reason}"
-                )
-            await asyncio.sleep(0.05)
-
 
 class EngineStage(Stage):
-    """An engine stage; subclasses set the role and NIXL kv_role."""
+    """An engine stage: one engine (vLLM or simulated) and a role's servicer over it. A
+    role's stage (``prefill_svc/stage.py``, ``decode_svc/stage.py``) sets the role and
+    NIXL ``kv_role`` and builds its servicer in :meth:`make_servicer`."""
 
     kv_role: ClassVar[str]
 
@@ -349,28 +167,22 @@ class EngineStage(Stage):
         self._runner = _backend(
             config, resolve_model(config.model, Path(config.home)), self.kv_role
         )
-        signer = HandleSigner(config.credentials().mesh_key)
-        self._issuers = (
-            PrefillMembers(config.etcd_endpoints) if self.role == common_pb2.ROLE_DECODE else None
-        )
-        self._servicer = EngineServicer(
-            self._runner, self.role, config.instance_id, signer, self._issuers
-        )
+        self._servicer = self.make_servicer(self._runner)
+
+    def make_servicer(self, runner: EngineBackend) -> EngineServicer:
+        """The role's EngineService over ``runner``."""
+        raise NotImplementedError
 
     def services(self) -> list[tuple[descriptor.ServiceDescriptor, object]]:
         return [(engine_pb2.DESCRIPTOR.services_by_name["EngineService"], self._servicer)]
 
     async def start(self) -> None:
-        if self._issuers is not None:
-            self._issuers.start()
         await self._runner.start()
         ENGINE_LOADS.add(self._config.instance_id, self._runner)
 
     async def stop(self) -> None:
         ENGINE_LOADS.remove(self._config.instance_id)
         await self._runner.shutdown()
-        if self._issuers is not None:
-            await self._issuers.close()
 
     def watch_member(self, publish: Callable[[], Awaitable[None]]) -> None:
         self._servicer.publish = publish
@@ -407,3 +219,12 @@ def _backend(config: EngineConfig, model: ModelSpec, kv_role: str) -> EngineBack
     from services.engine.engine import EngineRunner
 
     return EngineRunner(config, model, kv_role)
+
+
+def _not_collected(handle: common_pb2.KvTransferHandle) -> KvNotCollected:
+    """vLLM's kv_load_failure_policy "fail": the decode engine could not pull the KV."""
+    return KvNotCollected(
+        f"could not collect KV transfer handle {handle.remote_request_id!r} from "
+        f"{handle.remote_host}:{handle.remote_port}: it is unknown or expired, or the "
+        "prefill worker is gone; prefill again or run aggregated"
+    )

@@ -74,64 +74,6 @@ class TokenizeResponse(_message.Message):
     prompt_text: str
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., token_strings: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., prompt_text: _Optional[str] = ...) -> None: ...
 
-class DecodeRequest(_message.Message):
-    __slots__ = ("model", "token_ids", "skip_special_tokens", "return_token_texts")
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    RETURN_TOKEN_TEXTS_FIELD_NUMBER: _ClassVar[int]
-    model: str
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
-    skip_special_tokens: bool
-    return_token_texts: bool
-    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., skip_special_tokens: _Optional[bool] = ..., return_token_texts: _Optional[bool] = ...) -> None: ...
-
-class DecodeResponse(_message.Message):
-    __slots__ = ("text", "token_texts")
-    TEXT_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_TEXTS_FIELD_NUMBER: _ClassVar[int]
-    text: str
-    token_texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, text: _Optional[str] = ..., token_texts: _Optional[_Iterable[str]] = ...) -> None: ...
-
-class DetokenizeStart(_message.Message):
-    __slots__ = ("model", "skip_special_tokens", "stop", "include_stop_str_in_output", "context_token_ids")
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    STOP_FIELD_NUMBER: _ClassVar[int]
-    INCLUDE_STOP_STR_IN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
-    CONTEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    model: str
-    skip_special_tokens: bool
-    stop: _containers.RepeatedScalarFieldContainer[str]
-    include_stop_str_in_output: bool
-    context_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., skip_special_tokens: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., include_stop_str_in_output: _Optional[bool] = ..., context_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class DetokenizeRequest(_message.Message):
-    __slots__ = ("start", "token_ids", "finish")
-    START_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    FINISH_FIELD_NUMBER: _ClassVar[int]
-    start: DetokenizeStart
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
-    finish: bool
-    def __init__(self, start: _Optional[_Union[DetokenizeStart, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish: _Optional[bool] = ...) -> None: ...
-
-class DetokenizeResponse(_message.Message):
-    __slots__ = ("text", "num_tokens", "stopped", "stop_reason", "finished")
-    TEXT_FIELD_NUMBER: _ClassVar[int]
-    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    STOPPED_FIELD_NUMBER: _ClassVar[int]
-    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
-    FINISHED_FIELD_NUMBER: _ClassVar[int]
-    text: str
-    num_tokens: int
-    stopped: bool
-    stop_reason: str
-    finished: bool
-    def __init__(self, text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., stopped: _Optional[bool] = ..., stop_reason: _Optional[str] = ..., finished: _Optional[bool] = ...) -> None: ...
-
 class ModelInfoRequest(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]

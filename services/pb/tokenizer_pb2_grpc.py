@@ -39,16 +39,6 @@ class TokenizerServiceStub:
                 request_serializer=stagemesh_dot_v1_dot_tokenizer__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=stagemesh_dot_v1_dot_tokenizer__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
-        self.Decode = channel.unary_unary(
-                '/stagemesh.v1.TokenizerService/Decode',
-                request_serializer=stagemesh_dot_v1_dot_tokenizer__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=stagemesh_dot_v1_dot_tokenizer__pb2.DecodeResponse.FromString,
-                _registered_method=True)
-        self.Detokenize = channel.stream_stream(
-                '/stagemesh.v1.TokenizerService/Detokenize',
-                request_serializer=stagemesh_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
-                response_deserializer=stagemesh_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
-                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/stagemesh.v1.TokenizerService/GetModelInfo',
                 request_serializer=stagemesh_dot_v1_dot_tokenizer__pb2.ModelInfoRequest.SerializeToString,
@@ -72,27 +62,6 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Decode(self, request, context):
-        """Token ids to text in one call.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Detokenize(self, request_iterator, context):
-        """Streaming detokenization of one generated sequence. The first message must carry
-        `start`; later messages carry token ids as the engine produces them, and the last
-        one sets `finish`. Each response holds the text that became final: multi-byte
-        characters split across tokens are held back until complete, and text that may be
-        the beginning of a stop string is held back until it is known not to be.
-        Half-close the stream once you sent `finish` or got `stopped` (or an error is
-        due): the stage sends the status only after the half-close, because ending a
-        stream the client still writes to loses the status in some gRPC clients.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def GetModelInfo(self, request, context):
         """Facts about a model's tokenizer: vocabulary size, EOS ids, context length.
         """
@@ -103,8 +72,8 @@ class TokenizerServiceServicer:
     def GetDecoder(self, request, context):
         """The model's decoder: its fast tokenizer serialized as JSON (the `tokenizers`
         library's format), in chunks of at most 1 MiB to be joined in order. With it a
-        caller decodes ids exactly as Decode and Detokenize do, without a round trip per
-        generated token; the router detokenizes this way.
+        caller decodes ids exactly as this stage would, without a round trip per generated
+        token; the router detokenizes this way (streaming, with stop strings).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,16 +86,6 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=stagemesh_dot_v1_dot_tokenizer__pb2.TokenizeRequest.FromString,
                     response_serializer=stagemesh_dot_v1_dot_tokenizer__pb2.TokenizeResponse.SerializeToString,
-            ),
-            'Decode': grpc.unary_unary_rpc_method_handler(
-                    servicer.Decode,
-                    request_deserializer=stagemesh_dot_v1_dot_tokenizer__pb2.DecodeRequest.FromString,
-                    response_serializer=stagemesh_dot_v1_dot_tokenizer__pb2.DecodeResponse.SerializeToString,
-            ),
-            'Detokenize': grpc.stream_stream_rpc_method_handler(
-                    servicer.Detokenize,
-                    request_deserializer=stagemesh_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.FromString,
-                    response_serializer=stagemesh_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -166,60 +125,6 @@ class TokenizerService:
             '/stagemesh.v1.TokenizerService/Tokenize',
             stagemesh_dot_v1_dot_tokenizer__pb2.TokenizeRequest.SerializeToString,
             stagemesh_dot_v1_dot_tokenizer__pb2.TokenizeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Decode(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/stagemesh.v1.TokenizerService/Decode',
-            stagemesh_dot_v1_dot_tokenizer__pb2.DecodeRequest.SerializeToString,
-            stagemesh_dot_v1_dot_tokenizer__pb2.DecodeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Detokenize(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/stagemesh.v1.TokenizerService/Detokenize',
-            stagemesh_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
-            stagemesh_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

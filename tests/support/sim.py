@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,8 @@ from services.net import free_port
 from services.operator.etcd_server import EmbeddedEtcd
 from services.operator.launcher import StageProcess
 from services.pb import common_pb2
-from tests.conftest import private_etcd, router_process, running, tokenizer_process
+from tests.support.polling import eventually
+from tests.support.stages import private_etcd, router_process, running, tokenizer_process
 
 #: Each simulated engine runs this many sequences at once.
 MAX_NUM_SEQS = 4
@@ -37,13 +37,13 @@ class SimMesh:
     router: StageProcess
     engines: dict[str, StageProcess] = field(default_factory=dict)
 
-    def engine(self, name: str, count: int, *extra: str) -> StageProcess:
-        """A process of ``count`` simulated decode engines at an accelerator's pace (not
+    def engine(self, name: str, count: int, *extra: str, role: str = "decode") -> StageProcess:
+        """A process of ``count`` simulated ``role`` engines at an accelerator's pace (not
         started)."""
         port = free_port()
         process = StageProcess(
             name,
-            "decode_svc",
+            f"{role}_svc",
             [
                 "--engine",
                 "sim",
@@ -138,10 +138,13 @@ class SimMesh:
             await session.close()
 
     async def wait_members(self, count: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while (found := await self.decode_members()) != count:
-            assert time.monotonic() < deadline, f"{found} decode members, not {count}"
-            await asyncio.sleep(0.2)
+        """Wait until etcd lists ``count`` decode members."""
+
+        async def listed() -> None:
+            found = await self.decode_members()
+            assert found == count, f"{found} decode members, not {count}"
+
+        await eventually(listed, timeout)
 
 
 @contextlib.asynccontextmanager

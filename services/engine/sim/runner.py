@@ -42,6 +42,7 @@ from services.errors import InvalidRequest, Unavailable
 from services.kv.events import KvEventLog
 from services.model import ModelSpec
 from services.pb import common_pb2, engine_pb2
+from services.vocabulary import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +155,11 @@ class SimRunner:
         return None
 
     def check_prompt(self, prompt_token_ids: Sequence[int]) -> None:
+        """Reject an empty prompt or ids outside the vocabulary, as a vLLM engine does."""
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty; send at least one token id")
         assert self._tokens is not None
-        vocab = self._tokens.vocab_size
-        for position, token_id in enumerate(prompt_token_ids):
-            if token_id >= vocab:
-                raise InvalidRequest(
-                    f"token id {token_id} at position {position} is outside the vocabulary (size "
-                    f"{vocab})"
-                )
+        check_token_ids(prompt_token_ids, self._tokens.vocab_size)
 
     def sampling(
         self,
