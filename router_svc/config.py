@@ -94,6 +94,11 @@ class RouterConfig(StageConfig):
     http_port: int = setting(8000, "OpenAI-compatible HTTP port (0 picks a free one, -1 disables)")
     http_host: str = setting("", "address the HTTP bridge binds (default: --host)")
     max_body_mib: int = setting(8, "largest HTTP request body accepted, MiB (larger: 413)")
+    max_bodies_mib: int = setting(
+        256,
+        "most MiB of HTTP request bodies the requests in progress may hold together, a quarter "
+        "of it per API key; past it new requests get 429 before their body is read",
+    )
     api_key: str = setting(
         "",
         "API keys clients must send (Authorization: Bearer KEY, over HTTP and gRPC), "

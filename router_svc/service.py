@@ -221,6 +221,7 @@ def http_bridge(
             config.http_host or config.host, config.allowed_origins, config.allowed_hosts
         ),
         connections=Connections(config.http_idle_timeout, config.http_max_connections),
+        bodies_mib=config.max_bodies_mib,
     )
 
 

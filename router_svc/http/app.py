@@ -23,6 +23,7 @@ from aiohttp import hdrs, web
 from router_svc.adapters import AdapterControl
 from router_svc.auth import ApiKeys
 from router_svc.http.admin import Admin
+from router_svc.http.bodies import BodyBudget
 from router_svc.http.chat import ChatCompletions
 from router_svc.http.completions import Completions
 from router_svc.http.errors import Handler, error_middleware
@@ -52,10 +53,12 @@ class HttpBridge:
         adapters: AdapterControl | None = None,
         guard: RequestGuard | None = None,
         connections: Connections | None = None,
+        bodies_mib: int = 256,
     ) -> None:
         self._guard = guard or RequestGuard("127.0.0.1", (), ())
         self._connections = connections or Connections()
         self._max_body = max_body_mib * 1024 * 1024
+        self.bodies = BodyBudget(bodies_mib << 20, self._max_body)
         self._keys = keys or ApiKeys(())
         #: Paths served without a key: health always (load balancers), metrics unless asked.
         self._open_paths = {"/health", "/metrics"} if open_metrics else {"/health"}
@@ -80,6 +83,7 @@ class HttpBridge:
                 self._guard.middleware,
                 self._authorized,
                 self._guard.json_bodies,
+                self.bodies.middleware,
             ],
         )
         self._guard.install(app)
