@@ -217,6 +217,7 @@ class Dispatcher:
                         request_id=sequence_id,
                         timeout=remaining(deadline),
                         adapter=prompt.adapter,
+                        session_id=prompt.session_id,
                     )
                     if lease is not None:
                         lease.reading = True
@@ -331,6 +332,7 @@ class Dispatcher:
                         request_id=lease.request_id,
                         timeout=timeout,
                         adapter=prompt.adapter,
+                        session_id=prompt.session_id,
                     )
                 except grpc.aio.AioRpcError as rpc_error:
                     error = failover.error(peer, rpc_error)

@@ -141,6 +141,7 @@ class EngineServicer:
             len(request.prompt_token_ids),
             kv_transfer_params={"do_remote_decode": True},
             max_tokens=1,
+            session_id=request.session_id,
         )
         final = None
         try:
@@ -198,7 +199,12 @@ class EngineServicer:
                     f"the request has {len(request.prompt_token_ids)}"
                 )
             kv_params = params_from_handle(handle)
-        sampling = runner.sampling(request.sampling, len(request.prompt_token_ids), kv_params)
+        sampling = runner.sampling(
+            request.sampling,
+            len(request.prompt_token_ids),
+            kv_params,
+            session_id=request.session_id,
+        )
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         reply = Reply(request)
         interval = runner.config.stream_interval
