@@ -295,8 +295,8 @@ async def run(args: argparse.Namespace) -> None:
     for name in args.servers:
         server = build(name, args, home, model_dir, log_dir)
         print(f"\n== {name}: starting", flush=True)
-        await server.start()
-        try:
+        try:  # a start that fails or is interrupted still stops what it started
+            await server.start()
             rows.append(await measure(server, trace, args))
         finally:
             server.stop()
