@@ -122,6 +122,7 @@ class PlainVllm(Server):
         kv_gib: int,
         max_model_len: int,
         tuned: bool,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         port = free_port()
@@ -147,6 +148,7 @@ class PlainVllm(Server):
                 "--port",
                 str(port),
                 "--enable-prefix-caching",
+                *extra_args,
             ],
             "",
             log_dir,
@@ -173,6 +175,7 @@ class Mesh(Server):
             for role in ("etcd", "tokenizer", "prefill", "decode", "kvstore", "router", "http")
         }
         self.url = f"http://127.0.0.1:{self._ports['http']}"
+        self.kvstore_address = f"127.0.0.1:{self._ports['kvstore']}"
         self._command = [
             sys.executable,
             "-m",

@@ -236,6 +236,7 @@ class DiskTier:
     def stats(self) -> kvstore_pb2.Stats:
         """The disk tier's part of the store's Stats."""
         moved = self.mover.stats
+        sessions, session_blocks = self.sessions.figures()
         return kvstore_pb2.Stats(
             disk_blocks=self.blocks,
             disk_capacity_blocks=self.capacity_blocks,
@@ -246,6 +247,8 @@ class DiskTier:
             disk_read_seconds=moved.read_seconds,
             disk_write_bytes=moved.write_bytes,
             disk_write_seconds=moved.write_seconds,
+            disk_sessions=sessions,
+            disk_session_blocks=session_blocks,
         )
 
     def touch(self, keys: Sequence[Key]) -> None:

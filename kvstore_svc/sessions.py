@@ -61,6 +61,10 @@ class SessionRetention:
         kept.sort(key=lambda key: self._last_seen[self._owner[key]])  # stable: LRU within
         return free + kept[: count - len(free)]
 
+    def figures(self) -> tuple[int, int]:
+        """(sessions seen within the retention at the last prune, blocks marked), for Stats."""
+        return len(self._last_seen), len(self._owner)
+
     def prune(self, now: float) -> None:
         """Forget sessions idle past their retention (their blocks are plain LRU now)."""
         for session in [s for s, t in self._last_seen.items() if now - t > self.retention_seconds]:

@@ -80,6 +80,7 @@ class PrefillServicer(EngineServicer):
             len(request.prompt_token_ids),
             kv_transfer_params={"do_remote_decode": True},
             max_tokens=1,
+            session_id=request.session_id,
         )
         final = None
         try:

@@ -170,6 +170,7 @@ class Dispatcher:
                 request_id=sequence_id,
                 timeout=remaining(deadline),
                 adapter=prompt.adapter,
+                session_id=prompt.session_id,
             )
             prefill.reading = prefill.disaggregated
             try:
@@ -277,6 +278,7 @@ class Dispatcher:
                     request_id=lease.request_id,
                     timeout=timeout,
                     adapter=prompt.adapter,
+                    session_id=prompt.session_id,
                 )
             except grpc.aio.AioRpcError as rpc_error:
                 if rpc_error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:

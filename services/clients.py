@@ -253,17 +253,17 @@ class EngineClient(_KvEventSource):
         request_id: str = "",
         timeout: float | None = 120.0,
         adapter: str = "",
+        session_id: str = "",
     ) -> engine_pb2.PrefillResponse:
         """Compute the prompt's KV on this (prefill) member; returns the transfer handle."""
-        return await self._stub.Prefill(
-            engine_pb2.PrefillRequest(
-                request_id=request_id,
-                prompt_token_ids=prompt_token_ids,
-                sampling=sampling,
-                adapter=adapter,
-            ),
-            timeout=timeout,
+        request = engine_pb2.PrefillRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling=sampling,
+            adapter=adapter,
+            session_id=session_id,
         )
+        return await self._stub.Prefill(request, timeout=timeout)
 
     def generate(
         self,
@@ -273,23 +273,22 @@ class EngineClient(_KvEventSource):
         request_id: str = "",
         timeout: float | None = None,
         adapter: str = "",
+        session_id: str = "",
     ) -> grpc.aio.UnaryStreamCall:
         """Stream generated ids (iterate the call; cancel it to abort the request)."""
         request = engine_pb2.GenerateRequest(
             request_id=request_id,
             prompt_token_ids=prompt_token_ids,
             sampling=sampling,
+            kv_handle=kv_handle,  # None: unset (aggregated)
             adapter=adapter,
+            session_id=session_id,
         )
-        if kv_handle is not None:
-            request.kv_handle.CopyFrom(kv_handle)
         return self._stub.Generate(request, timeout=timeout)
 
     async def abort(self, *request_ids: str) -> list[str]:
-        reply = await self._stub.Abort(
-            engine_pb2.AbortRequest(request_ids=request_ids), timeout=self._timeout
-        )
-        return list(reply.aborted)
+        request = engine_pb2.AbortRequest(request_ids=request_ids)
+        return list((await self._stub.Abort(request, timeout=self._timeout)).aborted)
 
     async def load(self, timeout: float | None = None) -> engine_pb2.Load:
         return await self._stub.GetLoad(engine_pb2.LoadRequest(), timeout=timeout or self._timeout)

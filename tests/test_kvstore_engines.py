@@ -89,9 +89,10 @@ async def store_mesh(
                 b.stop()
 
 
-async def generate(address: str, prompt: list[int]) -> list[int]:
+async def generate(address: str, prompt: list[int], session_id: str = "") -> list[int]:
     async with EngineClient(address, timeout=300) as engine:
-        return [t async for reply in engine.generate(prompt, GREEDY) for t in reply.token_ids]
+        call = engine.generate(prompt, GREEDY, session_id=session_id)
+        return [t async for reply in call for t in reply.token_ids]
 
 
 async def load(address: str) -> engine_pb2.Load:
@@ -132,6 +133,36 @@ async def test_prefix_computed_on_one_engine_is_loaded_on_another(store_mesh: St
     loaded = after_b.external_prefix_hit_tokens - before_b.external_prefix_hit_tokens
     assert loaded == full_blocks * block, f"B loaded {loaded} tokens from the store"
     assert got == expected, "output with the prefix loaded from the store differs"
+
+
+async def test_a_session_id_reaches_the_store_on_writes_and_on_reads(
+    store_mesh: StoreMesh,
+) -> None:
+    """The engine names the request's session to the store: the writer's Reserve marks
+    the blocks as its session's, another engine's Lookup for a second session re-marks
+    them (the last session to use a block owns it)."""
+    store = store_mesh.store.grpc_address
+    prompt = long_prompt(9, 600)
+    block = (await load(store_mesh.a.grpc_address)).kv_block_size
+    full_blocks = (len(prompt) - 1) // block
+    before = await store_stats(store)
+    await generate(store_mesh.a.grpc_address, prompt, session_id="agent-writer")
+    for _ in range(100):
+        stats = await store_stats(store)
+        if stats.disk_session_blocks - before.disk_session_blocks >= full_blocks:
+            break
+        await asyncio.sleep(0.1)
+    assert stats.disk_sessions == before.disk_sessions + 1
+    assert stats.disk_session_blocks - before.disk_session_blocks == full_blocks
+    before_b = await load(store_mesh.b.grpc_address)
+    await generate(store_mesh.b.grpc_address, prompt, session_id="agent-reader")
+    after_b = await load(store_mesh.b.grpc_address)
+    assert after_b.external_prefix_hit_tokens - before_b.external_prefix_hit_tokens == (
+        full_blocks * block
+    )
+    after = await store_stats(store)
+    assert after.disk_sessions == before.disk_sessions + 2
+    assert after.disk_session_blocks == stats.disk_session_blocks  # re-marked, not added
 
 
 async def test_two_engines_writing_the_same_prefix_store_it_once(store_mesh: StoreMesh) -> None:

@@ -54,8 +54,10 @@ class EngineBackend(Protocol):
         prompt_tokens: int,
         kv_transfer_params: dict[str, Any] | None = None,
         max_tokens: int | None = None,
+        session_id: str = "",
     ) -> Any:
-        """The engine's own form of a request's sampling parameters, checked."""
+        """The engine's own form of a request's sampling parameters, checked; ``session_id``
+        names the agent session for the KV store (an engine without one ignores it)."""
 
     def stream(
         self,

@@ -163,9 +163,12 @@ class EngineRunner:
         prompt_tokens: int,
         kv_transfer_params: dict[str, Any] | None = None,
         max_tokens: int | None = None,
+        session_id: str = "",
     ) -> SamplingParams:
         """vLLM's sampling parameters for a request (checked; see :func:`to_vllm`)."""
-        return to_vllm(params, prompt_tokens, self.max_model_len, kv_transfer_params, max_tokens)
+        return to_vllm(
+            params, prompt_tokens, self.max_model_len, kv_transfer_params, max_tokens, session_id
+        )
 
     def check_prompt(self, prompt_token_ids: Sequence[int]) -> None:
         """Reject an empty prompt or ids outside the vocabulary before vLLM sees them."""

@@ -13,6 +13,10 @@ from services.engine.lengths import output_budget
 from services.errors import InvalidRequest
 from services.pb import common_pb2
 
+#: The ``SamplingParams.extra_args`` key of the request's agent session: vLLM hands the
+#: KV connector the request with its sampling parameters, and nothing else of ours.
+SESSION_ARG = "stagemesh_session_id"
+
 
 def to_vllm(
     params: common_pb2.SamplingParams,
@@ -20,12 +24,14 @@ def to_vllm(
     max_model_len: int,
     kv_transfer_params: dict[str, Any] | None = None,
     max_tokens: int | None = None,
+    session_id: str = "",
 ) -> SamplingParams:
     """Build vLLM sampling params for one sequence, streaming deltas.
 
     ``max_tokens`` overrides the request's (prefill runs with 1, and its token is
     discarded: the decode engine samples the first token, so only it applies the output
     constraints); the limits are :func:`~services.engine.lengths.output_budget`'s.
+    ``session_id`` goes to the KV-store connector (see :data:`SESSION_ARG`).
     """
     prefill = max_tokens is not None
     max_tokens, min_tokens = output_budget(params, prompt_tokens, max_model_len, max_tokens)
@@ -63,12 +69,21 @@ def to_vllm(
             kwargs["prompt_logprobs"] = params.prompt_logprobs
         if params.HasField("structured_outputs"):
             kwargs["structured_outputs"] = _structured(params.structured_outputs)
-    if kv_transfer_params is not None:
-        kwargs["extra_args"] = {"kv_transfer_params": kv_transfer_params}
+    if kv_transfer_params is not None or session_id:
+        kwargs["extra_args"] = _extra_args(kv_transfer_params, session_id)
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own range checks
         raise InvalidRequest(f"invalid sampling parameters: {exc}") from None
+
+
+def _extra_args(kv_transfer_params: dict[str, Any] | None, session_id: str) -> dict[str, Any]:
+    """What vLLM passes on to the KV connectors with the request: the handoff's
+    ``kv_transfer_params`` (vLLM's key) and the agent session (ours)."""
+    extra: dict[str, Any] = {SESSION_ARG: session_id} if session_id else {}
+    if kv_transfer_params is not None:
+        extra["kv_transfer_params"] = kv_transfer_params
+    return extra
 
 
 def _structured(constraint: common_pb2.StructuredOutputs) -> StructuredOutputsParams:

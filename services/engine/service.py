@@ -67,7 +67,12 @@ class EngineServicer:
         runner = self._ready()
         runner.check_prompt(request.prompt_token_ids)
         kv_params = await self.kv_params(request) if request.HasField("kv_handle") else None
-        sampling = runner.sampling(request.sampling, len(request.prompt_token_ids), kv_params)
+        sampling = runner.sampling(
+            request.sampling,
+            len(request.prompt_token_ids),
+            kv_params,
+            session_id=request.session_id,
+        )
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         reply = Reply(request)
         interval = runner.config.stream_interval

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.pb import common_pb2 as stagemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stagemesh/v1/engine.proto\x12\x0cstagemesh.v1\x1a\x19stagemesh/v1/common.proto\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x7f\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\"o\n\x0fPrefillResponse\x12.\n\x06handle\x18\x01 \x01(\x0b\x32\x1e.stagemesh.v1.KvTransferHandle\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\"\xc6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\x36\n\tkv_handle\x18\x04 \x01(\x0b\x32\x1e.stagemesh.v1.KvTransferHandleH\x00\x88\x01\x01\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\tB\x0c\n\n_kv_handle\"\x95\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x30\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobs\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.stagemesh.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.stagemesh.v1.Usage\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x37\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobsB\x10\n\x0e_stop_token_id\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x03(\t\"\r\n\x0bLoadRequest\"\xa1\x02\n\x04Load\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x1d\n\x15prefix_cache_hit_rate\x18\x04 \x01(\x02\x12\x15\n\rkv_block_size\x18\x05 \x01(\r\x12\x17\n\x0fkv_total_blocks\x18\x06 \x01(\x04\x12\x19\n\x11pending_transfers\x18\x07 \x01(\r\x12&\n\x1e\x65xternal_prefix_queried_tokens\x18\x08 \x01(\x04\x12\"\n\x1a\x65xternal_prefix_hit_tokens\x18\t \x01(\x04\x12\x17\n\x0f\x61\x63tive_adapters\x18\n \x03(\t2\xe1\x04\n\rEngineService\x12\x46\n\x07Prefill\x12\x1c.stagemesh.v1.PrefillRequest\x1a\x1d.stagemesh.v1.PrefillResponse\x12K\n\x08Generate\x12\x1d.stagemesh.v1.GenerateRequest\x1a\x1e.stagemesh.v1.GenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.stagemesh.v1.AbortRequest\x1a\x1b.stagemesh.v1.AbortResponse\x12\x38\n\x07GetLoad\x12\x19.stagemesh.v1.LoadRequest\x1a\x12.stagemesh.v1.Load\x12Q\n\x0eStreamKvEvents\x12\x1d.stagemesh.v1.KvEventsRequest\x1a\x1e.stagemesh.v1.KvEventsResponse0\x01\x12J\n\rGetKvSnapshot\x12\x1f.stagemesh.v1.KvSnapshotRequest\x1a\x18.stagemesh.v1.KvSnapshot\x12\x46\n\x0bLoadAdapter\x12 .stagemesh.v1.LoadAdapterRequest\x1a\x15.stagemesh.v1.Adapter\x12X\n\rUnloadAdapter\x12\".stagemesh.v1.UnloadAdapterRequest\x1a#.stagemesh.v1.UnloadAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stagemesh/v1/engine.proto\x12\x0cstagemesh.v1\x1a\x19stagemesh/v1/common.proto\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x93\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\"o\n\x0fPrefillResponse\x12.\n\x06handle\x18\x01 \x01(\x0b\x32\x1e.stagemesh.v1.KvTransferHandle\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\"\xda\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.stagemesh.v1.SamplingParams\x12\x36\n\tkv_handle\x18\x04 \x01(\x0b\x32\x1e.stagemesh.v1.KvTransferHandleH\x00\x88\x01\x01\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\tB\x0c\n\n_kv_handle\"\x95\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x30\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobs\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.stagemesh.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.stagemesh.v1.Usage\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x37\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1e.stagemesh.v1.PositionLogprobsB\x10\n\x0e_stop_token_id\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x03(\t\"\r\n\x0bLoadRequest\"\xa1\x02\n\x04Load\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x1d\n\x15prefix_cache_hit_rate\x18\x04 \x01(\x02\x12\x15\n\rkv_block_size\x18\x05 \x01(\r\x12\x17\n\x0fkv_total_blocks\x18\x06 \x01(\x04\x12\x19\n\x11pending_transfers\x18\x07 \x01(\r\x12&\n\x1e\x65xternal_prefix_queried_tokens\x18\x08 \x01(\x04\x12\"\n\x1a\x65xternal_prefix_hit_tokens\x18\t \x01(\x04\x12\x17\n\x0f\x61\x63tive_adapters\x18\n \x03(\t2\xe1\x04\n\rEngineService\x12\x46\n\x07Prefill\x12\x1c.stagemesh.v1.PrefillRequest\x1a\x1d.stagemesh.v1.PrefillResponse\x12K\n\x08Generate\x12\x1d.stagemesh.v1.GenerateRequest\x1a\x1e.stagemesh.v1.GenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.stagemesh.v1.AbortRequest\x1a\x1b.stagemesh.v1.AbortResponse\x12\x38\n\x07GetLoad\x12\x19.stagemesh.v1.LoadRequest\x1a\x12.stagemesh.v1.Load\x12Q\n\x0eStreamKvEvents\x12\x1d.stagemesh.v1.KvEventsRequest\x1a\x1e.stagemesh.v1.KvEventsResponse0\x01\x12J\n\rGetKvSnapshot\x12\x1f.stagemesh.v1.KvSnapshotRequest\x1a\x18.stagemesh.v1.KvSnapshot\x12\x46\n\x0bLoadAdapter\x12 .stagemesh.v1.LoadAdapterRequest\x1a\x15.stagemesh.v1.Adapter\x12X\n\rUnloadAdapter\x12\".stagemesh.v1.UnloadAdapterRequest\x1a#.stagemesh.v1.UnloadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,22 +38,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADADAPTERREQUEST']._serialized_end=156
   _globals['_UNLOADADAPTERRESPONSE']._serialized_start=158
   _globals['_UNLOADADAPTERRESPONSE']._serialized_end=181
-  _globals['_PREFILLREQUEST']._serialized_start=183
-  _globals['_PREFILLREQUEST']._serialized_end=310
-  _globals['_PREFILLRESPONSE']._serialized_start=312
-  _globals['_PREFILLRESPONSE']._serialized_end=423
-  _globals['_GENERATEREQUEST']._serialized_start=426
-  _globals['_GENERATEREQUEST']._serialized_end=624
-  _globals['_GENERATERESPONSE']._serialized_start=627
-  _globals['_GENERATERESPONSE']._serialized_end=904
-  _globals['_ABORTREQUEST']._serialized_start=906
-  _globals['_ABORTREQUEST']._serialized_end=941
-  _globals['_ABORTRESPONSE']._serialized_start=943
-  _globals['_ABORTRESPONSE']._serialized_end=975
-  _globals['_LOADREQUEST']._serialized_start=977
-  _globals['_LOADREQUEST']._serialized_end=990
-  _globals['_LOAD']._serialized_start=993
-  _globals['_LOAD']._serialized_end=1282
-  _globals['_ENGINESERVICE']._serialized_start=1285
-  _globals['_ENGINESERVICE']._serialized_end=1894
+  _globals['_PREFILLREQUEST']._serialized_start=184
+  _globals['_PREFILLREQUEST']._serialized_end=331
+  _globals['_PREFILLRESPONSE']._serialized_start=333
+  _globals['_PREFILLRESPONSE']._serialized_end=444
+  _globals['_GENERATEREQUEST']._serialized_start=447
+  _globals['_GENERATEREQUEST']._serialized_end=665
+  _globals['_GENERATERESPONSE']._serialized_start=668
+  _globals['_GENERATERESPONSE']._serialized_end=945
+  _globals['_ABORTREQUEST']._serialized_start=947
+  _globals['_ABORTREQUEST']._serialized_end=982
+  _globals['_ABORTRESPONSE']._serialized_start=984
+  _globals['_ABORTRESPONSE']._serialized_end=1016
+  _globals['_LOADREQUEST']._serialized_start=1018
+  _globals['_LOADREQUEST']._serialized_end=1031
+  _globals['_LOAD']._serialized_start=1034
+  _globals['_LOAD']._serialized_end=1323
+  _globals['_ENGINESERVICE']._serialized_start=1326
+  _globals['_ENGINESERVICE']._serialized_end=1935
 # @@protoc_insertion_point(module_scope)

@@ -167,6 +167,7 @@ class SimRunner:
         prompt_tokens: int,
         kv_transfer_params: dict[str, Any] | None = None,
         max_tokens: int | None = None,
+        session_id: str = "",
     ) -> SimRequest:
         """A request template (no id or prompt yet) from the mesh's sampling parameters."""
         max_tokens, min_tokens = output_budget(
