@@ -96,3 +96,53 @@ def test_workers_need_fixed_ports() -> None:
     with pytest.raises(SystemExit, match="1 or more"):
         check(RouterConfig(workers=0))
     check(RouterConfig(workers=2, port=50051, http_port=-1))
+
+
+#: Streams held open across a worker's death: the simulated engines run this many at once.
+STREAMS = 12
+#: Long enough (10 ms steps) to still be streaming when the worker dies.
+STREAM_TOKENS = 400
+
+
+async def stream_to_end(base: str, index: int, started: asyncio.Event) -> int:
+    """Stream a completion on a connection of its own; its ids, or raise if it was cut."""
+    body = {"model": "", "prompt": f"story {index}", "max_tokens": STREAM_TOKENS, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    tokens = 0
+    async with (
+        httpx.AsyncClient(base_url=base, timeout=60) as http,
+        http.stream("POST", "completions", json=body) as reply,
+    ):
+        assert reply.status_code == 200
+        async for line in reply.aiter_lines():
+            started.set()
+            if line.startswith("data: {") and '"usage": {' in line:
+                tokens = int(line.split('"completion_tokens": ')[1].split(",")[0].rstrip("}"))
+            if line == "data: [DONE]":
+                return tokens
+    raise AssertionError(f"stream {index} ended without [DONE] and without an error")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_killed_worker_fails_only_its_own_streams(home: Path, tmp_path: Path) -> None:
+    """Streams on the surviving worker finish whole; the killed worker's end with a
+    transport error at the client, never as a silently short answer."""
+    async with sim_mesh(home, tmp_path, {"sim-decode": 3}, "--workers", "2") as mesh:
+
+        async def two_routers() -> None:
+            assert await mesh.members(common_pb2.ROLE_ROUTER) >= 2
+
+        await eventually(two_routers)
+        base = str(mesh.client.base_url)
+        events = [asyncio.Event() for _ in range(STREAMS)]
+        tasks = [
+            asyncio.create_task(stream_to_end(base, i, event)) for i, event in enumerate(events)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+        os.kill(min(children(mesh.router.pid)), signal.SIGKILL)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        whole = [o for o in outcomes if isinstance(o, int)]
+        cut = [o for o in outcomes if isinstance(o, BaseException)]
+        assert whole and cut, outcomes  # 12 connections over 2 workers: both had some
+        assert all(tokens == STREAM_TOKENS for tokens in whole), whole
+        assert all(isinstance(o, httpx.TransportError) for o in cut), cut
