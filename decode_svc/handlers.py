@@ -28,9 +28,10 @@ class PrefillMembers:
     the one a handle names, at the address that member registered
     (:func:`services.kv.handles.issuer_mismatch`)."""
 
-    #: How long a handle naming an unknown member waits for the member's record (a
-    #: prefill engine that registered a moment ago may not have reached the watch yet).
-    GRACE_SECONDS = 1.0
+    #: How long a handle naming an unknown member waits for the member's record: a
+    #: prefill engine that registered a moment ago may not have reached the watch yet,
+    #: and one whose lease ran out on a starved host registers again within seconds.
+    GRACE_SECONDS = 5.0
 
     def __init__(self, etcd_endpoints: list[tuple[str, int]]) -> None:
         self._session = EtcdSession(etcd_endpoints)
