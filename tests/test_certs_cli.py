@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.stages import skip_unless_required
+
 
 def certs(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """``stagemesh certs --out OUT`` as a process: exit code, stdout and stderr."""
@@ -51,7 +53,7 @@ def test_certs_refuses_a_ca_another_user_owns(tmp_path: Path) -> None:
     """A CA another user put in --out is theirs to mint stage certificates with."""
     assert certs(tmp_path, "--stage", "router").returncode == 0
     if os.geteuid() != 0:
-        pytest.skip("only root can give a file to another user")
+        skip_unless_required("only root can give a file to another user")
     key = tmp_path / "ca-key.pem"
     os.chown(key, 65534, 65534)  # nobody
     refused = certs(tmp_path, "--stage", "decode")

@@ -31,7 +31,7 @@ from services.operator.launcher import StageProcess
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.support.kvstore import BLOCK, LAYOUT, Client, member, shard_entries, shard_map
 from tests.support.polling import eventually_sync
-from tests.support.stages import kvstore_process, private_etcd, running
+from tests.support.stages import kvstore_process, private_etcd, running, skip_unless_required
 
 MEMORY_BLOCKS = 16
 
@@ -268,7 +268,6 @@ def kill_mid_write(
     return complete, {p.stem for p in disk.rglob("*.tmp")}
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs in a mount namespace")
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_full_disk_stops_writes_and_reads_go_on(
     store_etcd: EmbeddedEtcd, home: Path, tmp_path: Path, client: Client
@@ -276,6 +275,8 @@ async def test_a_full_disk_stops_writes_and_reads_go_on(
     """The store's disk is a 20 MiB tmpfs of its own (a mount namespace): it fills, the
     store keeps committing to memory and serving what is on disk, and writes resume once
     room is made."""
+    if os.geteuid() != 0:
+        skip_unless_required("mounting a tmpfs in a mount namespace needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
     mount = 'mount -t tmpfs -o size=20m tmpfs "$0" && exec "$@"'
