@@ -49,10 +49,16 @@ class PrefillMembers:
         await self._session.close()
 
     async def check(self, handle: common_pb2.KvTransferHandle) -> None:
-        """Return when a current prefill member issued ``handle``; PermissionDenied otherwise."""
+        """Return when a current prefill member issued ``handle``; PermissionDenied otherwise.
+
+        Only a member id not seen yet is waited for, and never past the handle's expiry:
+        a known member at another address is a forgery, refused at once."""
         deadline = time.monotonic() + self.GRACE_SECONDS
-        while reason := issuer_mismatch(handle, self._watcher.members.values()):
-            if time.monotonic() >= deadline:
+        if handle.expires_at:
+            deadline = min(deadline, time.monotonic() + handle.expires_at - time.time())
+        while reason := issuer_mismatch(handle, members := self._watcher.members.values()):
+            known = any(m.instance_id == handle.prefill_instance_id for m in members)
+            if known or time.monotonic() >= deadline:
                 raise PermissionDenied(
                     f"the KV handle names no prefill engine of this mesh: {reason}"
                 )
