@@ -5,7 +5,9 @@ A conversation's next turn extends the previous prompt, so the worker that ran t
 turn holds most of the next one's KV, often before the router's KV index has heard
 of it (events arrive after the engine stores blocks). The key comes from the client
 (``session_id`` in the gRPC request or ``x-session-id`` metadata, the ``X-Session-Id``
-HTTP header); the router never invents one. Entries expire after ``--session-ttl``
+HTTP header), or from a Responses chain: a response that continues
+``previous_response_id`` carries the id of the chain's first response. The router
+never makes one up for a request that gives neither. Entries expire after ``--session-ttl``
 seconds without use, and the table is capped, least recently used first out.
 """
 

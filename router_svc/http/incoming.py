@@ -101,11 +101,13 @@ def generate(
     request: web.Request,
     calls: Sequence[router_pb2.RouterGenerateRequest],
     tools: ToolRequest | None = None,
+    session: str = "",
 ) -> Starting:
     """Start an HTTP request's generation: its messages carry the request's session key
-    and run under its caller's key. The header and the caller are read now, so a
-    background response that starts later still has them."""
-    session, key = session_id(request), caller(request)
+    (the header's, else ``session``, a Responses chain's) and run under its caller's key.
+    The header and the caller are read now, so a background response that starts later
+    still has them."""
+    session, key = session_id(request) or session, caller(request)
     for call in calls:
         call.session_id = session
     return pipeline.start(calls, pipeline.deadline(), key, tools)

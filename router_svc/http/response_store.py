@@ -41,6 +41,9 @@ class Stored:
     task: asyncio.Task[None] | None = None
     #: What the store counts it as, in bytes (:meth:`ResponseStore.put` sets it).
     size: int = 0
+    #: The id of its chain's first response: the session key of every turn of the chain
+    #: (the store keeps a session's blocks, the router sends it back to its engine).
+    chain: str = ""
 
     def measure(self) -> int:
         """An estimate of the memory it holds: its JSON twice (Python objects are larger
@@ -160,16 +163,16 @@ class ResponseStore:
             )
         return entry
 
-    def history(self, response_id: str | None, owner: str) -> list[ChatMessage]:
-        """The conversation a ``previous_response_id`` continues (empty for none)."""
+    def continued(self, response_id: str | None, owner: str) -> Stored | None:
+        """The finished response a ``previous_response_id`` names (None for none)."""
         if response_id is None:
-            return []
+            return None
         entry = self.get(response_id, owner)
         if entry.response["status"] not in ("completed", "incomplete"):
             raise InvalidRequest(
                 f"response {response_id!r} is {entry.response['status']}; it cannot be continued"
             )
-        return entry.conversation
+        return entry
 
     def delete(self, response_id: str, owner: str) -> None:
         entry = self.get(response_id, owner)

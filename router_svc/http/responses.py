@@ -5,7 +5,9 @@ A response request becomes the chat request it means
 (:mod:`router_svc.http.responses_protocol`) and starts the pipeline once, as a chat
 request does, with the request's session key. Its output is rendered as items and
 events (:mod:`router_svc.http.response_events`), and kept with its conversation
-(:mod:`router_svc.http.response_store`) for ``previous_response_id``.
+(:mod:`router_svc.http.response_store`) for ``previous_response_id``. Without an
+``X-Session-Id``, a chain's session key is its first response's id, so every turn of a
+chain marks and finds its blocks in the KV store and returns to its engine.
 """
 
 from __future__ import annotations
@@ -102,13 +104,17 @@ class Responses:
         """Create a response: whole, streamed, or started in the background."""
         body = await incoming.read_body(request, ResponsesRequest)
         owner = incoming.caller(request)
-        chat, conversation = self._as_chat(body, owner)
+        previous = self.store.continued(body.previous_response_id, owner)
+        chat, conversation = self._as_chat(body, previous)
         call = incoming.built(chat.to_grpc)
         response_id = new_id("resp")
         entry = Stored(skeleton(body, response_id, body.model, "queued"), conversation, 0, owner)
+        entry.chain = previous.chain if previous else response_id
         if body.store:  # too large to keep: refused before any work is done
             self.store.fits(entry)
-        starting = incoming.generate(self._pipeline, request, [call], chat.tool_request())
+        starting = incoming.generate(
+            self._pipeline, request, [call], chat.tool_request(), session=entry.chain
+        )
         if body.background:
             return await self._in_background(entry, starting)
         async with starting as generation:
@@ -133,14 +139,14 @@ class Responses:
         return answer
 
     def _as_chat(
-        self, body: ResponsesRequest, owner: str
+        self, body: ResponsesRequest, previous: Stored | None
     ) -> tuple[ChatCompletionRequest, list[ChatMessage]]:
         """The chat request a response request means, with the stored conversation it
         continues; and that conversation with the new input."""
         if not isinstance(body.input, str):  # before the items become messages
             self._pipeline.limits.check_items(len(body.input), "input")
         try:
-            return body.to_chat(self.store.history(body.previous_response_id, owner))
+            return body.to_chat(previous.conversation if previous else [])
         except ValidationError as exc:  # what the chat form of the request refuses
             raise ApiError(
                 HTTPStatus.BAD_REQUEST,
