@@ -1,6 +1,6 @@
 """An agent-trace benchmark: many sessions of many turns against plain vLLM and the mesh.
 
-    python -m bench.agents [--sessions 6] [--turns 4-8] [--servers vllm,mesh-memory,mesh-disk]
+    python -m bench.agents [--sessions 6] [--turns 4-8] [--servers vllm,vllm-all-ram,mesh-disk]
                            [--deadline 420] [--json F] [--png F]
 
 Agents re-send a context that grows every turn and come back after think times nobody
@@ -18,6 +18,8 @@ Servers (each started in turn, same model in float32, same engine KV):
 
 - ``vllm``: vLLM's OpenAI server with as many KV blocks as the mesh's two engines
   together (``--engine-blocks`` x 2), so the same RAM for engine KV;
+- ``vllm-all-ram``: the same server given the mesh's whole KV RAM as engine KV (the two
+  engines' blocks and the store's ``--store-mib``);
 - ``mesh-memory``: ``stagemesh up --layout pd`` (a prefill and a decode engine) with the
   KV store's memory tier only (``--store-mib``);
 - ``mesh-disk``: the same with the store's disk tier (``--disk-gib`` in a temporary
@@ -58,7 +60,7 @@ from services.credentials import MESH_KEY_ENV, MeshCredentials
 from services.model import prepare_bundled_model
 
 BLOCK_TOKENS = 128  # the CPU engines' block size, vLLM's and the mesh's alike
-SERVERS = ("vllm", "mesh-memory", "mesh-disk")
+SERVERS = ("vllm", "vllm-all-ram", "mesh-memory", "mesh-disk")
 COLUMNS = [
     ("server", "server", ""),
     ("turns", "turns", "d"),
@@ -262,15 +264,25 @@ def build(
     name: str, args: argparse.Namespace, home: Path, model_dir: Path, log_dir: Path
 ) -> Server:
     """A server of the comparison, with the same engine KV blocks as the others."""
-    if name == "vllm":
-        blocks = str(2 * args.engine_blocks)  # the mesh's two engines' KV, in one engine
-        extra = ("--num-gpu-blocks-override", blocks, "--enable-prompt-tokens-details")
+    if name.startswith("vllm"):
+        blocks = 2 * args.engine_blocks  # the mesh's two engines' KV, in one engine
+        if name == "vllm-all-ram":  # and the store's memory too, as engine KV
+            blocks += (args.store_mib << 20) // kv_block_bytes(model_dir)
+        extra = ("--num-gpu-blocks-override", str(blocks), "--enable-prompt-tokens-details")
         return PlainVllm(name, model_dir, log_dir, 1, args.max_model_len, False, extra)
     os.environ["STAGEMESH_MAX_MODEL_LEN"] = str(args.max_model_len)
     flags = ["--layout", "pd", "--kvstore-mib", str(args.store_mib)]
     if name == "mesh-disk":
         flags += ["--kvstore-disk-dir", args.disk_dir, "--kvstore-disk-gib", str(args.disk_gib)]
     return Mesh(name, home, log_dir, flags)
+
+
+def kv_block_bytes(model_dir: Path) -> int:
+    """Bytes of one 128-token KV block of the bundled model in float32 (K and V, every layer)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
+    return int(per_token * BLOCK_TOKENS)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -348,13 +360,17 @@ def main() -> None:
     parser.add_argument("--disk-gib", type=float, default=4.0)
     parser.add_argument("--deadline", type=float, default=420.0)
     parser.add_argument(
-        "--max-model-len", type=int, default=3072, help="within one engine's KV (blocks x 128)"
+        "--max-model-len",
+        type=int,
+        default=0,
+        help="at most (engine blocks - 1) x 128: vLLM keeps one block back (default that)",
     )
     parser.add_argument("--seed", type=int, default=31)
     parser.add_argument("--servers", default=",".join(SERVERS))
     add_output_arguments(parser, DEFAULT_HOME)
     args = parser.parse_args()
     args.servers = args.servers.split(",")
+    args.max_model_len = args.max_model_len or (args.engine_blocks - 1) * BLOCK_TOKENS
     unknown = set(args.servers) - set(SERVERS)
     if unknown:
         parser.error(f"unknown servers {sorted(unknown)}; choose from {SERVERS}")

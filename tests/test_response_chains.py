@@ -13,8 +13,7 @@ import pytest
 from tests.support.sim import sim_mesh
 
 PINNED = (
-    'stagemesh_router_decisions_total{policy="round_robin",reason="session_affinity",'
-    'role="decode"}'
+    'stagemesh_router_decisions_total{policy="round_robin",reason="session_affinity",role="decode"}'
 )
 
 
