@@ -146,8 +146,8 @@ class KvAware:
     def prefixes(self, candidates: list[Peer], hashes: list[int]) -> dict[str, _Prefix]:
         """Each candidate's usable prefix of the prompt and its cost (module doc)."""
         stores = self.stores()
-        matched = self.index.match(hashes, [p.key for p in candidates] + list(stores))
-        in_store = max((matched.pop(key) for key in stores), default=0)
+        matched = self.index.match(hashes, [p.key for p in candidates])
+        in_store = self.index.match_any(hashes, stores) if stores else 0
         measured = [seconds for seconds in stores.values() if seconds > 0]
         store_seconds = sum(measured) / len(measured) if measured else 0.0
         prefixes = {}

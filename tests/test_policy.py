@@ -206,6 +206,23 @@ def test_the_measured_load_time_moves_the_choice() -> None:
     assert policy.choose([own, loader], hashes).peer.key == "loader"
 
 
+def test_blocks_spread_over_several_stores_make_one_stored_prefix() -> None:
+    """The stores split a chain's blocks by hash (a shard ring): the stored prefix runs
+    while each block is in some store, not only as far as one store's own run."""
+    hashes = chain_hashes(PROMPT, BLOCK)
+    index = KvIndex()
+    for i, chain in enumerate(hashes[:8]):
+        name = [to_wire(chain)]
+        index.stored(f"store{i % 2}", common_pb2.BlockStored(block_hashes=name, chain_names=name))
+    policy = KvAware(index, 4.0 * BLOCK, 8, stores=lambda: {"store0": 0.0, "store1": 0.0})
+    choice = policy.choose([prefill("cold", 0, "off"), prefill("loader", 0, "on")], hashes)
+    assert (choice.peer.key, choice.matched_blocks, choice.reason) == (
+        "loader",
+        8,
+        "store_prefix_hit",
+    )
+
+
 def test_a_store_load_never_costs_more_than_recomputing() -> None:
     """However slow the store, a block loaded from it counts at most its tokens: a
     worker that uses the store is never ranked below one that would compute the same
