@@ -22,7 +22,8 @@ PREFILL_COST_WEIGHT = 0.1
 
 
 class LoadStats:
-    """The latest scheduler figures, and the prefix-cache counts summed over time."""
+    """The latest scheduler figures, the prefix-cache counts summed over time, and the
+    prefill cost per computed token (a moving mean)."""
 
     def __init__(self, block_size: int = 0) -> None:
         #: Fewest tokens a request must compute to count in the prefill cost (the KV block
