@@ -5,10 +5,10 @@ Membership comes only from the etcd watch, never from static addresses. Engines 
 polled for their load once per ``load_interval``, and KV stores for their load figures
 (the seconds a block takes to load from them, for the KV-aware policy); between polls
 the router adds the requests it has itself sent there, so a burst does not pile onto
-one worker before the next poll shows it busy. A member that refuses connections is set aside for a
-few seconds (its lease may outlive it by up to a TTL after a crash). A member that
-leaves is no longer picked, but the calls open on it run on: its channel closes when
-they are done, or after the drain grace.
+one worker before the next poll shows it busy. A member that refuses connections is set
+aside for a few seconds (its lease may outlive it by up to a TTL after a crash). A member
+that leaves is no longer picked, but the calls open on it run on: its channel closes
+when they are done, or after the drain grace.
 """
 
 from __future__ import annotations
