@@ -184,7 +184,7 @@ def measure_nixl(
         prefix = link.lookup(shards, "bench", hashes)
         host.memory[:] = 0
         start = time.perf_counter()
-        link.read(prefix.hits, [host.regions(i) for i in range(len(prefix.hits))])
+        link.read(prefix.hits, [host.regions(i) for i in range(len(prefix.hits))], prefix)
         read_s = time.perf_counter() - start
         link.release(prefix)
         if written != blocks or len(prefix.hits) != blocks or not bool((host.memory == 7).all()):

@@ -59,7 +59,7 @@ def _read_all(host: HostBlocks, link: StoreLink, shards: ShardMap, hashes: list[
     room = host.memory.nbytes // host.block_bytes
     for start in range(0, len(hashes), room):
         prefix = link.lookup(shards, "bench", hashes[start : start + room])
-        link.read(prefix.hits, [host.regions(i) for i in range(len(prefix.hits))])
+        link.read(prefix.hits, [host.regions(i) for i in range(len(prefix.hits))], prefix)
         link.release(prefix)
         served += len(prefix.hits)
     return served

@@ -5,8 +5,9 @@ transfer per batch of blocks, straight between their KV cache and the pool); gRP
 decides *which* slots: ``Lookup`` (pinning hits) then a NIXL READ then ``Release``, and
 ``Reserve`` then a NIXL WRITE then ``Commit``. Keeping the bytes off gRPC is what makes
 loading a prefix faster than computing it. The bookkeeping (LRU, pins, reservations)
-is :class:`~kvstore_svc.blocks.BlockTable`; this module owns the memory, the NIXL
-agent, the KV events and the shard entry. No torch or vLLM here.
+is :class:`~kvstore_svc.blocks.BlockTable`, what loads cost its readers
+:class:`~kvstore_svc.loads.LoadMeter`; this module owns the memory, the NIXL agent, the
+KV events and the shard entry. No torch or vLLM here.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import Any, ClassVar
 import grpc
 import numpy as np
 from google.protobuf import descriptor
-from prometheus_client import Counter, Gauge
 
 from kvstore_svc.blocks import BlockTable, LayoutMismatch, NotWritten
 from kvstore_svc.config import KvStoreConfig
 from kvstore_svc.disk import DiskTier, open_disk_tier
 from kvstore_svc.disk_files import BlockDirectory, DiskSetupError, FileMover
+from kvstore_svc.loads import LoadMeter
+from kvstore_svc.metrics import CALLS, watch
 from services.aio import cancel_and_wait
 from services.errors import FailedPrecondition, InvalidRequest, NotFound, Unavailable
 from services.kv.events import KvEventLog, chain_name
@@ -41,16 +43,6 @@ log = logging.getLogger(__name__)
 
 #: Most hashes one call may name: a 128k-token prompt in 16-token blocks.
 MAX_HASHES = 8192
-
-BLOCKS = Gauge("stagemesh_kvstore_blocks", "KV blocks held by the store", ["state"])
-DISK = Gauge(
-    "stagemesh_kvstore_disk",
-    "The disk tier: blocks read back, dropped as corrupt; full",
-    ["figure"],
-)
-CALLS = Counter(
-    "stagemesh_kvstore_calls_blocks", "Blocks named in store calls, by outcome", ["outcome"]
-)
 
 
 def _hashes(names: Any) -> list[int]:
@@ -72,6 +64,7 @@ class KvStoreServicer:
         self.table: BlockTable | None = None
         self.disk: DiskTier | None = None
         self.events = KvEventLog(block_size=0, replay_window=config.kv_event_window)
+        self.loads = LoadMeter()
         self._target: kvstore_pb2.NixlTarget | None = None
         self._notices: Callable[[], dict[str, list[bytes]]] = dict
 
@@ -104,7 +97,9 @@ class KvStoreServicer:
     async def Lookup(
         self, request: kvstore_pb2.LookupRequest, context: grpc.aio.ServicerContext
     ) -> kvstore_pb2.LookupResponse:
-        """The longest stored prefix of a hash chain, pinned for the reader."""
+        """The longest stored prefix of a hash chain, pinned for the reader. Its time
+        (disk reads included) is kept for the reader's Release (kvstore_svc/loads.py)."""
+        started = time.monotonic()
         table = self._ready()
         hashes = _hashes(request.chain_names)
         pin_seconds = request.pin_seconds if request.pin_seconds > 0 else self._config.pin_seconds
@@ -115,6 +110,8 @@ class KvStoreServicer:
             keys = [(request.layout, h) for h, _ in hits]
             self.disk.touch(keys)
             self.disk.sessions.seen(request.session_id, keys, time.monotonic())
+        now = time.monotonic()
+        self.loads.looked_up(pin_id, now - started, len(hits), now + pin_seconds)
         CALLS.labels("hit").inc(len(hits))
         CALLS.labels("miss").inc(len(hashes) - len(hits))
         return kvstore_pb2.LookupResponse(
@@ -126,8 +123,14 @@ class KvStoreServicer:
     async def Release(
         self, request: kvstore_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> kvstore_pb2.ReleaseResponse:
-        """Unpin a lookup's hits; an unknown pin (expired already) is not an error."""
-        self._ready().release(request.pin_id)
+        """Unpin a lookup's hits; an unknown pin (expired already) is not an error. The
+        reader's read figures count as a load (kvstore_svc/loads.py)."""
+        table = self._ready()
+        try:
+            self.loads.released(request.pin_id, request.read_seconds, request.read_blocks)
+        except ValueError as exc:
+            raise InvalidRequest(f"Release: {exc}") from None
+        table.release(request.pin_id)
         return kvstore_pb2.ReleaseResponse()
 
     async def Reserve(
@@ -232,6 +235,8 @@ class KvStoreServicer:
             miss_blocks=stats.miss_blocks,
             evictions=stats.evictions,
             block_bytes=table.slot_bytes,
+            load_seconds=self.loads.load_seconds,
+            loaded_blocks=self.loads.loaded_blocks,
         )
         if self.disk is not None:
             reply.MergeFrom(self.disk.stats())
@@ -311,15 +316,7 @@ class KvStoreStage(Stage):
         )
         disk = self._open_disk(directory, api, table) if directory is not None else None
         self._servicer.attach(table, target, self._agent.get_new_notifs, disk)
-        # Read at scrape time, so a call never pays for a scan of the table.
-        BLOCKS.labels("committed").set_function(lambda: table.snapshot().used_blocks)
-        BLOCKS.labels("pinned").set_function(lambda: table.snapshot().pinned_blocks)
-        BLOCKS.labels("capacity").set_function(lambda: table.capacity)
-        if disk is not None:
-            BLOCKS.labels("disk").set_function(lambda: disk.blocks)
-            DISK.labels("hit_blocks").set_function(lambda: disk.hit_blocks)
-            DISK.labels("corrupt_blocks").set_function(lambda: disk.corrupt_blocks)
-            DISK.labels("writes_stopped").set_function(lambda: disk.writes_stopped)
+        watch(table, disk)
         self._expiry = asyncio.create_task(self._expire(table, disk), name="kvstore-expiry")
         log.info(
             "KV store pool: %d MiB at 0x%x, NIXL agent %s",
@@ -363,6 +360,7 @@ class KvStoreStage(Stage):
         while True:
             await asyncio.sleep(1.0)
             table.expire(time.monotonic())
+            self._servicer.loads.expire(time.monotonic())
             if disk is not None:
                 disk.tick(time.monotonic())
 

@@ -120,6 +120,19 @@ class KvIndex:
         self._touch(hashes[:depth])
         return matched
 
+    def match_any(self, hashes: Sequence[int], workers: Iterable[str]) -> int:
+        """How many leading blocks of ``hashes`` are each held by at least one of
+        ``workers``: the KV stores, which split a chain's blocks among them by hash."""
+        pool = set(workers)
+        depth = 0
+        for chain in hashes:
+            holders = self._holders.get(chain)
+            if not holders or pool.isdisjoint(holders):
+                break
+            depth += 1
+        self._touch(hashes[:depth])
+        return depth
+
     def _touch(self, chain: Sequence[int]) -> None:
         """Mark a chain of blocks used, its first block most recent: eviction then
         takes the deepest blocks of cold chains first, never a root under live children."""

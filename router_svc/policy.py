@@ -15,11 +15,23 @@ Three policies, chosen with ``--router-policy``, each registered once in
   holding a long prefix wins unless it is that much busier. Both terms are in tokens,
   so the balance does not shift with the engines' KV block size. A worker whose load
   reaches ``--kv-max-queue`` units is passed over for the least-loaded one while any is
-  below it, so a hot prefix cannot pile everything onto one worker. Blocks in the
-  mesh's KV store count as held by every prefill worker that uses the store (its
-  member label ``kvstore=on``): loading them costs a NIXL read, not a forward pass.
+  below it, so a hot prefix cannot pile everything onto one worker.
 
-Every pick comes with a reason, counted in ``stagemesh_router_decisions_total``.
+The tiers: a block the worker holds costs nothing; a block in the mesh's KV store,
+past the worker's own prefix, costs a prefill worker that uses the store (its member
+label ``kvstore=on``) ``store_block_tokens``: the tokens of compute that one block's
+load is worth there, the store's measured seconds per loaded block (its Lookup plus the
+reader's NIXL read, polled from its Stats) over the worker's measured prefill seconds per
+token (its Load), at most a whole block. A block nobody holds costs all its tokens. So
+an engine hit beats a store hit beats a recompute, and by how much follows what loads
+and prefills cost on this mesh now. Until both figures are measured the weight is the
+prior :data:`STORE_BLOCK_PRIOR` of a block: ``bench.kvstore`` loaded a 1,500-token
+prefix in 0.37-0.70 s where recomputing it took 7.0 s (docs/results/kvstore-*.json).
+
+Every pick comes with a reason, counted in ``stagemesh_router_decisions_total``:
+``prefix_hit`` (the cheapest prefix won; ``store_prefix_hit`` when part of it loads from
+the store), ``load_over_prefix`` (load outweighed a cheaper prefix elsewhere),
+``overloaded_fallback``, ``all_overloaded`` and ``least_load_no_prefix``.
 """
 
 from __future__ import annotations
@@ -31,6 +43,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from services.config import SettingError
 from services.pb import common_pb2
+
+#: The share of a block's tokens that loading it from the KV store counts as, until the
+#: store's load time and the engine's prefill time are both measured (module doc).
+STORE_BLOCK_PRIOR = 0.1
+#: The KV stores in the mesh now: index key -> measured seconds per loaded block (0 until
+#: measured).
+Stores = Callable[[], dict[str, float]]
 
 if TYPE_CHECKING:  # the router's config reads the registry: it imports nothing of the router's
     from router_svc.config import RoutingSettings
@@ -85,55 +104,87 @@ def uses_store(peer: Peer) -> bool:
     return peer.role == common_pb2.ROLE_PREFILL and peer.member.labels.get("kvstore") == "on"
 
 
+def store_block_tokens(peer: Peer, store_seconds: float) -> float:
+    """Tokens of compute that loading one block from the KV store is worth on ``peer``:
+    ``store_seconds`` per block over its prefill seconds per token, at most a block (a load
+    is never dearer than recomputing: past that the engine would rather compute). The
+    prior share of a block until both are measured (module doc)."""
+    block = peer.member.kv_block_size
+    per_token = peer.load.prefill_seconds_per_token if peer.load is not None else 0.0
+    if store_seconds <= 0 or per_token <= 0:
+        return STORE_BLOCK_PRIOR * block
+    return min(float(block), store_seconds / per_token)
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """What a worker holds of a prompt, and what computing the rest costs it."""
+
+    #: Leading blocks usable there: its own, or the store's past them.
+    blocks: int
+    #: Of those, blocks it would load from the KV store.
+    from_store: int
+    #: Prompt tokens' worth of work for the prompt there: the tokens of the blocks nobody
+    #: holds, plus each store block's load weighed in tokens.
+    cost: float
+
+
 class KvAware:
     """The lowest cost in prompt tokens: uncached tokens plus weighed load (module doc)."""
 
     name = "kv_aware"
 
     def __init__(
-        self,
-        index: KvIndex,
-        load_weight: float,
-        max_queue: int,
-        stores: Callable[[], list[str]] = list,
+        self, index: KvIndex, load_weight: float, max_queue: int, stores: Stores = dict
     ) -> None:
         self.index = index
         self.load_weight = load_weight
         self.max_queue = max_queue
-        #: Index keys of the KV stores in the mesh now.
+        #: The KV stores in the mesh now, with their measured load times.
         self.stores = stores
 
-    def choose(self, candidates: list[Peer], hashes: list[int], model: str = "") -> Choice:
+    def prefixes(self, candidates: list[Peer], hashes: list[int]) -> dict[str, _Prefix]:
+        """Each candidate's usable prefix of the prompt and its cost (module doc)."""
         stores = self.stores()
-        matched = self.index.match(hashes, [p.key for p in candidates] + stores)
-        in_store = max((matched.pop(key) for key in stores), default=0)
-        from_store = set()
+        matched = self.index.match(hashes, [p.key for p in candidates])
+        in_store = self.index.match_any(hashes, stores) if stores else 0
+        measured = [seconds for seconds in stores.values() if seconds > 0]
+        store_seconds = sum(measured) / len(measured) if measured else 0.0
+        prefixes = {}
         for p in candidates:
-            if in_store > matched[p.key] and uses_store(p):
-                matched[p.key] = in_store
-                from_store.add(p.key)
-        best_match = max(matched.values(), default=0)
-        if best_match == 0:
+            own = matched[p.key]
+            loaded = in_store - own if uses_store(p) and in_store > own else 0
+            uncached = (len(hashes) - own - loaded) * p.member.kv_block_size
+            weight = store_block_tokens(p, store_seconds) if loaded else 0.0
+            prefixes[p.key] = _Prefix(own + loaded, loaded, uncached + loaded * weight)
+        return prefixes
+
+    def choose(self, candidates: list[Peer], hashes: list[int], model: str = "") -> Choice:
+        prefixes = self.prefixes(candidates, hashes)
+        if max(prefix.blocks for prefix in prefixes.values()) == 0:
             return Choice(candidates[0], 0, "least_load_no_prefix")
         roomy = [p for p in candidates if p.load_units() < self.max_queue]
         if not roomy:
-            return Choice(candidates[0], matched[candidates[0].key], "all_overloaded")
+            return Choice(candidates[0], prefixes[candidates[0].key].blocks, "all_overloaded")
 
         def cost(peer: Peer) -> float:
-            uncached = (len(hashes) - matched[peer.key]) * peer.member.kv_block_size
-            return uncached + self.load_weight * (peer.load_units() + peer.slot_wait(model))
+            load = peer.load_units() + peer.slot_wait(model)
+            return prefixes[peer.key].cost + self.load_weight * load
 
         chosen = min(roomy, key=cost)  # candidates come least loaded first: ties go to the idler
-        reason = "prefix_hit" if matched[chosen.key] == best_match else "load_over_prefix"
-        if reason == "prefix_hit" and chosen.key in from_store:
-            reason = "store_prefix_hit"
-        if len(roomy) < len(candidates) and matched[chosen.key] < best_match:
-            reason = "overloaded_fallback"
-        return Choice(chosen, matched[chosen.key], reason)
+        mine = prefixes[chosen.key]
+        cheapest = min(prefix.cost for prefix in prefixes.values())
+        if mine.cost <= cheapest:
+            reason = "store_prefix_hit" if mine.from_store else "prefix_hit"
+        elif min(prefixes[p.key].cost for p in roomy) > cheapest:
+            reason = "overloaded_fallback"  # the cheapest prefixes are on full workers
+        else:
+            reason = "load_over_prefix"
+        return Choice(chosen, mine.blocks, reason)
 
 
-#: Builds a policy from the routing settings, the KV index and the KV stores' index keys.
-Builder = Callable[["RoutingSettings", "KvIndex", Callable[[], list[str]]], Policy]
+#: Builds a policy from the routing settings, the KV index and the KV stores.
+Builder = Callable[["RoutingSettings", "KvIndex", Stores], Policy]
 
 
 @dataclass(frozen=True)
@@ -160,9 +211,7 @@ POLICIES: dict[str, Registered] = {
 }
 
 
-def make_policy(
-    settings: RoutingSettings, index: KvIndex, stores: Callable[[], list[str]] = list
-) -> Policy:
+def make_policy(settings: RoutingSettings, index: KvIndex, stores: Stores = dict) -> Policy:
     """The policy ``--router-policy`` names, over the router's KV index."""
     registered = POLICIES.get(settings.policy)
     if registered is None:

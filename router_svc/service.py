@@ -142,7 +142,7 @@ class RouterStage(Stage):
             # A leaving member drains for as long as a stage of ours would.
             release_after=config.drain_seconds + config.grace_seconds,
         )
-        policy = make_policy(config.routing, index, self._workers.store_keys)
+        policy = make_policy(config.routing, index, self._workers.stores)
         self._audit = AuditLog(config.audit)
         self._guard = Guard(config.guard)
         self._pipeline = pipeline = Pipeline(

@@ -2,12 +2,13 @@
 the load figures it routes by.
 
 Membership comes only from the etcd watch, never from static addresses. Engines are
-polled for their load once per ``load_interval``; between polls the router adds the
-requests it has itself sent there, so a burst does not pile onto one worker before
-the next poll shows it busy. A member that refuses connections is set aside for a
-few seconds (its lease may outlive it by up to a TTL after a crash). A member that
-leaves is no longer picked, but the calls open on it run on: its channel closes when
-they are done, or after the drain grace.
+polled for their load once per ``load_interval``, and KV stores for their load figures
+(the seconds a block takes to load from them, for the KV-aware policy); between polls
+the router adds the requests it has itself sent there, so a burst does not pile onto
+one worker before the next poll shows it busy. A member that refuses connections is set
+aside for a few seconds (its lease may outlive it by up to a TTL after a crash). A member
+that leaves is no longer picked, but the calls open on it run on: its channel closes
+when they are done, or after the drain grace.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from services.errors import Unavailable
 from services.etcd import EtcdSession
 from services.membership import MemberWatcher, role_name
 from services.pb import common_pb2, engine_pb2
+from services.smoothing import CounterRate
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ DOWN_SECONDS = 3.0
 REFERENCE_BATCH = 32
 #: Roles whose members run an engine (and report load).
 ENGINE_ROLES = frozenset({common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE})
+#: How far one poll that saw loads moves a KV store's per-block load time: the last few
+#: seconds of loads count most.
+STORE_LOAD_WEIGHT = 0.3
 
 
 @dataclass
@@ -58,6 +63,9 @@ class Peer:
     ended_since_report: int = 0
     #: time.monotonic() until which the member is skipped.
     down_until: float = 0.0
+    #: KV stores: seconds one block takes to load from there (its Lookup and the
+    #: reader's NIXL read), smoothed over polls; 0 until a poll saw a load.
+    block_load: CounterRate = field(default_factory=lambda: CounterRate(STORE_LOAD_WEIGHT))
     _rank_salt: float = field(default_factory=random.random)
 
     @property
@@ -206,9 +214,14 @@ class Workers:
             counts[state] = counts.get(state, 0) + 1
         return counts
 
-    def store_keys(self) -> list[str]:
-        """Keys of the KV stores in the mesh (their blocks are in the KV index under them)."""
-        return [key for key, peer in self.peers.items() if peer.role == common_pb2.ROLE_KVSTORE]
+    def stores(self) -> dict[str, float]:
+        """The KV stores in the mesh by key (their blocks are in the KV index under it),
+        with the seconds a block takes to load from each (0 until measured)."""
+        return {
+            key: peer.block_load.value
+            for key, peer in self.peers.items()
+            if peer.role == common_pb2.ROLE_KVSTORE
+        }
 
     def members(self, role: int = common_pb2.ROLE_UNSPECIFIED) -> list[common_pb2.Member]:
         """Every registered member (all roles, including those the router does not call)."""
@@ -282,8 +295,23 @@ class Workers:
 
     async def _poll_loads(self) -> None:
         while True:
-            await asyncio.gather(*(self._poll(peer) for peer in self.engines()))
+            stores = [p for p in self.peers.values() if p.role == common_pb2.ROLE_KVSTORE]
+            await asyncio.gather(
+                *(self._poll(peer) for peer in self.engines()),
+                *(self._poll_store(peer) for peer in stores),
+            )
             await asyncio.sleep(self._load_interval)
+
+    async def _poll_store(self, peer: Peer) -> None:
+        """One poll of a KV store's load figures; never raises (as :meth:`_poll`). A
+        failed poll keeps the last per-block time: a store's speed changes slowly."""
+        assert isinstance(peer.client, KvStoreClient)
+        try:
+            stats = await peer.client.stats(timeout=max(self._load_interval * 2, 1.0))
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as error:
+            log.debug("load figures of %s not read: %s", peer.key, error)
+            return
+        peer.block_load.update(stats.load_seconds, stats.loaded_blocks)
 
     async def _poll(self, peer: Peer) -> None:
         """One load poll; never raises. A failed poll leaves the load unknown: a poller

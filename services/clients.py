@@ -224,8 +224,11 @@ class KvStoreClient(_KvEventSource):
         super().__init__(address, timeout)
         self._stub = kvstore_pb2_grpc.KvStoreServiceStub(self._channel)
 
-    async def stats(self) -> kvstore_pb2.Stats:
-        return await self._stub.GetStats(kvstore_pb2.StatsRequest(), timeout=self._timeout)
+    async def stats(self, timeout: float | None = None) -> kvstore_pb2.Stats:
+        """The store's figures (``timeout``: the client's when not given)."""
+        return await self._stub.GetStats(
+            kvstore_pb2.StatsRequest(), timeout=timeout if timeout is not None else self._timeout
+        )
 
     async def evict(self, hashes: Sequence[int] = (), memory_only: bool = False) -> int:
         """Drop the named blocks (all when none are named); ``memory_only``: from memory."""

@@ -18,6 +18,8 @@ import pytest
 import pytest_asyncio
 
 from kvstore_svc.blocks import BlockTable, LayoutMismatch, NotWritten
+from kvstore_svc.loads import LoadMeter
+from router_svc.workers import Workers
 from services import credentials
 from services.clients import channel
 from services.credentials import MeshCredentials
@@ -32,6 +34,7 @@ from services.operator.etcd_server import EmbeddedEtcd
 from services.operator.launcher import StageProcess
 from services.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from tests.support.kvstore import BLOCK, LAYOUT, Client, member
+from tests.support.polling import eventually
 from tests.support.stages import kvstore_process, private_etcd, running
 
 CAPACITY_BLOCKS = 16
@@ -381,6 +384,60 @@ async def test_a_commit_without_a_completed_write_is_never_served(
 
 
 @pytest.mark.asyncio(loop_scope="session")
+async def test_a_read_reported_on_release_is_a_load_the_router_sees(
+    shards: ShardMap, store: StageProcess, store_etcd: EmbeddedEtcd, evict_all: None
+) -> None:
+    """Lookup, NIXL read, Release with the read's figures: the store counts the blocks
+    and seconds in its Stats, and the router's poll turns them into a per-block time.
+    A Release without a read counts nothing; figures no read gives are refused."""
+    client = Client("loader", 3)
+    address = store.grpc_address
+    workers = Workers(
+        EtcdSession([("127.0.0.1", store_etcd.client_port)]), control_timeout=5, load_interval=0.1
+    )
+    try:
+        hashes = [8501, 8502, 8503]
+        assert client.store(shards, hashes) == 3
+        before = client.stats(address)
+        client.link.release(client.link.lookup(shards, LAYOUT, hashes))  # nothing read
+        unread = client.stats(address)
+        assert (unread.load_seconds, unread.loaded_blocks) == (
+            before.load_seconds,
+            before.loaded_blocks,
+        )
+        prefix = client.link.lookup(shards, LAYOUT, hashes)
+        stub = client.link.stub(address)
+        for bad in (
+            kvstore_pb2.ReleaseRequest(pin_id=prefix.pins[0][1], read_seconds=-1, read_blocks=1),
+            kvstore_pb2.ReleaseRequest(pin_id=prefix.pins[0][1], read_blocks=4),  # 3 pinned
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Release(bad, timeout=5, metadata=member())
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        client.link.read(prefix.hits[:2], [client.regions(0), client.regions(1)], prefix)
+        assert prefix.reads[address][1] == 2
+        client.link.release(prefix)
+        after = client.stats(address)
+        assert after.loaded_blocks - before.loaded_blocks == 2
+        assert after.load_seconds > before.load_seconds
+        assert after.pinned_blocks == 0  # the refused Releases kept the pin; the good one freed it
+
+        await workers.start()
+
+        async def measured() -> dict[str, float]:
+            stores = workers.stores()
+            assert list(stores.values()) == [
+                pytest.approx(after.load_seconds / after.loaded_blocks)
+            ], stores
+            return stores
+
+        await eventually(measured, timeout=10)
+    finally:
+        await workers.close()
+        client.close()
+
+
+@pytest.mark.asyncio(loop_scope="session")
 async def test_admin_and_event_calls_need_the_stage_credential(
     shards: ShardMap, store: StageProcess, evict_all: None
 ) -> None:
@@ -455,6 +512,27 @@ async def test_a_store_behind_mutual_tls(home: Path, tmp_path: Path) -> None:
         client.close()
         credentials.install(previous)
         etcd.stop()
+
+
+@pytest.mark.unit
+def test_load_meter_forgets_lookups_released_expired_or_past_its_bound() -> None:
+    """A lookup's time waits for its Release, never longer than its pin, and at most
+    ``capacity`` of them wait at once: the meter cannot grow without bound."""
+    meter = LoadMeter(capacity=2)
+    meter.looked_up("a", 0.5, 4, expires_at=10)
+    meter.looked_up("", 0.1, 0, expires_at=10)  # no hits, no pin: nothing to remember
+    meter.looked_up("b", 0.25, 4, expires_at=20)
+    meter.released("a", 1.5, 4)
+    assert (meter.load_seconds, meter.loaded_blocks, len(meter)) == (2.0, 4, 1)
+    meter.looked_up("c", 1.0, 4, expires_at=30)
+    meter.looked_up("d", 1.0, 4, expires_at=30)  # past capacity: b, the oldest, goes
+    assert len(meter) == 2
+    meter.released("b", 1.0, 2)  # its lookup is forgotten: the read alone counts
+    assert (meter.load_seconds, meter.loaded_blocks) == (3.0, 6)
+    meter.expire(now=30)
+    assert len(meter) == 0
+    with pytest.raises(ValueError):
+        meter.released("c", float("nan"), 1)
 
 
 def test_table_evicts_a_cold_chain_from_its_deepest_block() -> None:

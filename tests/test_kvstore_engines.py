@@ -118,6 +118,9 @@ async def test_prefix_computed_on_one_engine_is_loaded_on_another(store_mesh: St
     assert (
         after_a.external_prefix_hit_tokens == before_a.external_prefix_hit_tokens
     )  # A computed it all
+    # ...and measured what computing a prompt token costs it (the router weighs a load
+    # from the store against that).
+    assert after_a.prefill_seconds_per_token > 0
     block = after_a.kv_block_size
     full_blocks = (len(prompt) - 1) // block
     # Writes leave A in the background; wait for them to be committed.
@@ -128,11 +131,21 @@ async def test_prefix_computed_on_one_engine_is_loaded_on_another(store_mesh: St
     assert (await store_stats(store_mesh.store.grpc_address)).used_blocks >= full_blocks
 
     before_b = await load(store_mesh.b.grpc_address)
+    loads_before = await store_stats(store_mesh.store.grpc_address)
     got = await generate(store_mesh.b.grpc_address, prompt)
     after_b = await load(store_mesh.b.grpc_address)
     loaded = after_b.external_prefix_hit_tokens - before_b.external_prefix_hit_tokens
     assert loaded == full_blocks * block, f"B loaded {loaded} tokens from the store"
     assert got == expected, "output with the prefix loaded from the store differs"
+    # B's connector reported its read with the Release (sent after the read, from its
+    # writer thread): the store counts the load, blocks and seconds.
+    for _ in range(100):
+        loads_after = await store_stats(store_mesh.store.grpc_address)
+        if loads_after.loaded_blocks > loads_before.loaded_blocks:
+            break
+        await asyncio.sleep(0.1)
+    assert loads_after.loaded_blocks - loads_before.loaded_blocks == full_blocks
+    assert loads_after.load_seconds > loads_before.load_seconds
 
 
 async def test_a_session_id_reaches_the_store_on_writes_and_on_reads(

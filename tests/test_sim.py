@@ -124,6 +124,11 @@ def test_profiles_and_profile_files(tmp_path) -> None:
         (-25.74 + 54.01 + 5.74) / 1000
     )  # full, capped
     assert default.transfer_seconds(1000, 23_040, 1.0) == pytest.approx(1000 * 23_040 / 25e9)
+    # The prefill cost per token a sim engine reports: its step's, over the step's tokens.
+    assert default.prefill_seconds_per_token(1000, 2.0) == pytest.approx(
+        default.step_seconds(1000, 0, 0.0, 2.0) / 1000
+    )
+    assert default.prefill_seconds_per_token(0, 1.0) == 0.0
     path = tmp_path / "profile.json"
     path.write_text(
         '{"name": "x", "source": "test", "prefill_ms": [0, 0.1, 1], "decode_ms": [0, 0, 7]}'
@@ -134,6 +139,33 @@ def test_profiles_and_profile_files(tmp_path) -> None:
         load_profile(str(path))
     with pytest.raises(SystemExit, match="neither a profile"):
         load_profile("no-such-profile")
+
+
+@pytest.mark.unit
+def test_a_vllm_engine_measures_its_prefill_cost_per_computed_token() -> None:
+    """From vLLM's finished-request stats: prefill seconds over the tokens computed (not
+    found cached), a moving mean over requests that computed at least a block."""
+    from vllm.v1.engine import FinishReason
+    from vllm.v1.metrics.stats import FinishedRequestStats
+
+    from services.engine.vllm_stats import LoadStats  # imports vLLM: not at module level
+
+    def finished(prompt: int, cached: int, seconds: float) -> FinishedRequestStats:
+        return FinishedRequestStats(
+            FinishReason.LENGTH,
+            num_prompt_tokens=prompt,
+            num_cached_tokens=cached,
+            prefill_time=seconds,
+        )
+
+    stats = LoadStats(block_size=16)
+    assert stats.load(False, 16, 100, 0).prefill_seconds_per_token == 0.0  # not measured
+    stats.finished([finished(1000, 990, 0.5)])  # 10 tokens computed: under a block, left out
+    assert stats.load(False, 16, 100, 0).prefill_seconds_per_token == 0.0
+    stats.finished([finished(1000, 200, 4.0)])  # 800 computed in 4 s
+    assert stats.load(False, 16, 100, 0).prefill_seconds_per_token == pytest.approx(0.005)
+    stats.finished([finished(116, 16, 0.6)])  # 0.006 s a token: moves it a tenth of the way
+    assert stats.load(False, 16, 100, 0).prefill_seconds_per_token == pytest.approx(0.0051)
 
 
 @pytest.mark.unit

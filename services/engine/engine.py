@@ -120,6 +120,7 @@ class EngineRunner:
             ) from None
         vllm_config = self.engine.vllm_config
         self.block_size = int(vllm_config.cache_config.block_size)
+        self.stats.block_size = self.block_size
         self.total_blocks = int(vllm_config.cache_config.num_gpu_blocks or 0)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.vocab_size = int(vllm_config.model_config.get_vocab_size())

@@ -98,8 +98,11 @@ class WorkerSide:
     def load(self, meta: StoreConnectorMetadata) -> None:
         for job in meta.loads:
             try:
-                self._link.read(job.hits, [self.regions(b) for b in job.block_ids])
+                # Timed per store on the prefix, which its Release reports: the stores
+                # measure what a load costs, and the router weighs their blocks by it.
+                self._link.read(job.hits, [self.regions(b) for b in job.block_ids], job.prefix)
             except Exception as exc:  # noqa: BLE001  any failure: the blocks are recomputed
+                job.prefix.reads.clear()  # recomputed blocks were not loaded
                 log.warning(
                     "KV store read of %d blocks for %s failed (%s); recomputing them",
                     len(job.block_ids),

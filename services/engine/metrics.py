@@ -48,6 +48,11 @@ class EngineLoads(Collector):
             "Share of queried prompt tokens found in the engine's prefix cache",
             labels=["engine"],
         )
+        prefill_cost = GaugeMetricFamily(
+            "stagemesh_engine_prefill_seconds_per_token",
+            "Prefill seconds per computed prompt token, a moving mean (0: not measured yet)",
+            labels=["engine"],
+        )
         external = CounterMetricFamily(
             "stagemesh_engine_external_prefix_tokens",
             "Prompt tokens looked up in the KV store, by outcome",
@@ -61,9 +66,10 @@ class EngineLoads(Collector):
             requests.add_metric([instance_id, "waiting"], load.waiting_requests)
             usage.add_metric([instance_id], load.kv_cache_usage)
             hit_rate.add_metric([instance_id], load.prefix_cache_hit_rate)
+            prefill_cost.add_metric([instance_id], load.prefill_seconds_per_token)
             external.add_metric([instance_id, "queried"], load.external_prefix_queried_tokens)
             external.add_metric([instance_id, "hit"], load.external_prefix_hit_tokens)
-        yield from (requests, usage, hit_rate, external)
+        yield from (requests, usage, hit_rate, prefill_cost, external)
 
 
 #: The process's one collector.

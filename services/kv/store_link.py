@@ -4,7 +4,8 @@ Used where the caller is not asyncio code: vLLM's scheduler and worker (the engi
 store connector), the benchmark and the tests. It speaks the store's protocol:
 
 - read: ``Lookup`` on each owning store (hits pinned) -> NIXL READ of the slots ->
-  ``Release``;
+  ``Release``, which tells each store how long its part of the read took (the store
+  counts it in its load time, kvstore_svc/loads.py);
 - write: ``Reserve`` (only blocks nobody stores or writes yet are granted) -> NIXL
   WRITE into the granted slots -> ``Commit`` (or ``Commit(abort)`` when the write failed).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,6 +88,9 @@ class Prefix:
 
     hits: list[Hit]
     pins: list[tuple[str, str]]  # (store address, pin id)
+    #: Per store address: seconds its NIXL reads took and the blocks they moved, noted by
+    #: :meth:`StoreLink.read` and reported to the store with the Release.
+    reads: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)
 
 
 def remote_regions(
@@ -195,27 +200,44 @@ class StoreLink:
             hits.append(hit)
         return Prefix(hits, pins)
 
-    def read(self, hits: Sequence[Hit], regions: Sequence[Sequence[Region]]) -> int:
-        """NIXL READ of each hit's slot into its block's local ``regions``; the bytes read."""
+    def read(
+        self,
+        hits: Sequence[Hit],
+        regions: Sequence[Sequence[Region]],
+        prefix: Prefix | None = None,
+    ) -> int:
+        """NIXL READ of each hit's slot into its block's local ``regions``; the bytes read.
+
+        With ``prefix`` (the lookup the hits came from), each store's read seconds and
+        blocks are noted on it for its Release: the stores measure their load time so.
+        """
         moved = 0
         for address in dict.fromkeys(hit.address for hit in hits):
             mine = [(hit, regs) for hit, regs in zip(hits, regions) if hit.address == address]
-            target = mine[0][0].target
+            peer = self._peer(mine[0][0].target)  # once per store agent: not a load's cost
             local = [(a, n, 0) for _, regs in mine for a, n in regs]
             remote = [d for hit, regs in mine for d in remote_regions(hit.target, hit.slot, regs)]
-            moved += transfer(
-                self.agent, "READ", local, remote, self._peer(target), self.transfer_timeout
-            )
+            started = time.monotonic()
+            moved += transfer(self.agent, "READ", local, remote, peer, self.transfer_timeout)
+            if prefix is not None:
+                seconds, blocks = prefix.reads.get(address, (0.0, 0))
+                prefix.reads[address] = (seconds + time.monotonic() - started, blocks + len(mine))
         return moved
 
     def release(self, prefix: Prefix) -> None:
-        """Unpin a prefix's blocks; failures are only logged (pins also expire)."""
+        """Unpin a prefix's blocks, telling each store what reading its blocks took
+        (:meth:`read`); failures are only logged (pins also expire)."""
         for address, pin_id in prefix.pins:
+            seconds, blocks = prefix.reads.get(address, (0.0, 0))
+            request = kvstore_pb2.ReleaseRequest(
+                pin_id=pin_id, read_seconds=seconds, read_blocks=blocks
+            )
             try:
-                self._call(address, "Release", kvstore_pb2.ReleaseRequest(pin_id=pin_id))
+                self._call(address, "Release", request)
             except StoreError as exc:
                 log.debug("release failed (the pin expires on its own): %s", exc)
         prefix.pins = []
+        prefix.reads.clear()
 
     # -- write ------------------------------------------------------------------------
 

@@ -98,7 +98,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "kv_cache_usage", "prefix_cache_hit_rate", "kv_block_size", "kv_total_blocks", "pending_transfers", "external_prefix_queried_tokens", "external_prefix_hit_tokens", "active_adapters")
+    __slots__ = ("running_requests", "waiting_requests", "kv_cache_usage", "prefix_cache_hit_rate", "kv_block_size", "kv_total_blocks", "pending_transfers", "external_prefix_queried_tokens", "external_prefix_hit_tokens", "active_adapters", "prefill_seconds_per_token")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class Load(_message.Message):
     EXTERNAL_PREFIX_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXTERNAL_PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     kv_cache_usage: float
@@ -119,4 +120,5 @@ class Load(_message.Message):
     external_prefix_queried_tokens: int
     external_prefix_hit_tokens: int
     active_adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., kv_block_size: _Optional[int] = ..., kv_total_blocks: _Optional[int] = ..., pending_transfers: _Optional[int] = ..., external_prefix_queried_tokens: _Optional[int] = ..., external_prefix_hit_tokens: _Optional[int] = ..., active_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    prefill_seconds_per_token: float
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_hit_rate: _Optional[float] = ..., kv_block_size: _Optional[int] = ..., kv_total_blocks: _Optional[int] = ..., pending_transfers: _Optional[int] = ..., external_prefix_queried_tokens: _Optional[int] = ..., external_prefix_hit_tokens: _Optional[int] = ..., active_adapters: _Optional[_Iterable[str]] = ..., prefill_seconds_per_token: _Optional[float] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.pb import common_pb2 as stagemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astagemesh/v1/kvstore.proto\x12\x0cstagemesh.v1\x1a\x19stagemesh/v1/common.proto\"A\n\tBlockSlot\x12\x12\n\nchain_hash\x18\x01 \x01(\x04\x12\x0c\n\x04slot\x18\x02 \x01(\x04\x12\x12\n\nchain_name\x18\x03 \x01(\x0c\"s\n\rLookupRequest\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\x14\n\x0c\x63hain_hashes\x18\x02 \x03(\x04\x12\x13\n\x0bpin_seconds\x18\x03 \x01(\x02\x12\x13\n\x0b\x63hain_names\x18\x04 \x03(\x0c\x12\x12\n\nsession_id\x18\x05 \x01(\t\"q\n\x0eLookupResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.stagemesh.v1.BlockSlot\x12\x0e\n\x06pin_id\x18\x02 \x01(\t\x12(\n\x06target\x18\x03 \x01(\x0b\x32\x18.stagemesh.v1.NixlTarget\" \n\x0eReleaseRequest\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"t\n\x0eReserveRequest\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\x14\n\x0c\x63hain_hashes\x18\x02 \x03(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hain_names\x18\x04 \x03(\x0c\x12\x12\n\nsession_id\x18\x05 \x01(\t\"}\n\x0fReserveResponse\x12(\n\x07granted\x18\x01 \x03(\x0b\x32\x17.stagemesh.v1.BlockSlot\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12(\n\x06target\x18\x03 \x01(\x0b\x32\x18.stagemesh.v1.NixlTarget\"a\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hain_hashes\x18\x02 \x03(\x04\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\x12\x13\n\x0b\x63hain_names\x18\x04 \x03(\x0c\"#\n\x0e\x43ommitResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\"[\n\x0c\x45victRequest\x12\x14\n\x0c\x63hain_hashes\x18\x01 \x03(\x04\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x13\n\x0b\x63hain_names\x18\x03 \x03(\x0c\x12\x13\n\x0bmemory_only\x18\x04 \x01(\x08\" \n\rEvictResponse\x12\x0f\n\x07\x65victed\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xd2\x03\n\x05Stats\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x01 \x01(\x04\x12\x13\n\x0bused_blocks\x18\x02 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x03 \x01(\x04\x12\x0f\n\x07lookups\x18\x04 \x01(\x04\x12\x12\n\nhit_blocks\x18\x05 \x01(\x04\x12\x13\n\x0bmiss_blocks\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\x12\x13\n\x0b\x64isk_blocks\x18\x08 \x01(\x04\x12\x13\n\x0b\x62lock_bytes\x18\t \x01(\x04\x12\x1c\n\x14\x64isk_capacity_blocks\x18\n \x01(\x04\x12\x17\n\x0f\x64isk_hit_blocks\x18\x0b \x01(\x04\x12\x1b\n\x13\x64isk_corrupt_blocks\x18\x0c \x01(\x04\x12\x1b\n\x13\x64isk_writes_stopped\x18\r \x01(\x08\x12\x17\n\x0f\x64isk_read_bytes\x18\x0e \x01(\x04\x12\x19\n\x11\x64isk_read_seconds\x18\x0f \x01(\x01\x12\x18\n\x10\x64isk_write_bytes\x18\x10 \x01(\x04\x12\x1a\n\x12\x64isk_write_seconds\x18\x11 \x01(\x01\x12\x15\n\rdisk_sessions\x18\x12 \x01(\x04\x12\x1b\n\x13\x64isk_session_blocks\x18\x13 \x01(\x04\"\x8b\x01\n\nNixlTarget\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12\x14\n\x0c\x62\x61se_address\x18\x03 \x01(\x04\x12\x14\n\x0cregion_bytes\x18\x04 \x01(\x04\x12\x12\n\nslot_bytes\x18\x05 \x01(\x04\x12\x11\n\tdevice_id\x18\x06 \x01(\r\"z\n\nShardEntry\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x14\n\x0cnixl_address\x18\x03 \x01(\t\x12\x13\n\x0bring_points\x18\x04 \x03(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x32\xc8\x04\n\x0eKvStoreService\x12\x43\n\x06Lookup\x12\x1b.stagemesh.v1.LookupRequest\x1a\x1c.stagemesh.v1.LookupResponse\x12\x46\n\x07Release\x12\x1c.stagemesh.v1.ReleaseRequest\x1a\x1d.stagemesh.v1.ReleaseResponse\x12\x46\n\x07Reserve\x12\x1c.stagemesh.v1.ReserveRequest\x1a\x1d.stagemesh.v1.ReserveResponse\x12\x43\n\x06\x43ommit\x12\x1b.stagemesh.v1.CommitRequest\x1a\x1c.stagemesh.v1.CommitResponse\x12@\n\x05\x45vict\x12\x1a.stagemesh.v1.EvictRequest\x1a\x1b.stagemesh.v1.EvictResponse\x12;\n\x08GetStats\x12\x1a.stagemesh.v1.StatsRequest\x1a\x13.stagemesh.v1.Stats\x12Q\n\x0eStreamKvEvents\x12\x1d.stagemesh.v1.KvEventsRequest\x1a\x1e.stagemesh.v1.KvEventsResponse0\x01\x12J\n\rGetKvSnapshot\x12\x1f.stagemesh.v1.KvSnapshotRequest\x1a\x18.stagemesh.v1.KvSnapshotb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astagemesh/v1/kvstore.proto\x12\x0cstagemesh.v1\x1a\x19stagemesh/v1/common.proto\"A\n\tBlockSlot\x12\x12\n\nchain_hash\x18\x01 \x01(\x04\x12\x0c\n\x04slot\x18\x02 \x01(\x04\x12\x12\n\nchain_name\x18\x03 \x01(\x0c\"s\n\rLookupRequest\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\x14\n\x0c\x63hain_hashes\x18\x02 \x03(\x04\x12\x13\n\x0bpin_seconds\x18\x03 \x01(\x02\x12\x13\n\x0b\x63hain_names\x18\x04 \x03(\x0c\x12\x12\n\nsession_id\x18\x05 \x01(\t\"q\n\x0eLookupResponse\x12%\n\x04hits\x18\x01 \x03(\x0b\x32\x17.stagemesh.v1.BlockSlot\x12\x0e\n\x06pin_id\x18\x02 \x01(\t\x12(\n\x06target\x18\x03 \x01(\x0b\x32\x18.stagemesh.v1.NixlTarget\"K\n\x0eReleaseRequest\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\x14\n\x0cread_seconds\x18\x02 \x01(\x01\x12\x13\n\x0bread_blocks\x18\x03 \x01(\r\"\x11\n\x0fReleaseResponse\"t\n\x0eReserveRequest\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\x14\n\x0c\x63hain_hashes\x18\x02 \x03(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hain_names\x18\x04 \x03(\x0c\x12\x12\n\nsession_id\x18\x05 \x01(\t\"}\n\x0fReserveResponse\x12(\n\x07granted\x18\x01 \x03(\x0b\x32\x17.stagemesh.v1.BlockSlot\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12(\n\x06target\x18\x03 \x01(\x0b\x32\x18.stagemesh.v1.NixlTarget\"a\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hain_hashes\x18\x02 \x03(\x04\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\x12\x13\n\x0b\x63hain_names\x18\x04 \x03(\x0c\"#\n\x0e\x43ommitResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\"[\n\x0c\x45victRequest\x12\x14\n\x0c\x63hain_hashes\x18\x01 \x03(\x04\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x13\n\x0b\x63hain_names\x18\x03 \x03(\x0c\x12\x13\n\x0bmemory_only\x18\x04 \x01(\x08\" \n\rEvictResponse\x12\x0f\n\x07\x65victed\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xff\x03\n\x05Stats\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x01 \x01(\x04\x12\x13\n\x0bused_blocks\x18\x02 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x03 \x01(\x04\x12\x0f\n\x07lookups\x18\x04 \x01(\x04\x12\x12\n\nhit_blocks\x18\x05 \x01(\x04\x12\x13\n\x0bmiss_blocks\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\x12\x13\n\x0b\x64isk_blocks\x18\x08 \x01(\x04\x12\x13\n\x0b\x62lock_bytes\x18\t \x01(\x04\x12\x1c\n\x14\x64isk_capacity_blocks\x18\n \x01(\x04\x12\x17\n\x0f\x64isk_hit_blocks\x18\x0b \x01(\x04\x12\x1b\n\x13\x64isk_corrupt_blocks\x18\x0c \x01(\x04\x12\x1b\n\x13\x64isk_writes_stopped\x18\r \x01(\x08\x12\x17\n\x0f\x64isk_read_bytes\x18\x0e \x01(\x04\x12\x19\n\x11\x64isk_read_seconds\x18\x0f \x01(\x01\x12\x18\n\x10\x64isk_write_bytes\x18\x10 \x01(\x04\x12\x1a\n\x12\x64isk_write_seconds\x18\x11 \x01(\x01\x12\x15\n\rdisk_sessions\x18\x12 \x01(\x04\x12\x1b\n\x13\x64isk_session_blocks\x18\x13 \x01(\x04\x12\x14\n\x0cload_seconds\x18\x14 \x01(\x01\x12\x15\n\rloaded_blocks\x18\x15 \x01(\x04\"\x8b\x01\n\nNixlTarget\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12\x14\n\x0c\x62\x61se_address\x18\x03 \x01(\x04\x12\x14\n\x0cregion_bytes\x18\x04 \x01(\x04\x12\x12\n\nslot_bytes\x18\x05 \x01(\x04\x12\x11\n\tdevice_id\x18\x06 \x01(\r\"z\n\nShardEntry\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x14\n\x0cnixl_address\x18\x03 \x01(\t\x12\x13\n\x0bring_points\x18\x04 \x03(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x32\xc8\x04\n\x0eKvStoreService\x12\x43\n\x06Lookup\x12\x1b.stagemesh.v1.LookupRequest\x1a\x1c.stagemesh.v1.LookupResponse\x12\x46\n\x07Release\x12\x1c.stagemesh.v1.ReleaseRequest\x1a\x1d.stagemesh.v1.ReleaseResponse\x12\x46\n\x07Reserve\x12\x1c.stagemesh.v1.ReserveRequest\x1a\x1d.stagemesh.v1.ReserveResponse\x12\x43\n\x06\x43ommit\x12\x1b.stagemesh.v1.CommitRequest\x1a\x1c.stagemesh.v1.CommitResponse\x12@\n\x05\x45vict\x12\x1a.stagemesh.v1.EvictRequest\x1a\x1b.stagemesh.v1.EvictResponse\x12;\n\x08GetStats\x12\x1a.stagemesh.v1.StatsRequest\x1a\x13.stagemesh.v1.Stats\x12Q\n\x0eStreamKvEvents\x12\x1d.stagemesh.v1.KvEventsRequest\x1a\x1e.stagemesh.v1.KvEventsResponse0\x01\x12J\n\rGetKvSnapshot\x12\x1f.stagemesh.v1.KvSnapshotRequest\x1a\x18.stagemesh.v1.KvSnapshotb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,29 +39,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPRESPONSE']._serialized_start=255
   _globals['_LOOKUPRESPONSE']._serialized_end=368
   _globals['_RELEASEREQUEST']._serialized_start=370
-  _globals['_RELEASEREQUEST']._serialized_end=402
-  _globals['_RELEASERESPONSE']._serialized_start=404
-  _globals['_RELEASERESPONSE']._serialized_end=421
-  _globals['_RESERVEREQUEST']._serialized_start=423
-  _globals['_RESERVEREQUEST']._serialized_end=539
-  _globals['_RESERVERESPONSE']._serialized_start=541
-  _globals['_RESERVERESPONSE']._serialized_end=666
-  _globals['_COMMITREQUEST']._serialized_start=668
-  _globals['_COMMITREQUEST']._serialized_end=765
-  _globals['_COMMITRESPONSE']._serialized_start=767
-  _globals['_COMMITRESPONSE']._serialized_end=802
-  _globals['_EVICTREQUEST']._serialized_start=804
-  _globals['_EVICTREQUEST']._serialized_end=895
-  _globals['_EVICTRESPONSE']._serialized_start=897
-  _globals['_EVICTRESPONSE']._serialized_end=929
-  _globals['_STATSREQUEST']._serialized_start=931
-  _globals['_STATSREQUEST']._serialized_end=945
-  _globals['_STATS']._serialized_start=948
-  _globals['_STATS']._serialized_end=1414
-  _globals['_NIXLTARGET']._serialized_start=1417
-  _globals['_NIXLTARGET']._serialized_end=1556
-  _globals['_SHARDENTRY']._serialized_start=1558
-  _globals['_SHARDENTRY']._serialized_end=1680
-  _globals['_KVSTORESERVICE']._serialized_start=1683
-  _globals['_KVSTORESERVICE']._serialized_end=2267
+  _globals['_RELEASEREQUEST']._serialized_end=445
+  _globals['_RELEASERESPONSE']._serialized_start=447
+  _globals['_RELEASERESPONSE']._serialized_end=464
+  _globals['_RESERVEREQUEST']._serialized_start=466
+  _globals['_RESERVEREQUEST']._serialized_end=582
+  _globals['_RESERVERESPONSE']._serialized_start=584
+  _globals['_RESERVERESPONSE']._serialized_end=709
+  _globals['_COMMITREQUEST']._serialized_start=711
+  _globals['_COMMITREQUEST']._serialized_end=808
+  _globals['_COMMITRESPONSE']._serialized_start=810
+  _globals['_COMMITRESPONSE']._serialized_end=845
+  _globals['_EVICTREQUEST']._serialized_start=847
+  _globals['_EVICTREQUEST']._serialized_end=938
+  _globals['_EVICTRESPONSE']._serialized_start=940
+  _globals['_EVICTRESPONSE']._serialized_end=972
+  _globals['_STATSREQUEST']._serialized_start=974
+  _globals['_STATSREQUEST']._serialized_end=988
+  _globals['_STATS']._serialized_start=991
+  _globals['_STATS']._serialized_end=1502
+  _globals['_NIXLTARGET']._serialized_start=1505
+  _globals['_NIXLTARGET']._serialized_end=1644
+  _globals['_SHARDENTRY']._serialized_start=1646
+  _globals['_SHARDENTRY']._serialized_end=1768
+  _globals['_KVSTORESERVICE']._serialized_start=1771
+  _globals['_KVSTORESERVICE']._serialized_end=2355
 # @@protoc_insertion_point(module_scope)

@@ -42,10 +42,14 @@ class LookupResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[BlockSlot, _Mapping]]] = ..., pin_id: _Optional[str] = ..., target: _Optional[_Union[NixlTarget, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("pin_id",)
+    __slots__ = ("pin_id", "read_seconds", "read_blocks")
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    READ_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    READ_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     pin_id: str
-    def __init__(self, pin_id: _Optional[str] = ...) -> None: ...
+    read_seconds: float
+    read_blocks: int
+    def __init__(self, pin_id: _Optional[str] = ..., read_seconds: _Optional[float] = ..., read_blocks: _Optional[int] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ()
@@ -116,7 +120,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("capacity_blocks", "used_blocks", "pinned_blocks", "lookups", "hit_blocks", "miss_blocks", "evictions", "disk_blocks", "block_bytes", "disk_capacity_blocks", "disk_hit_blocks", "disk_corrupt_blocks", "disk_writes_stopped", "disk_read_bytes", "disk_read_seconds", "disk_write_bytes", "disk_write_seconds", "disk_sessions", "disk_session_blocks")
+    __slots__ = ("capacity_blocks", "used_blocks", "pinned_blocks", "lookups", "hit_blocks", "miss_blocks", "evictions", "disk_blocks", "block_bytes", "disk_capacity_blocks", "disk_hit_blocks", "disk_corrupt_blocks", "disk_writes_stopped", "disk_read_bytes", "disk_read_seconds", "disk_write_bytes", "disk_write_seconds", "disk_sessions", "disk_session_blocks", "load_seconds", "loaded_blocks")
     CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +140,8 @@ class Stats(_message.Message):
     DISK_WRITE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DISK_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     DISK_SESSION_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     capacity_blocks: int
     used_blocks: int
     pinned_blocks: int
@@ -155,7 +161,9 @@ class Stats(_message.Message):
     disk_write_seconds: float
     disk_sessions: int
     disk_session_blocks: int
-    def __init__(self, capacity_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., lookups: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., disk_capacity_blocks: _Optional[int] = ..., disk_hit_blocks: _Optional[int] = ..., disk_corrupt_blocks: _Optional[int] = ..., disk_writes_stopped: _Optional[bool] = ..., disk_read_bytes: _Optional[int] = ..., disk_read_seconds: _Optional[float] = ..., disk_write_bytes: _Optional[int] = ..., disk_write_seconds: _Optional[float] = ..., disk_sessions: _Optional[int] = ..., disk_session_blocks: _Optional[int] = ...) -> None: ...
+    load_seconds: float
+    loaded_blocks: int
+    def __init__(self, capacity_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., lookups: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., disk_capacity_blocks: _Optional[int] = ..., disk_hit_blocks: _Optional[int] = ..., disk_corrupt_blocks: _Optional[int] = ..., disk_writes_stopped: _Optional[bool] = ..., disk_read_bytes: _Optional[int] = ..., disk_read_seconds: _Optional[float] = ..., disk_write_bytes: _Optional[int] = ..., disk_write_seconds: _Optional[float] = ..., disk_sessions: _Optional[int] = ..., disk_session_blocks: _Optional[int] = ..., load_seconds: _Optional[float] = ..., loaded_blocks: _Optional[int] = ...) -> None: ...
 
 class NixlTarget(_message.Message):
     __slots__ = ("agent_name", "agent_metadata", "base_address", "region_bytes", "slot_bytes", "device_id")

@@ -266,6 +266,9 @@ class SimRunner:
             kv_total_blocks=self.total_blocks,
             pending_transfers=pending_transfers,
             active_adapters=sorted(adapters),
+            prefill_seconds_per_token=self.profile.prefill_seconds_per_token(
+                scheduler.max_num_batched_tokens, scheduler.speedup
+            ),
         )
 
     def layout_labels(self) -> dict[str, str]:

@@ -54,6 +54,15 @@ class TimingProfile:
             ms += max(a * p * p + b * p + c, 1.0)
         return ms / 1000.0 / speedup
 
+    def prefill_seconds_per_token(self, chunk_tokens: int, speedup: float) -> float:
+        """Seconds per prompt token of a prefill step computing ``chunk_tokens`` uncached
+        tokens (the step's token budget: a long prompt is computed in such chunks). What
+        an engine with this profile reports as its prefill cost, as a vLLM engine reports
+        the one it measures, so the router weighs the KV store the same way at width."""
+        if chunk_tokens <= 0:
+            return 0.0
+        return self.step_seconds(chunk_tokens, 0, 0.0, speedup) / chunk_tokens
+
     def transfer_seconds(self, tokens: int, bytes_per_token: int, speedup: float) -> float:
         """Seconds to move ``tokens`` tokens of KV from a prefill engine to a decode engine
         (``bytes_per_token`` where the profile names none)."""
