@@ -217,11 +217,10 @@ class Workers:
     def stores(self) -> dict[str, float]:
         """The KV stores in the mesh by key (their blocks are in the KV index under it),
         with the seconds a block takes to load from each (0 until measured)."""
-        return {
-            key: peer.block_load.value
-            for key, peer in self.peers.items()
-            if peer.role == common_pb2.ROLE_KVSTORE
-        }
+        return {peer.key: peer.block_load.value for peer in self._store_peers()}
+
+    def _store_peers(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.role == common_pb2.ROLE_KVSTORE]
 
     def members(self, role: int = common_pb2.ROLE_UNSPECIFIED) -> list[common_pb2.Member]:
         """Every registered member (all roles, including those the router does not call)."""
@@ -295,10 +294,9 @@ class Workers:
 
     async def _poll_loads(self) -> None:
         while True:
-            stores = [p for p in self.peers.values() if p.role == common_pb2.ROLE_KVSTORE]
             await asyncio.gather(
                 *(self._poll(peer) for peer in self.engines()),
-                *(self._poll_store(peer) for peer in stores),
+                *(self._poll_store(peer) for peer in self._store_peers()),
             )
             await asyncio.sleep(self._load_interval)
 
