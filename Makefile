@@ -6,7 +6,7 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip install --constraint requirements/constraints.txt
 PY := $(VENV)/bin/python
 
-.PHONY: install install-engine up test test-unit test-compose test-helm lint protos check-protos clean bench-env bench-vs-vllm \
+.PHONY: install install-engine up test test-unit test-compose test-helm check-gpu-deps lint protos check-protos clean bench-env bench-vs-vllm \
 	bench-dynamo-env
 
 $(VENV)/bin/python:
@@ -51,6 +51,10 @@ test-compose: install-engine
 	tests/deploy/compose_test.sh $(PY)
 
 # The Helm chart, rendered and validated offline (see deploy/helm/stagemesh/README.md).
+# The GPU engine image's Python set resolves, fully pinned (no GPU needed).
+check-gpu-deps: install
+	tests/deploy/gpu_deps.sh $(PY)
+
 test-helm: install
 	tests/deploy/helm_test.sh $(PY)
 

@@ -5,7 +5,7 @@
 #   CPU (default):  docker build -f docker/engine.Dockerfile -t stagemesh-engine .
 #   NVIDIA GPU:     docker build -f docker/engine.Dockerfile -t stagemesh-engine-gpu \
 #                     --build-arg ENGINE_EXTRA=engine-gpu --build-arg TORCH_INDEX= \
-#                     --build-arg CONSTRAINTS= .
+#                     --build-arg CONSTRAINTS=requirements/constraints-gpu.txt .
 #
 # CUDA wheels of torch carry their own CUDA runtime; the host's driver comes in through
 # the NVIDIA container toolkit, so the same slim base serves both variants.
@@ -21,7 +21,8 @@ FROM ${PYTHON_IMAGE}
 ARG ENGINE_EXTRA=engine-cpu
 # Where the CPU build of torch lives; PyPI's default torch for Linux is a CUDA build.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# The CPU pins; the GPU variant lets vLLM choose its own torch.
+# The CPU pins; the GPU variant has its own (requirements/constraints-gpu.txt, the CUDA
+# torch of PyPI at the CPU stack's version; `make check-gpu-deps` resolves them).
 ARG CONSTRAINTS=requirements/constraints.txt
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update \

@@ -341,6 +341,7 @@ def test_gpu_override_changes_only_engines() -> None:
     for name in ("prefill", "decode"):
         service = gpu["services"][name]
         assert service["build"]["args"]["ENGINE_EXTRA"] == "engine-gpu"
+        assert (ROOT / service["build"]["args"]["CONSTRAINTS"]).is_file()
         assert service["environment"] == {"STAGEMESH_DEVICE": "cuda"}
         assert "STAGEMESH_DEVICE" in accepted(name)[1]
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
