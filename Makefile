@@ -50,11 +50,11 @@ test-unit: install-engine
 test-compose: install-engine
 	tests/deploy/compose_test.sh $(PY)
 
-# The Helm chart, rendered and validated offline (see deploy/helm/stagemesh/README.md).
 # The GPU engine image's Python set resolves, fully pinned (no GPU needed).
 check-gpu-deps: install
 	tests/deploy/gpu_deps.sh $(PY)
 
+# The Helm chart, rendered and validated offline (see deploy/helm/stagemesh/README.md).
 test-helm: install
 	tests/deploy/helm_test.sh $(PY)
 

@@ -6,7 +6,7 @@ import warnings
 from services.pb import common_pb2 as stagemesh_dot_v1_dot_common__pb2
 from services.pb import engine_pb2 as stagemesh_dot_v1_dot_engine__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

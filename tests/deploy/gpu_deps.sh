@@ -6,7 +6,9 @@
 # the check fails when:
 #   - the set does not resolve (a pin that no longer exists, or pins that conflict);
 #   - it needs a package the constraints do not pin (the image would not be reproducible);
-#   - vLLM's torch is not the torch the CPU stack pins (the engine code is tested on one).
+#   - vLLM's torch is not the torch the CPU stack pins (the engine code is tested on one);
+#   - its protobuf is older than the one services/pb was generated for (the stages would
+#     refuse to import their own messages).
 # What it cannot check here: that the CUDA wheels load and run (no GPU, no driver).
 #
 #   tests/deploy/gpu_deps.sh PYTHON [--write]   # --write regenerates the GPU constraints
@@ -51,10 +53,12 @@ if [ -z "$resolved" ]; then
 fi
 "$python" - "$report" "$constraints" "${2:-}" <<'PY'
 import json
+import re
 import sys
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 report, constraints, mode = sys.argv[1:]
 resolved = {
@@ -69,6 +73,18 @@ cpu_torch = next(
 )
 if resolved.get("torch") != cpu_torch:
     sys.exit(f"the GPU set resolves torch {resolved.get('torch')}, the CPU stack pins {cpu_torch}")
+# The generated code refuses a protobuf runtime older than its generator's (at import).
+gencode = re.search(
+    r"^# Protobuf Python Version: (\S+)$",
+    Path("services/pb/common_pb2.py").read_text(),
+    re.MULTILINE,
+)
+assert gencode, "services/pb/common_pb2.py names no protobuf version"
+if Version(resolved["protobuf"]) < Version(gencode[1]):
+    sys.exit(
+        f"the GPU set resolves protobuf {resolved['protobuf']}, older than the"
+        f" {gencode[1]} services/pb was generated for"
+    )
 if mode == "--write":
     header = [
         "# Pinned versions of the GPU engine image (`.[engine-gpu,model]`, CPython 3.11,",
