@@ -229,12 +229,15 @@ async def store_stats(server: Server) -> Any:
 
 def tier_tokens(row: dict[str, Any], before: Any, after: Any) -> None:
     """Split the cached prompt tokens by where they came from: store disk, store memory
-    (Lookup hits, the disk's read-backs included, less those), the engine's own cache."""
+    (the blocks engines loaded, less the disk's read-backs), the engine's own cache.
+
+    Loads, not Lookup hits: an engine may look a prefix up more than once before it
+    schedules the request (and the router looks up too), so hits overcount."""
     if before is None:
         row.update(engine_cached_tokens=row["cached_tokens"], store_memory_tokens=None)
         return
     disk = (after.disk_hit_blocks - before.disk_hit_blocks) * BLOCK_TOKENS
-    hits = (after.hit_blocks - before.hit_blocks) * BLOCK_TOKENS
+    hits = (after.loaded_blocks - before.loaded_blocks) * BLOCK_TOKENS
     row.update(
         store_disk_tokens=disk,
         store_memory_tokens=max(hits - disk, 0),
