@@ -63,11 +63,17 @@ def private_etcd() -> Iterator[EmbeddedEtcd]:
 async def running(
     stage: StageProcess, timeout: float = STAGE_START_TIMEOUT
 ) -> AsyncIterator[StageProcess]:
-    """Start a stage, wait until it is SERVING, and stop it on the way out."""
+    """Start a stage, wait until it is SERVING, and stop it on the way out. A failure
+    inside carries the stage's state and the end of its log (a stage that died under
+    the test is otherwise only a refused connection)."""
     stage.start()
     try:
         await stage.wait_healthy(timeout)
         yield stage
+    except Exception as exc:
+        state = "running" if stage.alive() else f"exited ({stage.process and stage.process.poll()})"
+        exc.add_note(f"{stage.name} is {state}; its log ends:\n{stage.log_tail(40)}")
+        raise
     finally:
         stage.stop()
 
