@@ -7,6 +7,7 @@ decode layouts the router pairs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -72,6 +73,20 @@ def _member(
             "kv_dtype": kv_dtype,
         },
     )
+
+
+@pytest.mark.parametrize(("chosen", "spins"), [(None, "0"), ("ACTIVE", "30000000000")])
+def test_cpu_engine_threads_wait_passively_unless_told(chosen: str | None, spins: str) -> None:
+    # What libgomp itself uses when torch loads it after the stage's setup
+    # (OMP_DISPLAY_ENV=verbose prints it): no spinning at a barrier, where left to
+    # itself it spins 300,000 times; an operator's own choice is kept.
+    script = "from services.placement import passive_omp_waits; passive_omp_waits(); import torch"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env |= {"OMP_DISPLAY_ENV": "verbose"} | ({"OMP_WAIT_POLICY": chosen} if chosen else {})
+    shown = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert f"GOMP_SPINCOUNT = '{spins}'" in shown.stderr, shown.stderr[-2000:]
 
 
 def test_router_pairs_only_layouts_whose_kv_moves() -> None:

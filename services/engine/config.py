@@ -14,6 +14,7 @@ from services.placement import (
     check_cores,
     format_cores,
     parse_cores,
+    passive_omp_waits,
     take_cores,
 )
 
@@ -197,7 +198,9 @@ class EngineConfig(NixlStageConfig):
 
     def claim_cores(self) -> None:
         """Pin this process to the engine's cores before the engine stack loads, so that
-        everything vLLM starts inherits them, and fill in ``cpu_cores`` with the list.
+        everything vLLM starts inherits them (and, on CPU, their OpenMP threads wait
+        passively: :func:`~services.placement.passive_omp_waits`), and fill in
+        ``cpu_cores`` with the list.
 
         Called at the entry point, like :meth:`resolve_hosts`; a core outside the
         process's allowed set ends the stage with a message naming both, and so do
@@ -210,6 +213,8 @@ class EngineConfig(NixlStageConfig):
             raise SystemExit(str(exc)) from None
         take_cores(cores)
         self.cpu_cores = format_cores(cores)
+        if self.device == "cpu":
+            passive_omp_waits()
         if self.engine not in ("vllm", "sim"):
             raise SystemExit(f"--engine takes vllm or sim, not {self.engine!r}")
         if self.stream_interval < 1:
