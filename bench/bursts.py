@@ -1,0 +1,135 @@
+"""Bursts of concurrent prompts, the first one beside busy processes: how an engine's
+first token holds up when something else wants its cores.
+
+    python -m bench.bursts [--servers mesh,vllm] [--bursts 4] [--hog 1] [--json F]
+
+Each server starts in turn (as ``bench.vs_vllm`` starts it). Then come ``--bursts``
+bursts of ``--streams`` concurrent chat requests, each with a fresh ~600-token prompt (no
+prefix is shared, so nothing is cached) and 32 output tokens. During the first burst,
+``--hog`` busy-loop processes run beside the server. They stand in for a client or any
+other program on the same host. Reports each burst's first tokens, sorted (JSON), and
+the slowest per burst (PNG).
+
+It separates the engine from the client: ``bench.vs_vllm``'s tail was all in its first
+burst, while guidellm was starting up on the same cores (docs/design.md, "OpenMP threads
+wait passively").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.report import add_output_arguments, write_json, write_png
+from bench.vs_vllm import MODEL_NAME, Mesh, PlainVllm, Server
+from services.config import DEFAULT_HOME
+from services.model import prepare_bundled_model
+
+WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa")
+
+
+def prompt(rng: random.Random) -> str:
+    """About 600 tokens of text no other prompt starts with."""
+    return " ".join(f"{rng.choice(WORDS)}{rng.randint(0, 999)}" for _ in range(150))
+
+
+async def first_token(http: httpx.AsyncClient, text: str) -> float:
+    """Seconds to the first content chunk of one streamed chat completion."""
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 32,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    start = time.monotonic()
+    first = 0.0
+    async with http.stream("POST", "/v1/chat/completions", json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            if not first and line.startswith("data: {") and '"content"' in line:
+                first = time.monotonic() - start
+    return first
+
+
+async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
+    """The bursts against a started server; the hogs run during the first only."""
+    rng = random.Random(args.seed)
+    bursts = []
+    async with httpx.AsyncClient(base_url=server.url, timeout=600) as http:
+        for index in range(args.bursts):
+            hogs = [
+                await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass")
+                for _ in range(args.hog if index == 0 else 0)
+            ]
+            try:
+                firsts = await asyncio.gather(
+                    *(first_token(http, prompt(rng)) for _ in range(args.streams))
+                )
+            finally:
+                for hog in hogs:
+                    hog.kill()
+                    await hog.wait()
+            bursts.append(sorted(firsts))
+            print(f"{server.name} burst {index}: " + " ".join(f"{t:.2f}" for t in bursts[-1]))
+            await asyncio.sleep(2)
+    return {"server": server.name, "hog": args.hog, "first_token_s": bursts}
+
+
+async def run(args: argparse.Namespace) -> None:
+    """Start each server in turn, measure it, stop it."""
+    home = Path(args.home)
+    model_dir = prepare_bundled_model(home)
+    log_dir = Path(tempfile.mkdtemp(prefix="stagemesh-bursts-"))
+    results = []
+    for name in args.servers:
+        server: Server = (
+            Mesh(name, home, log_dir, [])
+            if name == "mesh"
+            else PlainVllm(name, model_dir, log_dir, 1, 4096, tuned=False)
+        )
+        try:
+            await server.start()
+            results.append(await measure(server, args))
+        finally:
+            server.stop()
+    if args.json:
+        write_json(Path(args.json), {"settings": vars(args), "results": results})
+    if args.png:
+        series = {
+            row["server"]: (
+                [float(i) for i in range(len(row["first_token_s"]))],
+                [max(burst) for burst in row["first_token_s"]],
+            )
+            for row in results
+        }
+        title = f"slowest first token per burst ({args.hog} busy process(es) in burst 0)"
+        write_png(Path(args.png), title, "burst", series, "seconds")
+
+
+def main() -> None:
+    """Parse the flags and run the benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--servers", default="mesh,vllm", help="mesh and/or vllm")
+    parser.add_argument("--bursts", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--hog", type=int, default=1, help="busy processes in burst 0")
+    parser.add_argument("--seed", type=int, default=7)
+    add_output_arguments(parser, DEFAULT_HOME)
+    args = parser.parse_args()
+    args.servers = args.servers.split(",")
+    if set(args.servers) - {"mesh", "vllm"}:
+        parser.error("--servers takes mesh and vllm")
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
