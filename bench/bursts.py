@@ -102,7 +102,8 @@ async def run(args: argparse.Namespace) -> None:
         finally:
             server.stop()
     if args.json:
-        write_json(Path(args.json), {"settings": vars(args), "results": results})
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "png", "home")}
+        write_json(Path(args.json), {"settings": settings, "results": results})
     if args.png:
         series = {
             row["server"]: (
