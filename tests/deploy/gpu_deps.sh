@@ -24,12 +24,23 @@ for tag in $(for minor in $(seq 36 -1 5); do echo "manylinux_2_$minor"; done) \
     manylinux2014 manylinux2010 manylinux1 linux; do
     platforms+=(--platform "${tag}_x86_64")
 done
+# How this machine reaches its package index (a TLS proxy's CA, a mirror, a proxy): kept
+# when the rest of its pip configuration is set aside below.
+reach=()
+while IFS= read -r line; do
+    key=${line%%=*} value=${line#*=}
+    value=${value#\'} value=${value%\'}
+    case $key in
+        :env:*) ;; # the environment's PIP_* are kept as they are
+        *.cert | *.index-url | *.proxy | *.trusted-host) reach+=("--${key#*.}" "$value") ;;
+    esac
+done < <("$python" -m pip config list 2>/dev/null)
 # pip's resolution of the set for the image's platform under the pins in $report.pins.
 resolve() {
-    # PyPI alone, as the image's build sees it: a machine's pip config, local wheel
-    # folders or global constraints (a CPU torch among them) would change the answer.
-    env -u PIP_FIND_LINKS -u PIP_CONSTRAINT -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL \
-        PIP_CONFIG_FILE=/dev/null "$python" -m pip install --dry-run --ignore-installed --report "$report" \
+    # The index alone, as the image's build sees it: a machine's local wheel folders,
+    # extra indexes or global constraints (a CPU torch among them) would change the answer.
+    env -u PIP_FIND_LINKS -u PIP_CONSTRAINT -u PIP_EXTRA_INDEX_URL \
+        PIP_CONFIG_FILE=/dev/null "$python" -m pip install "${reach[@]}" --dry-run --ignore-installed --report "$report" \
         --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
         "${platforms[@]}" --only-binary=:all: --constraint "$report.pins" \
         '.[engine-gpu,model]' >"$report.log" 2>&1
