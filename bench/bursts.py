@@ -4,11 +4,11 @@ first token holds up when something else wants its cores.
     python -m bench.bursts [--servers mesh,vllm] [--bursts 4] [--hog 1] [--json F]
 
 Each server starts in turn (as ``bench.vs_vllm`` starts it). Then come ``--bursts``
-bursts of ``--streams`` concurrent chat requests, each with a fresh ~600-token prompt (no
-prefix is shared, so nothing is cached) and 32 output tokens. During the first burst,
-``--hog`` busy-loop processes run beside the server. They stand in for a client or any
-other program on the same host. Reports each burst's first tokens, sorted (JSON), and
-the slowest per burst (PNG).
+bursts of ``--streams`` concurrent chat requests, each with a fresh 600-token prompt
+(no prefix is shared, so nothing is cached) and 32 output tokens, sent with the scale
+lab's prompts and client. During the first burst, ``--hog`` busy-loop processes run
+beside the server, standing in for a client or any other program on the same host.
+Reports each burst's first tokens, sorted (JSON), and the slowest per burst (PNG).
 
 It separates the engine from the client: ``bench.vs_vllm``'s tail was all in its first
 burst, while guidellm was starting up on the same cores (docs/design.md, "OpenMP threads
@@ -19,52 +19,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 from bench.report import add_output_arguments, write_json, write_png
+from bench.scale.client import send, session
+from bench.scale.workload import Request, chat_body, token_ids
 from bench.vs_vllm import MODEL_NAME, Mesh, PlainVllm, Server
 from services.config import DEFAULT_HOME
 from services.model import prepare_bundled_model
 
-WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa")
+PROMPT_TOKENS = 600
+OUTPUT_TOKENS = 32
 
 
-def prompt(rng: random.Random) -> str:
-    """About 600 tokens of text no other prompt starts with."""
-    return " ".join(f"{rng.choice(WORDS)}{rng.randint(0, 999)}" for _ in range(150))
-
-
-async def first_token(http: httpx.AsyncClient, text: str) -> float:
-    """Seconds to the first content chunk of one streamed chat completion."""
-    body = {
-        "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": 32,
-        "stream": True,
-        "ignore_eos": True,
-    }
-    start = time.monotonic()
-    first = 0.0
-    async with http.stream("POST", "/v1/chat/completions", json=body) as reply:
-        reply.raise_for_status()
-        async for line in reply.aiter_lines():
-            if not first and line.startswith("data: {") and '"content"' in line:
-                first = time.monotonic() - start
-    return first
+async def first_token(http: aiohttp.ClientSession, url: str, seed: object) -> float:
+    """Seconds to the first content chunk of one streamed chat completion whose prompt
+    (the scale lab's, a function of ``seed``) no other request starts with."""
+    ids = token_ids(("burst", seed), PROMPT_TOKENS)
+    body = chat_body(MODEL_NAME, ids, OUTPUT_TOKENS)
+    result = await send(http, url, Request("chat/completions", body, len(ids), OUTPUT_TOKENS))
+    if result.status != 200 or result.ttft is None:
+        raise RuntimeError(f"{url}: HTTP {result.status} {result.error}")
+    return result.ttft
 
 
 async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
     """The bursts against a started server; the hogs run during the first only."""
-    rng = random.Random(args.seed)
     bursts = []
-    async with httpx.AsyncClient(base_url=server.url, timeout=600) as http:
+    async with session(600) as http:
         for index in range(args.bursts):
             hogs = [
                 await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass")
@@ -72,7 +59,10 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             ]
             try:
                 firsts = await asyncio.gather(
-                    *(first_token(http, prompt(rng)) for _ in range(args.streams))
+                    *(
+                        first_token(http, f"{server.url}/v1", (args.seed, index, stream))
+                        for stream in range(args.streams)
+                    )
                 )
             finally:
                 for hog in hogs:
