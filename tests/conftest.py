@@ -2,20 +2,25 @@
 
 Expensive things start once per test session (etcd, the shared tokenizer stage, the
 prepared model). Tests that must kill or restart something start their own, with the
-builders in tests/support/. This file holds fixtures only.
+builders in tests/support/. This file holds fixtures, the order tests run in, and the
+guards that keep one hung or failed test from spoiling the ones after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 import pytest_asyncio
 
+from services import credentials
 from services.clients import EngineClient, RouterClient, TokenizerClient
 from services.config import DEFAULT_HOME
 from services.etcd import EtcdSession
@@ -32,6 +37,55 @@ from tests.support.stages import (
     running,
     tokenizer_process,
 )
+
+#: Seconds an async test's body may run before it is cancelled. Below pytest-timeout's
+#: 900: its SIGALRM fails the test from inside the event loop and leaves the test's
+#: coroutine suspended on the session's loop, its ``finally`` blocks never run (whatever it
+#: installed or started stays for every later test). A cancellation runs them, and its
+#: traceback says which await hung.
+ASYNC_TEST_TIMEOUT = 600.0
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """Run an async test's body under ``asyncio.timeout(ASYNC_TEST_TIMEOUT)``."""
+    body = getattr(item, "obj", None)
+    if not inspect.iscoroutinefunction(body):
+        return (yield)
+    item.obj = _bounded(body)  # type: ignore[attr-defined]
+    try:
+        return (yield)
+    finally:
+        item.obj = body  # type: ignore[attr-defined]
+
+
+def _bounded(
+    body: Callable[..., Coroutine[Any, Any, None]],
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    @functools.wraps(body)
+    async def bounded(*args: Any, **kwargs: Any) -> None:
+        scope = asyncio.timeout(ASYNC_TEST_TIMEOUT)
+        try:
+            async with scope:
+                await body(*args, **kwargs)
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise
+            raise TimeoutError(
+                f"cancelled after {ASYNC_TEST_TIMEOUT:.0f}s; the await it hung in is below"
+            ) from exc
+
+    return bounded
+
+
+@pytest.fixture(autouse=True)
+def _same_identity_after() -> Iterator[None]:
+    """Put the test process's mesh credentials back after each test: a test that
+    installs TLS ones and fails before its own ``finally`` would otherwise leave every
+    later test speaking TLS to plaintext stages."""
+    before = credentials.current()
+    yield
+    credentials.install(before)
 
 
 @pytest.fixture(scope="session")

@@ -318,8 +318,9 @@ async def test_under_tls_only_a_certificate_of_the_members_role_serves(
             etcd.endpoint, home, tmp_path, *certs["router"].flags(), "--load-interval", str(POLL)
         )
         async with running(router):
-            for registration in registrations:
-                await registration.start()
+            async with asyncio.timeout(60):  # start() retries for as long as etcd refuses
+                for registration in registrations:
+                    await registration.start()
             await polled(as_decode, "decode-certificate member")
             await asyncio.sleep(POLL * 10)
             assert as_client.calls == []
