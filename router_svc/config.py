@@ -215,6 +215,12 @@ class RouterConfig(StageConfig):
         "and the process is busy: its relay is saturated, and more streams would slow every "
         "admitted one (0: never refuse for this)",
     )
+    behind_stream_interval: int = setting(
+        4,
+        "ids per engine message that streams opened while the relay is behind (its event "
+        "loop late and busy, short of --max-loop-lag-ms) ask for: the relay's cost is per "
+        "message, so the same tokens in fewer messages (1: always one per engine step)",
+    )
     workers: int = setting(
         1,
         "router processes serving the same ports (SO_REUSEPORT); each keeps its own KV index, "

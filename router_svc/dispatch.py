@@ -50,6 +50,7 @@ from router_svc.metrics import (
 )
 from router_svc.policy import Choice, Policy
 from router_svc.prepare import Prompt
+from router_svc.saturation import Saturation
 from router_svc.workers import Peer, Workers
 from services.clients import EngineClient
 from services.errors import (
@@ -77,10 +78,13 @@ def remaining(deadline: float) -> float:
 class Dispatcher:
     """Chooses workers (session affinity, then the policy) and opens decode streams."""
 
-    def __init__(self, config: RouterConfig, workers: Workers, policy: Policy) -> None:
+    def __init__(
+        self, config: RouterConfig, workers: Workers, policy: Policy, saturation: Saturation
+    ) -> None:
         self._config = config
         self._workers = workers
         self._policy = policy
+        self._saturation = saturation
         self._affinity = SessionAffinity(config.session_ttl, config.max_sessions)
         self._releases = KvReleases()
 
@@ -171,6 +175,7 @@ class Dispatcher:
                 timeout=remaining(deadline),
                 adapter=prompt.adapter,
                 session_id=prompt.session_id,
+                min_ids_per_message=self._saturation.ids_per_message(),
             )
             prefill.reading = prefill.disaggregated
             try:

@@ -77,9 +77,10 @@ class Pipeline:
         self.limits = config.limits
         #: Which parser reads each model's tool calls (``--tool-call-parser[s]``).
         self.parsers = ParserChoice(config.tool_call_parser, config.tool_call_parsers)
-        self._dispatch = Dispatcher(config, workers, policy)
-        #: The relay's load: new requests wait for a loop that keeps up (429 meanwhile).
-        self.saturation = Saturation(config.max_loop_lag_ms / 1000)
+        #: The relay's load: new requests wait for a loop that keeps up (429 meanwhile),
+        #: and while it is behind, new streams ask for several ids per engine message.
+        self.saturation = Saturation(config.max_loop_lag_ms / 1000, config.behind_stream_interval)
+        self._dispatch = Dispatcher(config, workers, policy, self.saturation)
         #: Sequences in progress per model (admitted by :meth:`start`, not yet finished).
         self._admitted: dict[str, int] = {}
         #: The most a non-streamed answer may hold (``--max-result-mib``).

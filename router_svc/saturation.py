@@ -19,6 +19,13 @@ The second half tells a relay with more work than it can do from a loop made lat
 otherwise (a blocking call, a stopped process). Run-queue time counts as busy, so a
 router that shares its cores with engines is judged by the work it has, not by the
 share of a core it happens to get.
+
+Before it is saturated, a relay is *behind*: busy, and late by :data:`BEHIND_LAG` or
+more. Its cost is per engine message (a gRPC read, a detokenizer push, an SSE event, a
+socket write), not per id, so while it is behind the streams it opens ask their engines
+for several ids per message (``--behind-stream-interval``, vLLM's ``--stream-interval``
+chosen per request): the same tokens in fewer messages, and none held back while it
+keeps up.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ INTERVAL = 0.05
 MEMORY = 0.5
 #: The share of the time, running or runnable, above which the loop's thread is busy.
 BUSY_SHARE = 0.9
+#: Lateness (seconds) from which a busy relay is behind: well under any --max-loop-lag-ms
+#: worth setting, and well over what a loop with time to spare shows (a few ms).
+BEHIND_LAG = 0.02
 #: The calling thread's scheduler statistics: ns on a CPU, ns waiting on a run queue.
 _SCHEDSTAT = Path("/proc/thread-self/schedstat")
 
@@ -67,9 +77,11 @@ def busy_seconds() -> float:
 class Saturation:
     """Samples the running loop's lateness and the process's CPU share (:meth:`run`)."""
 
-    def __init__(self, max_lag: float) -> None:
+    def __init__(self, max_lag: float, behind_interval: int = 1) -> None:
         #: Lateness (seconds) past which a busy router refuses new requests; 0: never.
         self.max_lag = max_lag
+        #: Ids per engine message that new streams ask for while the relay is behind.
+        self.behind_interval = behind_interval
         self.lag = 0.0
         self.busy_share = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -78,6 +90,15 @@ class Saturation:
     def saturated(self) -> bool:
         """Whether new requests should be refused now."""
         return 0 < self.max_lag <= self.lag and self.busy_share >= BUSY_SHARE
+
+    @property
+    def behind(self) -> bool:
+        """Whether the relay is busy and late: short of saturated, past keeping up."""
+        return self.lag >= BEHIND_LAG and self.busy_share >= BUSY_SHARE
+
+    def ids_per_message(self) -> int:
+        """What a stream opened now asks its engine for (0: the engine's own setting)."""
+        return self.behind_interval if self.behind and self.behind_interval > 1 else 0
 
     def sample(self, late: float, busy_share: float, elapsed: float) -> None:
         """Fold one sample, which covers ``elapsed`` seconds, into the averages."""

@@ -277,6 +277,7 @@ class EngineClient(_KvEventSource):
         timeout: float | None = None,
         adapter: str = "",
         session_id: str = "",
+        min_ids_per_message: int = 0,
     ) -> grpc.aio.UnaryStreamCall:
         """Stream generated ids (iterate the call; cancel it to abort the request)."""
         request = engine_pb2.GenerateRequest(
@@ -286,6 +287,7 @@ class EngineClient(_KvEventSource):
             kv_handle=kv_handle,  # None: unset (aggregated)
             adapter=adapter,
             session_id=session_id,
+            min_ids_per_message=min_ids_per_message,
         )
         return self._stub.Generate(request, timeout=timeout)
 

@@ -7,12 +7,15 @@ work (services/engine/service.py), the same over either engine, not something vL
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from services.clients import EngineClient
 from services.engine.backend import batches
+from services.pb import common_pb2
 from tests.support.sim import SimMesh, sim_mesh
 
 PROMPTS = [f"Chapter {i}: the lighthouse keeper" for i in range(6)]
@@ -62,6 +65,18 @@ async def read(mesh: SimMesh, prompt: str, stop: str | None = None) -> dict[str,
     return seen
 
 
+async def engine_messages(address: str, min_ids: int) -> list[list[int]]:
+    """The ids of each message of one Generate stream, asking for ``min_ids`` per message
+    (as a router does while its relay is behind)."""
+    async with EngineClient(address) as engine:
+        call = engine.generate(
+            list(range(100, 140)),
+            common_pb2.SamplingParams(max_tokens=40, seed=7),
+            min_ids_per_message=min_ids,
+        )
+        return [list(message.token_ids) async for message in call]
+
+
 async def test_coalesced_and_uncoalesced_streams_read_the_same(
     home: Path, model_dir: Path, tmp_path: Path
 ) -> None:
@@ -70,6 +85,8 @@ async def test_coalesced_and_uncoalesced_streams_read_the_same(
         # Stop strings that straddle the fifth and sixth messages' text.
         stops = [text[len(text) // 3 : len(text) // 3 + 6] for text in (r["text"] for r in plain)]
         plain_stopped = [await read(mesh, p, s) for p, s in zip(PROMPTS, stops)]
+        asked = await engine_messages(mesh.engines["plain"].grpc_address, 6)
+        unasked = await engine_messages(mesh.engines["plain"].grpc_address, 0)
         await mesh.replace("plain", "wide", 1, 1, "--stream-interval", "5")
         coalesced = [await read(mesh, p) for p in PROMPTS]
         coalesced_stopped = [await read(mesh, p, s) for p, s in zip(PROMPTS, stops)]
@@ -81,3 +98,8 @@ async def test_coalesced_and_uncoalesced_streams_read_the_same(
         assert after["text"] == before["text"][: before["text"].index(stop)]
     # Five ids per engine message: far fewer events reach the client.
     assert sum(r["events"] for r in coalesced) < sum(r["events"] for r in plain) / 2
+    # A request's own ask works the same, on an engine left at one id per message.
+    ids = list(itertools.chain(*asked))
+    assert ids == list(itertools.chain(*unasked)) and len(ids) == 40
+    assert [len(ids) for ids in asked[1:-1]] and all(len(ids) >= 6 for ids in asked[1:-1])
+    assert len(asked) < len(unasked) / 2

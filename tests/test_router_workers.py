@@ -6,6 +6,7 @@ process model (ports, metrics, supervision), not what an engine does."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from pathlib import Path
@@ -116,8 +117,8 @@ async def stream_to_end(base: str, index: int, started: asyncio.Event) -> int:
         assert reply.status_code == 200
         async for line in reply.aiter_lines():
             started.set()
-            if line.startswith("data: {") and '"usage": {' in line:
-                tokens = int(line.split('"completion_tokens": ')[1].split(",")[0].rstrip("}"))
+            if line.startswith("data: {") and (usage := json.loads(line[6:]).get("usage")):
+                tokens = usage["completion_tokens"]
             if line == "data: [DONE]":
                 return tokens
     raise AssertionError(f"stream {index} ended without [DONE] and without an error")

@@ -1,6 +1,7 @@
 """The router's relay-saturation signal (router_svc/saturation.py), on a real event loop:
-CPU work that holds the loop makes it saturated; lateness from a starved process (it
-waits, using no CPU) does not; a loop that keeps up recovers."""
+CPU work that holds the loop makes it saturated (and behind: new streams ask engines for
+several ids per message); lateness from a starved process (it waits, using no CPU) does
+not; a loop that keeps up recovers."""
 
 from __future__ import annotations
 
@@ -34,12 +35,15 @@ async def watch(saturation: Saturation, hold: object, seconds: float) -> bool:
 
 
 async def test_busy_and_late_is_saturated_starved_is_not_and_it_recovers() -> None:
-    saturation = Saturation(max_lag=0.02)
+    saturation = Saturation(max_lag=0.02, behind_interval=4)
     saturation.start()
     try:
+        assert saturation.ids_per_message() == 0  # keeping up: the engine's own setting
         assert await watch(saturation, spin, 2.0), (saturation.lag, saturation.busy_share)
+        assert saturation.behind and saturation.ids_per_message() == 4
         await asyncio.sleep(2.0)
         assert not saturation.saturated, saturation.lag
+        assert saturation.ids_per_message() == 0
         assert not await watch(saturation, time.sleep, 2.0), saturation.busy_share
         assert saturation.lag > 0.02  # late, but not from its own work
     finally:

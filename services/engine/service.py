@@ -75,7 +75,7 @@ class EngineServicer:
         )
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         reply = Reply(request)
-        interval = runner.config.stream_interval
+        interval = max(runner.config.stream_interval, request.min_ids_per_message)
         async for batch in runner.stream(
             request_id,
             request.prompt_token_ids,
@@ -93,8 +93,8 @@ class EngineServicer:
                 raise _not_collected(request.kv_handle)
             for output in batch:
                 reply.add(output)
-            # --stream-interval holds ids back until that many are ready (not the first,
-            # nor the last).
+            # --stream-interval (or the router, while it is behind) holds ids back until
+            # that many are ready (not the first, nor the last).
             if reply.sent and not batch[-1].finished and len(reply.message.token_ids) < interval:
                 continue
             yield reply.take()

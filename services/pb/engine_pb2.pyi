@@ -50,20 +50,22 @@ class PrefillResponse(_message.Message):
     def __init__(self, handle: _Optional[_Union[_common_pb2.KvTransferHandle, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_handle", "adapter", "session_id")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_handle", "adapter", "session_id", "min_ids_per_message")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     KV_HANDLE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_IDS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     kv_handle: _common_pb2.KvTransferHandle
     adapter: str
     session_id: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_handle: _Optional[_Union[_common_pb2.KvTransferHandle, _Mapping]] = ..., adapter: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    min_ids_per_message: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_handle: _Optional[_Union[_common_pb2.KvTransferHandle, _Mapping]] = ..., adapter: _Optional[str] = ..., session_id: _Optional[str] = ..., min_ids_per_message: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "logprobs", "finish_reason", "usage", "stop_token_id", "prompt_logprobs")
