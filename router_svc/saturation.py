@@ -20,12 +20,13 @@ otherwise (a blocking call, a stopped process). Run-queue time counts as busy, s
 router that shares its cores with engines is judged by the work it has, not by the
 share of a core it happens to get.
 
-Before it is saturated, a relay is *behind*: busy, and late by :data:`BEHIND_LAG` or
-more. Its cost is per engine message (a gRPC read, a detokenizer push, an SSE event, a
-socket write), not per id, so while it is behind the streams it opens ask their engines
-for several ids per message (``--behind-stream-interval``, vLLM's ``--stream-interval``
-chosen per request): the same tokens in fewer messages, and none held back while it
-keeps up.
+Before it is saturated, a relay is *behind*: busy and late by :data:`BEHIND_LAG` or
+more, or its thread on a CPU :data:`BEHIND_CPU_SHARE` of the time or more (a few
+streams at a fast pace keep a loop that busy without making it late). Its cost is per
+engine message (a gRPC read, a detokenizer push, an SSE event, a socket write), not per
+id, so while it is behind the streams it opens ask their engines for several ids per
+message (``--behind-stream-interval``, vLLM's ``--stream-interval`` chosen per
+request): the same tokens in fewer messages, and none held back while it keeps up.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ BUSY_SHARE = 0.9
 #: Lateness (seconds) from which a busy relay is behind: well under any --max-loop-lag-ms
 #: worth setting, and well over what a loop with time to spare shows (a few ms).
 BEHIND_LAG = 0.02
+#: The share of the time on a CPU (running, not waiting for a core) from which the loop's
+#: thread is behind however late it runs: it is doing close to a core's worth of relaying.
+#: Time waiting for a core does not count here: a router beside busy engines is not behind.
+BEHIND_CPU_SHARE = 0.8
 #: The calling thread's scheduler statistics: ns on a CPU, ns waiting on a run queue.
 _SCHEDSTAT = Path("/proc/thread-self/schedstat")
 
@@ -84,6 +89,7 @@ class Saturation:
         self.behind_interval = behind_interval
         self.lag = 0.0
         self.busy_share = 0.0
+        self.cpu_share = 0.0
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -93,32 +99,38 @@ class Saturation:
 
     @property
     def behind(self) -> bool:
-        """Whether the relay is busy and late: short of saturated, past keeping up."""
-        return self.lag >= BEHIND_LAG and self.busy_share >= BUSY_SHARE
+        """Whether the relay is past keeping up, short of saturated: busy and late, or
+        on a CPU nearly all the time."""
+        return (
+            self.lag >= BEHIND_LAG and self.busy_share >= BUSY_SHARE
+        ) or self.cpu_share >= BEHIND_CPU_SHARE
 
     def ids_per_message(self) -> int:
         """What a stream opened now asks its engine for (0: the engine's own setting)."""
         return self.behind_interval if self.behind and self.behind_interval > 1 else 0
 
-    def sample(self, late: float, busy_share: float, elapsed: float) -> None:
+    def sample(self, late: float, busy_share: float, cpu_share: float, elapsed: float) -> None:
         """Fold one sample, which covers ``elapsed`` seconds, into the averages."""
         weight = 1 - math.exp(-elapsed / MEMORY)
         self.lag += weight * (max(0.0, late) - self.lag)
         self.busy_share += weight * (busy_share - self.busy_share)
+        self.cpu_share += weight * (cpu_share - self.cpu_share)
         LOOP_LAG.set(self.lag)
         BUSY_SHARE_GAUGE.set(self.busy_share)
 
     async def run(self) -> None:
         """Sample until cancelled."""
         loop = asyncio.get_running_loop()
-        wall, busy = loop.time(), busy_seconds()
+        wall, busy, cpu = loop.time(), busy_seconds(), time.thread_time()
         while True:
             await asyncio.sleep(INTERVAL)
-            now, used = loop.time(), busy_seconds()
+            now, used, ran = loop.time(), busy_seconds(), time.thread_time()
             elapsed = now - wall
             if elapsed > 0:
-                self.sample(elapsed - INTERVAL, (used - busy) / elapsed, elapsed)
-            wall, busy = now, used
+                self.sample(
+                    elapsed - INTERVAL, (used - busy) / elapsed, (ran - cpu) / elapsed, elapsed
+                )
+            wall, busy, cpu = now, used, ran
 
     def start(self) -> None:
         """Sample in the running loop until :meth:`close`."""

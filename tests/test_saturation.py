@@ -46,6 +46,7 @@ async def test_busy_and_late_is_saturated_starved_is_not_and_it_recovers() -> No
         assert saturation.ids_per_message() == 0
         assert not await watch(saturation, time.sleep, 2.0), saturation.busy_share
         assert saturation.lag > 0.02  # late, but not from its own work
+        assert not saturation.behind, saturation.cpu_share
     finally:
         await saturation.close()
 
