@@ -30,6 +30,7 @@ from types import FrameType
 from prometheus_client import multiprocess
 
 from router_svc.config import RouterConfig
+from services.engine.replies import MAX_IDS_PER_MESSAGE
 from services.exits import FINAL_EXIT_CODES
 from services.exposition import MULTIPROC_DIR
 
@@ -43,7 +44,13 @@ _POLL = 0.2
 
 
 def check(config: RouterConfig) -> None:
-    """End with one line when ``--workers`` cannot work as set."""
+    """End with one line when the router's processes cannot work as set (``--workers``,
+    and what each asks of engines, ``--behind-stream-interval``)."""
+    if not 1 <= config.behind_stream_interval <= MAX_IDS_PER_MESSAGE:
+        raise SystemExit(
+            f"--behind-stream-interval takes 1 to {MAX_IDS_PER_MESSAGE}, "
+            f"not {config.behind_stream_interval}"
+        )
     if config.workers < 1:
         raise SystemExit(f"--workers must be 1 or more, not {config.workers}")
     if config.workers > 1 and (config.port == 0 or config.http_port == 0):

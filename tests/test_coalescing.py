@@ -11,10 +11,12 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from services.clients import EngineClient
 from services.engine.backend import batches
+from services.engine.replies import MAX_IDS_PER_MESSAGE
 from services.pb import common_pb2
 from tests.support.sim import SimMesh, sim_mesh
 
@@ -87,6 +89,9 @@ async def test_coalesced_and_uncoalesced_streams_read_the_same(
         plain_stopped = [await read(mesh, p, s) for p, s in zip(PROMPTS, stops)]
         asked = await engine_messages(mesh.engines["plain"].grpc_address, 6)
         unasked = await engine_messages(mesh.engines["plain"].grpc_address, 0)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await engine_messages(mesh.engines["plain"].grpc_address, MAX_IDS_PER_MESSAGE + 1)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         await mesh.replace("plain", "wide", 1, 1, "--stream-interval", "5")
         coalesced = [await read(mesh, p) for p in PROMPTS]
         coalesced_stopped = [await read(mesh, p, s) for p, s in zip(PROMPTS, stops)]

@@ -11,6 +11,11 @@ from typing import Any
 
 from services.pb import common_pb2, engine_pb2
 
+#: The most ids a Generate request may ask to be held back per message
+#: (``min_ids_per_message``): plenty for a relay that is behind, far short of a message
+#: too large to send once logprobs ride along.
+MAX_IDS_PER_MESSAGE = 64
+
 _FINISH_REASONS = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,

@@ -23,7 +23,7 @@ from google.protobuf import descriptor
 from services.engine.backend import EngineBackend
 from services.engine.config import EngineConfig
 from services.engine.metrics import ENGINE_LOADS
-from services.engine.replies import Reply
+from services.engine.replies import MAX_IDS_PER_MESSAGE, Reply
 from services.errors import InvalidRequest, KvNotCollected, Unavailable
 from services.model import ModelSpec, resolve_model
 from services.pb import common_pb2, engine_pb2
@@ -66,6 +66,11 @@ class EngineServicer:
         """Stream generated ids; with a handle the prompt's KV comes from the prefill engine."""
         runner = self._ready()
         runner.check_prompt(request.prompt_token_ids)
+        if request.min_ids_per_message > MAX_IDS_PER_MESSAGE:
+            raise InvalidRequest(
+                f"min_ids_per_message is {request.min_ids_per_message}; at most "
+                f"{MAX_IDS_PER_MESSAGE} ids are held back per message"
+            )
         kv_params = await self.kv_params(request) if request.HasField("kv_handle") else None
         sampling = runner.sampling(
             request.sampling,
