@@ -72,7 +72,8 @@ def _bounded(
             if not scope.expired():
                 raise
             raise TimeoutError(
-                f"cancelled after {ASYNC_TEST_TIMEOUT:.0f}s; the await it hung in is below"
+                f"cancelled after {ASYNC_TEST_TIMEOUT:.0f}s; the traceback it was raised "
+                "from names the await that hung"
             ) from exc
 
     return bounded
