@@ -80,7 +80,8 @@ def busy_seconds() -> float:
 
 
 class Saturation:
-    """Samples the running loop's lateness and the process's CPU share (:meth:`run`)."""
+    """Samples the running loop's lateness and its thread's busy and on-CPU shares
+    (:meth:`run`)."""
 
     def __init__(self, max_lag: float, behind_interval: int = 1) -> None:
         #: Lateness (seconds) past which a busy router refuses new requests; 0: never.
@@ -107,7 +108,7 @@ class Saturation:
 
     def ids_per_message(self) -> int:
         """What a stream opened now asks its engine for (0: the engine's own setting)."""
-        return self.behind_interval if self.behind and self.behind_interval > 1 else 0
+        return self.behind_interval if self.behind else 0
 
     def sample(self, late: float, busy_share: float, cpu_share: float, elapsed: float) -> None:
         """Fold one sample, which covers ``elapsed`` seconds, into the averages."""
