@@ -97,6 +97,15 @@ MESSAGE_LIMITS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
 
+#: How soon a channel dials a stage again after its connection failed. A stage that comes
+#: back at the same address (a KV store restarted after a crash, a pod rescheduled) must be
+#: reached within seconds: gRPC's default backoff grows to 120 s, and until it elapses every
+#: call on the channel fails at once with the old "connection refused".
+RECONNECT_BACKOFF = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
 
 def _read(path: str, what: str) -> bytes:
     try:
@@ -239,11 +248,13 @@ class MeshCredentials:
             )
 
     def channel_options(self, role: str = "") -> list[tuple[str, Any]]:
-        """Channel options: message limits, and the name a stage's certificate is checked
-        against (its role's name when ``role`` is given, see :meth:`Tls.name_of`)."""
+        """Channel options: message limits, reconnect backoff, and the name a stage's
+        certificate is checked against (its role's name when ``role`` is given, see
+        :meth:`Tls.name_of`)."""
+        options = [*MESSAGE_LIMITS, *RECONNECT_BACKOFF]
         if self.tls is None:
-            return list(MESSAGE_LIMITS)
-        return [*MESSAGE_LIMITS, ("grpc.ssl_target_name_override", self.tls.name_of(role))]
+            return options
+        return [*options, ("grpc.ssl_target_name_override", self.tls.name_of(role))]
 
     def dial(self, api: Any, address: str, role: str = "", **extra: Any) -> Any:
         """A channel to a stage through ``api``, ``grpc`` or ``grpc.aio`` (their channel

@@ -105,6 +105,15 @@ def read_back(client: Client, shards: object, hashes: list[int], first: int = 32
     return len(prefix.hits)
 
 
+def reaches(client: Client, shards: object, chain_hash: int) -> None:
+    """Look ``chain_hash`` up through ``client``'s link; an assertion when the store is not
+    reachable (yet), so :func:`eventually_sync` polls it."""
+    try:
+        client.link.release(client.link.lookup(shards, LAYOUT, [chain_hash]))  # type: ignore[arg-type]
+    except StoreError as exc:
+        raise AssertionError(str(exc)) from exc
+
+
 async def snapshot_names(address: str) -> set[int]:
     """The chain hashes the store's KV snapshot names (what a router would index)."""
     async with grpc.aio.insecure_channel(address) as chan:
@@ -225,6 +234,8 @@ async def test_a_store_killed_mid_write_serves_its_complete_blocks_only(
         async with running(stage):
             assert not list(disk.rglob("*.tmp"))
             shards = await shard_map(store_etcd.client_port, stage.grpc_address)
+            # The writer's link saw the store die; it dials the new one within its backoff.
+            eventually_sync(lambda: reaches(writer, shards, next(iter(expected))), 10)
             served = set()
             for h, value in expected.items():
                 writer.memory[:block] = 0

@@ -6,6 +6,8 @@ handlers fail in each way the taxonomy names.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -25,6 +27,7 @@ from services.errors import (
     Unavailable,
     from_rpc_error,
 )
+from services.net import free_port
 from services.pb import tokenizer_pb2, tokenizer_pb2_grpc
 from services.rpc import register_service
 
@@ -128,3 +131,34 @@ async def test_error_kinds_survive_the_hop() -> None:
     assert type(from_rpc_error(caught.value, "tokenizer")) is Unavailable
     assert Unavailable.retry_elsewhere and StageDead.retry_elsewhere
     assert not DeadlineExceeded.retry_elsewhere and not InvalidRequest.retry_elsewhere
+
+
+async def test_a_stage_back_at_its_address_is_reached_within_seconds() -> None:
+    """A channel that failed to connect for 20 s reaches a stage that comes back at the
+    same address within the mesh's 2 s backoff cap, plus jitter and the connect. gRPC's
+    own backoff (1 s, times 1.6 up to 120 s) would next dial about 6 s later: measured,
+    7.8 s against 2.3 s with the mesh's options."""
+    port = free_port()
+    async with TokenizerClient(f"127.0.0.1:{port}", timeout=1) as client:
+        down_until = time.monotonic() + 20
+        while time.monotonic() < down_until:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await client.tokenize("x")
+            await asyncio.sleep(0.05)
+        server = grpc.aio.server()
+        register_service(
+            server, tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"], Failing()
+        )
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        try:
+            up = time.monotonic()
+            while True:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await client.tokenize("x")
+                if caught.value.code() == grpc.StatusCode.INTERNAL:  # the stage answered
+                    break
+                assert time.monotonic() - up < 3.5, "the channel did not dial the stage again"
+                await asyncio.sleep(0.05)
+        finally:
+            await server.stop(0)
