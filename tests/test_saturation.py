@@ -6,6 +6,7 @@ not; a loop that keeps up recovers."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 
 import pytest
@@ -47,6 +48,30 @@ async def test_busy_and_late_is_saturated_starved_is_not_and_it_recovers() -> No
         assert not await watch(saturation, time.sleep, 2.0), saturation.busy_share
         assert saturation.lag > 0.02  # late, but not from its own work
         assert not saturation.behind, saturation.cpu_share
+    finally:
+        await saturation.close()
+
+
+def hash_for(seconds: float) -> None:
+    """CPU work outside the GIL, as gRPC's threads do when they read the engines'
+    messages: the loop keeps up, the process is on a CPU."""
+    data = bytes(1 << 20)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        hashlib.sha256(data).digest()
+
+
+async def test_the_process_on_a_cpu_off_the_loop_thread_is_behind() -> None:
+    saturation = Saturation(max_lag=0.02, behind_interval=4)
+    saturation.start()
+    try:
+        await asyncio.sleep(0.5)
+        assert not saturation.behind, saturation.cpu_share
+        hashing = asyncio.create_task(asyncio.to_thread(hash_for, 2.0))
+        await asyncio.sleep(1.5)
+        assert not saturation.saturated, saturation.lag  # the loop itself keeps up
+        assert saturation.behind and saturation.ids_per_message() == 4, saturation.cpu_share
+        await hashing
     finally:
         await saturation.close()
 
