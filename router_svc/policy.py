@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from services.config import SettingError
-from services.pb import common_pb2
 
 #: The share of a block's tokens that loading it from the KV store counts as, until the
 #: store's load time and the engine's prefill time are both measured (module doc).
@@ -100,8 +99,9 @@ class LeastLoad:
 
 
 def uses_store(peer: Peer) -> bool:
-    """Whether the worker loads prefixes from the KV store (prefill engines with --kvstore)."""
-    return peer.role == common_pb2.ROLE_PREFILL and peer.member.labels.get("kvstore") == "on"
+    """Whether the worker loads prefixes from the KV store (prefill engines with
+    --kvstore, decode engines with --kvstore-decode too)."""
+    return peer.member.labels.get("kvstore") == "on"
 
 
 def store_block_tokens(peer: Peer, store_seconds: float) -> float:

@@ -1,4 +1,5 @@
-"""The KV store with real engines: two prefill engines sharing one store over NIXL.
+"""The KV store with real engines: a prefill engine and a decode engine
+(with --kvstore-decode) sharing one store over NIXL.
 
 A prompt computed on engine A is served on engine B from the store (B reports the
 tokens as external prefix-cache hits and generates exactly what A generated); both
@@ -48,7 +49,8 @@ class StoreMesh:
 async def store_mesh(
     home: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[StoreMesh]:
-    """Its own etcd, a store, and two prefill engines on one core each."""
+    """Its own etcd, a store, a prefill engine and a decode engine with
+    ``--kvstore-decode``, on one core each: both roles load from and write to the store."""
     log_dir = tmp_path_factory.mktemp("kvstore-engine-logs")
     with private_etcd() as etcd:
         store = kvstore_process(etcd.endpoint, home, log_dir, capacity_mib=512)
@@ -65,17 +67,18 @@ async def store_mesh(
             "prefill-a",
         )
         b = engine_process(
-            "prefill",
+            "decode",
             etcd.endpoint,
             home,
             log_dir,
             "--cpu-cores",
             "1",
             "--instance-id",
-            "prefill-b",
+            "decode-b",
+            "--kvstore-decode",
         )
         a.log_path = log_dir / "prefill-a.log"
-        b.log_path = log_dir / "prefill-b.log"
+        b.log_path = log_dir / "decode-b.log"
         async with running(store):
             try:
                 a.start()
@@ -110,11 +113,19 @@ def long_prompt(seed: int, length: int = 1100) -> list[int]:
     return [(seed * 7919 + i * 104729) % 40000 + 100 for i in range(length)]
 
 
-async def test_prefix_computed_on_one_engine_is_loaded_on_another(store_mesh: StoreMesh) -> None:
-    prompt = long_prompt(1)
-    before_a = await load(store_mesh.a.grpc_address)
-    expected = await generate(store_mesh.a.grpc_address, prompt)
-    after_a = await load(store_mesh.a.grpc_address)
+@pytest.mark.parametrize(
+    "writer, reader", [("a", "b"), ("b", "a")], ids=["prefill-to-decode", "decode-to-prefill"]
+)
+async def test_prefix_computed_on_one_engine_is_loaded_on_another(
+    store_mesh: StoreMesh, writer: str, reader: str
+) -> None:
+    """What one engine computed, the other loads from the store: a decode engine with
+    --kvstore-decode both reads what a prefill engine wrote and writes what it computed."""
+    a, b = getattr(store_mesh, writer), getattr(store_mesh, reader)
+    prompt = long_prompt(1 if writer == "a" else 5)
+    before_a = await load(a.grpc_address)
+    expected = await generate(a.grpc_address, prompt)
+    after_a = await load(a.grpc_address)
     assert (
         after_a.external_prefix_hit_tokens == before_a.external_prefix_hit_tokens
     )  # A computed it all
@@ -130,10 +141,10 @@ async def test_prefix_computed_on_one_engine_is_loaded_on_another(store_mesh: St
         await asyncio.sleep(0.1)
     assert (await store_stats(store_mesh.store.grpc_address)).used_blocks >= full_blocks
 
-    before_b = await load(store_mesh.b.grpc_address)
+    before_b = await load(b.grpc_address)
     loads_before = await store_stats(store_mesh.store.grpc_address)
-    got = await generate(store_mesh.b.grpc_address, prompt)
-    after_b = await load(store_mesh.b.grpc_address)
+    got = await generate(b.grpc_address, prompt)
+    after_b = await load(b.grpc_address)
     loaded = after_b.external_prefix_hit_tokens - before_b.external_prefix_hit_tokens
     assert loaded == full_blocks * block, f"B loaded {loaded} tokens from the store"
     assert got == expected, "output with the prefix loaded from the store differs"

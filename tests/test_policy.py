@@ -119,12 +119,14 @@ def test_session_affinity_expires_and_is_capped() -> None:
     assert SessionAffinity(ttl=0, capacity=9).get("bob", common_pb2.ROLE_DECODE) is None
 
 
-def prefill(key: str, queued: int, store: str, per_token: float = 0.0) -> Peer:
-    """A prefill worker with the KV store ``on`` or ``off``, whose prefill costs
-    ``per_token`` seconds a token (0: not measured yet)."""
+def prefill(
+    key: str, queued: int, store: str, per_token: float = 0.0, role: int = common_pb2.ROLE_PREFILL
+) -> Peer:
+    """A prefill worker (or one of ``role``) with the KV store ``on`` or ``off``, whose
+    prefill costs ``per_token`` seconds a token (0: not measured yet)."""
     member = common_pb2.Member(
         instance_id=key,
-        role=common_pb2.ROLE_PREFILL,
+        role=role,
         kv_block_size=BLOCK,
         labels={"kvstore": store},
     )
@@ -140,9 +142,10 @@ def with_store(index: KvIndex, blocks: int) -> KvIndex:
     return index
 
 
-def test_kv_aware_counts_store_blocks_for_prefill_workers_that_use_the_store() -> None:
-    """The KV store's events carry chain hashes; its blocks are usable by every prefill
-    worker with the store on, and by no other worker."""
+def test_kv_aware_counts_store_blocks_for_workers_that_use_the_store() -> None:
+    """The KV store's events carry chain hashes; its blocks are usable by every worker
+    with the store on (prefill engines, decode engines with --kvstore-decode), and by no
+    other worker."""
     hashes = chain_hashes(PROMPT, BLOCK)
     index = with_store(index_with({"a": 2}), 8)
     policy = KvAware(index, load_weight=4.0 * BLOCK, max_queue=8, stores=lambda: {"store": 0.0})
@@ -151,6 +154,12 @@ def test_kv_aware_counts_store_blocks_for_prefill_workers_that_use_the_store() -
     assert (choice.peer.key, choice.matched_blocks, choice.reason) == ("b", 8, "store_prefix_hit")
     # Without the store the holder of two blocks wins.
     assert KvAware(index, 4.0 * BLOCK, 8).choose([a, b], hashes).peer.key == "a"
+    decoding, plain = (
+        prefill(key, 1, store, role=common_pb2.ROLE_DECODE)
+        for key, store in (("d", "on"), ("e", "off"))
+    )
+    choice = policy.choose([a, plain, decoding], hashes)
+    assert (choice.peer.key, choice.matched_blocks, choice.reason) == ("d", 8, "store_prefix_hit")
 
 
 def test_an_engine_hit_beats_a_store_hit_beats_a_recompute() -> None:

@@ -70,6 +70,13 @@ class EngineConfig(NixlStageConfig):
         "prefill: load prompt prefixes from the mesh's KV store and write new blocks to it "
         "(a no-op while no store runs)",
     )
+    kvstore_decode: bool = setting(
+        False,
+        "decode: load prompt prefixes from the KV store and write new blocks to it too, as "
+        "prefill engines do (with --kvstore). vLLM's load-failure policy is one per engine, "
+        "so a KV handoff this engine cannot pull is then recomputed here instead of "
+        "answered NOT_FOUND (what the router would do next, without the round trip)",
+    )
     kv_event_window: int = setting(10_000, "KV events kept for subscribers that reconnect")
     tensor_parallel_size: int = setting(
         1, "vLLM tensor parallelism: ranks the model's layers are split over"

@@ -72,8 +72,8 @@ def engine_args(
 
 
 def kv_transfer_config(config: EngineConfig, kv_role: str) -> KVTransferConfig:
-    """NixlConnector for the prefill-to-decode handoff; on prefill engines, with the
-    KV store's connector beside it (vLLM's MultiConnector) when ``--kvstore`` is on."""
+    """NixlConnector for the prefill-to-decode handoff, with the KV store's connector
+    beside it (vLLM's MultiConnector) on engines that use the store (:func:`uses_kvstore`)."""
     nixl = {
         "kv_connector": "NixlConnector",
         "kv_role": kv_role,
@@ -109,16 +109,19 @@ def kv_transfer_config(config: EngineConfig, kv_role: str) -> KVTransferConfig:
         kv_role=kv_role,
         kv_buffer_device=nixl["kv_buffer_device"],
         kv_connector_extra_config={"connectors": [nixl, store]},
-        # A prefill engine only ever loads from the store, a cache: a block it could
-        # not read is recomputed, never a failed request.
+        # The store is a cache: a block the engine could not read is recomputed, never a
+        # failed request. On a decode engine (--kvstore-decode) the policy covers its
+        # handoff pulls too: one it cannot pull is recomputed here, where the router
+        # would have run it aggregated after a NOT_FOUND.
         kv_load_failure_policy="recompute",
     )
 
 
 def uses_kvstore(config: EngineConfig, kv_role: str) -> bool:
-    """Prefill engines use the store; decode engines keep "fail" for their handoff
-    pulls (a policy is per engine), so they do not load from it."""
-    return config.kvstore and kv_role == "kv_producer"
+    """Prefill engines use the store. Decode engines use it only with
+    ``--kvstore-decode``: by default they keep vLLM's "fail" policy for their handoff
+    pulls (a policy is per engine), so a handoff they cannot pull is a clear NOT_FOUND."""
+    return config.kvstore and (kv_role == "kv_producer" or config.kvstore_decode)
 
 
 def export_environment(config: EngineConfig, nixl_port: int) -> None:
