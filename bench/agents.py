@@ -20,8 +20,9 @@ Servers (each started in turn, same model in float32, same engine KV):
   together (``--engine-blocks`` x 2), so the same RAM for engine KV;
 - ``vllm-all-ram``: the same server given the mesh's whole KV RAM as engine KV (the two
   engines' blocks and the store's ``--store-mib``);
-- ``mesh-memory``: ``stagemesh up --layout pd`` (a prefill and a decode engine) with the
-  KV store's memory tier only (``--store-mib``);
+- ``mesh-memory``: ``stagemesh up --layout pd`` (a prefill and a decode engine, both
+  using the store: the decode engine with ``--kvstore-decode``) with the KV store's
+  memory tier only (``--store-mib``);
 - ``mesh-disk``: the same with the store's disk tier (``--disk-gib`` in a temporary
   folder, or ``--disk-dir``).
 
@@ -274,6 +275,9 @@ def build(
         extra = ("--num-gpu-blocks-override", str(blocks), "--enable-prompt-tokens-details")
         return PlainVllm(name, model_dir, log_dir, 1, args.max_model_len, False, extra)
     os.environ["STAGEMESH_MAX_MODEL_LEN"] = str(args.max_model_len)
+    # The decode engine uses the store too: a turn it computes aggregated is written
+    # there, and one it runs aggregated loads its prefix from there.
+    os.environ["STAGEMESH_KVSTORE_DECODE"] = "true"
     flags = ["--layout", "pd", "--kvstore-mib", str(args.store_mib)]
     if name == "mesh-disk":
         flags += ["--kvstore-disk-dir", args.disk_dir, "--kvstore-disk-gib", str(args.disk_gib)]

@@ -120,7 +120,11 @@ def test_session_affinity_expires_and_is_capped() -> None:
 
 
 def prefill(
-    key: str, queued: int, store: str, per_token: float = 0.0, role: int = common_pb2.ROLE_PREFILL
+    key: str,
+    queued: int,
+    store: str,
+    per_token: float = 0.0,
+    role: common_pb2.Role = common_pb2.ROLE_PREFILL,
 ) -> Peer:
     """A prefill worker (or one of ``role``) with the KV store ``on`` or ``off``, whose
     prefill costs ``per_token`` seconds a token (0: not measured yet)."""
