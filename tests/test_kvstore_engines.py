@@ -121,37 +121,38 @@ async def test_prefix_computed_on_one_engine_is_loaded_on_another(
 ) -> None:
     """What one engine computed, the other loads from the store: a decode engine with
     --kvstore-decode both reads what a prefill engine wrote and writes what it computed."""
-    a, b = getattr(store_mesh, writer), getattr(store_mesh, reader)
+    writing, reading = getattr(store_mesh, writer), getattr(store_mesh, reader)
+    store = store_mesh.store.grpc_address
     prompt = long_prompt(1 if writer == "a" else 5)
-    before_a = await load(a.grpc_address)
-    expected = await generate(a.grpc_address, prompt)
-    after_a = await load(a.grpc_address)
-    assert (
-        after_a.external_prefix_hit_tokens == before_a.external_prefix_hit_tokens
-    )  # A computed it all
+    stored_before = (await store_stats(store)).used_blocks
+    before_w = await load(writing.grpc_address)
+    expected = await generate(writing.grpc_address, prompt)
+    after_w = await load(writing.grpc_address)
+    # The writer computed it all...
+    assert after_w.external_prefix_hit_tokens == before_w.external_prefix_hit_tokens
     # ...and measured what computing a prompt token costs it (the router weighs a load
     # from the store against that).
-    assert after_a.prefill_seconds_per_token > 0
-    block = after_a.kv_block_size
+    assert after_w.prefill_seconds_per_token > 0
+    block = after_w.kv_block_size
     full_blocks = (len(prompt) - 1) // block
-    # Writes leave A in the background; wait for them to be committed.
+    # Writes leave the writer in the background; wait for them to be committed.
     for _ in range(100):
-        if (await store_stats(store_mesh.store.grpc_address)).used_blocks >= full_blocks:
+        if (await store_stats(store)).used_blocks >= stored_before + full_blocks:
             break
         await asyncio.sleep(0.1)
-    assert (await store_stats(store_mesh.store.grpc_address)).used_blocks >= full_blocks
+    assert (await store_stats(store)).used_blocks >= stored_before + full_blocks
 
-    before_b = await load(b.grpc_address)
-    loads_before = await store_stats(store_mesh.store.grpc_address)
-    got = await generate(b.grpc_address, prompt)
-    after_b = await load(b.grpc_address)
-    loaded = after_b.external_prefix_hit_tokens - before_b.external_prefix_hit_tokens
-    assert loaded == full_blocks * block, f"B loaded {loaded} tokens from the store"
+    before_r = await load(reading.grpc_address)
+    loads_before = await store_stats(store)
+    got = await generate(reading.grpc_address, prompt)
+    after_r = await load(reading.grpc_address)
+    loaded = after_r.external_prefix_hit_tokens - before_r.external_prefix_hit_tokens
+    assert loaded == full_blocks * block, f"the reader loaded {loaded} tokens from the store"
     assert got == expected, "output with the prefix loaded from the store differs"
-    # B's connector reported its read with the Release (sent after the read, from its
-    # writer thread): the store counts the load, blocks and seconds.
+    # The reader's connector reported its read with the Release (sent after the read, from
+    # its writer thread): the store counts the load, blocks and seconds.
     for _ in range(100):
-        loads_after = await store_stats(store_mesh.store.grpc_address)
+        loads_after = await store_stats(store)
         if loads_after.loaded_blocks > loads_before.loaded_blocks:
             break
         await asyncio.sleep(0.1)
