@@ -220,8 +220,7 @@ class RouterConfig(StageConfig):
         "ids per engine message that streams opened while the relay is behind (its event "
         "loop late and busy short of --max-loop-lag-ms, or the process on a CPU 60 percent "
         "of the time) ask for: the relay's cost is per message, so the same tokens travel "
-        "in fewer messages "
-        "(1: always one per engine step; at most 64)",
+        "in fewer messages (1: always one per engine step; at most 64)",
     )
     workers: int = setting(
         1,

@@ -46,6 +46,18 @@ class Failing:
         """Not async: left unregistered, so the call is UNIMPLEMENTED."""
 
 
+async def serve(servicer: object, port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """A started server with ``servicer`` as the TokenizerService on loopback ``port``
+    (0: a free one), and the port it took."""
+    server = grpc.aio.server()
+    register_service(
+        server, tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"], servicer
+    )
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, port
+
+
 async def test_errors_map_to_their_status() -> None:
     server = grpc.aio.server()
     registered = register_service(
@@ -107,12 +119,7 @@ KINDS: dict[str, type[StageError]] = {
 async def test_error_kinds_survive_the_hop() -> None:
     """The caller rebuilds the kind the server raised, not just its status code: the router
     decides fallbacks and the bridge picks OpenAI codes by it."""
-    server = grpc.aio.server()
-    register_service(
-        server, tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"], Raising(KINDS)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await serve(Raising(KINDS))
     try:
         async with TokenizerClient(f"127.0.0.1:{port}") as client:
             for name, kind in KINDS.items():
@@ -145,12 +152,7 @@ async def test_a_stage_back_at_its_address_is_reached_within_seconds() -> None:
             with pytest.raises(grpc.aio.AioRpcError):
                 await client.tokenize("x")
             await asyncio.sleep(0.05)
-        server = grpc.aio.server()
-        register_service(
-            server, tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"], Failing()
-        )
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
+        server, _ = await serve(Failing(), port)
         try:
             up = time.monotonic()
             while True:
