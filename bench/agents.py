@@ -278,7 +278,11 @@ def build(
     # The decode engine uses the store too: a turn it computes aggregated is written
     # there, and one it runs aggregated loads its prefix from there.
     os.environ["STAGEMESH_KVSTORE_DECODE"] = "true"
-    flags = ["--layout", "pd", "--kvstore-mib", str(args.store_mib)]
+    # pd: two engines of --engine-blocks each; aggregated: one engine on every core
+    # with both engines' blocks. Either way the same engine KV as ``vllm``.
+    engines = 2 if args.mesh_layout == "pd" else 1
+    os.environ["STAGEMESH_KV_CACHE_BLOCKS"] = str(2 * args.engine_blocks // engines)
+    flags = ["--layout", args.mesh_layout, "--kvstore-mib", str(args.store_mib)]
     if name == "mesh-disk":
         flags += ["--kvstore-disk-dir", args.disk_dir, "--kvstore-disk-gib", str(args.disk_gib)]
     return Mesh(name, home, log_dir, flags)
@@ -300,7 +304,6 @@ async def run(args: argparse.Namespace) -> None:
     args.disk_dir = args.disk_dir or str(Path(tempfile.mkdtemp(prefix="kvstore-disk-")))
     # The mesh's key is ours, so that this process may read the store's Stats.
     os.environ[MESH_KEY_ENV] = os.environ.get(MESH_KEY_ENV) or secrets.token_hex(32)
-    os.environ["STAGEMESH_KV_CACHE_BLOCKS"] = str(args.engine_blocks)
     credentials.install(MeshCredentials.load(mesh_key=os.environ[MESH_KEY_ENV]))
     trace = make_trace(args)
     contexts = [sum(len(t.new_tokens) + t.output_tokens for t in s) for s in trace.sessions]
@@ -363,6 +366,13 @@ def main() -> None:
     parser.add_argument("--think-max", type=float, default=90.0)
     parser.add_argument("--engine-blocks", type=int, default=24)
     parser.add_argument("--store-mib", type=int, default=256)
+    parser.add_argument(
+        "--mesh-layout",
+        choices=("pd", "aggregated"),
+        default="pd",
+        help="the mesh servers' engines: a prefill and a decode engine on a core each, or "
+        "one engine on every core with both's KV blocks (both use the store)",
+    )
     parser.add_argument("--disk-dir", default="")
     parser.add_argument("--disk-gib", type=float, default=4.0)
     parser.add_argument("--deadline", type=float, default=420.0)

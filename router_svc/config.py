@@ -216,7 +216,7 @@ class RouterConfig(StageConfig):
         "admitted one (0: never refuse for this)",
     )
     behind_stream_interval: int = setting(
-        4,
+        16,
         "ids per engine message that streams opened while the relay is behind (its event "
         "loop late and busy short of --max-loop-lag-ms, or the process on a CPU 60 percent "
         "of the time) ask for: the relay's cost is per message, so the same tokens travel "
