@@ -20,9 +20,11 @@ Servers (each started in turn, same model in float32, same engine KV):
   together (``--engine-blocks`` x 2), so the same RAM for engine KV;
 - ``vllm-all-ram``: the same server given the mesh's whole KV RAM as engine KV (the two
   engines' blocks and the store's ``--store-mib``);
-- ``mesh-memory``: ``stagemesh up --layout pd`` (a prefill and a decode engine, both
-  using the store: the decode engine with ``--kvstore-decode``) with the KV store's
-  memory tier only (``--store-mib``);
+- ``mesh-memory``: ``stagemesh up --layout aggregated`` (one engine on every core with
+  both engines' blocks, loading from and writing to the store) with the KV store's memory
+  tier only (``--store-mib``); ``--mesh-layout pd`` runs a prefill and a decode engine
+  of ``--engine-blocks`` each on a core each instead, both using the store (the decode
+  engine with ``--kvstore-decode``);
 - ``mesh-disk``: the same with the store's disk tier (``--disk-gib`` in a temporary
   folder, or ``--disk-dir``).
 
@@ -369,9 +371,10 @@ def main() -> None:
     parser.add_argument(
         "--mesh-layout",
         choices=("pd", "aggregated"),
-        default="pd",
-        help="the mesh servers' engines: a prefill and a decode engine on a core each, or "
-        "one engine on every core with both's KV blocks (both use the store)",
+        default="aggregated",
+        help="the mesh servers' engines: one engine on every core with both engines' KV "
+        "blocks (what `stagemesh up` runs on a host of under 16 cores), or a prefill and a "
+        "decode engine on a core each; either way every engine uses the store",
     )
     parser.add_argument("--disk-dir", default="")
     parser.add_argument("--disk-gib", type=float, default=4.0)

@@ -55,3 +55,21 @@ def test_sim_engines_run_one_process_per_role() -> None:
     assert [plan.name for plan in plans] == ["tokenizer", "router", "prefill", "decode"]
     decode = plans[-1]
     assert decode.flags[-2:] == ["--sim-engines", "3"] and decode.cores == []
+
+
+def test_a_store_beside_an_aggregated_engine_is_used_by_it() -> None:
+    """No prefill engine: a store runs when asked for (its size, or a disk tier), and the
+    decode engine loads from it and writes to it; without one, the engine is told nothing."""
+    layout = choose_layout(range(2), 0, "auto")
+    assert not any(engine.role == "prefill" for engine in layout.engines)
+    for flags in (["--kvstore-mib", "64"], ["--kvstore-disk-dir", "/d"]):
+        plans = {
+            p.name: p for p in plan_stages(build_parser().parse_args(["up", *flags]), layout, [])
+        }
+        assert "kvstore" in plans, flags
+        assert "--kvstore-decode" in plans["decode"].flags, flags
+    plans = {p.name: p for p in plan_stages(build_parser().parse_args(["up"]), layout, [])}
+    assert "kvstore" not in plans and "--kvstore-decode" not in plans["decode"].flags
+    pd = choose_layout(range(16), 0, "pd", 1, 1)
+    plans = {p.name: p for p in plan_stages(build_parser().parse_args(["up"]), pd, [])}
+    assert "kvstore" in plans and "--kvstore-decode" not in plans["decode"].flags

@@ -85,11 +85,12 @@ def router_keys(args: argparse.Namespace) -> dict[str, str]:
 
 
 def kvstore_mib(args: argparse.Namespace, layout: Layout) -> int:
-    """``--kvstore-mib``, else the store's default size when prefill engines (its only
-    users) run vLLM, else no store: simulated engines hold no tensors to store."""
+    """``--kvstore-mib``, else the store's default size when prefill engines (its users
+    by default) run vLLM or ``--kvstore-disk-dir`` asks for a disk tier, else no store:
+    simulated engines hold no tensors to store."""
     if args.kvstore_mib is not None:
         return int(args.kvstore_mib)
-    if layout.kvstore and args.engine != "sim":
+    if (layout.kvstore or args.kvstore_disk_dir) and args.engine != "sim":
         return int(default_of(KvStoreConfig, "capacity_mib"))
     return 0
 
@@ -128,6 +129,15 @@ def engine_plans(args: argparse.Namespace, layout: Layout, gpus: list[str]) -> l
     the n-th of a role takes its role's base port + 2n. Engines of each role take the
     models in turn; the first model's get the adapters."""
     models = args.model or [""]
+    # With no prefill engine, a store that runs has only the decode engines to serve:
+    # they load prefixes from it and write what they compute (there are no handoffs,
+    # so its recompute-on-failed-pull policy changes nothing else).
+    store_decode = (
+        ["--kvstore-decode"]
+        if kvstore_mib(args, layout) > 0
+        and not any(engine.role == "prefill" for engine in layout.engines)
+        else []
+    )
     plans = []
     for i, engine in layout.numbered():
         config = STAGES[engine.role]
@@ -137,6 +147,7 @@ def engine_plans(args: argparse.Namespace, layout: Layout, gpus: list[str]) -> l
             flags += [flag for spec in args.lora for flag in ("--lora", spec)]
             flags += ["--enable-lora"] if args.enable_lora else []
         flags += ["--cpu-cores", format_cores(engine.cores)]
+        flags += store_decode if engine.role == "decode" else []
         env = {}
         if engine.gpu is not None:
             flags += ["--device", "cuda"]
