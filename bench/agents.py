@@ -312,7 +312,8 @@ async def run(args: argparse.Namespace) -> None:
     print(
         f"trace: {len(contexts)} sessions, {sum(len(s) for s in trace.sessions)} turns, final "
         f"contexts {min(contexts)}-{max(contexts)} tokens ({sum(contexts)} in all) against "
-        f"{args.engine_blocks * BLOCK_TOKENS} tokens of KV per engine; logs in {log_dir}",
+        f"{2 * args.engine_blocks * BLOCK_TOKENS} tokens of engine KV per server; logs in "
+        f"{log_dir}",
         flush=True,
     )
     rows = []
