@@ -157,7 +157,8 @@ class Layout:
     engines: tuple[EngineSlot, ...]
     #: Cores the light stages run on: reserved ones, or every core when they share.
     light_cores: tuple[int, ...]
-    #: Run a KV store: only prefill engines read and write it.
+    #: Run a KV store without being asked: prefill engines read and write it (one asked
+    #: for beside decode engines alone is theirs; services/cli/plan.py).
     kvstore: bool
     #: The router's --disagg-min-tokens (None: the router's default).
     disagg_min_tokens: int | None

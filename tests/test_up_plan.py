@@ -61,7 +61,7 @@ def test_a_store_beside_an_aggregated_engine_is_used_by_it() -> None:
     """No prefill engine: a store runs when asked for (its size, or a disk tier), and the
     decode engine loads from it and writes to it; without one, the engine is told nothing."""
     layout = choose_layout(range(2), 0, "auto")
-    assert not any(engine.role == "prefill" for engine in layout.engines)
+    assert not layout.count("prefill")
     for flags in (["--kvstore-mib", "64"], ["--kvstore-disk-dir", "/d"]):
         plans = {
             p.name: p for p in plan_stages(build_parser().parse_args(["up", *flags]), layout, [])

@@ -134,8 +134,7 @@ def engine_plans(args: argparse.Namespace, layout: Layout, gpus: list[str]) -> l
     # so its recompute-on-failed-pull policy changes nothing else).
     store_decode = (
         ["--kvstore-decode"]
-        if kvstore_mib(args, layout) > 0
-        and not any(engine.role == "prefill" for engine in layout.engines)
+        if kvstore_mib(args, layout) > 0 and not layout.count("prefill")
         else []
     )
     plans = []
