@@ -99,10 +99,12 @@ def test_workers_need_fixed_ports() -> None:
     check(RouterConfig(workers=2, port=50051, http_port=-1))
 
 
-#: Streams held open across a worker's death: the simulated engines run this many at once.
+#: Streams held open across a worker's death. Four simulated engines run 16 at once, so
+#: the two workers' independent routing choices never queue one behind another.
 STREAMS = 12
-#: Long enough (10 ms steps) to still be streaming when the worker dies.
-STREAM_TOKENS = 400
+#: Long enough (10 ms steps, 15 s) to still be streaming when the worker dies, even on a
+#: slow two-core CI host where the last of the twelve streams starts seconds after the first.
+STREAM_TOKENS = 1500
 
 
 async def stream_to_end(base: str, index: int, started: asyncio.Event) -> int:
@@ -128,18 +130,21 @@ async def stream_to_end(base: str, index: int, started: asyncio.Event) -> int:
 async def test_a_killed_worker_fails_only_its_own_streams(home: Path, tmp_path: Path) -> None:
     """Streams on the surviving worker finish whole; the killed worker's end with a
     transport error at the client, never as a silently short answer."""
-    async with sim_mesh(home, tmp_path, {"sim-decode": 3}, "--workers", "2") as mesh:
+    async with sim_mesh(home, tmp_path, {"sim-decode": 4}, "--workers", "2") as mesh:
 
         async def two_routers() -> None:
             assert await mesh.members(common_pb2.ROLE_ROUTER) >= 2
 
         await eventually(two_routers)
+        await completions(mesh, CONNECTIONS)  # both workers have their decoders before the clock
         base = str(mesh.client.base_url)
         events = [asyncio.Event() for _ in range(STREAMS)]
         tasks = [
             asyncio.create_task(stream_to_end(base, i, event)) for i, event in enumerate(events)
         ]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+        ended = [task for task in tasks if task.done()]
+        assert not ended, [task.exception() or task.result() for task in ended]
         os.kill(min(children(mesh.router.pid)), signal.SIGKILL)
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         whole = [o for o in outcomes if isinstance(o, int)]
